@@ -1,0 +1,121 @@
+"""Argument normalisation and validation shared by the ops.
+
+Every check runs on static shapes at trace time, so a bad call fails with a
+message that names the argument before XLA ever sees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+PaddingLike = Union[str, int, Sequence[int], Sequence[Sequence[int]]]
+
+
+def pair(value, name: str, fn: str) -> tuple[int, int]:
+  """Normalises an int or a length-2 sequence of ints to a pair of ints."""
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    return int(value), int(value)
+  if isinstance(value, Sequence) and len(value) == 2 and all(
+      isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value
+  ):
+    return int(value[0]), int(value[1])
+  raise ValueError(f'{fn}: {name} must be an int or a pair of ints, got {value!r}')
+
+
+def positive_pair(value, name: str, fn: str) -> tuple[int, int]:
+  p = pair(value, name, fn)
+  if p[0] < 1 or p[1] < 1:
+    raise ValueError(f'{fn}: {name} must be positive, got {value!r}')
+  return p
+
+
+def padding_pairs(
+    padding: PaddingLike,
+    in_hw: tuple[int, int],
+    window_hw: tuple[int, int],
+    strides: tuple[int, int],
+    fn: str,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Normalises padding to ((top, bottom), (left, right)).
+
+  Accepts an int, (ph, pw), ((top, bottom), (left, right)), 'SAME' or 'VALID'
+  (the last two with `lax.conv_general_dilated`'s meaning; `window_hw` is the
+  dilated kernel size).
+  """
+  if isinstance(padding, str):
+    if padding.upper() not in ('SAME', 'VALID'):
+      raise ValueError(f"{fn}: padding must be 'SAME', 'VALID', an int, a pair or a pair of pairs, got {padding!r}")
+    pads = lax.padtype_to_pads(in_hw, window_hw, strides, padding.upper())
+    return (int(pads[0][0]), int(pads[0][1])), (int(pads[1][0]), int(pads[1][1]))
+  if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
+    p = int(padding)
+    result = ((p, p), (p, p))
+  elif (
+      isinstance(padding, Sequence)
+      and len(padding) == 2
+      and all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in padding)
+  ):
+    result = ((int(padding[0]),) * 2, (int(padding[1]),) * 2)
+  elif (
+      isinstance(padding, Sequence)
+      and len(padding) == 2
+      and all(isinstance(p, Sequence) and len(p) == 2 for p in padding)
+  ):
+    result = tuple((int(p[0]), int(p[1])) for p in padding)
+  else:
+    raise ValueError(
+        f"{fn}: padding must be 'SAME', 'VALID', an int, (ph, pw) or ((top, bottom), (left, right)), got {padding!r}"
+    )
+  if min(result[0] + result[1]) < 0:
+    raise ValueError(f'{fn}: padding must be non-negative, got {padding!r}')
+  return result  # type: ignore[return-value]
+
+
+def check_rank(x, rank: int, name: str, layout: str, fn: str) -> None:
+  if jnp.ndim(x) != rank:
+    raise ValueError(f'{fn}: {name} must have rank {rank} ({layout}), got shape {tuple(jnp.shape(x))}')
+
+
+def check_shape(x, expected: tuple[int, ...], name: str, layout: str, fn: str) -> None:
+  if tuple(jnp.shape(x)) != tuple(expected):
+    raise ValueError(
+        f'{fn}: {name} must have shape {layout} = {tuple(expected)}, got {tuple(jnp.shape(x))}'
+    )
+
+
+def check_floating(x, name: str, fn: str) -> None:
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    raise TypeError(f'{fn}: {name} must be a floating-point array, got dtype {jnp.result_type(x)}')
+
+
+def promote(*dtypes) -> np.dtype:
+  """The op's own dtype policy, independent of the user's promotion setting.
+
+  Mixed float inputs (say bf16 activations with f32 kernels) are a choice the op
+  makes explicitly, so it must not raise under `jax_numpy_dtype_promotion=strict`.
+  """
+  with jax.numpy_dtype_promotion('standard'):
+    return np.dtype(jnp.result_type(*dtypes))
+
+
+def coordinate_dtype(*dtypes) -> np.dtype:
+  """Sampling positions need at least float32: bf16 cannot even hold 257.5."""
+  return promote(*dtypes, jnp.float32)
+
+
+def index_dtype(size: int, fn: str) -> np.dtype:
+  """int32 flat indices while they fit; int64 (needs jax_enable_x64) beyond."""
+  if size < 2**31:
+    return np.dtype(np.int32)
+  if jnp.zeros((), jnp.int64).dtype != np.int64:
+    raise ValueError(
+        f'{fn}: the flattened input has {size} elements (>= 2**31); enable jax_enable_x64 '
+        'for 64-bit indices or split the batch'
+    )
+  return np.dtype(np.int64)

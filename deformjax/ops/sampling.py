@@ -1,0 +1,118 @@
+"""Bilinear sampling with torchvision's zero-outside rule.
+
+The corner computation here is shared by `bilinear_sample` and
+`deform_conv2d`, so both ops agree on the boundary rule to the last bit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deformjax.ops import _args
+
+
+def bilinear_corners(y: jax.Array, x: jax.Array, height: int, width: int, idx_dtype=np.int32):
+  """Flat corner indices and bilinear weights for points (y, x) in an H x W image.
+
+  Args:
+    y, x: float arrays of the same shape `S`, pixel units (row, column).
+    height, width: image size.
+    idx_dtype: dtype of the returned indices.
+
+  Returns:
+    `(indices, weights)`, both of shape `S + (4,)`, corners ordered
+    (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1). A corner outside the image
+    has weight 0 and index 0, so gathering with these indices is always in
+    bounds and an out-of-image point (y <= -1, y >= H, x <= -1 or x >= W) reads
+    exactly 0, as in torchvision. Non-finite points read 0 with zero gradient.
+  """
+  finite = jnp.isfinite(y) & jnp.isfinite(x)
+  # Points at or beyond -1 / H read zero anyway; clipping to just past that keeps
+  # floor() and the integer cast in range for 1e30 and inf, without changing any value.
+  y = jnp.clip(jnp.where(finite, y, -2.0), -2.0, height + 1.0)
+  x = jnp.clip(jnp.where(finite, x, -2.0), -2.0, width + 1.0)
+  y0 = jnp.floor(y)
+  x0 = jnp.floor(x)
+  ly = y - y0
+  lx = x - x0
+  hy = 1.0 - ly
+  hx = 1.0 - lx
+  y0i = y0.astype(idx_dtype)
+  x0i = x0.astype(idx_dtype)
+  ys = jnp.stack([y0i, y0i, y0i + 1, y0i + 1], axis=-1)
+  xs = jnp.stack([x0i, x0i + 1, x0i, x0i + 1], axis=-1)
+  weights = jnp.stack([hy * hx, hy * lx, ly * hx, ly * lx], axis=-1)
+  valid = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
+  indices = jnp.where(valid, ys * width + xs, 0)
+  weights = jnp.where(valid, weights, jnp.zeros_like(weights))
+  return indices, weights
+
+
+def gather_corners(table: jax.Array, indices: jax.Array, weights: jax.Array, acc_dtype) -> jax.Array:
+  """sum_c weights[..., c] * table[indices[..., c]] -> `S + table.shape[1:]`.
+
+  Written as four gathers summed elementwise (not one stacked gather followed
+  by a reduction) so XLA fuses the gathers into one loop and never writes the
+  4x larger corner buffer to memory; measured 2x faster on CPU.
+  """
+  out = None
+  for c in range(4):
+    vals = table.at[indices[..., c]].get(mode='promise_in_bounds').astype(acc_dtype)
+    w = weights[..., c].astype(acc_dtype).reshape(weights.shape[:-1] + (1,) * (table.ndim - 1))
+    term = vals * w
+    out = term if out is None else out + term
+  return out
+
+
+def bilinear_sample(images: jax.Array, coords: jax.Array) -> jax.Array:
+  """Samples `images` bilinearly at `coords`.
+
+  Args:
+    images: `[..., H, W, C]` float array (NHWC, any leading batch dims).
+    coords: `[..., P, 2]` points as (y, x) in pixel units, where pixel (i, j) has
+      its centre at (i, j); leading dims equal to those of `images`.
+
+  Returns:
+    `[..., P, C]`, in `images.dtype`. A point with y <= -1, y >= H, x <= -1 or
+    x >= W reads exactly 0, corners outside the image contribute 0 (torchvision's
+    rule), and non-finite or huge coordinates read 0 with zero gradient.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from deformjax.ops import bilinear_sample
+    >>> img = jnp.arange(12.0).reshape(1, 3, 4, 1)
+    >>> bilinear_sample(img, jnp.array([[[1.0, 1.5], [-5.0, 0.0]]])).shape
+    (1, 2, 1)
+    >>> bilinear_sample(img, jnp.array([[[1.0, 1.5], [-5.0, 0.0]]]))[0, :, 0].tolist()
+    [5.5, 0.0]
+  """
+  fn = 'bilinear_sample'
+  _args.check_floating(images, 'images', fn)
+  _args.check_floating(coords, 'coords', fn)
+  if jnp.ndim(images) < 3:
+    raise ValueError(f'{fn}: images must have shape [..., H, W, C], got {jnp.shape(images)}')
+  if jnp.ndim(coords) < 2 or jnp.shape(coords)[-1] != 2:
+    raise ValueError(f'{fn}: coords must have shape [..., P, 2], got {jnp.shape(coords)}')
+  batch = images.shape[:-3]
+  if coords.shape[:-2] != batch:
+    raise ValueError(
+        f'{fn}: coords must have shape {batch + ("P", 2)} (leading dims of images {images.shape}), '
+        f'got {coords.shape}'
+    )
+  h, w, c = images.shape[-3:]
+  p = coords.shape[-2]
+  b = int(np.prod(batch, dtype=np.int64))
+  if b * p * c == 0 or h * w == 0:
+    return jnp.zeros(batch + (p, c), images.dtype)
+  idx_dtype = _args.index_dtype(b * h * w, fn)
+  cdtype = _args.coordinate_dtype(images.dtype, coords.dtype)
+  acc_dtype = cdtype
+  coords = coords.reshape(b, p, 2).astype(cdtype)
+  indices, weights = bilinear_corners(coords[..., 0], coords[..., 1], h, w, idx_dtype)
+  # One flat table over the batch turns a batched gather into a plain row gather.
+  indices = indices + (jnp.arange(b, dtype=idx_dtype) * (h * w))[:, None, None]
+  table = images.reshape(b * h * w, c)
+  out = gather_corners(table, indices, weights, acc_dtype)
+  return out.astype(images.dtype).reshape(batch + (p, c))

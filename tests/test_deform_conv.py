@@ -1,0 +1,333 @@
+"""deform_conv2d against the float64 loop reference, lax.conv, autodiff and every transform."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export, lax
+from jax.test_util import check_grads
+
+from deformjax.ops import columns_bytes, deform_conv2d
+from tests.reference import deform_conv2d_ref
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  n: int = 2
+  hw: tuple = (6, 5)
+  c: int = 4
+  cout: int = 6
+  k: tuple = (3, 3)
+  stride: object = 1
+  padding: object = 1
+  dilation: object = 1
+  groups: int = 1
+  offset_groups: int = 1
+  mask: bool = True
+  bias: bool = True
+
+  def __str__(self):
+    return '-'.join(f'{f.name}={getattr(self, f.name)}' for f in dataclasses.fields(self)).replace(' ', '')
+
+
+CASES = [
+    Case(),
+    Case(mask=False, bias=False),
+    Case(k=(1, 1), padding=0),
+    Case(k=(2, 3), padding=(1, 0)),
+    Case(k=(3, 1), padding=((0, 2), (1, 0))),
+    Case(stride=2),
+    Case(stride=(2, 1), padding='SAME'),
+    Case(padding='VALID', hw=(7, 6)),
+    Case(padding='SAME', stride=3, hw=(8, 7)),
+    Case(dilation=2, padding=2),
+    Case(dilation=(1, 2), padding=(1, 2), stride=(1, 2)),
+    Case(groups=2),
+    Case(offset_groups=2),
+    Case(groups=2, offset_groups=4, c=8, cout=4),
+    Case(groups=4, offset_groups=2, c=8, cout=8, stride=2, dilation=2, padding=2, k=(3, 2)),
+    Case(n=0),
+    Case(n=33, hw=(4, 4), c=2, cout=3),
+    Case(n=1, hw=(1, 1), padding=1),
+]
+
+
+def explicit_pads(case: Case):
+  pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)
+  stride, dilation = pair(case.stride), pair(case.dilation)
+  if isinstance(case.padding, str):
+    window = tuple((k - 1) * d + 1 for k, d in zip(case.k, dilation))
+    return tuple(tuple(p) for p in lax.padtype_to_pads(case.hw, window, stride, case.padding))
+  if isinstance(case.padding, int):
+    return ((case.padding,) * 2,) * 2
+  if isinstance(case.padding[0], int):
+    return tuple((p, p) for p in case.padding)
+  return case.padding
+
+
+def make_inputs(case: Case, dtype=jnp.float64, offset_scale=3.0, seed=0):
+  pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)
+  stride, dilation = pair(case.stride), pair(case.dilation)
+  pads = explicit_pads(case)
+  ho, wo = (
+      (s + p[0] + p[1] - ((k - 1) * d + 1)) // st + 1
+      for s, p, k, d, st in zip(case.hw, pads, case.k, dilation, stride)
+  )
+  taps = case.k[0] * case.k[1]
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(case.n, *case.hw, case.c))
+  # Offsets up to +-3 pixels push many taps outside the 6x5 image.
+  off = rng.uniform(-offset_scale, offset_scale, size=(case.n, ho, wo, case.offset_groups * taps * 2))
+  w = rng.normal(size=(*case.k, case.c // case.groups, case.cout)) / np.sqrt(taps * case.c)
+  m = rng.uniform(-0.5, 1.5, size=(case.n, ho, wo, case.offset_groups * taps)) if case.mask else None
+  b = rng.normal(size=(case.cout,)) if case.bias else None
+  cast = lambda a: None if a is None else jnp.asarray(a, dtype)
+  return cast(x), cast(off), cast(w), cast(m), cast(b), dict(stride=stride, pads=pads, dilation=dilation)
+
+
+def op_kwargs(case: Case):
+  return dict(
+      strides=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups,
+      offset_groups=case.offset_groups,
+  )
+
+
+@pytest.mark.parametrize('case', CASES, ids=str)
+def test_matches_float64_reference(case):
+  x, off, w, m, b, geo = make_inputs(case)
+  want = deform_conv2d_ref(x, off, w, m, b, groups=case.groups, offset_groups=case.offset_groups, **geo)
+  got = jax.jit(lambda *a: deform_conv2d(*a, **op_kwargs(case)))(x, off, w, m, b)
+  assert got.dtype == jnp.float64
+  assert got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('case', CASES, ids=str)
+def test_float32_matches_reference(case):
+  x, off, w, m, b, geo = make_inputs(case, jnp.float32)
+  want = deform_conv2d_ref(x, off, w, m, b, groups=case.groups, offset_groups=case.offset_groups, **geo)
+  got = jax.jit(lambda *a: deform_conv2d(*a, **op_kwargs(case), precision='highest'))(x, off, w, m, b)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('case', CASES, ids=str)
+def test_zero_offsets_unit_mask_equal_conv(case):
+  x, off, w, m, b, _ = make_inputs(case)
+  off = jnp.zeros_like(off)
+  m = None if m is None else jnp.ones_like(m)
+  got = deform_conv2d(x, off, w, m, b, **op_kwargs(case))
+  want = lax.conv_general_dilated(
+      x, w, window_strides=(case.stride,) * 2 if isinstance(case.stride, int) else case.stride,
+      padding=explicit_pads(case), rhs_dilation=(case.dilation,) * 2 if isinstance(case.dilation, int) else case.dilation,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=case.groups, precision='highest',
+  )
+  if b is not None:
+    want = want + b.reshape(1, 1, 1, -1)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('chunk_size', [1, 7, 50, 10_000])
+def test_chunk_size_does_not_change_result(chunk_size):
+  case = Case(n=3)
+  x, off, w, m, b, _ = make_inputs(case)
+  want = deform_conv2d(x, off, w, m, b, **op_kwargs(case))
+  got = deform_conv2d(x, off, w, m, b, **op_kwargs(case), chunk_size=chunk_size)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-12)
+
+
+def away_from_integers(off, seed=1):
+  """Offsets whose sampling points sit >= 0.2 px from any integer (the kinks of bilinear)."""
+  rng = np.random.default_rng(seed)
+  whole = rng.integers(-2, 3, size=off.shape)
+  return jnp.asarray(whole + rng.uniform(0.2, 0.8, size=off.shape), off.dtype)
+
+
+GRAD_CASES = [
+    Case(n=1, hw=(4, 4), c=2, cout=2),
+    Case(n=2, hw=(5, 4), c=4, cout=2, k=(2, 3), stride=2, dilation=(2, 1), padding=((1, 0), (2, 1)),
+         groups=2, offset_groups=2),
+]
+
+
+@pytest.mark.parametrize('case', GRAD_CASES, ids=str)
+def test_gradients_order2_fwd_and_rev(case):
+  x, off, w, m, b, _ = make_inputs(case)
+  off = away_from_integers(off)
+  f = jax.jit(lambda *a: deform_conv2d(*a, **op_kwargs(case), chunk_size=5))
+  check_grads(f, (x, off, w, m, b), order=2, modes=('fwd', 'rev'), atol=1e-6, rtol=1e-6)
+
+
+def test_gradients_without_mask_and_bias():
+  case = Case(n=1, hw=(4, 4), c=2, cout=2, mask=False, bias=False)
+  x, off, w, _, _, _ = make_inputs(case)
+  off = away_from_integers(off)
+  check_grads(jax.jit(lambda *a: deform_conv2d(*a, padding=1)), (x, off, w), order=2, modes=('fwd', 'rev'))
+
+
+def test_vmap_equals_loop():
+  case = Case(n=2)
+  inputs = [make_inputs(case, seed=s)[:5] for s in range(3)]
+  stacked = [jnp.stack(a) for a in zip(*inputs)]
+  f = lambda *a: deform_conv2d(*a, **op_kwargs(case), chunk_size=8)
+  got = jax.vmap(f)(*stacked)
+  for i, args in enumerate(inputs):
+    np.testing.assert_allclose(np.asarray(got[i]), np.asarray(f(*args)), rtol=1e-12, atol=1e-12)
+
+
+def test_vmap_over_offsets_only():
+  case = Case(n=2)
+  x, off, w, m, b, _ = make_inputs(case)
+  offs = jnp.stack([off, -off, 0.5 * off])
+  got = jax.vmap(lambda o: deform_conv2d(x, o, w, m, b, padding=1))(offs)
+  for i in range(3):
+    np.testing.assert_allclose(np.asarray(got[i]), np.asarray(deform_conv2d(x, offs[i], w, m, b, padding=1)))
+
+
+def test_remat_and_grad_under_jit():
+  case = Case()
+  x, off, w, m, b, _ = make_inputs(case)
+  loss = lambda *a: jnp.sum(deform_conv2d(*a, padding=1) ** 2)
+  g_plain = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, off, w, m, b)
+  g_remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2, 3, 4)))(x, off, w, m, b)
+  jax.tree.map(lambda a, c: np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-10), g_plain, g_remat)
+
+
+def test_jvp_matches_vjp():
+  case = Case(n=1)
+  x, off, w, m, b, _ = make_inputs(case)
+  off = away_from_integers(off)
+  f = lambda o: deform_conv2d(x, o, w, m, b, padding=1)
+  t = jnp.asarray(np.random.default_rng(3).normal(size=off.shape))
+  _, jvp_out = jax.jvp(f, (off,), (t,))
+  ct = jnp.asarray(np.random.default_rng(4).normal(size=jvp_out.shape))
+  (vjp_in,) = jax.vjp(f, off)[1](ct)
+  np.testing.assert_allclose(float(jnp.vdot(ct, jvp_out)), float(jnp.vdot(vjp_in, t)), rtol=1e-10)
+
+
+def test_batch_zero_and_its_gradient():
+  x, off, w, m, b, _ = make_inputs(Case(n=0))
+  out = jax.jit(lambda *a: deform_conv2d(*a, padding=1))(x, off, w, m, b)
+  assert out.shape == (0, 6, 5, 6)
+  grads = jax.grad(lambda *a: jnp.sum(deform_conv2d(*a, padding=1)), argnums=(0, 2, 4))(x, off, w, m, b)
+  assert grads[0].shape == x.shape
+  np.testing.assert_array_equal(np.asarray(grads[1]), 0)
+  np.testing.assert_array_equal(np.asarray(grads[2]), 0)
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf, 1e30, -1e30])
+def test_non_finite_and_huge_offsets_read_zero(bad):
+  case = Case(n=1, mask=False, bias=False)
+  x, off, w, _, _, geo = make_inputs(case)
+  off = off.at[0, 2, 2, :].set(bad)  # every tap of one output pixel
+  out = deform_conv2d(x, off, w, padding=1)
+  assert np.all(np.isfinite(np.asarray(out)))
+  np.testing.assert_array_equal(np.asarray(out[0, 2, 2]), 0)
+  want = deform_conv2d_ref(x, jnp.where(jnp.isfinite(off), off, 1e30), w, **geo)
+  np.testing.assert_allclose(np.asarray(out), want, rtol=1e-10, atol=1e-10)
+  g = jax.grad(lambda o, x: jnp.sum(deform_conv2d(x, o, w, padding=1) ** 2), argnums=(0, 1))(off, x)
+  assert all(np.all(np.isfinite(np.asarray(a))) for a in g)
+  np.testing.assert_array_equal(np.asarray(g[0][0, 2, 2]), 0)
+
+
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 5e-2), (jnp.float16, 5e-3)])
+def test_low_precision_dtypes(dtype, tol):
+  case = Case(n=2, c=8, cout=8)
+  x, off, w, m, b, geo = make_inputs(case, dtype)
+  out = jax.jit(lambda *a: deform_conv2d(*a, padding=1))(x, off, w, m, b)
+  assert out.dtype == dtype
+  want = deform_conv2d_ref(x.astype(jnp.float64), off.astype(jnp.float64), w.astype(jnp.float64),
+                           m.astype(jnp.float64), b.astype(jnp.float64), **geo)
+  err = np.abs(np.asarray(out.astype(jnp.float64)) - want).max() / np.abs(want).max()
+  assert err < tol
+  f32 = deform_conv2d(x, off, w, m, b, padding=1, preferred_element_type=jnp.float32)
+  assert f32.dtype == jnp.float32
+  grads = jax.grad(lambda *a: jnp.sum(deform_conv2d(*a, padding=1).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4))(
+      x, off, w, m, b)
+  assert all(g.dtype == dtype for g in grads)
+
+
+def test_bf16_offsets_keep_float32_positions():
+  """Positions are computed in float32: bf16 cannot represent 257.5, float32 can."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 300, 300, 1)), jnp.float32)
+  w = jnp.ones((1, 1, 1, 1), jnp.float32)
+  off = jnp.full((1, 300, 300, 2), 0.5, jnp.bfloat16)
+  out = deform_conv2d(x, off, w)
+  want = 0.25 * (x[0, 257, 257, 0] + x[0, 257, 258, 0] + x[0, 258, 257, 0] + x[0, 258, 258, 0])
+  np.testing.assert_allclose(float(out[0, 257, 257, 0]), float(want), rtol=1e-6)
+
+
+def test_export_round_trip():
+  case = Case()
+  args = make_inputs(case, jnp.float32)[:5]
+  f = jax.jit(lambda *a: deform_conv2d(*a, **op_kwargs(case)))
+  exported = export.export(f)(*args)
+  restored = export.deserialize(exported.serialize())
+  np.testing.assert_allclose(np.asarray(restored.call(*args)), np.asarray(f(*args)), rtol=1e-6)
+
+
+def test_chunk_size_caps_compiled_temporary_memory():
+  """Compiled temporaries follow the chunk, not the whole sampled-columns buffer.
+
+  Forward: the inputs/outputs plus about one chunk of columns. Forward+backward:
+  twice the inputs/outputs (their cotangents) plus about 12 chunks of columns
+  (the rematerialised corner gathers, their scatters, columns and cotangent).
+  """
+  n, hw, c, cout = 8, 32, 64, 16
+  x = jnp.zeros((n, hw, hw, c), jnp.float32)
+  off = jnp.zeros((n, hw, hw, 18), jnp.float32)
+  m = jnp.ones((n, hw, hw, 9), jnp.float32)
+  w = jnp.zeros((3, 3, c, cout), jnp.float32)
+  full_columns = n * hw * hw * 9 * c * 4  # 18.9 MB
+  io_bytes = (x.size + off.size + m.size + n * hw * hw * cout) * 4  # 3.5 MB
+
+  def temp_bytes(chunk, grad):
+    fwd = lambda x, o, m, w: deform_conv2d(x, o, w, m, padding=1, chunk_size=chunk)
+    f = jax.grad(lambda *a: jnp.sum(fwd(*a) ** 2), argnums=(0, 1, 2, 3)) if grad else fwd
+    return jax.jit(f).lower(x, off, m, w).compile().memory_analysis().temp_size_in_bytes
+
+  for chunk in (64, 256):
+    cap = columns_bytes(x.shape, w.shape, off.shape, chunk_size=chunk)
+    assert cap == chunk * 9 * c * 4
+    fwd_temp = temp_bytes(chunk, grad=False)
+    assert fwd_temp <= io_bytes + 2 * cap, (chunk, fwd_temp, cap)
+    bwd_temp = temp_bytes(chunk, grad=True)
+    assert bwd_temp <= 2 * io_bytes + 16 * cap, (chunk, bwd_temp, cap)
+  assert temp_bytes(64, grad=True) < full_columns
+  # The cap is what bounds it: one chunk over all pixels holds the whole buffer.
+  assert temp_bytes(n * hw * hw, grad=False) >= full_columns
+
+
+BAD = [
+    (dict(inputs=np.zeros((6, 6, 4))), 'inputs must have rank 4'),
+    (dict(kernel=np.zeros((3, 3, 4))), 'kernel must have rank 4'),
+    (dict(kernel=np.zeros((3, 3, 3, 6))), r'kernel must have shape \[kh, kw, C // groups, C_out\]'),
+    (dict(offsets=np.zeros((2, 6, 6, 17))), r'offsets must have shape .*\(2, 6, 6, 18\), got \(2, 6, 6, 17\)'),
+    (dict(offsets=np.zeros((2, 6, 6))), r'offsets must have shape'),
+    (dict(mask=np.zeros((2, 6, 6, 18))), r'mask must have shape .*\(2, 6, 6, 9\)'),
+    (dict(bias=np.zeros((5,))), r'bias must have shape \[C_out\] = \(6,\), got \(5,\)'),
+    (dict(groups=3), 'divisible by groups=3'),
+    (dict(offset_groups=3), 'divisible by offset_groups=3'),
+    (dict(groups=0), 'groups must be a positive int'),
+    (dict(strides=0), 'strides must be positive'),
+    (dict(dilation=(1, -1)), 'dilation must be positive'),
+    (dict(padding='FULL'), 'padding must be'),
+    (dict(padding=-1), 'padding must be non-negative'),
+    (dict(chunk_size=0), 'chunk_size must be a positive int'),
+    (dict(inputs=np.zeros((2, 6, 6, 4), np.int32)), 'inputs must be a floating-point array'),
+    (dict(kernel=np.zeros((9, 9, 4, 6)), offsets=np.zeros((2, 0, 0, 162))), 'smaller than the dilated kernel'),
+]
+
+
+@pytest.mark.parametrize('override,message', BAD, ids=[m for _, m in BAD])
+def test_bad_input_names_the_argument(override, message):
+  args = dict(inputs=np.zeros((2, 6, 6, 4)), offsets=np.zeros((2, 6, 6, 18)), kernel=np.zeros((3, 3, 4, 6)),
+              mask=None, bias=None, padding=1)
+  args.update(override)
+  exc = TypeError if 'floating' in message else ValueError
+  with pytest.raises(exc, match=message):
+    deform_conv2d(**args)
