@@ -1,0 +1,1 @@
+"""Runnable studies and benchmarks; each module has one entry point."""
