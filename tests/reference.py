@@ -79,3 +79,62 @@ def deform_conv2d_ref(
   if bias is not None:
     out += np.asarray(bias, np.float64)
   return out
+
+
+def roi_bilinear_point(img: np.ndarray, y: float, x: float) -> np.ndarray:
+  """torchvision roi_align's bilinear_interpolate (clamps onto the border)."""
+  h, w, c = img.shape
+  if not (math.isfinite(y) and math.isfinite(x)) or y < -1.0 or y > h or x < -1.0 or x > w:
+    return np.zeros(c)
+  y, x = max(y, 0.0), max(x, 0.0)
+  y_low, x_low = int(y), int(x)
+  if y_low >= h - 1:
+    y_high = y_low = h - 1
+    y = float(y_low)
+  else:
+    y_high = y_low + 1
+  if x_low >= w - 1:
+    x_high = x_low = w - 1
+    x = float(x_low)
+  else:
+    x_high = x_low + 1
+  ly, lx = y - y_low, x - x_low
+  hy, hx = 1 - ly, 1 - lx
+  return (hy * hx * img[y_low, x_low] + hy * lx * img[y_low, x_high] + ly * hx * img[y_high, x_low]
+          + ly * lx * img[y_high, x_high])
+
+
+def deform_roi_pool_ref(features, rois, offsets=None, *, output_size, spatial_scale=1.0, sampling_ratio=0,
+                        gamma=0.1, aligned=True):
+  """torchvision roi_align's loops, each bin shifted by gamma * offset * roi size (DCN / mmcv)."""
+  features = np.asarray(features, np.float64)
+  rois = np.asarray(rois, np.float64)
+  n, h, w, c = features.shape
+  oh, ow = output_size
+  out = np.zeros((rois.shape[0], oh, ow, c))
+  for r, (b, x1, y1, x2, y2) in enumerate(rois):
+    if not (b == int(b) and 0 <= b < n):
+      continue
+    shift = 0.5 if aligned else 0.0
+    start_w, start_h = x1 * spatial_scale - shift, y1 * spatial_scale - shift
+    roi_w, roi_h = x2 * spatial_scale - shift - start_w, y2 * spatial_scale - shift - start_h
+    if not aligned:
+      roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+    bin_h, bin_w = roi_h / oh, roi_w / ow
+    grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / oh)
+    grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / ow)
+    count = max(grid_h * grid_w, 1)
+    for ph in range(oh):
+      for pw in range(ow):
+        dy = dx = 0.0
+        if offsets is not None:
+          dy = gamma * roi_h * float(offsets[r, ph, pw, 0])
+          dx = gamma * roi_w * float(offsets[r, ph, pw, 1])
+        acc = np.zeros(c)
+        for iy in range(grid_h):
+          y = start_h + dy + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+          for ix in range(grid_w):
+            x = start_w + dx + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+            acc += roi_bilinear_point(features[int(b)], y, x)
+        out[r, ph, pw] = acc / count
+  return out

@@ -1,6 +1,7 @@
 """Pure-function ops on jax.Array: bilinear sampling, deformable conv, deformable RoI pooling."""
 
 from deformjax.ops.deform_conv import columns_bytes, deform_conv2d, output_size
+from deformjax.ops.roi_pool import deform_roi_pool, roi_align
 from deformjax.ops.sampling import bilinear_sample
 
-__all__ = ['bilinear_sample', 'columns_bytes', 'deform_conv2d', 'output_size']
+__all__ = ['bilinear_sample', 'columns_bytes', 'deform_conv2d', 'deform_roi_pool', 'output_size', 'roi_align']
