@@ -1,6 +1,6 @@
 """deformjax: deformable convolution for JAX and Flax."""
 
-from deformjax import ops
+from deformjax import nn, ops
 
 __version__ = '0.1.0'
-__all__ = ['ops', '__version__']
+__all__ = ['nn', 'ops', '__version__']

@@ -1,0 +1,45 @@
+"""What the NNX modules and their Linen twins share: turning a raw prediction
+into offsets and mask, and shaping calls with arbitrary leading batch dims.
+
+Keeping it here is what makes the twins compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def mask_from_logits(logits: jax.Array) -> jax.Array:
+  """2 * sigmoid(logits): equals 1 at the zero init, so a fresh modulated layer
+  is exactly a regular conv / RoIAlign; ranges over (0, 2) once trained."""
+  return 2.0 * jax.nn.sigmoid(logits)
+
+
+def split_prediction(pred: jax.Array, num_offsets: int, modulated: bool, offset_scale: float,
+                     max_offset: float | None) -> tuple[jax.Array, jax.Array | None]:
+  """Splits an offset-predictor output `[..., num_offsets (+ num_offsets // 2)]`.
+
+  Returns `(offsets, mask)`: offsets are `offset_scale * raw`, softly bounded to
+  `max_offset * tanh(. / max_offset)` when `max_offset` is set; mask is
+  `mask_from_logits` of the rest when `modulated`, else None.
+  """
+  offsets = pred[..., :num_offsets] * offset_scale
+  if max_offset is not None:
+    offsets = max_offset * jnp.tanh(offsets / max_offset)
+  mask = mask_from_logits(pred[..., num_offsets:]) if modulated else None
+  return offsets, mask
+
+
+def flatten_batch(x: jax.Array | None, batch_shape: tuple[int, ...]) -> jax.Array | None:
+  """[*batch, H, W, F] -> [prod(batch), H, W, F] (unbatched [H, W, F] -> [1, ...])."""
+  if x is None:
+    return None
+  return x.reshape((-1,) + x.shape[len(batch_shape):])
+
+
+def check_in_features(inputs: jax.Array, in_features: int, name: str) -> None:
+  if inputs.ndim < 3 or inputs.shape[-1] != in_features:
+    raise ValueError(
+        f'{name}: inputs must have shape [..., H, W, in_features={in_features}], got {tuple(inputs.shape)}'
+    )

@@ -1,0 +1,134 @@
+"""Linen twins of the NNX modules, for Linen codebases.
+
+Same parameters (names, shapes, initialisation) and the same numbers as the NNX
+modules: the shared pieces live in `deformjax.nn._common`, and a test copies NNX
+weights into these modules and compares outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from deformjax.nn import _common
+from deformjax.nn.deform_conv import _explicit_padding
+from deformjax.ops import _args
+from deformjax.ops.deform_conv import deform_conv2d
+from deformjax.ops.roi_pool import deform_roi_pool, roi_align
+
+
+class DeformConv(nn.Module):
+  """Linen twin of `deformjax.nn.DeformConv` (Linen spells out_features `features`).
+
+  Parameters: `kernel [kh, kw, C // groups, features]`, `bias [features]`, and
+  `offset_conv/{kernel, bias}` (zero-initialised) when offsets are predicted.
+  Offsets and mask are sown into the `intermediates` collection when
+  `sow_offsets`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from deformjax.nn import linen
+    >>> layer = linen.DeformConv(features=8, kernel_size=3)
+    >>> x = jnp.ones((2, 16, 16, 3), jnp.float32)
+    >>> params = layer.init(jax.random.key(0), x)
+    >>> layer.apply(params, x).shape
+    (2, 16, 16, 8)
+  """
+
+  features: int
+  kernel_size: int | Sequence[int]
+  strides: int | Sequence[int] = 1
+  padding: Any = 'SAME'
+  kernel_dilation: int | Sequence[int] = 1
+  feature_group_count: int = 1
+  offset_groups: int = 1
+  modulated: bool = True
+  use_bias: bool = True
+  offset_scale: float = 1.0
+  max_offset: float | None = None
+  predict_offsets: bool = True
+  sow_offsets: bool = False
+  chunk_size: int | None = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, inputs, offsets=None, mask=None, *, return_offsets: bool = False):
+    kh, kw = _args.positive_pair(self.kernel_size, 'kernel_size', 'DeformConv')
+    in_features = inputs.shape[-1]
+    kernel = self.param('kernel', self.kernel_init,
+                        (kh, kw, in_features // self.feature_group_count, self.features), self.param_dtype)
+    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    if offsets is None:
+      if not self.predict_offsets:
+        raise ValueError('DeformConv: offsets are required when the layer has no predictor (predict_offsets=False)')
+      taps = kh * kw * self.offset_groups
+      pred = nn.Conv(
+          taps * (3 if self.modulated else 2), (kh, kw), strides=self.strides,
+          padding=_explicit_padding(self.padding), kernel_dilation=self.kernel_dilation,
+          kernel_init=nn.initializers.zeros_init(), bias_init=nn.initializers.zeros_init(),
+          dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name='offset_conv',
+      )(inputs)
+      offsets, predicted_mask = _common.split_prediction(pred, taps * 2, self.modulated, self.offset_scale,
+                                                         self.max_offset)
+      mask = predicted_mask if mask is None else mask
+    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    batch = inputs.shape[:-3]
+    y = deform_conv2d(
+        _common.flatten_batch(inputs, batch), _common.flatten_batch(offsets, batch), kernel,
+        _common.flatten_batch(mask, batch), bias, strides=self.strides, padding=self.padding,
+        dilation=self.kernel_dilation, groups=self.feature_group_count, offset_groups=self.offset_groups,
+        precision=self.precision, chunk_size=self.chunk_size,
+    )
+    y = y.reshape(batch + y.shape[1:])
+    if self.sow_offsets:
+      self.sow('intermediates', 'offsets', offsets)
+      if mask is not None:
+        self.sow('intermediates', 'mask', mask)
+    return (y, offsets, mask) if return_offsets else y
+
+
+class DeformRoIPool(nn.Module):
+  """Linen twin of `deformjax.nn.DeformRoIPool` (parameters `offset_hidden_{i}`,
+  `offset_out`, and `mask_hidden`, `mask_out` when modulated)."""
+
+  output_size: int | Sequence[int]
+  spatial_scale: float = 1.0
+  sampling_ratio: int = 0
+  gamma: float = 0.1
+  aligned: bool = True
+  max_sampling_grid: Any = None
+  hidden_features: Sequence[int] = (1024, 1024)
+  modulated: bool = False
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, features, rois, *, return_offsets: bool = False):
+    oh, ow = _args.positive_pair(self.output_size, 'output_size', 'DeformRoIPool')
+    kw = dict(output_size=(oh, ow), spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
+              aligned=self.aligned, max_sampling_grid=self.max_sampling_grid)
+    dense = lambda n, name, zero=False: nn.Dense(
+        n, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name=name,
+        **(dict(kernel_init=nn.initializers.zeros_init()) if zero else {}))
+    r = rois.shape[0]
+    flat = roi_align(features, rois, **kw).reshape(r, -1)
+    h = flat
+    for i, width in enumerate(self.hidden_features):
+      h = jax.nn.relu(dense(width, f'offset_hidden_{i}')(h))
+    offsets = dense(oh * ow * 2, 'offset_out', zero=True)(h).reshape(r, oh, ow, 2)
+    out = deform_roi_pool(features, rois, offsets, gamma=self.gamma, **kw)
+    mask = None
+    if self.modulated:
+      m = jax.nn.relu(dense(self.hidden_features[0], 'mask_hidden')(flat)) if self.hidden_features else flat
+      mask = _common.mask_from_logits(dense(oh * ow, 'mask_out', zero=True)(m)).reshape(r, oh, ow, 1)
+      out = out * mask.astype(out.dtype)
+    return (out, offsets, mask) if return_offsets else out

@@ -1,0 +1,111 @@
+"""Flax NNX DeformRoIPool: RoIAlign -> FC -> normalised offsets -> deformable pooling."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import initializers
+
+from deformjax.nn import _common
+from deformjax.ops import _args
+from deformjax.ops.roi_pool import deform_roi_pool, roi_align
+
+
+class DeformRoIPool(nnx.Module):
+  """Deformable RoI pooling as in the DCN paper (and DCNv2 when `modulated`).
+
+  RoIAlign pools each RoI to `output_size`; the flattened result goes through
+  `hidden_features` ReLU FC layers and a last FC (zero-initialised) that predicts
+  normalised per-bin offsets (dy, dx); `deform_roi_pool` then pools with the
+  bins shifted by `gamma * offset * (roi_h, roi_w)`. With `modulated`, a second
+  FC branch predicts per-bin mask logits (zero-initialised, mask
+  `2*sigmoid(logits)`, 1 at init) that scale each bin. A fresh layer therefore
+  equals RoIAlign.
+
+  Args:
+    in_features: feature channels C.
+    output_size: int or (out_h, out_w).
+    spatial_scale, sampling_ratio, gamma, aligned, max_sampling_grid: as
+      `deformjax.ops.deform_roi_pool`.
+    hidden_features: widths of the hidden FC layers (mmcv uses (1024, 1024)).
+    modulated: predict a per-bin mask (DCNv2).
+    dtype, param_dtype, precision: as `nnx.Linear`.
+    rngs: random number generators (keyword-only).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from deformjax.nn import DeformRoIPool
+    >>> pool = DeformRoIPool(8, 7, hidden_features=(64,), rngs=nnx.Rngs(0))
+    >>> feats = jnp.ones((2, 32, 32, 8), jnp.float32)
+    >>> rois = jnp.array([[0, 1.0, 2.0, 20.0, 24.0], [1, 4.0, 4.0, 30.0, 12.0]], jnp.float32)
+    >>> pool(feats, rois).shape
+    (2, 7, 7, 8)
+  """
+
+  def __init__(
+      self,
+      in_features: int,
+      output_size: int | Sequence[int],
+      *,
+      spatial_scale: float = 1.0,
+      sampling_ratio: int = 0,
+      gamma: float = 0.1,
+      aligned: bool = True,
+      max_sampling_grid: int | tuple[int, int] | None = None,
+      hidden_features: Sequence[int] = (1024, 1024),
+      modulated: bool = False,
+      dtype=None,
+      param_dtype=jnp.float32,
+      precision=None,
+      rngs: nnx.Rngs,
+  ):
+    oh, ow = _args.positive_pair(output_size, 'output_size', type(self).__name__)
+    self.in_features = in_features
+    self.output_size = (oh, ow)
+    self.spatial_scale = spatial_scale
+    self.sampling_ratio = sampling_ratio
+    self.gamma = gamma
+    self.aligned = aligned
+    self.max_sampling_grid = max_sampling_grid
+    self.modulated = modulated
+    flat = oh * ow * in_features
+    linear = lambda i, o, zero=False: nnx.Linear(
+        i, o, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs,
+        **(dict(kernel_init=initializers.zeros_init()) if zero else {}),
+    )
+    widths = [flat, *hidden_features]
+    self.offset_hidden = nnx.List([linear(a, b) for a, b in zip(widths[:-1], widths[1:])])
+    self.offset_out = linear(widths[-1], oh * ow * 2, zero=True)
+    if modulated:
+      self.mask_hidden = linear(flat, widths[1]) if hidden_features else None
+      self.mask_out = linear(widths[1] if hidden_features else flat, oh * ow, zero=True)
+
+  def _pool_kwargs(self):
+    return dict(output_size=self.output_size, spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
+                aligned=self.aligned, max_sampling_grid=self.max_sampling_grid)
+
+  def __call__(self, features: jax.Array, rois: jax.Array, *, return_offsets: bool = False):
+    """Pools `rois` (`[R, 5]`, (batch_index, x1, y1, x2, y2)) from `features` (`[N, H, W, C]`).
+
+    Returns `[R, out_h, out_w, C]`, or `(pooled, offsets [R, out_h, out_w, 2],
+    mask [R, out_h, out_w, 1] or None)` with `return_offsets`.
+    """
+    _common.check_in_features(features, self.in_features, type(self).__name__)
+    r = rois.shape[0]
+    oh, ow = self.output_size
+    flat = roi_align(features, rois, **self._pool_kwargs()).reshape(r, -1)
+    h = flat
+    for layer in self.offset_hidden:
+      h = jax.nn.relu(layer(h))
+    offsets = self.offset_out(h).reshape(r, oh, ow, 2)
+    out = deform_roi_pool(features, rois, offsets, gamma=self.gamma, **self._pool_kwargs())
+    mask = None
+    if self.modulated:
+      m = jax.nn.relu(self.mask_hidden(flat)) if self.mask_hidden is not None else flat
+      mask = _common.mask_from_logits(self.mask_out(m)).reshape(r, oh, ow, 1)
+      out = out * mask.astype(out.dtype)
+    return (out, offsets, mask) if return_offsets else out

@@ -1,0 +1,209 @@
+"""NNX DeformConv / DeformRoIPool and their Linen twins."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deformjax import nn as dnn
+from deformjax.nn import linen as dlinen
+from deformjax.ops import deform_conv2d, roi_align
+
+
+def normal(shape, seed=0, dtype=jnp.float64, scale=1.0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, dtype)
+
+
+CONV_CASES = [
+    dict(kernel_size=3),
+    dict(kernel_size=(3, 2), strides=2, padding=1),
+    dict(kernel_size=3, kernel_dilation=2, padding='VALID'),
+    dict(kernel_size=3, feature_group_count=2, offset_groups=2, modulated=False),
+    dict(kernel_size=(1, 3), strides=(1, 2), padding=((0, 1), (1, 1)), use_bias=False),
+]
+
+
+@pytest.mark.parametrize('kw', CONV_CASES, ids=str)
+def test_fresh_deform_conv_equals_nnx_conv(kw):
+  layer = dnn.DeformConv(4, 6, param_dtype=jnp.float64, rngs=nnx.Rngs(0), **kw)
+  conv_kw = {k: v for k, v in kw.items() if k not in ('offset_groups', 'modulated')}
+  k = conv_kw['kernel_size']
+  conv_kw['kernel_size'] = (k, k) if isinstance(k, int) else k  # nnx.Conv reads an int as a 1-D kernel
+  conv = nnx.Conv(4, 6, param_dtype=jnp.float64, rngs=nnx.Rngs(1), **conv_kw)
+  conv.kernel[...] = layer.kernel[...]
+  if layer.bias is not None:
+    conv.bias[...] = normal((6,), 3)
+    layer.bias[...] = conv.bias[...]
+  x = normal((2, 9, 8, 4))
+  y, offsets, mask = layer(x, return_offsets=True)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(conv(x)), atol=1e-10)
+  np.testing.assert_array_equal(np.asarray(offsets), 0)
+  if layer.modulated:
+    np.testing.assert_array_equal(np.asarray(mask), 1)
+  else:
+    assert mask is None
+
+
+def randomise_offset_predictor(layer, scale=0.3):
+  layer.offset_conv.kernel[...] = normal(layer.offset_conv.kernel.shape, 5, layer.offset_conv.kernel.dtype, scale)
+  layer.offset_conv.bias[...] = normal(layer.offset_conv.bias.shape, 6, layer.offset_conv.bias.dtype, scale)
+
+
+def test_offsets_are_predicted_and_sown():
+  layer = dnn.DeformConv(3, 5, 3, sow_offsets=True, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+  randomise_offset_predictor(layer)
+  x = normal((2, 8, 8, 3))
+  (y, offsets, mask), sown = nnx.capture(lambda m, x: m(x, return_offsets=True), nnx.Intermediate)(layer, x)
+  assert offsets.shape == (2, 8, 8, 18) and mask.shape == (2, 8, 8, 9)
+  assert np.abs(np.asarray(offsets)).max() > 0.1
+  assert np.all((np.asarray(mask) > 0) & (np.asarray(mask) < 2))
+  np.testing.assert_allclose(np.asarray(y), np.asarray(deform_conv2d(x, offsets, layer.kernel[...], mask,
+                                                                      layer.bias[...], padding='SAME')), atol=1e-12)
+  np.testing.assert_array_equal(np.asarray(sown['offsets'][0]), np.asarray(offsets))
+  np.testing.assert_array_equal(np.asarray(sown['mask'][0]), np.asarray(mask))
+
+
+def test_external_offsets_and_no_predictor():
+  layer = dnn.DeformConv(3, 5, 3, predict_offsets=False, padding=1, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+  assert layer.offset_conv is None
+  x, off, m = normal((2, 8, 8, 3)), normal((2, 8, 8, 18), 1), normal((2, 8, 8, 9), 2)
+  np.testing.assert_allclose(np.asarray(layer(x, off, m)),
+                             np.asarray(deform_conv2d(x, off, layer.kernel[...], m, layer.bias[...], padding=1)))
+  with pytest.raises(ValueError, match='offsets are required'):
+    layer(x)
+
+
+def test_offset_scale_and_max_offset():
+  base = dnn.DeformConv(3, 5, 3, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+  randomise_offset_predictor(base, scale=3.0)
+  x = normal((1, 8, 8, 3))
+  _, raw, _ = base(x, return_offsets=True)
+  for kw in (dict(offset_scale=0.5), dict(max_offset=1.5)):
+    layer = dnn.DeformConv(3, 5, 3, param_dtype=jnp.float64, rngs=nnx.Rngs(0), **kw)
+    nnx.update(layer, nnx.state(base, nnx.Param))
+    _, off, _ = layer(x, return_offsets=True)
+    if 'offset_scale' in kw:
+      np.testing.assert_allclose(np.asarray(off), 0.5 * np.asarray(raw), atol=1e-12)
+    else:
+      assert np.abs(np.asarray(off)).max() <= 1.5 < np.abs(np.asarray(raw)).max()
+      np.testing.assert_allclose(np.asarray(off), 1.5 * np.tanh(np.asarray(raw) / 1.5), atol=1e-12)
+
+
+def test_gradient_reaches_the_zero_initialised_offset_predictor():
+  layer = dnn.DeformConv(3, 4, 3, rngs=nnx.Rngs(0))
+  x = normal((2, 8, 8, 3), dtype=jnp.float32)
+  grads = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(layer)
+  assert float(jnp.abs(grads.offset_conv.kernel[...]).max()) > 0
+  assert float(jnp.abs(grads.kernel[...]).max()) > 0
+
+
+def test_nnx_jit_split_merge_and_batch_dims():
+  layer = dnn.DeformConv(3, 4, 3, rngs=nnx.Rngs(0))
+  randomise_offset_predictor(layer)
+  x = normal((2, 3, 8, 8, 3), dtype=jnp.float32)
+  eager = layer(x)
+  assert eager.shape == (2, 3, 8, 8, 4)
+  np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(layer, x)), np.asarray(eager), rtol=1e-5,
+                             atol=1e-5)
+  graphdef, state = nnx.split(layer)
+  np.testing.assert_allclose(np.asarray(nnx.merge(graphdef, state)(x)), np.asarray(eager), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(layer(x[0, 0])), np.asarray(eager[0, 0]), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_compute_with_float32_params():
+  layer = dnn.DeformConv(8, 8, 3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  ref = dnn.DeformConv(8, 8, 3, rngs=nnx.Rngs(0))
+  randomise_offset_predictor(layer, 0.05)
+  nnx.update(ref, nnx.state(layer, nnx.Param))
+  x = normal((2, 8, 8, 8), dtype=jnp.float32)
+  y = layer(x)
+  assert y.dtype == jnp.bfloat16 and layer.kernel[...].dtype == jnp.float32
+  want = ref(x)
+  assert float(jnp.abs(y.astype(jnp.float32) - want).max() / jnp.abs(want).max()) < 3e-2
+  grads = nnx.grad(lambda m: jnp.sum(m(x).astype(jnp.float32)))(layer)
+  assert grads.kernel[...].dtype == jnp.float32
+
+
+def test_wrong_in_features_is_a_clear_error():
+  layer = dnn.DeformConv(3, 4, 3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'inputs must have shape \[\.\.\., H, W, in_features=3\], got \(1, 8, 8, 5\)'):
+    layer(jnp.ones((1, 8, 8, 5)))
+  with pytest.raises(ValueError, match='divisible by feature_group_count=2'):
+    dnn.DeformConv(3, 4, 3, feature_group_count=2, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('kw', CONV_CASES, ids=str)
+def test_linen_twin_matches_nnx(kw):
+  layer = dnn.DeformConv(4, 6, param_dtype=jnp.float64, rngs=nnx.Rngs(0), **kw)
+  randomise_offset_predictor(layer)
+  twin = dlinen.DeformConv(features=6, param_dtype=jnp.float64, **kw)
+  x = normal((2, 9, 8, 4))
+  params = twin.init(jax.random.key(0), x)['params']
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+      jnp.shape, {k: v for k, v in dict(kernel=layer.kernel[...], bias=layer.bias[...] if layer.bias is not None else None,
+                                          offset_conv=dict(kernel=layer.offset_conv.kernel[...],
+                                                           bias=layer.offset_conv.bias[...])).items() if v is not None})
+  params = dict(kernel=layer.kernel[...], offset_conv=dict(kernel=layer.offset_conv.kernel[...],
+                                                           bias=layer.offset_conv.bias[...]))
+  if layer.bias is not None:
+    params['bias'] = layer.bias[...]
+  got = jax.jit(lambda p, x: twin.apply({'params': p}, x))(params, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(layer(x)), atol=1e-12)
+  _, state = twin.apply({'params': params}, x, mutable=['intermediates'])
+  assert state == {}  # nothing sown unless asked
+
+
+def test_linen_sow_and_external_offsets():
+  twin = dlinen.DeformConv(features=3, kernel_size=3, sow_offsets=True)
+  x = normal((1, 6, 6, 2), dtype=jnp.float32)
+  variables = twin.init(jax.random.key(0), x)
+  y, state = twin.apply(variables, x, mutable=['intermediates'])
+  assert state['intermediates']['offsets'][0].shape == (1, 6, 6, 18)
+  off = normal((1, 6, 6, 18), 1, jnp.float32)
+  np.testing.assert_allclose(np.asarray(twin.apply(variables, x, off)),
+                             np.asarray(deform_conv2d(x, off, variables['params']['kernel'], None,
+                                                      variables['params']['bias'], padding='SAME')), rtol=1e-5,
+                             atol=1e-5)
+
+
+FEATS_SHAPE = (2, 16, 12, 4)
+ROIS = jnp.asarray([[0, 1.0, 2.0, 9.0, 13.0], [1, 3.5, 0.5, 11.0, 7.0], [1, 0.0, 0.0, 12.0, 16.0]])
+
+
+@pytest.mark.parametrize('modulated', [False, True])
+def test_fresh_deform_roi_pool_equals_roi_align(modulated):
+  pool = dnn.DeformRoIPool(4, 3, hidden_features=(16, 16), modulated=modulated, param_dtype=jnp.float64,
+                           rngs=nnx.Rngs(0))
+  feats = normal(FEATS_SHAPE)
+  out, offsets, mask = pool(feats, ROIS, return_offsets=True)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(roi_align(feats, ROIS, output_size=3)), atol=1e-12)
+  np.testing.assert_array_equal(np.asarray(offsets), 0)
+  assert (mask is None) != modulated
+  grads = nnx.grad(lambda m: jnp.sum(jnp.sin(m(feats, ROIS))))(pool)
+  assert float(jnp.abs(grads.offset_out.kernel[...]).max()) > 0
+
+
+@pytest.mark.parametrize('modulated', [False, True])
+def test_deform_roi_pool_linen_twin_matches(modulated):
+  pool = dnn.DeformRoIPool(4, (3, 2), hidden_features=(16, 8), modulated=modulated, gamma=0.2,
+                           param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+  pool.offset_out.kernel[...] = normal(pool.offset_out.kernel.shape, 3, scale=0.5)
+  if modulated:
+    pool.mask_out.kernel[...] = normal(pool.mask_out.kernel.shape, 4, scale=0.5)
+  feats = normal(FEATS_SHAPE)
+  twin = dlinen.DeformRoIPool((3, 2), hidden_features=(16, 8), modulated=modulated, gamma=0.2,
+                              param_dtype=jnp.float64)
+  params = twin.init(jax.random.key(0), feats, ROIS)['params']
+  dense = lambda l: dict(kernel=l.kernel[...], bias=l.bias[...])
+  mine = {f'offset_hidden_{i}': dense(l) for i, l in enumerate(pool.offset_hidden)}
+  mine['offset_out'] = dense(pool.offset_out)
+  if modulated:
+    mine.update(mask_hidden=dense(pool.mask_hidden), mask_out=dense(pool.mask_out))
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, mine)
+  got = twin.apply({'params': mine}, feats, ROIS)
+  want = pool(feats, ROIS)
+  assert float(jnp.abs(want - roi_align(feats, ROIS, output_size=(3, 2))).max()) > 1e-3  # offsets do act
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-12)
