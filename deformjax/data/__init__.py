@@ -1,0 +1,16 @@
+"""Datasets (TFDS data sources, embedded digits) and geometric augmentation in JAX.
+
+tensorflow-datasets, scikit-learn and grain are imported inside the functions
+that need them, so `import deformjax.data` needs only jax and numpy.
+"""
+
+from deformjax.data.augment import affine_matrices, random_affine, transform, warp_affine
+from deformjax.data.loader import eval_batches, train_iterator
+from deformjax.data.sources import (COCO9_CLASSES, DATASETS, ArraySource, DataError, DatasetSpec, coco_multilabel,
+                                    get_spec, load_source, to_model_inputs)
+
+__all__ = [
+    'COCO9_CLASSES', 'DATASETS', 'ArraySource', 'DataError', 'DatasetSpec', 'affine_matrices', 'coco_multilabel',
+    'eval_batches', 'get_spec', 'load_source', 'random_affine', 'to_model_inputs', 'train_iterator', 'transform',
+    'warp_affine',
+]

@@ -1,0 +1,169 @@
+"""Random-access data sources: embedded digits, and TFDS datasets read with
+`tfds.data_source` (no TensorFlow needed to read a prepared dataset).
+
+Every source yields dicts `{'image': [H, W, C] uint8 or float32, 'label': int
+or float32[num_classes]}`; `to_model_inputs` turns a batch of them into float32
+images in [0, 1] and labels. tensorflow_datasets and scikit-learn are imported
+inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import numpy as np
+
+
+class DataError(ValueError):
+  """A dataset cannot be loaded as configured; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  name: str
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  multilabel: bool = False
+  tfds_name: str | None = None
+  splits: tuple[str, str] = ('train', 'test')
+  class_names: tuple[str, ...] = ()
+
+
+COCO9_CLASSES = ('bicycle', 'car', 'cat', 'chair', 'cow', 'dog', 'horse', 'person', 'sheep')
+
+DATASETS = {
+    'digits': DatasetSpec('digits', (28, 28, 1), 10, class_names=tuple(str(i) for i in range(10))),
+    'mnist': DatasetSpec('mnist', (28, 28, 1), 10, tfds_name='mnist', class_names=tuple(str(i) for i in range(10))),
+    'fashion_mnist': DatasetSpec('fashion_mnist', (28, 28, 1), 10, tfds_name='fashion_mnist'),
+    'cifar10': DatasetSpec('cifar10', (32, 32, 3), 10, tfds_name='cifar10'),
+    'coco9': DatasetSpec('coco9', (224, 224, 3), len(COCO9_CLASSES), multilabel=True, tfds_name='coco/2017',
+                         splits=('train', 'validation'), class_names=COCO9_CLASSES),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+  if name not in DATASETS:
+    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
+  return DATASETS[name]
+
+
+class ArraySource:
+  """In-memory random-access source over aligned numpy arrays (grain-compatible)."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    if len(images) != len(labels):
+      raise ValueError(f'images and labels differ in length: {len(images)} vs {len(labels)}')
+    self.images = images
+    self.labels = labels
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> dict:
+    return {'image': self.images[index], 'label': self.labels[index]}
+
+
+DIGITS_TEST_FRACTION = 0.2
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+  try:
+    from sklearn.datasets import load_digits
+  except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise DataError("the 'digits' dataset needs scikit-learn: pip install 'deformjax[data]'") from e
+  digits = load_digits()
+  images = (digits.images / 16.0).astype(np.float32)  # [1797, 8, 8] in [0, 1]
+  # MNIST-like layout: the 8x8 digit bilinearly enlarged to 20x20, centred in 28x28.
+  src = np.linspace(0.0, 7.0, 20)
+  y0 = np.clip(np.floor(src).astype(int), 0, 6)
+  frac = src - y0
+  rows = images[:, y0, :] * (1 - frac)[None, :, None] + images[:, y0 + 1, :] * frac[None, :, None]
+  big = rows[:, :, y0] * (1 - frac)[None, None, :] + rows[:, :, y0 + 1] * frac[None, None, :]
+  out = np.zeros((len(images), 28, 28, 1), np.float32)
+  out[:, 4:24, 4:24, 0] = big
+  return out, digits.target.astype(np.int32)
+
+
+def digits_source(split: str) -> ArraySource:
+  """scikit-learn's 1797 handwritten digits (shipped inside scikit-learn: no
+  download), upscaled to 28x28 MNIST layout, with a fixed 80/20 train/test split."""
+  images, labels = _digits_arrays()
+  order = np.random.default_rng(0).permutation(len(images))
+  n_test = int(round(len(images) * DIGITS_TEST_FRACTION))
+  idx = {'train': order[n_test:], 'test': order[:n_test]}
+  if split not in idx:
+    raise DataError(f"digits has splits 'train' and 'test', got {split!r}")
+  return ArraySource(images[idx[split]], labels[idx[split]])
+
+
+def coco_multilabel(object_labels: np.ndarray, label_names, classes=COCO9_CLASSES) -> np.ndarray:
+  """COCO object labels (indices into TFDS's 80 names) -> float32 multi-hot over `classes`."""
+  names = list(label_names)
+  out = np.zeros(len(classes), np.float32)
+  present = {names[int(i)] for i in np.asarray(object_labels).reshape(-1)}
+  for k, cls in enumerate(classes):
+    out[k] = cls in present
+  return out
+
+
+class _CocoMultilabel:
+  """Wraps TFDS's coco/2017 source: image resized to `size`, 9-class multi-hot label."""
+
+  def __init__(self, source, label_names, size: tuple[int, int]):
+    self.source = source
+    self.label_names = list(label_names)
+    self.size = size
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    from PIL import Image
+
+    ex = self.source[index]
+    image = np.asarray(Image.fromarray(np.asarray(ex['image'])).resize(self.size[::-1], Image.BILINEAR))
+    return {'image': image, 'label': coco_multilabel(ex['objects']['label'], self.label_names)}
+
+
+def tfds_source(spec: DatasetSpec, split: str, data_dir: str | None):
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise DataError(f"dataset {spec.name!r} needs tensorflow-datasets: pip install 'deformjax[data]'") from e
+  if data_dir is not None and not os.path.isdir(os.path.expanduser(data_dir)):
+    raise DataError(f'data_dir {data_dir!r} does not exist')
+  try:
+    source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # tfds raises several types for a dataset that is not prepared
+    where = data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')
+    raise DataError(
+        f'cannot read {spec.tfds_name!r} split {split!r} from {where}: {type(e).__name__}: {str(e).splitlines()[0]}. '
+        f'Prepare it once where there is network (tfds build {spec.tfds_name} --data_dir {where}) '
+        'or point data_dir at a prepared copy'
+    ) from None
+  if spec.name == 'coco9':
+    names = source.dataset_info.features['objects']['label'].names
+    return _CocoMultilabel(source, names, spec.image_shape[:2])
+  return source
+
+
+def load_source(name: str, split: str, data_dir: str | None = None):
+  """Random-access source of dataset `name` ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'coco9')."""
+  spec = get_spec(name)
+  if spec.tfds_name is None:
+    return digits_source(split)
+  return tfds_source(spec, split, data_dir)
+
+
+def to_model_inputs(records: list[dict], spec: DatasetSpec) -> dict[str, np.ndarray]:
+  """Stacks records into `{'image': float32 [B, H, W, C] in [0, 1], 'label': ...}`."""
+  images = np.stack([np.asarray(r['image']) for r in records])
+  if images.dtype == np.uint8:
+    images = images.astype(np.float32) / 255.0
+  images = images.astype(np.float32).reshape((len(records),) + spec.image_shape)
+  dtype = np.float32 if spec.multilabel else np.int32
+  labels = np.stack([np.asarray(r['label'], dtype) for r in records])
+  return {'image': images, 'label': labels}

@@ -1,0 +1,146 @@
+"""The studies' small classifiers, with a switch choosing which convs are deformable.
+
+`ConvClassifier` is the 5-conv network of the MNIST and COCO studies (3x3 convs,
+32 channels: conv1 -> pool -> conv2 -> pool -> conv3 -> conv4 -> conv5 -> global
+average pool -> [dropout] -> linear). `CifarNet` is the small CIFAR-10 net of the
+training-time study. `deformable` picks how many of the *last* convs become
+`deformjax.nn.DeformConv` ('none' = 0, 'all' = every conv, or an int); the
+deformable layers keep the regular layers' geometry, so both variants see
+feature maps of identical shapes and differ only in where they sample.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from deformjax.nn import DeformConv
+
+
+def resolve_deformable(deformable: int | str, num_convs: int) -> int:
+  """'none' | 'all' | k (int or digit string) -> how many of the last convs are deformable."""
+  if isinstance(deformable, str) and deformable.isdigit():
+    deformable = int(deformable)
+  if deformable == 'none':
+    return 0
+  if deformable == 'all':
+    return num_convs
+  if isinstance(deformable, int) and not isinstance(deformable, bool) and 0 <= deformable <= num_convs:
+    return deformable
+  raise ValueError(f"deformable must be 'none', 'all' or an int in [0, {num_convs}], got {deformable!r}")
+
+
+def _conv(cin, cout, kernel, padding, deformable, modulated, dtype, rngs):
+  if deformable:
+    return DeformConv(cin, cout, kernel, padding=padding, modulated=modulated, dtype=dtype, rngs=rngs)
+  return nnx.Conv(cin, cout, (kernel, kernel), padding=padding, dtype=dtype, rngs=rngs)
+
+
+def max_pool(x):
+  return nnx.max_pool(x, (2, 2), strides=(2, 2))
+
+
+def avg_pool(x):
+  # flax's avg_pool divides by an int64 count, which strict dtype promotion rejects.
+  window = (1, 2, 2, 1)
+  return lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, window, window, 'VALID') / 4.0
+
+
+class ConvClassifier(nnx.Module):
+  """5-conv classifier of the studies (MNIST / digits: 1 channel; COCO: 3 channels, BCE).
+
+  Args:
+    in_features: input channels.
+    num_classes: logits produced.
+    width: channels of every conv (32 in the studies).
+    deformable: 'none', 'all' or the number of last convs that are deformable
+      (the studies: 2, i.e. conv4 and conv5).
+    modulated: DCNv2 masks in the deformable convs.
+    dropout: dropout rate before the classifier (0.2 in the COCO study).
+    dtype: computation dtype (e.g. bfloat16); parameters stay float32.
+    rngs: random number generators for the parameters.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from deformjax.models import ConvClassifier
+    >>> model = ConvClassifier(1, 10, deformable=2, rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((4, 28, 28, 1), jnp.float32)).shape
+    (4, 10)
+  """
+
+  num_convs = 5
+
+  def __init__(self, in_features: int = 1, num_classes: int = 10, *, width: int = 32, deformable: int | str = 0,
+               modulated: bool = False, dropout: float = 0.0, dtype=None, rngs: nnx.Rngs):
+    k = resolve_deformable(deformable, self.num_convs)
+    self.convs = nnx.List([
+        _conv(in_features if i == 0 else width, width, 3, 1, i >= self.num_convs - k, modulated, dtype, rngs)
+        for i in range(self.num_convs)
+    ])
+    # The dropout key is passed per call (not stored), so the model state is parameters only.
+    self.dropout = nnx.Dropout(dropout) if dropout > 0 else None
+    self.head = nnx.Linear(width, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """`x [N, H, W, in_features]` -> logits `[N, num_classes]` (float32).
+
+    With `train=True` and dropout, `rngs` must provide a 'dropout' stream.
+    """
+    for i, conv in enumerate(self.convs):
+      x = jax.nn.relu(conv(x))
+      if i < 2:
+        x = max_pool(x)
+    x = jnp.mean(x, axis=(1, 2))
+    if self.dropout is not None:
+      x = self.dropout(x, deterministic=not train, rngs=rngs)
+    return self.head(x).astype(jnp.float32)
+
+
+class CifarNet(nnx.Module):
+  """The CIFAR-10 net of the training-time study: conv 3->40 (3x3) -> max pool ->
+  conv 40->25 (2x2) -> avg pool -> FC 300 -> FC 100 -> FC classes, leaky ReLU.
+
+  `deformable` counts from the last conv (1: conv2, 2 or 'all': both). Unlike the
+  study's notebook (whose deformable variant padded its convs and so changed the
+  feature-map sizes), both variants here use the same VALID geometry.
+  """
+
+  num_convs = 2
+
+  def __init__(self, in_features: int = 3, num_classes: int = 10, *, image_size: int = 32,
+               deformable: int | str = 0, modulated: bool = False, dtype=None, rngs: nnx.Rngs):
+    k = resolve_deformable(deformable, self.num_convs)
+    self.conv1 = _conv(in_features, 40, 3, 'VALID', k >= 2, modulated, dtype, rngs)
+    self.conv2 = _conv(40, 25, 2, 'VALID', k >= 1, modulated, dtype, rngs)
+    side = ((image_size - 2) // 2 - 1) // 2
+    self.fc1 = nnx.Linear(25 * side * side, 300, dtype=dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(300, 100, dtype=dtype, rngs=rngs)
+    self.fc3 = nnx.Linear(100, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """`x [N, 32, 32, 3]` -> logits `[N, num_classes]` (float32); `train`/`rngs` unused (no dropout)."""
+    del train, rngs
+    x = max_pool(jax.nn.leaky_relu(self.conv1(x)))
+    x = avg_pool(jax.nn.leaky_relu(self.conv2(x)))
+    x = x.reshape(x.shape[0], -1)
+    x = jax.nn.leaky_relu(self.fc1(x))
+    x = jax.nn.leaky_relu(self.fc2(x))
+    return self.fc3(x).astype(jnp.float32)
+
+
+MODELS = {'conv5': ConvClassifier, 'cifarnet': CifarNet}
+
+
+def build_model(name: str, *, in_features: int, num_classes: int, image_size: int, deformable, modulated: bool,
+                dropout: float = 0.0, dtype=None, rngs: nnx.Rngs) -> nnx.Module:
+  """Builds a classifier by name ('conv5' or 'cifarnet')."""
+  if name == 'conv5':
+    return ConvClassifier(in_features, num_classes, deformable=deformable, modulated=modulated, dropout=dropout,
+                          dtype=dtype, rngs=rngs)
+  if name == 'cifarnet':
+    return CifarNet(in_features, num_classes, image_size=image_size, deformable=deformable, modulated=modulated,
+                    dtype=dtype, rngs=rngs)
+  raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

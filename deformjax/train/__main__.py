@@ -1,0 +1,3 @@
+from deformjax.train.cli import run
+
+run()

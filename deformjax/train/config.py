@@ -1,0 +1,90 @@
+"""Training configuration: the defaults every experiment config starts from, and
+validation that turns a bad value into one clear line."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from deformjax.data.sources import DATASETS
+from deformjax.models.classifiers import MODELS, resolve_deformable
+
+
+class ConfigError(ValueError):
+  """A configuration value is wrong; the message names it and what it must be."""
+
+
+def augment_config(max_rotation_deg=0.0, max_shift=0.0, scale_range=(1.0, 1.0)) -> ml_collections.ConfigDict:
+  """Random affine augmentation (see `deformjax.data.random_affine`); identity by default."""
+  return ml_collections.ConfigDict(
+      dict(max_rotation_deg=float(max_rotation_deg), max_shift=float(max_shift),
+           scale_range=tuple(float(s) for s in scale_range)))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults: the MNIST study's settings (Adam 1e-3, StepLR(5 epochs, 0.7), batch 64)
+  on the embedded digits, with the last two of five convs deformable."""
+  c = ml_collections.ConfigDict()
+  c.dataset = 'digits'
+  c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.model = 'conv5'
+  c.deformable = '2'  # 'none' | 'all' | how many of the last convs are deformable
+  c.modulated = False
+  c.dropout = 0.0
+  c.dtype = 'float32'
+  c.optimizer = 'adam'
+  c.learning_rate = 1e-3
+  c.weight_decay = 0.0
+  c.schedule = 'step'  # 'constant' | 'step' | 'cosine'
+  c.step_epochs = 5
+  c.step_gamma = 0.7
+  c.epochs = 14
+  c.steps = 0  # > 0 overrides epochs
+  c.batch_size = 64  # global, across all devices and processes
+  c.seed = 0
+  c.train_augment = augment_config()
+  # Named test sets: each is a random affine (fixed seed) applied to the test split.
+  c.eval_sets = ml_collections.ConfigDict({'baseline': augment_config()})
+  c.eval_batch_size = 256
+  c.eval_every_epochs = 0  # 0: evaluate at the end only
+  c.log_every = 50
+  c.workdir = ml_collections.FieldReference(None, field_type=str)
+  c.checkpoint_every = 0  # steps; 0: at the end of every epoch
+  c.keep_checkpoints = 2
+  c.num_devices = 0  # 0: all local devices
+  c.progress = True
+  return c
+
+
+def validate(cfg: ml_collections.ConfigDict, device_count: int) -> None:
+  """Raises ConfigError (one line) for a value the trainer cannot run with."""
+  if cfg.dataset not in DATASETS:
+    raise ConfigError(f"config.dataset: unknown dataset {cfg.dataset!r}; choose one of {', '.join(sorted(DATASETS))}")
+  if cfg.model not in MODELS:
+    raise ConfigError(f"config.model: unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
+  if cfg.dataset != 'digits' and cfg.data_dir is not None and not os.path.isdir(os.path.expanduser(cfg.data_dir)):
+    raise ConfigError(f'config.data_dir: directory {cfg.data_dir!r} does not exist')
+  for name in ('batch_size', 'eval_batch_size'):
+    value = cfg[name]
+    if not isinstance(value, int) or value < 1:
+      raise ConfigError(f'config.{name} must be a positive int, got {value!r}')
+    if value % device_count:
+      raise ConfigError(f'config.{name}={value} is not divisible by the {device_count} devices; use a multiple '
+                        f'of {device_count}')
+  if cfg.epochs < 1 and cfg.steps < 1:
+    raise ConfigError('config.epochs or config.steps must be positive')
+  if cfg.optimizer not in ('adam', 'adamw', 'sgd'):
+    raise ConfigError(f"config.optimizer must be 'adam', 'adamw' or 'sgd', got {cfg.optimizer!r}")
+  if cfg.schedule not in ('constant', 'step', 'cosine'):
+    raise ConfigError(f"config.schedule must be 'constant', 'step' or 'cosine', got {cfg.schedule!r}")
+  if not cfg.learning_rate > 0:
+    raise ConfigError(f'config.learning_rate must be positive, got {cfg.learning_rate!r}')
+  if cfg.dtype not in ('float32', 'bfloat16', 'float16'):
+    raise ConfigError(f"config.dtype must be 'float32', 'bfloat16' or 'float16', got {cfg.dtype!r}")
+  num_convs = MODELS[cfg.model].num_convs
+  try:
+    resolve_deformable(cfg.deformable, num_convs)
+  except ValueError:
+    raise ConfigError(f"config.deformable must be 'none', 'all' or a count in [0, {num_convs}], got "
+                      f"{cfg.deformable!r}") from None

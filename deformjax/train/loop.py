@@ -1,0 +1,217 @@
+"""The training loop: data-parallel steps, evaluation, logging, checkpoints, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from deformjax.data.loader import eval_batches, train_iterator
+from deformjax.data.sources import DataError, get_spec, load_source
+from deformjax.models.classifiers import build_model
+from deformjax.train import mesh as mesh_lib
+from deformjax.train.checkpoint import Checkpointer
+from deformjax.train.config import ConfigError, validate
+from deformjax.train.metrics import Accumulator
+from deformjax.train.steps import frozen_augment, host_array, make_trainer
+
+EVAL_SEED_OFFSET = 1_000_003
+
+
+class Interrupted(Exception):
+  """Training stopped on SIGTERM/SIGINT after saving a checkpoint."""
+
+
+@contextlib.contextmanager
+def _stop_on_signals(flag: threading.Event):
+  """SIGTERM / SIGINT set `flag`; the loop saves and stops at the next step boundary."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  for s in previous:
+    signal.signal(s, lambda *_: flag.set())
+  try:
+    yield
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def evaluate(trainer, params, source, spec, cfg, mesh) -> dict:
+  """Metrics of `params` on every named test set of `cfg.eval_sets`."""
+  results = {}
+  for name, aug in sorted(cfg.eval_sets.items()):
+    acc = Accumulator()
+    frozen = frozen_augment(aug)
+    base = jax.random.PRNGKey(cfg.seed + EVAL_SEED_OFFSET)
+    for i, (local, valid) in enumerate(eval_batches(source, spec, global_batch=cfg.eval_batch_size,
+                                                    process_index=jax.process_index(),
+                                                    process_count=jax.process_count())):
+      batch = mesh_lib.global_batch(mesh, {**local, 'valid': valid})
+      sums, logits = trainer.eval_step(params, {'image': batch['image'], 'label': batch['label']}, batch['valid'],
+                                       jax.random.fold_in(base, i), frozen)
+      if spec.multilabel:
+        keep = host_array(batch['valid'])
+        acc.add(sums, keep.sum(), host_array(logits)[keep], host_array(batch['label'])[keep])
+      else:
+        acc.add(sums, int(host_array(batch['valid']).sum()))
+    results[name] = acc.result(spec.class_names if spec.multilabel else ())
+  return results
+
+
+def _log_line(path, record):
+  if path is not None and jax.process_index() == 0:
+    with open(path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+
+
+def format_summary(results: dict) -> str:
+  rows = ['| test set | loss | accuracy |' + (' mAP |' if any('mAP' in r for r in results.values()) else ''),
+          '|---|---|---|' + ('---|' if any('mAP' in r for r in results.values()) else '')]
+  for name, r in results.items():
+    rows.append(f"| {name} | {r['loss']:.4f} | {100 * r['accuracy']:.2f}% |"
+                + (f" {100 * r['mAP']:.2f}% |" if 'mAP' in r else ''))
+  return '\n'.join(rows)
+
+
+def train(cfg: ml_collections.ConfigDict, *, echo=print) -> dict:
+  """Trains per `cfg` (see `deformjax.train.config.base_config`); returns a summary dict.
+
+  Resumes from the latest checkpoint in `cfg.workdir` when there is one. On
+  SIGTERM/SIGINT it saves a checkpoint and raises `Interrupted`.
+  """
+  mesh = mesh_lib.data_mesh(cfg.num_devices)
+  validate(cfg, mesh.size)
+  spec = get_spec(cfg.dataset)
+  train_src = load_source(cfg.dataset, spec.splits[0], cfg.data_dir)
+  test_src = load_source(cfg.dataset, spec.splits[1], cfg.data_dir)
+  steps_per_epoch = len(train_src) // cfg.batch_size
+  if steps_per_epoch == 0:
+    raise ConfigError(f'config.batch_size={cfg.batch_size} exceeds the {len(train_src)} training examples')
+  total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
+  main = jax.process_index() == 0
+
+  model = build_model(cfg.model, in_features=spec.image_shape[-1], num_classes=spec.num_classes,
+                      image_size=spec.image_shape[0], deformable=cfg.deformable, modulated=cfg.modulated,
+                      dropout=cfg.dropout, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(cfg.seed))
+  trainer = make_trainer(model, cfg, spec, mesh, steps_per_epoch, total_steps)
+  state = trainer.init_state(cfg.seed)
+  iterator = train_iterator(train_src, spec, global_batch=cfg.batch_size, seed=cfg.seed,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+
+  workdir = cfg.workdir
+  ckpt = metrics_path = None
+  start = 0
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    metrics_path = os.path.join(workdir, 'metrics.jsonl')
+    ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=cfg.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+      state = ckpt.restore(state, iterator)
+      start = int(state['step'])
+      if main:
+        echo(f'resumed from {ckpt.directory} at step {start}')
+
+  stop = threading.Event()
+  bar = None
+  if cfg.progress and main:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=start, desc=f'{cfg.dataset}/{cfg.model}/deformable={cfg.deformable}',
+               dynamic_ncols=True, file=sys.stderr)
+  pending, last_train, train_history = [], {}, []
+  timed_steps, train_seconds, t_first = 0, 0.0, None
+  eval_history = []
+  last_saved = start
+  try:
+    with _stop_on_signals(stop):
+      for step in range(start, total_steps):
+        t0 = time.perf_counter()
+        batch = mesh_lib.global_batch(mesh, next(iterator))
+        state, sums = trainer.train_step(state, batch)
+        pending.append(sums)
+        done = step + 1
+        if done == start + 1:
+          jax.block_until_ready(state)  # the first step compiles: keep it out of the timing
+          t_first = time.perf_counter() - t0
+        else:
+          timed_steps += 1
+          train_seconds += time.perf_counter() - t0
+        if bar is not None:
+          bar.update(1)
+        if done % cfg.log_every == 0 or done == total_steps:
+          acc = Accumulator()
+          for s in pending:
+            acc.add(s, cfg.batch_size)
+          pending = []
+          last_train = acc.result()
+          train_history.append({'step': done, **last_train})
+          if bar is not None:
+            bar.set_postfix(loss=f"{last_train['loss']:.4f}", acc=f"{last_train['accuracy']:.3f}")
+          _log_line(metrics_path, {'step': done, 'split': 'train', **last_train})
+        epoch_end = done % steps_per_epoch == 0
+        if cfg.eval_every_epochs and epoch_end and (done // steps_per_epoch) % cfg.eval_every_epochs == 0 \
+            and done != total_steps:
+          res = evaluate(trainer, state['params'], test_src, spec, cfg, mesh)
+          eval_history.append({'step': done, 'epoch': done // steps_per_epoch, **res})
+          _log_line(metrics_path, {'step': done, 'split': 'eval', **res})
+        if ckpt is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+                                 or (not cfg.checkpoint_every and epoch_end) or done == total_steps):
+          ckpt.save(done, state, iterator)
+          last_saved = done
+        if stop.is_set():
+          if ckpt is not None:
+            if last_saved != done:  # an async save of this step may still be in flight
+              ckpt.save(done, state, iterator, force=True)
+            ckpt.wait()
+          raise Interrupted(f'stopped by signal at step {done}'
+                            + (f'; checkpoint saved in {ckpt.directory}' if ckpt is not None else ''))
+    if bar is not None:
+      bar.close()
+    final = evaluate(trainer, state['params'], test_src, spec, cfg, mesh)
+    _log_line(metrics_path, {'step': total_steps, 'split': 'eval', **final})
+  finally:
+    if bar is not None:
+      bar.close()
+    if ckpt is not None:
+      ckpt.wait()
+      ckpt.close()
+  summary = {
+      'config': cfg.to_dict(),
+      'steps': total_steps,
+      'steps_per_epoch': steps_per_epoch,
+      'devices': mesh.size,
+      'processes': jax.process_count(),
+      'train': last_train,
+      'train_history': train_history,
+      'eval': final,
+      'eval_history': eval_history,
+      'first_step_seconds': t_first,
+      'seconds_per_step': train_seconds / timed_steps if timed_steps else None,
+      'params': state['params'],
+      'param_checksum': param_checksum(state['params']),
+  }
+  if main:
+    echo(format_summary(final))
+  return summary
+
+
+def param_checksum(params) -> float:
+  """A float that changes when any parameter changes (for tests and logs)."""
+  # Replicated arrays of a multi-process run are not fully addressable: read the local copy.
+  local = lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x, np.float64)
+  return float(sum(np.sum(local(x) * (i + 1)) for i, x in enumerate(jax.tree.leaves(params))))
+
+
+__all__ = ['ConfigError', 'DataError', 'Interrupted', 'evaluate', 'format_summary', 'param_checksum', 'train']

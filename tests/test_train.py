@@ -1,0 +1,164 @@
+"""The training system on CPU: sharding, multi-process, checkpoints, errors, accuracy.
+
+Runs that need their own JAX runtime (8 simulated devices, two processes, a
+hard kill) go through the real command line in subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from deformjax.train import base_config, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / 'experiments' / 'configs' / 'digits.py')
+# Small and fast, with augmentation on so the random streams are exercised too.
+SMALL = ['--config.steps=6', '--config.batch_size=32', '--config.log_every=1', '--config.progress=False',
+         '--config.train_augment.max_rotation_deg=30', '--config.train_augment.max_shift=2',
+         '--config.eval_batch_size=64']
+
+
+def cli(args, env_extra=None, **kw):
+  env = {**os.environ, 'PYTHONUNBUFFERED': '1', **(env_extra or {})}
+  env.pop('XLA_FLAGS', None)
+  return subprocess.Popen([sys.executable, '-m', 'deformjax.train', f'--config={CONFIG}', *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def run_cli(args, env_extra=None, timeout=300):
+  proc = cli(args, env_extra)
+  out, err = proc.communicate(timeout=timeout)
+  return proc.returncode, out, err
+
+
+def summary_of(args, tmp_path, name, env_extra=None):
+  path = tmp_path / f'{name}.json'
+  code, out, err = run_cli([*args, f'--summary_json={path}'], env_extra)
+  assert code == 0, err[-3000:]
+  return json.loads(path.read_text())
+
+
+def losses(summary):
+  return np.array([h['loss'] for h in summary['train_history']])
+
+
+def test_eight_devices_match_one_device(tmp_path):
+  one = summary_of([*SMALL], tmp_path, 'one', {'JAX_NUM_CPU_DEVICES': '1'})
+  eight = summary_of([*SMALL], tmp_path, 'eight', {'JAX_NUM_CPU_DEVICES': '8'})
+  assert one['devices'] == 1 and eight['devices'] == 8
+  assert len(losses(one)) == 6
+  np.testing.assert_allclose(losses(eight), losses(one), rtol=2e-5)
+  np.testing.assert_allclose(eight['param_checksum'], one['param_checksum'], rtol=1e-4)
+  np.testing.assert_allclose(eight['eval']['baseline']['accuracy'], one['eval']['baseline']['accuracy'], atol=1e-9)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  single = summary_of([*SMALL], tmp_path, 'single', {'JAX_NUM_CPU_DEVICES': '2'})
+  port = free_port()
+  procs = [cli([*SMALL, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}',
+                f'--summary_json={tmp_path / f"proc{i}.json"}'], {'JAX_NUM_CPU_DEVICES': '1'}) for i in range(2)]
+  results = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, results):
+    assert p.returncode == 0, err[-3000:]
+  multi = json.loads((tmp_path / 'proc0.json').read_text())
+  assert multi['processes'] == 2 and multi['devices'] == 2
+  assert not (tmp_path / 'proc1.json').exists()  # only process 0 reports
+  np.testing.assert_allclose(losses(multi), losses(single), rtol=2e-5)
+  np.testing.assert_allclose(multi['param_checksum'], single['param_checksum'], rtol=1e-4)
+
+
+def finalized_steps(workdir: pathlib.Path):
+  ckpts = workdir / 'checkpoints'
+  return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.exists() else []
+
+
+def wait_for_checkpoint(workdir, at_least, proc, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    steps = finalized_steps(workdir)
+    if steps and steps[-1] >= at_least:
+      return steps[-1]
+    if proc.poll() is not None:
+      raise AssertionError(f'run ended before checkpoint {at_least}: {proc.stderr.read()[-3000:]}')
+    time.sleep(0.02)
+  raise AssertionError('no checkpoint appeared')
+
+
+def test_killed_and_terminated_runs_resume_to_the_same_parameters(tmp_path):
+  args = ['--config.steps=80', '--config.batch_size=32', '--config.log_every=10', '--config.progress=False',
+          '--config.checkpoint_every=4', '--config.train_augment.max_rotation_deg=20']
+  straight = summary_of([*args, f'--config.workdir={tmp_path / "straight"}'], tmp_path, 'straight')
+
+  work = tmp_path / 'interrupted'
+  wargs = [*args, f'--config.workdir={work}']
+  # 1. SIGKILL (no chance to save) right after a checkpoint appears.
+  proc = cli(wargs)
+  wait_for_checkpoint(work, 8, proc)
+  proc.kill()
+  proc.wait()
+  killed_at = finalized_steps(work)[-1]
+  assert killed_at < 80
+  # 2. Resume, then SIGTERM: the run saves where it is and exits with 143.
+  proc = cli(wargs)
+  wait_for_checkpoint(work, killed_at + 4, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err[-3000:]
+  assert 'interrupted: stopped by signal at step' in err
+  termed_at = finalized_steps(work)[-1]
+  assert killed_at < termed_at < 80
+  # 3. Resume to the end.
+  code, out, err = run_cli([*wargs, f'--summary_json={tmp_path / "resumed.json"}'])
+  assert code == 0, err[-3000:]
+  assert f'resumed from {work / "checkpoints"} at step {termed_at}' in out + err
+  resumed = json.loads((tmp_path / 'resumed.json').read_text())
+  np.testing.assert_allclose(resumed['param_checksum'], straight['param_checksum'], rtol=1e-6)
+  assert resumed['eval']['baseline']['accuracy'] == straight['eval']['baseline']['accuracy']
+  lines = [json.loads(l) for l in (work / 'metrics.jsonl').read_text().splitlines()]
+  assert lines[-1]['split'] == 'eval'
+
+
+@pytest.mark.parametrize('args,env,message', [
+    (['--config.dataset=imagenet'], {}, "error: config.dataset: unknown dataset 'imagenet'"),
+    (['--config.batch_size=12'], {'JAX_NUM_CPU_DEVICES': '8'},
+     'error: config.batch_size=12 is not divisible by the 8 devices'),
+    (['--config.dataset=mnist', '--config.data_dir=/nonexistent/tfds'], {},
+     "error: config.data_dir: directory '/nonexistent/tfds' does not exist"),
+    (['--config.deformable=7'], {}, "error: config.deformable must be 'none', 'all' or a count in [0, 5]"),
+])
+def test_bad_config_is_one_clear_line(args, env, message):
+  code, out, err = run_cli([*args, '--config.progress=False'], env)
+  assert code == 2
+  assert 'Traceback' not in err
+  last = [l for l in err.strip().splitlines() if l.strip()][-1]
+  assert last.startswith(message), last
+
+
+def test_digits_default_trains_a_deformable_classifier_well_above_chance():
+  cfg = base_config()
+  cfg.steps = 150
+  cfg.progress = False
+  t0 = time.time()
+  with jax.numpy_dtype_promotion('standard'):
+    summary = train(cfg, echo=lambda *_: None)
+  assert time.time() - t0 < 60
+  assert summary['config']['deformable'] == '2'
+  assert summary['eval']['baseline']['accuracy'] > 0.8  # chance is 0.1
+  assert summary['seconds_per_step'] > 0
