@@ -131,7 +131,8 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print) -> dict:
     bar = tqdm(total=total_steps, initial=start, desc=f'{cfg.dataset}/{cfg.model}/deformable={cfg.deformable}',
                dynamic_ncols=True, file=sys.stderr)
   pending, last_train, train_history = [], {}, []
-  timed_steps, train_seconds, t_first = 0, 0.0, None
+  t_first = t_timed = None
+  side_seconds = 0.0  # evaluation time inside the loop, kept out of the step timing
   eval_history = []
   last_saved = start
   try:
@@ -145,9 +146,7 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print) -> dict:
         if done == start + 1:
           jax.block_until_ready(state)  # the first step compiles: keep it out of the timing
           t_first = time.perf_counter() - t0
-        else:
-          timed_steps += 1
-          train_seconds += time.perf_counter() - t0
+          t_timed = time.perf_counter()
         if bar is not None:
           bar.update(1)
         if done % cfg.log_every == 0 or done == total_steps:
@@ -163,7 +162,9 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print) -> dict:
         epoch_end = done % steps_per_epoch == 0
         if cfg.eval_every_epochs and epoch_end and (done // steps_per_epoch) % cfg.eval_every_epochs == 0 \
             and done != total_steps:
+          t_eval = time.perf_counter()
           res = evaluate(trainer, state['params'], test_src, spec, cfg, mesh)
+          side_seconds += time.perf_counter() - t_eval
           eval_history.append({'step': done, 'epoch': done // steps_per_epoch, **res})
           _log_line(metrics_path, {'step': done, 'split': 'eval', **res})
         if ckpt is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
@@ -177,6 +178,9 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print) -> dict:
             ckpt.wait()
           raise Interrupted(f'stopped by signal at step {done}'
                             + (f'; checkpoint saved in {ckpt.directory}' if ckpt is not None else ''))
+    jax.block_until_ready(state)
+    timed_steps = total_steps - start - 1
+    train_seconds = (time.perf_counter() - t_timed - side_seconds) if t_timed is not None else 0.0
     if bar is not None:
       bar.close()
     final = evaluate(trainer, state['params'], test_src, spec, cfg, mesh)
@@ -198,7 +202,8 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print) -> dict:
       'eval': final,
       'eval_history': eval_history,
       'first_step_seconds': t_first,
-      'seconds_per_step': train_seconds / timed_steps if timed_steps else None,
+      # Wall time per step after the first (compiling) one, data loading included, evaluation excluded.
+      'seconds_per_step': train_seconds / timed_steps if timed_steps > 0 else None,
       'params': state['params'],
       'param_checksum': param_checksum(state['params']),
   }

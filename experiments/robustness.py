@@ -1,0 +1,141 @@
+"""Study 1: geometric robustness of regular vs deformable convolution.
+
+Each (variant, condition, seed) trains a classifier on training images under
+the condition's random affine transform and tests it on the test split under
+the same kind of transform (fixed test seed), like the original study. Writes
+experiments/results/<name>.json / .md / .png and prints the table.
+
+  python -m experiments.robustness
+  python -m experiments.robustness --config experiments/configs/robustness.py:cifar10 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import pathlib
+import sys
+import time
+
+import jax
+
+from experiments.common import RESULTS, mean_std, pm, run_metadata, write_results
+
+DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'robustness.py'
+
+
+def load_config(spec: str):
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('robustness_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def run(cfg, echo=print) -> dict:
+  from deformjax.train import train
+
+  runs = []
+  for cond in cfg.condition_order:
+    aug = cfg.conditions[cond]
+    for variant in cfg.variant_order:
+      deformable = cfg.variants[variant]
+      for seed in cfg.seeds:
+        tc = copy.deepcopy(cfg.train)
+        tc.unlock()
+        tc.seed = seed
+        tc.deformable = deformable
+        tc.train_augment = aug
+        tc.eval_sets = {cond: aug}
+        t0 = time.time()
+        summary = train(tc, echo=lambda *_: None)
+        acc = summary['eval'][cond]['accuracy']
+        runs.append({'condition': cond, 'variant': variant, 'seed': seed, 'accuracy': acc,
+                     'seconds_per_step': summary['seconds_per_step'], 'steps': summary['steps'],
+                     'wall_seconds': time.time() - t0})
+        echo(f'{cond:>20s} {variant:>10s} seed {seed}: {100 * acc:.2f}%  '
+             f"({summary['seconds_per_step'] * 1e3:.1f} ms/step, {time.time() - t0:.0f} s)")
+  return {'name': cfg.name, 'config': cfg.to_dict(), **run_metadata(), 'runs': runs}
+
+
+def table(result: dict) -> str:
+  cfg = result['config']
+  conds = list(cfg['condition_order'])
+  lines = [f"| model ({cfg['train']['dataset']}, {len(cfg['seeds'])} seeds) | " + ' | '.join(conds) + ' |',
+           '|---|' + '---|' * len(conds)]
+  for variant in cfg['variant_order']:
+    cells = [pm([r['accuracy'] for r in result['runs'] if r['variant'] == variant and r['condition'] == c])
+             for c in conds]
+    lines.append(f'| {variant} | ' + ' | '.join(cells) + ' |')
+  ref = cfg['reference']
+  for variant in cfg['variant_order']:
+    cells = [f"{ref[variant][c]:.2f}" if c in ref.get(variant, {}) else '-' for c in conds]
+    lines.append(f"| original study, {variant} ({cfg['reference_dataset']}, 1 run) | " + ' | '.join(cells) + ' |')
+  times = {v: mean_std([r['seconds_per_step'] for r in result['runs'] if r['variant'] == v])[0]
+           for v in cfg['variant_order']}
+  lines += ['', 'Training time per step (mean over runs, same device): '
+            + ', '.join(f'{v} {1e3 * t:.1f} ms' for v, t in times.items())
+            + (f"; deformable / regular = {times['deformable'] / times['regular']:.2f}x"
+               if 'deformable' in times and 'regular' in times else '')]
+  return '\n'.join(lines)
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  cfg = result['config']
+  conds, variants = list(cfg['condition_order']), list(cfg['variant_order'])
+  fig, ax = plt.subplots(figsize=(1.8 * len(conds) + 2, 3.6))
+  width = 0.8 / len(variants)
+  for i, v in enumerate(variants):
+    stats = [mean_std([r['accuracy'] for r in result['runs'] if r['variant'] == v and r['condition'] == c])
+             for c in conds]
+    ax.bar(np.arange(len(conds)) + i * width, [100 * m for m, _ in stats], width, yerr=[100 * s for _, s in stats],
+           capsize=3, label=v)
+  ax.set_xticks(np.arange(len(conds)) + width * (len(variants) - 1) / 2, conds)
+  lo = min(100 * r['accuracy'] for r in result['runs'])
+  ax.set_ylim(max(0, lo - 10), 100)
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_title(f"{cfg['train']['dataset']}: regular vs deformable, mean ± std over {len(cfg['seeds'])} seeds")
+  ax.legend(loc='lower left')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--config', default=str(DEFAULT_CONFIG), help='path[:arg] of a get_config() file')
+  parser.add_argument('--seeds', type=int, nargs='+', default=None)
+  parser.add_argument('--epochs', type=int, default=None)
+  parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
+  args = parser.parse_args(argv)
+  cfg = load_config(args.config)
+  if args.seeds:
+    cfg.seeds = tuple(args.seeds)
+  if args.epochs:
+    cfg.train.epochs = args.epochs
+  from deformjax.data.sources import DataError
+  from deformjax.train.config import ConfigError
+
+  try:
+    result = run(cfg)
+  except (ConfigError, DataError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  md = f"# {cfg.name}\n\nDevice: {result['device']}; {result['versions']}; {result['date']}.\n\n{table(result)}\n"
+  write_results(cfg.name, result, md, args.out)
+  plot(result, args.out / f'{cfg.name}.png')
+  print('\n' + table(result))
+  print(f'\nwrote {args.out / cfg.name}.json, .md, .png')
+  return result
+
+
+if __name__ == '__main__':
+  jax.config.update('jax_numpy_dtype_promotion', 'standard')
+  main()
