@@ -29,3 +29,26 @@ def test_bench_ops_writes_json_and_markdown(tmp_path):
   assert row['fwd_ratio_vs_conv'] > 0 and row['fwd_bwd_ratio_vs_conv'] > 0
   assert json.loads((tmp_path / 'bench_ops_t.json').read_text())['device']
   assert '| 2 | 6x6 | 4->4 |' in (tmp_path / 'bench_ops_t.md').read_text()
+
+
+def test_scale_study_writes_tables_and_figures(tmp_path):
+  from experiments import scale
+
+  with jax.numpy_dtype_promotion('standard'):
+    result = scale.main(['--config', f'{scale.DEFAULT_CONFIG}:runlocal', '--out', str(tmp_path)])
+  assert {r['variant'] for r in result['runs']} == {'regular', 'deformable'}
+  assert set(result['effective_dilation']['per_seed'][0]) == {'conv3', 'conv4', 'conv5'}
+  md = (tmp_path / 'scale_digits.md').read_text()
+  assert 'mean over scales' in md and 'effective dilation' in md
+  for png in ('scale_digits_accuracy.png', 'scale_digits_dilation.png', 'scale_digits_sampling_scale1.0.png'):
+    assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
+
+
+def test_training_cost_study(tmp_path):
+  from experiments import training_cost
+
+  with jax.numpy_dtype_promotion('standard'):
+    result = training_cost.main(['--steps', '3', '--repeats', '1', '--out', str(tmp_path)])
+  assert [r['setting'] for r in result['rows']][0] == 'regular'
+  assert result['rows'][0]['ratio_vs_regular'] == 1.0
+  assert (tmp_path / 'training_cost_digits_cpu.png').read_bytes()[:4] == b'\x89PNG'

@@ -135,3 +135,12 @@ def test_torchvision_roi_align_parity():
                                      output_size=(3, 3), spatial_scale=0.5, sampling_ratio=0, aligned=aligned)
     got = roi_align(feats, jnp.asarray(ROIS), output_size=3, spatial_scale=0.5, aligned=aligned)
     np.testing.assert_allclose(np.asarray(got), want.numpy().transpose(0, 2, 3, 1), atol=1e-10)
+
+
+def test_concrete_rois_closed_over_inside_jit():
+  """RoIs that are constants of a jitted function still get a traced size: no conversion error."""
+  feats = features()
+  rois = jnp.asarray(ROIS[[0, 1, 2, 6]])
+  got = jax.jit(lambda f: roi_align(f, rois, output_size=3))(feats)
+  np.testing.assert_allclose(np.asarray(got), deform_roi_pool_ref(feats, np.asarray(rois), output_size=(3, 3)),
+                             atol=1e-12)

@@ -46,14 +46,12 @@ def roi_align_corners(y: jax.Array, x: jax.Array, height: int, width: int, idx_d
   return tuple(indices), tuple(weights)
 
 
-def _is_concrete(x) -> bool:
+def _concrete(x) -> np.ndarray | None:
+  """`x` as numpy when its value is known at trace time, else None (inside jit)."""
   try:
-    np.asarray(x)
-    return True
-  except jax.errors.TracerArrayConversionError:
-    return False
-  except jax.errors.ConcretizationTypeError:
-    return False
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
 
 
 def deform_roi_pool(
@@ -145,11 +143,12 @@ def deform_roi_pool(
     grid_w = grid_h
   else:
     # The adaptive grid is data dependent; sample a static grid and mask the rest.
+    known_h, known_w = _concrete(roi_h), _concrete(roi_w)
     if max_sampling_grid is not None:
       grid_max = _args.positive_pair(max_sampling_grid, 'max_sampling_grid', fn)
-    elif _is_concrete(rois):
-      gh = np.ceil(np.asarray(roi_h) / oh)
-      gw = np.ceil(np.asarray(roi_w) / ow)
+    elif known_h is not None and known_w is not None:
+      gh = np.ceil(known_h / oh)
+      gw = np.ceil(known_w / ow)
       grid_max = (max(1, int(np.nanmax(np.where(np.isfinite(gh), gh, 1)))),
                   max(1, int(np.nanmax(np.where(np.isfinite(gw), gw, 1)))))
     else:

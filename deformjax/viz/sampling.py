@@ -1,0 +1,144 @@
+"""Where a deformable network looks: sampling locations, offset fields, effective dilation.
+
+Works on any NNX model whose convs are `nnx.Conv` / `deformjax.nn.DeformConv`
+modules: the model runs once under `nnx.capture`, with every DeformConv set to
+sow its offsets and mask, and the per-layer fields are read from the capture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deformjax.nn import DeformConv
+from deformjax.ops.sampling import bilinear_sample
+
+
+@dataclasses.dataclass
+class LayerField:
+  """One conv layer's geometry and, for a DeformConv, its offsets and mask."""
+
+  name: str
+  kernel_size: tuple[int, int]
+  dilation: tuple[int, int]
+  padding: tuple[int, int]  # (top, left)
+  offsets: np.ndarray | None  # [N, Ho, Wo, 2*kh*kw] (offset group 0) or None for a regular conv
+  mask: np.ndarray | None  # [N, Ho, Wo, kh*kw] or None
+
+
+def _pair(v):
+  return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _pads(layer, in_hw):
+  from deformjax.ops.deform_conv import output_size
+
+  kernel = tuple(layer.kernel_size)
+  _, ((pt, _), (pl, _)) = output_size(in_hw, kernel, getattr(layer, 'strides', 1) or 1,
+                                      layer.padding if not isinstance(layer.padding, str) else layer.padding,
+                                      _pair(getattr(layer, 'kernel_dilation', 1) or 1))
+  return pt, pl
+
+
+def layer_fields(model: nnx.Module, images: jax.Array, convs=None) -> list[LayerField]:
+  """Runs `model(images)` once and returns the offset field of every conv in `convs`.
+
+  Args:
+    model: an NNX model.
+    images: `[N, H, W, C]` model input.
+    convs: the conv modules to report, in forward order (default: `model.convs`).
+  """
+  convs = list(model.convs if convs is None else convs)
+  deform = [m for m in convs if isinstance(m, DeformConv)]
+  saved = [m.sow_offsets for m in deform]
+  for m in deform:
+    m.sow_offsets = True
+  try:
+    _, sown = nnx.capture(lambda m, x: m(x), nnx.Intermediate)(model, images)
+  finally:
+    for m, s in zip(deform, saved):
+      m.sow_offsets = s
+  flat = {tuple(str(p) for p in path): v for path, v in nnx.to_flat_state(sown)}
+  fields = []
+  for conv in convs:
+    name = next((n for n, m in model.iter_modules() if m is conv), ())
+    key = tuple(str(p) for p in name)
+    off = flat.get(key + ('offsets',))
+    msk = flat.get(key + ('mask',))
+    unpack = lambda v: None if v is None else np.asarray((v.get_value() if hasattr(v, 'get_value') else v.value)[0])
+    kh, kw = tuple(conv.kernel_size)
+    taps = kh * kw
+    off_arr = unpack(off)
+    fields.append(LayerField(
+        name='.'.join(key), kernel_size=(kh, kw), dilation=_pair(getattr(conv, 'kernel_dilation', 1) or 1),
+        padding=_pads(conv, (1000, 1000)),  # padding offsets do not depend on the size for int/SAME stride 1
+        offsets=None if off_arr is None else off_arr[..., :2 * taps],
+        mask=None if unpack(msk) is None else unpack(msk)[..., :taps]))
+  return fields
+
+
+def tap_grid(kernel_size, dilation, padding) -> np.ndarray:
+  """`[kh*kw, 2]` (dy, dx) of the regular taps relative to the output position."""
+  kh, kw = kernel_size
+  ii, jj = np.meshgrid(np.arange(kh), np.arange(kw), indexing='ij')
+  return np.stack([ii.reshape(-1) * dilation[0] - padding[0], jj.reshape(-1) * dilation[1] - padding[1]], -1)
+
+
+def trace_sampling_points(fields: list[LayerField], start_yx, image_index: int = 0, deformed: bool = True):
+  """Sampling points reached from one output activation back through stacked layers.
+
+  Args:
+    fields: layers in forward order, all stride 1 at one resolution (e.g. the
+      last three convs of `ConvClassifier`); the trace starts at the last.
+    start_yx: (y, x) position in the last layer's output.
+    image_index: which image of the batch.
+    deformed: use the learned offsets (False: the regular grid).
+
+  Returns:
+    list, one `[9**d, 2]` array per depth d = 1..len(fields), of (y, x) in the
+    input coordinates of the layer reached (9, 81, 729 points for 3x3 kernels).
+    Offsets at fractional positions are read bilinearly from the offset field.
+  """
+  points = np.asarray([start_yx], np.float64)
+  out = []
+  for f in reversed(fields):
+    grid = tap_grid(f.kernel_size, f.dilation, f.padding)  # [K, 2]
+    if deformed and f.offsets is not None:
+      field = jnp.asarray(f.offsets[image_index][None], jnp.float32)  # [1, Ho, Wo, 2K]
+      off = np.asarray(bilinear_sample(field, jnp.asarray(points[None], jnp.float32)))[0]
+      off = off.reshape(len(points), -1, 2)
+    else:
+      off = np.zeros((len(points), len(grid), 2))
+    points = (points[:, None, :] + grid[None] + off).reshape(-1, 2)
+    out.append(points)
+  return out
+
+
+def effective_dilation(field: LayerField, image_index: int = 0, where: np.ndarray | None = None) -> float:
+  """Mean distance between adjacent taps (DCN paper): 1.0 x dilation for a regular conv.
+
+  Args:
+    field: one layer.
+    where: optional bool `[Ho, Wo]` selecting the output positions averaged
+      (e.g. positions on the object); default all.
+  """
+  kh, kw = field.kernel_size
+  grid = tap_grid(field.kernel_size, field.dilation, field.padding).reshape(kh, kw, 2).astype(np.float64)
+  if field.offsets is None:
+    pts = np.broadcast_to(grid, (1, 1, kh, kw, 2))
+  else:
+    off = field.offsets[image_index].reshape(field.offsets.shape[1], field.offsets.shape[2], kh, kw, 2)
+    pts = grid[None, None] + off
+  dists = []
+  if kw > 1:
+    dists.append(np.linalg.norm(pts[:, :, :, 1:] - pts[:, :, :, :-1], axis=-1).reshape(*pts.shape[:2], -1))
+  if kh > 1:
+    dists.append(np.linalg.norm(pts[:, :, 1:] - pts[:, :, :-1], axis=-1).reshape(*pts.shape[:2], -1))
+  per_position = np.concatenate(dists, -1).mean(-1)  # [Ho, Wo]
+  if where is not None and field.offsets is not None:
+    per_position = per_position[np.asarray(where, bool)] if np.any(where) else per_position
+  return float(np.mean(per_position))
