@@ -38,6 +38,17 @@ def flatten_batch(x: jax.Array | None, batch_shape: tuple[int, ...]) -> jax.Arra
   return x.reshape((-1,) + x.shape[len(batch_shape):])
 
 
+def deform_conv_any_batch(inputs, offsets, kernel, mask, bias, **conv_kwargs) -> jax.Array:
+  """`deform_conv2d` for inputs `[..., H, W, C]` with any leading batch dims (or none);
+  offsets and mask carry the same leading dims."""
+  from deformjax.ops.deform_conv import deform_conv2d
+
+  batch = inputs.shape[:-3]
+  y = deform_conv2d(flatten_batch(inputs, batch), flatten_batch(offsets, batch), kernel, flatten_batch(mask, batch),
+                    bias, **conv_kwargs)
+  return y.reshape(batch + y.shape[1:])
+
+
 def check_in_features(inputs: jax.Array, in_features: int, name: str) -> None:
   if inputs.ndim < 3 or inputs.shape[-1] != in_features:
     raise ValueError(

@@ -11,7 +11,6 @@ from flax.nnx.nn import dtypes, initializers
 
 from deformjax.nn import _common
 from deformjax.ops import _args
-from deformjax.ops.deform_conv import deform_conv2d
 
 default_kernel_init = initializers.lecun_normal()
 
@@ -172,14 +171,11 @@ class DeformConv(nnx.Module):
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = dtypes.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    batch = inputs.shape[:-3]
-    y = deform_conv2d(
-        _common.flatten_batch(inputs, batch), _common.flatten_batch(offsets, batch), kernel,
-        _common.flatten_batch(mask, batch), bias, strides=self.strides, padding=self.padding,
+    y = _common.deform_conv_any_batch(
+        inputs, offsets, kernel, mask, bias, strides=self.strides, padding=self.padding,
         dilation=self.kernel_dilation, groups=self.feature_group_count, offset_groups=self.offset_groups,
         precision=self.precision, chunk_size=self.chunk_size,
     )
-    y = y.reshape(batch + y.shape[1:])
     if self.sow_offsets:
       self.sow(nnx.Intermediate, 'offsets', offsets)
       if mask is not None:

@@ -17,7 +17,6 @@ from flax import linen as nn
 from deformjax.nn import _common
 from deformjax.nn.deform_conv import _explicit_padding
 from deformjax.ops import _args
-from deformjax.ops.deform_conv import deform_conv2d
 from deformjax.ops.roi_pool import deform_roi_pool, roi_align
 
 
@@ -80,14 +79,11 @@ class DeformConv(nn.Module):
                                                          self.max_offset)
       mask = predicted_mask if mask is None else mask
     inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    batch = inputs.shape[:-3]
-    y = deform_conv2d(
-        _common.flatten_batch(inputs, batch), _common.flatten_batch(offsets, batch), kernel,
-        _common.flatten_batch(mask, batch), bias, strides=self.strides, padding=self.padding,
+    y = _common.deform_conv_any_batch(
+        inputs, offsets, kernel, mask, bias, strides=self.strides, padding=self.padding,
         dilation=self.kernel_dilation, groups=self.feature_group_count, offset_groups=self.offset_groups,
         precision=self.precision, chunk_size=self.chunk_size,
     )
-    y = y.reshape(batch + y.shape[1:])
     if self.sow_offsets:
       self.sow('intermediates', 'offsets', offsets)
       if mask is not None:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deformjax.ops import _args
-from deformjax.ops.sampling import gather_corners
+from deformjax.ops.sampling import floor_and_fractions, gather_corners
 
 
 def roi_align_corners(y: jax.Array, x: jax.Array, height: int, width: int, idx_dtype=np.int32):
@@ -28,14 +28,7 @@ def roi_align_corners(y: jax.Array, x: jax.Array, height: int, width: int, idx_d
   inside = (y >= -1.0) & (y <= height) & (x >= -1.0) & (x <= width) & jnp.isfinite(y) & jnp.isfinite(x)
   y = jnp.clip(jnp.where(inside, y, 0.0), 0.0, height - 1.0)
   x = jnp.clip(jnp.where(inside, x, 0.0), 0.0, width - 1.0)
-  y0 = jnp.floor(y)
-  x0 = jnp.floor(x)
-  ly = y - y0
-  lx = x - x0
-  hy = 1.0 - ly
-  hx = 1.0 - lx
-  y0i = y0.astype(idx_dtype)
-  x0i = x0.astype(idx_dtype)
+  y0i, x0i, ly, lx, hy, hx = floor_and_fractions(y, x, idx_dtype)
   y1i = jnp.minimum(y0i + 1, height - 1)
   x1i = jnp.minimum(x0i + 1, width - 1)
   zero = jnp.zeros_like(y)

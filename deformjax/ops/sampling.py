@@ -13,6 +13,16 @@ import numpy as np
 from deformjax.ops import _args
 
 
+def floor_and_fractions(y, x, idx_dtype):
+  """Integer top-left corner (y0, x0) and the bilinear fractions (ly, lx, 1-ly, 1-lx) of points
+  already brought into a safe range."""
+  y0 = jnp.floor(y)
+  x0 = jnp.floor(x)
+  ly = y - y0
+  lx = x - x0
+  return y0.astype(idx_dtype), x0.astype(idx_dtype), ly, lx, 1.0 - ly, 1.0 - lx
+
+
 def bilinear_corners(y: jax.Array, x: jax.Array, height: int, width: int, idx_dtype=np.int32):
   """Flat corner indices and bilinear weights for points (y, x) in an H x W image.
 
@@ -35,14 +45,7 @@ def bilinear_corners(y: jax.Array, x: jax.Array, height: int, width: int, idx_dt
   # floor() and the integer cast in range for 1e30 and inf, without changing any value.
   y = jnp.clip(jnp.where(finite, y, -2.0), -2.0, height + 1.0)
   x = jnp.clip(jnp.where(finite, x, -2.0), -2.0, width + 1.0)
-  y0 = jnp.floor(y)
-  x0 = jnp.floor(x)
-  ly = y - y0
-  lx = x - x0
-  hy = 1.0 - ly
-  hx = 1.0 - lx
-  y0i = y0.astype(idx_dtype)
-  x0i = x0.astype(idx_dtype)
+  y0i, x0i, ly, lx, hy, hx = floor_and_fractions(y, x, idx_dtype)
   indices, weights = [], []
   for dy, dx, wt in ((0, 0, hy * hx), (0, 1, hy * lx), (1, 0, ly * hx), (1, 1, ly * lx)):
     yy = y0i + dy
