@@ -65,7 +65,8 @@ def layer_fields(model: nnx.Module, images: jax.Array, convs=None) -> list[Layer
   flat = {tuple(str(p) for p in path): v for path, v in nnx.to_flat_state(sown)}
   fields = []
   for conv in convs:
-    name = next((n for n, m in model.iter_modules() if m is conv), ())
+    modules = nnx.iter_modules(model) if hasattr(nnx, 'iter_modules') else model.iter_modules()
+    name = next((n for n, m in modules if m is conv), ())
     key = tuple(str(p) for p in name)
     off = flat.get(key + ('offsets',))
     msk = flat.get(key + ('mask',))
