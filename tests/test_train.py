@@ -162,3 +162,15 @@ def test_digits_default_trains_a_deformable_classifier_well_above_chance():
   assert summary['config']['deformable'] == '2'
   assert summary['eval']['baseline']['accuracy'] > 0.8  # chance is 0.1
   assert summary['seconds_per_step'] > 0
+
+
+def test_bfloat16_compute_with_modulated_layers_trains():
+  cfg = base_config()
+  cfg.steps, cfg.log_every, cfg.progress = 20, 5, False
+  cfg.dtype, cfg.modulated = 'bfloat16', True
+  with jax.numpy_dtype_promotion('standard'):
+    summary = train(cfg, echo=lambda *_: None)
+  history = losses(summary)
+  assert np.all(np.isfinite(history)) and history[-1] < history[0]
+  params = jax.tree.leaves(summary['params'])
+  assert all(p.dtype == np.float32 for p in params)  # bf16 compute, float32 parameters
