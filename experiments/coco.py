@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import pathlib
-import sys
 
 import jax
 import numpy as np
 
-from experiments.common import RESULTS, pm, run_metadata, write_results
+from experiments.common import RESULTS, load_config, pm, run_metadata, run_or_exit, write_results
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'coco9.py'
 VARIANTS = (('regular', 'none'), ('deformable', '2'))
@@ -61,24 +59,13 @@ def main(argv=None) -> dict:
   parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
   args = parser.parse_args(argv)
-  path, _, arg = args.config.partition(':')
-  spec = importlib.util.spec_from_file_location('coco_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  base = module.get_config(arg or None)
+  base = load_config(args.config)
   base.progress = False
   if args.data_dir:
     base.data_dir = args.data_dir
   if args.dataset:
     base.dataset = args.dataset
-  from deformjax.data.sources import DataError
-  from deformjax.train.config import ConfigError
-
-  try:
-    result = run(base, args.seeds)
-  except (ConfigError, DataError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  result = run_or_exit(run, base, args.seeds)
   name = 'coco9' if base.dataset == 'coco9' else f'multilabel_{base.dataset}'
   md = f"# {name}\n\nDevice: {result['device']}; {result['versions']}; {result['date']}.\n\n{table(result)}\n"
   write_results(name, result, md, args.out)

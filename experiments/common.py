@@ -25,6 +25,31 @@ def run_metadata() -> dict:
   }
 
 
+def load_config(spec: str):
+  """Runs `get_config(arg)` of a config file given as `path[:arg]` (big_vision style)."""
+  import importlib.util
+
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem + '_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def run_or_exit(fn, *args, **kwargs):
+  """Calls `fn`; a configuration or data problem ends the program with one `error:` line (exit 2)."""
+  import sys
+
+  from deformjax.data.sources import DataError
+  from deformjax.train.config import ConfigError
+
+  try:
+    return fn(*args, **kwargs)
+  except (ConfigError, DataError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
 def mean_std(values) -> tuple[float, float]:
   v = np.asarray(values, np.float64)
   return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0

@@ -13,24 +13,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import pathlib
-import sys
 import time
 
 import jax
 
-from experiments.common import RESULTS, mean_std, pm, run_metadata, write_results
+from experiments.common import RESULTS, load_config, mean_std, pm, run_metadata, run_or_exit, write_results
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'robustness.py'
-
-
-def load_config(spec: str):
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('robustness_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
 
 
 def run(cfg, echo=print) -> dict:
@@ -120,14 +110,7 @@ def main(argv=None) -> dict:
     cfg.seeds = tuple(args.seeds)
   if args.epochs:
     cfg.train.epochs = args.epochs
-  from deformjax.data.sources import DataError
-  from deformjax.train.config import ConfigError
-
-  try:
-    result = run(cfg)
-  except (ConfigError, DataError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  result = run_or_exit(run, cfg)
   md = f"# {cfg.name}\n\nDevice: {result['device']}; {result['versions']}; {result['date']}.\n\n{table(result)}\n"
   write_results(cfg.name, result, md, args.out)
   plot(result, args.out / f'{cfg.name}.png')

@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import copy
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.common import RESULTS, mean_std, pm, run_metadata, write_results
-from experiments.robustness import load_config
+from experiments.common import RESULTS, load_config, pm, run_metadata, run_or_exit, write_results
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'scale.py'
 
@@ -63,7 +61,7 @@ def run(cfg, out_dir: pathlib.Path, echo=print) -> dict:
   from deformjax.data import load_source, transform
   from deformjax.train import train
   from deformjax.train.steps import normalise
-  from deformjax.viz import draw_sampling_locations, line_plot
+  from deformjax.viz import draw_sampling_locations
 
   runs, dilations = [], []
   test = load_source(cfg.train.dataset, 'test' if cfg.train.dataset != 'coco9' else 'validation')
@@ -129,15 +127,9 @@ def main(argv=None) -> dict:
   if args.seeds:
     cfg.seeds = tuple(args.seeds)
   args.out.mkdir(parents=True, exist_ok=True)
-  from deformjax.data.sources import DataError
-  from deformjax.train.config import ConfigError
   from deformjax.viz import line_plot
 
-  try:
-    result = run(cfg, args.out)
-  except (ConfigError, DataError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  result = run_or_exit(run, cfg, args.out)
   scales = list(cfg.scales)
   series, errors = {}, {}
   for v in cfg.variant_order:

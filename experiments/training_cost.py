@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 
 import jax
 import numpy as np
 
-from experiments.common import RESULTS, run_metadata, write_results
+from experiments.common import RESULTS, run_metadata, run_or_exit, write_results
 
 SETTINGS = (('regular', 'none', False), ('deformable x1', '1', False), ('deformable x2', '2', False),
             ('deformable x3', '3', False), ('modulated x2', '2', True))
@@ -32,30 +31,24 @@ def main(argv=None) -> dict:
   parser.add_argument('--batch-size', type=int, default=64)
   parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
   args = parser.parse_args(argv)
-  from deformjax.data.sources import DataError
   from deformjax.train import base_config, train
-  from deformjax.train.config import ConfigError
 
   settings = SETTINGS if args.dataset != 'cifar10' else (
       ('regular', 'none', False), ('deformable x1', '1', False), ('deformable x2', '2', False))
   times = {name: [] for name, _, _ in settings}
   steps_per_epoch = None
-  try:
-    for rep in range(args.repeats):
-      for name, deformable, modulated in settings:
-        cfg = base_config()
-        cfg.dataset = args.dataset
-        cfg.model = 'cifarnet' if args.dataset == 'cifar10' else 'conv5'
-        cfg.deformable, cfg.modulated = deformable, modulated
-        cfg.steps, cfg.batch_size, cfg.progress, cfg.seed = args.steps + 1, args.batch_size, False, rep
-        cfg.eval_batch_size = 512
-        summary = train(cfg, echo=lambda *_: None)
-        times[name].append(summary['seconds_per_step'])
-        steps_per_epoch = summary['steps_per_epoch']
-        print(f"repeat {rep} {name:>14s}: {1e3 * summary['seconds_per_step']:.1f} ms/step", flush=True)
-  except (ConfigError, DataError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  for rep in range(args.repeats):
+    for name, deformable, modulated in settings:
+      cfg = base_config()
+      cfg.dataset = args.dataset
+      cfg.model = 'cifarnet' if args.dataset == 'cifar10' else 'conv5'
+      cfg.deformable, cfg.modulated = deformable, modulated
+      cfg.steps, cfg.batch_size, cfg.progress, cfg.seed = args.steps + 1, args.batch_size, False, rep
+      cfg.eval_batch_size = 512
+      summary = run_or_exit(train, cfg, echo=lambda *_: None)
+      times[name].append(summary['seconds_per_step'])
+      steps_per_epoch = summary['steps_per_epoch']
+      print(f"repeat {rep} {name:>14s}: {1e3 * summary['seconds_per_step']:.1f} ms/step", flush=True)
   base = float(np.median(times['regular']))
   rows = [{'setting': n, 'ms_per_step': 1e3 * float(np.median(t)), 'seconds_per_epoch': float(np.median(t)) * steps_per_epoch,
            'ratio_vs_regular': float(np.median(t)) / base, 'all_ms_per_step': [1e3 * x for x in t]}

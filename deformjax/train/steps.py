@@ -9,7 +9,7 @@ same step sees the same augmentation on any number of devices or processes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -75,10 +75,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_s
 
 @dataclasses.dataclass
 class Trainer:
-  """Model structure, optimiser and the two jitted steps."""
+  """The two jitted steps and the initial state they run on."""
 
-  graphdef: Any
-  tx: optax.GradientTransformation
   train_step: Callable
   eval_step: Callable
   init_state: Callable
@@ -121,7 +119,7 @@ def make_trainer(model: nnx.Module, cfg: ml_collections.ConfigDict, spec: Datase
   jit_train = jax.jit(train_step, in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
   jit_eval = jax.jit(eval_step, in_shardings=(repl, data, data, repl), out_shardings=(repl, data),
                      static_argnums=4)
-  return Trainer(graphdef, tx, jit_train, jit_eval, init_state)
+  return Trainer(jit_train, jit_eval, init_state)
 
 
 def frozen_augment(aug: ml_collections.ConfigDict):
@@ -134,9 +132,6 @@ class _FrozenAug:
   max_rotation_deg: float
   max_shift: float
   scale_range: tuple
-
-  def __getitem__(self, k):
-    return getattr(self, k)
 
 
 def host_array(x) -> np.ndarray:

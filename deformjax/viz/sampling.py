@@ -34,14 +34,21 @@ def _pair(v):
   return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _pads(layer, in_hw):
+def _pads(layer):
+  """(top, left) padding of a conv layer. Explicit padding and stride-1 'SAME' do not
+  depend on the input size, so any size large enough for the kernel serves."""
   from deformjax.ops.deform_conv import output_size
 
-  kernel = tuple(layer.kernel_size)
-  _, ((pt, _), (pl, _)) = output_size(in_hw, kernel, getattr(layer, 'strides', 1) or 1,
-                                      layer.padding if not isinstance(layer.padding, str) else layer.padding,
-                                      _pair(getattr(layer, 'kernel_dilation', 1) or 1))
+  _, ((pt, _), (pl, _)) = output_size((1000, 1000), tuple(layer.kernel_size), getattr(layer, 'strides', 1) or 1,
+                                      layer.padding, _pair(getattr(layer, 'kernel_dilation', 1) or 1))
   return pt, pl
+
+
+def _sown_value(v):
+  """The first sown value of an `nnx.Intermediate` entry (None when absent), as numpy."""
+  if v is None:
+    return None
+  return np.asarray((v.get_value() if hasattr(v, 'get_value') else v.value)[0])
 
 
 def layer_fields(model: nnx.Module, images: jax.Array, convs=None) -> list[LayerField]:
@@ -63,22 +70,20 @@ def layer_fields(model: nnx.Module, images: jax.Array, convs=None) -> list[Layer
     for m, s in zip(deform, saved):
       m.sow_offsets = s
   flat = {tuple(str(p) for p in path): v for path, v in nnx.to_flat_state(sown)}
+  modules = nnx.iter_modules(model) if hasattr(nnx, 'iter_modules') else model.iter_modules()
+  paths = {id(m): tuple(str(p) for p in path) for path, m in modules}
   fields = []
   for conv in convs:
-    modules = nnx.iter_modules(model) if hasattr(nnx, 'iter_modules') else model.iter_modules()
-    name = next((n for n, m in modules if m is conv), ())
-    key = tuple(str(p) for p in name)
-    off = flat.get(key + ('offsets',))
-    msk = flat.get(key + ('mask',))
-    unpack = lambda v: None if v is None else np.asarray((v.get_value() if hasattr(v, 'get_value') else v.value)[0])
+    key = paths.get(id(conv), ())
+    off = _sown_value(flat.get(key + ('offsets',)))
+    msk = _sown_value(flat.get(key + ('mask',)))
     kh, kw = tuple(conv.kernel_size)
     taps = kh * kw
-    off_arr = unpack(off)
     fields.append(LayerField(
         name='.'.join(key), kernel_size=(kh, kw), dilation=_pair(getattr(conv, 'kernel_dilation', 1) or 1),
-        padding=_pads(conv, (1000, 1000)),  # padding offsets do not depend on the size for int/SAME stride 1
-        offsets=None if off_arr is None else off_arr[..., :2 * taps],
-        mask=None if unpack(msk) is None else unpack(msk)[..., :taps]))
+        padding=_pads(conv),
+        offsets=None if off is None else off[..., :2 * taps],  # offset group 0
+        mask=None if msk is None else msk[..., :taps]))
   return fields
 
 
