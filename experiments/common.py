@@ -30,6 +30,11 @@ def load_config(spec: str):
   import importlib.util
 
   path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    import sys
+
+    print(f'error: --config: no config file {path!r}', file=sys.stderr)
+    sys.exit(2)
   module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem + '_config', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
