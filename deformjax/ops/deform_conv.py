@@ -25,6 +25,9 @@ from deformjax.ops.sampling import bilinear_corners, gather_corners
 # 0.25-8 MiB on the benchmark shapes: 0.5 MiB gave the best forward+backward
 # (2.1-2.4x of lax.conv vs 3.2-3.3x at 2 MiB) at the same forward time.
 DEFAULT_CHUNK_BYTES = 512 * 1024
+# Bytes of precomputed corner rows + weights made at once (see deform_conv2d):
+# 8 per sample point, i.e. 8*offset_groups/C of the whole columns buffer.
+INDEX_BLOCK_BYTES = 64 * 1024 * 1024
 
 
 def _check_groups(value, name: str, fn: str) -> int:
@@ -182,7 +185,17 @@ def deform_conv2d(
     chunk_size = max(1, DEFAULT_CHUNK_BYTES // (taps * c * acc_dtype.itemsize))
   chunk = min(int(chunk_size), pixels)
   num_chunks = -(-pixels // chunk)
-  padded = num_chunks * chunk
+  # Corner rows and weights are computed in one vectorised pass and handed to
+  # the chunk loop as arrays. Computed inside the chunk body, XLA fuses the whole
+  # index arithmetic into the gather and redoes it for every channel (measured
+  # 1.4-1.7x slower forward). Those arrays (8 per sample point) are made for all
+  # pixels at once while they fit INDEX_BLOCK_BYTES, else per block of chunks.
+  point_bytes = taps * og * (4 + cdtype.itemsize) * 4
+  per_block = max(1, min(num_chunks, INDEX_BLOCK_BYTES // max(1, chunk * point_bytes)))
+  num_blocks = -(-num_chunks // per_block)
+  per_block = -(-num_chunks // num_blocks)
+  block = per_block * chunk
+  padded = num_blocks * block
   idx_dtype = _args.index_dtype(max(n * h * w * og, padded), fn)
 
   cg = c // og
@@ -190,11 +203,11 @@ def deform_conv2d(
   # Offsets and mask are re-laid out tap-major ([.., K, G, ..]) before sampling,
   # so the sampled columns come out as [chunk, K, C] without transposing them.
   off = offsets.reshape(pixels, og, taps, 2).transpose(0, 2, 1, 3)
-  off = jnp.pad(off, ((0, padded - pixels), (0, 0), (0, 0), (0, 0))).reshape(num_chunks, chunk, taps, og, 2)
-  xs = [jnp.arange(num_chunks, dtype=idx_dtype), off]
+  off = jnp.pad(off, ((0, padded - pixels), (0, 0), (0, 0), (0, 0))).reshape(num_blocks, block, taps, og, 2)
+  xs = [jnp.arange(num_blocks, dtype=idx_dtype), off]
   if mask is not None:
     m = mask.reshape(pixels, og, taps).transpose(0, 2, 1)
-    xs.append(jnp.pad(m, ((0, padded - pixels), (0, 0), (0, 0))).reshape(num_chunks, chunk, taps, og))
+    xs.append(jnp.pad(m, ((0, padded - pixels), (0, 0), (0, 0))).reshape(num_blocks, block, taps, og))
 
   tap_i = np.repeat(np.arange(kh), kw) * dh
   tap_j = np.tile(np.arange(kw), kh) * dw
@@ -204,23 +217,28 @@ def deform_conv2d(
   else:
     w_grp = kernel.reshape(taps, cin_g, groups, cout // groups)
 
-  def chunk_body(args):
-    ci, off_c = args[0], args[1]
-    p = ci * chunk + jnp.arange(chunk, dtype=idx_dtype)
+  def corners(args):
+    """Flat table rows and weights of the four corners, 2 x 4 x [per_block, chunk*K*G]."""
+    bi, off_b = args[0], args[1]
+    p = bi * block + jnp.arange(block, dtype=idx_dtype)
     # Padding pixels past the end reuse the last image; their mask/offsets are 0
     # and their outputs are sliced off.
     img = jnp.minimum(p // (ho * wo), n - 1)
     rem = p % (ho * wo)
     oy = (rem // wo) * sh - pt
     ox = (rem % wo) * sw - pl
-    y = oy.astype(cdtype)[:, None, None] + jnp.asarray(tap_i, cdtype)[None, :, None] + off_c[..., 0].astype(cdtype)
-    x = ox.astype(cdtype)[:, None, None] + jnp.asarray(tap_j, cdtype)[None, :, None] + off_c[..., 1].astype(cdtype)
-    idx, wts = bilinear_corners(y, x, h, w, idx_dtype)  # 4 x [chunk, K, G]
+    y = oy.astype(cdtype)[:, None, None] + jnp.asarray(tap_i, cdtype)[None, :, None] + off_b[..., 0].astype(cdtype)
+    x = ox.astype(cdtype)[:, None, None] + jnp.asarray(tap_j, cdtype)[None, :, None] + off_b[..., 1].astype(cdtype)
+    idx, wts = bilinear_corners(y, x, h, w, idx_dtype)  # 4 x [block, K, G]
     if mask is not None:
       wts = tuple(wt * args[2].astype(cdtype) for wt in wts)
     image_start = (img * (h * w))[:, None, None]
-    rows = tuple((image_start + i) * og + group_row[None, None, :] for i in idx)
-    cols = gather_corners(table, rows, wts, acc_dtype)  # [chunk, K, G, C/G]
+    rows = tuple(((image_start + i) * og + group_row[None, None, :]).reshape(per_block, -1) for i in idx)
+    return rows, tuple(wt.reshape(per_block, -1) for wt in wts)
+
+  def chunk_body(args):
+    rows, wts = args
+    cols = gather_corners(table, rows, wts, acc_dtype)  # [chunk*K*G, C/G]
     cols = cols.astype(compute_dtype)
     if groups == 1:
       return jnp.dot(
@@ -232,7 +250,17 @@ def deform_conv2d(
     )
     return out.reshape(chunk, cout)
 
-  out = lax.map(jax.checkpoint(chunk_body), tuple(xs))
+  # prevent_cse=False is safe inside lax.map (scan already keeps the
+  # rematerialised body from being merged with the forward one).
+  remat_chunk = jax.checkpoint(chunk_body, prevent_cse=False)
+  if num_blocks == 1:
+    # All corners at top level: computed once and kept for the backward pass,
+    # and 1.25x faster forward than inside an outer loop (measured, N=8 64x64x64).
+    rows, wts = corners(tuple(a[0] for a in xs))
+    out = lax.map(remat_chunk, (rows, wts))
+  else:
+    block_body = lambda args: lax.map(remat_chunk, corners(args))
+    out = lax.map(jax.checkpoint(block_body, prevent_cse=False), tuple(xs))
   out = out.reshape(padded, cout)[:pixels].reshape(n, ho, wo, cout)
   if bias is not None:
     out = out + bias.astype(acc_dtype).reshape(1, 1, 1, cout)
