@@ -8,16 +8,25 @@ experiments/results/bench_ops_<device>.json and .md.
 
   python -m experiments.bench_ops                     # the issue's three shapes
   python -m experiments.bench_ops --shapes 64,56,128 --repeats 10
+  python -m experiments.bench_ops --baseline 52fdbf0  # before/after, side by side
+
+Timings are interleaved: every round times each function `repeats` times in
+turn, so drift in machine load hits all of them alike; the figure is the median
+over all rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import pathlib
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -31,6 +40,49 @@ from deformjax.ops import deform_conv2d
 
 DEFAULT_SHAPES = ((64, 7, 32), (64, 16, 64), (8, 64, 64))  # (N, H=W, C_in=C_out)
 RESULTS = pathlib.Path(__file__).parent / 'results'
+
+
+def interleaved_ms(cases: dict, repeats: int, rounds: int = 3, warmup: int = 2) -> dict:
+  """{name: (fn, args)} -> {name: median ms}, timing the cases in turn, round after round."""
+  for fn, args in cases.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn(*args))
+  samples = {name: [] for name in cases}
+  per_round = max(1, -(-repeats // rounds))
+  for _ in range(rounds):
+    for name, (fn, args) in cases.items():
+      for _ in range(per_round):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples[name].append(time.perf_counter() - t0)
+  return {name: 1e3 * statistics.median(ts) for name, ts in samples.items()}
+
+
+def load_baseline(rev: str):
+  """deform_conv2d as it was at git revision `rev` (same helpers from the checkout).
+
+  Lets a change to the op be timed against its predecessor in one process. It
+  works while `deformjax/ops/deform_conv.py` at `rev` imports helpers that still
+  exist; the error says which import broke otherwise.
+  """
+  root = pathlib.Path(__file__).resolve().parent.parent
+  try:
+    source = subprocess.run(
+        ['git', 'show', f'{rev}:deformjax/ops/deform_conv.py'], cwd=root, check=True,
+        capture_output=True, text=True,
+    ).stdout
+  except (OSError, subprocess.CalledProcessError) as e:
+    raise SystemExit(f'error: --baseline {rev}: cannot read deform_conv.py at that revision ({e})')
+  path = pathlib.Path(tempfile.mkdtemp()) / f'deform_conv_{rev}.py'
+  path.write_text(source)
+  spec = importlib.util.spec_from_file_location(f'deform_conv_{rev}', path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  try:
+    spec.loader.exec_module(module)
+  except ImportError as e:
+    raise SystemExit(f'error: --baseline {rev}: its deform_conv.py no longer imports here ({e})')
+  return module.deform_conv2d
 
 
 def median_ms(fn, args, repeats: int, warmup: int = 2) -> float:
@@ -70,9 +122,9 @@ def make_problem(n, hw, c, dtype, seed=0):
   return x, off, mask, w, cot
 
 
-def ours_fns(chunk_size):
+def ours_fns(chunk_size, op=deform_conv2d):
   def fwd(x, off, mask, w):
-    return deform_conv2d(x, off, w, mask, padding=1, chunk_size=chunk_size)
+    return op(x, off, w, mask, padding=1, chunk_size=chunk_size)
 
   def fwd_bwd(x, off, mask, w, cot):
     out, vjp = jax.vjp(fwd, x, off, mask, w)
@@ -139,21 +191,32 @@ def temp_bytes(jitted, *args) -> int | None:
     return None
 
 
-def run(shapes, dtype_name: str, repeats: int, chunk_size: int | None) -> dict:
+def run(shapes, dtype_name: str, repeats: int, chunk_size: int | None, baseline: str | None = None,
+        rounds: int = 3) -> dict:
   dtype = jnp.dtype(dtype_name)
+  base_op = load_baseline(baseline) if baseline else None
   rows = []
   for n, hw, c in shapes:
     x, off, mask, w, cot = make_problem(n, hw, c, dtype)
     o_fwd, o_fb = ours_fns(chunk_size)
     c_fwd, c_fb = conv_fns()
     row = {'N': n, 'H': hw, 'W': hw, 'C_in': c, 'C_out': c, 'kernel': [3, 3], 'dtype': dtype_name}
-    # Interleave ours and the reference so drift in machine load hits both.
-    row['conv_fwd_ms'] = median_ms(c_fwd, (x, w), repeats)
-    row['ours_fwd_ms'] = median_ms(o_fwd, (x, off, mask, w), repeats)
-    row['conv_fwd_bwd_ms'] = median_ms(c_fb, (x, w, cot), repeats)
-    row['ours_fwd_bwd_ms'] = median_ms(o_fb, (x, off, mask, w, cot), repeats)
+    cases = {
+        'conv_fwd': (c_fwd, (x, w)), 'ours_fwd': (o_fwd, (x, off, mask, w)),
+        'conv_fwd_bwd': (c_fb, (x, w, cot)), 'ours_fwd_bwd': (o_fb, (x, off, mask, w, cot)),
+    }
+    if base_op is not None:
+      b_fwd, b_fb = ours_fns(chunk_size, base_op)
+      cases['base_fwd'] = (b_fwd, (x, off, mask, w))
+      cases['base_fwd_bwd'] = (b_fb, (x, off, mask, w, cot))
+    for name, ms in interleaved_ms(cases, repeats, rounds).items():
+      row[f'{name}_ms'] = ms
     row['fwd_ratio_vs_conv'] = row['ours_fwd_ms'] / row['conv_fwd_ms']
     row['fwd_bwd_ratio_vs_conv'] = row['ours_fwd_bwd_ms'] / row['conv_fwd_bwd_ms']
+    if base_op is not None:
+      row['base_fwd_ratio_vs_conv'] = row['base_fwd_ms'] / row['conv_fwd_ms']
+      row['base_fwd_bwd_ratio_vs_conv'] = row['base_fwd_bwd_ms'] / row['conv_fwd_bwd_ms']
+      row['base_fwd_bwd_temp_bytes'] = temp_bytes(cases['base_fwd_bwd'][0], x, off, mask, w, cot)
     row['ours_fwd_bwd_temp_bytes'] = temp_bytes(o_fb, x, off, mask, w, cot)
     row['conv_fwd_bwd_temp_bytes'] = temp_bytes(c_fb, x, w, cot)
     tv = torchvision_times(x, off, mask, w, cot, repeats)
@@ -166,7 +229,9 @@ def run(shapes, dtype_name: str, repeats: int, chunk_size: int | None) -> dict:
         f"N={n} {hw}x{hw} {c}->{c} {dtype_name}: fwd {row['ours_fwd_ms']:.2f} ms vs conv {row['conv_fwd_ms']:.2f} ms "
         f"({row['fwd_ratio_vs_conv']:.2f}x); fwd+bwd {row['ours_fwd_bwd_ms']:.2f} ms vs "
         f"{row['conv_fwd_bwd_ms']:.2f} ms ({row['fwd_bwd_ratio_vs_conv']:.2f}x)"
-        + (f"; vs torchvision fwd+bwd {row['fwd_bwd_ratio_vs_torchvision']:.2f}x" if tv else ''),
+        + (f"; vs torchvision fwd+bwd {row['fwd_bwd_ratio_vs_torchvision']:.2f}x" if tv else '')
+        + (f"; baseline {baseline}: {row['base_fwd_ratio_vs_conv']:.2f}x / {row['base_fwd_bwd_ratio_vs_conv']:.2f}x"
+           if base_op is not None else ''),
         flush=True,
     )
   return {
@@ -175,36 +240,43 @@ def run(shapes, dtype_name: str, repeats: int, chunk_size: int | None) -> dict:
       'device': device_name(),
       'versions': {'python': platform.python_version(), 'jax': jax.__version__,
                    'jaxlib': jaxlib.__version__, 'deformjax': deformjax.__version__},
-      'method': f'median of {repeats} runs after 2 warm-up runs, jax.jit, block_until_ready; '
-                'fwd+bwd = jax.vjp w.r.t. every input',
+      'method': f'median of {rounds} interleaved rounds x {max(1, -(-repeats // rounds))} runs after 2 warm-up runs, jax.jit, '
+                'block_until_ready; fwd+bwd = jax.vjp w.r.t. every input',
       'chunk_size': chunk_size,
+      'baseline': baseline,
       'rows': rows,
   }
 
 
 def to_markdown(result: dict) -> str:
+  base = result.get('baseline')
+  head = ['N', 'H x W', 'C_in -> C_out', 'dtype', 'conv fwd (ms)', 'ours fwd (ms)', 'fwd ratio']
+  head += [f'fwd ratio at {base}'] if base else []
+  head += ['conv fwd+bwd (ms)', 'ours fwd+bwd (ms)', 'fwd+bwd ratio']
+  head += [f'fwd+bwd ratio at {base}'] if base else []
+  head += ['fwd+bwd temp (MiB)', 'torchvision fwd+bwd (ms)', 'ours / torchvision']
   lines = [
       f"# {result['benchmark']}",
       '',
       f"Device: {result['device']}. Versions: "
       + ', '.join(f'{k} {v}' for k, v in result['versions'].items())
-      + f". Method: {result['method']}. Date: {result['date']}.",
+      + f". Method: {result['method']}. Date: {result['date']}."
+      + (f' Baseline: deform_conv2d at git revision {base}, timed in the same rounds.' if base else ''),
       '',
-      '| N | H x W | C_in -> C_out | dtype | conv fwd (ms) | ours fwd (ms) | fwd ratio | conv fwd+bwd (ms) '
-      '| ours fwd+bwd (ms) | fwd+bwd ratio | torchvision fwd+bwd (ms) | ours / torchvision |',
-      '|---|---|---|---|---|---|---|---|---|---|---|---|',
+      '| ' + ' | '.join(head) + ' |',
+      '|' + '---|' * len(head),
   ]
+  mib = lambda b: '-' if b is None else f'{b / 2**20:.0f}'
   for r in result['rows']:
     tv = r.get('torchvision')
-    lines.append(
-        f"| {r['N']} | {r['H']}x{r['W']} | {r['C_in']}->{r['C_out']} | {r['dtype']} | {r['conv_fwd_ms']:.2f} "
-        f"| {r['ours_fwd_ms']:.2f} | {r['fwd_ratio_vs_conv']:.2f}x | {r['conv_fwd_bwd_ms']:.2f} "
-        f"| {r['ours_fwd_bwd_ms']:.2f} | {r['fwd_bwd_ratio_vs_conv']:.2f}x "
-        f"| {tv['fwd_bwd_ms']:.2f} | {r['fwd_bwd_ratio_vs_torchvision']:.2f}x |" if tv else
-        f"| {r['N']} | {r['H']}x{r['W']} | {r['C_in']}->{r['C_out']} | {r['dtype']} | {r['conv_fwd_ms']:.2f} "
-        f"| {r['ours_fwd_ms']:.2f} | {r['fwd_ratio_vs_conv']:.2f}x | {r['conv_fwd_bwd_ms']:.2f} "
-        f"| {r['ours_fwd_bwd_ms']:.2f} | {r['fwd_bwd_ratio_vs_conv']:.2f}x | not importable | - |"
-    )
+    cells = [r['N'], f"{r['H']}x{r['W']}", f"{r['C_in']}->{r['C_out']}", r['dtype'], f"{r['conv_fwd_ms']:.2f}",
+             f"{r['ours_fwd_ms']:.2f}", f"{r['fwd_ratio_vs_conv']:.2f}x"]
+    cells += [f"{r['base_fwd_ratio_vs_conv']:.2f}x"] if base else []
+    cells += [f"{r['conv_fwd_bwd_ms']:.2f}", f"{r['ours_fwd_bwd_ms']:.2f}", f"{r['fwd_bwd_ratio_vs_conv']:.2f}x"]
+    cells += [f"{r['base_fwd_bwd_ratio_vs_conv']:.2f}x"] if base else []
+    cells += [mib(r.get('ours_fwd_bwd_temp_bytes'))]
+    cells += [f"{tv['fwd_bwd_ms']:.2f}", f"{r['fwd_bwd_ratio_vs_torchvision']:.2f}x"] if tv else ['not importable', '-']
+    lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 
@@ -220,11 +292,14 @@ def main(argv=None) -> dict:
   parser.add_argument('--shapes', type=parse_shape, nargs='+', default=list(DEFAULT_SHAPES), help='N,HW,C triples')
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
   parser.add_argument('--repeats', type=int, default=20)
+  parser.add_argument('--rounds', type=int, default=3, help='interleaved timing rounds')
   parser.add_argument('--chunk-size', type=int, default=None)
+  parser.add_argument('--baseline', default=None, metavar='REV',
+                      help='also time deform_conv2d from this git revision, side by side')
   parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
   parser.add_argument('--tag', default=None, help='file name suffix; default: the platform (cpu/gpu/tpu)')
   args = parser.parse_args(argv)
-  result = run(args.shapes, args.dtype, args.repeats, args.chunk_size)
+  result = run(args.shapes, args.dtype, args.repeats, args.chunk_size, args.baseline, args.rounds)
   tag = args.tag or jax.devices()[0].platform + ('' if args.dtype == 'float32' else f'_{args.dtype}')
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / f'bench_ops_{tag}.json').write_text(json.dumps(result, indent=2) + '\n')

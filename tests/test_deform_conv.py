@@ -268,6 +268,30 @@ def test_low_precision_dtypes(dtype, tol):
   assert all(g.dtype == dtype for g in grads)
 
 
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_low_precision_input_gradient_accumulates_in_float32(dtype):
+  """Every tap of every output pixel samples the same 2x2 input patch, so each of
+  those input pixels sums 16*16*9 gradient contributions. Accumulated in bf16 the
+  sum would be off by far more than one bf16 rounding; it must not be."""
+  hw, c = 16, 4
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(1, hw, hw, c))
+  w = np.abs(rng.normal(size=(3, 3, c, c))) / 6  # one sign: no cancellation in the sums
+  oy, ox = np.meshgrid(np.arange(hw), np.arange(hw), indexing='ij')
+  ti, tj = np.divmod(np.arange(9), 3)
+  off = np.zeros((1, hw, hw, 9, 2))
+  off[..., 0] = 8.25 - (oy[..., None] - 1 + ti)
+  off[..., 1] = 8.5 - (ox[..., None] - 1 + tj)
+  off = off.reshape(1, hw, hw, 18)
+  grad_x = lambda dt: jax.grad(
+      lambda x: jnp.sum(deform_conv2d(x, jnp.asarray(off, dt), jnp.asarray(w, dt), padding=1).astype(jnp.float32))
+  )(jnp.asarray(x, dt))
+  want = np.asarray(grad_x(jnp.float64))
+  got = np.asarray(grad_x(dtype).astype(jnp.float64))
+  assert np.abs(want[0, 8:10, 8:10]).min() > 100  # thousands of contributions each
+  np.testing.assert_allclose(got, want, rtol=2e-2, atol=1e-3 * np.abs(want).max())
+
+
 def test_bf16_offsets_keep_float32_positions():
   """Positions are computed in float32: bf16 cannot represent 257.5, float32 can."""
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 300, 300, 1)), jnp.float32)

@@ -93,3 +93,22 @@ def test_average_precision_matches_the_definition():
   # precision at each positive's rank: 1/1, 2/3, 3/5 -> AP = mean = (1 + 2/3 + 3/5) / 3
   np.testing.assert_allclose(average_precision(scores, targets), [(1 + 2 / 3 + 3 / 5) / 3])
   assert np.isnan(average_precision(scores, np.zeros_like(targets)))[0]
+
+
+def test_bench_ops_times_a_git_baseline_side_by_side(tmp_path):
+  import pathlib
+  import subprocess
+
+  import pytest
+
+  root = pathlib.Path(bench_ops.__file__).resolve().parent.parent
+  if subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True).returncode:
+    pytest.skip('not a git checkout')
+  with jax.numpy_dtype_promotion('standard'):
+    result = bench_ops.main(['--shapes', '2,6,4', '--repeats', '2', '--out', str(tmp_path), '--tag', 't',
+                             '--baseline', 'HEAD'])
+  row = result['rows'][0]
+  assert row['base_fwd_ms'] > 0 and row['base_fwd_bwd_ratio_vs_conv'] > 0
+  assert 'fwd ratio at HEAD' in (tmp_path / 'bench_ops_t.md').read_text()
+  with pytest.raises(SystemExit, match='--baseline no-such-rev'):
+    bench_ops.main(['--shapes', '2,6,4', '--repeats', '1', '--out', str(tmp_path), '--baseline', 'no-such-rev'])

@@ -199,7 +199,10 @@ def deform_conv2d(
   idx_dtype = _args.index_dtype(max(n * h * w * og, padded), fn)
 
   cg = c // og
-  table = inputs.reshape(n * h * w * og, cg)
+  # Sampled in the accumulation dtype: for bf16/f16 inputs the backward's
+  # scatter-add then accumulates in float32 (exact to f32, and 3x faster on CPU
+  # than XLA's bf16 scatter), at the price of one f32 copy of the input.
+  table = inputs.reshape(n * h * w * og, cg).astype(acc_dtype)
   # Offsets and mask are re-laid out tap-major ([.., K, G, ..]) before sampling,
   # so the sampled columns come out as [chunk, K, C] without transposing them.
   off = offsets.reshape(pixels, og, taps, 2).transpose(0, 2, 1, 3)
