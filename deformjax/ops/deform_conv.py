@@ -114,7 +114,10 @@ def deform_conv2d(
     chunk_size: output pixels (over N*Ho*Wo) per chunk. The sampled-columns
       buffer of one chunk is `chunk_size*kh*kw*C*4` bytes (8 for float64), and
       it bounds the temporary memory of the forward and backward passes. None
-      picks chunks of about 0.5 MiB.
+      picks chunks of about 0.5 MiB. Besides the chunk, both passes keep the
+      corner rows and weights of the sample points: 32 bytes per point and
+      offset group, `8*offset_groups/C` of the whole columns buffer, made per
+      block of chunks past `INDEX_BLOCK_BYTES` (64 MiB).
 
   Returns:
     `[N, Ho, Wo, C_out]`.
