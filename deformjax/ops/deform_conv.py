@@ -116,7 +116,8 @@ def deform_conv2d(
       it bounds the temporary memory of the forward and backward passes. None
       picks chunks of about 0.5 MiB. Besides the chunk, both passes keep the
       corner rows and weights of the sample points: 32 bytes per point and
-      offset group, `8*offset_groups/C` of the whole columns buffer, made per
+      offset group (48 for float64), `8*offset_groups/C` of the whole float32
+      columns buffer, made per
       block of chunks past `INDEX_BLOCK_BYTES` (64 MiB).
 
   Returns:
