@@ -117,8 +117,8 @@ def deform_conv2d(
       picks chunks of about 0.5 MiB. Besides the chunk, both passes keep the
       corner rows and weights of the sample points: 32 bytes per point and
       offset group (48 for float64), `8*offset_groups/C` of the whole float32
-      columns buffer, made per
-      block of chunks past `INDEX_BLOCK_BYTES` (64 MiB).
+      columns buffer, made per block of chunks past `INDEX_BLOCK_BYTES`
+      (64 MiB).
 
   Returns:
     `[N, Ho, Wo, C_out]`.
