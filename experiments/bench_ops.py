@@ -10,9 +10,10 @@ experiments/results/bench_ops_<device>.json and .md.
   python -m experiments.bench_ops --shapes 64,56,128 --repeats 10
   python -m experiments.bench_ops --baseline 52fdbf0  # before/after, side by side
 
-Timings are interleaved: every round times each function `repeats` times in
-turn, so drift in machine load hits all of them alike; the figure is the median
-over all rounds.
+Timings are interleaved: each of `--rounds` rounds times every function
+(ours, lax.conv, the baseline, torchvision) `repeats / rounds` times in turn,
+so drift in machine load hits all of them alike; the figure is the median of
+all those runs.
 """
 
 from __future__ import annotations
@@ -42,20 +43,27 @@ DEFAULT_SHAPES = ((64, 7, 32), (64, 16, 64), (8, 64, 64))  # (N, H=W, C_in=C_out
 RESULTS = pathlib.Path(__file__).parent / 'results'
 
 
-def interleaved_ms(cases: dict, repeats: int, rounds: int = 3, warmup: int = 2) -> dict:
-  """{name: (fn, args)} -> {name: median ms}, timing the cases in turn, round after round."""
-  for fn, args in cases.values():
+def interleaved_ms(cases: dict, rounds: int, per_round: int, warmup: int = 2) -> dict:
+  """{name: call} -> {name: median ms}, timing the cases in turn, round after round.
+
+  Each `call()` takes no arguments and returns once its work has finished
+  (`jax.block_until_ready`, or a CUDA synchronise for torch).
+  """
+  for call in cases.values():
     for _ in range(warmup):
-      jax.block_until_ready(fn(*args))
+      call()
   samples = {name: [] for name in cases}
-  per_round = max(1, -(-repeats // rounds))
   for _ in range(rounds):
-    for name, (fn, args) in cases.items():
+    for name, call in cases.items():
       for _ in range(per_round):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        call()
         samples[name].append(time.perf_counter() - t0)
   return {name: 1e3 * statistics.median(ts) for name, ts in samples.items()}
+
+
+def jax_call(fn, *args):
+  return lambda: jax.block_until_ready(fn(*args))
 
 
 def load_baseline(rev: str):
@@ -83,17 +91,6 @@ def load_baseline(rev: str):
   except ImportError as e:
     raise SystemExit(f'error: --baseline {rev}: its deform_conv.py no longer imports here ({e})')
   return module.deform_conv2d
-
-
-def median_ms(fn, args, repeats: int, warmup: int = 2) -> float:
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
 
 
 def device_name() -> str:
@@ -144,8 +141,9 @@ def conv_fns():
   return jax.jit(fwd), jax.jit(fwd_bwd)
 
 
-def torchvision_times(x, off, mask, w, cot, repeats):
-  """torchvision.ops.deform_conv2d on the same numbers, or None where it is not importable."""
+def torchvision_cases(x, off, mask, w, cot):
+  """(versions, {'tv_fwd': call, 'tv_fwd_bwd': call}) running torchvision.ops.deform_conv2d on
+  the same numbers, for `interleaved_ms`; None where it is not importable."""
   try:
     import torch
     import torchvision
@@ -168,20 +166,9 @@ def torchvision_times(x, off, mask, w, cot, repeats):
     out = torchvision.ops.deform_conv2d(tx, toff, tw, padding=(1, 1), mask=tm)
     return torch.autograd.grad(out, (tx, toff, tm, tw), tcot)
 
-  def timed(fn):
-    for _ in range(2):
-      fn()
-    sync()
-    ts = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      fn()
-      sync()
-      ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
-
-  return {'device': dev, 'torch': torch.__version__, 'torchvision': torchvision.__version__,
-          'fwd_ms': timed(fwd), 'fwd_bwd_ms': timed(fwd_bwd)}
+  synced = lambda fn: lambda: (fn(), sync())
+  versions = {'device': dev, 'torch': torch.__version__, 'torchvision': torchvision.__version__}
+  return versions, {'tv_fwd': synced(fwd), 'tv_fwd_bwd': synced(fwd_bwd)}
 
 
 def temp_bytes(jitted, *args) -> int | None:
@@ -195,6 +182,7 @@ def run(shapes, dtype_name: str, repeats: int, chunk_size: int | None, baseline:
         rounds: int = 3) -> dict:
   dtype = jnp.dtype(dtype_name)
   base_op = load_baseline(baseline) if baseline else None
+  per_round = max(1, -(-repeats // rounds))
   rows = []
   for n, hw, c in shapes:
     x, off, mask, w, cot = make_problem(n, hw, c, dtype)
@@ -202,28 +190,32 @@ def run(shapes, dtype_name: str, repeats: int, chunk_size: int | None, baseline:
     c_fwd, c_fb = conv_fns()
     row = {'N': n, 'H': hw, 'W': hw, 'C_in': c, 'C_out': c, 'kernel': [3, 3], 'dtype': dtype_name}
     cases = {
-        'conv_fwd': (c_fwd, (x, w)), 'ours_fwd': (o_fwd, (x, off, mask, w)),
-        'conv_fwd_bwd': (c_fb, (x, w, cot)), 'ours_fwd_bwd': (o_fb, (x, off, mask, w, cot)),
+        'conv_fwd': jax_call(c_fwd, x, w), 'ours_fwd': jax_call(o_fwd, x, off, mask, w),
+        'conv_fwd_bwd': jax_call(c_fb, x, w, cot), 'ours_fwd_bwd': jax_call(o_fb, x, off, mask, w, cot),
     }
     if base_op is not None:
       b_fwd, b_fb = ours_fns(chunk_size, base_op)
-      cases['base_fwd'] = (b_fwd, (x, off, mask, w))
-      cases['base_fwd_bwd'] = (b_fb, (x, off, mask, w, cot))
-    for name, ms in interleaved_ms(cases, repeats, rounds).items():
-      row[f'{name}_ms'] = ms
+      cases['base_fwd'] = jax_call(b_fwd, x, off, mask, w)
+      cases['base_fwd_bwd'] = jax_call(b_fb, x, off, mask, w, cot)
+    tv = torchvision_cases(x, off, mask, w, cot)
+    if tv is not None:
+      cases.update(tv[1])
+    times = interleaved_ms(cases, rounds, per_round)
+    for name in cases:
+      if not name.startswith('tv_'):
+        row[f'{name}_ms'] = times[name]
     row['fwd_ratio_vs_conv'] = row['ours_fwd_ms'] / row['conv_fwd_ms']
     row['fwd_bwd_ratio_vs_conv'] = row['ours_fwd_bwd_ms'] / row['conv_fwd_bwd_ms']
     if base_op is not None:
       row['base_fwd_ratio_vs_conv'] = row['base_fwd_ms'] / row['conv_fwd_ms']
       row['base_fwd_bwd_ratio_vs_conv'] = row['base_fwd_bwd_ms'] / row['conv_fwd_bwd_ms']
-      row['base_fwd_bwd_temp_bytes'] = temp_bytes(cases['base_fwd_bwd'][0], x, off, mask, w, cot)
+      row['base_fwd_bwd_temp_bytes'] = temp_bytes(b_fb, x, off, mask, w, cot)
     row['ours_fwd_bwd_temp_bytes'] = temp_bytes(o_fb, x, off, mask, w, cot)
     row['conv_fwd_bwd_temp_bytes'] = temp_bytes(c_fb, x, w, cot)
-    tv = torchvision_times(x, off, mask, w, cot, repeats)
     if tv is not None:
-      row['torchvision'] = tv
-      row['fwd_ratio_vs_torchvision'] = row['ours_fwd_ms'] / tv['fwd_ms']
-      row['fwd_bwd_ratio_vs_torchvision'] = row['ours_fwd_bwd_ms'] / tv['fwd_bwd_ms']
+      row['torchvision'] = {**tv[0], 'fwd_ms': times['tv_fwd'], 'fwd_bwd_ms': times['tv_fwd_bwd']}
+      row['fwd_ratio_vs_torchvision'] = row['ours_fwd_ms'] / times['tv_fwd']
+      row['fwd_bwd_ratio_vs_torchvision'] = row['ours_fwd_bwd_ms'] / times['tv_fwd_bwd']
     rows.append(row)
     print(
         f"N={n} {hw}x{hw} {c}->{c} {dtype_name}: fwd {row['ours_fwd_ms']:.2f} ms vs conv {row['conv_fwd_ms']:.2f} ms "
@@ -240,7 +232,7 @@ def run(shapes, dtype_name: str, repeats: int, chunk_size: int | None, baseline:
       'device': device_name(),
       'versions': {'python': platform.python_version(), 'jax': jax.__version__,
                    'jaxlib': jaxlib.__version__, 'deformjax': deformjax.__version__},
-      'method': f'median of {rounds} interleaved rounds x {max(1, -(-repeats // rounds))} runs after 2 warm-up runs, jax.jit, '
+      'method': f'median of {rounds} interleaved rounds x {per_round} runs after 2 warm-up runs, jax.jit, '
                 'block_until_ready; fwd+bwd = jax.vjp w.r.t. every input',
       'chunk_size': chunk_size,
       'baseline': baseline,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
 
 import jax
+import pytest
 
 from experiments import bench_ops, robustness
 
@@ -95,12 +98,23 @@ def test_average_precision_matches_the_definition():
   assert np.isnan(average_precision(scores, np.zeros_like(targets)))[0]
 
 
+def test_bench_ops_times_torchvision_in_the_same_rounds(tmp_path, monkeypatch):
+  """The torchvision columns come from the interleaved timing like every other case
+  (torch itself is only on GPU machines, so a stand-in plays its part here)."""
+  calls = []
+  fake = lambda name: lambda: calls.append(name)
+  monkeypatch.setattr(bench_ops, 'torchvision_cases', lambda *a: (
+      {'device': 'cpu', 'torch': 'x', 'torchvision': 'y'}, {'tv_fwd': fake('f'), 'tv_fwd_bwd': fake('fb')}))
+  with jax.numpy_dtype_promotion('standard'):
+    result = bench_ops.main(['--shapes', '2,6,4', '--repeats', '4', '--rounds', '2', '--out', str(tmp_path),
+                             '--tag', 't'])
+  row = result['rows'][0]
+  assert calls.count('f') == calls.count('fb') == 2 + 4  # warm-up, then 2 rounds x 2 runs
+  assert row['torchvision']['fwd_bwd_ms'] >= 0 and row['fwd_bwd_ratio_vs_torchvision'] > 0
+  assert 'not importable' not in (tmp_path / 'bench_ops_t.md').read_text()
+
+
 def test_bench_ops_times_a_git_baseline_side_by_side(tmp_path):
-  import pathlib
-  import subprocess
-
-  import pytest
-
   root = pathlib.Path(bench_ops.__file__).resolve().parent.parent
   if subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, check=False).returncode:
     pytest.skip('not a git checkout')
