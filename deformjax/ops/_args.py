@@ -52,7 +52,7 @@ def padding_pairs(
     if padding.upper() not in ('SAME', 'VALID'):
       raise ValueError(f"{fn}: padding must be 'SAME', 'VALID', an int, a pair or a pair of pairs, got {padding!r}")
     pads = lax.padtype_to_pads(in_hw, window_hw, strides, padding.upper())
-    return (int(pads[0][0]), int(pads[0][1])), (int(pads[1][0]), int(pads[1][1]))
+    return (_dim(pads[0][0]), _dim(pads[0][1])), (_dim(pads[1][0]), _dim(pads[1][1]))
   if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
     p = int(padding)
     result = ((p, p), (p, p))
@@ -75,6 +75,11 @@ def padding_pairs(
   if min(result[0] + result[1]) < 0:
     raise ValueError(f'{fn}: padding must be non-negative, got {padding!r}')
   return result  # type: ignore[return-value]
+
+
+def _dim(v):
+  """int for a concrete size; a `jax.export` symbolic size (SAME padding of a symbolic H) stays symbolic."""
+  return v if jax.export.is_symbolic_dim(v) else int(v)
 
 
 def check_rank(x, rank: int, name: str, layout: str, fn: str) -> None:
@@ -110,8 +115,13 @@ def coordinate_dtype(*dtypes) -> np.dtype:
 
 
 def index_dtype(size: int, fn: str) -> np.dtype:
-  """int32 flat indices while they fit; int64 (needs jax_enable_x64) beyond."""
-  if size < 2**31:
+  """int32 flat indices while they fit; int64 (needs jax_enable_x64) beyond.
+
+  A symbolic size (an input exported with `jax.export` symbolic shapes) cannot
+  be checked at trace time and gets int32: such an export serves inputs of
+  fewer than 2**31 elements.
+  """
+  if jax.export.is_symbolic_dim(size) or size < 2**31:
     return np.dtype(np.int32)
   if jnp.zeros((), jnp.int64).dtype != np.int64:
     raise ValueError(

@@ -1,30 +1,30 @@
 """Deformable convolution (DCNv1 offsets, DCNv2 modulation) from gather + einsum.
 
-The op walks the flattened output pixels (n, ho, wo) in chunks. Per chunk it
-builds the bilinearly sampled columns `[chunk, kh*kw, C]` (four corner gathers
-fused with their weights) and contracts them with the kernel in one einsum.
-Chunking is what makes it fast on CPU as well as bounded in memory: a columns
-buffer that stays in cache beats one that is written out to RAM (measured in
-experiments/bench_ops.py), and the chunk body is rematerialised so that the
-backward pass never stores more than one chunk of columns either.
+The op builds the bilinearly sampled columns `[pixels, kh*kw, C]` of the
+flattened output pixels (n, ho, wo) (four corner gathers fused with their
+weights) and contracts them with the kernel in one einsum. How many pixels one
+pass holds is an execution policy chosen per backend at lowering time
+(`deformjax.ops._policy`): cache-sized chunks walked by `lax.map` on CPU, one
+pass on GPU/TPU while the columns fit a memory budget, equal blocks beyond it.
+The pass body is rematerialised, so the backward pass never stores more than
+one pass of columns either.
 """
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from deformjax.ops import _args
+from deformjax.ops import _args, _policy
+from deformjax.ops._policy import ACCELERATOR_MEMORY_BUDGET, CPU_CHUNK_BYTES
 from deformjax.ops.sampling import bilinear_corners, gather_corners
 
-# Columns bytes per chunk when the caller does not choose: large enough that the
-# per-iteration overhead is amortised, small enough to stay in L2 on CPU. Swept
-# 0.25-8 MiB on the benchmark shapes: 0.5 MiB gave the best forward+backward
-# (2.1-2.4x of lax.conv vs 3.2-3.3x at 2 MiB) at the same forward time.
-DEFAULT_CHUNK_BYTES = 512 * 1024
+# Kept for callers of the CPU-era name: the CPU chunk size in columns bytes.
+DEFAULT_CHUNK_BYTES = CPU_CHUNK_BYTES
 # Bytes of precomputed corner rows + weights made at once (see deform_conv2d):
 # 8 per sample point, i.e. 8*offset_groups/C of the whole columns buffer.
 INDEX_BLOCK_BYTES = 64 * 1024 * 1024
@@ -56,7 +56,7 @@ def output_size(
   pads = _args.padding_pairs(padding, in_hw, window, (sh, sw), fn)
   sizes = []
   for size, (lo, hi), win, s, axis in zip(in_hw, pads, window, (sh, sw), 'HW'):
-    if size + lo + hi < win:
+    if _policy.known_le(win, size + lo + hi) is False:
       raise ValueError(
           f'{fn}: padded input {axis} = {size}+{lo}+{hi} is smaller than the dilated kernel '
           f'({win}); no output position exists'
@@ -80,6 +80,8 @@ def deform_conv2d(
     precision=None,
     preferred_element_type=None,
     chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    deterministic: bool = False,
 ) -> jax.Array:
   """Deformable 2-D convolution, NHWC, with torchvision's semantics.
 
@@ -107,18 +109,37 @@ def deform_conv2d(
     dilation: int or (dh, dw).
     groups: feature groups (C and C_out divisible by it).
     offset_groups: groups of input channels sharing one offset field.
-    precision: passed to the contraction with the kernel.
+    precision: passed to the contraction with the kernel. float32 follows
+      JAX's default matmul precision, which on recent NVIDIA GPUs (A100, H100)
+      and TPUs is TF32 / bf16-pass arithmetic (~3e-4 relative); pass
+      `precision='highest'` (or set `jax_default_matmul_precision='highest'`)
+      for float32-exact results. The sampling itself is always exact.
     preferred_element_type: output dtype; by default the promoted dtype of
       inputs and kernel. Sampling and accumulation happen in float32 for
       bfloat16/float16 inputs (float64 for float64).
-    chunk_size: output pixels (over N*Ho*Wo) per chunk. The sampled-columns
-      buffer of one chunk is `chunk_size*kh*kw*C*4` bytes (8 for float64), and
-      it bounds the temporary memory of the forward and backward passes. None
-      picks chunks of about 0.5 MiB. Besides the chunk, both passes keep the
-      corner rows and weights of the sample points: 32 bytes per point and
+    chunk_size: output pixels (over N*Ho*Wo) per pass: on CPU it replaces the
+      cache-sized default chunk, on GPU/TPU it caps the pass. One pass holds a
+      sampled-columns buffer of `chunk_size*kh*kw*C*4` bytes (8 for float64),
+      which bounds the temporary memory of the forward and backward passes.
+      None leaves it to the execution policy below.
+    memory_budget: most bytes of sampled columns one pass may hold. The policy
+      is chosen for the platform the function is lowered for (also by
+      `jax.export(..., platforms=[...])` on another host): on GPU/TPU the op
+      runs in one pass while the whole columns buffer fits the budget (None:
+      `ACCELERATOR_MEMORY_BUDGET`, 1 GiB) and in equal blocks beyond it; on CPU
+      it walks cache-sized chunks (`CPU_CHUNK_BYTES`, 0.5 MiB, or the budget if
+      smaller), which is fastest there. Besides the columns, both passes keep
+      the corner rows and weights of the sample points: 32 bytes per point and
       offset group (48 for float64), `8*offset_groups/C` of the whole float32
-      columns buffer, made per block of chunks past `INDEX_BLOCK_BYTES`
-      (64 MiB).
+      columns buffer, made per block of chunks past `INDEX_BLOCK_BYTES`.
+      With a symbolic batch (`jax.export`) the choice between one pass and
+      chunks is made when the exported function is called with real shapes.
+    deterministic: make every gradient bit-identical run to run. XLA's GPU
+      scatter-add uses atomics in no fixed order; with this flag the input
+      gradient is a sorted segment sum instead (`sampling.sorted_segment_sum`)
+      when lowered for GPU/TPU, at a cost in speed. CPU is deterministic
+      either way. It trades forward-mode autodiff (`jax.jvp`, `jacfwd`) away:
+      reverse mode (`grad`, `vjp`, grad of grad), `vmap` and `checkpoint` work.
 
   Returns:
     `[N, Ho, Wo, C_out]`.
@@ -165,10 +186,11 @@ def deform_conv2d(
   if bias is not None:
     _args.check_floating(bias, 'bias', fn)
     _args.check_shape(bias, (cout,), 'bias', '[C_out]', fn)
-  if chunk_size is not None and (
-      not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1
-  ):
-    raise ValueError(f'{fn}: chunk_size must be a positive int or None, got {chunk_size!r}')
+  for name, value in (('chunk_size', chunk_size), ('memory_budget', memory_budget)):
+    if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
+      raise ValueError(f'{fn}: {name} must be a positive int or None, got {value!r}')
+  if not isinstance(deterministic, (bool, np.bool_)):
+    raise ValueError(f'{fn}: deterministic must be a bool, got {deterministic!r}')
 
   compute_dtype = _args.promote(inputs.dtype, kernel.dtype)
   acc_dtype = _args.promote(compute_dtype, jnp.float32)
@@ -178,29 +200,12 @@ def deform_conv2d(
   kernel = kernel.astype(compute_dtype)
 
   pixels = n * ho * wo
-  if pixels == 0 or h * w * c == 0:
+  if _policy.known_le(pixels, 0) or _policy.known_le(h * w * c, 0):
     # Nothing to sample: every tap reads zero, the result is the bias alone.
     out = jnp.zeros((n, ho, wo, cout), acc_dtype)
     if bias is not None:
       out = out + bias.astype(acc_dtype).reshape(1, 1, 1, cout)
     return out.astype(out_dtype)
-
-  if chunk_size is None:
-    chunk_size = max(1, DEFAULT_CHUNK_BYTES // (taps * c * acc_dtype.itemsize))
-  chunk = min(int(chunk_size), pixels)
-  num_chunks = -(-pixels // chunk)
-  # Corner rows and weights are computed in one vectorised pass and handed to
-  # the chunk loop as arrays. Computed inside the chunk body, XLA fuses the whole
-  # index arithmetic into the gather and redoes it for every channel (measured
-  # 1.4-1.7x slower forward). Those arrays (8 per sample point) are made for all
-  # pixels at once while they fit INDEX_BLOCK_BYTES, else per block of chunks.
-  point_bytes = taps * og * (4 + cdtype.itemsize) * 4
-  per_block = max(1, min(num_chunks, INDEX_BLOCK_BYTES // max(1, chunk * point_bytes)))
-  num_blocks = -(-num_chunks // per_block)
-  per_block = -(-num_chunks // num_blocks)
-  block = per_block * chunk
-  padded = num_blocks * block
-  idx_dtype = _args.index_dtype(max(n * h * w * og, padded), fn)
 
   cg = c // og
   # Sampled in the accumulation dtype: for bf16/f16 inputs the backward's
@@ -210,12 +215,8 @@ def deform_conv2d(
   # Offsets and mask are re-laid out tap-major ([.., K, G, ..]) before sampling,
   # so the sampled columns come out as [chunk, K, C] without transposing them.
   off = offsets.reshape(pixels, og, taps, 2).transpose(0, 2, 1, 3)
-  off = jnp.pad(off, ((0, padded - pixels), (0, 0), (0, 0), (0, 0))).reshape(num_blocks, block, taps, og, 2)
-  xs = [jnp.arange(num_blocks, dtype=idx_dtype), off]
-  if mask is not None:
-    m = mask.reshape(pixels, og, taps).transpose(0, 2, 1)
-    xs.append(jnp.pad(m, ((0, padded - pixels), (0, 0), (0, 0))).reshape(num_blocks, block, taps, og))
-
+  m = None if mask is None else mask.reshape(pixels, og, taps).transpose(0, 2, 1)
+  idx_dtype = _args.index_dtype(n * h * w * og, fn)
   tap_i = np.repeat(np.arange(kh), kw) * dh
   tap_j = np.tile(np.arange(kw), kh) * dw
   group_row = jnp.arange(og, dtype=idx_dtype)
@@ -224,10 +225,9 @@ def deform_conv2d(
   else:
     w_grp = kernel.reshape(taps, cin_g, groups, cout // groups)
 
-  def corners(args):
-    """Flat table rows and weights of the four corners, 2 x 4 x [per_block, chunk*K*G]."""
-    bi, off_b = args[0], args[1]
-    p = bi * block + jnp.arange(block, dtype=idx_dtype)
+  def corners(start, count, off_b, m_b):
+    """Flat table rows and weights of the four corners of `count` pixels from `start`, 2 x 4 x [count*K*G]."""
+    p = start + jnp.arange(count, dtype=idx_dtype)
     # Padding pixels past the end reuse the last image; their mask/offsets are 0
     # and their outputs are sliced off.
     img = jnp.minimum(p // (ho * wo), n - 1)
@@ -236,60 +236,114 @@ def deform_conv2d(
     ox = (rem % wo) * sw - pl
     y = oy.astype(cdtype)[:, None, None] + jnp.asarray(tap_i, cdtype)[None, :, None] + off_b[..., 0].astype(cdtype)
     x = ox.astype(cdtype)[:, None, None] + jnp.asarray(tap_j, cdtype)[None, :, None] + off_b[..., 1].astype(cdtype)
-    idx, wts = bilinear_corners(y, x, h, w, idx_dtype)  # 4 x [block, K, G]
-    if mask is not None:
-      wts = tuple(wt * args[2].astype(cdtype) for wt in wts)
+    idx, wts = bilinear_corners(y, x, h, w, idx_dtype)  # 4 x [count, K, G]
+    if m_b is not None:
+      wts = tuple(wt * m_b.astype(cdtype) for wt in wts)
     image_start = (img * (h * w))[:, None, None]
-    rows = tuple(((image_start + i) * og + group_row[None, None, :]).reshape(per_block, -1) for i in idx)
-    return rows, tuple(wt.reshape(per_block, -1) for wt in wts)
+    rows = tuple(((image_start + i) * og + group_row[None, None, :]).reshape(-1) for i in idx)
+    return rows, tuple(wt.reshape(-1) for wt in wts)
 
-  def chunk_body(args):
-    rows, wts = args
-    cols = gather_corners(table, rows, wts, acc_dtype)  # [chunk*K*G, C/G]
+  def columns_times_kernel(corner_arrays):
+    """One pass: sample the columns of its pixels and contract them, -> [count, C_out]."""
+    rows, wts = corner_arrays
+    cols = gather_corners(table, rows, wts, acc_dtype, deterministic)  # [count*K*G, C/G]
     cols = cols.astype(compute_dtype)
     if groups == 1:
-      return jnp.dot(
-          cols.reshape(chunk, taps * c), w_mat, precision=precision, preferred_element_type=acc_dtype
-      )
-    cols = cols.reshape(chunk, taps, groups, cin_g)
+      return jnp.dot(cols.reshape(-1, taps * c), w_mat, precision=precision, preferred_element_type=acc_dtype)
     out = jnp.einsum(
-        'bkgc,kcgo->bgo', cols, w_grp, precision=precision, preferred_element_type=acc_dtype
+        'bkgc,kcgo->bgo', cols.reshape(-1, taps, groups, cin_g), w_grp, precision=precision,
+        preferred_element_type=acc_dtype,
     )
-    return out.reshape(chunk, cout)
+    return out.reshape(-1, cout)
 
-  # prevent_cse=False is safe inside lax.map (scan already keeps the
-  # rematerialised body from being merged with the forward one).
-  remat_chunk = jax.checkpoint(chunk_body, prevent_cse=False)
-  if num_blocks == 1:
-    # All corners at top level: computed once and kept for the backward pass,
-    # and 1.25x faster forward than inside an outer loop (measured, N=8 64x64x64).
-    rows, wts = corners(tuple(a[0] for a in xs))
-    out = lax.map(remat_chunk, (rows, wts))
+  def one_pass(off, m):
+    # Corners at top level, computed once and kept for the backward pass; the
+    # columns are rematerialised there instead of stored.
+    return jax.checkpoint(columns_times_kernel)(corners(0, pixels, off, m))
+
+  def chunked(cap, off, m):
+    if _policy.is_symbolic(pixels):
+      # Chunks of `cap` pixels over a symbolic count: the corners of all of them
+      # are made at once (one block), since the block count cannot be balanced.
+      chunk, num_chunks, per_block, num_blocks = cap, -(-pixels // cap), -(-pixels // cap), 1
+    else:
+      num_chunks = -(-pixels // cap)
+      chunk = -(-pixels // num_chunks)  # balanced: the last chunk is not mostly padding
+      point_bytes = taps * og * (4 + cdtype.itemsize) * 4
+      per_block = max(1, min(num_chunks, INDEX_BLOCK_BYTES // max(1, chunk * point_bytes)))
+      num_blocks = -(-num_chunks // per_block)
+      per_block = -(-num_chunks // num_blocks)
+    block = per_block * chunk
+    padded = num_blocks * block
+    pad = lambda a: jnp.pad(a, ((0, padded - pixels),) + ((0, 0),) * (a.ndim - 1))
+    off_blocks = pad(off).reshape((num_blocks, block) + off.shape[1:])
+    m_blocks = None if m is None else pad(m).reshape((num_blocks, block) + m.shape[1:])
+    per_chunk = lambda arrays: tuple(tuple(a.reshape(per_block, -1) for a in part) for part in arrays)
+    # prevent_cse=False is safe inside lax.map (scan already keeps the
+    # rematerialised body from being merged with the forward one).
+    remat_chunk = jax.checkpoint(columns_times_kernel, prevent_cse=False)
+    if num_blocks == 1:
+      # All corners at top level: computed once and kept for the backward pass,
+      # and 1.25x faster forward than inside an outer loop (measured, N=8 64x64x64).
+      out = lax.map(remat_chunk, per_chunk(corners(0, block, off_blocks[0], None if m is None else m_blocks[0])))
+    else:
+      def block_body(args):
+        bi, off_b = args[0], args[1]
+        m_b = args[2] if len(args) > 2 else None
+        return lax.map(remat_chunk, per_chunk(corners(bi * block, block, off_b, m_b)))
+
+      xs = (jnp.arange(num_blocks, dtype=idx_dtype), off_blocks) + (() if m is None else (m_blocks,))
+      out = lax.map(jax.checkpoint(block_body, prevent_cse=False), xs)
+    return out.reshape(padded, cout)[:pixels]
+
+  def run(cap, off, m):
+    fits = _policy.known_le(pixels, cap)
+    if fits is None:
+      # Symbolic batch: decided by the real shapes once the export is called
+      # (shape refinement makes the predicate a constant that XLA folds).
+      fits = jnp.asarray(pixels, np.int64 if idx_dtype == np.int64 else np.int32) <= cap
+      return lax.cond(fits, one_pass, functools.partial(chunked, cap), off, m)
+    return one_pass(off, m) if fits else chunked(cap, off, m)
+
+  bytes_per_pixel = taps * c * acc_dtype.itemsize
+  caps = {where: _policy.pixels_per_pass(bytes_per_pixel, chunk_size, memory_budget, where)
+          for where in ('cpu', 'accelerator')}
+  same_structure = caps['cpu'] == caps['accelerator'] or (
+      _policy.known_le(pixels, caps['cpu']) and _policy.known_le(pixels, caps['accelerator']))
+  if same_structure:
+    out = run(caps['cpu'], off, m)
   else:
-    block_body = lambda args: lax.map(remat_chunk, corners(args))
-    out = lax.map(jax.checkpoint(block_body, prevent_cse=False), tuple(xs))
-  out = out.reshape(padded, cout)[:pixels].reshape(n, ho, wo, cout)
+    out = _policy.by_platform(functools.partial(run, caps['cpu']), functools.partial(run, caps['accelerator']),
+                              off, m)
+  out = out.reshape(n, ho, wo, cout)
   if bias is not None:
     out = out + bias.astype(acc_dtype).reshape(1, 1, 1, cout)
   return out.astype(out_dtype)
 
 
 def columns_bytes(
-    inputs_shape, kernel_shape, offsets_shape, dtype=jnp.float32, chunk_size: int | None = None
+    inputs_shape, kernel_shape, offsets_shape, dtype=jnp.float32, chunk_size: int | None = None,
+    memory_budget: int | None = None, platform: str | None = None,
 ) -> int:
-  """Bytes of the sampled-columns buffer one chunk of `deform_conv2d` needs.
+  """Bytes of the sampled-columns buffer one pass of `deform_conv2d` holds.
 
-  Useful to pick `chunk_size` for a memory budget: columns bytes are
-  `chunk_size * kh * kw * C * itemsize(accumulation dtype)`.
+  Follows the op's execution policy for `platform` ('cpu', 'gpu', 'tpu', ...;
+  None: JAX's default backend): columns bytes are
+  `pixels_per_pass * kh * kw * C * itemsize(accumulation dtype)`, where
+  `pixels_per_pass` is at most `chunk_size` and at most what `memory_budget`
+  (or the platform's default) allows. Useful to pick either for a memory budget.
   """
   _, _, _, c = inputs_shape
   kh, kw = kernel_shape[:2]
   n, ho, wo = offsets_shape[:3]
   itemsize = _args.promote(dtype, jnp.float32).itemsize
-  pixels = n * ho * wo
-  if chunk_size is None:
-    chunk_size = max(1, DEFAULT_CHUNK_BYTES // (kh * kw * c * itemsize))
-  return min(chunk_size, max(pixels, 1)) * kh * kw * c * itemsize
+  bytes_per_pixel = kh * kw * c * itemsize
+  pixels = max(n * ho * wo, 1)
+  where = 'cpu' if (platform or jax.default_backend()) == 'cpu' else 'accelerator'
+  cap = _policy.pixels_per_pass(bytes_per_pixel, chunk_size, memory_budget, where)
+  num_chunks = -(-pixels // cap)
+  return -(-pixels // num_chunks) * bytes_per_pixel
 
 
-__all__ = ['deform_conv2d', 'output_size', 'columns_bytes', 'DEFAULT_CHUNK_BYTES']
+__all__ = ['ACCELERATOR_MEMORY_BUDGET', 'CPU_CHUNK_BYTES', 'DEFAULT_CHUNK_BYTES', 'INDEX_BLOCK_BYTES',
+           'columns_bytes', 'deform_conv2d', 'output_size']

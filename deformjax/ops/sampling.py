@@ -9,8 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from deformjax.ops import _args
+from deformjax.ops import _args, _policy
 
 
 def floor_and_fractions(y, x, idx_dtype):
@@ -41,10 +42,16 @@ def bilinear_corners(y: jax.Array, x: jax.Array, height: int, width: int, idx_dt
     fuses each into its gather rather than materialising a stacked index buffer.
   """
   finite = jnp.isfinite(y) & jnp.isfinite(x)
+  if _policy.is_symbolic(height, width):
+    # Sizes exported as symbolic dimensions: turned into traced scalars.
+    height, width = (jnp.asarray(d, idx_dtype) for d in (height, width))
+    y_max, x_max = ((d + 1).astype(y.dtype) for d in (height, width))
+  else:
+    y_max, x_max = height + 1.0, width + 1.0
   # Points at or beyond -1 / H read zero anyway; clipping to just past that keeps
   # floor() and the integer cast in range for 1e30 and inf, without changing any value.
-  y = jnp.clip(jnp.where(finite, y, -2.0), -2.0, height + 1.0)
-  x = jnp.clip(jnp.where(finite, x, -2.0), -2.0, width + 1.0)
+  y = jnp.clip(jnp.where(finite, y, -2.0), -2.0, y_max)
+  x = jnp.clip(jnp.where(finite, x, -2.0), -2.0, x_max)
   y0i, x0i, ly, lx, hy, hx = floor_and_fractions(y, x, idx_dtype)
   indices, weights = [], []
   for dy, dx, wt in ((0, 0, hy * hx), (0, 1, hy * lx), (1, 0, ly * hx), (1, 1, ly * lx)):
@@ -56,7 +63,72 @@ def bilinear_corners(y: jax.Array, x: jax.Array, height: int, width: int, idx_dt
   return tuple(indices), tuple(weights)
 
 
-def gather_corners(table: jax.Array, indices, weights, acc_dtype) -> jax.Array:
+def _gather_sum(table: jax.Array, indices, weights) -> jax.Array:
+  """sum_c weights[c] * table[indices[c]] as `[M, F]`, indices/weights flat `[M]`."""
+  out = None
+  for idx, w in zip(indices, weights):
+    vals = table.at[idx].get(mode='promise_in_bounds')
+    term = vals * w[:, None].astype(table.dtype)
+    out = term if out is None else out + term
+  return out
+
+
+def sorted_segment_sum(values: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+  """`jax.ops.segment_sum` with a result that does not depend on execution order.
+
+  Rows of `values` `[M, F]` are summed into `[num_segments, F]` by
+  `segment_ids` `[M]` (any order; ids outside `[0, num_segments)` are dropped).
+  A stable sort groups equal ids, a segmented inclusive `lax.associative_scan`
+  sums each group in a fixed tree order, and the last row of each group is
+  written with a scatter whose targets are unique. No atomics: the result is
+  bit-identical run to run on GPU, unlike XLA's scatter-add there.
+  """
+  m, f = values.shape
+  if m == 0:
+    return jnp.zeros((num_segments, f), values.dtype)
+  order = lax.iota(segment_ids.dtype, m)
+  keys, order = lax.sort((segment_ids, order), num_keys=1, is_stable=True)
+  sorted_values = values.at[order].get(mode='promise_in_bounds')
+  boundary = keys[1:] != keys[:-1]
+  true = jnp.ones((1,), bool)
+  starts = jnp.concatenate([true, boundary])
+  ends = jnp.concatenate([boundary, true])
+
+  def combine(a, b):
+    (start_a, sum_a), (start_b, sum_b) = a, b
+    return start_a | start_b, jnp.where(start_b[:, None], sum_b, sum_a + sum_b)
+
+  _, sums = lax.associative_scan(combine, (starts, sorted_values))
+  targets = jnp.where(ends, keys, num_segments)  # one writer per segment; the rest dropped
+  return jnp.zeros((num_segments, f), values.dtype).at[targets].set(sums, mode='drop')
+
+
+@jax.custom_vjp
+def _gather_sum_sorted(table, indices, weights):
+  return _gather_sum(table, indices, weights)
+
+
+def _gather_sum_sorted_fwd(table, indices, weights):
+  return _gather_sum(table, indices, weights), (table, indices, weights)
+
+
+def _gather_sum_sorted_bwd(res, g):
+  table, indices, weights = res
+  d_table = None
+  for idx, w in zip(indices, weights):
+    part = sorted_segment_sum(w[:, None].astype(g.dtype) * g, idx, table.shape[0])
+    d_table = part if d_table is None else d_table + part
+  d_weights = tuple(
+      jnp.sum(table.at[idx].get(mode='promise_in_bounds') * g, axis=-1).astype(w.dtype)
+      for idx, w in zip(indices, weights)
+  )
+  return d_table, (None,) * len(indices), d_weights
+
+
+_gather_sum_sorted.defvjp(_gather_sum_sorted_fwd, _gather_sum_sorted_bwd)
+
+
+def gather_corners(table: jax.Array, indices, weights, acc_dtype, deterministic: bool = False) -> jax.Array:
   """sum_c weights[c] * table[indices[c]] -> `S + (table.shape[1],)`.
 
   `table` is `[rows, F]`; `indices` and `weights` are 4-tuples of arrays of
@@ -70,14 +142,21 @@ def gather_corners(table: jax.Array, indices, weights, acc_dtype) -> jax.Array:
   table's gradient accumulates in it too (float32 for bf16/f16 tables: exact
   to f32, and 3x faster on CPU than a bf16 scatter). Callers inside a loop
   should pass a table already in `acc_dtype`, so the cast is not repeated.
+
+  `deterministic=True` makes the table's gradient bit-identical run to run on
+  every backend: lowered for CPU it is the plain scatter-add (XLA:CPU applies
+  updates in order); for GPU/TPU it is `sorted_segment_sum`, through a
+  `jax.custom_vjp`, so it supports reverse mode (grad, vjp, grad of grad) and
+  not forward mode (jvp, jacfwd).
   """
   shape = indices[0].shape
   table = table.astype(acc_dtype)
-  out = None
-  for idx, w in zip(indices, weights):
-    vals = table.at[idx.reshape(-1)].get(mode='promise_in_bounds')
-    term = vals * w.reshape(-1, 1).astype(acc_dtype)
-    out = term if out is None else out + term
+  flat_idx = tuple(i.reshape(-1) for i in indices)
+  flat_w = tuple(w.reshape(-1) for w in weights)
+  if deterministic:
+    out = _policy.by_platform(_gather_sum, _gather_sum_sorted, table, flat_idx, flat_w)
+  else:
+    out = _gather_sum(table, flat_idx, flat_w)
   return out.reshape(shape + (table.shape[1],))
 
 

@@ -1,0 +1,83 @@
+"""Execution policy of the sampling ops: how much sampled data one pass may hold, per backend.
+
+The right loop structure depends on the hardware the function is *lowered* for,
+not on the host that traced it. On CPU, cache-sized chunks walked by `lax.map`
+are fastest (the columns stay in L2). On a GPU each loop iteration costs a
+handful of kernel launches: 0.5 MiB chunks made `deform_conv2d` 30x slower than
+one pass on an H100, and even 4 chunks of 256 MiB cost 1.6x over one pass
+(`../shared/gpu/MEASURED-2026-11-27.md`). So accelerators run in one pass while
+the sampled columns fit a memory budget and split only beyond it.
+
+`by_platform` makes that choice with `lax.platform_dependent`, so a function
+exported with `jax.export(..., platforms=['cuda'])` on a CPU host carries the
+GPU structure, and a multi-platform export carries both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from jax import export, lax
+
+# Columns bytes per chunk on CPU: large enough that the per-iteration overhead is
+# amortised, small enough to stay in L2. Swept 0.25-8 MiB on the CPU benchmark
+# shapes: 0.5 MiB gave the best forward+backward (2.1-2.4x of lax.conv against
+# 3.2-3.3x at 2 MiB) at the same forward time.
+CPU_CHUNK_BYTES = 512 * 1024
+
+# Columns bytes one pass may hold on GPU/TPU before the op splits the work into
+# equal blocks. 1 GiB holds the largest DCNv4 operator shape (N=64, 56x56x128:
+# 924 MB of float32 columns) in one pass; forward+backward then needs about twice
+# that in temporaries, which fits a 16 GB Colab T4 as well as an H100. Override
+# per call with `memory_budget=`, or for a whole program by assigning this
+# attribute before tracing (it is read at trace time).
+ACCELERATOR_MEMORY_BUDGET = 1024**3
+
+
+def is_symbolic(*dims) -> bool:
+  """True if any dimension is a `jax.export` symbolic dimension."""
+  return any(export.is_symbolic_dim(d) for d in dims)
+
+
+def known_le(a, b) -> bool | None:
+  """`a <= b` for possibly symbolic dims: True/False when decidable, None when not."""
+  try:
+    return bool(a <= b)
+  except Exception:  # InconclusiveDimensionOperation: depends on the symbolic value
+    return None
+
+
+def pixels_per_pass(
+    bytes_per_pixel: int,
+    chunk_size: int | None,
+    memory_budget: int | None,
+    platform: str,
+) -> int:
+  """Most output pixels one pass (one chunk) may hold on `platform` ('cpu' or 'accelerator').
+
+  CPU: `chunk_size` if given, else cache-sized chunks (`CPU_CHUNK_BYTES`);
+  accelerators: what `ACCELERATOR_MEMORY_BUDGET` allows, capped by `chunk_size`.
+  An explicit `memory_budget` caps both.
+  """
+  if platform == 'cpu' and chunk_size is not None:
+    budget = memory_budget
+  elif platform == 'cpu':
+    budget = CPU_CHUNK_BYTES if memory_budget is None else min(memory_budget, CPU_CHUNK_BYTES)
+  else:
+    budget = ACCELERATOR_MEMORY_BUDGET if memory_budget is None else memory_budget
+  caps = [] if chunk_size is None else [int(chunk_size)]
+  if budget is not None:
+    caps.append(max(1, budget // max(1, bytes_per_pixel)))
+  return min(caps)
+
+
+def by_platform(cpu: Callable, accelerator: Callable, *args):
+  """`cpu(*args)` when lowered for CPU, `accelerator(*args)` for GPU/TPU (both traced).
+
+  Both callables must return the same structure of shapes and dtypes.
+  """
+  return lax.platform_dependent(*args, cpu=cpu, default=accelerator)
+
+
+__all__ = ['ACCELERATOR_MEMORY_BUDGET', 'CPU_CHUNK_BYTES', 'by_platform', 'is_symbolic', 'known_le',
+           'pixels_per_pass']
