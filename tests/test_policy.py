@@ -1,0 +1,265 @@
+"""deform_conv2d's per-backend execution policy, symbolic-shape export and deterministic gradients.
+
+What runs on GPU/TPU is checked two ways on a CPU host: its lowering
+(`jax.export(..., platforms=['cuda'|'tpu'])`, the StableHLO read for loops,
+sorts and scatters), and its numbers, by forcing the accelerator branch of
+`_policy.by_platform` so the CPU executes the very structure a GPU would.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import export
+from jax.test_util import check_grads
+
+from deformjax.models import CifarNet, ConvClassifier
+from deformjax.nn import DeformConv
+from deformjax.ops import _policy, columns_bytes, deform_conv2d
+from deformjax.ops.sampling import sorted_segment_sum
+from tests.reference import deform_conv2d_ref
+from tests.test_deform_conv import CASES, Case, away_from_integers, make_inputs, op_kwargs
+
+
+@pytest.fixture
+def accelerator_policy(monkeypatch):
+  """Run the branch that GPU/TPU lowerings get, on this CPU."""
+  monkeypatch.setattr(_policy, 'by_platform', lambda cpu, accelerator, *args: accelerator(*args))
+
+
+def spec(shape, dtype=jnp.float32):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def lowered(fn, args, platforms) -> str:
+  return export.export(jax.jit(fn), platforms=platforms)(*args).mlir_module()
+
+
+def num_loops(module: str) -> int:
+  return module.count('stablehlo.while')
+
+
+def conv_specs(n, hw, c, dtype=jnp.float32):
+  return (spec((n, hw, hw, c), dtype), spec((n, hw, hw, 18), dtype), spec((3, 3, c, c), dtype),
+          spec((n, hw, hw, 9), dtype))
+
+
+def conv(**kw):
+  return lambda x, o, w, m: deform_conv2d(x, o, w, m, padding=1, **kw)
+
+
+def fwd_bwd(**kw):
+  return jax.grad(lambda *a: jnp.sum(conv(**kw)(*a)), argnums=(0, 1, 2, 3))
+
+
+# --- the policy, read off the lowerings -------------------------------------------------------
+
+
+@pytest.mark.parametrize('make', [conv, fwd_bwd], ids=['forward', 'forward+backward'])
+def test_lowering_follows_the_target_platform(make):
+  """64x56x56x128 (924 MB of columns): CPU walks chunks, GPU/TPU run one pass without a loop."""
+  args = conv_specs(64, 56, 128)
+  assert num_loops(lowered(make(), args, ['cpu'])) >= 1
+  assert num_loops(lowered(make(), args, ['cuda'])) == 0
+  assert num_loops(lowered(make(), args, ['tpu'])) == 0
+  # An export for several platforms carries both structures.
+  assert num_loops(lowered(make(), args, ['cpu', 'cuda'])) == num_loops(lowered(make(), args, ['cpu']))
+
+
+def test_accelerators_block_beyond_the_budget():
+  """N=256, 56x56x256 is 7.4 GB of float32 columns: past the 1 GiB default the op loops over blocks."""
+  assert num_loops(lowered(conv(), conv_specs(256, 56, 256), ['cuda'])) >= 1
+  args = conv_specs(64, 56, 128)
+  assert num_loops(lowered(conv(memory_budget=256 * 2**20), args, ['cuda'])) >= 1
+  assert num_loops(lowered(conv(chunk_size=4096), args, ['tpu'])) >= 1  # chunk_size caps every platform
+
+
+def test_small_problems_need_no_platform_switch():
+  """Where both policies give one pass, the op is traced once: a 2-platform export is no larger than a 1-platform one."""
+  args = conv_specs(2, 7, 8)
+  both = lowered(conv(), args, ['cpu', 'cuda'])
+  assert num_loops(both) == 0
+  assert both.count('stablehlo.gather') == lowered(conv(), args, ['cuda']).count('stablehlo.gather') > 0
+
+
+def test_columns_bytes_follows_the_policy():
+  shapes = ((64, 56, 56, 128), (3, 3, 128, 128), (64, 56, 56, 18))
+  full = 64 * 56 * 56 * 9 * 128 * 4
+  assert columns_bytes(*shapes, platform='gpu') == full
+  assert columns_bytes(*shapes, platform='tpu', memory_budget=full // 4) <= full // 4
+  assert columns_bytes(*shapes, platform='cpu') <= _policy.CPU_CHUNK_BYTES
+  assert columns_bytes(*shapes, platform='cpu', chunk_size=1024) == 1024 * 9 * 128 * 4
+  assert columns_bytes(*shapes, platform='gpu', chunk_size=1024) == 1024 * 9 * 128 * 4
+
+
+def test_pixels_per_pass():
+  assert _policy.pixels_per_pass(1024, None, None, 'cpu') == _policy.CPU_CHUNK_BYTES // 1024
+  assert _policy.pixels_per_pass(1024, 7, None, 'cpu') == 7  # explicit chunk replaces the cache-sized one
+  assert _policy.pixels_per_pass(1024, None, None, 'accelerator') == _policy.ACCELERATOR_MEMORY_BUDGET // 1024
+  assert _policy.pixels_per_pass(1024, None, 10 * 1024, 'accelerator') == 10
+  assert _policy.pixels_per_pass(1024, 5, 10 * 1024, 'accelerator') == 5
+  assert _policy.pixels_per_pass(1024, 50, 10 * 1024, 'cpu') == 10
+
+
+def test_the_budget_is_read_at_trace_time(monkeypatch):
+  args = conv_specs(64, 56, 128)
+  monkeypatch.setattr(_policy, 'ACCELERATOR_MEMORY_BUDGET', 64 * 2**20)
+  assert num_loops(lowered(conv(), args, ['cuda'])) >= 1
+
+
+# --- the accelerator structure gives the same numbers -------------------------------------------
+
+
+@pytest.mark.parametrize('case', CASES[:6] + CASES[11:15] + CASES[-2:], ids=str)
+def test_accelerator_policy_matches_reference(case, accelerator_policy):
+  x, off, w, m, b, geo = make_inputs(case)
+  want = deform_conv2d_ref(x, off, w, m, b, groups=case.groups, offset_groups=case.offset_groups, **geo)
+  got = jax.jit(lambda *a: deform_conv2d(*a, **op_kwargs(case)))(x, off, w, m, b)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('budget', [None, 3000, 20_000])
+def test_accelerator_one_pass_and_blocks_give_the_same_gradients(budget, accelerator_policy):
+  """One pass (default budget), many equal blocks (3000 bytes: 12 pixels of 4 channels x 9 taps x 8 B)."""
+  case = Case(n=3, groups=2, offset_groups=2, c=4, cout=4)
+  x, off, w, m, b, _ = make_inputs(case)
+  loss = lambda **kw: lambda *a: jnp.sum(jnp.sin(deform_conv2d(*a, **op_kwargs(case), **kw)))
+  want = jax.grad(loss(chunk_size=5), argnums=(0, 1, 2, 3, 4))(x, off, w, m, b)
+  got = jax.jit(jax.grad(loss(memory_budget=budget), argnums=(0, 1, 2, 3, 4)))(x, off, w, m, b)
+  for g, h in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-11, atol=1e-12)
+
+
+def test_accelerator_policy_gradients_order2(accelerator_policy):
+  case = Case(n=1, hw=(4, 4), c=2, cout=2)
+  x, off, w, m, b, _ = make_inputs(case)
+  check_grads(jax.jit(lambda *a: deform_conv2d(*a, **op_kwargs(case))), (x, away_from_integers(off), w, m, b),
+              order=2, modes=('fwd', 'rev'), atol=1e-6, rtol=1e-6)
+
+
+# --- symbolic shapes --------------------------------------------------------------------------
+
+
+def random_problem(n, h, w, c=4, cout=6, seed=0):
+  rng = np.random.default_rng(seed)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  return (f32(rng.normal(size=(n, h, w, c))), f32(rng.uniform(-3, 3, size=(n, h, w, 18))),
+          f32(rng.normal(size=(3, 3, c, cout)) / 6), f32(rng.uniform(size=(n, h, w, 9))))
+
+
+@pytest.mark.parametrize('dims', ['b, 7, 6', 'b, h, w'])
+@pytest.mark.parametrize('kw', [dict(padding=1), dict(padding='SAME', chunk_size=16), dict(padding=1, chunk_size=5)],
+                         ids=['policy', 'same-chunked', 'chunked'])
+def test_symbolic_export_round_trip(dims, kw):
+  """Serialised with a symbolic batch (and H, W), deserialised, run at two sizes: the concrete op's numbers."""
+  b, h, w = export.symbolic_shape(dims)
+  c, cout = 4, 6
+  f = jax.jit(lambda x, o, k, m: deform_conv2d(x, o, k, m, precision='highest', **kw))
+  exp = export.export(f)(spec((b, h, w, c)), spec((b, h, w, 18)), spec((3, 3, c, cout)), spec((b, h, w, 9)))
+  restored = export.deserialize(exp.serialize())
+  sizes = [(1, 7, 6), (9, 7, 6)] if dims.endswith('7, 6') else [(1, 7, 6), (5, 11, 4)]
+  for n, hh, ww in sizes:
+    args = random_problem(n, hh, ww, c, cout, seed=n)
+    np.testing.assert_allclose(np.asarray(restored.call(*args)), np.asarray(f(*args)), rtol=1e-5, atol=1e-5)
+
+
+def test_symbolic_export_of_the_gradient():
+  (b,) = export.symbolic_shape('b')
+  g = jax.jit(jax.grad(lambda *a: jnp.sum(deform_conv2d(*a, padding=1, precision='highest') ** 2),
+                       argnums=(0, 1, 2, 3)))
+  exp = export.deserialize(export.export(g)(*conv_specs(b, 6, 4)).serialize())
+  for n in (1, 4):
+    args = random_problem(n, 6, 6, 4, 4, seed=n)
+    for got, want in zip(exp.call(*args), g(*args)):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('platform', ['cuda', 'tpu'])
+def test_symbolic_export_lowers_for_accelerators(platform):
+  (b,) = export.symbolic_shape('b')
+  assert 'stablehlo' in lowered(fwd_bwd(), conv_specs(b, 56, 128), [platform])
+
+
+def test_symbolic_batch_module_and_classifier_export():
+  (b,) = export.symbolic_shape('b')
+  for model, shape in ((DeformConv(3, 8, 3, rngs=nnx.Rngs(0)), (16, 16, 3)),
+                       (ConvClassifier(1, 10, deformable=2, modulated=True, rngs=nnx.Rngs(0)), (28, 28, 1)),
+                       (CifarNet(3, 10, deformable='all', rngs=nnx.Rngs(0)), (32, 32, 3))):
+    graphdef, state = nnx.split(model)
+    apply = jax.jit(lambda x: nnx.merge(graphdef, state)(x))  # weights baked in, as for serving
+    exp = export.export(apply)(spec((b,) + shape))
+    restored = export.deserialize(exp.serialize())
+    for n in (1, 3):
+      x = jnp.asarray(np.random.default_rng(n).uniform(size=(n,) + shape), jnp.float32)
+      np.testing.assert_allclose(np.asarray(restored.call(x)), np.asarray(apply(x)), rtol=1e-5, atol=1e-5)
+
+
+# --- deterministic gradients ------------------------------------------------------------------
+
+
+def test_sorted_segment_sum_equals_segment_sum():
+  rng = np.random.default_rng(0)
+  values = jnp.asarray(rng.normal(size=(500, 3)))
+  ids = jnp.asarray(rng.integers(-3, 45, size=500), jnp.int32)  # some dropped, some segments empty
+  got = jax.jit(sorted_segment_sum, static_argnums=2)(values, ids, 40)
+  want = jax.ops.segment_sum(values, ids, 40)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-12)
+  assert sorted_segment_sum(values[:0], ids[:0], 4).shape == (4, 3)
+
+
+def test_deterministic_gradients_equal_the_default(accelerator_policy):
+  case = Case(n=2, groups=2, offset_groups=2, c=4, cout=4, stride=2)
+  x, off, w, m, b, _ = make_inputs(case)
+  loss = lambda det: lambda *a: jnp.sum(jnp.sin(deform_conv2d(*a, **op_kwargs(case), deterministic=det)))
+  want = jax.grad(loss(False), argnums=(0, 1, 2, 3, 4))(x, off, w, m, b)
+  grad = jax.jit(jax.grad(loss(True), argnums=(0, 1, 2, 3, 4)))
+  got = grad(x, off, w, m, b)
+  for g, h in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-11, atol=1e-12)
+  again = grad(x, off, w, m, b)
+  for g, h in zip(got, again):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(h))
+
+
+def test_deterministic_supports_reverse_mode_only(accelerator_policy):
+  case = Case(n=1, hw=(4, 4), c=2, cout=2)
+  x, off, w, m, b, _ = make_inputs(case)
+  f = lambda *a: deform_conv2d(*a, **op_kwargs(case), deterministic=True)
+  check_grads(f, (x, away_from_integers(off), w, m, b), order=2, modes=('rev',), atol=1e-6, rtol=1e-6)
+  vm = jax.vmap(jax.grad(lambda x: jnp.sum(f(x[None], off, w, m, b))))(x)
+  assert vm.shape == x.shape
+  with pytest.raises(TypeError, match='custom_vjp'):
+    jax.jvp(lambda o: f(x, o, w, m, b), (off,), (off,))
+
+
+def scatter_bodies(module: str) -> list[str]:
+  """The update computation of every scatter in a StableHLO module."""
+  return re.findall(r'"stablehlo\.scatter"\(.*?\(\{(.*?)\}\)', module, flags=re.S)
+
+
+def test_deterministic_gpu_lowering_has_no_scatter_add():
+  """For cuda the input gradient is a sort + scan: every scatter left only writes (one writer per row)."""
+  args = conv_specs(2, 8, 4)
+  default = lowered(fwd_bwd(), args, ['cuda'])
+  assert any('add' in body for body in scatter_bodies(default))
+  det = lowered(fwd_bwd(deterministic=True), args, ['cuda'])
+  assert 'stablehlo.sort' in det
+  assert scatter_bodies(det) and not any('add' in body for body in scatter_bodies(det))
+  # On CPU, XLA's scatter is already sequential: the flag changes nothing there.
+  assert 'stablehlo.sort' not in lowered(fwd_bwd(deterministic=True), args, ['cpu'])
+
+
+@pytest.mark.parametrize('override,message', [
+    (dict(memory_budget=0), 'memory_budget must be a positive int or None'),
+    (dict(memory_budget=1.5), 'memory_budget must be a positive int or None'),
+    (dict(deterministic='yes'), 'deterministic must be a bool'),
+])
+def test_bad_policy_arguments(override, message):
+  x, off, w, m = random_problem(1, 5, 5)
+  with pytest.raises(ValueError, match=message):
+    deform_conv2d(x, off, w, m, padding=1, **override)
