@@ -6,9 +6,16 @@ warm-up, with jax.block_until_ready. Ratios are the figures to quote; absolute
 times only with the device named. Writes
 experiments/results/bench_ops_<device>.json and .md.
 
-  python -m experiments.bench_ops                     # the issue's three shapes
+  python -m experiments.bench_ops                     # the platform's default shapes
   python -m experiments.bench_ops --shapes 64,56,128 --repeats 10
   python -m experiments.bench_ops --baseline 52fdbf0  # before/after, side by side
+  python -m experiments.bench_ops --dtype bfloat16 --deterministic   # on a GPU
+
+Default shapes: on CPU the three the CPU work was tuned on; on GPU/TPU DCNv4's
+four operator shapes (64x56x56x128 ... 64x7x7x1024) and the classifier shape
+64x14x14x32. torchvision (where importable) runs the same numbers in float32,
+or in float16 when --dtype is bfloat16/float16 (it has no bf16 kernel).
+`--deterministic` also times forward+backward with `deterministic=True`.
 
 Timings are interleaved: each of `--rounds` rounds times every function
 (ours, lax.conv, the baseline, torchvision) `repeats / rounds` times in turn,
@@ -39,7 +46,8 @@ from jax import lax
 import deformjax
 from deformjax.ops import deform_conv2d
 
-DEFAULT_SHAPES = ((64, 7, 32), (64, 16, 64), (8, 64, 64))  # (N, H=W, C_in=C_out)
+DEFAULT_SHAPES = ((64, 7, 32), (64, 16, 64), (8, 64, 64))  # (N, H=W, C_in=C_out), CPU
+ACCELERATOR_SHAPES = ((64, 56, 128), (64, 28, 256), (64, 14, 512), (64, 7, 1024), (64, 14, 32))
 RESULTS = pathlib.Path(__file__).parent / 'results'
 
 
@@ -119,9 +127,9 @@ def make_problem(n, hw, c, dtype, seed=0):
   return x, off, mask, w, cot
 
 
-def ours_fns(chunk_size, op=deform_conv2d):
+def ours_fns(chunk_size, op=deform_conv2d, **kw):
   def fwd(x, off, mask, w):
-    return op(x, off, w, mask, padding=1, chunk_size=chunk_size)
+    return op(x, off, w, mask, padding=1, chunk_size=chunk_size, **kw)
 
   def fwd_bwd(x, off, mask, w, cot):
     out, vjp = jax.vjp(fwd, x, off, mask, w)
@@ -130,9 +138,10 @@ def ours_fns(chunk_size, op=deform_conv2d):
   return jax.jit(fwd), jax.jit(fwd_bwd)
 
 
-def conv_fns():
+def conv_fns(precision=None):
   def fwd(x, w):
-    return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                    precision=precision)
 
   def fwd_bwd(x, w, cot):
     out, vjp = jax.vjp(fwd, x, w)
@@ -150,12 +159,16 @@ def torchvision_cases(x, off, mask, w, cot):
   except ImportError:
     return None
   dev = 'cuda' if torch.cuda.is_available() else 'cpu'
-  if x.dtype != jnp.float32:
-    return None  # torchvision's kernels have no bf16/f16 path
-  t = lambda a, perm: torch.tensor(np.asarray(a).transpose(perm), device=dev).contiguous().requires_grad_(True)
+  if x.dtype != jnp.float32 and dev == 'cpu':
+    return None  # torchvision's CPU kernel has no half-precision path
+  # torchvision has no bf16 kernel ("deformable_im2col" not implemented for 'BFloat16'):
+  # the half-precision row runs float16 on the same numbers.
+  tdtype = torch.float32 if x.dtype == jnp.float32 else torch.float16
+  host = lambda a, perm: np.asarray(a.astype(jnp.float32)).transpose(perm)
+  t = lambda a, perm: torch.tensor(host(a, perm), device=dev, dtype=tdtype).contiguous().requires_grad_(True)
   tx, toff, tm = t(x, (0, 3, 1, 2)), t(off, (0, 3, 1, 2)), t(mask, (0, 3, 1, 2))
   tw = t(w, (3, 2, 0, 1))
-  tcot = torch.tensor(np.asarray(cot).transpose(0, 3, 1, 2), device=dev).contiguous()
+  tcot = torch.tensor(host(cot, (0, 3, 1, 2)), device=dev, dtype=tdtype).contiguous()
   sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
 
   def fwd():
@@ -167,7 +180,8 @@ def torchvision_cases(x, off, mask, w, cot):
     return torch.autograd.grad(out, (tx, toff, tm, tw), tcot)
 
   synced = lambda fn: lambda: (fn(), sync())
-  versions = {'device': dev, 'torch': torch.__version__, 'torchvision': torchvision.__version__}
+  versions = {'device': dev, 'dtype': str(tdtype).replace('torch.', ''), 'torch': torch.__version__,
+              'torchvision': torchvision.__version__}
   return versions, {'tv_fwd': synced(fwd), 'tv_fwd_bwd': synced(fwd_bwd)}
 
 
@@ -179,24 +193,28 @@ def temp_bytes(jitted, *args) -> int | None:
 
 
 def run(shapes, dtype_name: str, repeats: int, chunk_size: int | None, baseline: str | None = None,
-        rounds: int = 3) -> dict:
+        rounds: int = 3, deterministic: bool = False, precision: str | None = None) -> dict:
   dtype = jnp.dtype(dtype_name)
+  shapes = shapes or (DEFAULT_SHAPES if jax.default_backend() == 'cpu' else ACCELERATOR_SHAPES)
   base_op = load_baseline(baseline) if baseline else None
   per_round = max(1, -(-repeats // rounds))
   rows = []
   for n, hw, c in shapes:
     x, off, mask, w, cot = make_problem(n, hw, c, dtype)
-    o_fwd, o_fb = ours_fns(chunk_size)
-    c_fwd, c_fb = conv_fns()
+    o_fwd, o_fb = ours_fns(chunk_size, precision=precision)
+    c_fwd, c_fb = conv_fns(precision)
     row = {'N': n, 'H': hw, 'W': hw, 'C_in': c, 'C_out': c, 'kernel': [3, 3], 'dtype': dtype_name}
     cases = {
         'conv_fwd': jax_call(c_fwd, x, w), 'ours_fwd': jax_call(o_fwd, x, off, mask, w),
         'conv_fwd_bwd': jax_call(c_fb, x, w, cot), 'ours_fwd_bwd': jax_call(o_fb, x, off, mask, w, cot),
     }
     if base_op is not None:
-      b_fwd, b_fb = ours_fns(chunk_size, base_op)
+      b_fwd, b_fb = ours_fns(chunk_size, base_op, precision=precision)
       cases['base_fwd'] = jax_call(b_fwd, x, off, mask, w)
       cases['base_fwd_bwd'] = jax_call(b_fb, x, off, mask, w, cot)
+    if deterministic:
+      cases['det_fwd_bwd'] = jax_call(ours_fns(chunk_size, precision=precision, deterministic=True)[1],
+                                      x, off, mask, w, cot)
     tv = torchvision_cases(x, off, mask, w, cot)
     if tv is not None:
       cases.update(tv[1])
@@ -212,6 +230,9 @@ def run(shapes, dtype_name: str, repeats: int, chunk_size: int | None, baseline:
       row['base_fwd_bwd_temp_bytes'] = temp_bytes(b_fb, x, off, mask, w, cot)
     row['ours_fwd_bwd_temp_bytes'] = temp_bytes(o_fb, x, off, mask, w, cot)
     row['conv_fwd_bwd_temp_bytes'] = temp_bytes(c_fb, x, w, cot)
+    row['columns_bytes'] = n * hw * hw * 9 * c * 4  # the whole float32 columns buffer
+    if deterministic:
+      row['det_fwd_bwd_ratio_vs_default'] = row['det_fwd_bwd_ms'] / row['ours_fwd_bwd_ms']
     if tv is not None:
       row['torchvision'] = {**tv[0], 'fwd_ms': times['tv_fwd'], 'fwd_bwd_ms': times['tv_fwd_bwd']}
       row['fwd_ratio_vs_torchvision'] = row['ours_fwd_ms'] / times['tv_fwd']
@@ -221,7 +242,9 @@ def run(shapes, dtype_name: str, repeats: int, chunk_size: int | None, baseline:
         f"N={n} {hw}x{hw} {c}->{c} {dtype_name}: fwd {row['ours_fwd_ms']:.2f} ms vs conv {row['conv_fwd_ms']:.2f} ms "
         f"({row['fwd_ratio_vs_conv']:.2f}x); fwd+bwd {row['ours_fwd_bwd_ms']:.2f} ms vs "
         f"{row['conv_fwd_bwd_ms']:.2f} ms ({row['fwd_bwd_ratio_vs_conv']:.2f}x)"
-        + (f"; vs torchvision fwd+bwd {row['fwd_bwd_ratio_vs_torchvision']:.2f}x" if tv else '')
+        + (f"; vs torchvision fwd {row['fwd_ratio_vs_torchvision']:.2f}x, fwd+bwd "
+           f"{row['fwd_bwd_ratio_vs_torchvision']:.2f}x" if tv else '')
+        + (f"; deterministic fwd+bwd {row['det_fwd_bwd_ratio_vs_default']:.2f}x default" if deterministic else '')
         + (f"; baseline {baseline}: {row['base_fwd_ratio_vs_conv']:.2f}x / {row['base_fwd_bwd_ratio_vs_conv']:.2f}x"
            if base_op is not None else ''),
         flush=True,
@@ -234,6 +257,7 @@ def run(shapes, dtype_name: str, repeats: int, chunk_size: int | None, baseline:
                    'jaxlib': jaxlib.__version__, 'deformjax': deformjax.__version__},
       'method': f'median of {rounds} interleaved rounds x {per_round} runs after 2 warm-up runs, jax.jit, '
                 'block_until_ready; fwd+bwd = jax.vjp w.r.t. every input',
+      'precision': precision or 'default',
       'chunk_size': chunk_size,
       'baseline': baseline,
       'rows': rows,
@@ -246,7 +270,10 @@ def to_markdown(result: dict) -> str:
   head += [f'fwd ratio at {base}'] if base else []
   head += ['conv fwd+bwd (ms)', 'ours fwd+bwd (ms)', 'fwd+bwd ratio']
   head += [f'fwd+bwd ratio at {base}'] if base else []
-  head += ['fwd+bwd temp (MiB)', 'torchvision fwd+bwd (ms)', 'ours / torchvision']
+  det = any('det_fwd_bwd_ms' in r for r in result['rows'])
+  head += ['deterministic fwd+bwd (ms)'] if det else []
+  head += ['fwd+bwd temp (MiB)', 'columns (MiB)', 'torchvision fwd / fwd+bwd (ms)',
+           'ours / torchvision fwd', 'ours / torchvision fwd+bwd']
   lines = [
       f"# {result['benchmark']}",
       '',
@@ -266,8 +293,11 @@ def to_markdown(result: dict) -> str:
     cells += [f"{r['base_fwd_ratio_vs_conv']:.2f}x"] if base else []
     cells += [f"{r['conv_fwd_bwd_ms']:.2f}", f"{r['ours_fwd_bwd_ms']:.2f}", f"{r['fwd_bwd_ratio_vs_conv']:.2f}x"]
     cells += [f"{r['base_fwd_bwd_ratio_vs_conv']:.2f}x"] if base else []
-    cells += [mib(r.get('ours_fwd_bwd_temp_bytes'))]
-    cells += [f"{tv['fwd_bwd_ms']:.2f}", f"{r['fwd_bwd_ratio_vs_torchvision']:.2f}x"] if tv else ['not importable', '-']
+    cells += [f"{r['det_fwd_bwd_ms']:.2f}"] if det else []
+    cells += [mib(r.get('ours_fwd_bwd_temp_bytes')), mib(r.get('columns_bytes'))]
+    cells += ([f"{tv['fwd_ms']:.2f} / {tv['fwd_bwd_ms']:.2f} ({tv.get('dtype', 'float32')})",
+               f"{r['fwd_ratio_vs_torchvision']:.2f}x", f"{r['fwd_bwd_ratio_vs_torchvision']:.2f}x"]
+              if tv else ['not importable', '-', '-'])
     lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -281,17 +311,22 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--shapes', type=parse_shape, nargs='+', default=list(DEFAULT_SHAPES), help='N,HW,C triples')
+  parser.add_argument('--shapes', type=parse_shape, nargs='+', default=None,
+                      help='N,HW,C triples; default: the platform\'s shapes (see above)')
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
   parser.add_argument('--repeats', type=int, default=20)
   parser.add_argument('--rounds', type=int, default=3, help='interleaved timing rounds')
   parser.add_argument('--chunk-size', type=int, default=None)
   parser.add_argument('--baseline', default=None, metavar='REV',
                       help='also time deform_conv2d from this git revision, side by side')
+  parser.add_argument('--deterministic', action='store_true', help='also time deterministic=True fwd+bwd')
+  parser.add_argument('--precision', default=None, choices=['default', 'high', 'highest'],
+                      help="contraction precision of ours and lax.conv (default: JAX's, TF32 on NVIDIA GPUs)")
   parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
   parser.add_argument('--tag', default=None, help='file name suffix; default: the platform (cpu/gpu/tpu)')
   args = parser.parse_args(argv)
-  result = run(args.shapes, args.dtype, args.repeats, args.chunk_size, args.baseline, args.rounds)
+  result = run(args.shapes, args.dtype, args.repeats, args.chunk_size, args.baseline, args.rounds,
+               args.deterministic, args.precision)
   tag = args.tag or jax.devices()[0].platform + ('' if args.dtype == 'float32' else f'_{args.dtype}')
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / f'bench_ops_{tag}.json').write_text(json.dumps(result, indent=2) + '\n')

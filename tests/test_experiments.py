@@ -34,6 +34,17 @@ def test_bench_ops_writes_json_and_markdown(tmp_path):
   assert '| 2 | 6x6 | 4->4 |' in (tmp_path / 'bench_ops_t.md').read_text()
 
 
+def test_bench_ops_times_the_deterministic_backward(tmp_path):
+  with jax.numpy_dtype_promotion('standard'):
+    result = bench_ops.main(['--shapes', '2,6,4', '--repeats', '2', '--out', str(tmp_path), '--tag', 't',
+                             '--deterministic', '--precision', 'highest', '--dtype', 'bfloat16'])
+  row = result['rows'][0]
+  assert row['det_fwd_bwd_ms'] > 0 and row['det_fwd_bwd_ratio_vs_default'] > 0
+  assert row['columns_bytes'] == 2 * 6 * 6 * 9 * 4 * 4
+  assert result['precision'] == 'highest'
+  assert 'deterministic fwd+bwd (ms)' in (tmp_path / 'bench_ops_t.md').read_text()
+
+
 def test_scale_study_writes_tables_and_figures(tmp_path):
   from experiments import scale
 

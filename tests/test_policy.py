@@ -106,10 +106,17 @@ def test_pixels_per_pass():
   assert _policy.pixels_per_pass(1024, 50, 10 * 1024, 'cpu') == 10
 
 
-def test_the_budget_is_read_at_trace_time(monkeypatch):
+def test_the_budget_context_applies_to_what_is_traced_inside():
+  from deformjax.ops import accelerator_memory_budget
+
   args = conv_specs(64, 56, 128)
-  monkeypatch.setattr(_policy, 'ACCELERATOR_MEMORY_BUDGET', 64 * 2**20)
-  assert num_loops(lowered(conv(), args, ['cuda'])) >= 1
+  with accelerator_memory_budget(64 * 2**20):
+    assert num_loops(lowered(conv(), args, ['cuda'])) >= 1
+    assert num_loops(lowered(conv(memory_budget=2**31), args, ['cuda'])) == 0  # the argument wins
+  assert num_loops(lowered(conv(), args, ['cuda'])) == 0
+  assert _policy.ACCELERATOR_MEMORY_BUDGET == 2**30
+  with pytest.raises(ValueError, match='nbytes must be a positive int'), accelerator_memory_budget(0):
+    pass
 
 
 # --- the accelerator structure gives the same numbers -------------------------------------------
@@ -261,5 +268,38 @@ def test_deterministic_gpu_lowering_has_no_scatter_add():
 ])
 def test_bad_policy_arguments(override, message):
   x, off, w, m = random_problem(1, 5, 5)
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(TypeError if 'bool' in message else ValueError, match=message):
     deform_conv2d(x, off, w, m, padding=1, **override)
+
+
+@pytest.mark.skipif(jax.default_backend() == 'cpu', reason='atomics only exist on an accelerator backend')
+def test_deterministic_gradients_are_bit_identical_on_this_accelerator():
+  """Thousands of taps sample the same few pixels: atomic float adds land in varying order, the sorted sum not."""
+  rng = np.random.default_rng(0)
+  n, hw, c = 8, 32, 16
+  x = jnp.asarray(rng.normal(size=(n, hw, hw, c)), jnp.float32)
+  off = jnp.asarray(rng.uniform(-0.5, 0.5, size=(n, hw, hw, 18)) + 15.0, jnp.float32)  # all near (16, 16)
+  w = jnp.asarray(rng.normal(size=(3, 3, c, c)) / 12, jnp.float32)
+  grad = lambda det: jax.jit(jax.grad(lambda x: jnp.sum(deform_conv2d(x, off, w, padding=1, deterministic=det) ** 2)))
+  det = grad(True)
+  first = np.asarray(det(x))
+  for _ in range(5):
+    np.testing.assert_array_equal(np.asarray(det(x)), first)
+  np.testing.assert_allclose(first, np.asarray(grad(False)(x)), rtol=1e-4, atol=1e-4 * np.abs(first).max())
+
+
+def test_modules_pass_the_policy_arguments_through(accelerator_policy):
+  """NNX and Linen DeformConv: deterministic=True and a small memory_budget give the default gradients."""
+  from deformjax.nn import linen
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 9, 4)), jnp.float32)
+  nnx_grads, linen_grads = [], []
+  for kw in ({}, dict(deterministic=True, memory_budget=4096)):
+    layer = DeformConv(4, 6, 3, rngs=nnx.Rngs(0), precision='highest', **kw)
+    layer.offset_conv.kernel[...] = 0.1 * jnp.ones_like(layer.offset_conv.kernel[...])  # non-zero offsets
+    nnx_grads.append(nnx.grad(lambda m, x: jnp.sum(m(x) ** 2), argnums=1)(layer, x))
+    twin = linen.DeformConv(features=6, kernel_size=3, precision='highest', **kw)
+    params = twin.init(jax.random.key(0), x)
+    linen_grads.append(jax.grad(lambda x: jnp.sum(twin.apply(params, x) ** 2))(x))
+  np.testing.assert_allclose(np.asarray(nnx_grads[1]), np.asarray(nnx_grads[0]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(linen_grads[1]), np.asarray(linen_grads[0]), rtol=1e-5, atol=1e-5)

@@ -27,8 +27,19 @@ CASES = [
 ]
 
 
+def rel_l2(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300))
+
+
+# float32 at precision='highest' (JAX's default runs float32 contractions in TF32
+# on recent NVIDIA GPUs, ~3e-4; torchvision's kernel does not); float64 exact.
+TOLERANCE = {'float64': 1e-12, 'float32': 1e-5}
+
+
+@pytest.mark.parametrize('dtype', ['float64', 'float32'])
 @pytest.mark.parametrize('case', CASES, ids=str)
-def test_parity_forward_and_gradients(case):
+def test_parity_forward_and_gradients(case, dtype):
   rng = np.random.default_rng(0)
   n, c, h, w, cout, kh, kw = 2, 8, 9, 7, 6, 3, 3
   x = rng.normal(size=(n, c, h, w))
@@ -41,24 +52,27 @@ def test_parity_forward_and_gradients(case):
   og = case['offset_groups']
   offset = rng.uniform(-3, 3, size=(n, 2 * og * kh * kw, ho, wo))
   mask = rng.uniform(0, 1, size=(n, og * kh * kw, ho, wo)) if case['mask'] else None
+  cot = rng.normal(size=(n, cout, ho, wo))
 
-  t = lambda a: None if a is None else torch.tensor(a, dtype=torch.float64, device=DEVICE, requires_grad=True)
+  tdtype = getattr(torch, dtype)
+  t = lambda a: None if a is None else torch.tensor(a, dtype=tdtype, device=DEVICE, requires_grad=True)
   tx, tw, tb, toff, tm = t(x), t(weight), t(bias), t(offset), t(mask)
   tout = torchvision.ops.deform_conv2d(tx, toff, tw, tb, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), mask=tm)
-  cot = rng.normal(size=tuple(tout.shape))
-  tout.backward(torch.tensor(cot, dtype=torch.float64, device=DEVICE))
+  tout.backward(torch.tensor(cot, dtype=tdtype, device=DEVICE))
 
-  nhwc = lambda a: None if a is None else jnp.asarray(np.transpose(a, (0, 2, 3, 1)))
-  args = (nhwc(x), nhwc(offset), jnp.asarray(np.transpose(weight, (2, 3, 1, 0))), nhwc(mask), jnp.asarray(bias))
+  nhwc = lambda a: None if a is None else jnp.asarray(np.transpose(a, (0, 2, 3, 1)), dtype)
+  args = (nhwc(x), nhwc(offset), jnp.asarray(np.transpose(weight, (2, 3, 1, 0)), dtype), nhwc(mask),
+          jnp.asarray(bias, dtype))
   f = lambda *a: deform_conv2d(*a, strides=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=case['groups'],
-                               offset_groups=og)
+                               offset_groups=og, precision='highest')
   out, vjp = jax.vjp(f, *args)
-  np.testing.assert_allclose(np.asarray(out), tout.detach().cpu().numpy().transpose(0, 2, 3, 1), atol=1e-8)
-  gx, goff, gw, gm, gb = vjp(jnp.asarray(cot.transpose(0, 2, 3, 1)))
+  tol = TOLERANCE[dtype]
   back = lambda g: g.grad.detach().cpu().numpy()
-  np.testing.assert_allclose(np.asarray(gx), back(tx).transpose(0, 2, 3, 1), atol=1e-8)
-  np.testing.assert_allclose(np.asarray(goff), back(toff).transpose(0, 2, 3, 1), atol=1e-7)
-  np.testing.assert_allclose(np.asarray(gw), back(tw).transpose(2, 3, 1, 0), atol=1e-8)
-  np.testing.assert_allclose(np.asarray(gb), back(tb), atol=1e-8)
+  assert rel_l2(out, tout.detach().cpu().numpy().transpose(0, 2, 3, 1)) < tol
+  gx, goff, gw, gm, gb = vjp(jnp.asarray(cot.transpose(0, 2, 3, 1), dtype))
+  assert rel_l2(gx, back(tx).transpose(0, 2, 3, 1)) < tol
+  assert rel_l2(goff, back(toff).transpose(0, 2, 3, 1)) < tol
+  assert rel_l2(gw, back(tw).transpose(2, 3, 1, 0)) < tol
+  assert rel_l2(gb, back(tb)) < tol
   if mask is not None:
-    np.testing.assert_allclose(np.asarray(gm), back(tm).transpose(0, 2, 3, 1), atol=1e-8)
+    assert rel_l2(gm, back(tm).transpose(0, 2, 3, 1)) < tol

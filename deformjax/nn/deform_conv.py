@@ -49,7 +49,12 @@ class DeformConv(nnx.Module):
     sow_offsets: also `sow` offsets and mask as `nnx.Intermediate` (`offsets`,
       `mask`) on every call, for visualisation of a whole model:
       `y, sown = nnx.capture(model, nnx.Intermediate)(x)`.
-    chunk_size: passed to `deform_conv2d` (memory cap).
+    chunk_size, memory_budget: passed to `deform_conv2d` (pixels per pass, and
+      bytes of sampled columns one pass may hold on GPU/TPU; None: the
+      execution policy of the platform the model is lowered for).
+    deterministic: bit-identical gradients run to run on GPU/TPU (a sorted
+      segment sum instead of atomics; reverse-mode autodiff only), see
+      `deform_conv2d`.
     dtype: computation dtype (None: inferred from inputs and params).
     param_dtype: parameter dtype.
     precision: passed to the contractions.
@@ -84,6 +89,8 @@ class DeformConv(nnx.Module):
       predict_offsets: bool = True,
       sow_offsets: bool = False,
       chunk_size: int | None = None,
+      memory_budget: int | None = None,
+      deterministic: bool = False,
       dtype=None,
       param_dtype=jnp.float32,
       precision=None,
@@ -116,6 +123,8 @@ class DeformConv(nnx.Module):
     self.max_offset = max_offset
     self.sow_offsets = sow_offsets
     self.chunk_size = chunk_size
+    self.memory_budget = memory_budget
+    self.deterministic = deterministic
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.precision = precision
@@ -174,7 +183,8 @@ class DeformConv(nnx.Module):
     y = _common.deform_conv_any_batch(
         inputs, offsets, kernel, mask, bias, strides=self.strides, padding=self.padding,
         dilation=self.kernel_dilation, groups=self.feature_group_count, offset_groups=self.offset_groups,
-        precision=self.precision, chunk_size=self.chunk_size,
+        precision=self.precision, chunk_size=self.chunk_size, memory_budget=self.memory_budget,
+        deterministic=self.deterministic,
     )
     if self.sow_offsets:
       self.sow(nnx.Intermediate, 'offsets', offsets)

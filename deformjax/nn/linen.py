@@ -52,6 +52,8 @@ class DeformConv(nn.Module):
   predict_offsets: bool = True
   sow_offsets: bool = False
   chunk_size: int | None = None
+  memory_budget: int | None = None
+  deterministic: bool = False
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
@@ -82,7 +84,8 @@ class DeformConv(nn.Module):
     y = _common.deform_conv_any_batch(
         inputs, offsets, kernel, mask, bias, strides=self.strides, padding=self.padding,
         dilation=self.kernel_dilation, groups=self.feature_group_count, offset_groups=self.offset_groups,
-        precision=self.precision, chunk_size=self.chunk_size,
+        precision=self.precision, chunk_size=self.chunk_size, memory_budget=self.memory_budget,
+        deterministic=self.deterministic,
     )
     if self.sow_offsets:
       self.sow('intermediates', 'offsets', offsets)

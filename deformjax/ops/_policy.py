@@ -15,8 +15,10 @@ GPU structure, and a multi-platform export carries both.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
+import jax
 from jax import export, lax
 
 # Columns bytes per chunk on CPU: large enough that the per-iteration overhead is
@@ -29,9 +31,35 @@ CPU_CHUNK_BYTES = 512 * 1024
 # equal blocks. 1 GiB holds the largest DCNv4 operator shape (N=64, 56x56x128:
 # 924 MB of float32 columns) in one pass; forward+backward then needs about twice
 # that in temporaries, which fits a 16 GB Colab T4 as well as an H100. Override
-# per call with `memory_budget=`, or for a whole program by assigning this
-# attribute before tracing (it is read at trace time).
+# per call with `memory_budget=`, or for every op traced inside
+# `with accelerator_memory_budget(nbytes):` (it is read at trace time).
 ACCELERATOR_MEMORY_BUDGET = 1024**3
+
+
+@contextlib.contextmanager
+def accelerator_memory_budget(nbytes: int):
+  """Within the block, ops traced for GPU/TPU hold at most `nbytes` of sampled columns per pass.
+
+  Applies to functions traced (jitted, exported) inside the block; an explicit
+  `memory_budget=` argument still wins. Jitted functions already compiled keep
+  the plan they were traced with.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from deformjax.ops import accelerator_memory_budget, deform_conv2d
+    >>> with accelerator_memory_budget(256 * 2**20):
+    ...   y = deform_conv2d(jnp.ones((1, 8, 8, 4)), jnp.zeros((1, 8, 8, 18)), jnp.ones((3, 3, 4, 4)), padding=1)
+    >>> y.shape
+    (1, 8, 8, 4)
+  """
+  global ACCELERATOR_MEMORY_BUDGET
+  if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 1:
+    raise ValueError(f'accelerator_memory_budget: nbytes must be a positive int, got {nbytes!r}')
+  previous, ACCELERATOR_MEMORY_BUDGET = ACCELERATOR_MEMORY_BUDGET, nbytes
+  try:
+    yield
+  finally:
+    ACCELERATOR_MEMORY_BUDGET = previous
 
 
 def is_symbolic(*dims) -> bool:
@@ -43,7 +71,7 @@ def known_le(a, b) -> bool | None:
   """`a <= b` for possibly symbolic dims: True/False when decidable, None when not."""
   try:
     return bool(a <= b)
-  except Exception:  # InconclusiveDimensionOperation: depends on the symbolic value
+  except jax.errors.InconclusiveDimensionOperation:  # depends on the symbolic value
     return None
 
 
@@ -79,5 +107,5 @@ def by_platform(cpu: Callable, accelerator: Callable, *args):
   return lax.platform_dependent(*args, cpu=cpu, default=accelerator)
 
 
-__all__ = ['ACCELERATOR_MEMORY_BUDGET', 'CPU_CHUNK_BYTES', 'by_platform', 'is_symbolic', 'known_le',
+__all__ = ['ACCELERATOR_MEMORY_BUDGET', 'CPU_CHUNK_BYTES', 'accelerator_memory_budget', 'by_platform', 'is_symbolic', 'known_le',
            'pixels_per_pass']

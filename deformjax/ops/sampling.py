@@ -6,6 +6,8 @@ The corner computation here is shared by `bilinear_sample` and
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,32 +105,58 @@ def sorted_segment_sum(values: jax.Array, segment_ids: jax.Array, num_segments: 
   return jnp.zeros((num_segments, f), values.dtype).at[targets].set(sums, mode='drop')
 
 
-@jax.custom_vjp
-def _gather_sum_sorted(table, indices, weights):
-  return _gather_sum(table, indices, weights)
+def sample_and_contract(contract, table, indices, weights, kernel, *, compute_dtype, deterministic: bool = False):
+  """`contract(sum_c weights[c] * table[indices[c]], kernel)`: one gather-then-contract pass.
+
+  `table` `[rows, F]` (the accumulation dtype), `indices` / `weights` 4-tuples of
+  flat `[M]` arrays, `contract(cols [M, F] in compute_dtype, kernel)`.
+
+  By default JAX differentiates the ops, so every transform works (jvp too) and
+  the table's gradient is XLA's scatter-add, which uses atomics on GPU. With
+  `deterministic` the gradient is an explicit VJP (`jax.custom_vjp`: reverse mode
+  only) whose table gradient is `sorted_segment_sum`, bit-identical run to run;
+  it re-gathers the columns once for the kernel gradient and again, through
+  indices XLA cannot merge with those, for the weight gradients.
+  """
+  if not deterministic:
+    return contract(_gather_sum(table, indices, weights).astype(compute_dtype), kernel)
+  return _sorted_pass(contract, np.dtype(compute_dtype), table, indices, weights, kernel)
 
 
-def _gather_sum_sorted_fwd(table, indices, weights):
-  return _gather_sum(table, indices, weights), (table, indices, weights)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _sorted_pass(contract, compute_dtype, table, indices, weights, kernel):
+  return contract(_gather_sum(table, indices, weights).astype(compute_dtype), kernel)
 
 
-def _gather_sum_sorted_bwd(res, g):
-  table, indices, weights = res
-  d_table = None
-  for idx, w in zip(indices, weights):
-    part = sorted_segment_sum(w[:, None].astype(g.dtype) * g, idx, table.shape[0])
-    d_table = part if d_table is None else d_table + part
+def _sorted_pass_fwd(contract, compute_dtype, table, indices, weights, kernel):
+  return _sorted_pass(contract, compute_dtype, table, indices, weights, kernel), (table, indices, weights, kernel)
+
+
+def _sorted_pass_bwd(contract, compute_dtype, res, g):
+  table, indices, weights, kernel = res
+  cols = _gather_sum(table, indices, weights).astype(compute_dtype)
+  _, contract_vjp = jax.vjp(contract, cols, kernel)
+  d_cols, d_kernel = contract_vjp(g)
+  d_cols = d_cols.astype(table.dtype)
+  # Indices XLA cannot identify with the ones above: a gather shared by the columns
+  # and the weight gradients is materialised (four columns buffers); separate
+  # gathers fuse into their reductions.
+  fresh = lax.optimization_barrier(indices)
   d_weights = tuple(
-      jnp.sum(table.at[idx].get(mode='promise_in_bounds') * g, axis=-1).astype(w.dtype)
-      for idx, w in zip(indices, weights)
+      jnp.sum(table.at[i].get(mode='promise_in_bounds') * d_cols, axis=-1).astype(w.dtype)
+      for i, w in zip(fresh, weights)
   )
-  return d_table, (None,) * len(indices), d_weights
+  d_table = None
+  for i, w in zip(indices, weights):  # corner by corner, in a fixed order
+    part = sorted_segment_sum(w[:, None].astype(d_cols.dtype) * d_cols, i, table.shape[0])
+    d_table = part if d_table is None else d_table + part
+  return d_table, (None,) * len(indices), d_weights, d_kernel
 
 
-_gather_sum_sorted.defvjp(_gather_sum_sorted_fwd, _gather_sum_sorted_bwd)
+_sorted_pass.defvjp(_sorted_pass_fwd, _sorted_pass_bwd)
 
 
-def gather_corners(table: jax.Array, indices, weights, acc_dtype, deterministic: bool = False) -> jax.Array:
+def gather_corners(table: jax.Array, indices, weights, acc_dtype) -> jax.Array:
   """sum_c weights[c] * table[indices[c]] -> `S + (table.shape[1],)`.
 
   `table` is `[rows, F]`; `indices` and `weights` are 4-tuples of arrays of
@@ -142,21 +170,10 @@ def gather_corners(table: jax.Array, indices, weights, acc_dtype, deterministic:
   table's gradient accumulates in it too (float32 for bf16/f16 tables: exact
   to f32, and 3x faster on CPU than a bf16 scatter). Callers inside a loop
   should pass a table already in `acc_dtype`, so the cast is not repeated.
-
-  `deterministic=True` makes the table's gradient bit-identical run to run on
-  every backend: lowered for CPU it is the plain scatter-add (XLA:CPU applies
-  updates in order); for GPU/TPU it is `sorted_segment_sum`, through a
-  `jax.custom_vjp`, so it supports reverse mode (grad, vjp, grad of grad) and
-  not forward mode (jvp, jacfwd).
   """
   shape = indices[0].shape
   table = table.astype(acc_dtype)
-  flat_idx = tuple(i.reshape(-1) for i in indices)
-  flat_w = tuple(w.reshape(-1) for w in weights)
-  if deterministic:
-    out = _policy.by_platform(_gather_sum, _gather_sum_sorted, table, flat_idx, flat_w)
-  else:
-    out = _gather_sum(table, flat_idx, flat_w)
+  out = _gather_sum(table, tuple(i.reshape(-1) for i in indices), tuple(w.reshape(-1) for w in weights))
   return out.reshape(shape + (table.shape[1],))
 
 
