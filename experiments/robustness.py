@@ -27,6 +27,7 @@ def run(cfg, echo=print) -> dict:
   from deformjax.train import train
 
   runs = []
+  start = time.time()
   for cond in cfg.condition_order:
     aug = cfg.conditions[cond]
     for variant in cfg.variant_order:
@@ -46,7 +47,9 @@ def run(cfg, echo=print) -> dict:
                      'wall_seconds': time.time() - t0})
         echo(f'{cond:>20s} {variant:>10s} seed {seed}: {100 * acc:.2f}%  '
              f"({summary['seconds_per_step'] * 1e3:.1f} ms/step, {time.time() - t0:.0f} s)")
-  return {'name': cfg.name, 'config': cfg.to_dict(), **run_metadata(), 'runs': runs}
+  # Runs that differ only in their seed share one compiled train step (deformjax.train.steps.make_trainer).
+  return {'name': cfg.name, 'config': cfg.to_dict(), **run_metadata(), 'runs': runs,
+          'wall_seconds': time.time() - start}
 
 
 def table(result: dict) -> str:
@@ -111,11 +114,13 @@ def main(argv=None) -> dict:
   if args.epochs:
     cfg.train.epochs = args.epochs
   result = run_or_exit(run, cfg)
-  md = f"# {cfg.name}\n\nDevice: {result['device']}; {result['versions']}; {result['date']}.\n\n{table(result)}\n"
+  md = (f"# {cfg.name}\n\nDevice: {result['device']}; {result['versions']}; {result['date']}. "
+        f"Wall time of the whole study: {result['wall_seconds']:.0f} s.\n\n{table(result)}\n")
   write_results(cfg.name, result, md, args.out)
   plot(result, args.out / f'{cfg.name}.png')
   print('\n' + table(result))
-  print(f'\nwrote {args.out / cfg.name}.json, .md, .png')
+  print(f"\n{len(result['runs'])} runs in {result['wall_seconds']:.0f} s on {result['device']}")
+  print(f'wrote {args.out / cfg.name}.json, .md, .png')
   return result
 
 

@@ -311,6 +311,16 @@ def test_export_round_trip():
   np.testing.assert_allclose(np.asarray(restored.call(*args)), np.asarray(f(*args)), rtol=1e-6)
 
 
+@pytest.mark.parametrize('case', [Case(offset_groups=2), Case(groups=2, offset_groups=4, c=8, cout=4)], ids=str)
+def test_offset_groups_inferred_from_the_offsets(case):
+  """torchvision's rule: offset_groups = offsets channels / (2*kh*kw) when not given."""
+  x, off, w, m, b, _ = make_inputs(case)
+  kw = op_kwargs(case)
+  want = deform_conv2d(x, off, w, m, b, **kw)
+  del kw['offset_groups']
+  np.testing.assert_array_equal(np.asarray(deform_conv2d(x, off, w, m, b, **kw)), np.asarray(want))
+
+
 def test_chunk_size_caps_compiled_temporary_memory():
   """Compiled temporaries follow the chunk, not the whole sampled-columns buffer.
 
@@ -350,7 +360,12 @@ BAD = [
     (dict(inputs=np.zeros((6, 6, 4))), 'inputs must have rank 4'),
     (dict(kernel=np.zeros((3, 3, 4))), 'kernel must have rank 4'),
     (dict(kernel=np.zeros((3, 3, 3, 6))), r'kernel must have shape \[kh, kw, C // groups, C_out\]'),
-    (dict(offsets=np.zeros((2, 6, 6, 17))), r'offsets must have shape .*\(2, 6, 6, 18\), got \(2, 6, 6, 17\)'),
+    (dict(offsets=np.zeros((2, 6, 6, 17))), r'offsets must have shape .* 17 channels are not a positive multiple of '
+                                            r'2\*kh\*kw = 18'),
+    (dict(offsets=np.zeros((2, 6, 6, 17)), offset_groups=1),
+     r'offsets must have shape .*\(2, 6, 6, 18\), got \(2, 6, 6, 17\)'),
+    (dict(offsets=np.zeros((2, 6, 6, 36)), mask=np.zeros((2, 6, 6, 9))),
+     r'mask must have shape .*\(2, 6, 6, 18\), got \(2, 6, 6, 9\)'),
     (dict(offsets=np.zeros((2, 6, 6))), r'offsets must have shape'),
     (dict(mask=np.zeros((2, 6, 6, 18))), r'mask must have shape .*\(2, 6, 6, 9\)'),
     (dict(bias=np.zeros((5,))), r'bias must have shape \[C_out\] = \(6,\), got \(5,\)'),

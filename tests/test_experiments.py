@@ -45,6 +45,21 @@ def test_bench_ops_times_the_deterministic_backward(tmp_path):
   assert 'deterministic fwd+bwd (ms)' in (tmp_path / 'bench_ops_t.md').read_text()
 
 
+def test_bench_train_times_loop_and_ideal_step(tmp_path):
+  from experiments import bench_train
+
+  with jax.numpy_dtype_promotion('standard'):
+    result = bench_train.main(['--models', 'cifarnet', '--settings', 'regular', 'modulated', '--steps', '2',
+                               '--rounds', '1', '--batch-size', '16', '--examples', '64', '--no-torch',
+                               '--out', str(tmp_path)])
+  assert [(r['model'], r['setting']) for r in result['rows']] == [('cifarnet', 'regular'), ('cifarnet', 'modulated')]
+  for row in result['rows']:
+    assert row['loop_ms_per_step'] > 0 and row['ideal_ms_per_step'] > 0
+    assert row['ideal_images_per_s'] == pytest.approx(16e3 / row['ideal_ms_per_step'])
+  md = next(tmp_path.glob('bench_train_*.md')).read_text()
+  assert '| cifarnet | modulated |' in md
+
+
 def test_scale_study_writes_tables_and_figures(tmp_path):
   from experiments import scale
 

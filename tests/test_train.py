@@ -43,23 +43,46 @@ def run_cli(args, env_extra=None, timeout=300):
 
 
 def summary_of(args, tmp_path, name, env_extra=None):
+  """The run's summary JSON, with its final parameters (every leaf) under 'params'."""
   path = tmp_path / f'{name}.json'
-  code, out, err = run_cli([*args, f'--summary_json={path}'], env_extra)
+  code, out, err = run_cli([*args, f'--summary_json={path}', f'--params_out={tmp_path / name}.npz'], env_extra)
   assert code == 0, err[-3000:]
-  return json.loads(path.read_text())
+  return {**json.loads(path.read_text()), 'params': params_of(tmp_path / f'{name}.npz')}
+
+
+def params_of(path) -> dict:
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
+
+
+def assert_same_params(got: dict, want: dict, **tolerance):
+  """Every leaf, not a checksum: equal to `tolerance` (exactly when none is given)."""
+  assert sorted(got) == sorted(want) and len(want) > 4
+  for key in want:
+    if tolerance:
+      np.testing.assert_allclose(got[key], want[key], err_msg=key, **tolerance)
+    else:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 def losses(summary):
   return np.array([h['loss'] for h in summary['train_history']])
 
 
-def test_eight_devices_match_one_device(tmp_path):
-  one = summary_of([*SMALL], tmp_path, 'one', {'JAX_NUM_CPU_DEVICES': '1'})
-  eight = summary_of([*SMALL], tmp_path, 'eight', {'JAX_NUM_CPU_DEVICES': '8'})
+@pytest.mark.parametrize('placement', ['device', 'host'])
+def test_eight_devices_match_one_device(tmp_path, placement):
+  args = [*SMALL, f'--config.data_placement={placement}']
+  one = summary_of(args, tmp_path, 'one', {'JAX_NUM_CPU_DEVICES': '1'})
+  eight = summary_of(args, tmp_path, 'eight', {'JAX_NUM_CPU_DEVICES': '8'})
   assert one['devices'] == 1 and eight['devices'] == 8
+  assert one['data_placement'] == eight['data_placement'] == placement
   assert len(losses(one)) == 6
   np.testing.assert_allclose(losses(eight), losses(one), rtol=2e-5)
-  np.testing.assert_allclose(eight['param_checksum'], one['param_checksum'], rtol=1e-4)
+  # Gradients are summed across 8 devices in another order than on 1. Adam divides
+  # each gradient by its own running magnitude, so for near-zero gradients that
+  # rounding shows at the scale of the step itself: 6 steps of lr 1e-3 move a
+  # parameter by at most 6e-3, and the runs agree to 1 % of that.
+  assert_same_params(eight['params'], one['params'], rtol=1e-4, atol=6e-5)
   np.testing.assert_allclose(eight['eval']['baseline']['accuracy'], one['eval']['baseline']['accuracy'], atol=1e-9)
 
 
@@ -73,15 +96,16 @@ def test_two_processes_match_one_process(tmp_path):
   single = summary_of([*SMALL], tmp_path, 'single', {'JAX_NUM_CPU_DEVICES': '2'})
   port = free_port()
   procs = [cli([*SMALL, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}',
-                f'--summary_json={tmp_path / f"proc{i}.json"}'], {'JAX_NUM_CPU_DEVICES': '1'}) for i in range(2)]
+                f'--summary_json={tmp_path / f"proc{i}.json"}', f'--params_out={tmp_path / f"proc{i}.params.npz"}'],
+               {'JAX_NUM_CPU_DEVICES': '1'}) for i in range(2)]
   results = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, results):
     assert p.returncode == 0, err[-3000:]
   multi = json.loads((tmp_path / 'proc0.json').read_text())
   assert multi['processes'] == 2 and multi['devices'] == 2
-  assert not (tmp_path / 'proc1.json').exists()  # only process 0 reports
+  assert not (tmp_path / 'proc1.json').exists() and not (tmp_path / 'proc1.params.npz').exists()  # process 0 reports
   np.testing.assert_allclose(losses(multi), losses(single), rtol=2e-5)
-  np.testing.assert_allclose(multi['param_checksum'], single['param_checksum'], rtol=1e-4)
+  assert_same_params(params_of(tmp_path / 'proc0.params.npz'), single['params'], rtol=1e-4, atol=6e-5)
 
 
 def finalized_steps(workdir: pathlib.Path):
@@ -101,9 +125,13 @@ def wait_for_checkpoint(workdir, at_least, proc, timeout=240):
   raise AssertionError('no checkpoint appeared')
 
 
-def test_killed_and_terminated_runs_resume_to_the_same_parameters(tmp_path):
+@pytest.mark.parametrize('placement', ['device', 'host'])
+def test_killed_and_terminated_runs_resume_to_the_same_parameters(tmp_path, placement):
+  """Host-fed runs checkpoint the prefetcher's position of the next batch not trained on; device-resident
+  runs need none. Steps span two epochs (44 per epoch), so the epoch permutation is recomputed on resume."""
   args = ['--config.steps=80', '--config.batch_size=32', '--config.log_every=10', '--config.progress=False',
-          '--config.checkpoint_every=4', '--config.train_augment.max_rotation_deg=20']
+          '--config.checkpoint_every=4', '--config.train_augment.max_rotation_deg=20',
+          f'--config.data_placement={placement}']
   straight = summary_of([*args, f'--config.workdir={tmp_path / "straight"}'], tmp_path, 'straight')
 
   work = tmp_path / 'interrupted'
@@ -125,11 +153,12 @@ def test_killed_and_terminated_runs_resume_to_the_same_parameters(tmp_path):
   termed_at = finalized_steps(work)[-1]
   assert killed_at < termed_at < 80
   # 3. Resume to the end.
-  code, out, err = run_cli([*wargs, f'--summary_json={tmp_path / "resumed.json"}'])
+  code, out, err = run_cli([*wargs, f'--summary_json={tmp_path / "resumed.json"}',
+                            f'--params_out={tmp_path / "resumed.npz"}'])
   assert code == 0, err[-3000:]
   assert f'resumed from {work / "checkpoints"} at step {termed_at}' in out + err
   resumed = json.loads((tmp_path / 'resumed.json').read_text())
-  np.testing.assert_allclose(resumed['param_checksum'], straight['param_checksum'], rtol=1e-6)
+  assert_same_params(params_of(tmp_path / 'resumed.npz'), straight['params'])  # bit for bit
   assert resumed['eval']['baseline']['accuracy'] == straight['eval']['baseline']['accuracy']
   lines = [json.loads(l) for l in (work / 'metrics.jsonl').read_text().splitlines()]
   assert lines[-1]['split'] == 'eval'
@@ -155,13 +184,9 @@ def test_digits_default_trains_a_deformable_classifier_well_above_chance():
   cfg = base_config()
   cfg.steps = 150
   cfg.progress = False
-  t0 = time.time()
-  with jax.numpy_dtype_promotion('standard'):
-    summary = train(cfg, echo=lambda *_: None)
-  assert time.time() - t0 < 60
-  assert summary['config']['deformable'] == '2'
+  summary = train(cfg, echo=lambda *_: None)  # under the suite's strict promotion
+  assert summary['config']['deformable'] == '2' and summary['data_placement'] == 'device'
   assert summary['eval']['baseline']['accuracy'] > 0.8  # chance is 0.1
-  assert summary['seconds_per_step'] > 0
 
 
 def test_bfloat16_compute_with_modulated_layers_trains():

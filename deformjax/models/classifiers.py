@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -44,8 +45,11 @@ def max_pool(x):
 
 def avg_pool(x):
   # flax's avg_pool divides by an int64 count, which strict dtype promotion rejects.
+  # The init value must be a concrete scalar: JAX recognises a constant 0 with
+  # lax.add as `reduce_window_sum`, which is differentiable; a traced zero
+  # (jnp.zeros under jit) makes the generic reduce_window, which is not.
   window = (1, 2, 2, 1)
-  return lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, window, window, 'VALID') / 4.0
+  return lax.reduce_window(x, np.zeros((), x.dtype), lax.add, window, window, 'VALID') / 4.0
 
 
 class ConvClassifier(nnx.Module):

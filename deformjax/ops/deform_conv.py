@@ -36,6 +36,20 @@ def _check_groups(value, name: str, fn: str) -> int:
   return int(value)
 
 
+def _infer_offset_groups(offsets, taps: int, fn: str) -> int:
+  """torchvision's rule: offsets carry offset_groups*kh*kw*2 channels."""
+  channels = jnp.shape(offsets)[-1] if jnp.ndim(offsets) == 4 else None
+  if channels is None:
+    return 1  # the shape check names what offsets must look like
+  if channels == 0 or channels % (2 * taps):
+    raise ValueError(
+        f'{fn}: offsets must have shape [N, Ho, Wo, offset_groups*kh*kw*2]; their {channels} channels are not a '
+        f'positive multiple of 2*kh*kw = {2 * taps}, so offset_groups cannot be inferred, got '
+        f'{tuple(jnp.shape(offsets))}'
+    )
+  return channels // (2 * taps)
+
+
 def output_size(
     in_hw: tuple[int, int],
     kernel_hw: tuple[int, int],
@@ -76,7 +90,7 @@ def deform_conv2d(
     padding: _args.PaddingLike = 0,
     dilation=1,
     groups: int = 1,
-    offset_groups: int = 1,
+    offset_groups: int | None = None,
     precision=None,
     preferred_element_type=None,
     chunk_size: int | None = None,
@@ -108,7 +122,9 @@ def deform_conv2d(
       outside the image.
     dilation: int or (dh, dw).
     groups: feature groups (C and C_out divisible by it).
-    offset_groups: groups of input channels sharing one offset field.
+    offset_groups: groups of input channels sharing one offset field. None
+      infers it from the offsets' channels, `offset_groups*kh*kw*2`
+      (torchvision's rule).
     precision: passed to the contraction with the kernel. float32 follows
       JAX's default matmul precision, which on recent NVIDIA GPUs (A100, H100)
       and TPUs is TF32 / bf16-pass arithmetic (~3e-4 relative); pass
@@ -160,9 +176,11 @@ def deform_conv2d(
   _args.check_rank(inputs, 4, 'inputs', '[N, H, W, C]', fn)
   _args.check_rank(kernel, 4, 'kernel', '[kh, kw, C // groups, C_out]', fn)
   groups = _check_groups(groups, 'groups', fn)
-  offset_groups = _check_groups(offset_groups, 'offset_groups', fn)
   n, h, w, c = inputs.shape
   kh, kw, cin_g, cout = kernel.shape
+  if offset_groups is None:
+    offset_groups = _infer_offset_groups(offsets, kh * kw, fn)
+  offset_groups = _check_groups(offset_groups, 'offset_groups', fn)
   if c % groups:
     raise ValueError(f'{fn}: inputs channels C={c} must be divisible by groups={groups}')
   if c % offset_groups:

@@ -21,6 +21,8 @@ _NPROC = flags.DEFINE_integer('num_processes', None, 'processes in a multi-proce
 _PID = flags.DEFINE_integer('process_id', None, 'this process in a multi-process job')
 _DIST = flags.DEFINE_bool('distributed', False, 'call jax.distributed.initialize() with cluster auto-detection')
 _SUMMARY = flags.DEFINE_string('summary_json', None, 'write the final metrics here as JSON')
+_PARAMS = flags.DEFINE_string('params_out', None, 'write the final parameters here (.npz, one array per leaf, '
+                              'keyed by its path in the parameter tree)')
 
 
 def _init_distributed():
@@ -54,13 +56,19 @@ def main(argv):
   except Interrupted as e:
     print(f'interrupted: {e}', file=sys.stderr)
     sys.exit(143)
-  if _SUMMARY.value:
-    import jax
+  import jax
 
-    if jax.process_index() == 0:
-      keep = {k: v for k, v in summary.items() if k != 'params'}
-      with open(_SUMMARY.value, 'w') as f:
-        json.dump(keep, f, indent=2, default=str)
+  if _SUMMARY.value and jax.process_index() == 0:
+    keep = {k: v for k, v in summary.items() if k != 'params'}
+    with open(_SUMMARY.value, 'w') as f:
+      json.dump(keep, f, indent=2, default=str)
+  if _PARAMS.value and jax.process_index() == 0:
+    import numpy as np
+
+    # Replicated arrays of a multi-process run are not fully addressable: write the local copy.
+    leaves = jax.tree_util.tree_flatten_with_path(summary['params'])[0]
+    np.savez(_PARAMS.value, **{jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
+                               for path, leaf in leaves})
 
 
 def run():

@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.steps = 0  # > 0 overrides epochs
   c.batch_size = 64  # global, across all devices and processes
   c.seed = 0
+  # 'auto': the train split lives on the devices when it fits (feeding.DEVICE_DATA_MAX_BYTES),
+  # else grain feeds it from the host; 'device' / 'host' force one.
+  c.data_placement = 'auto'
   c.train_augment = augment_config()
   # Named test sets: each is a random affine (fixed seed) applied to the test split.
   c.eval_sets = ml_collections.ConfigDict({'baseline': augment_config()})
@@ -80,6 +83,8 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int) -> None:
     raise ConfigError(f"config.schedule must be 'constant', 'step' or 'cosine', got {cfg.schedule!r}")
   if not cfg.learning_rate > 0:
     raise ConfigError(f'config.learning_rate must be positive, got {cfg.learning_rate!r}')
+  if cfg.data_placement not in ('auto', 'device', 'host'):
+    raise ConfigError(f"config.data_placement must be 'auto', 'device' or 'host', got {cfg.data_placement!r}")
   if cfg.dtype not in ('float32', 'bfloat16', 'float16'):
     raise ConfigError(f"config.dtype must be 'float32', 'bfloat16' or 'float16', got {cfg.dtype!r}")
   num_convs = MODELS[cfg.model].num_convs

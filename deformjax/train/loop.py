@@ -19,6 +19,7 @@ from flax import nnx
 from deformjax.data.loader import eval_batches, train_iterator
 from deformjax.data.sources import DataError, get_spec, load_source
 from deformjax.models.classifiers import build_model
+from deformjax.train import feeding
 from deformjax.train import mesh as mesh_lib
 from deformjax.train.checkpoint import Checkpointer
 from deformjax.train.config import ConfigError, validate
@@ -85,17 +86,24 @@ def format_summary(results: dict) -> str:
   return '\n'.join(rows)
 
 
-def train(cfg: ml_collections.ConfigDict, *, echo=print) -> dict:
+def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None) -> dict:
   """Trains per `cfg` (see `deformjax.train.config.base_config`); returns a summary dict.
 
   Resumes from the latest checkpoint in `cfg.workdir` when there is one. On
   SIGTERM/SIGINT it saves a checkpoint and raises `Interrupted`.
+
+  `sources`: optional `(train, test)` random-access sources (e.g.
+  `deformjax.data.ArraySource` over your own arrays) used instead of loading
+  `cfg.dataset`, whose spec (image shape, classes) they must match.
   """
   mesh = mesh_lib.data_mesh(cfg.num_devices)
   validate(cfg, mesh.size)
   spec = get_spec(cfg.dataset)
-  train_src = load_source(cfg.dataset, spec.splits[0], cfg.data_dir)
-  test_src = load_source(cfg.dataset, spec.splits[1], cfg.data_dir)
+  if sources is None:
+    train_src = load_source(cfg.dataset, spec.splits[0], cfg.data_dir)
+    test_src = load_source(cfg.dataset, spec.splits[1], cfg.data_dir)
+  else:
+    train_src, test_src = sources
   steps_per_epoch = len(train_src) // cfg.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f'config.batch_size={cfg.batch_size} exceeds the {len(train_src)} training examples')
@@ -107,8 +115,16 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print) -> dict:
                       dropout=cfg.dropout, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(cfg.seed))
   trainer = make_trainer(model, cfg, spec, mesh, steps_per_epoch, total_steps)
   state = trainer.init_state(cfg.seed)
-  iterator = train_iterator(train_src, spec, global_batch=cfg.batch_size, seed=cfg.seed,
-                            process_index=jax.process_index(), process_count=jax.process_count())
+  resident = cfg.data_placement == 'device' or (
+      cfg.data_placement == 'auto' and feeding.fits_on_device(spec, len(train_src)))
+  if resident:
+    split = feeding.DeviceSplit.place(*feeding.read_split(train_src, spec), mesh)
+    iterator = None
+  else:
+    iterator = feeding.Prefetcher(
+        train_iterator(train_src, spec, global_batch=cfg.batch_size, seed=cfg.seed,
+                       process_index=jax.process_index(), process_count=jax.process_count()),
+        put=lambda local: mesh_lib.global_batch(mesh, local))
 
   workdir = cfg.workdir
   ckpt = metrics_path = None
@@ -118,7 +134,10 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print) -> dict:
     metrics_path = os.path.join(workdir, 'metrics.jsonl')
     ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=cfg.keep_checkpoints)
     if ckpt.latest_step() is not None:
-      state = ckpt.restore(state, iterator)
+      try:
+        state = ckpt.restore(state, iterator)
+      except ValueError as e:
+        raise ConfigError(f'config.workdir: {e}') from None
       start = int(state['step'])
       if main:
         echo(f'resumed from {ckpt.directory} at step {start}')
@@ -131,6 +150,7 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print) -> dict:
     bar = tqdm(total=total_steps, initial=start, desc=f'{cfg.dataset}/{cfg.model}/deformable={cfg.deformable}',
                dynamic_ncols=True, file=sys.stderr)
   pending, last_train, train_history = [], {}, []
+  permutation, permutation_epoch = None, None
   t_first = t_timed = None
   side_seconds = 0.0  # evaluation time inside the loop, kept out of the step timing
   eval_history = []
@@ -139,8 +159,13 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print) -> dict:
     with _stop_on_signals(stop):
       for step in range(start, total_steps):
         t0 = time.perf_counter()
-        batch = mesh_lib.global_batch(mesh, next(iterator))
-        state, sums = trainer.train_step(state, batch)
+        if resident:
+          if permutation_epoch != step // steps_per_epoch:
+            permutation_epoch = step // steps_per_epoch
+            permutation = feeding.epoch_permutation(mesh, cfg.seed, permutation_epoch, split.size)
+          state, sums = trainer.resident_step(state, split.images, split.labels, permutation)
+        else:
+          state, sums = trainer.train_step(state, next(iterator))
         pending.append(sums)
         done = step + 1
         if done == start + 1:
@@ -151,7 +176,7 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print) -> dict:
           bar.update(1)
         if done % cfg.log_every == 0 or done == total_steps:
           acc = Accumulator()
-          for s in pending:
+          for s in jax.device_get(pending):  # the only read of step results: every log_every steps
             acc.add(s, cfg.batch_size)
           pending = []
           last_train = acc.result()
@@ -195,6 +220,7 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print) -> dict:
       'config': cfg.to_dict(),
       'steps': total_steps,
       'steps_per_epoch': steps_per_epoch,
+      'data_placement': 'device' if resident else 'host',
       'devices': mesh.size,
       'processes': jax.process_count(),
       'train': last_train,

@@ -9,6 +9,8 @@ same step sees the same augmentation on any number of devices or processes.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from typing import Callable
 
 import jax
@@ -20,6 +22,7 @@ from flax import nnx
 
 from deformjax.data.augment import random_affine
 from deformjax.data.sources import DatasetSpec
+from deformjax.train import feeding
 from deformjax.train import mesh as mesh_lib
 
 # Per-dataset input normalisation (mean, std) applied after augmentation.
@@ -53,7 +56,7 @@ def loss_and_metrics(logits, labels, multilabel: bool, weights=None):
             'per_class_accuracy': jnp.sum(correct * weights[:, None], axis=0)}
   else:
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1).astype(labels.dtype) == labels).astype(jnp.float32)
     sums = {'loss': jnp.sum(per_example * weights), 'accuracy': jnp.sum(correct * weights)}
   return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0), sums
 
@@ -77,22 +80,45 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_s
 class Trainer:
   """The two jitted steps and the initial state they run on."""
 
-  train_step: Callable
+  train_step: Callable  # (state, batch) -> (state, metric sums): a batch from the host
+  resident_step: Callable  # (state, images, labels, permutation) -> same: the batch gathered on device
   eval_step: Callable
   init_state: Callable
 
 
+# The config fields the compiled steps depend on, besides the model (its graphdef),
+# the data spec, the mesh and the schedule length. Seeds, logging, checkpointing
+# and evaluation settings are not among them, so runs that differ only there
+# (the seeds of a study) share one compiled train step.
+STEP_FIELDS = ('optimizer', 'learning_rate', 'weight_decay', 'schedule', 'step_epochs', 'step_gamma', 'batch_size',
+               'train_augment')
+
+
 def make_trainer(model: nnx.Module, cfg: ml_collections.ConfigDict, spec: DatasetSpec, mesh,
                  steps_per_epoch: int, total_steps: int) -> Trainer:
+  """The jitted steps for `model` and `cfg` (reused across calls that share them) and an init for its state."""
   graphdef, params = nnx.split(model, nnx.Param)
+  step_config = json.dumps({f: cfg[f].to_dict() if isinstance(cfg[f], ml_collections.ConfigDict) else cfg[f]
+                            for f in STEP_FIELDS}, sort_keys=True)
+  tx, jit_train, jit_resident, jit_eval = _compiled_steps(graphdef, spec, mesh, steps_per_epoch, total_steps,
+                                                          step_config)
+
+  def init_state(seed: int):
+    with jax.numpy_dtype_promotion('standard'):  # see train_step
+      opt_state = tx.init(params)
+    state = {'params': params, 'opt_state': opt_state, 'step': jnp.zeros((), jnp.int32),
+             'rng': jax.random.PRNGKey(seed)}
+    return jax.device_put(state, mesh_lib.replicated(mesh))
+
+  return Trainer(jit_train, jit_resident, jit_eval, init_state)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_steps(graphdef, spec: DatasetSpec, mesh, steps_per_epoch: int, total_steps: int, step_config: str):
+  cfg = ml_collections.ConfigDict(json.loads(step_config))
   tx = make_optimizer(cfg, steps_per_epoch, total_steps)
   repl, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
   aug = cfg.train_augment
-
-  def init_state(seed: int):
-    state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32),
-             'rng': jax.random.PRNGKey(seed)}
-    return jax.device_put(state, repl)
 
   def train_step(state, batch):
     key = jax.random.fold_in(state['rng'], state['step'])
@@ -105,10 +131,21 @@ def make_trainer(model: nnx.Module, cfg: ml_collections.ConfigDict, spec: Datase
       return loss, sums
 
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    # optax's schedules mix Python floats with the int32 step count, which a user's
+    # jax_numpy_dtype_promotion='strict' rejects; the promotion is optax's choice.
+    with jax.numpy_dtype_promotion('standard'):
+      updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
                  'step': state['step'] + 1, 'rng': state['rng']}
     return new_state, sums
+
+  def resident_step(state, images, labels, permutation):
+    # Position within the epoch from the step counter on the device: the host
+    # only hands over the epoch's permutation, once per epoch.
+    start = (state['step'] % steps_per_epoch) * cfg.batch_size
+    indices = jax.lax.dynamic_slice(permutation, (start,), (cfg.batch_size,))
+    image, label = feeding.gather_batch(mesh, images, labels, indices)
+    return train_step(state, {'image': image, 'label': label})
 
   def eval_step(params, batch, valid, key, eval_aug):
     images = normalise(augment(key, batch['image'], eval_aug))
@@ -117,9 +154,11 @@ def make_trainer(model: nnx.Module, cfg: ml_collections.ConfigDict, spec: Datase
     return sums, logits
 
   jit_train = jax.jit(train_step, in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
+  jit_resident = jax.jit(resident_step, in_shardings=(repl, data, data, repl), out_shardings=(repl, repl),
+                         donate_argnums=0)
   jit_eval = jax.jit(eval_step, in_shardings=(repl, data, data, repl), out_shardings=(repl, data),
                      static_argnums=4)
-  return Trainer(jit_train, jit_eval, init_state)
+  return tx, jit_train, jit_resident, jit_eval
 
 
 def frozen_augment(aug: ml_collections.ConfigDict):

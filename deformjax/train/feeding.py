@@ -1,0 +1,188 @@
+"""How training batches reach the devices: a device-resident split, or host batches prefetched.
+
+A split that fits in device memory (digits, MNIST, Fashion-MNIST, CIFAR-10) is
+placed on the devices once, sharded along the mesh's 'data' axis, and every
+train step gathers its global batch on device from a permutation of
+(seed, epoch): nothing crosses from host to device per step. The gather is a
+`shard_map`: each device picks, from its own shard, the examples of the global
+batch that it holds, and a `psum_scatter` hands each device its slice of the
+batch. So the batch of step t is the same on any number of devices or
+processes (tested), and each device stores only 1/D of the split.
+
+A split that does not fit (COCO) is read by grain on the host; `Prefetcher`
+keeps the next batches already transferred to the devices while the current
+step runs, and checkpoints the grain position of the next batch it has *not*
+handed out, so resume stays exact.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from deformjax.data.sources import DatasetSpec
+from deformjax.train import mesh as mesh_lib
+
+# A split is placed on the devices when its images as float32 take at most this
+# many bytes (CIFAR-10's 50,000 x 32x32x3 is 614 MB; COCO is far beyond).
+DEVICE_DATA_MAX_BYTES = 1 << 30
+LOAD_CHUNK = 4096
+
+
+def fits_on_device(spec: DatasetSpec, num_examples: int) -> bool:
+  return num_examples * int(np.prod(spec.image_shape)) * 4 <= DEVICE_DATA_MAX_BYTES
+
+
+def read_split(source, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+  """All records of `source` as `(images, labels)` numpy arrays, images in their stored dtype.
+
+  uint8 images stay uint8 (a quarter of the float32 bytes on the device); the
+  train step scales them to [0, 1] exactly as `to_model_inputs` does.
+  """
+  if hasattr(source, 'images') and hasattr(source, 'labels'):
+    images, labels = np.asarray(source.images), np.asarray(source.labels)
+  else:
+    images, labels = [], []
+    for start in range(0, len(source), LOAD_CHUNK):
+      records = [source[i] for i in range(start, min(len(source), start + LOAD_CHUNK))]
+      images.append(np.stack([np.asarray(r['image']) for r in records]))
+      labels.append(np.stack([np.asarray(r['label']) for r in records]))
+    images, labels = np.concatenate(images), np.concatenate(labels)
+  if images.dtype != np.uint8:
+    images = images.astype(np.float32)
+  images = images.reshape((len(images),) + spec.image_shape)
+  labels = labels.astype(np.float32 if spec.multilabel else np.int32)
+  return images, labels
+
+
+# uint8 -> [0, 1] as numpy computes it in `to_model_inputs` (a correctly rounded
+# float32 division). Looked up rather than divided on device, where XLA turns
+# x / 255 into x * (1/255), one ulp off for some values.
+_UNIT_SCALE = np.arange(256, dtype=np.float32) / 255.0
+
+
+def model_images(images: jax.Array) -> jax.Array:
+  """Stored images -> float32 in [0, 1], bit-identical to `to_model_inputs`."""
+  if images.dtype == jnp.uint8:
+    return jnp.asarray(_UNIT_SCALE)[images.astype(jnp.int32)]
+  return images.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSplit:
+  """A whole split on the mesh: `images [N_pad, H, W, C]`, `labels [N_pad, ...]`, sharded over 'data'.
+
+  `size` is the real example count N; rows past it are padding that no
+  permutation ever indexes.
+  """
+
+  images: jax.Array
+  labels: jax.Array
+  size: int
+
+  @classmethod
+  def place(cls, images: np.ndarray, labels: np.ndarray, mesh) -> 'DeviceSplit':
+    """Every process passes the whole split; each device keeps its shard only."""
+    n = len(images)
+    pad = -n % mesh.size
+    sharding = mesh_lib.batch_sharding(mesh)
+
+    def put(a):
+      a = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) if pad else a
+      return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return cls(put(images), put(labels), n)
+
+
+def epoch_permutation(mesh, seed: int, epoch: int, size: int) -> jax.Array:
+  """The example order of `epoch` (replicated on the mesh): a function of (seed, epoch) only."""
+  return _permutation(size, mesh_lib.replicated(mesh))(jnp.asarray(seed, jnp.uint32), jnp.asarray(epoch, jnp.int32))
+
+
+_PERMUTATIONS: dict = {}
+
+
+def _permutation(size: int, sharding: NamedSharding):
+  key = (size, sharding)
+  if key not in _PERMUTATIONS:
+    def permutation(seed, epoch):
+      return jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), size).astype(jnp.int32)
+
+    _PERMUTATIONS[key] = jax.jit(permutation, out_shardings=sharding)
+  return _PERMUTATIONS[key]
+
+
+def gather_batch(mesh, images: jax.Array, labels: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Rows `indices` (a replicated `[B]` of global example numbers) of a sharded split, sharded over 'data'.
+
+  Each device gathers the requested rows it holds (zeros elsewhere) and a
+  `psum_scatter` sums and splits them: one device holds each row, so the sum is
+  exact. Images come back as float32 in [0, 1].
+  """
+
+  def local(img, lab, idx):
+    rows = img.shape[0]
+    offset = idx - lax.axis_index(mesh_lib.DATA) * rows
+    here = (offset >= 0) & (offset < rows)
+    safe = jnp.clip(offset, 0, rows - 1)
+    mask = lambda x: jnp.where(here.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+    img_rows = mask(model_images(img[safe]))
+    lab_rows = mask(lab[safe])
+    scatter = lambda x: lax.psum_scatter(x, mesh_lib.DATA, scatter_dimension=0, tiled=True)
+    return scatter(img_rows), scatter(lab_rows)
+
+  spec = P(mesh_lib.DATA)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P()), out_specs=(spec, spec))(images, labels, indices)
+
+
+class Prefetcher:
+  """Host batches (a grain iterator) transferred to the devices `depth` steps ahead.
+
+  `next()` hands out device arrays whose transfer was started while earlier steps
+  ran. `get_state()` / `set_state()` speak for the next batch *not yet handed
+  out*, so a checkpoint of this object (through grain's orbax handler) resumes
+  exactly where training stopped, whatever was in flight.
+  """
+
+  def __init__(self, iterator, put, depth: int = 2):
+    self.iterator = iterator
+    self.put = put
+    self.depth = depth
+    self.queue: collections.deque = collections.deque()
+
+  def _fill(self):
+    while len(self.queue) < self.depth:
+      state = self.iterator.get_state()
+      self.queue.append((state, self.put(next(self.iterator))))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self._fill()
+    _, batch = self.queue.popleft()
+    self._fill()  # start the next transfers before this batch's step is dispatched
+    return batch
+
+  def get_state(self) -> bytes:
+    state = self.queue[0][0] if self.queue else self.iterator.get_state()
+    return json.dumps(state).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.queue.clear()
+    self.iterator.set_state(json.loads(state.decode()))
+
+  def start_prefetch(self) -> None:  # called by grain's checkpoint handler after a restore
+    pass
+
+
+__all__ = ['DEVICE_DATA_MAX_BYTES', 'DeviceSplit', 'Prefetcher', 'epoch_permutation', 'fits_on_device',
+           'gather_batch', 'model_images', 'read_split']

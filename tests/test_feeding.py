@@ -1,0 +1,114 @@
+"""Batches on the device: the resident split's gather, the host prefetcher, every model trained through them."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deformjax.data import ArraySource, DatasetSpec, get_spec, load_source, to_model_inputs, train_iterator
+from deformjax.models import MODELS
+from deformjax.train import base_config, feeding, train
+from deformjax.train import mesh as mesh_lib
+
+
+def test_gather_batch_returns_the_requested_rows_as_model_inputs():
+  mesh = mesh_lib.data_mesh()
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(37, 4, 4, 3), dtype=np.uint8)  # 37: padded to the device count
+  labels = rng.integers(0, 10, size=37).astype(np.int32)
+  split = feeding.DeviceSplit.place(images, labels, mesh)
+  assert split.size == 37 and split.images.dtype == jnp.uint8
+  idx = jnp.asarray([36, 0, 5, 5, 17, 2, 30, 1], jnp.int32)
+  got_images, got_labels = jax.jit(lambda i, l, x: feeding.gather_batch(mesh, i, l, x))(split.images, split.labels,
+                                                                                         idx)
+  want = to_model_inputs([{'image': images[i], 'label': labels[i]} for i in np.asarray(idx)],
+                         DatasetSpec('tiny', (4, 4, 3), 10))
+  np.testing.assert_array_equal(np.asarray(got_images), want['image'])
+  np.testing.assert_array_equal(np.asarray(got_labels), want['label'])
+
+
+def test_epoch_permutation_depends_on_seed_and_epoch_only():
+  mesh = mesh_lib.data_mesh()
+  a = np.asarray(feeding.epoch_permutation(mesh, 3, 1, 50))
+  assert sorted(a.tolist()) == list(range(50))
+  np.testing.assert_array_equal(a, np.asarray(feeding.epoch_permutation(mesh, 3, 1, 50)))
+  assert not np.array_equal(a, np.asarray(feeding.epoch_permutation(mesh, 3, 2, 50)))
+  assert not np.array_equal(a, np.asarray(feeding.epoch_permutation(mesh, 4, 1, 50)))
+
+
+def test_read_split_keeps_uint8_and_the_placement_follows_the_size():
+  spec = get_spec('cifar10')
+  src = ArraySource(np.zeros((6, 32, 32, 3), np.uint8), np.arange(6))
+  images, labels = feeding.read_split(src, spec)
+  assert images.dtype == np.uint8 and labels.dtype == np.int32 and images.shape == (6, 32, 32, 3)
+  assert feeding.fits_on_device(spec, 50_000)  # CIFAR-10's train split
+  assert not feeding.fits_on_device(get_spec('coco9'), 118_287)
+
+
+def test_prefetcher_state_is_the_next_batch_not_handed_out():
+  src = load_source('digits', 'train')
+  spec = get_spec('digits')
+  make = lambda: train_iterator(src, spec, global_batch=16, seed=1)
+  plain = make()
+  want = [next(plain)['label'] for _ in range(6)]
+  fetch = feeding.Prefetcher(make(), put=lambda b: b, depth=3)
+  got = [next(fetch)['label'] for _ in range(2)]
+  state = fetch.get_state()  # three more batches are already in flight
+  json.loads(state.decode())
+  resumed = feeding.Prefetcher(make(), put=lambda b: b, depth=3)
+  resumed.set_state(state)
+  got += [next(resumed)['label'] for _ in range(4)]
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+
+
+MODEL_DATA = {'conv5': ('mnist', 28, 1), 'cifarnet': ('cifar10', 32, 3)}
+
+
+@pytest.mark.parametrize('deformable,modulated', [('none', False), ('all', False), ('all', True)],
+                         ids=['regular', 'deformable', 'modulated'])
+@pytest.mark.parametrize('model', sorted(MODELS))
+def test_every_model_trains_through_the_train_loop(model, deformable, modulated, tmp_path):
+  """Two steps of deformjax.train.train on TFDS mock data of the model's dataset, strict promotion (conftest)."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  dataset, size, channels = MODEL_DATA[model]
+  cfg = base_config()
+  cfg.dataset, cfg.model, cfg.deformable, cfg.modulated = dataset, model, deformable, modulated
+  cfg.steps, cfg.batch_size, cfg.eval_batch_size, cfg.log_every, cfg.progress = 2, 8, 16, 1, False
+  cfg.train_augment.max_rotation_deg = 15.0
+  with tfds.testing.mock_data(num_examples=24):
+    summary = train(cfg, echo=lambda *_: None)
+  assert summary['data_placement'] == 'device'
+  assert [h['step'] for h in summary['train_history']] == [1, 2]
+  assert all(np.isfinite(h['loss']) for h in summary['train_history'])
+  first = jax.tree.leaves(summary['params'])
+  assert any(float(jnp.abs(p).max()) > 0 for p in first)
+  assert 0.0 <= summary['eval']['baseline']['accuracy'] <= 1.0
+
+
+def test_runs_that_differ_only_in_seed_share_compiled_steps():
+  from flax import nnx
+
+  from deformjax.models import build_model
+  from deformjax.train.steps import make_trainer
+
+  mesh = mesh_lib.data_mesh()
+  spec = get_spec('digits')
+
+  def trainer(seed, rotation=0.0):
+    cfg = base_config()
+    cfg.seed, cfg.workdir, cfg.log_every = seed, f'/tmp/run{seed}', 7 + seed
+    cfg.train_augment.max_rotation_deg = rotation
+    model = build_model('conv5', in_features=1, num_classes=10, image_size=28, deformable=2, modulated=False,
+                        dropout=0.0, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+    return make_trainer(model, cfg, spec, mesh, 22, 44)
+
+  a, b, c = trainer(0), trainer(1), trainer(0, rotation=30.0)
+  assert a.train_step is b.train_step and a.resident_step is b.resident_step and a.eval_step is b.eval_step
+  assert a.train_step is not c.train_step
+  pa, pb = a.init_state(0)['params'], b.init_state(1)['params']
+  assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
