@@ -1,7 +1,7 @@
 """Flax NNX modules wrapping the ops; `deformjax.nn.linen` has the Linen twins."""
 
-from deformjax.nn import linen
+from deformjax.nn import convert, linen
 from deformjax.nn.deform_conv import DeformConv
 from deformjax.nn.roi_pool import DeformRoIPool
 
-__all__ = ['DeformConv', 'DeformRoIPool', 'linen']
+__all__ = ['DeformConv', 'DeformRoIPool', 'convert', 'linen']

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from deformjax.ops import _args
+
 
 def mask_from_logits(logits: jax.Array) -> jax.Array:
   """2 * sigmoid(logits): equals 1 at the zero init, so a fresh modulated layer
@@ -54,3 +56,40 @@ def check_in_features(inputs: jax.Array, in_features: int, name: str) -> None:
     raise ValueError(
         f'{name}: inputs must have shape [..., H, W, in_features={in_features}], got {tuple(inputs.shape)}'
     )
+
+
+def conv_geometry(strides, input_dilation, kernel_dilation, name: str):
+  """nnx.Conv / nn.Conv geometry arguments -> (strides, kernel_dilation) pairs for the op.
+
+  Accepts what flax accepts: None (1), an int, or any length-2 sequence, numpy
+  arrays included. `input_dilation` (fractionally strided conv) has no
+  deformable counterpart here: the op samples the input as it is, so anything
+  but 1 is refused by name.
+  """
+  def pair(value, arg):
+    if value is None:
+      return (1, 1)
+    if hasattr(value, 'tolist'):  # numpy arrays and scalars
+      value = value.tolist()
+    return _args.positive_pair(value, arg, name)
+
+  if pair(input_dilation, 'input_dilation') != (1, 1):
+    raise ValueError(f'{name}: input_dilation={input_dilation!r} is not supported: a deformable conv samples the '
+                     'input at its own resolution; upsample it explicitly (e.g. jax.image.resize) instead')
+  return pair(strides, 'strides'), pair(kernel_dilation, 'kernel_dilation')
+
+
+PADDING_MODES = {'CIRCULAR': 'wrap', 'REFLECT': 'reflect'}
+
+
+def pad_for_mode(inputs, padding, kernel_hw, dilation):
+  """CIRCULAR / REFLECT as nnx.Conv does them: pad the image (wrap / reflect) by the
+  dilated kernel's SAME amounts, then convolve VALID. A deformable conv then samples
+  the padded image: zero offsets give exactly nnx.Conv's result, and offsets may
+  reach into the wrapped / reflected border (beyond it, points read 0 as usual).
+  Returns `(inputs, padding)` to hand to the op."""
+  if not (isinstance(padding, str) and padding.upper() in PADDING_MODES):
+    return inputs, padding
+  window = [(k - 1) * d + 1 for k, d in zip(kernel_hw, dilation)]
+  pads = [(0, 0)] * (inputs.ndim - 3) + [((w - 1) // 2, w // 2) for w in window] + [(0, 0)]
+  return jnp.pad(inputs, pads, mode=PADDING_MODES[padding.upper()]), 'VALID'

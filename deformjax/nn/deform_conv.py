@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +18,32 @@ default_kernel_init = initializers.lecun_normal()
 
 
 class DeformConv(nnx.Module):
-  """Deformable convolution (DCNv1, or DCNv2 when `modulated`), NHWC.
+  """Deformable convolution (DCNv1, or DCNv2 when `modulated`), NHWC: a drop-in for `nnx.Conv`.
 
   The layer owns its offset predictor: a regular conv with the same kernel size,
   strides, padding and dilation producing `offset_groups*kh*kw*2` offsets (and
   `offset_groups*kh*kw` mask logits when modulated). The predictor starts at
   zero weights and zero bias, and the mask is `2*sigmoid(logits)`, so a fresh
   DeformConv computes exactly what `nnx.Conv` with the same kernel computes.
-  (DCNv2's paper uses `sigmoid`, 0.5 at init; the factor 2 keeps the fresh layer
-  equal to a conv, so swapping a conv for a DeformConv does not change a
-  pretrained network's output at step 0.)
+  (DCNv2's paper and mmcv use `sigmoid`, 0.5 at init; the factor 2 keeps the
+  fresh layer equal to a conv. `deformjax.nn.convert` halves a loaded mmcv
+  kernel to compensate.)
+
+  Arguments are `nnx.Conv`'s, in the same positions and with the same meaning,
+  and draw the same random numbers: the kernel and bias take the same keys from
+  `rngs` as `nnx.Conv` would, and the zero-initialised predictor draws none, so
+  swapping a conv for a DeformConv leaves every other layer's initialisation
+  unchanged. Differences:
+
+  - `kernel_size` is always 2-D (an int means square; `nnx.Conv` reads an int
+    as a 1-D kernel).
+  - `input_dilation` must be 1: a deformable conv samples the input at its own
+    resolution (a ValueError names it otherwise).
+  - `padding='CIRCULAR'` / `'REFLECT'` pad the image (wrap / reflect) by the
+    SAME amounts and sample the padded image: at zero offsets this is exactly
+    `nnx.Conv`; offsets can reach into the wrapped / reflected border.
+  - `conv_general_dilated` is used by the offset predictor (the deformable conv
+    itself is `deform_conv2d`).
 
   Offsets can also be passed in (torchvision `DeformConv2d` style), in which case
   the predictor is not run; with `predict_offsets=False` there is no predictor
@@ -34,13 +52,16 @@ class DeformConv(nnx.Module):
   Args:
     in_features: input channels C.
     out_features: output channels.
-    kernel_size: int (square) or (kh, kw). Unlike `nnx.Conv`, where an int
-      means a 1-D kernel, this layer is always 2-D.
-    strides, padding, kernel_dilation, feature_group_count: as `nnx.Conv`
-      (padding: int, (ph, pw), ((t, b), (l, r)), 'SAME', 'VALID').
+    kernel_size: int (square) or (kh, kw).
+    strides, padding, input_dilation, kernel_dilation, feature_group_count,
+      use_bias, mask, dtype, param_dtype, precision, kernel_init, bias_init,
+      conv_general_dilated, promote_dtype, preferred_element_type,
+      kernel_metadata, bias_metadata: as `nnx.Conv` (padding: int, (ph, pw),
+      ((t, b), (l, r)), 'SAME', 'VALID', 'CIRCULAR', 'REFLECT'; `mask` masks
+      the kernel; the metadata, e.g. `sharding_names`, annotate the kernel and
+      bias Params as `nnx.with_partitioning` does).
     offset_groups: channel groups with their own offset field.
     modulated: predict a DCNv2 modulation mask.
-    use_bias: add a bias to the deformable conv's output.
     offset_scale: multiplies the predicted offsets (a smaller value slows offset
       learning relative to the kernel).
     max_offset: if set, predicted offsets are bounded softly to
@@ -55,10 +76,6 @@ class DeformConv(nnx.Module):
     deterministic: bit-identical gradients run to run on GPU/TPU (a sorted
       segment sum instead of atomics; reverse-mode autodiff only), see
       `deform_conv2d`.
-    dtype: computation dtype (None: inferred from inputs and params).
-    param_dtype: parameter dtype.
-    precision: passed to the contractions.
-    kernel_init, bias_init: initialisers of the deformable kernel and bias.
     rngs: random number generators (keyword-only).
 
   Example:
@@ -76,14 +93,27 @@ class DeformConv(nnx.Module):
       in_features: int,
       out_features: int,
       kernel_size: int | Sequence[int],
+      strides: None | int | Sequence[int] = 1,
       *,
-      strides: int | Sequence[int] = 1,
       padding: _args.PaddingLike = 'SAME',
-      kernel_dilation: int | Sequence[int] = 1,
+      input_dilation: None | int | Sequence[int] = 1,
+      kernel_dilation: None | int | Sequence[int] = 1,
       feature_group_count: int = 1,
+      use_bias: bool = True,
+      mask: jax.Array | None = None,
+      dtype=None,
+      param_dtype=jnp.float32,
+      precision=None,
+      kernel_init=default_kernel_init,
+      bias_init=initializers.zeros_init(),
+      conv_general_dilated=jax.lax.conv_general_dilated,
+      promote_dtype=dtypes.promote_dtype,
+      preferred_element_type=None,
+      rngs: nnx.Rngs,
+      kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       offset_groups: int = 1,
       modulated: bool = True,
-      use_bias: bool = True,
       offset_scale: float = 1.0,
       max_offset: float | None = None,
       predict_offsets: bool = True,
@@ -91,15 +121,12 @@ class DeformConv(nnx.Module):
       chunk_size: int | None = None,
       memory_budget: int | None = None,
       deterministic: bool = False,
-      dtype=None,
-      param_dtype=jnp.float32,
-      precision=None,
-      kernel_init=default_kernel_init,
-      bias_init=initializers.zeros_init(),
-      rngs: nnx.Rngs,
   ):
     name = type(self).__name__
     kh, kw = _args.positive_pair(kernel_size, 'kernel_size', name)
+    strides, kernel_dilation = _common.conv_geometry(strides, input_dilation, kernel_dilation, name)
+    for arg, value in (('feature_group_count', feature_group_count), ('offset_groups', offset_groups)):
+      _args.positive_int(value, arg, name)
     if in_features % feature_group_count or out_features % feature_group_count:
       raise ValueError(
           f'{name}: in_features={in_features} and out_features={out_features} must be divisible by '
@@ -109,16 +136,22 @@ class DeformConv(nnx.Module):
       raise ValueError(f'{name}: in_features={in_features} must be divisible by offset_groups={offset_groups}')
     if max_offset is not None and max_offset <= 0:
       raise ValueError(f'{name}: max_offset must be positive or None, got {max_offset!r}')
+    kernel_shape = (kh, kw, in_features // feature_group_count, out_features)
+    if mask is not None and tuple(mask.shape) != kernel_shape:
+      raise ValueError(f'{name}: mask must have the kernel\'s shape {kernel_shape}, got {tuple(mask.shape)}')
     self.in_features = in_features
     self.out_features = out_features
     self.kernel_size = (kh, kw)
+    self.kernel_shape = kernel_shape
     self.strides = strides
     self.padding = padding
+    self.input_dilation = input_dilation
     self.kernel_dilation = kernel_dilation
     self.feature_group_count = feature_group_count
+    self.use_bias = use_bias
+    self.mask = mask
     self.offset_groups = offset_groups
     self.modulated = modulated
-    self.use_bias = use_bias
     self.offset_scale = offset_scale
     self.max_offset = max_offset
     self.sow_offsets = sow_offsets
@@ -128,18 +161,22 @@ class DeformConv(nnx.Module):
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.precision = precision
+    self.promote_dtype = promote_dtype
+    self.preferred_element_type = preferred_element_type
 
-    self.kernel = nnx.Param(
-        kernel_init(rngs.params(), (kh, kw, in_features // feature_group_count, out_features), param_dtype)
-    )
-    self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
-    taps = kh * kw * offset_groups
+    # The same draws, in the same order, as nnx.Conv: kernel, then bias.
+    self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype), **kernel_metadata)
+    self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata)
+                 if use_bias else None)
     if predict_offsets:
+      # Zero-initialised: it needs no random numbers, and takes none from `rngs`, so
+      # the layers built after this one initialise as they would after an nnx.Conv.
       self.offset_conv = nnx.Conv(
-          in_features, taps * (3 if modulated else 2), (kh, kw), strides=strides,
+          in_features, kh * kw * offset_groups * (3 if modulated else 2), (kh, kw), strides=strides,
           padding=_explicit_padding(padding), kernel_dilation=kernel_dilation,
           kernel_init=initializers.zeros_init(), bias_init=initializers.zeros_init(),
-          dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs,
+          dtype=dtype, param_dtype=param_dtype, precision=precision, conv_general_dilated=conv_general_dilated,
+          promote_dtype=promote_dtype, rngs=nnx.Rngs(0),
       )
     else:
       self.offset_conv = None
@@ -178,13 +215,16 @@ class DeformConv(nnx.Module):
       )
       mask = predicted_mask if mask is None else mask
     kernel = self.kernel[...]
+    if self.mask is not None:
+      kernel = kernel * self.mask
     bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = dtypes.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+    inputs, padding = _common.pad_for_mode(inputs, self.padding, self.kernel_size, self.kernel_dilation)
     y = _common.deform_conv_any_batch(
-        inputs, offsets, kernel, mask, bias, strides=self.strides, padding=self.padding,
+        inputs, offsets, kernel, mask, bias, strides=self.strides, padding=padding,
         dilation=self.kernel_dilation, groups=self.feature_group_count, offset_groups=self.offset_groups,
-        precision=self.precision, chunk_size=self.chunk_size, memory_budget=self.memory_budget,
-        deterministic=self.deterministic,
+        precision=self.precision, preferred_element_type=self.preferred_element_type, chunk_size=self.chunk_size,
+        memory_budget=self.memory_budget, deterministic=self.deterministic,
     )
     if self.sow_offsets:
       self.sow(nnx.Intermediate, 'offsets', offsets)

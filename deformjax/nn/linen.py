@@ -21,8 +21,12 @@ from deformjax.ops.roi_pool import deform_roi_pool, roi_align
 
 
 class DeformConv(nn.Module):
-  """Linen twin of `deformjax.nn.DeformConv` (Linen spells out_features `features`).
+  """Linen twin of `deformjax.nn.DeformConv`: a drop-in for `flax.linen.Conv`.
 
+  Fields are `nn.Conv`'s, in the same order (so positional use carries over),
+  followed by the deformable ones; the same differences as the NNX module
+  (2-D `kernel_size`, `input_dilation` must be 1, CIRCULAR / REFLECT sample the
+  padded image, `conv_general_dilated` serves the offset predictor).
   Parameters: `kernel [kh, kw, C // groups, features]`, `bias [features]`, and
   `offset_conv/{kernel, bias}` (zero-initialised) when offsets are predicted.
   Offsets and mask are sown into the `intermediates` collection when
@@ -40,13 +44,22 @@ class DeformConv(nn.Module):
 
   features: int
   kernel_size: int | Sequence[int]
-  strides: int | Sequence[int] = 1
+  strides: None | int | Sequence[int] = 1
   padding: Any = 'SAME'
-  kernel_dilation: int | Sequence[int] = 1
+  input_dilation: None | int | Sequence[int] = 1
+  kernel_dilation: None | int | Sequence[int] = 1
   feature_group_count: int = 1
+  use_bias: bool = True
+  mask: Any = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+  promote_dtype: Any = nn.dtypes.promote_dtype
+  conv_general_dilated: Any = None
   offset_groups: int = 1
   modulated: bool = True
-  use_bias: bool = True
   offset_scale: float = 1.0
   max_offset: float | None = None
   predict_offsets: bool = True
@@ -54,36 +67,42 @@ class DeformConv(nn.Module):
   chunk_size: int | None = None
   memory_budget: int | None = None
   deterministic: bool = False
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  precision: Any = None
-  kernel_init: Any = nn.initializers.lecun_normal()
-  bias_init: Any = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, inputs, offsets=None, mask=None, *, return_offsets: bool = False):
-    kh, kw = _args.positive_pair(self.kernel_size, 'kernel_size', 'DeformConv')
+    name = 'DeformConv'
+    kh, kw = _args.positive_pair(self.kernel_size, 'kernel_size', name)
+    strides, dilation = _common.conv_geometry(self.strides, self.input_dilation, self.kernel_dilation, name)
+    groups = _args.positive_int(self.feature_group_count, 'feature_group_count', name)
+    _args.positive_int(self.offset_groups, 'offset_groups', name)
     in_features = inputs.shape[-1]
-    kernel = self.param('kernel', self.kernel_init,
-                        (kh, kw, in_features // self.feature_group_count, self.features), self.param_dtype)
+    kernel_shape = (kh, kw, in_features // groups, self.features)
+    kernel = self.param('kernel', self.kernel_init, kernel_shape, self.param_dtype)
+    if self.mask is not None:
+      if tuple(self.mask.shape) != kernel_shape:
+        raise ValueError(f"{name}: mask must have the kernel's shape {kernel_shape}, got {tuple(self.mask.shape)}")
+      kernel = kernel * self.mask
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     if offsets is None:
       if not self.predict_offsets:
         raise ValueError('DeformConv: offsets are required when the layer has no predictor (predict_offsets=False)')
       taps = kh * kw * self.offset_groups
+      extra = {} if self.conv_general_dilated is None else {'conv_general_dilated': self.conv_general_dilated}
       pred = nn.Conv(
-          taps * (3 if self.modulated else 2), (kh, kw), strides=self.strides,
-          padding=_explicit_padding(self.padding), kernel_dilation=self.kernel_dilation,
+          taps * (3 if self.modulated else 2), (kh, kw), strides=strides,
+          padding=_explicit_padding(self.padding), kernel_dilation=dilation,
           kernel_init=nn.initializers.zeros_init(), bias_init=nn.initializers.zeros_init(),
-          dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name='offset_conv',
+          dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+          promote_dtype=self.promote_dtype, name='offset_conv', **extra,
       )(inputs)
       offsets, predicted_mask = _common.split_prediction(pred, taps * 2, self.modulated, self.offset_scale,
                                                          self.max_offset)
       mask = predicted_mask if mask is None else mask
-    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    inputs, padding = _common.pad_for_mode(inputs, self.padding, (kh, kw), dilation)
     y = _common.deform_conv_any_batch(
-        inputs, offsets, kernel, mask, bias, strides=self.strides, padding=self.padding,
-        dilation=self.kernel_dilation, groups=self.feature_group_count, offset_groups=self.offset_groups,
+        inputs, offsets, kernel, mask, bias, strides=strides, padding=padding,
+        dilation=dilation, groups=groups, offset_groups=self.offset_groups,
         precision=self.precision, chunk_size=self.chunk_size, memory_budget=self.memory_budget,
         deterministic=self.deterministic,
     )

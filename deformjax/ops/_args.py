@@ -28,6 +28,12 @@ def pair(value, name: str, fn: str) -> tuple[int, int]:
   raise ValueError(f'{fn}: {name} must be an int or a pair of ints, got {value!r}')
 
 
+def positive_int(value, name: str, fn: str) -> int:
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+    raise ValueError(f'{fn}: {name} must be a positive int, got {value!r}')
+  return int(value)
+
+
 def positive_pair(value, name: str, fn: str) -> tuple[int, int]:
   p = pair(value, name, fn)
   if p[0] < 1 or p[1] < 1:
@@ -92,6 +98,21 @@ def check_shape(x, expected: tuple[int, ...], name: str, layout: str, fn: str) -
     raise ValueError(
         f'{fn}: {name} must have shape {layout} = {tuple(expected)}, got {tuple(jnp.shape(x))}'
     )
+
+
+def as_array(x, name: str, fn: str):
+  """Anything `jnp.asarray` accepts (NumPy arrays, lists, scalars) as a jax.Array; None stays None.
+
+  NumPy inputs must not reach the ops' `.at[...]` gathers outside jit, and a
+  list must not be echoed whole into an error message.
+  """
+  if x is None or isinstance(x, jax.Array):
+    return x
+  try:
+    return jnp.asarray(x)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f'{fn}: {name} must be an array (anything jnp.asarray accepts), got {type(x).__name__}: '
+                    f'{str(e).splitlines()[0][:200]}') from None
 
 
 def check_floating(x, name: str, fn: str) -> None:

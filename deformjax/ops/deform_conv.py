@@ -30,12 +30,6 @@ DEFAULT_CHUNK_BYTES = CPU_CHUNK_BYTES
 INDEX_BLOCK_BYTES = 64 * 1024 * 1024
 
 
-def _check_groups(value, name: str, fn: str) -> int:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-    raise ValueError(f'{fn}: {name} must be a positive int, got {value!r}')
-  return int(value)
-
-
 def _infer_offset_groups(offsets, taps: int, fn: str) -> int:
   """torchvision's rule: offsets carry offset_groups*kh*kw*2 channels."""
   channels = jnp.shape(offsets)[-1] if jnp.ndim(offsets) == 4 else None
@@ -170,17 +164,20 @@ def deform_conv2d(
     (2, 8, 8, 6)
   """
   fn = 'deform_conv2d'
+  inputs, offsets, kernel, mask, bias = (
+      _args.as_array(a, name, fn) for a, name in
+      zip((inputs, offsets, kernel, mask, bias), ('inputs', 'offsets', 'kernel', 'mask', 'bias')))
   _args.check_floating(inputs, 'inputs', fn)
   _args.check_floating(offsets, 'offsets', fn)
   _args.check_floating(kernel, 'kernel', fn)
   _args.check_rank(inputs, 4, 'inputs', '[N, H, W, C]', fn)
   _args.check_rank(kernel, 4, 'kernel', '[kh, kw, C // groups, C_out]', fn)
-  groups = _check_groups(groups, 'groups', fn)
+  groups = _args.positive_int(groups, 'groups', fn)
   n, h, w, c = inputs.shape
   kh, kw, cin_g, cout = kernel.shape
   if offset_groups is None:
     offset_groups = _infer_offset_groups(offsets, kh * kw, fn)
-  offset_groups = _check_groups(offset_groups, 'offset_groups', fn)
+  offset_groups = _args.positive_int(offset_groups, 'offset_groups', fn)
   if c % groups:
     raise ValueError(f'{fn}: inputs channels C={c} must be divisible by groups={groups}')
   if c % offset_groups:

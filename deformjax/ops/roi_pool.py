@@ -100,6 +100,8 @@ def deform_roi_pool(
     (2, 7, 7, 8)
   """
   fn = 'deform_roi_pool'
+  features, rois, offsets = (_args.as_array(a, name, fn) for a, name in
+                             zip((features, rois, offsets), ('features', 'rois', 'offsets')))
   _args.check_floating(features, 'features', fn)
   _args.check_floating(rois, 'rois', fn)
   _args.check_rank(features, 4, 'features', '[N, H, W, C]', fn)

@@ -200,6 +200,7 @@ def bilinear_sample(images: jax.Array, coords: jax.Array) -> jax.Array:
     [5.5, 0.0]
   """
   fn = 'bilinear_sample'
+  images, coords = _args.as_array(images, 'images', fn), _args.as_array(coords, 'coords', fn)
   _args.check_floating(images, 'images', fn)
   _args.check_floating(coords, 'coords', fn)
   if jnp.ndim(images) < 3:
