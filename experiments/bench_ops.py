@@ -193,7 +193,8 @@ def temp_bytes(jitted, *args) -> int | None:
 
 
 def run(shapes, dtype_name: str, repeats: int, chunk_size: int | None, baseline: str | None = None,
-        rounds: int = 3, deterministic: bool = False, precision: str | None = None) -> dict:
+        rounds: int = 3, deterministic: bool = False, precision: str | None = None,
+        torchvision: bool = True) -> dict:
   dtype = jnp.dtype(dtype_name)
   shapes = shapes or (DEFAULT_SHAPES if jax.default_backend() == 'cpu' else ACCELERATOR_SHAPES)
   base_op = load_baseline(baseline) if baseline else None
@@ -215,7 +216,7 @@ def run(shapes, dtype_name: str, repeats: int, chunk_size: int | None, baseline:
     if deterministic:
       cases['det_fwd_bwd'] = jax_call(ours_fns(chunk_size, precision=precision, deterministic=True)[1],
                                       x, off, mask, w, cot)
-    tv = torchvision_cases(x, off, mask, w, cot)
+    tv = torchvision_cases(x, off, mask, w, cot) if torchvision else None
     if tv is not None:
       cases.update(tv[1])
     times = interleaved_ms(cases, rounds, per_round)
@@ -322,11 +323,14 @@ def main(argv=None) -> dict:
   parser.add_argument('--deterministic', action='store_true', help='also time deterministic=True fwd+bwd')
   parser.add_argument('--precision', default=None, choices=['default', 'high', 'highest'],
                       help="contraction precision of ours and lax.conv (default: JAX's, TF32 on NVIDIA GPUs)")
+  parser.add_argument('--no-torchvision', action='store_true',
+                      help="skip torchvision even where it imports (on CPU, torch's OpenMP threads keep spinning "
+                           'after each call and slow whatever JAX case runs next)')
   parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
   parser.add_argument('--tag', default=None, help='file name suffix; default: the platform (cpu/gpu/tpu)')
   args = parser.parse_args(argv)
   result = run(args.shapes, args.dtype, args.repeats, args.chunk_size, args.baseline, args.rounds,
-               args.deterministic, args.precision)
+               args.deterministic, args.precision, not args.no_torchvision)
   tag = args.tag or jax.devices()[0].platform + ('' if args.dtype == 'float32' else f'_{args.dtype}')
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / f'bench_ops_{tag}.json').write_text(json.dumps(result, indent=2) + '\n')

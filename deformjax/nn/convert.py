@@ -41,7 +41,7 @@ def from_conv(conv: nnx.Conv, **deform_kwargs) -> DeformConv:
     >>> from deformjax.nn import convert
     >>> conv = nnx.Conv(8, 16, (3, 3), rngs=nnx.Rngs(0))
     >>> layer = convert.from_conv(conv)
-    >>> x = jnp.ones((1, 10, 10, 8))
+    >>> x = jnp.ones((1, 10, 10, 8), jnp.float32)
     >>> bool(jnp.allclose(layer(x), conv(x), atol=1e-5))
     True
   """
@@ -93,7 +93,7 @@ def linen_params(fresh, pretrained, rename: Mapping[str, str] | None = None):
     ...     x = nn.relu(nn.Conv(8, (3, 3))(x))
     ...     conv = linen.DeformConv(8, (3, 3), name='Conv_1') if self.deformable else nn.Conv(8, (3, 3))
     ...     return conv(x)
-    >>> x = jnp.ones((1, 8, 8, 3))
+    >>> x = jnp.ones((1, 8, 8, 3), jnp.float32)
     >>> pretrained = Net().init(jax.random.key(0), x)['params']
     >>> fresh = Net(deformable=True).init(jax.random.key(1), x)['params']
     >>> params = convert.linen_params(fresh, pretrained)  # same names: no rename needed
