@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 
 import jax
@@ -107,17 +108,12 @@ def epoch_permutation(mesh, seed: int, epoch: int, size: int) -> jax.Array:
   return _permutation(size, mesh_lib.replicated(mesh))(jnp.asarray(seed, jnp.uint32), jnp.asarray(epoch, jnp.int32))
 
 
-_PERMUTATIONS: dict = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _permutation(size: int, sharding: NamedSharding):
-  key = (size, sharding)
-  if key not in _PERMUTATIONS:
-    def permutation(seed, epoch):
-      return jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), size).astype(jnp.int32)
+  def permutation(seed, epoch):
+    return jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), size).astype(jnp.int32)
 
-    _PERMUTATIONS[key] = jax.jit(permutation, out_shardings=sharding)
-  return _PERMUTATIONS[key]
+  return jax.jit(permutation, out_shardings=sharding)
 
 
 def gather_batch(mesh, images: jax.Array, labels: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
