@@ -199,3 +199,25 @@ def test_bfloat16_compute_with_modulated_layers_trains():
   assert np.all(np.isfinite(history)) and history[-1] < history[0]
   params = jax.tree.leaves(summary['params'])
   assert all(p.dtype == np.float32 for p in params)  # bf16 compute, float32 parameters
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('log_every', 0, 'config.log_every must be a positive int, got 0'),
+    ('data_dir', '/tmp', "config.data_dir='/tmp' is not read by the digits dataset"),
+    ('train_augment.max_rotation_deg', float('nan'), 'config.train_augment.max_rotation_deg must be a finite number'),
+    ('train_augment.max_shift', float('inf'), 'config.train_augment.max_shift must be a finite number'),
+    ('train_augment.scale_range', (0.0, 0.0), r'config.train_augment.scale_range must be \(low, high\) with 0 < low'),
+    ('eval_sets.baseline.scale_range', (1.2, 0.8), r'config.eval_sets.baseline.scale_range must be'),
+])
+def test_validate_names_values_that_cannot_train(field, value, message):
+  from deformjax.train import ConfigError, validate
+
+  cfg = base_config()
+  *parents, leaf = field.split('.')
+  node = cfg
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=message):
+    validate(cfg, 1)
+  validate(base_config(), 1)  # the defaults pass

@@ -3,6 +3,7 @@ validation that turns a bad value into one clear line."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import ml_collections
@@ -60,12 +61,26 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _check_augment(aug, name: str) -> None:
+  """A random affine range that can be sampled: finite, non-negative bounds, a non-empty scale range."""
+  for field in ('max_rotation_deg', 'max_shift'):
+    value = aug[field]
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+      raise ConfigError(f'{name}.{field} must be a finite number >= 0, got {value!r}')
+  lo, hi = aug.scale_range
+  if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+    raise ConfigError(f'{name}.scale_range must be (low, high) with 0 < low <= high, finite, got {tuple(aug.scale_range)}')
+
+
 def validate(cfg: ml_collections.ConfigDict, device_count: int) -> None:
   """Raises ConfigError (one line) for a value the trainer cannot run with."""
   if cfg.dataset not in DATASETS:
     raise ConfigError(f"config.dataset: unknown dataset {cfg.dataset!r}; choose one of {', '.join(sorted(DATASETS))}")
   if cfg.model not in MODELS:
     raise ConfigError(f"config.model: unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
+  if cfg.dataset == 'digits' and cfg.data_dir is not None:
+    raise ConfigError(f'config.data_dir={cfg.data_dir!r} is not read by the digits dataset (it ships inside '
+                      'scikit-learn); unset it, or choose a TFDS dataset')
   if cfg.dataset != 'digits' and cfg.data_dir is not None and not os.path.isdir(os.path.expanduser(cfg.data_dir)):
     raise ConfigError(f'config.data_dir: directory {cfg.data_dir!r} does not exist')
   for name in ('batch_size', 'eval_batch_size'):
@@ -83,6 +98,11 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int) -> None:
     raise ConfigError(f"config.schedule must be 'constant', 'step' or 'cosine', got {cfg.schedule!r}")
   if not cfg.learning_rate > 0:
     raise ConfigError(f'config.learning_rate must be positive, got {cfg.learning_rate!r}')
+  if not isinstance(cfg.log_every, int) or cfg.log_every < 1:
+    raise ConfigError(f'config.log_every must be a positive int, got {cfg.log_every!r}')
+  augments = {'train_augment': cfg.train_augment, **{f'eval_sets.{k}': v for k, v in cfg.eval_sets.items()}}
+  for name, aug in augments.items():
+    _check_augment(aug, f'config.{name}')
   if cfg.data_placement not in ('auto', 'device', 'host'):
     raise ConfigError(f"config.data_placement must be 'auto', 'device' or 'host', got {cfg.data_placement!r}")
   if cfg.dtype not in ('float32', 'bfloat16', 'float16'):
