@@ -171,6 +171,9 @@ def test_killed_and_terminated_runs_resume_to_the_same_parameters(tmp_path, plac
     (['--config.dataset=mnist', '--config.data_dir=/nonexistent/tfds'], {},
      "error: config.data_dir: directory '/nonexistent/tfds' does not exist"),
     (['--config.deformable=7'], {}, "error: config.deformable must be 'none', 'all' or a count in [0, 5]"),
+    (['--config.num_devices=3'], {'JAX_NUM_CPU_DEVICES': '2'}, 'error: config.num_devices: num_devices=3 but only 2'),
+    (['--config.num_devices=-1'], {}, 'error: config.num_devices must be 0 (all devices) or a positive int'),
+    (['--config.workdir=README.md'], {}, "error: config.workdir='README.md' is an existing file"),
 ])
 def test_bad_config_is_one_clear_line(args, env, message):
   code, out, err = run_cli([*args, '--config.progress=False'], env)

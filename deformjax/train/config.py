@@ -78,6 +78,9 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int) -> None:
     raise ConfigError(f"config.dataset: unknown dataset {cfg.dataset!r}; choose one of {', '.join(sorted(DATASETS))}")
   if cfg.model not in MODELS:
     raise ConfigError(f"config.model: unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
+  if cfg.workdir is not None and os.path.exists(os.path.expanduser(cfg.workdir)) \
+      and not os.path.isdir(os.path.expanduser(cfg.workdir)):
+    raise ConfigError(f'config.workdir={cfg.workdir!r} is an existing file, not a directory')
   if cfg.dataset == 'digits' and cfg.data_dir is not None:
     raise ConfigError(f'config.data_dir={cfg.data_dir!r} is not read by the digits dataset (it ships inside '
                       'scikit-learn); unset it, or choose a TFDS dataset')

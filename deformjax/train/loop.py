@@ -96,7 +96,12 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None) -> dict:
   `deformjax.data.ArraySource` over your own arrays) used instead of loading
   `cfg.dataset`, whose spec (image shape, classes) they must match.
   """
-  mesh = mesh_lib.data_mesh(cfg.num_devices)
+  if not isinstance(cfg.num_devices, int) or cfg.num_devices < 0:
+    raise ConfigError(f'config.num_devices must be 0 (all devices) or a positive int, got {cfg.num_devices!r}')
+  try:
+    mesh = mesh_lib.data_mesh(cfg.num_devices)
+  except ValueError as e:
+    raise ConfigError(f'config.num_devices: {e}') from None
   validate(cfg, mesh.size)
   spec = get_spec(cfg.dataset)
   if sources is None:
