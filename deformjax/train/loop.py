@@ -24,7 +24,7 @@ from deformjax.train import mesh as mesh_lib
 from deformjax.train.checkpoint import Checkpointer
 from deformjax.train.config import ConfigError, validate
 from deformjax.train.metrics import Accumulator
-from deformjax.train.steps import frozen_augment, host_array, make_trainer
+from deformjax.train.steps import frozen_augment, host_array, make_trainer, zero_metrics
 
 EVAL_SEED_OFFSET = 1_000_003
 
@@ -69,6 +69,16 @@ def evaluate(trainer, params, source, spec, cfg, mesh) -> dict:
         acc.add(sums, int(host_array(batch['valid']).sum()))
     results[name] = acc.result(spec.class_names if spec.multilabel else ())
   return results
+
+
+def _truncate_log(path, step: int) -> None:
+  """Drops the records of `path` past `step` (process 0 only)."""
+  if path is None or jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    keep = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+  with open(path, 'w') as f:
+    f.writelines(keep)
 
 
 def _log_line(path, record):
@@ -144,6 +154,8 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None) -> dict:
       except ValueError as e:
         raise ConfigError(f'config.workdir: {e}') from None
       start = int(state['step'])
+      # Lines a killed run wrote after its last checkpoint are written again from here.
+      _truncate_log(metrics_path, start)
       if main:
         echo(f'resumed from {ckpt.directory} at step {start}')
 
@@ -154,7 +166,7 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None) -> dict:
 
     bar = tqdm(total=total_steps, initial=start, desc=f'{cfg.dataset}/{cfg.model}/deformable={cfg.deformable}',
                dynamic_ncols=True, file=sys.stderr)
-  pending, last_train, train_history = [], {}, []
+  last_train, train_history = {}, []
   permutation, permutation_epoch = None, None
   t_first = t_timed = None
   side_seconds = 0.0  # evaluation time inside the loop, kept out of the step timing
@@ -168,10 +180,9 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None) -> dict:
           if permutation_epoch != step // steps_per_epoch:
             permutation_epoch = step // steps_per_epoch
             permutation = feeding.epoch_permutation(mesh, cfg.seed, permutation_epoch, split.size)
-          state, sums = trainer.resident_step(state, split.images, split.labels, permutation)
+          state, _ = trainer.resident_step(state, split.images, split.labels, permutation)
         else:
-          state, sums = trainer.train_step(state, next(iterator))
-        pending.append(sums)
+          state, _ = trainer.train_step(state, next(iterator))
         done = step + 1
         if done == start + 1:
           jax.block_until_ready(state)  # the first step compiles: keep it out of the timing
@@ -180,11 +191,11 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None) -> dict:
         if bar is not None:
           bar.update(1)
         if done % cfg.log_every == 0 or done == total_steps:
+          sums = jax.device_get(state['metrics'])  # the only read of step results: every log_every steps
           acc = Accumulator()
-          for s in jax.device_get(pending):  # the only read of step results: every log_every steps
-            acc.add(s, cfg.batch_size)
-          pending = []
+          acc.add({k: v for k, v in sums.items() if k != 'count'}, sums['count'])
           last_train = acc.result()
+          state = {**state, 'metrics': jax.device_put(zero_metrics(spec), mesh_lib.replicated(mesh))}
           train_history.append({'step': done, **last_train})
           if bar is not None:
             bar.set_postfix(loss=f"{last_train['loss']:.4f}", acc=f"{last_train['accuracy']:.3f}")

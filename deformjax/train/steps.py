@@ -107,7 +107,7 @@ def make_trainer(model: nnx.Module, cfg: ml_collections.ConfigDict, spec: Datase
     with jax.numpy_dtype_promotion('standard'):  # see train_step
       opt_state = tx.init(params)
     state = {'params': params, 'opt_state': opt_state, 'step': jnp.zeros((), jnp.int32),
-             'rng': jax.random.PRNGKey(seed)}
+             'rng': jax.random.PRNGKey(seed), 'metrics': zero_metrics(spec)}
     return jax.device_put(state, mesh_lib.replicated(mesh))
 
   return Trainer(jit_train, jit_resident, jit_eval, init_state)
@@ -135,8 +135,12 @@ def _compiled_steps(graphdef, spec: DatasetSpec, mesh, steps_per_epoch: int, tot
     # jax_numpy_dtype_promotion='strict' rejects; the promotion is optax's choice.
     with jax.numpy_dtype_promotion('standard'):
       updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    # Metric sums since the last log line ride in the state: nothing is read per
+    # step, and a checkpoint taken between log lines resumes the window it is in.
+    metrics = {**sums, 'count': jnp.asarray(batch['label'].shape[0], jnp.float32)}
     new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
-                 'step': state['step'] + 1, 'rng': state['rng']}
+                 'step': state['step'] + 1, 'rng': state['rng'],
+                 'metrics': jax.tree.map(jnp.add, state['metrics'], metrics)}
     return new_state, sums
 
   def resident_step(state, images, labels, permutation):
@@ -159,6 +163,15 @@ def _compiled_steps(graphdef, spec: DatasetSpec, mesh, steps_per_epoch: int, tot
   jit_eval = jax.jit(eval_step, in_shardings=(repl, data, data, repl), out_shardings=(repl, data),
                      static_argnums=4)
   return tx, jit_train, jit_resident, jit_eval
+
+
+def zero_metrics(spec: DatasetSpec) -> dict:
+  """The train metric sums `train_step` accumulates (as `loss_and_metrics` returns them) plus the example count."""
+  zeros = {'loss': jnp.zeros((), jnp.float32), 'accuracy': jnp.zeros((), jnp.float32),
+           'count': jnp.zeros((), jnp.float32)}
+  if spec.multilabel:
+    zeros['per_class_accuracy'] = jnp.zeros((spec.num_classes,), jnp.float32)
+  return zeros
 
 
 def frozen_augment(aug: ml_collections.ConfigDict):
