@@ -28,9 +28,7 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from experiments.common import RESULTS, run_metadata, write_results
 
@@ -64,26 +62,24 @@ def config_for(model: str, setting: str, steps: int, batch: int):
 def ideal_runner(cfg, sources):
   """`run(k)`: k calls of the jitted train step on device-resident data, blocked at the end."""
   from deformjax.data import get_spec
-  from deformjax.models import build_model
   from deformjax.train import feeding
   from deformjax.train import mesh as mesh_lib
-  from deformjax.train.steps import make_trainer
+  from deformjax.train.loop import model_factory
+  from deformjax.train.steps import augment_arrays, make_trainer
 
   mesh = mesh_lib.data_mesh(cfg.num_devices)
   spec = get_spec(cfg.dataset)
   split = feeding.DeviceSplit.place(*feeding.read_split(sources[0], spec), mesh)
-  model = build_model(cfg.model, in_features=spec.image_shape[-1], num_classes=spec.num_classes,
-                      image_size=spec.image_shape[0], deformable=cfg.deformable, modulated=cfg.modulated,
-                      dropout=cfg.dropout, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(cfg.seed))
   steps_per_epoch = split.size // cfg.batch_size
-  trainer = make_trainer(model, cfg, spec, mesh, steps_per_epoch, cfg.steps)
+  trainer = make_trainer(model_factory(cfg, spec), cfg, spec, mesh, steps_per_epoch, cfg.steps)
+  aug = augment_arrays(cfg.train_augment)
   box = {'state': trainer.init_state(cfg.seed)}
   permutation = feeding.epoch_permutation(mesh, cfg.seed, 0, split.size)
 
   def run(k):
     state = box['state']
     for _ in range(k):
-      state, _ = trainer.resident_step(state, split.images, split.labels, permutation)
+      state, _ = trainer.resident_step(state, split.images, split.labels, permutation, aug)
     jax.block_until_ready(state)
     box['state'] = state
 
@@ -216,7 +212,7 @@ def main(argv=None) -> dict:
             'method': f'median over {args.rounds} interleaved rounds of {args.steps} steps, every setting compiled '
                       'and warmed up first; loop = deformjax.train.train seconds_per_step, ideal = the jitted step '
                       'called back to back on device-resident data'}
-  lines = [f'| model | setting | loop ms/step | ideal ms/step | loop / ideal | loop img/s | ideal img/s |',
+  lines = ['| model | setting | loop ms/step | ideal ms/step | loop / ideal | loop img/s | ideal img/s |',
            '|---|---|---|---|---|---|---|']
   lines += [f"| {r['model']} | {r['setting']} | {r['loop_ms_per_step']:.2f} | {r['ideal_ms_per_step']:.2f} | "
             f"{r['loop_over_ideal']:.2f}x | {r['loop_images_per_s']:.0f} | {r['ideal_images_per_s']:.0f} |"

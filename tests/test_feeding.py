@@ -90,25 +90,22 @@ def test_every_model_trains_through_the_train_loop(model, deformable, modulated,
   assert 0.0 <= summary['eval']['baseline']['accuracy'] <= 1.0
 
 
-def test_runs_that_differ_only_in_seed_share_compiled_steps():
-  from flax import nnx
-
-  from deformjax.models import build_model
+def test_runs_that_differ_only_in_seed_or_transform_share_compiled_steps():
+  from deformjax.train.loop import model_factory
   from deformjax.train.steps import make_trainer
 
   mesh = mesh_lib.data_mesh()
   spec = get_spec('digits')
 
-  def trainer(seed, rotation=0.0):
+  def trainer(seed, rotation=0.0, lr=1e-3):
     cfg = base_config()
-    cfg.seed, cfg.workdir, cfg.log_every = seed, f'/tmp/run{seed}', 7 + seed
+    cfg.seed, cfg.workdir, cfg.log_every, cfg.learning_rate = seed, f'/tmp/run{seed}', 7 + seed, lr
     cfg.train_augment.max_rotation_deg = rotation
-    model = build_model('conv5', in_features=1, num_classes=10, image_size=28, deformable=2, modulated=False,
-                        dropout=0.0, dtype=jnp.float32, rngs=nnx.Rngs(seed))
-    return make_trainer(model, cfg, spec, mesh, 22, 44)
+    return make_trainer(model_factory(cfg, spec), cfg, spec, mesh, 22, 44)
 
-  a, b, c = trainer(0), trainer(1), trainer(0, rotation=30.0)
+  a, b, c, d = trainer(0), trainer(1), trainer(0, rotation=30.0), trainer(0, lr=1e-2)
   assert a.train_step is b.train_step and a.resident_step is b.resident_step and a.eval_step is b.eval_step
-  assert a.train_step is not c.train_step
+  assert a.train_step is c.train_step and a.resident_step is c.resident_step and a.eval_step is c.eval_step
+  assert a.train_step is not d.train_step
   pa, pb = a.init_state(0)['params'], b.init_state(1)['params']
   assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))

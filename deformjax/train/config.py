@@ -44,6 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.steps = 0  # > 0 overrides epochs
   c.batch_size = 64  # global, across all devices and processes
   c.seed = 0
+  # Seeds cfg.seed .. cfg.seed + num_seeds - 1 trained together, each as if alone
+  # (its own init, data order, augmentation, dropout): an ensemble, or the seeds
+  # of a study, in one compiled step. Needs the train split on the devices.
+  c.num_seeds = 1
+  c.seed_batching = 'auto'  # 'auto' | 'vmap' | 'loop': see deformjax.train.steps.seed_batching_for
   # 'auto': the train split lives on the devices when it fits (feeding.DEVICE_DATA_MAX_BYTES),
   # else grain feeds it from the host; 'device' / 'host' force one.
   c.data_placement = 'auto'
@@ -108,6 +113,13 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int) -> None:
     _check_augment(aug, f'config.{name}')
   if cfg.data_placement not in ('auto', 'device', 'host'):
     raise ConfigError(f"config.data_placement must be 'auto', 'device' or 'host', got {cfg.data_placement!r}")
+  if not isinstance(cfg.num_seeds, int) or isinstance(cfg.num_seeds, bool) or cfg.num_seeds < 1:
+    raise ConfigError(f'config.num_seeds must be a positive int, got {cfg.num_seeds!r}')
+  if cfg.seed_batching not in ('auto', 'vmap', 'loop'):
+    raise ConfigError(f"config.seed_batching must be 'auto', 'vmap' or 'loop', got {cfg.seed_batching!r}")
+  if cfg.num_seeds > 1 and cfg.data_placement == 'host':
+    raise ConfigError(f"config.num_seeds={cfg.num_seeds} trains from the train split on the devices; "
+                      "data_placement='host' feeds one order only: use 'auto' or 'device', or num_seeds=1")
   if cfg.dtype not in ('float32', 'bfloat16', 'float16'):
     raise ConfigError(f"config.dtype must be 'float32', 'bfloat16' or 'float16', got {cfg.dtype!r}")
   num_convs = MODELS[cfg.model].num_convs

@@ -24,7 +24,7 @@ from deformjax.train import mesh as mesh_lib
 from deformjax.train.checkpoint import Checkpointer
 from deformjax.train.config import ConfigError, validate
 from deformjax.train.metrics import Accumulator
-from deformjax.train.steps import frozen_augment, host_array, make_trainer, zero_metrics
+from deformjax.train.steps import augment_arrays, host_array, make_trainer, seed_slice
 
 EVAL_SEED_OFFSET = 1_000_003
 
@@ -49,19 +49,23 @@ def _stop_on_signals(flag: threading.Event):
       signal.signal(s, h)
 
 
-def evaluate(trainer, params, source, spec, cfg, mesh) -> dict:
-  """Metrics of `params` on every named test set of `cfg.eval_sets`."""
+def evaluate(trainer, params, source, spec, cfg, mesh, seed: int | None = None) -> dict:
+  """Metrics of `params` (one seed's) on every named test set of `cfg.eval_sets`.
+
+  The test transforms are drawn from `seed` (default `cfg.seed`), as in a run of that seed alone.
+  """
   results = {}
+  seed = cfg.seed if seed is None else seed
   for name, aug in sorted(cfg.eval_sets.items()):
     acc = Accumulator()
-    frozen = frozen_augment(aug)
-    base = jax.random.PRNGKey(cfg.seed + EVAL_SEED_OFFSET)
+    arrays = augment_arrays(aug)
+    base = jax.random.PRNGKey(seed + EVAL_SEED_OFFSET)
     for i, (local, valid) in enumerate(eval_batches(source, spec, global_batch=cfg.eval_batch_size,
                                                     process_index=jax.process_index(),
                                                     process_count=jax.process_count())):
       batch = mesh_lib.global_batch(mesh, {**local, 'valid': valid})
       sums, logits = trainer.eval_step(params, {'image': batch['image'], 'label': batch['label']}, batch['valid'],
-                                       jax.random.fold_in(base, i), frozen)
+                                       jax.random.fold_in(base, i), arrays)
       if spec.multilabel:
         keep = host_array(batch['valid'])
         acc.add(sums, keep.sum(), host_array(logits)[keep], host_array(batch['label'])[keep])
@@ -96,7 +100,18 @@ def format_summary(results: dict) -> str:
   return '\n'.join(rows)
 
 
-def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None) -> dict:
+def model_factory(cfg: ml_collections.ConfigDict, spec):
+  """`seed -> model` for the model `cfg` describes on data of `spec`, its parameters drawn from `seed`."""
+
+  def build(seed: int) -> nnx.Module:
+    return build_model(cfg.model, in_features=spec.image_shape[-1], num_classes=spec.num_classes,
+                       image_size=spec.image_shape[0], deformable=cfg.deformable, modulated=cfg.modulated,
+                       dropout=cfg.dropout, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(seed))
+
+  return build
+
+
+def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None, on_step=None) -> dict:
   """Trains per `cfg` (see `deformjax.train.config.base_config`); returns a summary dict.
 
   Resumes from the latest checkpoint in `cfg.workdir` when there is one. On
@@ -105,6 +120,14 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None) -> dict:
   `sources`: optional `(train, test)` random-access sources (e.g.
   `deformjax.data.ArraySource` over your own arrays) used instead of loading
   `cfg.dataset`, whose spec (image shape, classes) they must match.
+  `on_step`: optional callable, called with no arguments after every step
+  (e.g. a progress bar over several runs).
+
+  With `cfg.num_seeds > 1` the seeds `cfg.seed, cfg.seed + 1, ...` train
+  together and the summary's 'train', 'eval', 'eval_history' entries and
+  'param_checksum' are lists with one entry per seed (in 'seeds' order),
+  'params' has a leading seed axis, and metrics.jsonl lines carry a 'seed'.
+  'seconds_per_step' is the time of one step of all seeds together.
   """
   if not isinstance(cfg.num_devices, int) or cfg.num_devices < 0:
     raise ConfigError(f'config.num_devices must be 0 (all devices) or a positive int, got {cfg.num_devices!r}')
@@ -124,14 +147,24 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None) -> dict:
     raise ConfigError(f'config.batch_size={cfg.batch_size} exceeds the {len(train_src)} training examples')
   total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
   main = jax.process_index() == 0
-
-  model = build_model(cfg.model, in_features=spec.image_shape[-1], num_classes=spec.num_classes,
-                      image_size=spec.image_shape[0], deformable=cfg.deformable, modulated=cfg.modulated,
-                      dropout=cfg.dropout, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(cfg.seed))
-  trainer = make_trainer(model, cfg, spec, mesh, steps_per_epoch, total_steps)
-  state = trainer.init_state(cfg.seed)
+  seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+  multi = len(seeds) > 1
   resident = cfg.data_placement == 'device' or (
       cfg.data_placement == 'auto' and feeding.fits_on_device(spec, len(train_src)))
+  if multi and not resident:
+    raise ConfigError(f'config.num_seeds={cfg.num_seeds} needs the train split on the devices, and '
+                      f'{len(train_src)} examples exceed feeding.DEVICE_DATA_MAX_BYTES: use '
+                      "data_placement='device' if it fits, or num_seeds=1")
+
+  trainer = make_trainer(model_factory(cfg, spec), cfg, spec, mesh, steps_per_epoch, total_steps, num_seeds=len(seeds),
+                         seed_batching=cfg.seed_batching)
+  state = trainer.init_state(seeds)
+  train_aug = augment_arrays(cfg.train_augment)
+
+  def evaluate_all(params):
+    if not multi:
+      return evaluate(trainer, params, test_src, spec, cfg, mesh)
+    return [evaluate(trainer, seed_slice(params, i), test_src, spec, cfg, mesh, seed=s) for i, s in enumerate(seeds)]
   if resident:
     split = feeding.DeviceSplit.place(*feeding.read_split(train_src, spec), mesh)
     iterator = None
@@ -153,7 +186,7 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None) -> dict:
         state = ckpt.restore(state, iterator)
       except ValueError as e:
         raise ConfigError(f'config.workdir: {e}') from None
-      start = int(state['step'])
+      start = int(np.asarray(jax.device_get(state['step'])).reshape(-1)[0])
       # Lines a killed run wrote after its last checkpoint are written again from here.
       _truncate_log(metrics_path, start)
       if main:
@@ -164,7 +197,8 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None) -> dict:
   if cfg.progress and main:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=start, desc=f'{cfg.dataset}/{cfg.model}/deformable={cfg.deformable}',
+    bar = tqdm(total=total_steps, initial=start, desc=f'{cfg.dataset}/{cfg.model}/deformable={cfg.deformable}'
+               + (f'/{len(seeds)} seeds' if multi else ''),
                dynamic_ncols=True, file=sys.stderr)
   last_train, train_history = {}, []
   permutation, permutation_epoch = None, None
@@ -179,10 +213,11 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None) -> dict:
         if resident:
           if permutation_epoch != step // steps_per_epoch:
             permutation_epoch = step // steps_per_epoch
-            permutation = feeding.epoch_permutation(mesh, cfg.seed, permutation_epoch, split.size)
-          state, _ = trainer.resident_step(state, split.images, split.labels, permutation)
+            orders = [feeding.epoch_permutation(mesh, s, permutation_epoch, split.size) for s in seeds]
+            permutation = orders[0] if not multi else jnp.stack(orders)
+          state, _ = trainer.resident_step(state, split.images, split.labels, permutation, train_aug)
         else:
-          state, _ = trainer.train_step(state, next(iterator))
+          state, _ = trainer.train_step(state, next(iterator), train_aug)
         done = step + 1
         if done == start + 1:
           jax.block_until_ready(state)  # the first step compiles: keep it out of the timing
@@ -190,24 +225,29 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None) -> dict:
           t_timed = time.perf_counter()
         if bar is not None:
           bar.update(1)
+        if on_step is not None:
+          on_step()
         if done % cfg.log_every == 0 or done == total_steps:
           sums = jax.device_get(state['metrics'])  # the only read of step results: every log_every steps
-          acc = Accumulator()
-          acc.add({k: v for k, v in sums.items() if k != 'count'}, sums['count'])
-          last_train = acc.result()
-          state = {**state, 'metrics': jax.device_put(zero_metrics(spec), mesh_lib.replicated(mesh))}
-          train_history.append({'step': done, **last_train})
+          per_seed = [_train_metrics(seed_slice(sums, i) if multi else sums) for i in range(len(seeds))]
+          last_train = per_seed if multi else per_seed[0]
+          state = {**state, 'metrics': jax.device_put(jax.tree.map(jnp.zeros_like, state['metrics']),
+                                                      mesh_lib.replicated(mesh))}
+          train_history.append({'step': done, **({'seeds': per_seed} if multi else last_train)})
           if bar is not None:
-            bar.set_postfix(loss=f"{last_train['loss']:.4f}", acc=f"{last_train['accuracy']:.3f}")
-          _log_line(metrics_path, {'step': done, 'split': 'train', **last_train})
+            bar.set_postfix(loss=f"{np.mean([m['loss'] for m in per_seed]):.4f}",
+                            acc=f"{np.mean([m['accuracy'] for m in per_seed]):.3f}")
+          for seed, metrics in zip(seeds, per_seed):
+            _log_line(metrics_path, {'step': done, 'split': 'train', **({'seed': seed} if multi else {}), **metrics})
         epoch_end = done % steps_per_epoch == 0
         if cfg.eval_every_epochs and epoch_end and (done // steps_per_epoch) % cfg.eval_every_epochs == 0 \
             and done != total_steps:
           t_eval = time.perf_counter()
-          res = evaluate(trainer, state['params'], test_src, spec, cfg, mesh)
+          res = evaluate_all(state['params'])
           side_seconds += time.perf_counter() - t_eval
-          eval_history.append({'step': done, 'epoch': done // steps_per_epoch, **res})
-          _log_line(metrics_path, {'step': done, 'split': 'eval', **res})
+          eval_history.append({'step': done, 'epoch': done // steps_per_epoch,
+                               **({'seeds': res} if multi else res)})
+          _log_eval(metrics_path, done, seeds, res)
         if ckpt is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
                                  or (not cfg.checkpoint_every and epoch_end) or done == total_steps):
           ckpt.save(done, state, iterator)
@@ -224,8 +264,8 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None) -> dict:
     train_seconds = (time.perf_counter() - t_timed - side_seconds) if t_timed is not None else 0.0
     if bar is not None:
       bar.close()
-    final = evaluate(trainer, state['params'], test_src, spec, cfg, mesh)
-    _log_line(metrics_path, {'step': total_steps, 'split': 'eval', **final})
+    final = evaluate_all(state['params'])
+    _log_eval(metrics_path, total_steps, seeds, final)
   finally:
     if bar is not None:
       bar.close()
@@ -234,6 +274,7 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None) -> dict:
       ckpt.close()
   summary = {
       'config': cfg.to_dict(),
+      'seeds': seeds,
       'steps': total_steps,
       'steps_per_epoch': steps_per_epoch,
       'data_placement': 'device' if resident else 'host',
@@ -247,11 +288,30 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None) -> dict:
       # Wall time per step after the first (compiling) one, data loading included, evaluation excluded.
       'seconds_per_step': train_seconds / timed_steps if timed_steps > 0 else None,
       'params': state['params'],
-      'param_checksum': param_checksum(state['params']),
+      'param_checksum': ([param_checksum(seed_slice(state['params'], i)) for i in range(len(seeds))] if multi
+                         else param_checksum(state['params'])),
   }
   if main:
-    echo(format_summary(final))
+    if multi:
+      for seed, res in zip(seeds, final):
+        echo(f'seed {seed}:\n' + format_summary(res))
+    else:
+      echo(format_summary(final))
   return summary
+
+
+def _train_metrics(sums) -> dict:
+  acc = Accumulator()
+  acc.add({k: v for k, v in sums.items() if k != 'count'}, sums['count'])
+  return acc.result()
+
+
+def _log_eval(path, step: int, seeds, results) -> None:
+  if len(seeds) == 1:
+    _log_line(path, {'step': step, 'split': 'eval', **results})
+  else:
+    for seed, res in zip(seeds, results):
+      _log_line(path, {'step': step, 'split': 'eval', 'seed': seed, **res})
 
 
 def param_checksum(params) -> float:
@@ -261,4 +321,5 @@ def param_checksum(params) -> float:
   return float(sum(np.sum(local(x) * (i + 1)) for i, x in enumerate(jax.tree.leaves(params))))
 
 
-__all__ = ['ConfigError', 'DataError', 'Interrupted', 'evaluate', 'format_summary', 'param_checksum', 'train']
+__all__ = ['ConfigError', 'DataError', 'Interrupted', 'evaluate', 'format_summary', 'model_factory',
+           'param_checksum', 'train']

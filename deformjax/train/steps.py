@@ -4,6 +4,11 @@ The state (parameters, optimiser state, step, RNG key) is replicated and
 donated; the batch is sharded over the mesh's 'data' axis. The train step
 augments the batch on device with `random_affine`, keyed by (seed, step), so the
 same step sees the same augmentation on any number of devices or processes.
+
+The augmentation ranges are traced arguments, not constants: settings that
+differ only in their transforms (the conditions of a study) share one compiled
+step. With `num_seeds > 1` the state carries a leading seed axis and one step
+advances every seed (see `make_trainer`).
 """
 
 from __future__ import annotations
@@ -38,11 +43,23 @@ def normalise(images: jax.Array) -> jax.Array:
   return (images - jnp.asarray(mean, images.dtype).reshape(shape)) / jnp.asarray(std, images.dtype).reshape(shape)
 
 
-def augment(key, images, aug: ml_collections.ConfigDict):
-  if aug.max_rotation_deg == 0 and aug.max_shift == 0 and tuple(aug.scale_range) == (1.0, 1.0):
-    return images
-  return random_affine(key, images, max_rotation_deg=aug.max_rotation_deg, max_shift=aug.max_shift,
-                       scale_range=tuple(aug.scale_range))
+def augment_arrays(aug: ml_collections.ConfigDict) -> dict:
+  """An augment config as the float32 scalars the jitted steps take (traced, so one compile serves every range)."""
+  lo, hi = aug.scale_range
+  return {k: np.float32(v) for k, v in (('max_rotation_deg', aug.max_rotation_deg), ('max_shift', aug.max_shift),
+                                         ('scale_lo', lo), ('scale_hi', hi))}
+
+
+def augment(key, images, aug: dict):
+  """`random_affine` with the ranges of `aug` (see `augment_arrays`); the identity range skips the warp at run time."""
+  identity = ((aug['max_rotation_deg'] == 0) & (aug['max_shift'] == 0) & (aug['scale_lo'] == 1)
+              & (aug['scale_hi'] == 1))
+
+  def warp(images):
+    return random_affine(key, images, max_rotation_deg=aug['max_rotation_deg'], max_shift=aug['max_shift'],
+                         scale_range=(aug['scale_lo'], aug['scale_hi']))
+
+  return jax.lax.cond(identity, lambda x: x, warp, images)
 
 
 def loss_and_metrics(logits, labels, multilabel: bool, weights=None):
@@ -78,49 +95,92 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_s
 
 @dataclasses.dataclass
 class Trainer:
-  """The two jitted steps and the initial state they run on."""
+  """The jitted steps and the initial state they run on.
 
-  train_step: Callable  # (state, batch) -> (state, metric sums): a batch from the host
-  resident_step: Callable  # (state, images, labels, permutation) -> same: the batch gathered on device
-  eval_step: Callable
-  init_state: Callable
+  `aug` is `augment_arrays(cfg.train_augment)` (or an eval set's). With
+  `num_seeds > 1` every leaf of the state has a leading seed axis, the
+  resident step takes one permutation per seed (`[num_seeds, examples]`), and
+  `eval_step` evaluates one seed's parameters (slice them with `seed_slice`).
+  """
+
+  train_step: Callable  # (state, batch, aug) -> (state, metric sums): a batch from the host (one seed only)
+  resident_step: Callable  # (state, images, labels, permutation, aug) -> same: the batch gathered on device
+  eval_step: Callable  # (params, batch, valid, key, aug) -> (metric sums, logits)
+  init_state: Callable  # (seeds: sequence of ints, one per seed) -> state
+  num_seeds: int = 1
 
 
 # The config fields the compiled steps depend on, besides the model (its graphdef),
-# the data spec, the mesh and the schedule length. Seeds, logging, checkpointing
-# and evaluation settings are not among them, so runs that differ only there
-# (the seeds of a study) share one compiled train step.
-STEP_FIELDS = ('optimizer', 'learning_rate', 'weight_decay', 'schedule', 'step_epochs', 'step_gamma', 'batch_size',
-               'train_augment')
+# the data spec, the mesh, the schedule length and the number of seeds. Seeds,
+# augmentation ranges, logging, checkpointing and evaluation settings are not
+# among them, so runs that differ only there (the seeds and conditions of a
+# study) share one compiled train step.
+STEP_FIELDS = ('optimizer', 'learning_rate', 'weight_decay', 'schedule', 'step_epochs', 'step_gamma', 'batch_size')
+
+SEED_BATCHING = ('auto', 'vmap', 'loop')
 
 
-def make_trainer(model: nnx.Module, cfg: ml_collections.ConfigDict, spec: DatasetSpec, mesh,
-                 steps_per_epoch: int, total_steps: int) -> Trainer:
-  """The jitted steps for `model` and `cfg` (reused across calls that share them) and an init for its state."""
-  graphdef, params = nnx.split(model, nnx.Param)
-  step_config = json.dumps({f: cfg[f].to_dict() if isinstance(cfg[f], ml_collections.ConfigDict) else cfg[f]
-                            for f in STEP_FIELDS}, sort_keys=True)
+def seed_batching_for(mesh, requested: str = 'auto') -> str:
+  """How a step advances several seeds: 'vmap' (one batched program) or 'loop' (each seed's step in turn).
+
+  'auto' picks per backend: accelerators fill up with the batched step; XLA:CPU
+  turns a batched kernel into a grouped convolution that measured 2-3x slower per
+  seed than the seeds' convolutions one after another.
+  """
+  if requested not in SEED_BATCHING:
+    raise ValueError(f'seed_batching must be one of {SEED_BATCHING}, got {requested!r}')
+  if requested != 'auto':
+    return requested
+  return 'loop' if mesh.devices.flat[0].platform == 'cpu' else 'vmap'
+
+
+def seed_slice(tree, i: int):
+  """Seed `i` of a state (or params) with a leading seed axis."""
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.ConfigDict, spec: DatasetSpec, mesh,
+                 steps_per_epoch: int, total_steps: int, *, num_seeds: int = 1,
+                 seed_batching: str = 'auto') -> Trainer:
+  """The jitted steps for the model `model_fn(seed)` builds and `cfg` (reused across calls that share them).
+
+  `num_seeds > 1` trains that many independent copies (parameters, optimiser
+  state, RNG and data order each from their own seed) in one step; each seed's
+  numbers equal those of training it alone, to float32 rounding.
+  `seed_batching`: see `seed_batching_for`.
+  """
+  graphdef, _ = nnx.split(model_fn(0), nnx.Param)
+  step_config = json.dumps({f: cfg[f] for f in STEP_FIELDS}, sort_keys=True)
+  batching = seed_batching_for(mesh, seed_batching) if num_seeds > 1 else 'single'
   tx, jit_train, jit_resident, jit_eval = _compiled_steps(graphdef, spec, mesh, steps_per_epoch, total_steps,
-                                                          step_config)
+                                                          step_config, num_seeds, batching)
 
-  def init_state(seed: int):
+  def one_state(seed: int):
+    params = nnx.state(model_fn(seed), nnx.Param)
     with jax.numpy_dtype_promotion('standard'):  # see train_step
       opt_state = tx.init(params)
-    state = {'params': params, 'opt_state': opt_state, 'step': jnp.zeros((), jnp.int32),
-             'rng': jax.random.PRNGKey(seed), 'metrics': zero_metrics(spec)}
+    return {'params': params, 'opt_state': opt_state, 'step': jnp.zeros((), jnp.int32),
+            'rng': jax.random.PRNGKey(seed), 'metrics': zero_metrics(spec)}
+
+  def init_state(seeds):
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if len(seeds) != num_seeds:
+      raise ValueError(f'init_state needs {num_seeds} seeds, got {seeds}')
+    states = [one_state(s) for s in seeds]
+    state = states[0] if num_seeds == 1 else jax.tree.map(lambda *x: jnp.stack(x), *states)
     return jax.device_put(state, mesh_lib.replicated(mesh))
 
-  return Trainer(jit_train, jit_resident, jit_eval, init_state)
+  return Trainer(jit_train, jit_resident, jit_eval, init_state, num_seeds)
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_steps(graphdef, spec: DatasetSpec, mesh, steps_per_epoch: int, total_steps: int, step_config: str):
+def _compiled_steps(graphdef, spec: DatasetSpec, mesh, steps_per_epoch: int, total_steps: int, step_config: str,
+                    num_seeds: int, batching: str):
   cfg = ml_collections.ConfigDict(json.loads(step_config))
   tx = make_optimizer(cfg, steps_per_epoch, total_steps)
   repl, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
-  aug = cfg.train_augment
 
-  def train_step(state, batch):
+  def train_step(state, batch, aug):
     key = jax.random.fold_in(state['rng'], state['step'])
     k_aug, k_drop = jax.random.split(key)
     images = normalise(augment(k_aug, batch['image'], aug))
@@ -143,25 +203,37 @@ def _compiled_steps(graphdef, spec: DatasetSpec, mesh, steps_per_epoch: int, tot
                  'metrics': jax.tree.map(jnp.add, state['metrics'], metrics)}
     return new_state, sums
 
-  def resident_step(state, images, labels, permutation):
+  def resident_step(state, images, labels, permutation, aug):
     # Position within the epoch from the step counter on the device: the host
     # only hands over the epoch's permutation, once per epoch.
     start = (state['step'] % steps_per_epoch) * cfg.batch_size
     indices = jax.lax.dynamic_slice(permutation, (start,), (cfg.batch_size,))
     image, label = feeding.gather_batch(mesh, images, labels, indices)
-    return train_step(state, {'image': image, 'label': label})
+    return train_step(state, {'image': image, 'label': label}, aug)
 
-  def eval_step(params, batch, valid, key, eval_aug):
-    images = normalise(augment(key, batch['image'], eval_aug))
+  def seeds_resident_step(state, images, labels, permutations, aug):
+    # Every seed is at the same step; each reads its own order. One gather for all
+    # seeds, example-major so each device's share of the batch stays whole.
+    start = (state['step'][0] % steps_per_epoch) * cfg.batch_size
+    indices = jax.lax.dynamic_slice_in_dim(permutations, start, cfg.batch_size, axis=1)  # [S, B]
+    image, label = feeding.gather_batch(mesh, images, labels, indices.T.reshape(-1))
+    per_seed = lambda x: jnp.swapaxes(x.reshape((cfg.batch_size, num_seeds) + x.shape[1:]), 0, 1)
+    image, label = per_seed(image), per_seed(label)
+    one = lambda st, im, lb: train_step(st, {'image': im, 'label': lb}, aug)
+    if batching == 'vmap':
+      return jax.vmap(one)(state, image, label)
+    return jax.lax.map(lambda xs: one(*xs), (state, image, label))
+
+  def eval_step(params, batch, valid, key, aug):
+    images = normalise(augment(key, batch['image'], aug))
     logits = nnx.merge(graphdef, params)(images)
     _, sums = loss_and_metrics(logits, batch['label'], spec.multilabel, valid.astype(jnp.float32))
     return sums, logits
 
-  jit_train = jax.jit(train_step, in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
-  jit_resident = jax.jit(resident_step, in_shardings=(repl, data, data, repl), out_shardings=(repl, repl),
-                         donate_argnums=0)
-  jit_eval = jax.jit(eval_step, in_shardings=(repl, data, data, repl), out_shardings=(repl, data),
-                     static_argnums=4)
+  jit_train = jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)
+  jit_resident = jax.jit(resident_step if num_seeds == 1 else seeds_resident_step,
+                         in_shardings=(repl, data, data, repl, repl), out_shardings=(repl, repl), donate_argnums=0)
+  jit_eval = jax.jit(eval_step, in_shardings=(repl, data, data, repl, repl), out_shardings=(repl, data))
   return tx, jit_train, jit_resident, jit_eval
 
 
@@ -172,18 +244,6 @@ def zero_metrics(spec: DatasetSpec) -> dict:
   if spec.multilabel:
     zeros['per_class_accuracy'] = jnp.zeros((spec.num_classes,), jnp.float32)
   return zeros
-
-
-def frozen_augment(aug: ml_collections.ConfigDict):
-  """A hashable copy of an augment config, for the static argument of eval_step."""
-  return _FrozenAug(float(aug.max_rotation_deg), float(aug.max_shift), tuple(float(s) for s in aug.scale_range))
-
-
-@dataclasses.dataclass(frozen=True)
-class _FrozenAug:
-  max_rotation_deg: float
-  max_shift: float
-  scale_range: tuple
 
 
 def host_array(x) -> np.ndarray:
