@@ -70,3 +70,79 @@ def write_results(name: str, result: dict, markdown: str, out_dir: pathlib.Path 
   (out_dir / f'{name}.json').write_text(json.dumps(result, indent=2, default=float) + '\n')
   (out_dir / f'{name}.md').write_text(markdown)
   return out_dir / f'{name}.md'
+
+
+def seed_groups(seeds) -> list[tuple[int, int]]:
+  """`(first, count)` runs of consecutive seeds: each trains in one call with `num_seeds=count`."""
+  groups = []
+  for s in seeds:
+    if groups and s == groups[-1][0] + groups[-1][1]:
+      groups[-1] = (groups[-1][0], groups[-1][1] + 1)
+    else:
+      groups.append((s, 1))
+  return groups
+
+
+class StudyView:
+  """A whole study's progress: one bar over every training step with an ETA, and the
+  results table whose cells fill in as settings finish.
+
+  On a terminal it is a live `rich` display; elsewhere (a log file, CI) it stays
+  quiet except for one line per finished cell.
+
+    with StudyView('robustness', rows, cols, total_steps) as view:
+      view.advance(n)             # n more seed-steps trained
+      view.fill(row, col, text)   # a finished cell
+  """
+
+  def __init__(self, title: str, rows, cols, total_steps: int, *, live: bool | None = None, echo=print):
+    from rich.console import Console
+
+    self.title, self.rows, self.cols = title, list(rows), list(cols)
+    self.cells = {}
+    self.echo = echo
+    self.console = Console(stderr=True)
+    self.live_mode = self.console.is_terminal if live is None else live
+    self._live = None
+    if self.live_mode:
+      from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+      self.progress = Progress(TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(),
+                               TimeElapsedColumn(), TextColumn('ETA'), TimeRemainingColumn(), console=self.console)
+      self.task = self.progress.add_task(title, total=total_steps)
+
+  def _render(self):
+    from rich.console import Group
+    from rich.table import Table
+
+    table = Table(title=self.title)
+    table.add_column('')
+    for c in self.cols:
+      table.add_column(c, justify='right')
+    for r in self.rows:
+      table.add_row(r, *[self.cells.get((r, c), '…') for c in self.cols])
+    return Group(table, self.progress)
+
+  def __enter__(self):
+    if self.live_mode:
+      from rich.live import Live
+
+      self._live = Live(self._render(), console=self.console, refresh_per_second=4, transient=True)
+      self._live.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    if self._live is not None:
+      self._live.__exit__(*exc)
+    return False
+
+  def advance(self, steps: int = 1) -> None:
+    if self._live is not None:
+      self.progress.advance(self.task, steps)
+
+  def fill(self, row: str, col: str, text: str, line: str | None = None) -> None:
+    self.cells[(row, col)] = text
+    if self._live is not None:
+      self._live.update(self._render())
+    elif line is not None:
+      self.echo(line)

@@ -18,36 +18,57 @@ import time
 
 import jax
 
-from experiments.common import RESULTS, load_config, mean_std, pm, run_metadata, run_or_exit, write_results
+from experiments.common import (RESULTS, StudyView, load_config, mean_std, pm, run_metadata, run_or_exit,
+                                seed_groups, write_results)
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'robustness.py'
 
 
-def run(cfg, echo=print) -> dict:
+def run(cfg, echo=print, live=None) -> dict:
+  """Trains every (condition, variant) with all seeds together (`num_seeds`), under one progress view.
+
+  Both variants compile once each for the whole study: seeds and transforms are
+  data to the compiled step (`deformjax.train.steps`), not constants.
+  """
+  from deformjax.data.sources import get_spec, load_source
   from deformjax.train import train
 
+  spec = get_spec(cfg.train.dataset)
+  sources = (load_source(cfg.train.dataset, spec.splits[0], cfg.train.data_dir),
+             load_source(cfg.train.dataset, spec.splits[1], cfg.train.data_dir))
+  steps = cfg.train.steps if cfg.train.steps > 0 else cfg.train.epochs * (len(sources[0]) // cfg.train.batch_size)
+  groups = seed_groups(cfg.seeds)
+  settings = [(cond, variant) for cond in cfg.condition_order for variant in cfg.variant_order]
   runs = []
   start = time.time()
-  for cond in cfg.condition_order:
-    aug = cfg.conditions[cond]
-    for variant in cfg.variant_order:
-      deformable = cfg.variants[variant]
-      for seed in cfg.seeds:
+  with StudyView(f'{cfg.name}: test accuracy (%), mean ± std over {len(cfg.seeds)} seeds', cfg.variant_order,
+                 cfg.condition_order, steps * len(cfg.seeds) * len(settings), live=live, echo=echo) as view:
+    for cond, variant in settings:
+      aug = cfg.conditions[cond]
+      t0 = time.time()
+      setting_runs = []
+      for first, count in groups:
         tc = copy.deepcopy(cfg.train)
         tc.unlock()
-        tc.seed = seed
-        tc.deformable = deformable
+        tc.seed, tc.num_seeds = first, count
+        tc.deformable = cfg.variants[variant]
         tc.train_augment = aug
         tc.eval_sets = {cond: aug}
-        t0 = time.time()
-        summary = train(tc, echo=lambda *_: None)
-        acc = summary['eval'][cond]['accuracy']
-        runs.append({'condition': cond, 'variant': variant, 'seed': seed, 'accuracy': acc,
-                     'seconds_per_step': summary['seconds_per_step'], 'steps': summary['steps'],
-                     'wall_seconds': time.time() - t0})
-        echo(f'{cond:>20s} {variant:>10s} seed {seed}: {100 * acc:.2f}%  '
-             f"({summary['seconds_per_step'] * 1e3:.1f} ms/step, {time.time() - t0:.0f} s)")
-  # Runs that differ only in their seed share one compiled train step (deformjax.train.steps.make_trainer).
+        summary = train(tc, echo=lambda *_: None, sources=sources, on_step=lambda n=count: view.advance(n))
+        evals = summary['eval'] if count > 1 else [summary['eval']]
+        for seed, ev in zip(summary['seeds'], evals):
+          # seconds_per_step covers all `count` seeds of one step: per seed, the share of it.
+          setting_runs.append({'condition': cond, 'variant': variant, 'seed': seed,
+                               'accuracy': ev[cond]['accuracy'], 'seeds_together': count,
+                               'seconds_per_step': summary['seconds_per_step'] / count, 'steps': summary['steps']})
+      wall = time.time() - t0
+      for r in setting_runs:
+        r['setting_wall_seconds'] = wall
+      runs += setting_runs
+      accs = [r['accuracy'] for r in setting_runs]
+      view.fill(variant, cond, pm(accs), f'{cond:>20s} {variant:>10s}: {pm(accs)} % over seeds '
+                f"{', '.join(str(r['seed']) for r in setting_runs)} "
+                f"({1e3 * setting_runs[0]['seconds_per_step']:.1f} ms per seed-step, {wall:.0f} s)")
   return {'name': cfg.name, 'config': cfg.to_dict(), **run_metadata(), 'runs': runs,
           'wall_seconds': time.time() - start}
 
@@ -67,7 +88,7 @@ def table(result: dict) -> str:
     lines.append(f"| original study, {variant} ({cfg['reference_dataset']}, 1 run) | " + ' | '.join(cells) + ' |')
   times = {v: mean_std([r['seconds_per_step'] for r in result['runs'] if r['variant'] == v])[0]
            for v in cfg['variant_order']}
-  lines += ['', 'Training time per step (mean over runs, same device): '
+  lines += ['', 'Training time per step and seed (mean over settings; seeds train together, same device): '
             + ', '.join(f'{v} {1e3 * t:.1f} ms' for v, t in times.items())
             + (f"; deformable / regular = {times['deformable'] / times['regular']:.2f}x"
                if 'deformable' in times and 'regular' in times else '')]

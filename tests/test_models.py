@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,3 +54,14 @@ def test_build_model_rejects_unknown_names():
   with pytest.raises(ValueError, match="unknown model 'resnet'"):
     build_model('resnet', in_features=1, num_classes=10, image_size=28, deformable=0, modulated=False,
                 rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('shape', [(2, 28, 28, 3), (2, 15, 15, 4), (1, 7, 5, 2)])
+def test_max_pool_equals_flax_max_pool_values_and_gradients(shape):
+  from deformjax.models.classifiers import max_pool
+
+  x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float32)  # no ties, so one gradient is right
+  flax_pool = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(max_pool(x), flax_pool(x))
+  loss = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) ** 2))(x)
+  np.testing.assert_array_equal(loss(max_pool), loss(flax_pool))

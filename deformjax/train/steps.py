@@ -108,6 +108,7 @@ class Trainer:
   eval_step: Callable  # (params, batch, valid, key, aug) -> (metric sums, logits)
   init_state: Callable  # (seeds: sequence of ints, one per seed) -> state
   num_seeds: int = 1
+  compiled: tuple = ()  # the jitted functions behind the steps (for their compile caches)
 
 
 # The config fields the compiled steps depend on, besides the model (its graphdef),
@@ -123,9 +124,12 @@ SEED_BATCHING = ('auto', 'vmap', 'loop')
 def seed_batching_for(mesh, requested: str = 'auto') -> str:
   """How a step advances several seeds: 'vmap' (one batched program) or 'loop' (each seed's step in turn).
 
-  'auto' picks per backend: accelerators fill up with the batched step; XLA:CPU
-  turns a batched kernel into a grouped convolution that measured 2-3x slower per
-  seed than the seeds' convolutions one after another.
+  'auto' picks per backend: accelerators fill up with the batched step. XLA:CPU
+  turns a batched kernel into a grouped convolution, 2-3x slower per seed than
+  the seeds' own steps (5-conv classifier, batch 64, 2 cores); the seeds' steps
+  unrolled into one program ran side by side and oversubscribed the cores, and a
+  `lax.map` over them ran 15x slower. 'loop' dispatches one compiled program,
+  indexed by seed, once per seed.
   """
   if requested not in SEED_BATCHING:
     raise ValueError(f'seed_batching must be one of {SEED_BATCHING}, got {requested!r}')
@@ -152,8 +156,8 @@ def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.Conf
   graphdef, _ = nnx.split(model_fn(0), nnx.Param)
   step_config = json.dumps({f: cfg[f] for f in STEP_FIELDS}, sort_keys=True)
   batching = seed_batching_for(mesh, seed_batching) if num_seeds > 1 else 'single'
-  tx, jit_train, jit_resident, jit_eval = _compiled_steps(graphdef, spec, mesh, steps_per_epoch, total_steps,
-                                                          step_config, num_seeds, batching)
+  tx, jit_train, jit_resident, jit_eval, compiled = _compiled_steps(graphdef, spec, mesh, steps_per_epoch,
+                                                                    total_steps, step_config, num_seeds, batching)
 
   def one_state(seed: int):
     params = nnx.state(model_fn(seed), nnx.Param)
@@ -170,7 +174,7 @@ def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.Conf
     state = states[0] if num_seeds == 1 else jax.tree.map(lambda *x: jnp.stack(x), *states)
     return jax.device_put(state, mesh_lib.replicated(mesh))
 
-  return Trainer(jit_train, jit_resident, jit_eval, init_state, num_seeds)
+  return Trainer(jit_train, jit_resident, jit_eval, init_state, num_seeds, compiled)
 
 
 @functools.lru_cache(maxsize=16)
@@ -218,11 +222,15 @@ def _compiled_steps(graphdef, spec: DatasetSpec, mesh, steps_per_epoch: int, tot
     indices = jax.lax.dynamic_slice_in_dim(permutations, start, cfg.batch_size, axis=1)  # [S, B]
     image, label = feeding.gather_batch(mesh, images, labels, indices.T.reshape(-1))
     per_seed = lambda x: jnp.swapaxes(x.reshape((cfg.batch_size, num_seeds) + x.shape[1:]), 0, 1)
-    image, label = per_seed(image), per_seed(label)
     one = lambda st, im, lb: train_step(st, {'image': im, 'label': lb}, aug)
-    if batching == 'vmap':
-      return jax.vmap(one)(state, image, label)
-    return jax.lax.map(lambda xs: one(*xs), (state, image, label))
+    return jax.vmap(one)(state, per_seed(image), per_seed(label))
+
+  def one_seed_resident_step(state, images, labels, permutations, aug, i):
+    # Seed i's step on the stacked state, written back in place (the state is donated).
+    take = lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+    new, sums = resident_step(jax.tree.map(take, state), images, labels, take(permutations), aug)
+    put = lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0)
+    return jax.tree.map(put, state, new), sums
 
   def eval_step(params, batch, valid, key, aug):
     images = normalise(augment(key, batch['image'], aug))
@@ -231,10 +239,26 @@ def _compiled_steps(graphdef, spec: DatasetSpec, mesh, steps_per_epoch: int, tot
     return sums, logits
 
   jit_train = jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)
-  jit_resident = jax.jit(resident_step if num_seeds == 1 else seeds_resident_step,
-                         in_shardings=(repl, data, data, repl, repl), out_shardings=(repl, repl), donate_argnums=0)
   jit_eval = jax.jit(eval_step, in_shardings=(repl, data, data, repl, repl), out_shardings=(repl, data))
-  return tx, jit_train, jit_resident, jit_eval
+  resident_shardings = dict(in_shardings=(repl, data, data, repl, repl), out_shardings=(repl, repl),
+                            donate_argnums=0)
+  if batching != 'loop':
+    jit_resident = jax.jit(resident_step if num_seeds == 1 else seeds_resident_step, **resident_shardings)
+    return tx, jit_train, jit_resident, jit_eval, (jit_train, jit_resident, jit_eval)
+  resident_shardings['in_shardings'] += (repl,)
+  jit_one_seed = jax.jit(one_seed_resident_step, **resident_shardings)
+  seed_numbers = [np.int32(i) for i in range(num_seeds)]
+
+  def loop_resident_step(state, images, labels, permutations, aug):
+    # One dispatch per seed, in turn: each runs the single seed's program at its
+    # single-seed speed, and one compile serves every seed.
+    sums = []
+    for i in seed_numbers:
+      state, s = jit_one_seed(state, images, labels, permutations, aug, i)
+      sums.append(s)
+    return state, jax.tree.map(lambda *x: jnp.stack(x), *sums)
+
+  return tx, jit_train, loop_resident_step, jit_eval, (jit_train, jit_one_seed, jit_eval)
 
 
 def zero_metrics(spec: DatasetSpec) -> dict:
