@@ -14,11 +14,12 @@ from experiments import bench_ops, robustness
 
 def test_robustness_study_writes_table_json_and_plot(tmp_path):
   with jax.numpy_dtype_promotion('standard'):
-    result = robustness.main(['--config', f'{robustness.DEFAULT_CONFIG}:runlocal', '--seeds', '0',
+    result = robustness.main(['--config', f'{robustness.DEFAULT_CONFIG}:runlocal', '--seeds', '0', '1', '3',
                               '--out', str(tmp_path)])
-  assert len(result['runs']) == 8  # 4 conditions x 2 variants x 1 seed
+  assert len(result['runs']) == 24  # 4 conditions x 2 variants x 3 seeds: seeds 0 and 1 together, 3 alone
   saved = json.loads((tmp_path / 'robustness_digits.json').read_text())
   assert {r['variant'] for r in saved['runs']} == {'regular', 'deformable'}
+  assert sorted((r['seed'], r['seeds_together']) for r in saved['runs'])[::8] == [(0, 2), (1, 2), (3, 1)]
   md = (tmp_path / 'robustness_digits.md').read_text()
   assert '| regular |' in md and '| deformable |' in md and 'original study' in md
   png = (tmp_path / 'robustness_digits.png').read_bytes()
@@ -152,3 +153,30 @@ def test_bench_ops_times_a_git_baseline_side_by_side(tmp_path):
   assert 'fwd ratio at HEAD' in (tmp_path / 'bench_ops_t.md').read_text()
   with pytest.raises(SystemExit, match='--baseline no-such-rev'):
     bench_ops.main(['--shapes', '2,6,4', '--repeats', '1', '--out', str(tmp_path), '--baseline', 'no-such-rev'])
+
+
+def test_seed_groups_are_runs_of_consecutive_seeds():
+  from experiments.common import seed_groups
+
+  assert seed_groups([0, 1, 2]) == [(0, 3)]
+  assert seed_groups([0, 1, 3, 7, 8]) == [(0, 2), (3, 1), (7, 2)]
+  assert seed_groups([5]) == [(5, 1)]
+
+
+@pytest.mark.parametrize('live', [False, True])
+def test_study_view_fills_cells_and_stays_quiet_off_a_terminal(live):
+  from experiments.common import StudyView
+
+  lines = []
+  with StudyView('study', ['regular', 'deformable'], ['baseline', 'rotated'], 40, live=live,
+                 echo=lines.append) as view:
+    for row in ('regular', 'deformable'):
+      for col in ('baseline', 'rotated'):
+        view.advance(10)
+        view.fill(row, col, '97.00 ± 1.00', f'{row} {col} done')
+  assert view.cells[('deformable', 'rotated')] == '97.00 ± 1.00' and len(view.cells) == 4
+  if live:
+    assert lines == [] and view.progress.tasks[0].completed == 40
+  else:
+    assert lines == ['regular baseline done', 'regular rotated done', 'deformable baseline done',
+                     'deformable rotated done']
