@@ -39,3 +39,51 @@ def test_non_arrays_are_named_in_one_line(bad):
   with pytest.raises(TypeError, match=r'deform_conv2d: offsets must be an array') as err:
     deform_conv2d(p['x'], bad, p['w'], padding=1)
   assert '\n' not in str(err.value) and len(str(err.value)) < 400
+
+
+@pytest.mark.parametrize('padding', [((1.5, 1), (1, 1)), (('1', 1), (1, 1)), ((1, True), (1, 1)), (1.5, 1),
+                                     ('1', '1'), 1.0],
+                         ids=['float-pair', 'str-pair', 'bool', 'float', 'str', 'float-scalar'])
+def test_padding_that_is_not_ints_is_refused_not_truncated(padding):
+  p = problem()
+  with pytest.raises(ValueError, match=r"deform_conv2d: padding must be .* of ints, got"):
+    deform_conv2d(p['x'], p['off'], p['w'], padding=padding)
+
+
+@pytest.mark.parametrize('dtype', [jnp.int8, jnp.int32, jnp.bool_])
+def test_preferred_element_type_must_be_floating(dtype):
+  p = problem()
+  with pytest.raises(ValueError, match=r'deform_conv2d: preferred_element_type must be a floating dtype'):
+    deform_conv2d(p['x'], p['off'], p['w'], padding=1, preferred_element_type=dtype)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(sampling_ratio=True), r'sampling_ratio must be a non-negative int \(0 = adaptive\), got True'),
+    (dict(sampling_ratio=1.5), r'sampling_ratio must be a non-negative int \(0 = adaptive\), got 1.5'),
+    (dict(spatial_scale=-1), r'spatial_scale must be a finite number > 0 .*got -1'),
+    (dict(spatial_scale=0.0), r'spatial_scale must be a finite number > 0 .*got 0.0'),
+    (dict(spatial_scale=float('inf')), r'spatial_scale must be a finite number > 0 .*got inf'),
+    (dict(spatial_scale=True), r'spatial_scale must be a finite number > 0 .*got True'),
+    (dict(aligned=2), r'aligned must be a bool, got 2'),
+])
+def test_roi_pool_arguments_are_named(kwargs, message):
+  p = problem()
+  with pytest.raises(ValueError, match='deform_roi_pool: ' + message):
+    deform_roi_pool(p['x'], p['rois'], output_size=2, **kwargs)
+
+
+@pytest.mark.parametrize('size', [1e4, 3e4, 1e9, float('inf')])
+def test_huge_boxes_outside_jit_pool_like_jit_within_the_memory_budget(size):
+  import jax
+
+  from deformjax.ops import roi_align
+
+  feats = np.random.default_rng(0).normal(size=(1, 16, 16, 8)).astype(np.float32)
+  rois = np.array([[0, 0, 0, size, size], [0, 1, 2, 9, 12]], np.float32)
+  eager = roi_align(feats, rois, output_size=7)  # the exact grid would need up to ~1e18 samples
+  jitted = jax.jit(lambda r: roi_align(feats, r, output_size=7))(rois)
+  np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-6, atol=1e-6)
+  assert np.isfinite(np.asarray(eager)).all()
+  # The ordinary box keeps torchvision's exact grid, as if pooled alone.
+  np.testing.assert_allclose(np.asarray(eager[1]), np.asarray(roi_align(feats, rois[1:], output_size=7)[0]),
+                             rtol=1e-6, atol=1e-6)

@@ -84,12 +84,26 @@ def test_kernel_mask_preferred_element_type_and_promote_dtype():
     (dict(strides=0), 'strides must be positive'),
     (dict(feature_group_count=0), 'feature_group_count must be a positive int'),
     (dict(offset_groups=0), 'offset_groups must be a positive int'),
+    (dict(strides=-1), 'strides must be positive'),
+    (dict(padding=(1.5, 1)), r'padding must be .* of ints, got \(1.5, 1\)'),
+    (dict(padding=((1, 1), ('1', 1))), r'padding must be .* of ints'),
+    (dict(padding='FULL'), r"padding must be 'SAME', 'VALID', 'CIRCULAR', 'REFLECT'"),
 ])
 def test_arguments_that_make_no_sense_for_a_deformable_conv_are_named(kw, message):
   with pytest.raises(ValueError, match=message):
     dnn.DeformConv(4, 6, 3, rngs=nnx.Rngs(0), **kw)
   with pytest.raises(ValueError, match=message):
     dlinen.DeformConv(6, 3, **kw).init(jax.random.key(0), jnp.ones((1, 5, 5, 4)))
+
+
+@pytest.mark.parametrize('kw', [dict(padding='VALID'), dict(padding=0, kernel_dilation=3)], ids=['valid', 'dilated'])
+def test_an_input_smaller_than_the_kernel_is_named_before_the_offset_predictor_runs(kw):
+  x = jnp.ones((1, 5, 5, 4))
+  message = r'DeformConv: padded input H = 5\+0\+0 is smaller than the dilated kernel'
+  with pytest.raises(ValueError, match=message):
+    dnn.DeformConv(4, 6, 7 if 'kernel_dilation' not in kw else 3, rngs=nnx.Rngs(0), **kw)(x)
+  with pytest.raises(ValueError, match=message):
+    dlinen.DeformConv(6, 7 if 'kernel_dilation' not in kw else 3, **kw).init(jax.random.key(0), x)
 
 
 def test_linen_fields_follow_nn_conv_positions():

@@ -93,3 +93,22 @@ def pad_for_mode(inputs, padding, kernel_hw, dilation):
   window = [(k - 1) * d + 1 for k, d in zip(kernel_hw, dilation)]
   pads = [(0, 0)] * (inputs.ndim - 3) + [((w - 1) // 2, w // 2) for w in window] + [(0, 0)]
   return jnp.pad(inputs, pads, mode=PADDING_MODES[padding.upper()]), 'VALID'
+
+
+def check_padding(padding, name: str) -> None:
+  """Refuses, at construction, a padding neither the op nor nnx.Conv / nn.Conv reads."""
+  if isinstance(padding, str):
+    if padding.upper() not in ('SAME', 'VALID', *PADDING_MODES):
+      raise ValueError(f"{name}: padding must be 'SAME', 'VALID', 'CIRCULAR', 'REFLECT', an int, (ph, pw) or "
+                       f"((top, bottom), (left, right)) of ints, got {padding!r}")
+    return
+  _args.padding_pairs(padding, (1, 1), (1, 1), (1, 1), name)  # numeric forms need no input size
+
+
+def check_geometry(inputs, kernel_hw, strides, padding, dilation, name: str) -> None:
+  """An input too small for the (dilated) kernel is named here, before the offset predictor runs."""
+  if isinstance(padding, str) and padding.upper() in PADDING_MODES:
+    return  # padded by the kernel's own extent: every input size has outputs
+  from deformjax.ops.deform_conv import output_size
+
+  output_size(tuple(inputs.shape[-3:-1]), tuple(kernel_hw), strides, padding, dilation, fn=name)

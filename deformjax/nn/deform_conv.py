@@ -144,6 +144,7 @@ class DeformConv(nnx.Module):
     self.kernel_size = (kh, kw)
     self.kernel_shape = kernel_shape
     self.strides = strides
+    _common.check_padding(padding, name)
     self.padding = padding
     self.input_dilation = input_dilation
     self.kernel_dilation = kernel_dilation
@@ -205,6 +206,7 @@ class DeformConv(nnx.Module):
     """
     name = type(self).__name__
     _common.check_in_features(inputs, self.in_features, name)
+    _common.check_geometry(inputs, self.kernel_size, self.strides, self.padding, self.kernel_dilation, name)
     if offsets is None:
       if self.offset_conv is None:
         raise ValueError(f'{name}: offsets are required when the layer has no predictor (predict_offsets=False)')

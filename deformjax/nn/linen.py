@@ -75,6 +75,8 @@ class DeformConv(nn.Module):
     strides, dilation = _common.conv_geometry(self.strides, self.input_dilation, self.kernel_dilation, name)
     groups = _args.positive_int(self.feature_group_count, 'feature_group_count', name)
     _args.positive_int(self.offset_groups, 'offset_groups', name)
+    _common.check_padding(self.padding, name)
+    _common.check_geometry(inputs, (kh, kw), strides, self.padding, dilation, name)
     in_features = inputs.shape[-1]
     kernel_shape = (kh, kw, in_features // groups, self.features)
     kernel = self.param('kernel', self.kernel_init, kernel_shape, self.param_dtype)

@@ -71,12 +71,14 @@ def padding_pairs(
   elif (
       isinstance(padding, Sequence)
       and len(padding) == 2
-      and all(isinstance(p, Sequence) and len(p) == 2 for p in padding)
+      and all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2
+              and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in p) for p in padding)
   ):
     result = tuple((int(p[0]), int(p[1])) for p in padding)
   else:
     raise ValueError(
-        f"{fn}: padding must be 'SAME', 'VALID', an int, (ph, pw) or ((top, bottom), (left, right)), got {padding!r}"
+        f"{fn}: padding must be 'SAME', 'VALID', an int, (ph, pw) or ((top, bottom), (left, right)) of ints, "
+        f"got {padding!r}"
     )
   if min(result[0] + result[1]) < 0:
     raise ValueError(f'{fn}: padding must be non-negative, got {padding!r}')

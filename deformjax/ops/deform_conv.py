@@ -211,6 +211,9 @@ def deform_conv2d(
   acc_dtype = _args.promote(compute_dtype, jnp.float32)
   cdtype = _args.coordinate_dtype(offsets.dtype, compute_dtype)
   out_dtype = np.dtype(preferred_element_type) if preferred_element_type is not None else compute_dtype
+  if not jnp.issubdtype(out_dtype, jnp.floating):
+    raise ValueError(f'{fn}: preferred_element_type must be a floating dtype (the sampled values are '
+                     f'fractional), got {out_dtype}')
   inputs = inputs.astype(compute_dtype)
   kernel = kernel.astype(compute_dtype)
 

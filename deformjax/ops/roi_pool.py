@@ -39,6 +39,10 @@ def roi_align_corners(y: jax.Array, x: jax.Array, height: int, width: int, idx_d
   return tuple(indices), tuple(weights)
 
 
+# Bytes of the four corner samples an eager call may gather with the exact adaptive grid.
+ROI_SAMPLES_BUDGET = 256 * 2**20
+
+
 def _concrete(x) -> np.ndarray | None:
   """`x` as numpy when its value is known at trace time, else None (inside jit)."""
   try:
@@ -81,9 +85,11 @@ def deform_roi_pool(
     aligned: torchvision's `aligned` (shift boxes by -0.5 pixel; if False, RoI
       sizes are at least 1 pixel).
     max_sampling_grid: static bound on the adaptive grid (int or (gh, gw)). By
-      default it is exact when `rois` is concrete (outside jit), and
-      `ceil(H / out_h) x ceil(W / out_w)` under jit, which covers every RoI
-      inside the feature map; a larger RoI then samples that capped grid.
+      default it is `ceil(H / out_h) x ceil(W / out_w)` under jit, which covers
+      every RoI inside the feature map (a larger RoI then samples that capped
+      grid); outside jit (`rois` concrete) it is exact, as torchvision, while
+      the samples fit `ROI_SAMPLES_BUDGET` (256 MiB), and capped as under jit
+      beyond it, so no box, however large, asks for more memory.
 
   Returns:
     `[R, out_h, out_w, C]` in `features.dtype`. An empty RoI (non-positive
@@ -108,8 +114,14 @@ def deform_roi_pool(
   if jnp.ndim(rois) != 2 or rois.shape[1] != 5:
     raise ValueError(f'{fn}: rois must have shape [R, 5] (batch_index, x1, y1, x2, y2), got {tuple(rois.shape)}')
   oh, ow = _args.positive_pair(output_size, 'output_size', fn)
-  if not isinstance(sampling_ratio, (int, np.integer)) or sampling_ratio < 0:
+  if not isinstance(sampling_ratio, (int, np.integer)) or isinstance(sampling_ratio, bool) or sampling_ratio < 0:
     raise ValueError(f'{fn}: sampling_ratio must be a non-negative int (0 = adaptive), got {sampling_ratio!r}')
+  if isinstance(spatial_scale, bool) or (isinstance(spatial_scale, (int, float, np.number))
+                                         and not (math.isfinite(spatial_scale) and spatial_scale > 0)):
+    raise ValueError(f'{fn}: spatial_scale must be a finite number > 0 (feature pixels per input pixel, e.g. '
+                     f'1/16), got {spatial_scale!r}')
+  if not isinstance(aligned, (bool, np.bool_)):
+    raise ValueError(f'{fn}: aligned must be a bool, got {aligned!r}')
   n, h, w, c = features.shape
   r = rois.shape[0]
   if offsets is not None:
@@ -141,13 +153,18 @@ def deform_roi_pool(
     known_h, known_w = _concrete(roi_h), _concrete(roi_w)
     if max_sampling_grid is not None:
       grid_max = _args.positive_pair(max_sampling_grid, 'max_sampling_grid', fn)
-    elif known_h is not None and known_w is not None:
-      gh = np.ceil(known_h / oh)
-      gw = np.ceil(known_w / ow)
-      grid_max = (max(1, int(np.nanmax(np.where(np.isfinite(gh), gh, 1)))),
-                  max(1, int(np.nanmax(np.where(np.isfinite(gw), gw, 1)))))
     else:
+      # Under jit: a grid that covers every RoI inside the feature map.
       grid_max = (max(1, math.ceil(h / oh)), max(1, math.ceil(w / ow)))
+      if known_h is not None and known_w is not None:
+        # Outside jit the exact grid (torchvision's), while its samples fit ROI_SAMPLES_BUDGET;
+        # a RoI far larger than the map would otherwise ask for any amount of memory.
+        gh = np.ceil(np.where(np.isfinite(known_h), known_h, 0.0) / oh)
+        gw = np.ceil(np.where(np.isfinite(known_w), known_w, 0.0) / ow)
+        exact = (max(1, int(min(np.max(gh, initial=1.0), 2.0**31))), max(1, int(min(np.max(gw, initial=1.0), 2.0**31))))
+        samples_bytes = 4 * r * oh * ow * exact[0] * exact[1] * c * np.dtype(acc_dtype).itemsize
+        grid_max = exact if samples_bytes <= ROI_SAMPLES_BUDGET else (min(exact[0], grid_max[0]),
+                                                                      min(exact[1], grid_max[1]))
     grid_h = jnp.minimum(jnp.ceil(roi_h / oh), grid_max[0])
     grid_w = jnp.minimum(jnp.ceil(roi_w / ow), grid_max[1])
 
