@@ -29,16 +29,23 @@ def load_config(spec: str):
   """Runs `get_config(arg)` of a config file given as `path[:arg]` (big_vision style)."""
   import importlib.util
 
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    import sys
+  import sys
 
-    print(f'error: --config: no config file {path!r}', file=sys.stderr)
+  from deformjax.train.config import config_file_problem
+
+  path, _, arg = spec.partition(':')
+  problem = config_file_problem(path)
+  if problem:
+    print(f'error: --config: {problem}', file=sys.stderr)
     sys.exit(2)
   module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem + '_config', path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  try:
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+  except Exception as e:  # the config's own code failed: one line naming it
+    print(f'error: --config: {spec}: {type(e).__name__}: {e}', file=sys.stderr)
+    sys.exit(2)
 
 
 def run_or_exit(fn, *args, **kwargs):

@@ -187,6 +187,36 @@ def test_bad_config_is_one_clear_line(args, env, message):
   assert last.startswith(message), last
 
 
+CONFIG_FILES = {
+    'missing': (None, "error: --config: no config file '{path}'"),
+    'text.txt': ('hello\n', "error: --config: '{path}' is not a Python file"),
+    'syntax.py': ('def get_config(:\n', 'error: --config: {path} line 1: invalid syntax'),
+    'none.py': ('x = 1\n', 'error: --config: {path} defines no get_config() function'),
+    'raises.py': ('def get_config():\n  raise RuntimeError("no such preset")\n',
+                  'error: --config: {path}: get_config() raised RuntimeError: no such preset'),
+}
+
+
+@pytest.mark.parametrize('name', list(CONFIG_FILES))
+def test_a_bad_config_file_is_one_clear_line(tmp_path, name):
+  source, message = CONFIG_FILES[name]
+  path = tmp_path / name
+  if source is not None:
+    path.write_text(source)
+  proc = subprocess.run([sys.executable, '-m', 'deformjax.train', f'--config={path}'], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(message.format(path=path)), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize('override', ['--config.nosuchfield=1', '--config.train_augment.nosuch=2'])
+def test_an_unknown_config_field_is_one_clear_line(override):
+  code, _, err = run_cli([override])
+  field = override.split('=')[0].split('.')[-1]
+  assert code == 2 and 'Traceback' not in err
+  assert err.strip().splitlines()[-1].startswith(f"error: {override.split('=')[0]}: the config has no field '{field}'")
+
+
 def test_digits_default_trains_a_deformable_classifier_well_above_chance():
   cfg = base_config()
   cfg.steps = 150

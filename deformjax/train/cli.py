@@ -71,5 +71,41 @@ def main(argv):
                                for path, leaf in leaves})
 
 
+def _fail(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_argument(argv) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _parse_flags(argv):
+  """absl's parser, with the config file checked first and its loader's exceptions as one line."""
+  from deformjax.train.config import config_file_problem
+
+  spec = _config_argument(argv)
+  if spec is not None:
+    problem = config_file_problem(spec.split(':', 1)[0])
+    if problem:
+      _fail(f'--config: {problem}')
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # absl's own messages name the flag
+    _fail(str(e))
+  except (AttributeError, KeyError) as e:  # an override of a field the config does not have
+    field = str(e).strip('"\'')
+    overrides = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
+    named = next((o for o in overrides if o.split('.')[-1] == field), f'--config.{field}')
+    _fail(f'{named}: the config has no field {field!r} (python -m deformjax.train --helpfull lists them)')
+  except Exception as e:  # get_config() itself failed
+    _fail(f'--config: {spec}: get_config() raised {type(e).__name__}: {e}')
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
