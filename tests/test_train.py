@@ -217,6 +217,32 @@ def test_an_unknown_config_field_is_one_clear_line(override):
   assert err.strip().splitlines()[-1].startswith(f"error: {override.split('=')[0]}: the config has no field '{field}'")
 
 
+def test_a_workdir_of_another_run_is_refused_by_name(tmp_path):
+  from deformjax.train import ConfigError
+
+  cfg = base_config()
+  cfg.steps, cfg.progress, cfg.workdir, cfg.deformable = 2, False, str(tmp_path), 'none'
+  train(cfg, echo=lambda *_: None)
+  other = base_config()
+  other.steps, other.progress, other.workdir = 2, False, str(tmp_path)
+  with pytest.raises(ConfigError, match=r"holds a checkpoint of another run \(deformable='none'; this run: "
+                                        r"deformable='2'\); use another workdir, or delete it"):
+    train(other, echo=lambda *_: None)
+  (tmp_path / 'run.json').unlink()  # a checkpoint from before run.json: orbax's tree check, in one line
+  with pytest.raises(ConfigError, match=r'holds a checkpoint this run cannot restore \(.*\); use another') as err:
+    train(other, echo=lambda *_: None)
+  assert '\n' not in str(err.value)
+
+
+def test_a_normal_run_prints_no_info_logs(tmp_path):
+  code, out, err = run_cli([*SMALL, f'--config.workdir={tmp_path}'])
+  assert code == 0, err[-2000:]
+  noise = [l for l in err.splitlines() if l[:1] == 'I' and l[1:5].isdigit() or 'Unable to initialize backend' in l]
+  assert noise == [], noise[:3]
+  code, _, err = run_cli([*SMALL, f'--config.workdir={tmp_path / "v"}', '--verbose'])
+  assert code == 0 and any(l[:1] == 'I' and l[1:5].isdigit() for l in err.splitlines())
+
+
 def test_digits_default_trains_a_deformable_classifier_well_above_chance():
   cfg = base_config()
   cfg.steps = 150

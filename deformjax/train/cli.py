@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A get_config() file, e.g. experiments/configs/digits.py',
@@ -21,6 +21,8 @@ _NPROC = flags.DEFINE_integer('num_processes', None, 'processes in a multi-proce
 _PID = flags.DEFINE_integer('process_id', None, 'this process in a multi-process job')
 _DIST = flags.DEFINE_bool('distributed', False, 'call jax.distributed.initialize() with cluster auto-detection')
 _SUMMARY = flags.DEFINE_string('summary_json', None, 'write the final metrics here as JSON')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'also print INFO logs (orbax checkpointing, JAX backend probing); '
+                             'by default a run shows its progress bar, summary and warnings')
 _PARAMS = flags.DEFINE_string('params_out', None, 'write the final parameters here (.npz, one array per leaf, '
                               'keyed by its path in the parameter tree)')
 
@@ -43,6 +45,10 @@ def main(argv):
   from deformjax.train.config import ConfigError
   from deformjax.train.loop import Interrupted, train
 
+  if not _VERBOSE.value:
+    # absl's app.run logs INFO by default: orbax's per-save lines and JAX's probing of
+    # absent backends ("Unable to initialize backend 'tpu'") would run through the bar.
+    logging.set_verbosity(logging.WARNING)
   cfg = _CONFIG.value
   if cfg is None:
     print('error: --config is required, e.g. --config experiments/configs/digits.py', file=sys.stderr)

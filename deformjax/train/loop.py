@@ -181,17 +181,25 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None, on_step=N
     os.makedirs(workdir, exist_ok=True)
     metrics_path = os.path.join(workdir, 'metrics.jsonl')
     ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=cfg.keep_checkpoints)
+    run_file = os.path.join(workdir, 'run.json')
+    identity = {k: cfg[k] for k in RUN_FIELDS}
     if ckpt.latest_step() is not None:
+      _check_same_run(workdir, run_file, identity)
       try:
         state = ckpt.restore(state, iterator)
-      except ValueError as e:
-        raise ConfigError(f'config.workdir: {e}') from None
+      except (ValueError, KeyError, TypeError) as e:  # orbax: the saved tree is not this run's state
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f'config.workdir={workdir!r} holds a checkpoint this run cannot restore ({first}); '
+                          'use another workdir, or delete it to start over') from None
       start = int(np.asarray(jax.device_get(state['step'])).reshape(-1)[0])
       # Lines a killed run wrote after its last checkpoint are written again from here.
       _truncate_log(metrics_path, start)
       if main:
         echo(f'resumed from {ckpt.directory} at step {start}')
 
+  if workdir and main:
+    with open(os.path.join(workdir, 'run.json'), 'w') as f:
+      json.dump(identity, f, indent=1)
   stop = threading.Event()
   bar = None
   if cfg.progress and main:
@@ -298,6 +306,24 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None, on_step=N
     else:
       echo(format_summary(final))
   return summary
+
+
+# The config fields that decide what a checkpoint holds and whose run it is; a
+# workdir's run.json records them, and a resume with other values is refused.
+RUN_FIELDS = ('dataset', 'model', 'deformable', 'modulated', 'dtype', 'optimizer', 'seed', 'num_seeds')
+
+
+def _check_same_run(workdir: str, run_file: str, identity: dict) -> None:
+  if not os.path.exists(run_file):
+    return  # a checkpoint from before run.json existed: the restore itself checks the tree
+  with open(run_file) as f:
+    saved = json.load(f)
+  differ = [k for k in RUN_FIELDS if k in saved and saved[k] != identity[k]]
+  if differ:
+    held = ', '.join(f'{k}={saved[k]!r}' for k in differ)
+    wanted = ', '.join(f'{k}={identity[k]!r}' for k in differ)
+    raise ConfigError(f'config.workdir={workdir!r} holds a checkpoint of another run ({held}; this run: {wanted}); '
+                      'use another workdir, or delete it to start over')
 
 
 def _train_metrics(sums) -> dict:
