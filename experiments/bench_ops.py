@@ -45,10 +45,10 @@ from jax import lax
 
 import deformjax
 from deformjax.ops import deform_conv2d
+from experiments.common import OUT_HELP, RUNS
 
 DEFAULT_SHAPES = ((64, 7, 32), (64, 16, 64), (8, 64, 64))  # (N, H=W, C_in=C_out), CPU
 ACCELERATOR_SHAPES = ((64, 56, 128), (64, 28, 256), (64, 14, 512), (64, 7, 1024), (64, 14, 32))
-RESULTS = pathlib.Path(__file__).parent / 'results'
 
 
 def interleaved_ms(cases: dict, rounds: int, per_round: int, warmup: int = 2) -> dict:
@@ -326,7 +326,7 @@ def main(argv=None) -> dict:
   parser.add_argument('--no-torchvision', action='store_true',
                       help="skip torchvision even where it imports (on CPU, torch's OpenMP threads keep spinning "
                            'after each call and slow whatever JAX case runs next)')
-  parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
+  parser.add_argument('--out', type=pathlib.Path, default=RUNS, help=OUT_HELP)
   parser.add_argument('--tag', default=None, help='file name suffix; default: the platform (cpu/gpu/tpu)')
   args = parser.parse_args(argv)
   result = run(args.shapes, args.dtype, args.repeats, args.chunk_size, args.baseline, args.rounds,

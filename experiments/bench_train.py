@@ -30,7 +30,7 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import RESULTS, run_metadata, write_results
+from experiments.common import OUT_HELP, RUNS, run_metadata, write_results
 
 SETTINGS = {'regular': ('none', False), 'deformable': ('all', False), 'modulated': ('all', True)}
 MODELS = {'conv5': 'digits', 'cifarnet': 'cifar10'}
@@ -172,7 +172,7 @@ def main(argv=None) -> dict:
   parser.add_argument('--batch-size', type=int, default=64)
   parser.add_argument('--examples', type=int, default=4096, help='CIFAR-shaped training examples')
   parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch nets even where importable')
-  parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
+  parser.add_argument('--out', type=pathlib.Path, default=RUNS, help=OUT_HELP)
   args = parser.parse_args(argv)
 
   cases = [(m, s) for m in args.models for s in args.settings]

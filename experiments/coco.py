@@ -15,7 +15,7 @@ import pathlib
 import jax
 import numpy as np
 
-from experiments.common import RESULTS, load_config, pm, run_metadata, run_or_exit, write_results
+from experiments.common import OUT_HELP, RUNS, load_config, pm, run_metadata, run_or_exit, write_results
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'coco9.py'
 VARIANTS = (('regular', 'none'), ('deformable', '2'))
@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
   parser.add_argument('--data_dir', default=None)
   parser.add_argument('--dataset', default=None, help='override the config dataset (tests use a multi-label stand-in)')
   parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-  parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
+  parser.add_argument('--out', type=pathlib.Path, default=RUNS, help=OUT_HELP)
   args = parser.parse_args(argv)
   base = load_config(args.config)
   base.progress = False

@@ -13,7 +13,11 @@ import numpy as np
 
 import deformjax
 
-RESULTS = pathlib.Path(__file__).parent / 'results'
+RESULTS = pathlib.Path(__file__).parent / 'results'  # the committed results the README quotes
+# Where a run writes unless told otherwise: untracked (git-ignored), so running an
+# experiment on a checkout never rewrites the committed results.
+RUNS = pathlib.Path(__file__).resolve().parents[1] / 'runs'
+OUT_HELP = 'directory for the JSON / markdown / plots (default: runs/, untracked; pass experiments/results to refresh the committed results)'
 
 
 def run_metadata() -> dict:
@@ -72,7 +76,7 @@ def pm(values, scale=100.0, digits=2) -> str:
   return f'{scale * m:.{digits}f} ± {scale * s:.{digits}f}'
 
 
-def write_results(name: str, result: dict, markdown: str, out_dir: pathlib.Path = RESULTS) -> pathlib.Path:
+def write_results(name: str, result: dict, markdown: str, out_dir: pathlib.Path = RUNS) -> pathlib.Path:
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / f'{name}.json').write_text(json.dumps(result, indent=2, default=float) + '\n')
   (out_dir / f'{name}.md').write_text(markdown)

@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from experiments.common import (RESULTS, StudyView, load_config, mean_std, pm, run_metadata, run_or_exit,
+from experiments.common import (OUT_HELP, RUNS, StudyView, load_config, mean_std, pm, run_metadata, run_or_exit,
                                 seed_groups, write_results)
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'robustness.py'
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
   parser.add_argument('--config', default=str(DEFAULT_CONFIG), help='path[:arg] of a get_config() file')
   parser.add_argument('--seeds', type=int, nargs='+', default=None)
   parser.add_argument('--epochs', type=int, default=None)
-  parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
+  parser.add_argument('--out', type=pathlib.Path, default=RUNS, help=OUT_HELP)
   args = parser.parse_args(argv)
   cfg = load_config(args.config)
   if args.seeds:

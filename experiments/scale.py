@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.common import RESULTS, load_config, pm, run_metadata, run_or_exit, write_results
+from experiments.common import OUT_HELP, RUNS, load_config, pm, run_metadata, run_or_exit, write_results
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'scale.py'
 
@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--config', default=str(DEFAULT_CONFIG))
   parser.add_argument('--seeds', type=int, nargs='+', default=None)
-  parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
+  parser.add_argument('--out', type=pathlib.Path, default=RUNS, help=OUT_HELP)
   args = parser.parse_args(argv)
   cfg = load_config(args.config)
   if args.seeds:

@@ -17,7 +17,7 @@ import pathlib
 import jax
 import numpy as np
 
-from experiments.common import RESULTS, run_metadata, run_or_exit, write_results
+from experiments.common import OUT_HELP, RUNS, run_metadata, run_or_exit, write_results
 
 SETTINGS = (('regular', 'none', False), ('deformable x1', '1', False), ('deformable x2', '2', False),
             ('deformable x3', '3', False), ('modulated x2', '2', True))
@@ -29,7 +29,7 @@ def main(argv=None) -> dict:
   parser.add_argument('--steps', type=int, default=60, help='timed steps per run (after one compiling step)')
   parser.add_argument('--repeats', type=int, default=2)
   parser.add_argument('--batch-size', type=int, default=64)
-  parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
+  parser.add_argument('--out', type=pathlib.Path, default=RUNS, help=OUT_HELP)
   args = parser.parse_args(argv)
   from deformjax.train import base_config, train
 

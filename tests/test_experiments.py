@@ -180,3 +180,18 @@ def test_study_view_fills_cells_and_stays_quiet_off_a_terminal(live):
   else:
     assert lines == ['regular baseline done', 'regular rotated done', 'deformable baseline done',
                      'deformable rotated done']
+
+
+def test_experiments_write_to_the_untracked_runs_directory_by_default():
+  from experiments import bench_train, coco, scale, training_cost
+  from experiments.common import RESULTS, RUNS
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  assert RUNS == root / 'runs' and RESULTS == root / 'experiments' / 'results'
+  ignored = subprocess.run(['git', 'check-ignore', '-q', str(RUNS / 'robustness_digits.json')], cwd=root, check=False)
+  if ignored.returncode != 128:  # 128: not a git checkout (an sdist); .gitignore is what is checked then
+    assert ignored.returncode == 0
+  assert '/runs/' in (root / '.gitignore').read_text().splitlines()
+  for module in (robustness, bench_ops, bench_train, coco, scale, training_cost):
+    source = pathlib.Path(module.__file__).read_text()
+    assert "default=RUNS, help=OUT_HELP" in source, module.__name__
