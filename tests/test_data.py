@@ -148,5 +148,11 @@ def test_random_affine_is_keyed_and_bounded():
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   c = random_affine(jax.random.PRNGKey(1), imgs, max_rotation_deg=30, max_shift=3, scale_range=(0.8, 1.2))
   assert float(jnp.abs(a - c).max()) > 0.1
-  jitted = jax.jit(lambda k, x: random_affine(k, x, max_rotation_deg=30))(key, imgs)
-  assert jitted.shape == imgs.shape
+  jitted = jax.jit(lambda k, x: random_affine(k, x, max_rotation_deg=30, max_shift=3, scale_range=(0.8, 1.2)))
+  np.testing.assert_allclose(np.asarray(jitted(key, imgs)), np.asarray(a), rtol=1e-5, atol=1e-5)
+  # Ranges may be traced (the train step passes them as arguments): same images.
+  traced = jax.jit(lambda k, x, r, s, lo, hi: random_affine(k, x, max_rotation_deg=r, max_shift=s,
+                                                            scale_range=(lo, hi)))
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  np.testing.assert_allclose(np.asarray(traced(key, imgs, f32(30), f32(3), f32(0.8), f32(1.2))), np.asarray(a),
+                             rtol=1e-5, atol=1e-5)

@@ -80,7 +80,12 @@ def test_empty_rois_and_bad_batch_index_pool_to_zero():
 
 def test_no_rois_and_empty_features():
   assert roi_align(features(), jnp.zeros((0, 5)), output_size=2).shape == (0, 2, 2, C)
-  assert roi_align(jnp.zeros((0, H, W, C)), jnp.asarray(ROIS), output_size=2).shape == (len(ROIS), 2, 2, C)
+  # No feature map to read: every RoI pools to zeros (as torchvision), in the features' dtype.
+  out = roi_align(jnp.zeros((0, H, W, C), jnp.float32), jnp.asarray(ROIS, jnp.float32), output_size=2)
+  assert out.shape == (len(ROIS), 2, 2, C) and out.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(out), 0)
+  empty_channels = roi_align(jnp.ones((1, H, W, 0), jnp.float32), jnp.asarray(ROIS, jnp.float32), output_size=2)
+  assert empty_channels.shape == (len(ROIS), 2, 2, 0)
 
 
 def test_gradients_through_features_offsets_and_roi_coordinates():
