@@ -239,8 +239,6 @@ def test_a_normal_run_prints_no_info_logs(tmp_path):
   assert code == 0, err[-2000:]
   noise = [l for l in err.splitlines() if l[:1] == 'I' and l[1:5].isdigit() or 'Unable to initialize backend' in l]
   assert noise == [], noise[:3]
-  code, _, err = run_cli([*SMALL, f'--config.workdir={tmp_path / "v"}', '--verbose'])
-  assert code == 0 and any(l[:1] == 'I' and l[1:5].isdigit() for l in err.splitlines())
 
 
 def test_digits_default_trains_a_deformable_classifier_well_above_chance():
