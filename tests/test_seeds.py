@@ -85,9 +85,11 @@ def test_one_compile_serves_every_seed_and_transform():
 
 
 def test_eight_devices_train_seeds_together_like_one(tmp_path):
-  args = [*SMALL, '--config.num_seeds=2', '--config.seed_batching=vmap']
-  one = summary_of(args, tmp_path, 'one', {'JAX_NUM_CPU_DEVICES': '1'})
-  eight = summary_of(args, tmp_path, 'eight', {'JAX_NUM_CPU_DEVICES': '8'})
+  # 8 devices batch the seeds (the example-major gather of all seeds' rows across
+  # devices); 1 device loops over them: the two must still agree.
+  args = [*SMALL, '--config.num_seeds=2']
+  one = summary_of([*args, '--config.seed_batching=loop'], tmp_path, 'one', {'JAX_NUM_CPU_DEVICES': '1'})
+  eight = summary_of([*args, '--config.seed_batching=vmap'], tmp_path, 'eight', {'JAX_NUM_CPU_DEVICES': '8'})
   assert one['seeds'] == eight['seeds'] == [0, 1] and eight['devices'] == 8
   # Tolerances as test_train.test_eight_devices_match_one_device: gradient sums in another order.
   assert_same_params(eight['params'], one['params'], rtol=1e-4, atol=6e-5)

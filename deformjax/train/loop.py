@@ -198,7 +198,7 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None, on_step=N
         echo(f'resumed from {ckpt.directory} at step {start}')
 
   if workdir and main:
-    with open(os.path.join(workdir, 'run.json'), 'w') as f:
+    with open(run_file, 'w') as f:
       json.dump(identity, f, indent=1)
   stop = threading.Event()
   bar = None
