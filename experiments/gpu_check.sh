@@ -4,8 +4,9 @@
 # float32 at precision='highest' to 1e-5, forward and every gradient),
 # bench_ops at DCNv4's shapes in float32 (deterministic=True timed too) and
 # bfloat16 (torchvision in float16), bench_train (loop vs ideal step, seed
-# 001's PyTorch nets), the main job at 2 epochs, then the op's accelerator
-# tests (deterministic gradients bit-identical on the device). The op part
+# 001's PyTorch nets), the whole main job (42 s on an H100), then the
+# deterministic gradients' bit-identity test on the device. Timings of the parts
+# on the H100 of 2026-11-27: 52 s, 82 s, 59 s, ~90 s, 42 s, 9 s. The op part
 # needs only jax, flax, numpy, pytest, torch and torchvision; the training part
 # also ml_collections, which the GPU image lacks: `bash experiments/gpu_wheels.sh`
 # here puts its wheels in .whl/, which the device tool carries (carry=['.whl']).
@@ -34,12 +35,12 @@ part 70 $py -m pytest -q -p no:cacheprovider -o addopts= tests/test_torchvision_
 part 110 $py -m experiments.bench_ops --repeats 20 --rounds 4 --deterministic --out "$res"
 part 60 $py -m experiments.bench_ops --repeats 20 --rounds 3 --dtype bfloat16 --out "$res"
 if $py -c 'import ml_collections' 2>/dev/null; then
-  part 75 $py -m experiments.bench_train --steps 100 --rounds 3 --examples 8192 --out "$res"
-  part 50 $py -m experiments.robustness --epochs 2 --seeds 0 --out "$res"
+  part 100 $py -m experiments.bench_train --steps 50 --rounds 2 --examples 4096 --out "$res"
+  part 70 $py -m experiments.robustness --out "$res"
 else
   echo 'skipped bench_train and the main job: ml_collections not importable (carry .whl, see gpu_wheels.sh)' | tee -a "$log"
 fi
-part 45 $py -m pytest -q -p no:cacheprovider -o addopts= tests/test_policy.py -k 'bit_identical or deterministic or one_pass'
+part 30 $py -m pytest -q -p no:cacheprovider -o addopts= tests/test_policy.py -k bit_identical
 cp "$res"/*.md "$out"/ 2>/dev/null
 tar -czf "$out/results.tgz" -C "$res" .
 echo "== done $(date -u +%T), status $status" | tee -a "$log"
