@@ -41,6 +41,8 @@ else
   echo 'skipped bench_train and the main job: ml_collections not importable (carry .whl, see gpu_wheels.sh)' | tee -a "$log"
 fi
 part 30 $py -m pytest -q -p no:cacheprovider -o addopts= tests/test_policy.py -k bit_identical
+# The main job names its files after its config; on the device they are the _gpu twins.
+for f in "$res"/robustness_digits.*; do [ -e "$f" ] && mv "$f" "${f/robustness_digits./robustness_digits_gpu.}"; done
 cp "$res"/*.md "$out"/ 2>/dev/null
 tar -czf "$out/results.tgz" -C "$res" .
 echo "== done $(date -u +%T), status $status" | tee -a "$log"
