@@ -17,7 +17,8 @@ RESULTS = pathlib.Path(__file__).parent / 'results'  # the committed results the
 # Where a run writes unless told otherwise: untracked (git-ignored), so running an
 # experiment on a checkout never rewrites the committed results.
 RUNS = pathlib.Path(__file__).resolve().parents[1] / 'runs'
-OUT_HELP = 'directory for the JSON / markdown / plots (default: runs/, untracked; pass experiments/results to refresh the committed results)'
+OUT_HELP = ('directory for the JSON / markdown / plots (default: runs/, untracked; pass experiments/results to '
+            'refresh the committed results)')
 
 
 def run_metadata() -> dict:
@@ -116,7 +117,8 @@ class StudyView:
     self.live_mode = self.console.is_terminal if live is None else live
     self._live = None
     if self.live_mode:
-      from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+      from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                 TimeRemainingColumn)
 
       self.progress = Progress(TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(),
                                TimeElapsedColumn(), TextColumn('ETA'), TimeRemainingColumn(), console=self.console)

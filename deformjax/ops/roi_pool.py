@@ -43,6 +43,13 @@ def roi_align_corners(y: jax.Array, x: jax.Array, height: int, width: int, idx_d
 ROI_SAMPLES_BUDGET = 256 * 2**20
 
 
+def _exact_grid(roi_sizes: np.ndarray, bins: int) -> int:
+  """torchvision's adaptive grid along one axis, `ceil(size / bins)`, for the largest RoI
+  (a non-finite size counts as empty; the count is clipped to 2**31 before any budget applies)."""
+  cells = np.ceil(np.where(np.isfinite(roi_sizes), roi_sizes, 0.0) / bins)
+  return max(1, int(min(np.max(cells, initial=1.0), 2.0**31)))
+
+
 def _concrete(x) -> np.ndarray | None:
   """`x` as numpy when its value is known at trace time, else None (inside jit)."""
   try:
@@ -159,9 +166,7 @@ def deform_roi_pool(
       if known_h is not None and known_w is not None:
         # Outside jit the exact grid (torchvision's), while its samples fit ROI_SAMPLES_BUDGET;
         # a RoI far larger than the map would otherwise ask for any amount of memory.
-        gh = np.ceil(np.where(np.isfinite(known_h), known_h, 0.0) / oh)
-        gw = np.ceil(np.where(np.isfinite(known_w), known_w, 0.0) / ow)
-        exact = (max(1, int(min(np.max(gh, initial=1.0), 2.0**31))), max(1, int(min(np.max(gw, initial=1.0), 2.0**31))))
+        exact = (_exact_grid(known_h, oh), _exact_grid(known_w, ow))
         samples_bytes = 4 * r * oh * ow * exact[0] * exact[1] * c * np.dtype(acc_dtype).itemsize
         grid_max = exact if samples_bytes <= ROI_SAMPLES_BUDGET else (min(exact[0], grid_max[0]),
                                                                       min(exact[1], grid_max[1]))
