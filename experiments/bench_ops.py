@@ -88,7 +88,7 @@ def load_baseline(rev: str):
         capture_output=True, text=True,
     ).stdout
   except (OSError, subprocess.CalledProcessError) as e:
-    raise SystemExit(f'error: --baseline {rev}: cannot read deform_conv.py at that revision ({e})')
+    raise SystemExit(f'error: --baseline {rev}: cannot read deform_conv.py at that revision ({e})') from None
   path = pathlib.Path(tempfile.mkdtemp()) / f'deform_conv_{rev}.py'
   path.write_text(source)
   spec = importlib.util.spec_from_file_location(f'deform_conv_{rev}', path)
@@ -97,7 +97,7 @@ def load_baseline(rev: str):
   try:
     spec.loader.exec_module(module)
   except ImportError as e:
-    raise SystemExit(f'error: --baseline {rev}: its deform_conv.py no longer imports here ({e})')
+    raise SystemExit(f'error: --baseline {rev}: its deform_conv.py no longer imports here ({e})') from None
   return module.deform_conv2d
 
 
@@ -252,7 +252,7 @@ def run(shapes, dtype_name: str, repeats: int, chunk_size: int | None, baseline:
     )
   return {
       'benchmark': 'deform_conv2d vs lax.conv_general_dilated, 3x3 stride 1 pad 1, with mask',
-      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
       'device': device_name(),
       'versions': {'python': platform.python_version(), 'jax': jax.__version__,
                    'jaxlib': jaxlib.__version__, 'deformjax': deformjax.__version__},

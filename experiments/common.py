@@ -24,7 +24,7 @@ OUT_HELP = ('directory for the JSON / markdown / plots (default: runs/, untracke
 def run_metadata() -> dict:
   dev = jax.devices()[0]
   return {
-      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
       'device': f'{dev.platform} ({dev.device_kind}), {jax.device_count()} device(s), {os.cpu_count()} CPU cores',
       'versions': {'python': platform.python_version(), 'jax': jax.__version__, 'deformjax': deformjax.__version__},
   }
@@ -33,7 +33,6 @@ def run_metadata() -> dict:
 def load_config(spec: str):
   """Runs `get_config(arg)` of a config file given as `path[:arg]` (big_vision style)."""
   import importlib.util
-
   import sys
 
   from deformjax.train.config import config_file_problem
@@ -117,8 +116,14 @@ class StudyView:
     self.live_mode = self.console.is_terminal if live is None else live
     self._live = None
     if self.live_mode:
-      from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                 TimeRemainingColumn)
+      from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+      )
 
       self.progress = Progress(TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(),
                                TimeElapsedColumn(), TextColumn('ETA'), TimeRemainingColumn(), console=self.console)

@@ -18,8 +18,18 @@ import time
 
 import jax
 
-from experiments.common import (OUT_HELP, RUNS, StudyView, load_config, mean_std, pm, run_metadata, run_or_exit,
-                                seed_groups, write_results)
+from experiments.common import (
+  OUT_HELP,
+  RUNS,
+  StudyView,
+  load_config,
+  mean_std,
+  pm,
+  run_metadata,
+  run_or_exit,
+  seed_groups,
+  write_results,
+)
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'robustness.py'
 

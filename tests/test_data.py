@@ -7,8 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deformjax.data import (COCO9_CLASSES, DataError, coco_multilabel, eval_batches, get_spec, load_source,
-                            random_affine, train_iterator, transform)
+from deformjax.data import (
+  COCO9_CLASSES,
+  DataError,
+  coco_multilabel,
+  eval_batches,
+  get_spec,
+  load_source,
+  random_affine,
+  train_iterator,
+  transform,
+)
 
 
 def test_digits_split_is_fixed_and_mnist_like():

@@ -198,7 +198,7 @@ def test_symbolic_batch_module_and_classifier_export():
                        (ConvClassifier(1, 10, deformable=2, modulated=True, rngs=nnx.Rngs(0)), (28, 28, 1)),
                        (CifarNet(3, 10, deformable='all', rngs=nnx.Rngs(0)), (32, 32, 3))):
     graphdef, state = nnx.split(model)
-    apply = jax.jit(lambda x: nnx.merge(graphdef, state)(x))  # weights baked in, as for serving
+    apply = jax.jit(lambda x: nnx.merge(graphdef, state)(x))  # noqa: B023 (exported at once); weights baked in, as for serving
     exp = export.export(apply)(spec((b,) + shape))
     restored = export.deserialize(exp.serialize())
     for n in (1, 3):
@@ -300,6 +300,6 @@ def test_modules_pass_the_policy_arguments_through(accelerator_policy):
     nnx_grads.append(nnx.grad(lambda m, x: jnp.sum(m(x) ** 2), argnums=1)(layer, x))
     twin = linen.DeformConv(features=6, kernel_size=3, precision='highest', **kw)
     params = twin.init(jax.random.key(0), x)
-    linen_grads.append(jax.grad(lambda x: jnp.sum(twin.apply(params, x) ** 2))(x))
+    linen_grads.append(jax.grad(lambda x: jnp.sum(twin.apply(params, x) ** 2))(x))  # noqa: B023
   np.testing.assert_allclose(np.asarray(nnx_grads[1]), np.asarray(nnx_grads[0]), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(linen_grads[1]), np.asarray(linen_grads[0]), rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ import pytest
 
 from deformjax.train import base_config, train
 from deformjax.train.config import ConfigError
-from tests.test_train import assert_same_params, params_of, summary_of, SMALL
+from tests.test_train import SMALL, assert_same_params, params_of, summary_of
 
 
 def small(**overrides):

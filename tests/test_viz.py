@@ -7,8 +7,15 @@ import numpy as np
 from flax import nnx
 
 from deformjax.models import ConvClassifier
-from deformjax.viz import (LayerField, draw_offset_fields, draw_sampling_locations, effective_dilation, layer_fields,
-                           tap_grid, trace_sampling_points)
+from deformjax.viz import (
+  LayerField,
+  draw_offset_fields,
+  draw_sampling_locations,
+  effective_dilation,
+  layer_fields,
+  tap_grid,
+  trace_sampling_points,
+)
 
 
 def field(offsets=None):

@@ -6,8 +6,17 @@ that need them, so `import deformjax.data` needs only jax and numpy.
 
 from deformjax.data.augment import affine_matrices, random_affine, transform, warp_affine
 from deformjax.data.loader import eval_batches, train_iterator
-from deformjax.data.sources import (COCO9_CLASSES, DATASETS, ArraySource, DataError, DatasetSpec, coco_multilabel,
-                                    get_spec, load_source, to_model_inputs)
+from deformjax.data.sources import (
+                                    COCO9_CLASSES,
+                                    DATASETS,
+                                    ArraySource,
+                                    DataError,
+                                    DatasetSpec,
+                                    coco_multilabel,
+                                    get_spec,
+                                    load_source,
+                                    to_model_inputs,
+)
 
 __all__ = [
     'COCO9_CLASSES', 'DATASETS', 'ArraySource', 'DataError', 'DatasetSpec', 'affine_matrices', 'coco_multilabel',

@@ -105,7 +105,7 @@ class DeformConv(nnx.Module):
       param_dtype=jnp.float32,
       precision=None,
       kernel_init=default_kernel_init,
-      bias_init=initializers.zeros_init(),
+      bias_init=initializers.zeros_init(),  # noqa: B008 (nnx.Conv's own default)
       conv_general_dilated=jax.lax.conv_general_dilated,
       promote_dtype=dtypes.promote_dtype,
       preferred_element_type=None,

@@ -7,14 +7,13 @@ message that names the argument before XLA ever sees it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-PaddingLike = Union[str, int, Sequence[int], Sequence[Sequence[int]]]
+PaddingLike = str | int | Sequence[int] | Sequence[Sequence[int]]
 
 
 def pair(value, name: str, fn: str) -> tuple[int, int]:

@@ -90,7 +90,7 @@ class DeviceSplit:
   size: int
 
   @classmethod
-  def place(cls, images: np.ndarray, labels: np.ndarray, mesh) -> 'DeviceSplit':
+  def place(cls, images: np.ndarray, labels: np.ndarray, mesh) -> DeviceSplit:
     """Every process passes the whole split; each device keeps its shard only."""
     n = len(images)
     pad = -n % mesh.size

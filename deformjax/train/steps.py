@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
