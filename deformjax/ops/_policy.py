@@ -106,6 +106,32 @@ def __getattr__(name: str) -> Any:
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
+# True inside `single_pass()`. A context variable: scoped to the block and to the
+# thread or task that entered it.
+_SINGLE_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar('deformjax_single_pass', default=False)
+# Output pixels per pass under `single_pass()` when no explicit cap is given: more
+# than any input an export serves (deformjax.export bounds its symbolic batch so
+# that `pixels <= SINGLE_PASS_PIXELS` is decidable at trace time).
+SINGLE_PASS_PIXELS = 2**62
+
+
+@contextlib.contextmanager
+def single_pass() -> Iterator[None]:
+  """Within the block, ops are traced as one pass with no per-platform switch.
+
+  The plan of a graph that leaves XLA (ONNX: onnxruntime, TensorRT and OpenVINO
+  schedule one graph themselves; chunks would be a sequential Loop node and a
+  platform switch has no meaning there). `by_platform` takes the accelerator
+  branch; `pixels_per_pass` is capped only by explicit `chunk_size` /
+  `memory_budget` arguments. Read at trace time, like the memory budget.
+  """
+  token = _SINGLE_PASS.set(True)
+  try:
+    yield
+  finally:
+    _SINGLE_PASS.reset(token)
+
+
 def is_symbolic(*dims: Any) -> bool:
   """True if any dimension is a `jax.export` symbolic dimension."""
   return any(export.is_symbolic_dim(d) for d in dims)
@@ -130,8 +156,12 @@ def pixels_per_pass(
   CPU: `chunk_size` if given, else cache-sized chunks (`CPU_CHUNK_BYTES`);
   accelerators: what `current_accelerator_memory_budget()` allows (read at
   trace time), capped by `chunk_size`.
-  An explicit `memory_budget` caps both.
+  An explicit `memory_budget` caps both. Under `single_pass()`, only the
+  explicit arguments cap it.
   """
+  if _SINGLE_PASS.get():  # one plan for every platform, capped only by the explicit arguments
+    return min([SINGLE_PASS_PIXELS] + ([] if chunk_size is None else [int(chunk_size)])
+               + ([] if memory_budget is None else [max(1, memory_budget // max(1, bytes_per_pixel))]))
   if platform == 'cpu' and chunk_size is not None:
     budget = memory_budget
   elif platform == 'cpu':
@@ -147,10 +177,14 @@ def pixels_per_pass(
 def by_platform(cpu: Callable[..., Any], accelerator: Callable[..., Any], *args: Any) -> Any:
   """`cpu(*args)` when lowered for CPU, `accelerator(*args)` for GPU/TPU (both traced).
 
-  Both callables must return the same structure of shapes and dtypes.
+  Both callables must return the same structure of shapes and dtypes. Under
+  `single_pass()`, only `accelerator(*args)` (the one-pass plan, alone).
   """
+  if _SINGLE_PASS.get():  # the one-pass plan, alone
+    return accelerator(*args)
   return lax.platform_dependent(*args, cpu=cpu, default=accelerator)
 
 
-__all__ = ['CPU_CHUNK_BYTES', 'DEFAULT_ACCELERATOR_MEMORY_BUDGET', 'accelerator_memory_budget', 'by_platform',
-           'current_accelerator_memory_budget', 'is_symbolic', 'known_le', 'pixels_per_pass']
+__all__ = ['CPU_CHUNK_BYTES', 'DEFAULT_ACCELERATOR_MEMORY_BUDGET', 'SINGLE_PASS_PIXELS', 'accelerator_memory_budget',
+           'by_platform', 'current_accelerator_memory_budget', 'is_symbolic', 'known_le', 'pixels_per_pass',
+           'single_pass']
