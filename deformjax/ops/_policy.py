@@ -16,6 +16,7 @@ GPU structure, and a multi-platform export carries both.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable
 
 import jax
@@ -62,6 +63,32 @@ def accelerator_memory_budget(nbytes: int):
     ACCELERATOR_MEMORY_BUDGET = previous
 
 
+# True inside `single_pass()`. A context variable: scoped to the block and to the
+# thread or task that entered it.
+_SINGLE_PASS = contextvars.ContextVar('deformjax_single_pass', default=False)
+# Output pixels per pass under `single_pass()` when no explicit cap is given: more
+# than any input an export serves (deformjax.export bounds its symbolic batch so
+# that `pixels <= SINGLE_PASS_PIXELS` is decidable at trace time).
+SINGLE_PASS_PIXELS = 2**62
+
+
+@contextlib.contextmanager
+def single_pass():
+  """Within the block, ops are traced as one pass with no per-platform switch.
+
+  The plan of a graph that leaves XLA (ONNX: onnxruntime, TensorRT and OpenVINO
+  schedule one graph themselves; chunks would be a sequential Loop node and a
+  platform switch has no meaning there). `by_platform` takes the accelerator
+  branch; `pixels_per_pass` is capped only by explicit `chunk_size` /
+  `memory_budget` arguments. Read at trace time, like the memory budget.
+  """
+  token = _SINGLE_PASS.set(True)
+  try:
+    yield
+  finally:
+    _SINGLE_PASS.reset(token)
+
+
 def is_symbolic(*dims) -> bool:
   """True if any dimension is a `jax.export` symbolic dimension."""
   return any(export.is_symbolic_dim(d) for d in dims)
@@ -87,6 +114,10 @@ def pixels_per_pass(
   accelerators: what `ACCELERATOR_MEMORY_BUDGET` allows, capped by `chunk_size`.
   An explicit `memory_budget` caps both.
   """
+  if _SINGLE_PASS.get():  # one plan for every platform, capped only by the explicit arguments
+    return min([SINGLE_PASS_PIXELS] + ([] if chunk_size is None else [int(chunk_size)])
+               + ([] if memory_budget is None else [max(1, memory_budget // max(1, bytes_per_pixel))]))
+
   if platform == 'cpu' and chunk_size is not None:
     budget = memory_budget
   elif platform == 'cpu':
@@ -104,6 +135,8 @@ def by_platform(cpu: Callable, accelerator: Callable, *args):
 
   Both callables must return the same structure of shapes and dtypes.
   """
+  if _SINGLE_PASS.get():  # the one-pass plan, alone
+    return accelerator(*args)
   return lax.platform_dependent(*args, cpu=cpu, default=accelerator)
 
 
