@@ -203,10 +203,10 @@ def bilinear_sample(images: jax.Array, coords: jax.Array) -> jax.Array:
   images, coords = _args.as_array(images, 'images', fn), _args.as_array(coords, 'coords', fn)
   _args.check_floating(images, 'images', fn)
   _args.check_floating(coords, 'coords', fn)
-  if jnp.ndim(images) < 3:
-    raise ValueError(f'{fn}: images must have shape [..., H, W, C], got {jnp.shape(images)}')
-  if jnp.ndim(coords) < 2 or jnp.shape(coords)[-1] != 2:
-    raise ValueError(f'{fn}: coords must have shape [..., P, 2], got {jnp.shape(coords)}')
+  if np.ndim(images) < 3:
+    raise ValueError(f'{fn}: images must have shape [..., H, W, C], got {np.shape(images)}')
+  if np.ndim(coords) < 2 or np.shape(coords)[-1] != 2:
+    raise ValueError(f'{fn}: coords must have shape [..., P, 2], got {np.shape(coords)}')
   batch = images.shape[:-3]
   if coords.shape[:-2] != batch:
     raise ValueError(
