@@ -7,6 +7,7 @@ The corner computation here is shared by `bilinear_sample` and
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -215,8 +216,8 @@ def bilinear_sample(images: jax.Array, coords: jax.Array) -> jax.Array:
     )
   h, w, c = images.shape[-3:]
   p = coords.shape[-2]
-  b = int(np.prod(batch, dtype=np.int64))
-  if b * p * c == 0 or h * w == 0:
+  b = math.prod(batch)  # an int, or a jax.export symbolic dimension
+  if _policy.known_le(b * p * c, 0) or _policy.known_le(h * w, 0):
     return jnp.zeros(batch + (p, c), images.dtype)
   idx_dtype = _args.index_dtype(b * h * w, fn)
   cdtype = _args.coordinate_dtype(images.dtype, coords.dtype)
