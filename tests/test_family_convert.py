@@ -275,7 +275,7 @@ def test_deformable_detr_initialisation_matches_transformers():
 def test_converters_name_missing_and_misshapen_entries():
   ref = TorchDCNv3(16)
   state = numpy_state(ref)
-  with pytest.raises(ValueError, match=r"from_internimage_dcnv3: 'offset.weight' must have shape \(72, 16\)"):
+  with pytest.raises(ValueError, match=r"from_internimage_dcnv3: 'offset.weight' must have shape \(64, 16\), got \(72, 16\)"):
     convert.from_internimage_dcnv3(state, groups=4, kernel_size=3, remove_center=True)
   del state['mask.bias']
   with pytest.raises(ValueError, match="state has no 'mask.bias'"):
