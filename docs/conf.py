@@ -105,12 +105,41 @@ def _kind(obj) -> str:
   return 'py:data'  # autodata would show the docstring of the value's type
 
 
-def _generate_missing_api_pages() -> None:
+# What each module holds and needs, for the table on the API reference's first page; a module
+# missing here is described by the first line of its docstring.
+MODULE_SUMMARIES = {
+    'deformjax': ('the package: its version and the two subpackages it imports', 'jax, flax, numpy'),
+    'deformjax.ops': ('pure functions on `jax.Array`: the sampler, the deformable ops, execution settings',
+                      'jax, numpy'),
+    'deformjax.nn': ('Flax NNX modules wrapping the ops', 'flax'),
+    'deformjax.nn.linen': ('their Linen twins', 'flax'),
+    'deformjax.nn.convert': ('trained convs and PyTorch checkpoints into modules', 'flax, numpy'),
+    'deformjax.models': ('small classifiers with a regular / deformable switch', 'flax'),
+    'deformjax.data': ('datasets and geometric augmentation', 'the `data` extra'),
+    'deformjax.train': ('the sharded training loop, configs, checkpoints', 'the `train` extra'),
+    'deformjax.viz': ('sampling-location plots, effective dilation, result curves', 'matplotlib'),
+    'deformjax.export': ('ONNX export in standard operators', 'the `onnx` extra'),
+}
+
+
+def _generate_api_pages() -> None:
+  """The module table, and a page for every public module that has no hand-written one."""
   out = DOCS / 'api' / 'generated'
   out.mkdir(exist_ok=True)
-  for stale in out.glob('*.rst'):
+  for stale in [*out.glob('*.rst'), *out.glob('*.inc'), *out.glob('*.md')]:
     stale.unlink()
-  for name, module in sorted(public_modules().items()):
+  modules = public_modules()
+  rows = ['| module | what it holds | needs |', '|---|---|---|']
+  order = list(MODULE_SUMMARIES)
+  for name, module in sorted(modules.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order),
+                                                              kv[0])):
+    what, needs = MODULE_SUMMARIES.get(name, ((module.__doc__ or '').strip().split('\n')[0], ''))
+    rows.append(f'| {{doc}}`{name} <{name}>` | {what} | {needs} |')
+  (out / 'modules_table.inc').write_text('\n'.join(rows) + '\n')
+  # A hand-written page of a module that is not there (yet) stays out of the build.
+  exclude_patterns.extend(f'api/{page.stem}.rst' for page in (DOCS / 'api').glob('deformjax*.rst')
+                          if page.stem not in modules)
+  for name, module in sorted(modules.items()):
     if (DOCS / 'api' / f'{name}.rst').exists():
       continue
     lines = [name, '=' * len(name), '', f'.. automodule:: {name}', '', f'.. currentmodule:: {name}', '',
@@ -131,7 +160,7 @@ def _generate_missing_api_pages() -> None:
     (out / f'{name}.rst').write_text('\n'.join(lines))
 
 
-_generate_missing_api_pages()
+_generate_api_pages()
 
 
 class _EmptyGlobFilter(logging.Filter):

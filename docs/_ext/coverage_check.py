@@ -1,10 +1,11 @@
 """Fails the build when a public name of deformjax has no entry in the API reference.
 
-The public names are the ``__all__`` of every public module: ``deformjax`` itself,
-every package under it whose dotted path has no component starting with ``_``
-(so a new package such as ``deformjax.export`` is covered the day it lands), and
-every module a public package lists in its own ``__all__`` (``deformjax.nn.linen``,
-``deformjax.nn.convert``). A public module without ``__all__`` contributes the
+The public names are the ``__all__`` of every public module. A module is public when
+no component of its dotted path starts with ``_`` and it is ``deformjax`` itself, a
+package under it, a module directly under ``deformjax`` (``deformjax.export``), or a
+module a public package lists in its own ``__all__`` (``deformjax.nn.linen``,
+``deformjax.nn.convert``); so a new subpackage or top-level module is covered the day it
+lands. A public module without ``__all__`` contributes the
 classes and functions it defines whose names do not start with ``_``.
 
 A name counts as documented when the Python domain holds it under the public
@@ -50,7 +51,7 @@ def public_modules(root: str = ROOT) -> dict[str, types.ModuleType]:
     listed = set(getattr(module, '__all__', ()))
     for info in pkgutil.iter_modules(getattr(module, '__path__', ())):
       dotted = f'{module.__name__}.{info.name}'
-      if _is_public(dotted) and (info.ispkg or info.name in listed):
+      if _is_public(dotted) and (info.ispkg or module.__name__ == root or info.name in listed):
         pending.append(importlib.import_module(dotted))
   return found
 

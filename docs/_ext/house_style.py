@@ -9,6 +9,10 @@ names wrap over several lines::
 
 napoleon reads an entry's names from its first line only, so the wrapped names would
 become a broken definition. This hook joins them onto one line before napoleon runs.
+
+It also reads a plural or possessive written straight after a quoted name, as in
+"the four `nn.Linear`s", which reStructuredText would take for an unclosed quote: the
+name stays code and the letters follow it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import re
 from typing import Any
 
 _SECTION = re.compile(r'^(\s*)(Args|Arguments|Parameters|Attributes|Keyword Args|Other Parameters):\s*$')
+# `name` directly followed by a letter or digit (single backticks only, not ``literal``).
+_GLUED = re.compile(r'(?<![`\\])`([^`\s][^`]*)`(?=[A-Za-z0-9])')
 _NAMES = re.compile(r'^[\w*]+(\s*,\s*[\w*]+)*\s*,\s*$')   # `a, b, c,` with nothing after the last comma
 
 
@@ -52,8 +58,13 @@ def join_wrapped_names(lines: list[str]) -> list[str]:
   return out
 
 
+def unglue(line: str) -> str:
+  """"`nn.Linear`s" -> "`nn.Linear`\\ s" (an escaped space: rendered as nothing)."""
+  return _GLUED.sub(r'`\1`\\ ', line)
+
+
 def _process(app, what, name, obj, options, lines: list[str]) -> None:
-  lines[:] = join_wrapped_names(lines)
+  lines[:] = [unglue(line) for line in join_wrapped_names(lines)]
 
 
 def setup(app) -> dict[str, Any]:
