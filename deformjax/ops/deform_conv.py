@@ -13,6 +13,7 @@ one pass of columns either.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,16 +48,22 @@ def _infer_offset_groups(offsets, taps: int, fn: str) -> int:
 def output_size(
     in_hw: tuple[int, int],
     kernel_hw: tuple[int, int],
-    strides=1,
+    strides: int | Sequence[int] = 1,
     padding: _args.PaddingLike = 0,
-    dilation=1,
-    fn: str = 'deform_conv2d',
+    dilation: int | Sequence[int] = 1,
 ) -> tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]:
   """Output spatial size and explicit ((top, bottom), (left, right)) padding.
 
   Same arithmetic as `lax.conv_general_dilated`; used by the op and by modules
   that must predict offsets of the right shape.
   """
+  return _output_size(in_hw, kernel_hw, strides, padding, dilation, 'output_size')
+
+
+def _output_size(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides: int | Sequence[int],
+                 padding: _args.PaddingLike, dilation: int | Sequence[int], fn: str
+                 ) -> tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]:
+  """`output_size`, its errors labelled with the calling op's name `fn`."""
   sh, sw = _args.positive_pair(strides, 'strides', fn)
   dh, dw = _args.positive_pair(dilation, 'dilation', fn)
   kh, kw = kernel_hw
@@ -189,7 +196,7 @@ def deform_conv2d(
         f'{fn}: kernel must have shape [kh, kw, C // groups, C_out] = [kh, kw, {c // groups}, C_out] '
         f'with kh, kw >= 1, got {tuple(kernel.shape)}'
     )
-  (ho, wo), ((pt, _), (pl, _)) = output_size((h, w), (kh, kw), strides, padding, dilation, fn)
+  (ho, wo), ((pt, _), (pl, _)) = _output_size((h, w), (kh, kw), strides, padding, dilation, fn)
   sh, sw = _args.pair(strides, 'strides', fn)
   dh, dw = _args.pair(dilation, 'dilation', fn)
   taps = kh * kw
