@@ -143,7 +143,9 @@ def deform_conv2d(
       is chosen for the platform the function is lowered for (also by
       `jax.export(..., platforms=[...])` on another host): on GPU/TPU the op
       runs in one pass while the whole columns buffer fits the budget (None:
-      `ACCELERATOR_MEMORY_BUDGET`, 1 GiB) and in equal blocks beyond it; on CPU
+      `current_accelerator_memory_budget()`, 1 GiB unless a
+      `with accelerator_memory_budget(nbytes):` scope sets it) and in equal
+      blocks beyond it; on CPU
       it walks cache-sized chunks (`CPU_CHUNK_BYTES`, 0.5 MiB, or the budget if
       smaller), which is fastest there. Besides the columns, both passes keep
       the corner rows and weights of the sample points: 32 bytes per point and
