@@ -197,6 +197,33 @@ def corner_rows(indices, base, groups: int = 1, group=0):
   return tuple(((base + i) * groups + group).reshape(-1) for i in indices)
 
 
+def output_pixels(start, count, n, out_hw, idx_dtype):
+  """(image, row, column), each `[count]`, of the flat output pixels `start .. start+count` over `N*Ho*Wo`.
+
+  Pixels past the end (the zero padding of the last chunk) reuse the last
+  image, so their corner rows stay in bounds; their outputs are sliced off.
+  """
+  ho, wo = out_hw
+  p = start + jnp.arange(count, dtype=idx_dtype)
+  rem = p % (ho * wo)
+  return jnp.minimum(p // (ho * wo), n - 1), rem // wo, rem % wo
+
+
+def image_corners(y, x, weight, image, hw, groups: int, group, idx_dtype):
+  """Flat corner rows and weights of points (y, x) `[count, ...]` in images `image` `[count]`.
+
+  The table is an `[N, H, W, C]` array seen as `[N*H*W*groups, C // groups]`;
+  `group` (broadcasting against y) is each point's channel group, `weight`
+  (same shape as y, or None) multiplies the bilinear weights (a mask).
+  """
+  h, w = hw
+  idx, wts = bilinear_corners(y, x, h, w, idx_dtype)
+  base = (image * (h * w)).reshape((-1,) + (1,) * (jnp.ndim(y) - 1))
+  if weight is not None:
+    wts = tuple(wt * weight for wt in wts)
+  return corner_rows(idx, base, groups, group), tuple(wt.reshape(-1) for wt in wts)
+
+
 def check_policy_args(chunk_size, memory_budget, deterministic, fn: str) -> None:
   """The execution-policy keywords every sampling op shares, refused by name."""
   for name, value in (('chunk_size', chunk_size), ('memory_budget', memory_budget)):
@@ -267,7 +294,7 @@ def _chunked(corners, sample, pixels, cap: int, point_bytes: int, idx_dtype, arr
   else:
     block_body = lambda xs: lax.map(remat_chunk, per_chunk(corners(xs[0] * block, block, *xs[1])))
     out = lax.map(jax.checkpoint(block_body, prevent_cse=False), (jnp.arange(num_blocks, dtype=idx_dtype), blocks))
-  return out.reshape((padded,) + out.shape[2:])[:pixels]
+  return out.reshape(padded, out.shape[-1])[:pixels]
 
 
 def _passes(corners, sample, pixels, point_bytes: int, idx_dtype, cap: int, arrays):
@@ -294,7 +321,7 @@ def run_passes(
       flat corner rows and weights (4-tuples, `count * points_per_pixel` each)
       of output pixels `start .. start+count`; past the last pixel the arrays
       are zero-padded, and `corners` must keep the rows in bounds there.
-    sample: `sample((rows, weights)) -> [count, ...]`, the sampled and reduced
+    sample: `sample((rows, weights)) -> [count, F]`, the sampled and reduced
       output of those pixels (typically a partial of `sampled_pass`).
     arrays: pytree of per-pixel arrays (leading axis `pixels`; None allowed).
     pixels: number of output pixels (may be a symbolic batch dimension).
@@ -304,7 +331,7 @@ def run_passes(
     chunk_size, memory_budget: the ops' policy keywords (`_policy.pixels_per_pass`).
 
   Returns:
-    `[pixels, ...]`. On CPU cache-sized chunks walked by `lax.map`; on GPU/TPU
+    `[pixels, F]`. On CPU cache-sized chunks walked by `lax.map`; on GPU/TPU
     one pass while it fits the memory budget, equal blocks beyond it; chosen
     at lowering time (`_policy.by_platform`) when the two plans differ.
   """
