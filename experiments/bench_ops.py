@@ -282,15 +282,21 @@ def torch_cases(fn, arrays, cot):
     import torch
   except ImportError:
     return None
-  tensors = [torch.tensor(np.asarray(a, np.float32), requires_grad=True) for a in arrays]
-  tcot = torch.tensor(np.asarray(cot, np.float32))
+  dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+  tensors = [torch.tensor(np.asarray(a, np.float32), device=dev, requires_grad=True) for a in arrays]
+  tcot = torch.tensor(np.asarray(cot, np.float32), device=dev)
+  sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
 
   def fwd():
     with torch.no_grad():
-      return fn(*tensors)
+      out = fn(*tensors)
+    sync()
+    return out
 
   def fwd_bwd():
-    return torch.autograd.grad(fn(*tensors), tensors, tcot)
+    grads = torch.autograd.grad(fn(*tensors), tensors, tcot)
+    sync()
+    return grads
 
   return {'torch_fwd': fwd, 'torch_fwd_bwd': fwd_bwd}
 

@@ -25,12 +25,12 @@ def dcnv3_grid_sample(x, offset, mask, *, kernel, stride, pad, dilation, groups,
   _, ho, wo, _ = offset.shape
   cy, cx = (dilation * (kh - 1)) // 2, (dilation * (kw - 1)) // 2
   ref_y, ref_x = torch.meshgrid(
-      torch.linspace(cy + 0.5, cy + 0.5 + (ho - 1) * stride, ho, dtype=x.dtype),
-      torch.linspace(cx + 0.5, cx + 0.5 + (wo - 1) * stride, wo, dtype=x.dtype), indexing='ij')
+      torch.linspace(cy + 0.5, cy + 0.5 + (ho - 1) * stride, ho, dtype=x.dtype, device=x.device),
+      torch.linspace(cx + 0.5, cx + 0.5 + (wo - 1) * stride, wo, dtype=x.dtype, device=x.device), indexing='ij')
   ref = torch.stack((ref_x / wp, ref_y / hp), -1).reshape(1, ho, wo, 1, 2)
   gx, gy = torch.meshgrid(  # taps x-major
-      torch.linspace(-cx, -cx + (kw - 1) * dilation, kw, dtype=x.dtype),
-      torch.linspace(-cy, -cy + (kh - 1) * dilation, kh, dtype=x.dtype), indexing='ij')
+      torch.linspace(-cx, -cx + (kw - 1) * dilation, kw, dtype=x.dtype, device=x.device),
+      torch.linspace(-cy, -cy + (kh - 1) * dilation, kh, dtype=x.dtype, device=x.device), indexing='ij')
   grid = torch.stack((gx / wp, gy / hp), -1).reshape(-1, 1, 2).repeat(1, groups, 1).permute(1, 0, 2)
   points = kh * kw
   if remove_center:
@@ -38,7 +38,7 @@ def dcnv3_grid_sample(x, offset, mask, *, kernel, stride, pad, dilation, groups,
     grid = grid[:, keep]
     points -= 1
   loc = (ref + grid.reshape(1, 1, 1, groups * points, 2) * offset_scale).repeat(n, 1, 1, 1, 1).flatten(3, 4)
-  norm = torch.tensor([wp, hp], dtype=x.dtype).repeat(groups * points)
+  norm = torch.tensor([wp, hp], dtype=x.dtype, device=x.device).repeat(groups * points)
   loc = loc + offset * offset_scale / norm
   cg = c // groups
   value = x.reshape(n, hp * wp, c).transpose(1, 2).reshape(n * groups, cg, hp, wp)
@@ -57,11 +57,12 @@ def msda_transformers():
   except ImportError:
     return None
   if hasattr(detr, 'multi_scale_deformable_attention'):  # transformers 4.x: a function
-    return lambda v, shapes, loc, a: detr.multi_scale_deformable_attention(v, torch.tensor(shapes), loc, a)
+    return lambda v, shapes, loc, a: detr.multi_scale_deformable_attention(
+        v, torch.tensor(shapes, device=v.device), loc, a)
   module = detr.MultiScaleDeformableAttention()
 
   def call(v, shapes, loc, a):
-    sizes = torch.tensor(shapes)
+    sizes = torch.tensor(shapes, device=v.device)
     start = torch.cat([sizes.new_zeros(1), (sizes[:, 0] * sizes[:, 1]).cumsum(0)[:-1]])
     return module(v, sizes, list(shapes), start, loc, a, 64)
 

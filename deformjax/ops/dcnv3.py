@@ -34,12 +34,13 @@ from deformjax.ops import _args, _policy, sampling
 from deformjax.ops.deform_conv import output_size
 
 
-def taps_xy(kernel_hw: tuple[int, int], dilation_hw: tuple[int, int], remove_center: bool = False):
+def dcnv3_taps(kernel_hw: tuple[int, int], dilation_hw: tuple[int, int] = (1, 1),
+               remove_center: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """DCNv3's tap grid: `(tx, ty)`, two int arrays `[P]` of `i*dw`, `j*dh` for taps `k = i*kh + j` (x-major).
 
   `remove_center` drops `(i, j) = (kw//2, kh//2)`.
 
-  >>> taps_xy((1, 3), (1, 2))
+  >>> dcnv3_taps((1, 3), (1, 2))
   (array([0, 2, 4]), array([0, 0, 0]))
   """
   kh, kw = kernel_hw
@@ -63,7 +64,7 @@ class _Geometry:
     # Window origin (int) and the scaled centring term of the CUDA kernels' p0_.
     self.origin = (cy - pads[0], cx - pads[1])
     self.centre = (cy, cx)
-    self.taps = taps_xy(kernel_hw, dilation, remove_center)
+    self.taps = dcnv3_taps(kernel_hw, dilation, remove_center)
 
 
 def _corners(geom: _Geometry, split, start, count, *arrays):
@@ -274,4 +275,4 @@ def dcnv4(
       offsets_channels=lambda g, p: (offset_mask_channels(g, p),))
 
 
-__all__ = ['dcnv3', 'dcnv4', 'offset_mask_channels', 'taps_xy']
+__all__ = ['dcnv3', 'dcnv3_taps', 'dcnv4', 'offset_mask_channels']
