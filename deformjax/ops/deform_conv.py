@@ -29,14 +29,14 @@ DEFAULT_CHUNK_BYTES = CPU_CHUNK_BYTES
 
 def _infer_offset_groups(offsets, taps: int, fn: str) -> int:
   """torchvision's rule: offsets carry offset_groups*kh*kw*2 channels."""
-  channels = jnp.shape(offsets)[-1] if jnp.ndim(offsets) == 4 else None
+  channels = np.shape(offsets)[-1] if np.ndim(offsets) == 4 else None
   if channels is None:
     return 1  # the shape check names what offsets must look like
   if channels == 0 or channels % (2 * taps):
     raise ValueError(
         f'{fn}: offsets must have shape [N, Ho, Wo, offset_groups*kh*kw*2]; their {channels} channels are not a '
         f'positive multiple of 2*kh*kw = {2 * taps}, so offset_groups cannot be inferred, got '
-        f'{tuple(jnp.shape(offsets))}'
+        f'{tuple(np.shape(offsets))}'
     )
   return channels // (2 * taps)
 
@@ -179,7 +179,7 @@ def deform_conv2d(
       is chosen for the platform the function is lowered for (also by
       `jax.export(..., platforms=[...])` on another host): on GPU/TPU the op
       runs in one pass while the whole columns buffer fits the budget (None:
-      `ACCELERATOR_MEMORY_BUDGET`, 1 GiB) and in equal blocks beyond it; on CPU
+      `current_accelerator_memory_budget()`, 1 GiB) and in equal blocks beyond it; on CPU
       it walks cache-sized chunks (`CPU_CHUNK_BYTES`, 0.5 MiB, or the budget if
       smaller), which is fastest there. Besides the columns, both passes keep
       the corner rows and weights of the sample points: 32 bytes per point and
