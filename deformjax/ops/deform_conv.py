@@ -13,15 +13,19 @@ one pass of columns either.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from deformjax.ops import _args, _policy, sampling
 from deformjax.ops._policy import CPU_CHUNK_BYTES
 from deformjax.ops.sampling import INDEX_BLOCK_BYTES
+
+_PrecisionLike = str | jax.lax.Precision | tuple | None
 
 # Kept for callers of the CPU-era name: the CPU chunk size in columns bytes.
 DEFAULT_CHUNK_BYTES = CPU_CHUNK_BYTES
@@ -44,9 +48,9 @@ def _infer_offset_groups(offsets, taps: int, fn: str) -> int:
 def output_size(
     in_hw: tuple[int, int],
     kernel_hw: tuple[int, int],
-    strides=1,
+    strides: int | Sequence[int] = 1,
     padding: _args.PaddingLike = 0,
-    dilation=1,
+    dilation: int | Sequence[int] = 1,
     fn: str = 'deform_conv2d',
 ) -> tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]:
   """Output spatial size and explicit ((top, bottom), (left, right)) padding.
@@ -123,13 +127,13 @@ def deform_conv2d(
     mask: jax.Array | None = None,
     bias: jax.Array | None = None,
     *,
-    strides=1,
+    strides: int | Sequence[int] = 1,
     padding: _args.PaddingLike = 0,
-    dilation=1,
+    dilation: int | Sequence[int] = 1,
     groups: int = 1,
     offset_groups: int | None = None,
-    precision=None,
-    preferred_element_type=None,
+    precision: _PrecisionLike = None,
+    preferred_element_type: DTypeLike | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     deterministic: bool = False,
@@ -288,7 +292,8 @@ def deform_conv2d(
 
 
 def columns_bytes(
-    inputs_shape, kernel_shape, offsets_shape, dtype=jnp.float32, chunk_size: int | None = None,
+    inputs_shape: Sequence[int], kernel_shape: Sequence[int], offsets_shape: Sequence[int],
+    dtype: DTypeLike = jnp.float32, chunk_size: int | None = None,
     memory_budget: int | None = None, platform: str | None = None,
 ) -> int:
   """Bytes of the sampled-columns buffer one pass of `deform_conv2d` holds.
