@@ -271,7 +271,7 @@ def sampled_pass(contract: Callable[..., jax.Array], compute_dtype: DTypeLike, d
 
 
 def _one_pass(corners, sample, pixels, arrays):
-  # _Corners at top level, computed once and kept for the backward pass; the
+  # Corners at top level, computed once and kept for the backward pass; the
   # sampled values are rematerialised there instead of stored.
   return jax.checkpoint(sample)(corners(0, pixels, *arrays))
 
