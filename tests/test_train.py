@@ -275,6 +275,10 @@ def test_a_killed_run_resumes_to_the_same_parameters(tmp_path):
   work = tmp_path / 'killed'
   script = textwrap.dedent(f'''
       import os, signal
+      import jax
+      # The suite's settings (conftest), so that the resumed run here computes exactly what it computes there.
+      jax.config.update('jax_enable_x64', True)
+      jax.config.update('jax_numpy_dtype_promotion', 'strict')
       from deformjax.train import train
       from tests.helpers import small_config, tiny_digits
       cfg = small_config(deformable='none', num_devices=1, steps=12, log_every=2, checkpoint_every=4,
