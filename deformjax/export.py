@@ -154,31 +154,29 @@ def eval_for_inference(jaxpr, consts, *args) -> list:
   return [read(v) for v in jaxpr.outvars]
 
 
-def _as_function(model_or_fn) -> tuple[Callable, str]:
-  """A pure function of the inputs (module state captured as constants), and what to call it in errors."""
+def _traceable(model_or_fn) -> tuple[Callable, list, list[str], str]:
+  """`(fn, state, state_paths, label)`: `fn(state, *inputs)` returns `(outputs, state after the call)`.
+
+  For an `nnx.Module` the state is its variables (the graph's constants); for a
+  function it is empty. Returning the state lets the trace show whether the call
+  changed it.
+  """
   from flax import nnx
 
   if isinstance(model_or_fn, nnx.Module):
     graphdef, state = nnx.split(model_or_fn)
-    leaves = jax.tree.leaves(state)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    paths = [jax.tree_util.keystr(p) for p, _ in flat]
 
-    def call(*xs):
-      module = nnx.merge(graphdef, state)
+    def fn(leaves, *xs):
+      module = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
       out = module(*xs)
-      after = jax.tree.leaves(nnx.state(module))
-      changed = [i for i, (a, b) in enumerate(zip(leaves, after)) if a is not b]
-      if changed:
-        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
-        raise ExportError(
-            f'to_onnx: calling {type(model_or_fn).__name__} updates its state ({", ".join(paths[i] for i in changed[:3])}'
-            f'{", ..." if len(changed) > 3 else ""}), e.g. BatchNorm in training mode; an ONNX graph is inference '
-            'only: export model.eval() (or call it with use_running_average=True)')
-      return out
+      return out, jax.tree.leaves(nnx.state(module))
 
-    return call, type(model_or_fn).__name__
+    return fn, [leaf for _, leaf in flat], paths, type(model_or_fn).__name__
   if not callable(model_or_fn):
     raise TypeError(f'to_onnx: model_or_fn must be a callable or an nnx.Module, got {type(model_or_fn).__name__}')
-  return model_or_fn, getattr(model_or_fn, '__name__', type(model_or_fn).__name__)
+  return (lambda leaves, *xs: (model_or_fn(*xs), [])), [], [], getattr(model_or_fn, '__name__', 'function')
 
 
 def op_types(model) -> dict[tuple[str, str], int]:
@@ -305,17 +303,24 @@ def to_onnx(
   if not isinstance(opset, int) or isinstance(opset, bool) or opset < 13:
     raise ValueError(f'to_onnx: opset must be an int >= 13, got {opset!r}')
   specs = _specs(list(example_inputs), dynamic_batch)
-  fn, label = _as_function(model_or_fn)
+  fn, state, paths, label = _traceable(model_or_fn)
   with _policy.single_pass():
     try:
-      closed = jax.make_jaxpr(fn)(*specs)
+      closed = jax.make_jaxpr(fn)(state, *specs)
     except jax.errors.ConcretizationTypeError as e:
       raise ExportError(f'to_onnx: {label} needs a concrete value where the export has a symbolic shape or a traced '
                         f'input: {str(e).splitlines()[0]}') from None
   _check_inference(closed.jaxpr, label)
+  jaxpr, n_state = closed.jaxpr, len(state)
+  state_out = jaxpr.outvars[len(jaxpr.outvars) - n_state:]
+  changed = [p for p, v_in, v_out in zip(paths, jaxpr.invars[:n_state], state_out) if v_in is not v_out]
+  if changed:
+    raise ExportError(
+        f'to_onnx: calling {label} updates its state ({", ".join(changed[:3])}{", ..." if len(changed) > 3 else ""}), '
+        'e.g. BatchNorm in training mode; an ONNX graph is inference only: export model.eval() or the inference call')
 
   def program(*xs):
-    outs = eval_for_inference(closed.jaxpr, closed.consts, *xs)
+    outs = eval_for_inference(jaxpr, closed.consts, *state, *xs)[:len(jaxpr.outvars) - n_state]
     return outs[0] if len(outs) == 1 else tuple(outs)
 
   double = any(np.dtype(s.dtype) == np.float64 for s in specs)

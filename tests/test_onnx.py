@@ -61,9 +61,11 @@ def assert_standard(model):
 
 def assert_matches(model, fn, batches, make_inputs, atol=1e-5):
   jitted = jax.jit(fn)
+  sess = session(model)
+  names = [i.name for i in sess.get_inputs()]
   for b in batches:
     inputs = make_inputs(b)
-    got = run(model, *inputs)
+    got = sess.run(None, dict(zip(names, inputs)))
     want = jax.tree.leaves(jitted(*inputs))
     assert len(got) == len(want)
     for g, w in zip(got, want):
@@ -161,7 +163,7 @@ def randomised(module, seed=0, scale=0.3):
   return nnx.merge(graphdef, params, rest)
 
 
-@pytest.mark.parametrize('modulated', [False, True])
+@pytest.mark.parametrize('modulated', [pytest.param(False, marks=pytest.mark.slow), True])
 def test_deform_conv_module(modulated):
   layer = randomised(DeformConv(4, 6, 3, padding=1, offset_groups=2, modulated=modulated, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(4)
@@ -182,7 +184,8 @@ def test_deform_roi_pool_module():
 @pytest.mark.parametrize('build, shape', [
     (lambda: ConvClassifier(1, 10, width=8, deformable=2, modulated=True, dropout=0.2, rngs=nnx.Rngs(0)),
      (14, 14, 1)),
-    (lambda: CifarNet(3, 10, image_size=16, deformable='all', rngs=nnx.Rngs(0)), (16, 16, 3)),
+    pytest.param(lambda: CifarNet(3, 10, image_size=16, deformable='all', rngs=nnx.Rngs(0)), (16, 16, 3),
+                 marks=pytest.mark.slow),
 ], ids=['conv5', 'cifarnet'])
 def test_classifiers(build, shape):
   net = randomised(build(), scale=0.2)
