@@ -53,8 +53,8 @@ BATCHES = (64, 1)
 def randomised(module, seed=0, scale=0.1):
   """Every parameter random: fresh offset predictors are zero, so the offsets would all be 0."""
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-  keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(params))))
-  params = jax.tree.map(lambda p: scale * jax.random.normal(next(keys), p.shape, p.dtype), params)
+  rng = np.random.default_rng(seed)  # numpy: one eager jax.random call per shape would compile each
+  params = jax.tree.map(lambda p: jnp.asarray(scale * rng.normal(size=p.shape), p.dtype), params)
   return nnx.merge(graphdef, params, rest)
 
 

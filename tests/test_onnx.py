@@ -158,8 +158,8 @@ def test_deform_roi_pool_features_and_rois_batch_apart():
 def randomised(module, seed=0, scale=0.3):
   """`module` with every parameter random (fresh offset predictors are zero, which would test no sampling)."""
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-  keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(params))))
-  params = jax.tree.map(lambda p: scale * jax.random.normal(next(keys), p.shape, p.dtype), params)
+  rng = np.random.default_rng(seed)  # numpy: one eager jax.random call per shape would compile each
+  params = jax.tree.map(lambda p: jnp.asarray(scale * rng.normal(size=p.shape), p.dtype), params)
   return nnx.merge(graphdef, params, rest)
 
 
@@ -217,10 +217,9 @@ def test_file_written_and_fixed_batch(tmp_path):
 
 
 def test_dropout_in_training_mode_is_refused():
-  net = ConvClassifier(1, 4, width=4, dropout=0.5, rngs=nnx.Rngs(0))
-  x = np.zeros((2, 12, 12, 1), np.float32)
+  dropout = nnx.Dropout(0.5)
   with pytest.raises(ExportError, match=r'draws random numbers .*train=False'):
-    to_onnx(lambda x: net(x, train=True, rngs=nnx.Rngs(dropout=1)), x)
+    to_onnx(lambda x: dropout(x, deterministic=False, rngs=nnx.Rngs(dropout=1)), np.zeros((2, 3), np.float32))
 
 
 def test_state_updates_are_refused():
@@ -252,7 +251,7 @@ def test_bad_arguments_keep_the_ops_one_line_errors():
     fn(x, off)
   with pytest.raises(ValueError) as in_onnx:
     to_onnx(fn, (x, off))
-  assert str(in_onnx.value) == str(in_jax.value)
+  assert str(in_onnx.value) == str(in_jax.value).replace('got (2,', 'got (N,')  # the batch is symbolic there
   assert str(in_jax.value).startswith('deform_conv2d: offsets must have shape') and '\n' not in str(in_jax.value)
   with pytest.raises(ValueError, match=r'deform_conv2d: offsets must have shape \[N, Ho, Wo, offset_groups\*kh\*kw\*2\]'
                                        r' = \(N, 5, 5, 18\), got \(N, 5, 4, 18\)'):
