@@ -58,11 +58,15 @@ def randomised(module, seed=0, scale=0.1):
   return nnx.merge(graphdef, params, rest)
 
 
-def ort_session(model, profile_dir: str | None = None):
+def ort_session(model, profile_dir: str | None = None, spinning: bool = True):
+  """An onnxruntime CPU session; `spinning=False` stops idle intra-op threads from busy-waiting (which, on a
+  machine shared with other work, costs more than it saves)."""
   import onnxruntime as ort
 
   options = ort.SessionOptions()
   options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+  if not spinning:
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
   if profile_dir is not None:
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(profile_dir, 'ort')
@@ -78,7 +82,7 @@ def ort_call(sess, inputs):
 def profile_by_op_type(model, inputs, runs: int = 5) -> list[dict]:
   """onnxruntime's profiler over `runs` runs: total time per operator type, largest first."""
   with tempfile.TemporaryDirectory() as tmp:
-    sess = ort_session(model, tmp)
+    sess = ort_session(model, tmp, spinning=False)
     call = ort_call(sess, inputs)
     for _ in range(runs):
       call()
@@ -98,22 +102,25 @@ def bench_classifiers(repeats: int, rounds: int, profile: bool) -> list[dict]:
     net = randomised(build())
     model = to_onnx(net, np.zeros((2,) + shape, np.float32))
     jitted = jax.jit(lambda x, net=net: net(x))
-    sess = ort_session(model)
+    sess, calm = ort_session(model), ort_session(model, spinning=False)
     for batch in BATCHES:
       x = rng.uniform(size=(batch,) + shape).astype(np.float32)
       xj = jnp.asarray(x)
       got = ort_call(sess, [x])()[0]
       err = float(np.abs(got - np.asarray(jitted(xj))).max())
       per_round = max(1, -(-repeats // rounds))
-      times = interleaved_ms({'jax': jax_call(jitted, xj), 'onnx': ort_call(sess, [x])}, rounds, per_round, warmup=3)
+      times = interleaved_ms({'jax': jax_call(jitted, xj), 'onnx': ort_call(sess, [x]),
+                              'onnx_no_spin': ort_call(calm, [x])}, rounds, per_round, warmup=3)
       row = {'case': name, 'batch': batch, 'input': list(shape), 'jax_ms': times['jax'], 'onnx_ms': times['onnx'],
-             'onnx_over_jax': times['onnx'] / times['jax'], 'max_abs_diff': err,
+             'onnx_no_spin_ms': times['onnx_no_spin'], 'onnx_over_jax': times['onnx'] / times['jax'],
+             'onnx_no_spin_over_jax': times['onnx_no_spin'] / times['jax'], 'max_abs_diff': err,
              'nodes': sum(op_types(model).values())}
       if profile:
         row['onnx_profile'] = profile_by_op_type(model, [x])
       rows.append(row)
       print(f"{name} batch {batch}: jax {row['jax_ms']:.3f} ms, onnxruntime {row['onnx_ms']:.3f} ms "
-            f"({row['onnx_over_jax']:.2f}x), max |diff| {err:.1e}", flush=True)
+            f"({row['onnx_over_jax']:.2f}x; without spinning {row['onnx_no_spin_over_jax']:.2f}x), "
+            f"max |diff| {err:.1e}", flush=True)
   return rows
 
 
@@ -128,18 +135,28 @@ def bench_ops(shapes, repeats: int, rounds: int) -> list[dict]:
     fn = lambda x, off, mask, w=w: deform_conv2d(x, off, w, mask, padding=1)
     model = to_onnx(fn, (x[:2], off[:2], mask[:2]))
     jitted = jax.jit(fn)
-    sess = ort_session(model)
+    sess, calm = ort_session(model), ort_session(model, spinning=False)
     host = [np.asarray(a) for a in (x, off, mask)]
     err = float(np.abs(ort_call(sess, host)()[0] - np.asarray(jitted(x, off, mask))).max())
     per_round = max(1, -(-repeats // rounds))
-    times = interleaved_ms({'jax': jax_call(jitted, x, off, mask), 'onnx': ort_call(sess, host)}, rounds, per_round)
+    times = interleaved_ms({'jax': jax_call(jitted, x, off, mask), 'onnx': ort_call(sess, host),
+                            'onnx_no_spin': ort_call(calm, host)}, rounds, per_round)
     row = {'case': 'deform_conv2d 3x3 pad 1 mask', 'N': n, 'H': hw, 'W': hw, 'C_in': c, 'C_out': c,
-           'jax_ms': times['jax'], 'onnx_ms': times['onnx'], 'onnx_over_jax': times['onnx'] / times['jax'],
-           'max_abs_diff': err}
+           'jax_ms': times['jax'], 'onnx_ms': times['onnx'], 'onnx_no_spin_ms': times['onnx_no_spin'],
+           'onnx_over_jax': times['onnx'] / times['jax'],
+           'onnx_no_spin_over_jax': times['onnx_no_spin'] / times['jax'], 'max_abs_diff': err}
     rows.append(row)
     print(f"deform_conv2d N={n} {hw}x{hw} {c}->{c}: jax {row['jax_ms']:.2f} ms, onnxruntime {row['onnx_ms']:.2f} ms "
           f"({row['onnx_over_jax']:.2f}x), max |diff| {err:.1e}", flush=True)
   return rows
+
+
+def _dist_version(name: str, module) -> str:
+  try:
+    from importlib.metadata import version
+    return version(name)
+  except Exception:  # not installed as a distribution
+    return getattr(module, '__version__', 'unknown')
 
 
 def versions() -> dict:
@@ -148,7 +165,7 @@ def versions() -> dict:
   import onnxruntime
 
   v = {'python': platform.python_version(), 'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
-       'deformjax': deformjax.__version__, 'jax2onnx': getattr(jax2onnx, '__version__', '?'),
+       'deformjax': deformjax.__version__, 'jax2onnx': _dist_version('jax2onnx', jax2onnx),
        'onnx': onnx.__version__, 'onnxruntime': onnxruntime.__version__}
   return v
 
@@ -158,11 +175,13 @@ def to_markdown(result: dict) -> str:
            f"Device: {result['device']}. Versions: " + ', '.join(f'{k} {v}' for k, v in result['versions'].items())
            + f". Method: {result['method']}. Date: {result['date']}.", '',
            '## Classifiers', '',
-           '| model | input | batch | JAX jit (ms) | onnxruntime (ms) | onnxruntime / JAX | max abs diff | nodes |',
-           '|---|---|---|---|---|---|---|---|']
+           '| model | input | batch | JAX jit (ms) | onnxruntime (ms) | onnxruntime / JAX | no spinning (ms) '
+           '| no spinning / JAX | max abs diff | nodes |',
+           '|---|---|---|---|---|---|---|---|---|---|']
   for r in result['classifiers']:
     lines.append(f"| {r['case']} | {'x'.join(map(str, r['input']))} | {r['batch']} | {r['jax_ms']:.3f} | "
-                 f"{r['onnx_ms']:.3f} | {r['onnx_over_jax']:.2f}x | {r['max_abs_diff']:.1e} | {r['nodes']} |")
+                 f"{r['onnx_ms']:.3f} | {r['onnx_over_jax']:.2f}x | {r['onnx_no_spin_ms']:.3f} | "
+                 f"{r['onnx_no_spin_over_jax']:.2f}x | {r['max_abs_diff']:.1e} | {r['nodes']} |")
   profiled = [r for r in result['classifiers'] if 'onnx_profile' in r]
   if profiled:
     lines += ['', '### Where onnxruntime spends its time (profiler, per operator type)', '']
@@ -171,11 +190,13 @@ def to_markdown(result: dict) -> str:
       lines.append(f"- {r['case']}, batch {r['batch']}: {top}")
   if result['ops']:
     lines += ['', '## deform_conv2d (3x3, pad 1, mask)', '',
-              '| N | H x W | C_in -> C_out | JAX jit (ms) | onnxruntime (ms) | onnxruntime / JAX | max abs diff |',
-              '|---|---|---|---|---|---|---|']
+              '| N | H x W | C_in -> C_out | JAX jit (ms) | onnxruntime (ms) | onnxruntime / JAX | no spinning (ms) '
+              '| no spinning / JAX | max abs diff |',
+              '|---|---|---|---|---|---|---|---|---|']
     for r in result['ops']:
       lines.append(f"| {r['N']} | {r['H']}x{r['W']} | {r['C_in']}->{r['C_out']} | {r['jax_ms']:.2f} | "
-                   f"{r['onnx_ms']:.2f} | {r['onnx_over_jax']:.2f}x | {r['max_abs_diff']:.1e} |")
+                   f"{r['onnx_ms']:.2f} | {r['onnx_over_jax']:.2f}x | {r['onnx_no_spin_ms']:.2f} | "
+                   f"{r['onnx_no_spin_over_jax']:.2f}x | {r['max_abs_diff']:.1e} |")
   return '\n'.join(lines) + '\n'
 
 
@@ -194,7 +215,8 @@ def main(argv=None) -> dict:
       'versions': versions(),
       'method': f'median of {args.rounds} interleaved rounds x {max(1, -(-args.repeats // args.rounds))} runs after '
                 'warm-up; JAX: jax.jit + block_until_ready; onnxruntime: InferenceSession.run with '
-                'ORT_ENABLE_ALL; both on all cores, on a machine shared with other work',
+                'ORT_ENABLE_ALL, default threads, with and without intra-op spinning; both on all cores, on a machine '
+                'shared with other work',
       'classifiers': bench_classifiers(args.repeats, args.rounds, args.profile),
       'ops': [] if args.no_ops else bench_ops(DEFAULT_SHAPES, max(6, args.repeats // 4), args.rounds),
   }
