@@ -256,3 +256,59 @@ def test_bad_arguments_keep_the_ops_one_line_errors():
   with pytest.raises(ValueError, match=r'deform_conv2d: offsets must have shape \[N, Ho, Wo, offset_groups\*kh\*kw\*2\]'
                                        r' = \(N, 5, 5, 18\), got \(N, 5, 4, 18\)'):
     to_onnx(fn, (x, f32(rng, 2, 5, 4, 18)))
+
+
+def test_dcnv3_and_dcnv4_ops():
+  from deformjax.ops import dcnv3, dcnv4, offset_mask_channels
+
+  rng = np.random.default_rng(11)
+  g, taps = 2, 9
+  kw = dict(kernel_size=3, padding=1, groups=g, offset_scale=1.5)
+  f3 = lambda x, off, m: dcnv3(x, off, m, **kw)
+  f4 = lambda x, om: dcnv4(x, om, **kw)
+
+  def make3(b):
+    return (f32(rng, b, 6, 7, 4), hostile(f32(rng, b, 6, 7, g * taps * 2, low=-4, high=4), rng),
+            f32(rng, b, 6, 7, g * taps, low=0, high=1))
+
+  def make4(b):
+    return f32(rng, b, 6, 7, 4), hostile(f32(rng, b, 6, 7, offset_mask_channels(g, taps), low=-4, high=4), rng)
+
+  for fn, make in ((f3, make3), (f4, make4)):
+    model = to_onnx(fn, make(2))
+    assert {'Gather'} <= assert_standard(model)
+    assert_matches(model, fn, (1, 3), make)
+
+
+def test_ms_deform_attn_op():
+  from deformjax.ops import ms_deform_attn
+
+  rng = np.random.default_rng(12)
+  shapes, heads, d, lq, points = ((5, 6), (3, 2)), 2, 4, 7, 3
+  fn = lambda value, loc, w: ms_deform_attn(value, shapes, loc, w)
+
+  def make(b):
+    loc = hostile(f32(rng, b, lq, heads, len(shapes), points, 2, low=-0.2, high=1.2), rng)
+    return f32(rng, b, 36, heads, d), loc, f32(rng, b, lq, heads, len(shapes), points, low=0, high=1)
+
+  model = to_onnx(fn, make(2))
+  assert_standard(model)
+  assert_matches(model, fn, (1, 3), make)
+
+
+def test_family_modules():
+  from deformjax.nn import DCNv3, DCNv4, MSDeformAttn
+
+  rng = np.random.default_rng(13)
+  for layer in (DCNv3(8, 3, groups=2, rngs=nnx.Rngs(0)), DCNv4(8, 3, groups=2, rngs=nnx.Rngs(0))):
+    layer = randomised(layer)
+    model = to_onnx(layer, f32(rng, 2, 5, 5, 8))
+    assert_standard(model)
+    assert_matches(model, layer, (1, 3), lambda b: (f32(rng, b, 5, 5, 8),))
+  shapes = ((4, 4), (2, 3))
+  attn = randomised(MSDeformAttn(8, num_heads=2, num_levels=2, num_points=2, rngs=nnx.Rngs(0)))
+  fn = lambda query, ref, inputs: attn(query, ref, inputs, shapes)
+  make = lambda b: (f32(rng, b, 5, 8), f32(rng, b, 5, 2, 2, low=-0.1, high=1.1), f32(rng, b, 22, 8))
+  model = to_onnx(fn, make(2))
+  assert_standard(model)
+  assert_matches(model, fn, (1, 3), make)
