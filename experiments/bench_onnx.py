@@ -2,7 +2,8 @@
 
 Cases: the deformable classifiers of the studies (ConvClassifier with its last
 two convs deformable and modulated on 28x28x1 digits; CifarNet with both convs
-deformable on 32x32x3) at batch 64 and batch 1, and `deform_conv2d` (3x3, pad
+deformable on 32x32x3) and, for reference, the same networks with regular convs,
+at batch 64 and batch 1, and `deform_conv2d` (3x3, pad
 1, with mask) at the CPU benchmark shapes of `experiments/bench_ops.py`. Each
 model is exported once with `deformjax.export.to_onnx` (symbolic batch) and run
 by an onnxruntime CPU session; the JAX side is the same function under
@@ -46,6 +47,9 @@ CLASSIFIERS = {
     'conv5-deformable2-modulated': (
         lambda: ConvClassifier(1, 10, deformable=2, modulated=True, rngs=nnx.Rngs(0)), (28, 28, 1)),
     'cifarnet-deformable-all': (lambda: CifarNet(3, 10, deformable='all', rngs=nnx.Rngs(0)), (32, 32, 3)),
+    # The same networks with regular convs: how far onnxruntime is from XLA before any deformable layer.
+    'conv5-regular': (lambda: ConvClassifier(1, 10, deformable='none', rngs=nnx.Rngs(0)), (28, 28, 1)),
+    'cifarnet-regular': (lambda: CifarNet(3, 10, deformable='none', rngs=nnx.Rngs(0)), (32, 32, 3)),
 }
 BATCHES = (64, 1)
 
