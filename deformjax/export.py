@@ -30,8 +30,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -39,6 +39,9 @@ from jax import lax
 from jax.extend import core as jex_core
 
 from deformjax.ops import _policy
+
+if TYPE_CHECKING:
+  import onnx
 
 # ONNX domains of the standard operators ('' and its alias 'ai.onnx').
 STANDARD_DOMAINS = ('', 'ai.onnx')
@@ -116,7 +119,7 @@ def _subjaxprs(eqn):
         yield item
 
 
-def eval_for_inference(jaxpr, consts, *args) -> list:
+def eval_for_inference(jaxpr: jex_core.Jaxpr, consts: Sequence[Any], *args: Any) -> list[Any]:
   """Evaluates `jaxpr` like `jax.core.eval_jaxpr`, binding a converter-friendly inference program.
 
   Nested `jit` / `checkpoint` / custom-derivative calls are inlined (their
@@ -179,7 +182,7 @@ def _traceable(model_or_fn) -> tuple[Callable, list, list[str], str]:
   return (lambda leaves, *xs: (model_or_fn(*xs), [])), [], [], getattr(model_or_fn, '__name__', 'function')
 
 
-def op_types(model) -> dict[tuple[str, str], int]:
+def op_types(model: onnx.ModelProto) -> dict[tuple[str, str], int]:
   """Counts of `(domain, op_type)` over every node of `model`, nested graphs (If/Loop bodies) included.
 
   Standard operators have domain '' (or 'ai.onnx'); anything else is a custom op.
@@ -203,7 +206,7 @@ def op_types(model) -> dict[tuple[str, str], int]:
 
 
 @contextlib.contextmanager
-def _lean_plugin_registry():
+def _lean_plugin_registry() -> Iterator[None]:
   """jax2onnx with only its `jax` and `flax` plugin trees registered, for the block.
 
   On first use jax2onnx imports its whole plugin tree, example models and the
@@ -232,7 +235,7 @@ def _lean_plugin_registry():
 
 
 @contextlib.contextmanager
-def _quiet(logger_name: str):
+def _quiet(logger_name: str) -> Iterator[None]:
   """onnx_ir logs a warning per untyped shape helper value; they carry no information for users."""
   logger = logging.getLogger(logger_name)
   level = logger.level
@@ -252,7 +255,7 @@ def to_onnx(
     opset: int = DEFAULT_OPSET,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
-):
+) -> onnx.ModelProto:
   """Exports a deformjax op, module or model to an ONNX model of standard operators.
 
   Args:
