@@ -102,7 +102,12 @@ CONV_CASES = {
 }
 
 
-@pytest.mark.parametrize('case', list(CONV_CASES))
+# Two cases in the fast tier; the rest (each a few seconds of export) in the slow one.
+FAST_CONV_CASES = ('groups-offset-groups', 'stride-dilation-padding')
+
+
+@pytest.mark.parametrize('case', [c if c in FAST_CONV_CASES else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in CONV_CASES])
 def test_deform_conv2d(case):
   cin, cout, (kh, kw), h, w, kwargs, masked, og = CONV_CASES[case]
   rng = np.random.default_rng(1)
@@ -125,6 +130,7 @@ def test_deform_conv2d(case):
   assert_matches(model, fn, (1, 3), make)
 
 
+@pytest.mark.slow
 def test_deform_conv2d_deterministic_inference_is_the_same_graph_of_standard_ops():
   rng = np.random.default_rng(2)
   kernel = f32(rng, 3, 3, 4, 4)
@@ -172,6 +178,7 @@ def test_deform_conv_module(modulated):
   assert_matches(model, layer, (1, 3), lambda b: (f32(rng, b, 6, 6, 4) * 3,))
 
 
+@pytest.mark.slow
 def test_deform_roi_pool_module():
   pool = randomised(DeformRoIPool(3, 2, hidden_features=(8,), sampling_ratio=2, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(5)
@@ -195,6 +202,7 @@ def test_classifiers(build, shape):
   assert_matches(model, net, (1, 3), lambda b: (f32(rng, b, *shape),), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_linen_twin_through_apply():
   layer = dlinen.DeformConv(5, 3, padding=1, modulated=True)
   rng = np.random.default_rng(7)
@@ -296,6 +304,7 @@ def test_ms_deform_attn_op():
   assert_matches(model, fn, (1, 3), make)
 
 
+@pytest.mark.slow
 def test_family_modules():
   from deformjax.nn import DCNv3, DCNv4, MSDeformAttn
 
