@@ -224,6 +224,11 @@ def deform_conv2d(
     if bias is not None:
       out = out + bias.astype(acc_dtype).reshape(1, 1, 1, cout)
     return out.astype(out_dtype)
+  native = _policy.native_op('deform_conv2d')  # an exporter's own operator (deformjax.export: ONNX DeformConv)
+  out = None if native is None else native(inputs, offsets, kernel, mask, bias, strides=strides, padding=padding,
+                                           dilation=dilation, groups=groups, offset_groups=og)
+  if out is not None:
+    return out.astype(out_dtype)
 
   cg = c // og
   # Sampled in the accumulation dtype: for bf16/f16 inputs the backward's
