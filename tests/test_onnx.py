@@ -321,3 +321,42 @@ def test_family_modules():
   model = to_onnx(fn, make(2))
   assert_standard(model)
   assert_matches(model, fn, (1, 3), make)
+
+
+@pytest.mark.parametrize('case', ['mask-bias', 'stride-dilation-padding', 'groups-offset-groups', 'plain'])
+def test_opt_in_onnx_deform_conv_equals_the_gather_graph(case):
+  """`onnx_deform_conv=True`: one ONNX DeformConv node (opset 19), same values, hostile points included."""
+  cin, cout, (kh, kw), h, w, kwargs, masked, og = CONV_CASES[case]
+  rng = np.random.default_rng(14)
+  kernel = f32(rng, kh, kw, cin // kwargs.get('groups', 1), cout)
+  bias = f32(rng, cout) if masked else None
+  (ho, wo), _ = output_size((h, w), (kh, kw), kwargs.get('strides', 1), kwargs.get('padding', 0),
+                            kwargs.get('dilation', 1))
+
+  def fn(x, off, *m):
+    return deform_conv2d(x, off, kernel, m[0] if m else None, bias, **kwargs)
+
+  def make(b):
+    off = hostile(f32(rng, b, ho, wo, og * kh * kw * 2, low=-4, high=4), rng)
+    return (f32(rng, b, h, w, cin), off) + ((f32(rng, b, ho, wo, og * kh * kw, low=-1, high=2),) if masked else ())
+
+  model = to_onnx(fn, make(2), onnx_deform_conv=True)
+  types = assert_standard(model)
+  assert 'DeformConv' in types and not {'Floor', 'Where'} & types, types  # no bilinear gather graph left
+  assert {o.domain: o.version for o in model.opset_import}[''] == 19
+  assert_matches(model, fn, (1, 3), make)
+
+
+def test_opt_in_onnx_deform_conv_in_a_classifier():
+  net = randomised(ConvClassifier(1, 10, width=8, deformable=2, modulated=True, rngs=nnx.Rngs(0)), scale=0.2)
+  rng = np.random.default_rng(15)
+  model = to_onnx(net, f32(rng, 2, 14, 14, 1), onnx_deform_conv=True)
+  counts = op_types(model)
+  assert counts[('', 'DeformConv')] == 2 and ('', 'Floor') not in counts
+  assert_matches(model, net, (1, 3), lambda b: (f32(rng, b, 14, 14, 1),), atol=1e-4)
+
+
+def test_opt_in_onnx_deform_conv_needs_opset_19():
+  with pytest.raises(ValueError, match=r'to_onnx: opset must be an int >= 19 \(DeformConv is opset 19\), got 17'):
+    to_onnx(bilinear_sample, (np.zeros((1, 4, 4, 1), np.float32), np.zeros((1, 2, 2), np.float32)), opset=17,
+            onnx_deform_conv=True)
