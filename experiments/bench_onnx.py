@@ -14,6 +14,8 @@ by an onnxruntime CPU session; the JAX side is the same function under
   python -m experiments.bench_onnx --repeats 10 --no-ops     # classifiers only
   python -m experiments.bench_onnx --profile                 # + onnxruntime's per-op-type time
 
+Deformable models are also exported with `onnx_deform_conv=True` (ONNX's own
+DeformConv, opset 19, onnxruntime's native kernel) and timed beside the rest.
 With `--profile` each classifier also runs once more under onnxruntime's
 profiler and the result lists the operator types that take the most time.
 """
@@ -105,26 +107,37 @@ def bench_classifiers(repeats: int, rounds: int, profile: bool) -> list[dict]:
   for name, (build, shape) in CLASSIFIERS.items():
     net = randomised(build())
     model = to_onnx(net, np.zeros((2,) + shape, np.float32))
+    native = to_onnx(net, np.zeros((2,) + shape, np.float32), onnx_deform_conv=True) if 'deformable' in name else None
     jitted = jax.jit(lambda x, net=net: net(x))
     sess, calm = ort_session(model), ort_session(model, spinning=False)
+    native_sessions = None if native is None else (ort_session(native), ort_session(native, spinning=False))
     for batch in BATCHES:
       x = rng.uniform(size=(batch,) + shape).astype(np.float32)
       xj = jnp.asarray(x)
       got = ort_call(sess, [x])()[0]
       err = float(np.abs(got - np.asarray(jitted(xj))).max())
       per_round = max(1, -(-repeats // rounds))
-      times = interleaved_ms({'jax': jax_call(jitted, xj), 'onnx': ort_call(sess, [x]),
-                              'onnx_no_spin': ort_call(calm, [x])}, rounds, per_round, warmup=3)
+      cases = {'jax': jax_call(jitted, xj), 'onnx': ort_call(sess, [x]), 'onnx_no_spin': ort_call(calm, [x])}
+      if native_sessions is not None:
+        cases['native'] = ort_call(native_sessions[0], [x])
+        cases['native_no_spin'] = ort_call(native_sessions[1], [x])
+        err = max(err, float(np.abs(cases['native']()[0] - np.asarray(jitted(xj))).max()))
+      times = interleaved_ms(cases, rounds, per_round, warmup=3)
       row = {'case': name, 'batch': batch, 'input': list(shape), 'jax_ms': times['jax'], 'onnx_ms': times['onnx'],
              'onnx_no_spin_ms': times['onnx_no_spin'], 'onnx_over_jax': times['onnx'] / times['jax'],
              'onnx_no_spin_over_jax': times['onnx_no_spin'] / times['jax'], 'max_abs_diff': err,
              'nodes': sum(op_types(model).values())}
+      if native_sessions is not None:
+        row.update(native_ms=times['native'], native_no_spin_ms=times['native_no_spin'],
+                   native_over_jax=times['native'] / times['jax'],
+                   native_no_spin_over_jax=times['native_no_spin'] / times['jax'])
       if profile:
         row['onnx_profile'] = profile_by_op_type(model, [x])
       rows.append(row)
       print(f"{name} batch {batch}: jax {row['jax_ms']:.3f} ms, onnxruntime {row['onnx_ms']:.3f} ms "
-            f"({row['onnx_over_jax']:.2f}x; without spinning {row['onnx_no_spin_over_jax']:.2f}x), "
-            f"max |diff| {err:.1e}", flush=True)
+            f"({row['onnx_over_jax']:.2f}x; without spinning {row['onnx_no_spin_over_jax']:.2f}x)"
+            + (f"; with ONNX DeformConv {row['native_over_jax']:.2f}x / {row['native_no_spin_over_jax']:.2f}x"
+               if 'native_ms' in row else '') + f", max |diff| {err:.1e}", flush=True)
   return rows
 
 
@@ -138,20 +151,24 @@ def bench_ops(shapes, repeats: int, rounds: int) -> list[dict]:
     w = np.asarray(jax.random.normal(k[3], (3, 3, c, c), jnp.float32) / np.sqrt(9 * c))
     fn = lambda x, off, mask, w=w: deform_conv2d(x, off, w, mask, padding=1)
     model = to_onnx(fn, (x[:2], off[:2], mask[:2]))
+    native = to_onnx(fn, (x[:2], off[:2], mask[:2]), onnx_deform_conv=True)
     jitted = jax.jit(fn)
-    sess, calm = ort_session(model), ort_session(model, spinning=False)
+    sess, calm, nat = ort_session(model), ort_session(model, spinning=False), ort_session(native)
     host = [np.asarray(a) for a in (x, off, mask)]
-    err = float(np.abs(ort_call(sess, host)()[0] - np.asarray(jitted(x, off, mask))).max())
+    want = np.asarray(jitted(x, off, mask))
+    err = max(float(np.abs(ort_call(s, host)()[0] - want).max()) for s in (sess, nat))
     per_round = max(1, -(-repeats // rounds))
     times = interleaved_ms({'jax': jax_call(jitted, x, off, mask), 'onnx': ort_call(sess, host),
-                            'onnx_no_spin': ort_call(calm, host)}, rounds, per_round)
+                            'onnx_no_spin': ort_call(calm, host), 'native': ort_call(nat, host)}, rounds, per_round)
     row = {'case': 'deform_conv2d 3x3 pad 1 mask', 'N': n, 'H': hw, 'W': hw, 'C_in': c, 'C_out': c,
            'jax_ms': times['jax'], 'onnx_ms': times['onnx'], 'onnx_no_spin_ms': times['onnx_no_spin'],
            'onnx_over_jax': times['onnx'] / times['jax'],
-           'onnx_no_spin_over_jax': times['onnx_no_spin'] / times['jax'], 'max_abs_diff': err}
+           'onnx_no_spin_over_jax': times['onnx_no_spin'] / times['jax'], 'native_ms': times['native'],
+           'native_over_jax': times['native'] / times['jax'], 'max_abs_diff': err}
     rows.append(row)
     print(f"deform_conv2d N={n} {hw}x{hw} {c}->{c}: jax {row['jax_ms']:.2f} ms, onnxruntime {row['onnx_ms']:.2f} ms "
-          f"({row['onnx_over_jax']:.2f}x), max |diff| {err:.1e}", flush=True)
+          f"({row['onnx_over_jax']:.2f}x), ONNX DeformConv {row['native_ms']:.2f} ms ({row['native_over_jax']:.2f}x), "
+          f"max |diff| {err:.1e}", flush=True)
   return rows
 
 
@@ -179,13 +196,19 @@ def to_markdown(result: dict) -> str:
            f"Device: {result['device']}. Versions: " + ', '.join(f'{k} {v}' for k, v in result['versions'].items())
            + f". Method: {result['method']}. Date: {result['date']}.", '',
            '## Classifiers', '',
+           'onnxruntime runs the default export (standard operators: the gather graph) and, where a layer is '
+           'deformable, the opt-in export with ONNX DeformConv (`onnx_deform_conv=True`).', '',
            '| model | input | batch | JAX jit (ms) | onnxruntime (ms) | onnxruntime / JAX | no spinning (ms) '
-           '| no spinning / JAX | max abs diff | nodes |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           '| no spinning / JAX | DeformConv (ms) | DeformConv / JAX | DeformConv, no spinning / JAX '
+           '| max abs diff | nodes |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in result['classifiers']:
     lines.append(f"| {r['case']} | {'x'.join(map(str, r['input']))} | {r['batch']} | {r['jax_ms']:.3f} | "
                  f"{r['onnx_ms']:.3f} | {r['onnx_over_jax']:.2f}x | {r['onnx_no_spin_ms']:.3f} | "
-                 f"{r['onnx_no_spin_over_jax']:.2f}x | {r['max_abs_diff']:.1e} | {r['nodes']} |")
+                 f"{r['onnx_no_spin_over_jax']:.2f}x | "
+                 + (f"{r['native_ms']:.3f} | {r['native_over_jax']:.2f}x | {r['native_no_spin_over_jax']:.2f}x"
+                    if 'native_ms' in r else '- | - | -')
+                 + f" | {r['max_abs_diff']:.1e} | {r['nodes']} |")
   profiled = [r for r in result['classifiers'] if 'onnx_profile' in r]
   if profiled:
     lines += ['', '### Where onnxruntime spends its time (profiler, per operator type)', '']
@@ -195,12 +218,13 @@ def to_markdown(result: dict) -> str:
   if result['ops']:
     lines += ['', '## deform_conv2d (3x3, pad 1, mask)', '',
               '| N | H x W | C_in -> C_out | JAX jit (ms) | onnxruntime (ms) | onnxruntime / JAX | no spinning (ms) '
-              '| no spinning / JAX | max abs diff |',
-              '|---|---|---|---|---|---|---|---|---|']
+              '| no spinning / JAX | DeformConv (ms) | DeformConv / JAX | max abs diff |',
+              '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in result['ops']:
       lines.append(f"| {r['N']} | {r['H']}x{r['W']} | {r['C_in']}->{r['C_out']} | {r['jax_ms']:.2f} | "
                    f"{r['onnx_ms']:.2f} | {r['onnx_over_jax']:.2f}x | {r['onnx_no_spin_ms']:.2f} | "
-                   f"{r['onnx_no_spin_over_jax']:.2f}x | {r['max_abs_diff']:.1e} |")
+                   f"{r['onnx_no_spin_over_jax']:.2f}x | {r['native_ms']:.2f} | {r['native_over_jax']:.2f}x | "
+                   f"{r['max_abs_diff']:.1e} |")
   return '\n'.join(lines) + '\n'
 
 

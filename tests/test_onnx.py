@@ -323,7 +323,8 @@ def test_family_modules():
   assert_matches(model, fn, (1, 3), make)
 
 
-@pytest.mark.parametrize('case', ['mask-bias', 'stride-dilation-padding', 'groups-offset-groups', 'plain'])
+@pytest.mark.parametrize('case', ['mask-bias'] + [pytest.param(c, marks=pytest.mark.slow) for c in
+                                                  ('stride-dilation-padding', 'groups-offset-groups', 'plain')])
 def test_opt_in_onnx_deform_conv_equals_the_gather_graph(case):
   """`onnx_deform_conv=True`: one ONNX DeformConv node (opset 19), same values, hostile points included."""
   cin, cout, (kh, kw), h, w, kwargs, masked, og = CONV_CASES[case]
@@ -347,6 +348,7 @@ def test_opt_in_onnx_deform_conv_equals_the_gather_graph(case):
   assert_matches(model, fn, (1, 3), make)
 
 
+@pytest.mark.slow
 def test_opt_in_onnx_deform_conv_in_a_classifier():
   net = randomised(ConvClassifier(1, 10, width=8, deformable=2, modulated=True, rngs=nnx.Rngs(0)), scale=0.2)
   rng = np.random.default_rng(15)
