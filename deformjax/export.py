@@ -3,7 +3,9 @@
 Deformable convolution here is gathers, multiplies and a matrix product, so the
 exported graph uses only standard ONNX operators (`Gather`, `Mul`, `Gemm` /
 `MatMul`, `Where`, ...) that onnxruntime, TensorRT and OpenVINO all implement;
-no custom op or plugin is needed.
+no custom op or plugin is needed. Opt-in, `onnx_deform_conv=True` writes
+`deform_conv2d` as ONNX's own `DeformConv` (opset 19), for runtimes that
+implement it (onnxruntime does, with a native kernel).
 
 `to_onnx` works in three steps:
 
