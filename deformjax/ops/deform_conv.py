@@ -273,6 +273,11 @@ def deform_conv2d(
     # Nothing to sample: every tap reads zero, the result is the bias alone.
     out = jnp.zeros((n, ho, wo, cout), acc_dtype)
   else:
+    native = _policy.native_op('deform_conv2d')  # an exporter's own operator (deformjax.export: ONNX DeformConv)
+    out = None if native is None else native(inputs, offsets, kernel, mask, bias, strides=strides, padding=padding,
+                                             dilation=dilation, groups=groups, offset_groups=og)
+    if out is not None:
+      return out.astype(out_dtype)
     idx_dtype = _args.index_dtype(n * h * w * og, fn)
     geom = _Geometry(n, (h, w), (ho, wo), (sh, sw), (pt, pl), (dh, dw), (kh, kw), og, cdtype, idx_dtype)
     # Sampled in the accumulation dtype: for bf16/f16 inputs the backward's
