@@ -26,6 +26,12 @@ def randomise(model: nnx.Module, seed: int = 0, scale: float = 0.3) -> nnx.Modul
   return model
 
 
+def run(layer: nnx.Module, *arrays, **static):
+  """`layer(*arrays, **static)` under `nnx.jit` (one compile instead of many eager dispatches; `static`:
+  spatial_shapes, return flags, padding masks, closed over)."""
+  return nnx.jit(lambda m, *xs: m(*xs, **static))(layer, *arrays)
+
+
 def pure_params(model: nnx.Module) -> dict:
   return {'params': nnx.to_pure_dict(nnx.state(model, nnx.Param))}
 
@@ -60,7 +66,7 @@ def depthwise_box(x, k, dilation=1):
 def test_fresh_dcnv3_is_a_box_filter_between_its_projections(k, dilation):
   layer = DCNv3(8, k, groups=2, kernel_dilation=dilation, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
   x = normal(1, (2, 7, 6, 8))
-  y, offsets, mask = layer(x, return_offsets=True)
+  y, offsets, mask = run(layer, x, return_offsets=True)
   assert offsets.shape == (2, 7, 6, 2 * k * k * 2) and not np.any(np.asarray(offsets))
   np.testing.assert_allclose(mask, 1.0 / (k * k), rtol=1e-12)
   expected = layer.output_proj(depthwise_box(layer.input_proj(x), k, dilation))
@@ -70,7 +76,7 @@ def test_fresh_dcnv3_is_a_box_filter_between_its_projections(k, dilation):
 @float64_layer_norm
 def test_dcnv3_mask_is_a_softmax_over_each_groups_taps():
   layer = randomise(DCNv3(8, 3, groups=4, param_dtype=jnp.float64, rngs=nnx.Rngs(0)))
-  _, _, mask = layer(normal(2, (1, 5, 5, 8)), return_offsets=True)
+  _, _, mask = run(layer, normal(2, (1, 5, 5, 8)), return_offsets=True)
   sums = np.asarray(mask).reshape(1, 5, 5, 4, 9).sum(-1)
   np.testing.assert_allclose(sums, 1.0, rtol=1e-12)
   logits = jnp.arange(6.0).reshape(1, 6)
@@ -83,7 +89,7 @@ def test_fresh_dcnv3_gate_blends_half_and_half():
   layer = DCNv3(8, 3, groups=2, center_feature_scale=True, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
   x = normal(3, (1, 6, 6, 8))
   v = layer.input_proj(x)
-  np.testing.assert_allclose(layer(x), layer.output_proj(0.5 * depthwise_box(v, 3) + 0.5 * v), rtol=1e-10,
+  np.testing.assert_allclose(run(layer, x), layer.output_proj(0.5 * depthwise_box(v, 3) + 0.5 * v), rtol=1e-10,
                              atol=1e-12)
 
 
@@ -91,7 +97,7 @@ def test_fresh_dcnv4_computes_zero_and_its_packed_head_is_padded_to_eight():
   layer = DCNv4(16, 3, groups=2, dw_kernel_size=3, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
   assert layer.offset_mask.out_features == ceil8(2 * 9 * 3) == 56
   assert DCNv4(16, 3, groups=2, remove_center=True, rngs=nnx.Rngs(0)).offset_mask.out_features == ceil8(48) == 48
-  y, packed = layer(normal(4, (2, 5, 5, 16)), return_offsets=True)
+  y, packed = run(layer, normal(4, (2, 5, 5, 16)), return_offsets=True)
   assert packed.shape == (2, 5, 5, 56)
   assert not np.any(np.asarray(y))
 
@@ -104,7 +110,7 @@ def test_dcnv4_with_unit_mask_and_zero_offsets_is_a_sum_over_the_window():
     bias[g * 27 + 18:g * 27 + 27] = 1.0  # per group: 18 offsets, then 9 mask values
   layer.offset_mask.bias[...] = jnp.asarray(bias)
   x = normal(5, (1, 6, 7, 8))
-  np.testing.assert_allclose(layer(x), 9.0 * depthwise_box(x, 3), rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(run(layer, x), 9.0 * depthwise_box(x, 3), rtol=1e-10, atol=1e-12)
 
 
 def test_fresh_msdeformattn_samples_the_directional_star_with_uniform_weights():
@@ -113,7 +119,7 @@ def test_fresh_msdeformattn_samples_the_directional_star_with_uniform_weights():
   shapes = [(6, 8), (3, 4)]
   ref = jnp.full((1, 2, lv, 2), 0.5, jnp.float64)
   query, inputs = normal(6, (1, 2, 16)), normal(7, (1, 48 + 12, 16))
-  _, locations, weights = layer(query, ref, inputs, shapes, return_sampling=True)
+  _, locations, weights = run(layer, query, ref, inputs, spatial_shapes=shapes, return_sampling=True)
   np.testing.assert_allclose(weights, 1.0 / (lv * p), rtol=1e-12)
   # head 1 looks along +y: point j at (j + 1) pixels of each level
   for level, (h, _) in enumerate(shapes):
@@ -132,7 +138,7 @@ def test_msdeformattn_at_pixel_centres_is_a_weighted_gather():
   inputs = normal(8, (1, h * w, 8))
   pixels = [(1, 2), (3, 0), (0, 4)]  # (row, col)
   ref = jnp.asarray([[[[(c + 0.5) / w, (r + 0.5) / h]] for r, c in pixels]], jnp.float64)
-  out = layer(normal(9, (1, 3, 8)), ref, inputs, [(h, w)])
+  out = run(layer, normal(9, (1, 3, 8)), ref, inputs, spatial_shapes=[(h, w)])
   value = layer.value_proj(inputs)
   expected = layer.output_proj(jnp.stack([value[0, r * w + c] for r, c in pixels])[None])
   np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-12)
@@ -146,8 +152,9 @@ def test_msdeformattn_padding_mask_zeroes_the_padded_values():
   pad = np.zeros((2, total), bool)
   pad[:, 16:] = True  # the whole coarse level is padding
   changed = inputs.at[:, 16:].set(100.0)
-  np.testing.assert_allclose(layer(query, ref, inputs, shapes, jnp.asarray(pad)),
-                             layer(query, ref, changed, shapes, jnp.asarray(pad)), rtol=1e-12)
+  np.testing.assert_allclose(run(layer, query, ref, inputs, spatial_shapes=shapes, padding_mask=jnp.asarray(pad)),
+                             run(layer, query, ref, changed, spatial_shapes=shapes, padding_mask=jnp.asarray(pad)),
+                             rtol=1e-12)
 
 
 def test_sampling_locations_for_boxes_scale_offsets_by_half_the_box_over_points():
@@ -178,7 +185,8 @@ def make_layers():
 def test_linen_twins_have_the_same_parameters_and_numbers(index):
   nnx_layer, linen_layer, args = make_layers()[index]
   args = args()
-  fresh = linen_layer.init(jax.random.key(0), *args)
+  arrays, static = args[:3], args[3:]
+  fresh = jax.jit(lambda k, *xs: linen_layer.init(k, *xs, *static))(jax.random.key(0), *arrays)
   ours = pure_params(nnx_layer)
   assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, ours)
   # zero-initialised heads and biases are zero in both; the directional bias is identical
@@ -189,7 +197,8 @@ def test_linen_twins_have_the_same_parameters_and_numbers(index):
     if not np.any(np.asarray(leaf)) or 'sampling_offsets' in str(path):
       np.testing.assert_array_equal(twin, leaf)
   randomise(nnx_layer, seed=index)
-  np.testing.assert_allclose(linen_layer.apply(pure_params(nnx_layer), *args), nnx_layer(*args), rtol=1e-6,
+  twin = jax.jit(lambda p, *xs: linen_layer.apply(p, *xs, *static))(pure_params(nnx_layer), *arrays)
+  np.testing.assert_allclose(twin, nnx.jit(lambda m, *xs: m(*xs, *static))(nnx_layer, *arrays), rtol=1e-6,
                              atol=1e-6)
 
 
@@ -216,13 +225,13 @@ def test_layers_run_under_jit_and_their_zero_heads_get_gradients(index):
 def test_leading_batch_dims_unbatched_inputs_and_bfloat16():
   layer = randomise(DCNv3(8, 3, groups=2, rngs=nnx.Rngs(0)))
   x = normal(1, (2, 3, 5, 5, 8), jnp.float32)
-  np.testing.assert_allclose(layer(x)[1, 2], layer(x[1, 2][None])[0], rtol=1e-5, atol=1e-6)
-  assert layer(x[0, 0]).shape == (5, 5, 8)
+  np.testing.assert_allclose(run(layer, x)[1, 2], run(layer, x[1, 2][None])[0], rtol=1e-5, atol=1e-6)
+  assert run(layer, x[0, 0]).shape == (5, 5, 8)
   lowp = DCNv4(16, 3, groups=2, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-  assert lowp(normal(2, (1, 4, 4, 16), jnp.float32)).dtype == jnp.bfloat16
+  assert run(lowp, normal(2, (1, 4, 4, 16), jnp.float32)).dtype == jnp.bfloat16
   attn = MSDeformAttn(16, 4, 1, 2, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-  out = attn(normal(3, (1, 2, 16), jnp.float32), jnp.full((1, 2, 1, 2), 0.5), normal(4, (1, 9, 16), jnp.float32),
-             [(3, 3)])
+  out = run(attn, normal(3, (1, 2, 16), jnp.float32), jnp.full((1, 2, 1, 2), 0.5), normal(4, (1, 9, 16), jnp.float32),
+            spatial_shapes=[(3, 3)])
   assert out.dtype == jnp.bfloat16 and out.shape == (1, 2, 16)
 
 
