@@ -7,6 +7,7 @@ The corner computation here is shared by `bilinear_sample` and
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -344,10 +345,10 @@ def bilinear_sample(images: jax.Array, coords: jax.Array) -> jax.Array:
   images, coords = _args.as_array(images, 'images', fn), _args.as_array(coords, 'coords', fn)
   _args.check_floating(images, 'images', fn)
   _args.check_floating(coords, 'coords', fn)
-  if jnp.ndim(images) < 3:
-    raise ValueError(f'{fn}: images must have shape [..., H, W, C], got {jnp.shape(images)}')
-  if jnp.ndim(coords) < 2 or jnp.shape(coords)[-1] != 2:
-    raise ValueError(f'{fn}: coords must have shape [..., P, 2], got {jnp.shape(coords)}')
+  if np.ndim(images) < 3:
+    raise ValueError(f'{fn}: images must have shape [..., H, W, C], got {np.shape(images)}')
+  if np.ndim(coords) < 2 or np.shape(coords)[-1] != 2:
+    raise ValueError(f'{fn}: coords must have shape [..., P, 2], got {np.shape(coords)}')
   batch = images.shape[:-3]
   if coords.shape[:-2] != batch:
     raise ValueError(
@@ -356,8 +357,8 @@ def bilinear_sample(images: jax.Array, coords: jax.Array) -> jax.Array:
     )
   h, w, c = images.shape[-3:]
   p = coords.shape[-2]
-  b = int(np.prod(batch, dtype=np.int64))
-  if b * p * c == 0 or h * w == 0:
+  b = math.prod(batch)  # an int, or a jax.export symbolic dimension
+  if _policy.known_le(b * p * c, 0) or _policy.known_le(h * w, 0):
     return jnp.zeros(batch + (p, c), images.dtype)
   idx_dtype = _args.index_dtype(b * h * w, fn)
   cdtype = _args.coordinate_dtype(images.dtype, coords.dtype)
