@@ -4,11 +4,12 @@
 # HTML build). Offline: no intersphinx, notebooks rendered from their stored outputs.
 #
 #   pip install -e ".[docs]" && bash docs/build.sh        # -> docs/_build/html
-#   SPHINXOPTS=-E bash docs/build.sh                       # extra sphinx-build options
+#   SPHINXOPTS=-v bash docs/build.sh                       # extra sphinx-build options
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Matplotlib and the notebooks' plotting never need a display here.
 export MPLBACKEND=Agg
-python -m sphinx -W --keep-going -b html ${SPHINXOPTS:-} docs docs/_build/html
+# -E: a fresh environment every time, so a changed docstring or extension is never served stale.
+python -m sphinx -E -W --keep-going -b html ${SPHINXOPTS:-} docs docs/_build/html
 echo "docs: built docs/_build/html; every public name is documented"

@@ -61,6 +61,8 @@ add_module_names = False
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+# One entry per Args line, so `strides, padding, ...: as nnx.Conv` stays one entry, not one copy per name.
+napoleon_use_param = False
 napoleon_use_ivar = True
 
 # -- MyST / myst-nb -------------------------------------------------------------------
