@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Matplotlib and the notebooks' plotting never need a display here.
 export MPLBACKEND=Agg
+# The extensions' own doctests (the public-module rule, the docstring fix-ups) first.
+python -m pytest -q -p no:cacheprovider -o addopts= --doctest-modules docs/_ext
 # -E: a fresh environment every time, so a changed docstring or extension is never served stale.
 python -m sphinx -E -W --keep-going -b html ${SPHINXOPTS:-} docs docs/_build/html
 echo "docs: built docs/_build/html; every public name is documented"

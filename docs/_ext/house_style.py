@@ -35,7 +35,13 @@ _NAMES = re.compile(r'^[\w*]+(\s*,\s*[\w*]+)*\s*,\s*$')   # `a, b, c,` with noth
 
 
 def join_wrapped_names(lines: list[str]) -> list[str]:
-  """Joins an argument entry's names wrapped over several lines into its first line."""
+  """Joins an argument entry's names wrapped over several lines into its first line.
+
+  Example:
+    >>> doc = ['Args:', '  x: one.', '  a, b,', '    c: as `f`.', '  y: two,', '    wrapped.']
+    >>> join_wrapped_names(doc)
+    ['Args:', '  x: one.', '  a, b, c: as `f`.', '  y: two,', '    wrapped.']
+  """
   out: list[str] = []
   i, entry_indent = 0, None
   while i < len(lines):
@@ -67,7 +73,12 @@ def join_wrapped_names(lines: list[str]) -> list[str]:
 
 
 def unglue(line: str) -> str:
-  """"`nn.Linear`s" -> "`nn.Linear`\\ s" (an escaped space: rendered as nothing)."""
+  r"""A quoted name glued to the letters after it gets an escaped space (rendered as nothing).
+
+  Example:
+    >>> print(unglue('the four `nn.Linear`s, `x` and ``y``s'))
+    the four `nn.Linear`\ s, `x` and ``y``s
+  """
   return _GLUED.sub(r'`\1`\\ ', line)
 
 
