@@ -11,7 +11,9 @@ napoleon reads an entry's names from its first line only, so the wrapped names w
 become a broken definition. This hook joins them onto one line before napoleon runs.
 
 A class whose metaclass defines ``__call__`` (every ``flax.nnx.Module``) would show that
-generic ``(*args, **kwargs)`` as its signature; the hook shows its ``__init__``'s instead.
+generic ``(*args, **kwargs)`` as its signature; the hook shows its ``__init__``'s instead. A
+dataclass (every ``flax.linen.Module``) shows its fields, defaults as written in the class
+body, without Linen's own ``parent`` and ``name``.
 
 It also reads a plural or possessive written straight after a quoted name, as in
 "the four `nn.Linear`s", which reStructuredText would take for an unclosed quote: the
@@ -21,6 +23,7 @@ name stays code and the letters follow it.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import re
 import textwrap
@@ -124,8 +127,37 @@ def init_signature(cls: type) -> str | None:
   return stringify_signature(sig.replace(parameters=params), show_return_annotation=False)
 
 
+def field_defaults(cls: type) -> dict[str, str]:
+  """Field name -> the source text of its default, for the annotated fields of a (dataclass) class body."""
+  try:
+    src = textwrap.dedent(inspect.getsource(cls))
+    node = ast.parse(src).body[0]
+  except (OSError, TypeError, SyntaxError, IndexError):
+    return {}
+  return {s.target.id: ast.get_source_segment(src, s.value) for s in getattr(node, 'body', ())
+          if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and s.value is not None}
+
+
+# Fields every flax.linen.Module has, set by Linen itself rather than by the user.
+LINEN_FIELDS = ('parent', 'name')
+
+
+def dataclass_signature(cls: type) -> str:
+  """A dataclass module's constructor without Linen's own fields, defaults as written in the class body."""
+  sig = inspect.signature(cls)
+  written = {}
+  for base in reversed(cls.__mro__):
+    if base.__module__.split('.')[0] == cls.__module__.split('.')[0]:
+      written.update(field_defaults(base))
+  params = [p.replace(default=_Source(written[p.name])) if p.name in written else p
+            for p in sig.parameters.values() if p.name not in LINEN_FIELDS]
+  return stringify_signature(sig.replace(parameters=params), show_return_annotation=False)
+
+
 def _signature(app, what, name, obj, options, signature, return_annotation):
   if what == 'class' and isinstance(obj, type) and signature is not None:
+    if dataclasses.is_dataclass(obj):
+      return dataclass_signature(obj), return_annotation
     generic = signature.replace(' ', '') in ('(*args,**kwargs)', '(*args:Any,**kwargs:Any)')
     if generic and (better := init_signature(obj)) is not None:
       return better, return_annotation
