@@ -2,5 +2,5 @@
 
 from deformjax import nn, ops
 
-__version__ = '0.1.0'
+__version__ = '0.2.0.dev0'
 __all__ = ['nn', 'ops', '__version__']

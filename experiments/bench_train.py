@@ -17,21 +17,24 @@ offsets, Adam, batch 64) train on CIFAR-shaped data already on the device, in
 the same rounds. Writes experiments/results/bench_train_<platform>.json / .md.
 
   python -m experiments.bench_train                          # CPU: a few minutes
-  python -m experiments.bench_train --steps 200 --rounds 5   # on a GPU
+  python -m experiments.bench_train --steps=200 --rounds=5   # on a GPU
 """
 
 from __future__ import annotations
 
-import argparse
+import collections
 import pathlib
 import statistics
 import time
 
 import jax
 import numpy as np
+from absl import flags
 
-from experiments.common import OUT_HELP, RUNS, run_metadata, write_results
+from deformjax.train.cli import command_line, fail
+from experiments.common import parse, run_metadata, study_flags, write_results
 
+Args = collections.namedtuple('Args', 'models settings steps rounds batch_size examples no_torch out')
 SETTINGS = {'regular': ('none', False), 'deformable': ('all', False), 'modulated': ('all', True)}
 MODELS = {'conv5': 'digits', 'cifarnet': 'cifar10'}
 
@@ -163,17 +166,25 @@ def torch_runners(batch: int, steps: int):
   return {'seed 001 Net': runner(Net()), 'seed 001 Deformable_Net': runner(DeformableNet())}, versions
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
-  parser.add_argument('--settings', nargs='+', default=list(SETTINGS), choices=list(SETTINGS))
-  parser.add_argument('--steps', type=int, default=30, help='timed steps per repeat')
-  parser.add_argument('--rounds', type=int, default=3, help='interleaved repeats')
-  parser.add_argument('--batch-size', type=int, default=64)
-  parser.add_argument('--examples', type=int, default=4096, help='CIFAR-shaped training examples')
-  parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch nets even where importable')
-  parser.add_argument('--out', type=pathlib.Path, default=RUNS, help=OUT_HELP)
-  args = parser.parse_args(argv)
+def main(args=None) -> dict:
+  """`python -m experiments.bench_train [--models=conv5,cifarnet] [--settings=regular,...] [--steps=30] ...`."""
+  argv = command_line(args, 'experiments.bench_train')
+  fv, _, out_flag = study_flags(argv)
+  models = flags.DEFINE_list('models', list(MODELS), f"models to time, of {', '.join(MODELS)}", flag_values=fv)
+  settings = flags.DEFINE_list('settings', list(SETTINGS), f"settings to time, of {', '.join(SETTINGS)}",
+                               flag_values=fv)
+  steps = flags.DEFINE_integer('steps', 30, 'timed steps per repeat', lower_bound=1, flag_values=fv)
+  rounds = flags.DEFINE_integer('rounds', 3, 'interleaved repeats', lower_bound=1, flag_values=fv)
+  batch_size = flags.DEFINE_integer('batch_size', 64, 'global batch size', lower_bound=1, flag_values=fv)
+  examples = flags.DEFINE_integer('examples', 4096, 'CIFAR-shaped training examples', lower_bound=1, flag_values=fv)
+  torch = flags.DEFINE_bool('torch', True, "time seed 001's PyTorch nets where torch imports (--notorch: skip)",
+                            flag_values=fv)
+  parse(fv, argv)
+  for name, given, known in (('models', models.value, MODELS), ('settings', settings.value, SETTINGS)):
+    if unknown := [v for v in given if v not in known]:
+      fail(f"--{name}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+  args = Args(models.value, settings.value, steps.value, rounds.value, batch_size.value, examples.value,
+              not torch.value, pathlib.Path(out_flag.value))
 
   cases = [(m, s) for m in args.models for s in args.settings]
   sources = {m: sources_for(MODELS[m], args.examples) for m in args.models}

@@ -1,21 +1,24 @@
 """Study 4: COCO 9-class multi-label, regular vs deformable (per-class accuracy, mAP).
 
-  python -m experiments.coco --data_dir ~/tensorflow_datasets --seeds 0 1 2
+  python -m experiments.coco --config.data_dir=~/tensorflow_datasets --seeds=0,1,2
 
 Writes experiments/results/coco9.json / .md. Needs COCO 2017 prepared by TFDS
-in --data_dir; without it, it stops with one line saying how to prepare it.
+in config.data_dir; without it, it stops with one line saying how to prepare it.
+The config is a training config (experiments/configs/coco9.py): any of its
+fields can be overridden as `--config.FIELD=VALUE`.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import pathlib
 
 import jax
 import numpy as np
+from absl import flags
 
-from experiments.common import OUT_HELP, RUNS, load_config, pm, run_metadata, run_or_exit, write_results
+from deformjax.train.cli import command_line, fail, run_or_exit
+from experiments.common import parse, pm, run_metadata, study_flags, write_results
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'coco9.py'
 VARIANTS = (('regular', 'none'), ('deformable', '2'))
@@ -51,24 +54,22 @@ def table(result) -> str:
   return '\n'.join(lines)
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--config', default=str(DEFAULT_CONFIG))
-  parser.add_argument('--data_dir', default=None)
-  parser.add_argument('--dataset', default=None, help='override the config dataset (tests use a multi-label stand-in)')
-  parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-  parser.add_argument('--out', type=pathlib.Path, default=RUNS, help=OUT_HELP)
-  args = parser.parse_args(argv)
-  base = load_config(args.config)
+def main(args=None) -> dict:
+  """`python -m experiments.coco [--config FILE[:ARG]] [--config.FIELD=VALUE ...] [--seeds=0,1,2] [--out DIR]`."""
+  argv = command_line(args, 'experiments.coco')
+  fv, config, out_flag = study_flags(argv, DEFAULT_CONFIG)
+  seeds = flags.DEFINE_list('seeds', ['0', '1', '2'], 'the seeds each variant trains with', flag_values=fv)
+  base = parse(fv, argv, config)
+  try:
+    seed_list = [int(s) for s in seeds.value]
+  except ValueError:
+    fail(f'--seeds: integers separated by commas, got {",".join(seeds.value)!r}')
+  out = pathlib.Path(out_flag.value)
   base.progress = False
-  if args.data_dir:
-    base.data_dir = args.data_dir
-  if args.dataset:
-    base.dataset = args.dataset
-  result = run_or_exit(run, base, args.seeds)
+  result = run_or_exit(run, base, seed_list)
   name = 'coco9' if base.dataset == 'coco9' else f'multilabel_{base.dataset}'
   md = f"# {name}\n\nDevice: {result['device']}; {result['versions']}; {result['date']}.\n\n{table(result)}\n"
-  write_results(name, result, md, args.out)
+  write_results(name, result, md, out)
   print('\n' + table(result))
   return result
 

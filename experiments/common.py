@@ -30,40 +30,26 @@ def run_metadata() -> dict:
   }
 
 
-def load_config(spec: str):
-  """Runs `get_config(arg)` of a config file given as `path[:arg]` (big_vision style)."""
-  import importlib.util
-  import sys
+def study_flags(argv, default_config=None):
+  """The command line every experiment shares: `--config` (a `config_flags` file, `--config.FIELD=VALUE`
+  overrides) and `--out`. Returns `(flag_values, config_holder, out_holder)`; define the experiment's own
+  flags on `flag_values`, then `parse(flag_values, argv)`.
+  """
+  from absl import flags
 
-  from deformjax.train.config import config_file_problem
+  from deformjax.train.cli import config_flag
 
-  path, _, arg = spec.partition(':')
-  problem = config_file_problem(path)
-  if problem:
-    print(f'error: --config: {problem}', file=sys.stderr)
-    sys.exit(2)
-  module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem + '_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-  except Exception as e:  # the config's own code failed: one line naming it
-    print(f'error: --config: {spec}: {type(e).__name__}: {e}', file=sys.stderr)
-    sys.exit(2)
+  fv, config = config_flag(argv, None if default_config is None else str(default_config))
+  out = flags.DEFINE_string('out', str(RUNS), OUT_HELP, flag_values=fv)
+  return fv, config, out
 
 
-def run_or_exit(fn, *args, **kwargs):
-  """Calls `fn`; a configuration or data problem ends the program with one `error:` line (exit 2)."""
-  import sys
+def parse(fv, argv, config=None):
+  """Parses `argv` into `fv` (one `error:` line and exit 2 for a bad flag, file or field); returns the config."""
+  from deformjax.train.cli import config_value, parse_flags
 
-  from deformjax.data.sources import DataError
-  from deformjax.train.config import ConfigError
-
-  try:
-    return fn(*args, **kwargs)
-  except (ConfigError, DataError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  parse_flags(fv, argv)
+  return None if config is None else config_value(config)
 
 
 def mean_std(values) -> tuple[float, float]:

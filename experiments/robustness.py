@@ -6,30 +6,19 @@ the same kind of transform (fixed test seed), like the original study. Writes
 experiments/results/<name>.json / .md / .png and prints the table.
 
   python -m experiments.robustness
-  python -m experiments.robustness --config experiments/configs/robustness.py:cifar10 --seeds 0 1 2
+  python -m experiments.robustness --config experiments/configs/robustness.py:cifar10 --config.seeds=0,1,2
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import pathlib
 import time
 
 import jax
 
-from experiments.common import (
-  OUT_HELP,
-  RUNS,
-  StudyView,
-  load_config,
-  mean_std,
-  pm,
-  run_metadata,
-  run_or_exit,
-  seed_groups,
-  write_results,
-)
+from deformjax.train.cli import command_line, run_or_exit
+from experiments.common import StudyView, mean_std, parse, pm, run_metadata, seed_groups, study_flags, write_results
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'robustness.py'
 
@@ -132,26 +121,20 @@ def plot(result: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--config', default=str(DEFAULT_CONFIG), help='path[:arg] of a get_config() file')
-  parser.add_argument('--seeds', type=int, nargs='+', default=None)
-  parser.add_argument('--epochs', type=int, default=None)
-  parser.add_argument('--out', type=pathlib.Path, default=RUNS, help=OUT_HELP)
-  args = parser.parse_args(argv)
-  cfg = load_config(args.config)
-  if args.seeds:
-    cfg.seeds = tuple(args.seeds)
-  if args.epochs:
-    cfg.train.epochs = args.epochs
+def main(args=None) -> dict:
+  """`python -m experiments.robustness [--config FILE[:ARG]] [--config.FIELD=VALUE ...] [--out DIR]`."""
+  argv = command_line(args, 'experiments.robustness')
+  fv, config, out_flag = study_flags(argv, DEFAULT_CONFIG)
+  cfg = parse(fv, argv, config)
+  out = pathlib.Path(out_flag.value)
   result = run_or_exit(run, cfg)
   md = (f"# {cfg.name}\n\nDevice: {result['device']}; {result['versions']}; {result['date']}. "
         f"Wall time of the whole study: {result['wall_seconds']:.0f} s.\n\n{table(result)}\n")
-  write_results(cfg.name, result, md, args.out)
-  plot(result, args.out / f'{cfg.name}.png')
+  write_results(cfg.name, result, md, out)
+  plot(result, out / f'{cfg.name}.png')
   print('\n' + table(result))
   print(f"\n{len(result['runs'])} runs in {result['wall_seconds']:.0f} s on {result['device']}")
-  print(f'wrote {args.out / cfg.name}.json, .md, .png')
+  print(f'wrote {out / cfg.name}.json, .md, .png')
   return result
 
 

@@ -12,7 +12,6 @@ Writes experiments/results/<name>.json / .md and three PNGs.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import pathlib
 
@@ -21,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.common import OUT_HELP, RUNS, load_config, pm, run_metadata, run_or_exit, write_results
+from deformjax.train.cli import command_line, run_or_exit
+from experiments.common import parse, pm, run_metadata, study_flags, write_results
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'scale.py'
 
@@ -117,34 +117,31 @@ def tables(result) -> str:
   return '\n'.join(lines)
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--config', default=str(DEFAULT_CONFIG))
-  parser.add_argument('--seeds', type=int, nargs='+', default=None)
-  parser.add_argument('--out', type=pathlib.Path, default=RUNS, help=OUT_HELP)
-  args = parser.parse_args(argv)
-  cfg = load_config(args.config)
-  if args.seeds:
-    cfg.seeds = tuple(args.seeds)
-  args.out.mkdir(parents=True, exist_ok=True)
+def main(args=None) -> dict:
+  """`python -m experiments.scale [--config FILE[:ARG]] [--config.FIELD=VALUE ...] [--out DIR]`."""
+  argv = command_line(args, 'experiments.scale')
+  fv, config, out_flag = study_flags(argv, DEFAULT_CONFIG)
+  cfg = parse(fv, argv, config)
+  out = pathlib.Path(out_flag.value)
+  out.mkdir(parents=True, exist_ok=True)
   from deformjax.viz import line_plot
 
-  result = run_or_exit(run, cfg, args.out)
+  result = run_or_exit(run, cfg, out)
   scales = list(cfg.scales)
   series, errors = {}, {}
   for v in cfg.variant_order:
     per = np.asarray([[r['accuracy'][f'{s:.1f}'] for s in scales] for r in result['runs'] if r['variant'] == v])
     series[v] = 100 * per.mean(0)
     errors[v] = 100 * (per.std(0, ddof=1) if len(per) > 1 else np.zeros(len(scales)))
-  line_plot(scales, series, args.out / f'{cfg.name}_accuracy.png', errors=errors, xlabel='test-time scale',
+  line_plot(scales, series, out / f'{cfg.name}_accuracy.png', errors=errors, xlabel='test-time scale',
             ylabel='test accuracy (%)', title=f'{cfg.train.dataset}: trained at scale 1')
   dil = result['effective_dilation']['per_seed']
   if dil:
     line_plot(scales, {k: np.mean([d[k] for d in dil], 0) for k in dil[0]} | {'regular conv': np.ones(len(scales))},
-              args.out / f'{cfg.name}_dilation.png', xlabel='digit scale', ylabel='effective dilation',
+              out / f'{cfg.name}_dilation.png', xlabel='digit scale', ylabel='effective dilation',
               title='mean distance between adjacent taps')
   md = f"# {cfg.name}\n\nDevice: {result['device']}; {result['versions']}; {result['date']}.\n\n{tables(result)}\n"
-  write_results(cfg.name, result, md, args.out)
+  write_results(cfg.name, result, md, out)
   print('\n' + tables(result))
   return result
 

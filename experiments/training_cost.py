@@ -6,31 +6,38 @@ process, each setting repeated and interleaved so machine load hits all alike.
 Writes experiments/results/training_cost_<dataset>_<platform>.json / .md / .png.
 
   python -m experiments.training_cost                      # digits, CPU: ~3 minutes
-  python -m experiments.training_cost --dataset cifar10    # the original study saw 2.3x (torchvision, CIFAR-10)
+  python -m experiments.training_cost --dataset=cifar10    # the original study saw 2.3x (torchvision, CIFAR-10)
 """
 
 from __future__ import annotations
 
-import argparse
+import collections
 import pathlib
 
 import jax
 import numpy as np
+from absl import flags
 
-from experiments.common import OUT_HELP, RUNS, run_metadata, run_or_exit, write_results
+from deformjax.train.cli import command_line, run_or_exit
+from experiments.common import parse, run_metadata, study_flags, write_results
 
+Args = collections.namedtuple('Args', 'dataset steps repeats batch_size out')
 SETTINGS = (('regular', 'none', False), ('deformable x1', '1', False), ('deformable x2', '2', False),
             ('deformable x3', '3', False), ('modulated x2', '2', True))
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--dataset', default='digits')
-  parser.add_argument('--steps', type=int, default=60, help='timed steps per run (after one compiling step)')
-  parser.add_argument('--repeats', type=int, default=2)
-  parser.add_argument('--batch-size', type=int, default=64)
-  parser.add_argument('--out', type=pathlib.Path, default=RUNS, help=OUT_HELP)
-  args = parser.parse_args(argv)
+def main(args=None) -> dict:
+  """`python -m experiments.training_cost [--dataset=digits] [--steps=60] [--repeats=2] [--batch_size=64]`."""
+  argv = command_line(args, 'experiments.training_cost')
+  fv, _, out_flag = study_flags(argv)
+  dataset = flags.DEFINE_string('dataset', 'digits', 'the data the classifier trains on (cifar10: CifarNet)',
+                                flag_values=fv)
+  steps = flags.DEFINE_integer('steps', 60, 'timed steps per run (after one compiling step)', lower_bound=1,
+                               flag_values=fv)
+  repeats = flags.DEFINE_integer('repeats', 2, 'interleaved repeats of every setting', lower_bound=1, flag_values=fv)
+  batch_size = flags.DEFINE_integer('batch_size', 64, 'global batch size', lower_bound=1, flag_values=fv)
+  parse(fv, argv)
+  args = Args(dataset.value, steps.value, repeats.value, batch_size.value, pathlib.Path(out_flag.value))
   from deformjax.train import base_config, train
 
   settings = SETTINGS if args.dataset != 'cifar10' else (

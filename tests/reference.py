@@ -138,3 +138,67 @@ def deform_roi_pool_ref(features, rois, offsets=None, *, output_size, spatial_sc
             acc += roi_bilinear_point(features[int(b)], y, x)
         out[r, ph, pw] = acc / count
   return out
+
+
+def dcnv3_ref(x, offsets, mask, *, kernel=(3, 3), stride=(1, 1), pads=(0, 0), dilation=(1, 1), groups=1,
+              offset_scale=1.0, remove_center=False):
+  """DCNv3 from the CUDA kernel's definition: for group g and x-major tap (i over kw, j over kh),
+  loc_x = cx - pad_w + wo*sw - cx*s + (i*dw + dx)*s (cx = (dw*(kw-1))//2), the same in y; out = sum mask * x(loc)."""
+  x = np.asarray(x, np.float64)
+  offsets = np.asarray(offsets, np.float64)
+  mask = np.asarray(mask, np.float64)
+  n, h, w, c = x.shape
+  kh, kw = kernel
+  sh, sw = stride
+  ph, pw = pads
+  dh, dw = dilation
+  ho = (h + 2 * ph - ((kh - 1) * dh + 1)) // sh + 1
+  wo = (w + 2 * pw - ((kw - 1) * dw + 1)) // sw + 1
+  cy, cx = (dh * (kh - 1)) // 2, (dw * (kw - 1)) // 2
+  taps = [(i, j) for i in range(kw) for j in range(kh) if not (remove_center and i == kw // 2 and j == kh // 2)]
+  p = len(taps)
+  cg = c // groups
+  out = np.zeros((n, ho, wo, c))
+  for b in range(n):
+    for oy in range(ho):
+      for ox in range(wo):
+        for g in range(groups):
+          acc = np.zeros(cg)
+          for t, (i, j) in enumerate(taps):
+            dx = offsets[b, oy, ox, (g * p + t) * 2]
+            dy = offsets[b, oy, ox, (g * p + t) * 2 + 1]
+            lx = cx - pw + ox * sw - cx * offset_scale + (i * dw + dx) * offset_scale
+            ly = cy - ph + oy * sh - cy * offset_scale + (j * dh + dy) * offset_scale
+            acc += mask[b, oy, ox, g * p + t] * bilinear_point(x[b, :, :, g * cg:(g + 1) * cg], ly, lx)
+          out[b, oy, ox, g * cg:(g + 1) * cg] = acc
+  return out
+
+
+def dcnv4_split(offset_mask, groups, points):
+  """DCNv4's packed offset_mask -> DCNv3's (offsets, mask): per group `points*2` offsets then `points` mask values."""
+  om = np.asarray(offset_mask)
+  om = om[..., :groups * points * 3].reshape(om.shape[:3] + (groups, points * 3))
+  offsets = om[..., :points * 2].reshape(om.shape[:3] + (groups * points * 2,))
+  return offsets, om[..., points * 2:].reshape(om.shape[:3] + (groups * points,))
+
+
+def ms_deform_attn_ref(value, spatial_shapes, locations, weights):
+  """Deformable DETR's attention from its definition: out[n, q, m*D:(m+1)*D] = sum_{l,p} a * value_l(loc*size - 0.5)."""
+  value = np.asarray(value, np.float64)
+  locations = np.asarray(locations, np.float64)
+  weights = np.asarray(weights, np.float64)
+  n, _, heads, d = value.shape
+  lq, points = locations.shape[1], locations.shape[4]
+  out = np.zeros((n, lq, heads * d))
+  start = 0
+  for lvl, (h, w) in enumerate(spatial_shapes):
+    level = value[:, start:start + h * w].reshape(n, h, w, heads, d)
+    start += h * w
+    for b in range(n):
+      for q in range(lq):
+        for m in range(heads):
+          for p in range(points):
+            lx, ly = locations[b, q, m, lvl, p]
+            out[b, q, m * d:(m + 1) * d] += weights[b, q, m, lvl, p] * bilinear_point(
+                level[b, :, :, m], ly * h - 0.5, lx * w - 0.5)
+  return out

@@ -75,8 +75,24 @@ def test_kernel_mask_preferred_element_type_and_promote_dtype():
   with jax.numpy_dtype_promotion('standard'):  # nnx.Conv adds a bf16 bias to its f32 output
     want = conv(x)
   np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=3e-2, atol=3e-2)
-  with pytest.raises(ValueError, match=r"mask must have the kernel's shape \(3, 3, 4, 6\)"):
+  with pytest.raises(ValueError, match=r"mask \(the constructor's, nnx.Conv's kernel mask\) must have the kernel's shape "
+                     r'.* = \(3, 3, 4, 6\), got \(3, 3, 4, 5\)'):
     dnn.DeformConv(4, 6, 3, mask=jnp.ones((3, 3, 4, 5)), rngs=nnx.Rngs(0))
+
+
+def test_the_two_masks_cannot_be_confused():
+  """The constructor's mask is nnx.Conv's kernel mask, the call's is the DCNv2 modulation: each refuses the other."""
+  layer = dnn.DeformConv(4, 6, 3, offset_groups=2, use_bias=False, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 5, 5, 4)), jnp.float32)
+  with pytest.raises(ValueError, match=r"mask \(the constructor's, nnx.Conv's kernel mask\).*got \(1, 5, 5, 18\); "
+                     r"the DCNv2 modulation .* is the call's mask"):
+    dnn.DeformConv(4, 6, 3, mask=jnp.ones((1, 5, 5, 18)), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'DeformConv.__call__: mask \(the DCNv2 modulation\) must have shape '
+                     r"\[..., Ho, Wo, offset_groups\*kh\*kw=18\], got \(3, 3, 4, 6\); a kernel mask \(3, 3, 4, 6\) "
+                     r"belongs to the constructor's mask"):
+    layer(x, mask=jnp.ones((3, 3, 4, 6)))
+  modulation = jnp.full((1, 5, 5, 18), 0.5, jnp.float32)
+  np.testing.assert_allclose(np.asarray(layer(x, mask=modulation)), 0.5 * np.asarray(layer(x)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('kw,message', [

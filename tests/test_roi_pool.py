@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +50,19 @@ def test_deform_roi_pool_matches_reference(sampling_ratio):
   got = deform_roi_pool(feats, jnp.asarray(ROIS), jnp.asarray(offsets), **kw)
   want = deform_roi_pool_ref(feats, ROIS, offsets, **kw)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-12)
+
+
+def test_aligned_default_is_mmcv_s_and_torchvision_s_is_aligned_false():
+  """Both ops default to aligned=True (mmcv's RoIAlign / DeformRoIPool, detectron2); torchvision's default,
+  aligned=False, is a different result that must be asked for."""
+  feats, rois = features(), jnp.asarray(ROIS)
+  for op in (roi_align, deform_roi_pool):
+    assert inspect.signature(op).parameters['aligned'].default is True
+  default = np.asarray(roi_align(feats, rois, output_size=3))
+  np.testing.assert_allclose(default, deform_roi_pool_ref(feats, ROIS, output_size=(3, 3), aligned=True), atol=1e-12)
+  unaligned = deform_roi_pool_ref(feats, ROIS, output_size=(3, 3), aligned=False)
+  assert np.abs(default - unaligned).max() > 1e-2
+  np.testing.assert_array_equal(np.asarray(deform_roi_pool(feats, rois, output_size=3)), default)
 
 
 def test_zero_offsets_equal_roi_align():
@@ -140,6 +155,11 @@ def test_torchvision_roi_align_parity():
                                      output_size=(3, 3), spatial_scale=0.5, sampling_ratio=0, aligned=aligned)
     got = roi_align(feats, jnp.asarray(ROIS), output_size=3, spatial_scale=0.5, aligned=aligned)
     np.testing.assert_allclose(np.asarray(got), want.numpy().transpose(0, 2, 3, 1), atol=1e-10)
+  # A torchvision call that leaves `aligned` unset is ours with aligned=False.
+  want = torchvision.ops.roi_align(torch.tensor(np.asarray(feats).transpose(0, 3, 1, 2)), torch.tensor(ROIS),
+                                   output_size=(3, 3), spatial_scale=0.5)
+  got = roi_align(feats, jnp.asarray(ROIS), output_size=3, spatial_scale=0.5, aligned=False)
+  np.testing.assert_allclose(np.asarray(got), want.numpy().transpose(0, 2, 3, 1), atol=1e-10)
 
 
 def test_concrete_rois_closed_over_inside_jit():

@@ -1,7 +1,9 @@
 """Flax NNX modules wrapping the ops; `deformjax.nn.linen` has the Linen twins."""
 
 from deformjax.nn import convert, linen
+from deformjax.nn.dcnv3 import DCNv3, DCNv4
 from deformjax.nn.deform_conv import DeformConv
+from deformjax.nn.ms_deform_attn import MSDeformAttn
 from deformjax.nn.roi_pool import DeformRoIPool
 
-__all__ = ['DeformConv', 'DeformRoIPool', 'convert', 'linen']
+__all__ = ['DCNv3', 'DCNv4', 'DeformConv', 'DeformRoIPool', 'MSDeformAttn', 'convert', 'linen']

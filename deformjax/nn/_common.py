@@ -6,6 +6,9 @@ Keeping it here is what makes the twins compute the same numbers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -40,9 +43,10 @@ def flatten_batch(x: jax.Array | None, batch_shape: tuple[int, ...]) -> jax.Arra
   return x.reshape((-1,) + x.shape[len(batch_shape):])
 
 
-def deform_conv_any_batch(inputs, offsets, kernel, mask, bias, **conv_kwargs) -> jax.Array:
+def deform_conv_any_batch(inputs: jax.Array, offsets: jax.Array, kernel: jax.Array, mask: jax.Array | None,
+                          bias: jax.Array | None, **conv_kwargs: Any) -> jax.Array:
   """`deform_conv2d` for inputs `[..., H, W, C]` with any leading batch dims (or none);
-  offsets and mask carry the same leading dims."""
+  offsets and the modulation `mask` carry the same leading dims."""
   from deformjax.ops.deform_conv import deform_conv2d
 
   batch = inputs.shape[:-3]
@@ -52,13 +56,15 @@ def deform_conv_any_batch(inputs, offsets, kernel, mask, bias, **conv_kwargs) ->
 
 
 def check_in_features(inputs: jax.Array, in_features: int, name: str) -> None:
+  """Refuses inputs that are not `[..., H, W, in_features]`, naming the layer."""
   if inputs.ndim < 3 or inputs.shape[-1] != in_features:
     raise ValueError(
         f'{name}: inputs must have shape [..., H, W, in_features={in_features}], got {tuple(inputs.shape)}'
     )
 
 
-def conv_geometry(strides, input_dilation, kernel_dilation, name: str):
+def conv_geometry(strides: Any, input_dilation: Any, kernel_dilation: Any, name: str
+                  ) -> tuple[tuple[int, int], tuple[int, int]]:
   """nnx.Conv / nn.Conv geometry arguments -> (strides, kernel_dilation) pairs for the op.
 
   Accepts what flax accepts: None (1), an int, or any length-2 sequence, numpy
@@ -66,7 +72,7 @@ def conv_geometry(strides, input_dilation, kernel_dilation, name: str):
   deformable counterpart here: the op samples the input as it is, so anything
   but 1 is refused by name.
   """
-  def pair(value, arg):
+  def pair(value: Any, arg: str) -> tuple[int, int]:
     if value is None:
       return (1, 1)
     if hasattr(value, 'tolist'):  # numpy arrays and scalars
@@ -79,36 +85,46 @@ def conv_geometry(strides, input_dilation, kernel_dilation, name: str):
   return pair(strides, 'strides'), pair(kernel_dilation, 'kernel_dilation')
 
 
-PADDING_MODES = {'CIRCULAR': 'wrap', 'REFLECT': 'reflect'}
+# nnx.Conv's padding modes that pad the image itself -> jnp.pad's mode.
+_PADDING_MODES = {'CIRCULAR': 'wrap', 'REFLECT': 'reflect'}
 
 
-def pad_for_mode(inputs, padding, kernel_hw, dilation):
+def pad_for_mode(inputs: jax.Array, padding: _args.PaddingLike, kernel_hw: Sequence[int], dilation: Sequence[int]
+                 ) -> tuple[jax.Array, _args.PaddingLike]:
   """CIRCULAR / REFLECT as nnx.Conv does them: pad the image (wrap / reflect) by the
   dilated kernel's SAME amounts, then convolve VALID. A deformable conv then samples
   the padded image: zero offsets give exactly nnx.Conv's result, and offsets may
   reach into the wrapped / reflected border (beyond it, points read 0 as usual).
   Returns `(inputs, padding)` to hand to the op."""
-  if not (isinstance(padding, str) and padding.upper() in PADDING_MODES):
+  if not (isinstance(padding, str) and padding.upper() in _PADDING_MODES):
     return inputs, padding
   window = [(k - 1) * d + 1 for k, d in zip(kernel_hw, dilation)]
   pads = [(0, 0)] * (inputs.ndim - 3) + [((w - 1) // 2, w // 2) for w in window] + [(0, 0)]
-  return jnp.pad(inputs, pads, mode=PADDING_MODES[padding.upper()]), 'VALID'
+  return jnp.pad(inputs, pads, mode=_PADDING_MODES[padding.upper()]), 'VALID'
 
 
-def check_padding(padding, name: str) -> None:
+def check_padding(padding: _args.PaddingLike, name: str) -> None:
   """Refuses, at construction, a padding neither the op nor nnx.Conv / nn.Conv reads."""
   if isinstance(padding, str):
-    if padding.upper() not in ('SAME', 'VALID', *PADDING_MODES):
+    if padding.upper() not in ('SAME', 'VALID', *_PADDING_MODES):
       raise ValueError(f"{name}: padding must be 'SAME', 'VALID', 'CIRCULAR', 'REFLECT', an int, (ph, pw) or "
                        f"((top, bottom), (left, right)) of ints, got {padding!r}")
     return
   _args.padding_pairs(padding, (1, 1), (1, 1), (1, 1), name)  # numeric forms need no input size
 
 
-def check_geometry(inputs, kernel_hw, strides, padding, dilation, name: str) -> None:
+def check_geometry(inputs: jax.Array, kernel_hw: Sequence[int], strides: tuple[int, int],
+                   padding: _args.PaddingLike, dilation: tuple[int, int], name: str) -> None:
   """An input too small for the (dilated) kernel is named here, before the offset predictor runs."""
-  if isinstance(padding, str) and padding.upper() in PADDING_MODES:
+  if isinstance(padding, str) and padding.upper() in _PADDING_MODES:
     return  # padded by the kernel's own extent: every input size has outputs
   from deformjax.ops.deform_conv import output_size
 
-  output_size(tuple(inputs.shape[-3:-1]), tuple(kernel_hw), strides, padding, dilation, fn=name)
+  try:
+    output_size(tuple(inputs.shape[-3:-1]), tuple(kernel_hw), strides, padding, dilation)
+  except ValueError as e:  # the op's message, under the layer's name
+    raise ValueError(f'{name}: {str(e).split(": ", 1)[-1]}') from None
+
+
+__all__ = ['check_geometry', 'check_in_features', 'check_padding', 'conv_geometry', 'deform_conv_any_batch',
+           'flatten_batch', 'mask_from_logits', 'pad_for_mode', 'split_prediction']

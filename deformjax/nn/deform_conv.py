@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
+from flax.typing import ConvGeneralDilatedT, Dtype, Initializer, PrecisionLike, PromoteDtypeFn
 
 from deformjax.nn import _common
 from deformjax.ops import _args
 
-default_kernel_init = initializers.lecun_normal()
+_default_kernel_init = initializers.lecun_normal()  # nnx.Conv's
 
 
 class DeformConv(nnx.Module):
@@ -49,17 +50,31 @@ class DeformConv(nnx.Module):
   the predictor is not run; with `predict_offsets=False` there is no predictor
   and offsets are required.
 
+  Two different masks, each named as the library it comes from names it:
+
+  - the constructor's `mask` is `nnx.Conv`'s **kernel mask**: a fixed array of
+    the kernel's shape `[kh, kw, in_features // feature_group_count,
+    out_features]` that multiplies the kernel weights (e.g. to zero taps);
+  - the call's `mask` is the **modulation** of DCNv2 (torchvision's
+    `deform_conv2d(..., mask=)`): `[..., Ho, Wo, offset_groups*kh*kw]`, one
+    scalar per output pixel and tap, predicted by the layer when `modulated`.
+
+  Each is checked against its own shape, and an error names which one it is.
+
   Args:
     in_features: input channels C.
     out_features: output channels.
     kernel_size: int (square) or (kh, kw).
     strides, padding, input_dilation, kernel_dilation, feature_group_count,
-      use_bias, mask, dtype, param_dtype, precision, kernel_init, bias_init,
+      use_bias, dtype, param_dtype, precision, kernel_init, bias_init,
       conv_general_dilated, promote_dtype, preferred_element_type,
       kernel_metadata, bias_metadata: as `nnx.Conv` (padding: int, (ph, pw),
-      ((t, b), (l, r)), 'SAME', 'VALID', 'CIRCULAR', 'REFLECT'; `mask` masks
-      the kernel; the metadata, e.g. `sharding_names`, annotate the kernel and
-      bias Params as `nnx.with_partitioning` does).
+      ((t, b), (l, r)), 'SAME', 'VALID', 'CIRCULAR', 'REFLECT'; the metadata,
+      e.g. `sharding_names`, annotate the kernel and bias Params as
+      `nnx.with_partitioning` does).
+    mask: the kernel mask, as `nnx.Conv`'s: None or an array of the kernel's
+      shape `[kh, kw, in_features // feature_group_count, out_features]`
+      multiplying the kernel. Not the DCNv2 modulation (see `__call__`).
     offset_groups: channel groups with their own offset field.
     modulated: predict a DCNv2 modulation mask.
     offset_scale: multiplies the predicted offsets (a smaller value slows offset
@@ -101,14 +116,14 @@ class DeformConv(nnx.Module):
       feature_group_count: int = 1,
       use_bias: bool = True,
       mask: jax.Array | None = None,
-      dtype=None,
-      param_dtype=jnp.float32,
-      precision=None,
-      kernel_init=default_kernel_init,
-      bias_init=initializers.zeros_init(),  # noqa: B008 (nnx.Conv's own default)
-      conv_general_dilated=jax.lax.conv_general_dilated,
-      promote_dtype=dtypes.promote_dtype,
-      preferred_element_type=None,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      precision: PrecisionLike = None,
+      kernel_init: Initializer = _default_kernel_init,
+      bias_init: Initializer = initializers.zeros_init(),  # noqa: B008 (nnx.Conv's own default)
+      conv_general_dilated: ConvGeneralDilatedT = jax.lax.conv_general_dilated,
+      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      preferred_element_type: Dtype | None = None,
       rngs: nnx.Rngs,
       kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -121,7 +136,7 @@ class DeformConv(nnx.Module):
       chunk_size: int | None = None,
       memory_budget: int | None = None,
       deterministic: bool = False,
-  ):
+  ) -> None:
     name = type(self).__name__
     kh, kw = _args.positive_pair(kernel_size, 'kernel_size', name)
     strides, kernel_dilation = _common.conv_geometry(strides, input_dilation, kernel_dilation, name)
@@ -137,8 +152,11 @@ class DeformConv(nnx.Module):
     if max_offset is not None and max_offset <= 0:
       raise ValueError(f'{name}: max_offset must be positive or None, got {max_offset!r}')
     kernel_shape = (kh, kw, in_features // feature_group_count, out_features)
-    if mask is not None and tuple(mask.shape) != kernel_shape:
-      raise ValueError(f'{name}: mask must have the kernel\'s shape {kernel_shape}, got {tuple(mask.shape)}')
+    if mask is not None and tuple(jnp.shape(mask)) != kernel_shape:
+      raise ValueError(
+          f"{name}: mask (the constructor's, nnx.Conv's kernel mask) must have the kernel's shape "
+          f'[kh, kw, in_features // feature_group_count, out_features] = {kernel_shape}, got {tuple(jnp.shape(mask))}; '
+          'the DCNv2 modulation [..., Ho, Wo, offset_groups*kh*kw] is the call\'s mask, or predicted with modulated=True')
     self.in_features = in_features
     self.out_features = out_features
     self.kernel_size = (kh, kw)
@@ -189,16 +207,19 @@ class DeformConv(nnx.Module):
       mask: jax.Array | None = None,
       *,
       return_offsets: bool = False,
-  ):
+  ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array | None]:
     """Applies the deformable conv.
 
     Args:
       inputs: `[..., H, W, in_features]` (any leading batch dims, or none).
       offsets: optional `[..., Ho, Wo, offset_groups*kh*kw*2]` (torchvision order);
         None runs the offset predictor.
-      mask: optional `[..., Ho, Wo, offset_groups*kh*kw]`; None uses the predicted
-        mask when the predictor runs and `modulated`, else 1.
-      return_offsets: also return the offsets and mask used.
+      mask: the DCNv2 modulation, as torchvision's `deform_conv2d(..., mask=)`:
+        optional `[..., Ho, Wo, offset_groups*kh*kw]`, one scalar per output
+        pixel and tap. None uses the predicted modulation when the predictor
+        runs and `modulated`, else 1. (Not the kernel mask: that is the
+        constructor's `mask`.)
+      return_offsets: also return the offsets and modulation used.
 
     Returns:
       `[..., Ho, Wo, out_features]`, or `(y, offsets, mask)` with
@@ -206,15 +227,18 @@ class DeformConv(nnx.Module):
     """
     name = type(self).__name__
     _common.check_in_features(inputs, self.in_features, name)
+    taps = self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
+    if mask is not None and (jnp.ndim(mask) < 3 or jnp.shape(mask)[-1] != taps):
+      raise ValueError(
+          f"{name}.__call__: mask (the DCNv2 modulation) must have shape [..., Ho, Wo, offset_groups*kh*kw={taps}], "
+          f"got {tuple(jnp.shape(mask))}; a kernel mask {self.kernel_shape} belongs to the constructor's mask")
     _common.check_geometry(inputs, self.kernel_size, self.strides, self.padding, self.kernel_dilation, name)
     if offsets is None:
       if self.offset_conv is None:
         raise ValueError(f'{name}: offsets are required when the layer has no predictor (predict_offsets=False)')
       pred = self.offset_conv(inputs)
-      offsets, predicted_mask = _common.split_prediction(
-          pred, self.offset_groups * self.kernel_size[0] * self.kernel_size[1] * 2, self.modulated,
-          self.offset_scale, self.max_offset,
-      )
+      offsets, predicted_mask = _common.split_prediction(pred, taps * 2, self.modulated, self.offset_scale,
+                                                         self.max_offset)
       mask = predicted_mask if mask is None else mask
     kernel = self.kernel[...]
     if self.mask is not None:
@@ -235,7 +259,7 @@ class DeformConv(nnx.Module):
     return (y, offsets, mask) if return_offsets else y
 
 
-def _explicit_padding(padding):
+def _explicit_padding(padding: _args.PaddingLike) -> _args.PaddingLike:
   """deformjax padding forms -> a form nnx.Conv / nn.Conv reads identically."""
   if isinstance(padding, str):
     return padding.upper()
@@ -244,3 +268,6 @@ def _explicit_padding(padding):
   if all(isinstance(p, int) for p in padding):
     return tuple((int(p), int(p)) for p in padding)
   return tuple(tuple(int(v) for v in p) for p in padding)
+
+
+__all__ = ['DeformConv']

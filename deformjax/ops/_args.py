@@ -89,15 +89,25 @@ def _dim(v):
   return v if jax.export.is_symbolic_dim(v) else int(v)
 
 
+def static_shape(x) -> tuple:
+  """The shape of `x` as a tuple of ints (or `jax.export` symbolic dims), known at trace time.
+
+  Read from the array itself with `np.shape`, never with `jnp.shape`: converters
+  that trace through JAX (jax2onnx) replace `jnp.shape` by an op returning a
+  traced array, and a traced shape cannot decide a Python `if`.
+  """
+  return tuple(np.shape(x))
+
+
 def check_rank(x, rank: int, name: str, layout: str, fn: str) -> None:
-  if jnp.ndim(x) != rank:
-    raise ValueError(f'{fn}: {name} must have rank {rank} ({layout}), got shape {tuple(jnp.shape(x))}')
+  if len(static_shape(x)) != rank:
+    raise ValueError(f'{fn}: {name} must have rank {rank} ({layout}), got shape {static_shape(x)}')
 
 
 def check_shape(x, expected: tuple[int, ...], name: str, layout: str, fn: str) -> None:
-  if tuple(jnp.shape(x)) != tuple(expected):
+  if static_shape(x) != tuple(expected):
     raise ValueError(
-        f'{fn}: {name} must have shape {layout} = {tuple(expected)}, got {tuple(jnp.shape(x))}'
+        f'{fn}: {name} must have shape {layout} = {tuple(expected)}, got {static_shape(x)}'
     )
 
 

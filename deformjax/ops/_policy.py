@@ -5,8 +5,9 @@ not on the host that traced it. On CPU, cache-sized chunks walked by `lax.map`
 are fastest (the columns stay in L2). On a GPU each loop iteration costs a
 handful of kernel launches: 0.5 MiB chunks made `deform_conv2d` 30x slower than
 one pass on an H100, and even 4 chunks of 256 MiB cost 1.6x over one pass
-(`../shared/gpu/MEASURED-2026-11-27.md`). So accelerators run in one pass while
-the sampled columns fit a memory budget and split only beyond it.
+(measured on an H100, `experiments/results/performance_log.md`). So accelerators
+run in one pass while the sampled columns fit a memory budget and split only
+beyond it.
 
 `by_platform` makes that choice with `lax.platform_dependent`, so a function
 exported with `jax.export(..., platforms=['cuda'])` on a CPU host carries the
@@ -16,7 +17,10 @@ GPU structure, and a multi-platform export carries both.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import contextvars
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 from jax import export, lax
@@ -32,42 +36,108 @@ CPU_CHUNK_BYTES = 512 * 1024
 # 924 MB of float32 columns) in one pass; forward+backward then needs about twice
 # that in temporaries, which fits a 16 GB Colab T4 as well as an H100. Override
 # per call with `memory_budget=`, or for every op traced inside
-# `with accelerator_memory_budget(nbytes):` (it is read at trace time).
-ACCELERATOR_MEMORY_BUDGET = 1024**3
+# `with accelerator_memory_budget(nbytes):` (read at trace time).
+DEFAULT_ACCELERATOR_MEMORY_BUDGET = 1024**3
+
+# The scoped setting. A ContextVar (not a module global) so that a scope is seen
+# only by the thread / asyncio task that opened it, and nested scopes unwind in order.
+_accelerator_budget: contextvars.ContextVar[int] = contextvars.ContextVar(
+    'deformjax_accelerator_memory_budget', default=DEFAULT_ACCELERATOR_MEMORY_BUDGET)
 
 
 @contextlib.contextmanager
-def accelerator_memory_budget(nbytes: int):
+def accelerator_memory_budget(nbytes: int) -> Iterator[int]:
   """Within the block, ops traced for GPU/TPU hold at most `nbytes` of sampled columns per pass.
 
-  Applies to functions traced (jitted, exported) inside the block; an explicit
-  `memory_budget=` argument still wins. Jitted functions already compiled keep
-  the plan they were traced with.
+  Applies to functions traced (jitted, exported) inside the block, in this
+  thread (or asyncio task) only; an explicit `memory_budget=` argument still
+  wins. The value is read when a function is traced: a jitted function already
+  compiled for these shapes keeps the plan it was traced with, so open the
+  scope around the first call (or the `jax.export`). Scopes nest, and the
+  previous value comes back when the block exits, also by an exception.
+  `current_accelerator_memory_budget()` reads the value in effect.
+
+  Args:
+    nbytes: a positive int, bytes of sampled columns per pass.
+
+  Yields:
+    `nbytes`.
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from deformjax.ops import accelerator_memory_budget, deform_conv2d
+    >>> from deformjax.ops import accelerator_memory_budget, current_accelerator_memory_budget, deform_conv2d
     >>> with accelerator_memory_budget(256 * 2**20):
     ...   y = deform_conv2d(jnp.ones((1, 8, 8, 4)), jnp.zeros((1, 8, 8, 18)), jnp.ones((3, 3, 4, 4)), padding=1)
-    >>> y.shape
-    (1, 8, 8, 4)
+    ...   current_accelerator_memory_budget() == 256 * 2**20
+    True
+    >>> current_accelerator_memory_budget() == 2**30
+    True
   """
-  global ACCELERATOR_MEMORY_BUDGET
   if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 1:
     raise ValueError(f'accelerator_memory_budget: nbytes must be a positive int, got {nbytes!r}')
-  previous, ACCELERATOR_MEMORY_BUDGET = ACCELERATOR_MEMORY_BUDGET, nbytes
+  token = _accelerator_budget.set(nbytes)
+  try:
+    yield nbytes
+  finally:
+    _accelerator_budget.reset(token)
+
+
+def current_accelerator_memory_budget() -> int:
+  """Bytes of sampled columns one pass may hold on GPU/TPU here and now.
+
+  `DEFAULT_ACCELERATOR_MEMORY_BUDGET` (1 GiB) outside any
+  `accelerator_memory_budget` scope, the innermost scope's value inside one.
+
+  Example:
+    >>> from deformjax.ops import current_accelerator_memory_budget
+    >>> current_accelerator_memory_budget()
+    1073741824
+  """
+  return _accelerator_budget.get()
+
+
+def __getattr__(name: str) -> Any:
+  """`ACCELERATOR_MEMORY_BUDGET`, deprecated: reads the current value, with a DeprecationWarning."""
+  if name == 'ACCELERATOR_MEMORY_BUDGET':
+    warnings.warn('ACCELERATOR_MEMORY_BUDGET is deprecated (assigning to it never had an effect): read '
+                  'deformjax.ops.current_accelerator_memory_budget(), set it with '
+                  '`with deformjax.ops.accelerator_memory_budget(nbytes):`', DeprecationWarning, stacklevel=2)
+    return current_accelerator_memory_budget()
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+# True inside `single_pass()`. A context variable: scoped to the block and to the
+# thread or task that entered it.
+_SINGLE_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar('deformjax_single_pass', default=False)
+# Output pixels per pass under `single_pass()` when no explicit cap is given: more
+# than any input an export serves (deformjax.export bounds its symbolic batch so
+# that `pixels <= SINGLE_PASS_PIXELS` is decidable at trace time).
+SINGLE_PASS_PIXELS = 2**62
+
+
+@contextlib.contextmanager
+def single_pass() -> Iterator[None]:
+  """Within the block, ops are traced as one pass with no per-platform switch.
+
+  The plan of a graph that leaves XLA (ONNX: onnxruntime, TensorRT and OpenVINO
+  schedule one graph themselves; chunks would be a sequential Loop node and a
+  platform switch has no meaning there). `by_platform` takes the accelerator
+  branch; `pixels_per_pass` is capped only by explicit `chunk_size` /
+  `memory_budget` arguments. Read at trace time, like the memory budget.
+  """
+  token = _SINGLE_PASS.set(True)
   try:
     yield
   finally:
-    ACCELERATOR_MEMORY_BUDGET = previous
+    _SINGLE_PASS.reset(token)
 
 
-def is_symbolic(*dims) -> bool:
+def is_symbolic(*dims: Any) -> bool:
   """True if any dimension is a `jax.export` symbolic dimension."""
   return any(export.is_symbolic_dim(d) for d in dims)
 
 
-def known_le(a, b) -> bool | None:
+def known_le(a: Any, b: Any) -> bool | None:
   """`a <= b` for possibly symbolic dims: True/False when decidable, None when not."""
   try:
     return bool(a <= b)
@@ -84,28 +154,37 @@ def pixels_per_pass(
   """Most output pixels one pass (one chunk) may hold on `platform` ('cpu' or 'accelerator').
 
   CPU: `chunk_size` if given, else cache-sized chunks (`CPU_CHUNK_BYTES`);
-  accelerators: what `ACCELERATOR_MEMORY_BUDGET` allows, capped by `chunk_size`.
-  An explicit `memory_budget` caps both.
+  accelerators: what `current_accelerator_memory_budget()` allows (read at
+  trace time), capped by `chunk_size`.
+  An explicit `memory_budget` caps both. Under `single_pass()`, only the
+  explicit arguments cap it.
   """
+  if _SINGLE_PASS.get():  # one plan for every platform, capped only by the explicit arguments
+    return min([SINGLE_PASS_PIXELS] + ([] if chunk_size is None else [int(chunk_size)])
+               + ([] if memory_budget is None else [max(1, memory_budget // max(1, bytes_per_pixel))]))
   if platform == 'cpu' and chunk_size is not None:
     budget = memory_budget
   elif platform == 'cpu':
     budget = CPU_CHUNK_BYTES if memory_budget is None else min(memory_budget, CPU_CHUNK_BYTES)
   else:
-    budget = ACCELERATOR_MEMORY_BUDGET if memory_budget is None else memory_budget
+    budget = current_accelerator_memory_budget() if memory_budget is None else memory_budget
   caps = [] if chunk_size is None else [int(chunk_size)]
   if budget is not None:
     caps.append(max(1, budget // max(1, bytes_per_pixel)))
   return min(caps)
 
 
-def by_platform(cpu: Callable, accelerator: Callable, *args):
+def by_platform(cpu: Callable[..., Any], accelerator: Callable[..., Any], *args: Any) -> Any:
   """`cpu(*args)` when lowered for CPU, `accelerator(*args)` for GPU/TPU (both traced).
 
-  Both callables must return the same structure of shapes and dtypes.
+  Both callables must return the same structure of shapes and dtypes. Under
+  `single_pass()`, only `accelerator(*args)` (the one-pass plan, alone).
   """
+  if _SINGLE_PASS.get():  # the one-pass plan, alone
+    return accelerator(*args)
   return lax.platform_dependent(*args, cpu=cpu, default=accelerator)
 
 
-__all__ = ['ACCELERATOR_MEMORY_BUDGET', 'CPU_CHUNK_BYTES', 'accelerator_memory_budget', 'by_platform', 'is_symbolic', 'known_le',
-           'pixels_per_pass']
+__all__ = ['CPU_CHUNK_BYTES', 'DEFAULT_ACCELERATOR_MEMORY_BUDGET', 'SINGLE_PASS_PIXELS', 'accelerator_memory_budget',
+           'by_platform', 'current_accelerator_memory_budget', 'is_symbolic', 'known_le', 'pixels_per_pass',
+           'single_pass']

@@ -32,14 +32,14 @@ INDEX_BLOCK_BYTES = 64 * 1024 * 1024
 
 def _infer_offset_groups(offsets, taps: int, fn: str) -> int:
   """torchvision's rule: offsets carry offset_groups*kh*kw*2 channels."""
-  channels = jnp.shape(offsets)[-1] if jnp.ndim(offsets) == 4 else None
+  channels = np.shape(offsets)[-1] if np.ndim(offsets) == 4 else None
   if channels is None:
     return 1  # the shape check names what offsets must look like
   if channels == 0 or channels % (2 * taps):
     raise ValueError(
         f'{fn}: offsets must have shape [N, Ho, Wo, offset_groups*kh*kw*2]; their {channels} channels are not a '
         f'positive multiple of 2*kh*kw = {2 * taps}, so offset_groups cannot be inferred, got '
-        f'{tuple(jnp.shape(offsets))}'
+        f'{tuple(np.shape(offsets))}'
     )
   return channels // (2 * taps)
 

@@ -4,11 +4,17 @@ Bins are sampled the way `torchvision.ops.roi_align` samples them (bin grid,
 averaging, its clamp-to-border bilinear rule), and deformable pooling shifts
 every bin by `gamma * offset * (roi_h, roi_w)` as in the DCN paper (and mmcv's
 DeformRoIPool), with the offset order (dy, dx) used throughout deformjax.
+
+Both default to `aligned=True` (the half-pixel-correct boxes of mmcv's RoIAlign
+and DeformRoIPool, and detectron2's ROIAlign). `torchvision.ops.roi_align`
+defaults to `aligned=False`: pass `aligned=False` to reproduce a torchvision call
+that leaves it unset.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +23,14 @@ import numpy as np
 from deformjax.ops import _args
 from deformjax.ops.sampling import floor_and_fractions, gather_corners
 
+# Bytes of the four corner samples an eager call may gather with the exact adaptive grid.
+ROI_SAMPLES_BUDGET = 256 * 2**20
 
-def roi_align_corners(y: jax.Array, x: jax.Array, height: int, width: int, idx_dtype=np.int32):
+_FN = 'deform_roi_pool'
+
+
+def _roi_align_corners(y: jax.Array, x: jax.Array, height: int, width: int, idx_dtype: np.dtype = np.int32
+                       ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
   """torchvision roi_align's bilinear rule, as 4 (index, weight) corner arrays.
 
   Unlike deform_conv2d's rule, points in [-1, 0] and [H-1, H] are clamped onto
@@ -39,10 +51,6 @@ def roi_align_corners(y: jax.Array, x: jax.Array, height: int, width: int, idx_d
   return tuple(indices), tuple(weights)
 
 
-# Bytes of the four corner samples an eager call may gather with the exact adaptive grid.
-ROI_SAMPLES_BUDGET = 256 * 2**20
-
-
 def _exact_grid(roi_sizes: np.ndarray, bins: int) -> int:
   """torchvision's adaptive grid along one axis, `ceil(size / bins)`, for the largest RoI
   (a non-finite size counts as empty; the count is clipped to 2**31 before any budget applies)."""
@@ -50,7 +58,7 @@ def _exact_grid(roi_sizes: np.ndarray, bins: int) -> int:
   return max(1, int(min(np.max(cells, initial=1.0), 2.0**31)))
 
 
-def _concrete(x) -> np.ndarray | None:
+def _concrete(x: jax.Array) -> np.ndarray | None:
   """`x` as numpy when its value is known at trace time, else None (inside jit)."""
   try:
     return np.asarray(x)
@@ -58,12 +66,119 @@ def _concrete(x) -> np.ndarray | None:
     return None
 
 
+def _check_args(features: jax.Array, rois: jax.Array, offsets: jax.Array | None, output_size: int | Sequence[int],
+                spatial_scale: float, sampling_ratio: int, aligned: bool
+                ) -> tuple[jax.Array, jax.Array, jax.Array | None, tuple[int, int]]:
+  """Arrays, dtypes, shapes and scalar arguments, each refused by name; returns the arrays and (out_h, out_w)."""
+  features, rois, offsets = (_args.as_array(a, name, _FN) for a, name in
+                             zip((features, rois, offsets), ('features', 'rois', 'offsets')))
+  _args.check_floating(features, 'features', _FN)
+  _args.check_floating(rois, 'rois', _FN)
+  _args.check_rank(features, 4, 'features', '[N, H, W, C]', _FN)
+  if jnp.ndim(rois) != 2 or rois.shape[1] != 5:
+    raise ValueError(f'{_FN}: rois must have shape [R, 5] (batch_index, x1, y1, x2, y2), got {tuple(rois.shape)}')
+  oh, ow = _args.positive_pair(output_size, 'output_size', _FN)
+  if not isinstance(sampling_ratio, (int, np.integer)) or isinstance(sampling_ratio, bool) or sampling_ratio < 0:
+    raise ValueError(f'{_FN}: sampling_ratio must be a non-negative int (0 = adaptive), got {sampling_ratio!r}')
+  if isinstance(spatial_scale, bool) or (isinstance(spatial_scale, (int, float, np.number))
+                                         and not (math.isfinite(spatial_scale) and spatial_scale > 0)):
+    raise ValueError(f'{_FN}: spatial_scale must be a finite number > 0 (feature pixels per input pixel, e.g. '
+                     f'1/16), got {spatial_scale!r}')
+  if not isinstance(aligned, (bool, np.bool_)):
+    raise ValueError(f'{_FN}: aligned must be a bool, got {aligned!r}')
+  if offsets is not None:
+    _args.check_floating(offsets, 'offsets', _FN)
+    _args.check_shape(offsets, (rois.shape[0], oh, ow, 2), 'offsets', '[R, out_h, out_w, 2]', _FN)
+  return features, rois, offsets, (oh, ow)
+
+
+def _boxes(rois: jax.Array, spatial_scale: float, aligned: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """`(y1, x1, roi_h, roi_w)` in feature pixels, torchvision's arithmetic: `aligned` shifts the
+  box by -0.5 pixel, otherwise sizes are at least 1 pixel."""
+  shift = 0.5 if aligned else 0.0
+  y1 = rois[:, 2] * spatial_scale - shift
+  x1 = rois[:, 1] * spatial_scale - shift
+  roi_h = rois[:, 4] * spatial_scale - shift - y1
+  roi_w = rois[:, 3] * spatial_scale - shift - x1
+  if not aligned:
+    roi_h = jnp.maximum(roi_h, 1.0)
+    roi_w = jnp.maximum(roi_w, 1.0)
+  return y1, x1, roi_h, roi_w
+
+
+def _sampling_grid(roi_h: jax.Array, roi_w: jax.Array, output_hw: tuple[int, int], feature_hw: tuple[int, int],
+                   sampling_ratio: int, max_sampling_grid: int | tuple[int, int] | None, bytes_per_grid_cell: int,
+                   ) -> tuple[jax.Array, jax.Array, tuple[int, int]]:
+  """Samples per bin: `(grid_h [R], grid_w [R], (static max gh, static max gw))`.
+
+  A fixed `sampling_ratio` is its own bound. The adaptive grid
+  (`ceil(roi / bins)`) is data dependent, so a static bound is sampled and the
+  cells beyond each RoI's grid are masked: `max_sampling_grid` if given; else
+  the grid of the largest RoI when the boxes are concrete and its samples
+  (`bytes_per_grid_cell` each) fit `ROI_SAMPLES_BUDGET`; else (under jit, or
+  over the budget) a grid that covers every RoI inside the feature map.
+  """
+  (oh, ow), (h, w) = output_hw, feature_hw
+  if sampling_ratio > 0:
+    grid = jnp.full(roi_h.shape, float(sampling_ratio), roi_h.dtype)
+    return grid, grid, (int(sampling_ratio), int(sampling_ratio))
+  if max_sampling_grid is not None:
+    grid_max = _args.positive_pair(max_sampling_grid, 'max_sampling_grid', _FN)
+  else:
+    grid_max = (max(1, math.ceil(h / oh)), max(1, math.ceil(w / ow)))
+    known_h, known_w = _concrete(roi_h), _concrete(roi_w)
+    if known_h is not None and known_w is not None:
+      # The exact grid (torchvision's) while its samples fit the budget; a RoI far larger than
+      # the map would otherwise ask for any amount of memory.
+      exact = (_exact_grid(known_h, oh), _exact_grid(known_w, ow))
+      fits = exact[0] * exact[1] * bytes_per_grid_cell <= ROI_SAMPLES_BUDGET
+      grid_max = exact if fits else (min(exact[0], grid_max[0]), min(exact[1], grid_max[1]))
+  grid_h = jnp.minimum(jnp.ceil(roi_h / oh), grid_max[0])
+  grid_w = jnp.minimum(jnp.ceil(roi_w / ow), grid_max[1])
+  return grid_h, grid_w, grid_max
+
+
+def _sample_points(y1: jax.Array, x1: jax.Array, roi_h: jax.Array, roi_w: jax.Array, grid_h: jax.Array,
+                   grid_w: jax.Array, grid_max: tuple[int, int], output_hw: tuple[int, int],
+                   offsets: jax.Array | None, gamma: float) -> tuple[jax.Array, jax.Array]:
+  """Sampling points `(y, x)`, each `[R, out_h, out_w, gh_max, gw_max]`: a grid of g samples at
+  `(i + 0.5) / g` of each bin, the whole bin shifted by `gamma * offset * roi size`."""
+  dtype = roi_h.dtype
+  ph, pw = (jnp.arange(n, dtype=dtype) for n in output_hw)
+  iy, ix = (jnp.arange(n, dtype=dtype) for n in grid_max)
+  per_roi = lambda v: v[:, None, None, None, None]
+  bin_h, bin_w = per_roi(roi_h / output_hw[0]), per_roi(roi_w / output_hw[1])
+  # Clamping g to >= 1 keeps the points of empty RoIs finite (their weights are zero anyway).
+  safe_gh, safe_gw = per_roi(jnp.maximum(grid_h, 1.0)), per_roi(jnp.maximum(grid_w, 1.0))
+  y = per_roi(y1) + ph[None, :, None, None, None] * bin_h + (iy[None, None, None, :, None] + 0.5) * bin_h / safe_gh
+  x = per_roi(x1) + pw[None, None, :, None, None] * bin_w + (ix[None, None, None, None, :] + 0.5) * bin_w / safe_gw
+  if offsets is not None:
+    off = offsets.astype(dtype)
+    y = y + (gamma * roi_h[:, None, None] * off[..., 0])[..., None, None]
+    x = x + (gamma * roi_w[:, None, None] * off[..., 1])[..., None, None]
+  return jnp.broadcast_arrays(y, x)
+
+
+def _sample_scale(batch: jax.Array, grid_h: jax.Array, grid_w: jax.Array, grid_max: tuple[int, int],
+                  num_images: int) -> tuple[jax.Array, jax.Array]:
+  """`(batch index [R] usable as an index, weight [R, 1, 1, gh_max, gw_max])`: `1 / (gh * gw)` for the
+  cells of each RoI's grid, 0 for the padding cells, for empty RoIs and for a batch index that is
+  not an integer in [0, N) (those RoIs pool to zeros)."""
+  iy, ix = (jnp.arange(n, dtype=grid_h.dtype) for n in grid_max)
+  used = (iy[None, :, None] < grid_h[:, None, None]) & (ix[None, None, :] < grid_w[:, None, None])
+  batch_ok = (batch >= 0) & (batch <= num_images - 1) & (jnp.floor(batch) == batch)
+  keep = used & (batch_ok & (grid_h > 0) & (grid_w > 0))[:, None, None]
+  count = jnp.maximum(grid_h * grid_w, 1.0)
+  scale = jnp.where(keep, 1.0 / count[:, None, None], 0.0)[:, None, None, :, :]
+  return jnp.where(batch_ok, batch, 0.0), scale
+
+
 def deform_roi_pool(
     features: jax.Array,
     rois: jax.Array,
     offsets: jax.Array | None = None,
     *,
-    output_size,
+    output_size: int | Sequence[int],
     spatial_scale: float = 1.0,
     sampling_ratio: int = 0,
     gamma: float = 0.1,
@@ -75,7 +190,9 @@ def deform_roi_pool(
   Bin (ph, pw) of RoI r averages `gh x gw` bilinear samples (torchvision
   roi_align's grid and boundary rule), after shifting the whole bin by
   `(gamma * offsets[r, ph, pw, 0] * roi_h, gamma * offsets[r, ph, pw, 1] * roi_w)`.
-  With `offsets=None` (or zero) this is exactly `torchvision.ops.roi_align`.
+  With `offsets=None` (or zero) this is exactly
+  `torchvision.ops.roi_align(..., aligned=aligned)`; the default
+  `aligned=True` is mmcv's DeformRoIPool (torchvision's own default is False).
 
   Args:
     features: `[N, H, W, C]`.
@@ -90,7 +207,7 @@ def deform_roi_pool(
       `ceil(roi_h / out_h)` x `ceil(roi_w / out_w)` per RoI, as torchvision.
     gamma: offset magnitude scale (0.1 in the DCN paper).
     aligned: torchvision's `aligned` (shift boxes by -0.5 pixel; if False, RoI
-      sizes are at least 1 pixel).
+      sizes are at least 1 pixel). Default True, as mmcv.
     max_sampling_grid: static bound on the adaptive grid (int or (gh, gw)). By
       default it is `ceil(H / out_h) x ceil(W / out_w)` under jit, which covers
       every RoI inside the feature map (a larger RoI then samples that capped
@@ -112,110 +229,67 @@ def deform_roi_pool(
     >>> deform_roi_pool(feats, rois, output_size=7).shape
     (2, 7, 7, 8)
   """
-  fn = 'deform_roi_pool'
-  features, rois, offsets = (_args.as_array(a, name, fn) for a, name in
-                             zip((features, rois, offsets), ('features', 'rois', 'offsets')))
-  _args.check_floating(features, 'features', fn)
-  _args.check_floating(rois, 'rois', fn)
-  _args.check_rank(features, 4, 'features', '[N, H, W, C]', fn)
-  if jnp.ndim(rois) != 2 or rois.shape[1] != 5:
-    raise ValueError(f'{fn}: rois must have shape [R, 5] (batch_index, x1, y1, x2, y2), got {tuple(rois.shape)}')
-  oh, ow = _args.positive_pair(output_size, 'output_size', fn)
-  if not isinstance(sampling_ratio, (int, np.integer)) or isinstance(sampling_ratio, bool) or sampling_ratio < 0:
-    raise ValueError(f'{fn}: sampling_ratio must be a non-negative int (0 = adaptive), got {sampling_ratio!r}')
-  if isinstance(spatial_scale, bool) or (isinstance(spatial_scale, (int, float, np.number))
-                                         and not (math.isfinite(spatial_scale) and spatial_scale > 0)):
-    raise ValueError(f'{fn}: spatial_scale must be a finite number > 0 (feature pixels per input pixel, e.g. '
-                     f'1/16), got {spatial_scale!r}')
-  if not isinstance(aligned, (bool, np.bool_)):
-    raise ValueError(f'{fn}: aligned must be a bool, got {aligned!r}')
+  features, rois, offsets, (oh, ow) = _check_args(features, rois, offsets, output_size, spatial_scale,
+                                                  sampling_ratio, aligned)
   n, h, w, c = features.shape
   r = rois.shape[0]
-  if offsets is not None:
-    _args.check_floating(offsets, 'offsets', fn)
-    _args.check_shape(offsets, (r, oh, ow, 2), 'offsets', '[R, out_h, out_w, 2]', fn)
   if r == 0 or n * h * w * c == 0:
     return jnp.zeros((r, oh, ow, c), features.dtype)
 
   cdtype = _args.coordinate_dtype(features.dtype, rois.dtype)
-  acc_dtype = cdtype
   rois = rois.astype(cdtype)
-  shift = 0.5 if aligned else 0.0
-  y1 = rois[:, 2] * spatial_scale - shift
-  x1 = rois[:, 1] * spatial_scale - shift
-  roi_h = rois[:, 4] * spatial_scale - shift - y1
-  roi_w = rois[:, 3] * spatial_scale - shift - x1
-  if not aligned:
-    roi_h = jnp.maximum(roi_h, 1.0)
-    roi_w = jnp.maximum(roi_w, 1.0)
-  bin_h = roi_h / oh
-  bin_w = roi_w / ow
+  y1, x1, roi_h, roi_w = _boxes(rois, spatial_scale, aligned)
+  grid_h, grid_w, grid_max = _sampling_grid(roi_h, roi_w, (oh, ow), (h, w), sampling_ratio, max_sampling_grid,
+                                            bytes_per_grid_cell=4 * r * oh * ow * c * np.dtype(cdtype).itemsize)
+  y, x = _sample_points(y1, x1, roi_h, roi_w, grid_h, grid_w, grid_max, (oh, ow), offsets, gamma)
+  batch, scale = _sample_scale(rois[:, 0], grid_h, grid_w, grid_max, n)
 
-  if sampling_ratio > 0:
-    grid_max = (int(sampling_ratio), int(sampling_ratio))
-    grid_h = jnp.full((r,), float(sampling_ratio), cdtype)
-    grid_w = grid_h
-  else:
-    # The adaptive grid is data dependent; sample a static grid and mask the rest.
-    known_h, known_w = _concrete(roi_h), _concrete(roi_w)
-    if max_sampling_grid is not None:
-      grid_max = _args.positive_pair(max_sampling_grid, 'max_sampling_grid', fn)
-    else:
-      # Under jit: a grid that covers every RoI inside the feature map.
-      grid_max = (max(1, math.ceil(h / oh)), max(1, math.ceil(w / ow)))
-      if known_h is not None and known_w is not None:
-        # Outside jit the exact grid (torchvision's), while its samples fit ROI_SAMPLES_BUDGET;
-        # a RoI far larger than the map would otherwise ask for any amount of memory.
-        exact = (_exact_grid(known_h, oh), _exact_grid(known_w, ow))
-        samples_bytes = 4 * r * oh * ow * exact[0] * exact[1] * c * np.dtype(acc_dtype).itemsize
-        grid_max = exact if samples_bytes <= ROI_SAMPLES_BUDGET else (min(exact[0], grid_max[0]),
-                                                                      min(exact[1], grid_max[1]))
-    grid_h = jnp.minimum(jnp.ceil(roi_h / oh), grid_max[0])
-    grid_w = jnp.minimum(jnp.ceil(roi_w / ow), grid_max[1])
-
-  gmh, gmw = grid_max
-  ph = jnp.arange(oh, dtype=cdtype)
-  pw = jnp.arange(ow, dtype=cdtype)
-  iy = jnp.arange(gmh, dtype=cdtype)
-  ix = jnp.arange(gmw, dtype=cdtype)
-  # A grid of g samples sits at (i + 0.5) / g of the bin; clamp g to >= 1 so the
-  # positions of empty RoIs stay finite (they are masked out below anyway).
-  safe_gh = jnp.maximum(grid_h, 1.0)[:, None, None, None, None]
-  safe_gw = jnp.maximum(grid_w, 1.0)[:, None, None, None, None]
-  y = (y1[:, None, None, None, None] + ph[None, :, None, None, None] * bin_h[:, None, None, None, None]
-       + (iy[None, None, None, :, None] + 0.5) * bin_h[:, None, None, None, None] / safe_gh)
-  x = (x1[:, None, None, None, None] + pw[None, None, :, None, None] * bin_w[:, None, None, None, None]
-       + (ix[None, None, None, None, :] + 0.5) * bin_w[:, None, None, None, None] / safe_gw)
-  if offsets is not None:
-    off = offsets.astype(cdtype)
-    y = y + (gamma * roi_h[:, None, None] * off[..., 0])[..., None, None]
-    x = x + (gamma * roi_w[:, None, None] * off[..., 1])[..., None, None]
-  y, x = jnp.broadcast_arrays(y, x)  # [R, oh, ow, gmh, gmw]
-
-  used = ((iy[None, :, None] < grid_h[:, None, None]) & (ix[None, None, :] < grid_w[:, None, None]))
-  count = jnp.maximum(grid_h * grid_w, 1.0)
-  batch = rois[:, 0]
-  idx_dtype = _args.index_dtype(n * h * w, fn)
-  batch_ok = (batch >= 0) & (batch <= n - 1) & (jnp.floor(batch) == batch)
-  bidx = jnp.where(batch_ok, batch, 0.0).astype(idx_dtype)
-  keep = (used & batch_ok[:, None, None] & (grid_h > 0)[:, None, None] & (grid_w > 0)[:, None, None])
-  scale = jnp.where(keep, 1.0 / count[:, None, None], 0.0)[:, None, None, :, :]
-
-  idx, wts = roi_align_corners(y, x, h, w, idx_dtype)
-  start = (bidx * (h * w))[:, None, None, None, None]
-  idx = tuple(i + start for i in idx)
-  wts = tuple(wt * scale for wt in wts)
-  table = features.reshape(n * h * w, c)
-  samples = gather_corners(table, idx, wts, acc_dtype)  # [R, oh, ow, gmh, gmw, C]
+  idx_dtype = _args.index_dtype(n * h * w, _FN)
+  idx, wts = _roi_align_corners(y, x, h, w, idx_dtype)
+  start = (batch.astype(idx_dtype) * (h * w))[:, None, None, None, None]
+  samples = gather_corners(features.reshape(n * h * w, c), tuple(i + start for i in idx),
+                           tuple(wt * scale for wt in wts), cdtype)  # [R, oh, ow, gmh, gmw, C]
   return samples.sum(axis=(3, 4)).astype(features.dtype)
 
 
-def roi_align(features, rois, *, output_size, spatial_scale=1.0, sampling_ratio=0, aligned=True,
-              max_sampling_grid=None):
-  """`torchvision.ops.roi_align` in NHWC: `deform_roi_pool` without offsets.
+def roi_align(
+    features: jax.Array,
+    rois: jax.Array,
+    *,
+    output_size: int | Sequence[int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
+    aligned: bool = True,
+    max_sampling_grid: int | tuple[int, int] | None = None,
+) -> jax.Array:
+  """`torchvision.ops.roi_align(..., aligned=aligned)` in NHWC: `deform_roi_pool` without offsets.
 
-  Args and result as `deform_roi_pool`: features `[N, H, W, C]`, rois `[R, 5]`
-  -> `[R, out_h, out_w, C]`.
+  The default `aligned=True` is mmcv's RoIAlign and detectron2's ROIAlign
+  (half-pixel-correct boxes); `torchvision.ops.roi_align` defaults to
+  `aligned=False`, so pass `aligned=False` to reproduce a torchvision call that
+  leaves it unset. Both settings equal torchvision's to float64 rounding.
+
+  Args:
+    features: `[N, H, W, C]`.
+    rois: `[R, 5]` rows `(batch_index, x1, y1, x2, y2)` in input-image pixels.
+    output_size, spatial_scale, sampling_ratio, aligned, max_sampling_grid: as
+      `deform_roi_pool`.
+
+  Returns:
+    `[R, out_h, out_w, C]` in `features.dtype`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from deformjax.ops import roi_align
+    >>> feats = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    >>> box = jnp.array([[0, 0.0, 0.0, 4.0, 4.0]])
+    >>> roi_align(feats, box, output_size=1, sampling_ratio=1).ravel().tolist()  # samples (1.5, 1.5)
+    [7.5]
+    >>> roi_align(feats, box, output_size=1, sampling_ratio=1, aligned=False).ravel().tolist()  # (2, 2), torchvision's
+    [10.0]
   """
   return deform_roi_pool(features, rois, None, output_size=output_size, spatial_scale=spatial_scale,
                          sampling_ratio=sampling_ratio, aligned=aligned, max_sampling_grid=max_sampling_grid)
+
+
+__all__ = ['ROI_SAMPLES_BUDGET', 'deform_roi_pool', 'roi_align']

@@ -1,88 +1,52 @@
 """Command line: `python -m deformjax.train --config experiments/configs/digits.py --config.steps=100`.
 
-Any config field can be overridden as `--config.FIELD=VALUE`. For a multi-host
-job, pass `--coordinator_address`, `--num_processes` and `--process_id` (or let
+Any config field can be overridden as `--config.FIELD=VALUE` (ml_collections'
+`config_flags`; a tuple as `--config.FIELD=1,2,3`). For a multi-host job, pass
+`--coordinator_address`, `--num_processes` and `--process_id` (or let
 `jax.distributed.initialize` read them from the cluster environment with
 `--distributed`).
+
+The experiments parse their command lines with the same pieces (`config_flag`,
+`parse_flags`, `config_value`, `run_or_exit`): every flag is absl's, every
+config file is loaded by `config_flags`, and every bad value, file or field ends
+the program with one `error: ...` line and exit status 2. Each entry point builds
+its own `absl.flags.FlagValues`, so it can be called in-process (tests) any
+number of times.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'A get_config() file, e.g. experiments/configs/digits.py',
-                                          lock_config=True)
-_COORD = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for a multi-process job')
-_NPROC = flags.DEFINE_integer('num_processes', None, 'processes in a multi-process job')
-_PID = flags.DEFINE_integer('process_id', None, 'this process in a multi-process job')
-_DIST = flags.DEFINE_bool('distributed', False, 'call jax.distributed.initialize() with cluster auto-detection')
-_SUMMARY = flags.DEFINE_string('summary_json', None, 'write the final metrics here as JSON')
-_VERBOSE = flags.DEFINE_bool('verbose', False, 'also print INFO logs (orbax checkpointing, JAX backend probing); '
-                             'by default a run shows its progress bar, summary and warnings')
-_PARAMS = flags.DEFINE_string('params_out', None, 'write the final parameters here (.npz, one array per leaf, '
-                              'keyed by its path in the parameter tree)')
+__all__ = ['command_line', 'config_flag', 'config_value', 'fail', 'main', 'parse_flags', 'run', 'run_or_exit']
+
+_HELP = ('--help', '-h', '--helpfull', '--helpshort')
 
 
-def _init_distributed():
-  import jax
-
-  if _COORD.value or _DIST.value:
-    # CPU processes need gloo for cross-process collectives; GPU/TPU ignore this setting.
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    kw = {}
-    if _COORD.value:
-      kw = dict(coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)
-    jax.distributed.initialize(**kw)
-
-
-def main(argv):
-  del argv
-  from deformjax.data.sources import DataError
-  from deformjax.train.config import ConfigError
-  from deformjax.train.loop import Interrupted, train
-
-  if not _VERBOSE.value:
-    # absl's app.run logs INFO by default: orbax's per-save lines and JAX's probing of
-    # absent backends ("Unable to initialize backend 'tpu'") would run through the bar.
-    logging.set_verbosity(logging.WARNING)
-  cfg = _CONFIG.value
-  if cfg is None:
-    print('error: --config is required, e.g. --config experiments/configs/digits.py', file=sys.stderr)
-    sys.exit(2)
-  try:
-    _init_distributed()
-    summary = train(cfg)
-  except (ConfigError, DataError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  except Interrupted as e:
-    print(f'interrupted: {e}', file=sys.stderr)
-    sys.exit(143)
-  import jax
-
-  if _SUMMARY.value and jax.process_index() == 0:
-    keep = {k: v for k, v in summary.items() if k != 'params'}
-    with open(_SUMMARY.value, 'w') as f:
-      json.dump(keep, f, indent=2, default=str)
-  if _PARAMS.value and jax.process_index() == 0:
-    import numpy as np
-
-    # Replicated arrays of a multi-process run are not fully addressable: write the local copy.
-    leaves = jax.tree_util.tree_flatten_with_path(summary['params'])[0]
-    np.savez(_PARAMS.value, **{jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
-                               for path, leaf in leaves})
-
-
-def _fail(message: str):
+def fail(message: str):
+  """Ends the program with one `error: message` line on stderr and exit status 2."""
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
 
 
-def _config_argument(argv) -> str | None:
+def config_flag(argv: Sequence[str], default: str | None = None,
+                help_string: str = 'a get_config() file as path[:arg], e.g. experiments/configs/digits.py'):
+  """A fresh `FlagValues` holding `--config` (a `config_flags` config file; overrides read from `argv`).
+
+  Returns `(flag_values, holder)`; define the entry point's other flags on `flag_values`.
+  """
+  fv = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file('config', default, help_string, flag_values=fv, lock_config=True,
+                                           sys_argv=list(argv))
+  return fv, holder
+
+
+def _config_spec(argv: Sequence[str]) -> str | None:
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):
       return arg.split('=', 1)[1]
@@ -91,27 +55,132 @@ def _config_argument(argv) -> str | None:
   return None
 
 
-def _parse_flags(argv):
-  """absl's parser, with the config file checked first and its loader's exceptions as one line."""
-  from deformjax.train.config import config_file_problem
+def parse_flags(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+  """Parses `argv` (program name first) into `fv`; returns the positional arguments.
 
-  spec = _config_argument(argv)
-  if spec is not None:
-    problem = config_file_problem(spec.split(':', 1)[0])
-    if problem:
-      _fail(f'--config: {problem}')
+  absl's and config_flags' exceptions become one `error:` line (exit 2); `--help` prints the flags (and, once a
+  config is given, its fields) and exits 0.
+  """
+  argv = list(argv)
+  wants_help = any(a in _HELP for a in argv[1:])
+  # config_flags loads the file as module 'config_config' with the loader's load_module(), which executes
+  # into the module already in sys.modules: a second entry point in one process would keep the first file's
+  # get_config() when the second has none.
+  sys.modules.pop('config_config', None)
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:  # absl's own messages name the flag
-    _fail(str(e))
-  except (AttributeError, KeyError) as e:  # an override of a field the config does not have
+    rest = fv([a for a in argv if a not in _HELP])
+  except flags.Error as e:  # absl's messages name the flag (and, for a config field, its bad value)
+    fail(str(e))
+  except (AttributeError, KeyError) as e:
+    # config_flags names a field the config does not have by the field alone: name the override it came from.
     field = str(e).strip('"\'')
-    overrides = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
-    named = next((o for o in overrides if o.split('.')[-1] == field), f'--config.{field}')
-    _fail(f'{named}: the config has no field {field!r} (python -m deformjax.train --helpfull lists them)')
-  except Exception as e:  # get_config() itself failed
-    _fail(f'--config: {spec}: get_config() raised {type(e).__name__}: {e}')
+    named = next((a.split('=', 1)[0] for a in argv if a.startswith('--config.')
+                  and a.split('=', 1)[0].split('.')[-1] == field), None)
+    if named is None:  # the config file itself failed (e.g. it has no get_config)
+      fail(f'--config: {_config_spec(argv)}: {type(e).__name__}: {e}')
+    fail(f'{named}: the config has no field {field!r} (--helpfull with --config lists them)')
+  except Exception as e:  # the config file failed to run: a syntax error, get_config() raising
+    fail(f'--config: {_config_spec(argv)}: {type(e).__name__}: {e}')
+  if wants_help:
+    print(fv.get_help())
+    sys.exit(0)
+  return rest
 
 
-def run():
-  app.run(main, flags_parser=_parse_flags)
+def config_value(holder):
+  """The parsed config of `config_flag`'s holder, or one `error:` line when the file could not be loaded."""
+  value = holder.value
+  if value is None:
+    fail('--config is required, e.g. --config experiments/configs/digits.py')
+  try:
+    value.keys()  # config_flags defers a missing or unreadable file's error to the first use of the config
+  except OSError as e:
+    reason = str(e).strip().splitlines()[-1].strip()  # the attempt's own error: the file's path and what failed
+    fail(f"--config: {reason.removeprefix('Configuration is not available because of an earlier failure to load: ')}")
+  return value
+
+
+def run_or_exit(fn: Callable, *args, **kwargs):
+  """Calls `fn`; a configuration or data problem ends the program with one `error:` line (exit 2)."""
+  from deformjax.data.sources import DataError
+  from deformjax.train.config import ConfigError
+
+  try:
+    return fn(*args, **kwargs)
+  except (ConfigError, DataError) as e:
+    fail(str(e))
+
+
+def _init_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,
+                      auto: bool) -> None:
+  import jax
+
+  if coordinator or auto:
+    # CPU processes need gloo for cross-process collectives; GPU/TPU ignore this setting.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    kw = {}
+    if coordinator:
+      kw = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(**kw)
+
+
+def _write_outputs(summary: dict, summary_json: str | None, params_out: str | None) -> None:
+  import jax
+  import numpy as np
+
+  if jax.process_index() != 0:
+    return
+  if summary_json:
+    with open(summary_json, 'w') as f:
+      json.dump({k: v for k, v in summary.items() if k != 'params'}, f, indent=2, default=str)
+  if params_out:
+    # Replicated arrays of a multi-process run are not fully addressable: write the local copy.
+    leaves = jax.tree_util.tree_flatten_with_path(summary['params'])[0]
+    np.savez(params_out, **{jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
+                            for path, leaf in leaves})
+
+
+def command_line(args: Sequence[str] | None, prog: str) -> list[str]:
+  """`[prog, *args]`, or `sys.argv` when `args` is None: what `parse_flags` reads."""
+  return list(sys.argv) if args is None else [prog, *args]
+
+
+def main(args: Sequence[str] | None = None, *, on_step: Callable[[], None] | None = None) -> dict:
+  """The trainer's entry point: parses `args` (default `sys.argv[1:]`), trains, writes the requested files.
+
+  Returns the run's summary. A bad flag, config file, field or value exits 2 with one `error:` line; SIGTERM /
+  SIGINT saves a checkpoint and exits 143. `on_step` is passed to `train` (tests deliver signals through it).
+  """
+  argv = command_line(args, 'deformjax.train')
+  fv, config = config_flag(argv)
+  coordinator = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for a multi-process job',
+                                    flag_values=fv)
+  num_processes = flags.DEFINE_integer('num_processes', None, 'processes in a multi-process job', flag_values=fv)
+  process_id = flags.DEFINE_integer('process_id', None, 'this process in a multi-process job', flag_values=fv)
+  distributed = flags.DEFINE_bool('distributed', False, 'call jax.distributed.initialize() with cluster '
+                                  'auto-detection', flag_values=fv)
+  summary_json = flags.DEFINE_string('summary_json', None, 'write the final metrics here as JSON', flag_values=fv)
+  params_out = flags.DEFINE_string('params_out', None, 'write the final parameters here (.npz, one array per leaf, '
+                                   'keyed by its path in the parameter tree)', flag_values=fv)
+  verbose = flags.DEFINE_bool('verbose', False, 'also print INFO logs (orbax checkpointing, JAX backend probing); '
+                              'by default a run shows its progress bar, summary and warnings', flag_values=fv)
+  parse_flags(fv, argv)
+  cfg = config_value(config)
+  if verbose.value:
+    logging.set_verbosity(logging.INFO)
+    logging.use_absl_handler()
+  from deformjax.train.loop import Interrupted, train
+
+  try:
+    _init_distributed(coordinator.value, num_processes.value, process_id.value, distributed.value)
+    summary = run_or_exit(train, cfg, on_step=on_step)
+  except Interrupted as e:
+    print(f'interrupted: {e}', file=sys.stderr)
+    sys.exit(143)
+  _write_outputs(summary, summary_json.value, params_out.value)
+  return summary
+
+
+def run() -> None:
+  """Console script `deformjax-train` and `python -m deformjax.train`."""
+  main()

@@ -3,7 +3,6 @@ validation that turns a bad value into one clear line."""
 
 from __future__ import annotations
 
-import ast
 import math
 import os
 
@@ -129,36 +128,3 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int) -> None:
   except ValueError:
     raise ConfigError(f"config.deformable must be 'none', 'all' or a count in [0, {num_convs}], got "
                       f"{cfg.deformable!r}") from None
-
-
-def config_file_problem(path: str) -> str | None:
-  """Why `path` cannot be a `get_config()` file (one line), or None when it can.
-
-  Checked before anything imports it, so a typo in a path or a broken file ends
-  in one line instead of a traceback from the loader.
-  """
-  path = os.path.expanduser(path)
-  if not os.path.exists(path):
-    return f'no config file {path!r}'
-  if os.path.isdir(path):
-    return f'{path!r} is a directory, not a get_config() file'
-  if not path.endswith('.py'):
-    return f'{path!r} is not a Python file; a config is a .py file defining get_config()'
-  try:
-    with open(path, encoding='utf-8') as f:
-      tree = ast.parse(f.read(), filename=path)
-  except SyntaxError as e:
-    return f'{path} line {e.lineno}: {e.msg}'
-  except (OSError, UnicodeDecodeError) as e:
-    return f'cannot read {path!r}: {e}'
-  names = set()
-  for node in tree.body:
-    if isinstance(node, ast.FunctionDef):
-      names.add(node.name)
-    elif isinstance(node, ast.Assign):
-      names.update(t.id for t in node.targets if isinstance(t, ast.Name))
-    elif isinstance(node, ast.ImportFrom):
-      names.update(a.asname or a.name for a in node.names)
-  if 'get_config' not in names:
-    return f'{path} defines no get_config() function'
-  return None

@@ -1,0 +1,160 @@
+"""Multi-scale deformable attention (Deformable DETR) on the shared sampling core.
+
+The layout is mmcv's and transformers' `multi_scale_deformable_attention`, so
+that sampling locations, attention weights and checkpoints carry over: value
+`[N, sum(H_l*W_l), M, D]` with the levels concatenated row-major, locations
+`[N, Lq, M, L, P, 2]` as (x, y) normalised to [0, 1] with
+`grid_sample(align_corners=False)`'s meaning (pixel = loc*size - 0.5), weights
+`[N, Lq, M, L, P]`, output `[N, Lq, M*D]` (channel `m*D + d`). A point outside
+its level reads 0, and corners outside it contribute 0 (torchvision's rule,
+which is `grid_sample`'s `padding_mode='zeros'`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deformjax.ops import _args, _policy, sampling
+
+
+def level_shapes(spatial_shapes, fn: str = 'ms_deform_attn') -> tuple[tuple[int, int], ...]:
+  """`spatial_shapes` (a sequence of (H_l, W_l), or a concrete `[L, 2]` integer array) as a tuple of int pairs.
+
+  >>> level_shapes([(4, 6), (2, 3)])
+  ((4, 6), (2, 3))
+  """
+  if isinstance(spatial_shapes, jax.core.Tracer):
+    raise TypeError(f'{fn}: spatial_shapes must be static (a sequence of (H_l, W_l) or a concrete array), '
+                    'got a traced array; pass it as a Python sequence outside jit')
+  try:
+    shapes = np.asarray(spatial_shapes)
+  except (TypeError, ValueError):
+    shapes = None
+  if shapes is None or shapes.ndim != 2 or shapes.shape[1] != 2 or shapes.shape[0] < 1 or (
+      shapes.size and not np.issubdtype(shapes.dtype, np.integer)) or (shapes < 1).any():
+    raise ValueError(f'{fn}: spatial_shapes must be a non-empty sequence of (H_l, W_l) pairs of positive ints, '
+                     f'got {spatial_shapes!r}'[:300])
+  return tuple((int(h), int(w)) for h, w in shapes)
+
+
+class _Levels:
+  """Static per-level arrays broadcasting against points `[count, M, L, P]`."""
+
+  def __init__(self, shapes, n, lq, heads, cdtype, idx_dtype):
+    hw = np.asarray(shapes, np.int64)
+    self.n, self.lq, self.heads, self.cdtype, self.idx_dtype = n, lq, heads, cdtype, idx_dtype
+    self.rows_per_image = int(hw.prod(axis=1).sum())
+    # [1, 1, L, 1]: full rank, so they broadcast without rank promotion.
+    self.height = hw[None, None, :, 0, None].astype(idx_dtype)
+    self.width = hw[None, None, :, 1, None].astype(idx_dtype)
+    self.start = np.concatenate([[0], np.cumsum(hw.prod(axis=1))[:-1]]).astype(idx_dtype)[None, None, :, None]
+
+
+def _corners(levels: _Levels, start, count, locations, weights):
+  """Corner rows and weights `[count*M*L*P]` of queries `start..start+count` (over N*Lq)."""
+  cdtype, idx_dtype = levels.cdtype, levels.idx_dtype
+  q = start + jnp.arange(count, dtype=idx_dtype)
+  # Padding queries past the end reuse the last image; their outputs are sliced off.
+  img = jnp.minimum(q // levels.lq, levels.n - 1)
+  loc = locations.astype(cdtype)
+  x = loc[..., 0] * levels.width.astype(cdtype) - 0.5
+  y = loc[..., 1] * levels.height.astype(cdtype) - 0.5
+  idx, wts = sampling.bilinear_corners(y, x, levels.height, levels.width, idx_dtype)
+  base = (img * levels.rows_per_image)[:, None, None, None] + levels.start
+  rows = sampling.corner_rows(idx, base, levels.heads, jnp.arange(levels.heads, dtype=idx_dtype)[None, :, None, None])
+  return rows, tuple((wt * weights.astype(cdtype)).reshape(-1) for wt in wts)
+
+
+def ms_deform_attn(
+    value: jax.Array,
+    spatial_shapes: Sequence[tuple[int, int]],
+    sampling_locations: jax.Array,
+    attention_weights: jax.Array,
+    *,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    deterministic: bool = False,
+) -> jax.Array:
+  """Multi-scale deformable attention (Deformable DETR), with mmcv's and transformers' layout.
+
+  `out[n, q, m*D + d] = sum_{l, p} attention_weights[n, q, m, l, p] *
+  value_l[n, y, x, m, d]` sampled bilinearly at `x = loc_x * W_l - 0.5`,
+  `y = loc_y * H_l - 0.5` for `(loc_x, loc_y) = sampling_locations[n, q, m, l, p]`,
+  where `value_l` is level l's `[H_l, W_l]` slice of `value`. Out-of-level
+  corners read 0; non-finite or huge locations read 0 with zero gradient.
+
+  Args:
+    value: `[N, sum(H_l*W_l), M, D]`: the levels' `H_l x W_l` maps flattened
+      row-major and concatenated in order, `M` heads of `D` channels.
+    spatial_shapes: the static `(H_l, W_l)` of the `L` levels (a sequence, or a
+      concrete `[L, 2]` integer array such as transformers passes).
+    sampling_locations: `[N, Lq, M, L, P, 2]`, (x, y) in [0, 1]
+      (`align_corners=False`).
+    attention_weights: `[N, Lq, M, L, P]`, used as given (the layer applies the
+      softmax over `L*P`).
+    chunk_size, memory_budget: the execution policy, as in `deform_conv2d`
+      (a pass holds `queries * L*P * M*D` float32 sampled values).
+    deterministic: bit-identical gradients on GPU/TPU (reverse mode only).
+
+  Returns:
+    `[N, Lq, M*D]` in `value.dtype`, accumulated in float32 (float64 for
+    float64 values).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from deformjax.ops import ms_deform_attn
+    >>> shapes = [(4, 4), (2, 2)]
+    >>> value = jnp.ones((1, 4 * 4 + 2 * 2, 2, 8))
+    >>> loc = jnp.full((1, 5, 2, 2, 3, 2), 0.5)
+    >>> out = ms_deform_attn(value, shapes, loc, jnp.full((1, 5, 2, 2, 3), 1 / 6))
+    >>> out.shape, round(float(out[0, 0, 0]), 6)
+    ((1, 5, 16), 1.0)
+  """
+  fn = 'ms_deform_attn'
+  value, sampling_locations, attention_weights = (
+      _args.as_array(a, name, fn) for a, name in zip((value, sampling_locations, attention_weights),
+                                                     ('value', 'sampling_locations', 'attention_weights')))
+  for a, name in ((value, 'value'), (sampling_locations, 'sampling_locations'),
+                  (attention_weights, 'attention_weights')):
+    _args.check_floating(a, name, fn)
+  _args.check_rank(value, 4, 'value', '[N, sum(H_l*W_l), M, D]', fn)
+  shapes = level_shapes(spatial_shapes, fn)
+  n, s, heads, d = value.shape
+  rows = sum(h * w for h, w in shapes)
+  if s != rows:
+    raise ValueError(f'{fn}: value must have shape [N, sum(H_l*W_l), M, D] = [N, {rows}, M, D] for spatial_shapes '
+                     f'{shapes}, got {tuple(value.shape)}')
+  _args.check_rank(sampling_locations, 6, 'sampling_locations', '[N, Lq, M, L, P, 2]', fn)
+  lq, points = sampling_locations.shape[1], sampling_locations.shape[4]
+  levels = len(shapes)
+  _args.check_shape(sampling_locations, (n, lq, heads, levels, points, 2), 'sampling_locations',
+                    '[N, Lq, M, L, P, 2]', fn)
+  _args.check_shape(attention_weights, (n, lq, heads, levels, points), 'attention_weights', '[N, Lq, M, L, P]', fn)
+  sampling.check_policy_args(chunk_size, memory_budget, deterministic, fn)
+
+  acc_dtype = _args.promote(value.dtype, jnp.float32)
+  cdtype = _args.coordinate_dtype(sampling_locations.dtype, attention_weights.dtype, value.dtype)
+  queries = n * lq
+  if _policy.known_le(queries, 0) or _policy.known_le(points * heads * d, 0):
+    return jnp.zeros((n, lq, heads * d), value.dtype)
+  idx_dtype = _args.index_dtype(n * s * heads, fn)
+  table = value.reshape(n * s * heads, d).astype(acc_dtype)
+  per_query = heads * levels * points
+  sample = functools.partial(sampling.sampled_pass, functools.partial(sampling.sum_points, heads, levels * points),
+                             acc_dtype, bool(deterministic), table, None)
+  out = sampling.run_passes(
+      functools.partial(_corners, _Levels(shapes, n, lq, heads, cdtype, idx_dtype)), sample,
+      (sampling_locations.reshape(queries, heads, levels, points, 2),
+       attention_weights.reshape(queries, heads, levels, points)),
+      pixels=queries, bytes_per_pixel=levels * points * heads * d * acc_dtype.itemsize,
+      point_bytes=per_query * (idx_dtype.itemsize + cdtype.itemsize) * 4, idx_dtype=idx_dtype,
+      chunk_size=chunk_size, memory_budget=memory_budget)
+  return out.reshape(n, lq, heads * d).astype(value.dtype)
+
+
+__all__ = ['level_shapes', 'ms_deform_attn']
