@@ -101,6 +101,7 @@ def check_page(binary: str, base: str, page: Page, shots: pathlib.Path) -> list[
   problems += [f'{page.path}: the rendered page matches no {pattern!r}' for pattern in page.matches
                if not re.search(pattern, dom.stdout)]
   shot = shots / (page.path.replace('/', '_').removesuffix('.html') + '.png')
+  shot.unlink(missing_ok=True)  # a screenshot of an earlier run proves nothing
   try:
     with tempfile.TemporaryDirectory(prefix='deformjax-chromium-') as profile:
       chromium(binary, profile, f'--screenshot={shot}', url)
