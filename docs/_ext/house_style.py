@@ -142,15 +142,24 @@ def field_defaults(cls: type) -> dict[str, str]:
 LINEN_FIELDS = ('parent', 'name')
 
 
+def _is_linen_module(cls: type) -> bool:
+  try:
+    from flax import linen
+  except ImportError:
+    return False
+  return issubclass(cls, linen.Module)
+
+
 def dataclass_signature(cls: type) -> str:
-  """A dataclass module's constructor without Linen's own fields, defaults as written in the class body."""
+  """A dataclass's constructor, defaults as written in the class body; a Linen module's without Linen's fields."""
   sig = inspect.signature(cls)
+  own = () if not _is_linen_module(cls) else LINEN_FIELDS
   written = {}
   for base in reversed(cls.__mro__):
     if base.__module__.split('.')[0] == cls.__module__.split('.')[0]:
       written.update(field_defaults(base))
   params = [p.replace(default=_Source(written[p.name])) if p.name in written else p
-            for p in sig.parameters.values() if p.name not in LINEN_FIELDS]
+            for p in sig.parameters.values() if p.name not in own]
   return stringify_signature(sig.replace(parameters=params), show_return_annotation=False)
 
 
