@@ -132,6 +132,32 @@ def single_pass() -> Iterator[None]:
     _SINGLE_PASS.reset(token)
 
 
+# Set inside `native_ops(...)`: op name -> the function an exporter traces instead
+# of the op's sampled passes (deformjax.export: ONNX's own DeformConv).
+_NATIVE_OPS: contextvars.ContextVar[tuple[tuple[str, Callable[..., Any]], ...]] = contextvars.ContextVar(
+    'deformjax_native_ops', default=())
+
+
+@contextlib.contextmanager
+def native_ops(**ops: Callable[..., Any]) -> Iterator[None]:
+  """Within the block, the named ops (e.g. `deform_conv2d=fn`) trace `fn` after validating their arguments.
+
+  `fn` gets the op's validated arguments and returns the result, or None to
+  decline (the op then runs as usual). For exporters whose target has its own
+  operator for an op; read at trace time, scoped like `single_pass()`.
+  """
+  token = _NATIVE_OPS.set(tuple(ops.items()))
+  try:
+    yield
+  finally:
+    _NATIVE_OPS.reset(token)
+
+
+def native_op(name: str) -> Callable[..., Any] | None:
+  """The function `native_ops(...)` set for the op `name` in this context, or None."""
+  return dict(_NATIVE_OPS.get()).get(name)
+
+
 def is_symbolic(*dims: Any) -> bool:
   """True if any dimension is a `jax.export` symbolic dimension."""
   return any(export.is_symbolic_dim(d) for d in dims)
@@ -190,5 +216,5 @@ def by_platform(cpu: Callable[..., Any], accelerator: Callable[..., Any], *args:
 
 
 __all__ = ['CPU_CHUNK_BYTES', 'DEFAULT_ACCELERATOR_MEMORY_BUDGET', 'SINGLE_PASS_PIXELS', 'accelerator_memory_budget',
-           'by_platform', 'current_accelerator_memory_budget', 'is_symbolic', 'known_le', 'pixels_per_pass',
-           'single_pass']
+           'by_platform', 'current_accelerator_memory_budget', 'is_symbolic', 'known_le', 'native_op', 'native_ops',
+           'pixels_per_pass', 'single_pass']
