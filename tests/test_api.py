@@ -438,10 +438,6 @@ KNOWN_GAPS: dict[tuple[str, str], frozenset[str]] = {
   ('without type hints', 'deformjax.data.sources'): frozenset([
       'coco_multilabel(classes)', 'coco_multilabel(label_names)', 'load_source(return)', 'tfds_source(return)',
   ]),
-  ('without type hints', 'deformjax.export'): frozenset([
-      'eval_for_inference(args)', 'eval_for_inference(consts)', 'eval_for_inference(jaxpr)', 'op_types(model)',
-      'to_onnx(return)',
-  ]),
   ('exports a mutable value', 'deformjax.models'): frozenset(['MODELS']),
   ('without type hints', 'deformjax.models'): frozenset([
       'CifarNet.__init__(dtype)', 'ConvClassifier.__init__(dtype)', 'build_model(deformable)', 'build_model(dtype)',
@@ -464,41 +460,13 @@ KNOWN_GAPS: dict[tuple[str, str], frozenset[str]] = {
       'linen_params(fresh)', 'linen_params(pretrained)', 'linen_params(return)',
   ]),
   ('defined, not in __all__ and not underscored', 'deformjax.nn.dcnv3'): frozenset([
-      'blend_center', 'check_block_args', 'check_nhwc', 'group_softmax', 'num_taps', 'torch_conv_kernel_init',
-      'xavier_uniform', 'zeros',
+      'Layer', 'blend_center', 'check_block_args', 'check_nhwc', 'group_softmax', 'num_taps', 'softmax_dtype',
+      'torch_conv_kernel_init', 'xavier_uniform', 'zeros',
   ]),
   ('without type hints', 'deformjax.nn.dcnv3'): frozenset(['DCNv3.__call__(return)', 'DCNv4.__call__(return)']),
-  ('no __all__', 'deformjax.nn.linen'): frozenset(['__all__']),
   ('defined, not in __all__ and not underscored', 'deformjax.nn.ms_deform_attn'): frozenset(['check_spatial_shapes']),
   ('without type hints', 'deformjax.nn.ms_deform_attn'): frozenset([
       'MSDeformAttn.__call__(return)', 'directional_bias_init(return)',
-  ]),
-  ('without type hints', 'deformjax.ops'): frozenset([
-      'columns_bytes(dtype)', 'columns_bytes(inputs_shape)', 'columns_bytes(kernel_shape)',
-      'columns_bytes(offsets_shape)', 'deform_conv2d(dilation)', 'deform_conv2d(precision)',
-      'deform_conv2d(preferred_element_type)', 'deform_conv2d(strides)',
-  ]),
-  ('no __all__', 'deformjax.ops._args'): frozenset(['__all__']),
-  ('without type hints', 'deformjax.ops.dcnv3'): frozenset(['taps_xy(return)']),
-  ('without type hints', 'deformjax.ops.deform_conv'): frozenset([
-      'columns_bytes(dtype)', 'columns_bytes(inputs_shape)', 'columns_bytes(kernel_shape)',
-      'columns_bytes(offsets_shape)', 'deform_conv2d(dilation)', 'deform_conv2d(precision)',
-      'deform_conv2d(preferred_element_type)', 'deform_conv2d(strides)',
-  ]),
-  ('without type hints', 'deformjax.ops.ms_deform_attn'): frozenset(['level_shapes(spatial_shapes)']),
-  ('no __all__', 'deformjax.ops.sampling'): frozenset(['__all__']),
-  ('without type hints', 'deformjax.ops.sampling'): frozenset([
-      'bilinear_corners(idx_dtype)', 'bilinear_corners(return)', 'check_policy_args(chunk_size)',
-      'check_policy_args(deterministic)', 'check_policy_args(memory_budget)', 'corner_rows(base)',
-      'corner_rows(group)', 'corner_rows(indices)', 'corner_rows(return)', 'floor_and_fractions(idx_dtype)',
-      'floor_and_fractions(return)', 'floor_and_fractions(x)', 'floor_and_fractions(y)',
-      'gather_corners(acc_dtype)', 'gather_corners(indices)', 'gather_corners(weights)', 'run_passes(arrays)',
-      'run_passes(corners)', 'run_passes(idx_dtype)', 'run_passes(pixels)', 'run_passes(return)',
-      'run_passes(sample)', 'sample_and_contract(compute_dtype)', 'sample_and_contract(contract)',
-      'sample_and_contract(indices)', 'sample_and_contract(kernel)', 'sample_and_contract(return)',
-      'sample_and_contract(table)', 'sample_and_contract(weights)', 'sampled_pass(compute_dtype)',
-      'sampled_pass(contract)', 'sampled_pass(corner_arrays)', 'sampled_pass(kernel)', 'sampled_pass(return)',
-      'sampled_pass(table)', 'sum_points(kernel)',
   ]),
   ('exported without a docstring', 'deformjax.train'): frozenset(['format_summary']),
   ('without type hints', 'deformjax.train'): frozenset([
