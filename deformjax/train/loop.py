@@ -106,6 +106,7 @@ def model_factory(cfg: ml_collections.ConfigDict, spec):
   def build(seed: int) -> nnx.Module:
     return build_model(cfg.model, in_features=spec.image_shape[-1], num_classes=spec.num_classes,
                        image_size=spec.image_shape[0], deformable=cfg.deformable, modulated=cfg.modulated,
+                       conv=cfg.get('conv'),
                        dropout=cfg.dropout, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(seed))
 
   return build
@@ -219,7 +220,7 @@ def _restore(run: _Run, echo) -> tuple[Checkpointer | None, str | None, int]:
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=cfg.keep_checkpoints)
   run_file = os.path.join(workdir, 'run.json')
-  identity = {k: cfg[k] for k in RUN_FIELDS}
+  identity = {k: cfg.get(k) for k in RUN_FIELDS}
   start = 0
   if ckpt.latest_step() is not None:
     _check_same_run(workdir, run_file, identity)
@@ -399,7 +400,7 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None, on_step=N
 
 # The config fields that decide what a checkpoint holds and whose run it is; a
 # workdir's run.json records them, and a resume with other values is refused.
-RUN_FIELDS = ('dataset', 'model', 'deformable', 'modulated', 'dtype', 'optimizer', 'seed', 'num_seeds')
+RUN_FIELDS = ('dataset', 'model', 'deformable', 'modulated', 'conv', 'dtype', 'optimizer', 'seed', 'num_seeds')
 
 
 def _check_same_run(workdir: str, run_file: str, identity: dict) -> None:
