@@ -75,7 +75,7 @@ def test_a_study_names_a_bad_override_in_one_line(capsys):
     robustness.main([f'--config={robustness.DEFAULT_CONFIG}:runlocal', '--config.train.nosuch=1'])
   assert exit_.value.code == 2
   assert capsys.readouterr().err == ("error: --config.train.nosuch: the config has no field 'nosuch' "
-                                     '(--helpfull with --config lists them)\n')
+                                     '(its fields are those its get_config() sets)\n')
   with pytest.raises(SystemExit) as exit_:
     robustness.main([f'--config={robustness.DEFAULT_CONFIG}:runlocal', '--config.train.dataset=imagenet'])
   assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: unknown dataset 'imagenet'")

@@ -58,8 +58,7 @@ def _config_spec(argv: Sequence[str]) -> str | None:
 def parse_flags(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
   """Parses `argv` (program name first) into `fv`; returns the positional arguments.
 
-  absl's and config_flags' exceptions become one `error:` line (exit 2); `--help` prints the flags (and, once a
-  config is given, its fields) and exits 0.
+  absl's and config_flags' exceptions become one `error:` line (exit 2); `--help` prints the flags and exits 0.
   """
   argv = list(argv)
   wants_help = any(a in _HELP for a in argv[1:])
@@ -78,7 +77,7 @@ def parse_flags(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
                   and a.split('=', 1)[0].split('.')[-1] == field), None)
     if named is None:  # the config file itself failed (e.g. it has no get_config)
       fail(f'--config: {_config_spec(argv)}: {type(e).__name__}: {e}')
-    fail(f'{named}: the config has no field {field!r} (--helpfull with --config lists them)')
+    fail(f'{named}: the config has no field {field!r} (its fields are those its get_config() sets)')
   except Exception as e:  # the config file failed to run: a syntax error, get_config() raising
     fail(f'--config: {_config_spec(argv)}: {type(e).__name__}: {e}')
   if wants_help:
