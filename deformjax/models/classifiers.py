@@ -7,6 +7,13 @@ training-time study. `deformable` picks how many of the *last* convs become
 `deformjax.nn.DeformConv` ('none' = 0, 'all' = every conv, or an int); the
 deformable layers keep the regular layers' geometry, so both variants see
 feature maps of identical shapes and differ only in where they sample.
+
+`conv` picks the member of the deformable family those convs become: 'dcnv1'
+(`DeformConv`), 'dcnv2' (`DeformConv(modulated=True)`), 'dcnv3' / 'dcnv4'
+(`deformjax.nn.DCNv3` / `DCNv4` blocks in a residual `x + block(x)`, the way
+InternImage and FlashInternImage use them; they keep the width, so they can
+replace only the width-preserving convs). Unset, `modulated` chooses between
+'dcnv1' and 'dcnv2' as before.
 """
 
 from __future__ import annotations
@@ -17,7 +24,11 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from deformjax.nn import DeformConv
+from deformjax.nn import DCNv3, DCNv4, DeformConv
+
+CONVS = ('dcnv1', 'dcnv2', 'dcnv3', 'dcnv4')
+# Channel groups of the DCNv3 / DCNv4 blocks: 4 groups of 8 channels at the studies' width 32.
+FAMILY_GROUPS = 4
 
 
 def resolve_deformable(deformable: int | str, num_convs: int) -> int:
@@ -33,10 +44,58 @@ def resolve_deformable(deformable: int | str, num_convs: int) -> int:
   raise ValueError(f"deformable must be 'none', 'all' or an int in [0, {num_convs}], got {deformable!r}")
 
 
-def _conv(cin, cout, kernel, padding, deformable, modulated, dtype, rngs):
-  if deformable:
-    return DeformConv(cin, cout, kernel, padding=padding, modulated=modulated, dtype=dtype, rngs=rngs)
-  return nnx.Conv(cin, cout, (kernel, kernel), padding=padding, dtype=dtype, rngs=rngs)
+def resolve_conv(conv: str | None, modulated: bool) -> str:
+  """The deformable conv a classifier uses: `conv` when set ('dcnv1' | 'dcnv2' | 'dcnv3' | 'dcnv4'), else
+  'dcnv2' if `modulated` else 'dcnv1'.
+
+  Example:
+    >>> from deformjax.models import resolve_conv
+    >>> resolve_conv(None, True), resolve_conv('dcnv3', False)
+    ('dcnv2', 'dcnv3')
+  """
+  if conv is None or conv == '':
+    return 'dcnv2' if modulated else 'dcnv1'
+  if conv not in CONVS:
+    raise ValueError(f"conv must be one of {', '.join(repr(c) for c in CONVS)} (or None), got {conv!r}")
+  if modulated and conv != 'dcnv2':
+    raise ValueError(f'modulated=True asks for DCNv2 but conv={conv!r}; set one of them')
+  return conv
+
+
+class Residual(nnx.Module):
+  """`x + block(x)`: how the DCNv3 / DCNv4 blocks sit in their networks (a fresh DCNv4 computes 0, so a
+  stack of them without the skip would pass no signal and no gradient).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from deformjax.models.classifiers import Residual
+    >>> from deformjax.nn import DCNv4
+    >>> block = Residual(DCNv4(16, groups=2, rngs=nnx.Rngs(0)))
+    >>> x = jnp.ones((1, 4, 4, 16), jnp.float32)
+    >>> bool(jnp.all(block(x) == x))  # a fresh DCNv4 adds zero
+    True
+  """
+
+  def __init__(self, block: nnx.Module):
+    self.block = block
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x + self.block(x)
+
+
+def _conv(cin, cout, kernel, padding, deformable, conv, dtype, rngs):
+  if not deformable:
+    return nnx.Conv(cin, cout, (kernel, kernel), padding=padding, dtype=dtype, rngs=rngs)
+  if conv in ('dcnv1', 'dcnv2'):
+    return DeformConv(cin, cout, kernel, padding=padding, modulated=conv == 'dcnv2', dtype=dtype, rngs=rngs)
+  if cin != cout or padding not in (1, 'SAME') or kernel % 2 == 0:
+    raise ValueError(f'conv={conv!r} blocks keep the width and the spatial size: they can replace a '
+                     f'{cin}->{cout} conv only when in == out, the kernel is odd and the padding keeps the size '
+                     f'(got kernel {kernel}, padding {padding!r}); make fewer convs deformable')
+  block = DCNv3 if conv == 'dcnv3' else DCNv4
+  extra = {} if conv == 'dcnv3' else {'dw_kernel_size': 3}  # FlashInternImage's DCNv4 offset branch
+  return Residual(block(cout, kernel, groups=FAMILY_GROUPS, dtype=dtype, rngs=rngs, **extra))
 
 
 def max_pool(x):
@@ -72,7 +131,10 @@ class ConvClassifier(nnx.Module):
     width: channels of every conv (32 in the studies).
     deformable: 'none', 'all' or the number of last convs that are deformable
       (the studies: 2, i.e. conv4 and conv5).
-    modulated: DCNv2 masks in the deformable convs.
+    modulated: DCNv2 masks in the deformable convs (when `conv` is unset).
+    conv: which deformable conv: 'dcnv1', 'dcnv2', 'dcnv3' or 'dcnv4' (see the
+      module docstring; DCNv3 / DCNv4 replace at most the last 4 convs, the
+      width-preserving ones). None: 'dcnv2' if `modulated` else 'dcnv1'.
     dropout: dropout rate before the classifier (0.2 in the COCO study).
     dtype: computation dtype (e.g. bfloat16); parameters stay float32.
     rngs: random number generators for the parameters.
@@ -89,10 +151,11 @@ class ConvClassifier(nnx.Module):
   num_convs = 5
 
   def __init__(self, in_features: int = 1, num_classes: int = 10, *, width: int = 32, deformable: int | str = 0,
-               modulated: bool = False, dropout: float = 0.0, dtype=None, rngs: nnx.Rngs):
+               modulated: bool = False, conv: str | None = None, dropout: float = 0.0, dtype=None, rngs: nnx.Rngs):
     k = resolve_deformable(deformable, self.num_convs)
+    conv = resolve_conv(conv, modulated)
     self.convs = nnx.List([
-        _conv(in_features if i == 0 else width, width, 3, 1, i >= self.num_convs - k, modulated, dtype, rngs)
+        _conv(in_features if i == 0 else width, width, 3, 1, i >= self.num_convs - k, conv, dtype, rngs)
         for i in range(self.num_convs)
     ])
     # The dropout key is passed per call (not stored), so the model state is parameters only.
@@ -120,16 +183,19 @@ class CifarNet(nnx.Module):
 
   `deformable` counts from the last conv (1: conv2, 2 or 'all': both). Unlike the
   study's notebook (whose deformable variant padded its convs and so changed the
-  feature-map sizes), both variants here use the same VALID geometry.
+  feature-map sizes), both variants here use the same VALID geometry. `conv`
+  may be 'dcnv1' or 'dcnv2' (its convs change width: DCNv3 / DCNv4 blocks do not fit).
   """
 
   num_convs = 2
 
   def __init__(self, in_features: int = 3, num_classes: int = 10, *, image_size: int = 32,
-               deformable: int | str = 0, modulated: bool = False, dtype=None, rngs: nnx.Rngs):
+               deformable: int | str = 0, modulated: bool = False, conv: str | None = None, dtype=None,
+               rngs: nnx.Rngs):
     k = resolve_deformable(deformable, self.num_convs)
-    self.conv1 = _conv(in_features, 40, 3, 'VALID', k >= 2, modulated, dtype, rngs)
-    self.conv2 = _conv(40, 25, 2, 'VALID', k >= 1, modulated, dtype, rngs)
+    conv = resolve_conv(conv, modulated)
+    self.conv1 = _conv(in_features, 40, 3, 'VALID', k >= 2, conv, dtype, rngs)
+    self.conv2 = _conv(40, 25, 2, 'VALID', k >= 1, conv, dtype, rngs)
     side = ((image_size - 2) // 2 - 1) // 2
     self.fc1 = nnx.Linear(25 * side * side, 300, dtype=dtype, rngs=rngs)
     self.fc2 = nnx.Linear(300, 100, dtype=dtype, rngs=rngs)
@@ -150,12 +216,12 @@ MODELS = {'conv5': ConvClassifier, 'cifarnet': CifarNet}
 
 
 def build_model(name: str, *, in_features: int, num_classes: int, image_size: int, deformable, modulated: bool,
-                dropout: float = 0.0, dtype=None, rngs: nnx.Rngs) -> nnx.Module:
-  """Builds a classifier by name ('conv5' or 'cifarnet')."""
+                conv: str | None = None, dropout: float = 0.0, dtype=None, rngs: nnx.Rngs) -> nnx.Module:
+  """Builds a classifier by name ('conv5' or 'cifarnet'); `conv` as `ConvClassifier`'s."""
   if name == 'conv5':
-    return ConvClassifier(in_features, num_classes, deformable=deformable, modulated=modulated, dropout=dropout,
-                          dtype=dtype, rngs=rngs)
+    return ConvClassifier(in_features, num_classes, deformable=deformable, modulated=modulated, conv=conv,
+                          dropout=dropout, dtype=dtype, rngs=rngs)
   if name == 'cifarnet':
     return CifarNet(in_features, num_classes, image_size=image_size, deformable=deformable, modulated=modulated,
-                    dtype=dtype, rngs=rngs)
+                    conv=conv, dtype=dtype, rngs=rngs)
   raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

@@ -11,6 +11,8 @@ one tensor to one parameter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -63,10 +65,23 @@ def check_nhwc(inputs: jax.Array, channels: int, name: str) -> None:
     raise ValueError(f'{name}: inputs must have shape [..., H, W, channels={channels}], got {tuple(inputs.shape)}')
 
 
+def softmax_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  """Softmaxes run in float32 at least: bf16 / f16 logits would lose the small weights."""
+  return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else jnp.dtype(dtype)
+
+
 def group_softmax(logits: jax.Array, groups: int) -> jax.Array:
-  """Softmax over the taps of each group: `[..., groups*K] -> [..., groups*K]` (DCNv3's mask normalisation)."""
+  """Softmax over the taps of each group: `[..., groups*K] -> [..., groups*K]` (DCNv3's mask normalisation).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from deformjax.nn.dcnv3 import group_softmax
+    >>> group_softmax(jnp.zeros((1, 6)), 2).tolist()  # two groups of three taps
+    [[0.3333333432674408, 0.3333333432674408, 0.3333333432674408, 0.3333333432674408, 0.3333333432674408, 0.3333333432674408]]
+  """
   shaped = logits.reshape(logits.shape[:-1] + (groups, logits.shape[-1] // groups))
-  return jax.nn.softmax(shaped.astype(jnp.float32), axis=-1).astype(logits.dtype).reshape(logits.shape)
+  weights = jax.nn.softmax(shaped.astype(softmax_dtype(logits.dtype)), axis=-1)
+  return weights.astype(logits.dtype).reshape(logits.shape)
 
 
 def blend_center(x: jax.Array, x_proj: jax.Array, scale_logits: jax.Array, groups: int) -> jax.Array:
@@ -75,6 +90,56 @@ def blend_center(x: jax.Array, x_proj: jax.Array, scale_logits: jax.Array, group
   s = jax.nn.sigmoid(scale_logits).astype(x.dtype)
   s = jnp.repeat(s, x.shape[-1] // groups, axis=-1)
   return x * (1 - s) + x_proj * s
+
+
+Layer = Callable[[jax.Array], jax.Array]
+
+
+def _flat(inputs: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+  """`[..., H, W, C] -> [N, H, W, C]` and the function that puts the leading dims back."""
+  batch = inputs.shape[:-3]
+  return inputs.reshape((-1,) + inputs.shape[-3:]), lambda a: a.reshape(batch + a.shape[1:])
+
+
+def dcnv3_block(inputs: jax.Array, input_proj: Layer, dw_conv: Layer, norm: Layer, offset: Layer, mask: Layer,
+                center_feature_scale_proj: Layer | None, output_proj: Layer, *, kernel_size: int, groups: int,
+                padding: int, dilation: int, offset_scale: float,
+                remove_center: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """DCNv3's computation given its layers (what the NNX module and its Linen twin share).
+
+  `inputs [..., H, W, C]` -> `(y [..., H, W, C], offsets [..., H, W, groups*K*2], mask [..., H, W, groups*K])`.
+  """
+  from deformjax.ops import dcnv3
+
+  inputs, unflat = _flat(inputs)
+  x = input_proj(inputs)
+  h = jax.nn.gelu(norm(dw_conv(inputs)), approximate=False)  # torch nn.GELU is the erf form
+  offsets = offset(h)
+  weights = group_softmax(mask(h), groups)
+  y = dcnv3(x, offsets.astype(x.dtype), weights.astype(x.dtype), kernel_size=kernel_size, padding=padding,
+            dilation=dilation, groups=groups, offset_scale=offset_scale, remove_center=remove_center)
+  if center_feature_scale_proj is not None:
+    y = blend_center(y, x, center_feature_scale_proj(h), groups)
+  return unflat(output_proj(y)), unflat(offsets), unflat(weights)
+
+
+def dcnv4_block(inputs: jax.Array, value_proj: Layer | None, offset_mask_dw: Layer | None, offset_mask: Layer,
+                center_feature_scale_proj: Layer | None, output_proj: Layer | None, *, kernel_size: int, groups: int,
+                padding: int, dilation: int, offset_scale: float,
+                remove_center: bool) -> tuple[jax.Array, jax.Array]:
+  """DCNv4's computation given its layers: `inputs [..., H, W, C]` -> `(y, offset_mask [..., H, W, ceil8(G*K*3)])`."""
+  from deformjax.ops import dcnv4
+
+  inputs, unflat = _flat(inputs)
+  x = inputs if value_proj is None else value_proj(inputs)
+  packed = offset_mask(inputs if offset_mask_dw is None else offset_mask_dw(inputs))
+  y = dcnv4(x, packed.astype(x.dtype), kernel_size=kernel_size, padding=padding, dilation=dilation, groups=groups,
+            offset_scale=offset_scale, remove_center=remove_center)
+  if center_feature_scale_proj is not None:
+    y = blend_center(y, x, center_feature_scale_proj(y), groups)  # the reference gates on the aggregated values
+  if output_proj is not None:
+    y = output_proj(y)
+  return unflat(y), unflat(packed)
 
 
 def _linear(cin, cout, *, use_bias=True, kernel_init=xavier_uniform, dtype, param_dtype, precision, rngs):
@@ -160,24 +225,12 @@ class DCNv3(nnx.Module):
   def __call__(self, inputs: jax.Array, *, return_offsets: bool = False):
     """`inputs [..., H, W, C]` -> `[..., H, W, C]`; with `return_offsets`, also the
     offsets `[..., H, W, groups*K*2]` and the (softmaxed) mask `[..., H, W, groups*K]` used."""
-    from deformjax.ops import dcnv3
-
-    name = type(self).__name__
-    check_nhwc(inputs, self.channels, name)
-    batch = inputs.shape[:-3]
-    inputs = inputs.reshape((-1,) + inputs.shape[-3:])
-    x = self.input_proj(inputs)
-    h = jax.nn.gelu(self.norm(self.dw_conv(inputs)), approximate=False)  # torch nn.GELU is the erf form
-    offsets = self.offset(h)
-    mask = group_softmax(self.mask(h), self.groups)
-    y = dcnv3(x, offsets, mask.astype(x.dtype), kernel_size=self.kernel_size, padding=self.padding,
-              dilation=self.kernel_dilation, groups=self.groups, offset_scale=self.offset_scale,
-              remove_center=self.remove_center)
-    if self.center_feature_scale_proj is not None:
-      y = blend_center(y, x, self.center_feature_scale_proj(h), self.groups)
-    y = self.output_proj(y)
-    unflat = lambda a: a.reshape(batch + a.shape[1:])
-    return (unflat(y), unflat(offsets), unflat(mask)) if return_offsets else unflat(y)
+    check_nhwc(inputs, self.channels, type(self).__name__)
+    y, offsets, mask = dcnv3_block(
+        inputs, self.input_proj, self.dw_conv, self.norm, self.offset, self.mask, self.center_feature_scale_proj,
+        self.output_proj, kernel_size=self.kernel_size, groups=self.groups, padding=self.padding,
+        dilation=self.kernel_dilation, offset_scale=self.offset_scale, remove_center=self.remove_center)
+    return (y, offsets, mask) if return_offsets else y
 
 
 class DCNv4(nnx.Module):
@@ -252,24 +305,12 @@ class DCNv4(nnx.Module):
   def __call__(self, inputs: jax.Array, *, return_offsets: bool = False):
     """`inputs [..., H, W, C]` -> `[..., H, W, C]`; with `return_offsets`, also the packed
     `offset_mask [..., H, W, ceil8(groups*K*3)]` used."""
-    from deformjax.ops import dcnv4
-
-    name = type(self).__name__
-    check_nhwc(inputs, self.channels, name)
-    batch = inputs.shape[:-3]
-    inputs = inputs.reshape((-1,) + inputs.shape[-3:])
-    x = inputs if self.value_proj is None else self.value_proj(inputs)
-    head_in = inputs if self.offset_mask_dw is None else self.offset_mask_dw(inputs)
-    offset_mask = self.offset_mask(head_in)
-    y = dcnv4(x, offset_mask.astype(x.dtype), kernel_size=self.kernel_size, padding=self.padding,
-              dilation=self.kernel_dilation, groups=self.groups, offset_scale=self.offset_scale,
-              remove_center=self.remove_center)
-    if self.center_feature_scale_proj is not None:
-      y = blend_center(y, x, self.center_feature_scale_proj(y), self.groups)
-    if self.output_proj is not None:
-      y = self.output_proj(y)
-    unflat = lambda a: a.reshape(batch + a.shape[1:])
-    return (unflat(y), unflat(offset_mask)) if return_offsets else unflat(y)
+    check_nhwc(inputs, self.channels, type(self).__name__)
+    y, offset_mask = dcnv4_block(
+        inputs, self.value_proj, self.offset_mask_dw, self.offset_mask, self.center_feature_scale_proj,
+        self.output_proj, kernel_size=self.kernel_size, groups=self.groups, padding=self.padding,
+        dilation=self.kernel_dilation, offset_scale=self.offset_scale, remove_center=self.remove_center)
+    return (y, offset_mask) if return_offsets else y
 
 
-__all__ = ['DCNv3', 'DCNv4', 'ceil8']
+__all__ = ['DCNv3', 'DCNv4', 'ceil8', 'dcnv3_block', 'dcnv4_block']

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from deformjax.nn import _common
+from deformjax.nn import dcnv3 as _family
+from deformjax.nn import ms_deform_attn as _msda
 from deformjax.nn.deform_conv import _explicit_padding
 from deformjax.ops import _args
 from deformjax.ops.roi_pool import deform_roi_pool, roi_align
@@ -31,6 +33,12 @@ class DeformConv(nn.Module):
   `offset_conv/{kernel, bias}` (zero-initialised) when offsets are predicted.
   Offsets and mask are sown into the `intermediates` collection when
   `sow_offsets`.
+
+  Two different masks, as in the NNX module: the field `mask` is `nn.Conv`'s
+  kernel mask (`[kh, kw, C // groups, features]`, multiplying the kernel); the
+  call's `mask` is the DCNv2 modulation (`[..., Ho, Wo, offset_groups*kh*kw]`,
+  torchvision's `deform_conv2d(..., mask=)`). Each is checked against its own
+  shape, and an error names which one it is.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -80,9 +88,9 @@ class DeformConv(nn.Module):
     in_features = inputs.shape[-1]
     kernel_shape = (kh, kw, in_features // groups, self.features)
     kernel = self.param('kernel', self.kernel_init, kernel_shape, self.param_dtype)
+    _common.check_kernel_mask(self.mask, kernel_shape, name)
+    _common.check_modulation(mask, kh * kw * self.offset_groups, kernel_shape, name)
     if self.mask is not None:
-      if tuple(self.mask.shape) != kernel_shape:
-        raise ValueError(f"{name}: mask must have the kernel's shape {kernel_shape}, got {tuple(self.mask.shape)}")
       kernel = kernel * self.mask
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     if offsets is None:
@@ -152,3 +160,172 @@ class DeformRoIPool(nn.Module):
       mask = _common.mask_from_logits(dense(oh * ow, 'mask_out', zero=True)(m)).reshape(r, oh, ow, 1)
       out = out * mask.astype(out.dtype)
     return (out, offsets, mask) if return_offsets else out
+
+
+def _dense(features: int, name: str, *, zero: bool = False, use_bias: bool = True, bias_init=None, dtype,
+           param_dtype, precision) -> nn.Dense:
+  """An `nn.Dense` initialised as the family's NNX layers: Xavier-uniform (or zero) kernel, zero (or given) bias."""
+  return nn.Dense(features, use_bias=use_bias,
+                  kernel_init=nn.initializers.zeros_init() if zero else nn.initializers.xavier_uniform(),
+                  bias_init=bias_init or nn.initializers.zeros_init(), dtype=dtype, param_dtype=param_dtype,
+                  precision=precision, name=name)
+
+
+def _depthwise(channels: int, kernel_size: int, name: str, *, dtype, param_dtype, precision) -> nn.Conv:
+  return nn.Conv(channels, (kernel_size, kernel_size), padding=(kernel_size - 1) // 2, feature_group_count=channels,
+                 kernel_init=_family.torch_conv_kernel_init, bias_init=nn.initializers.zeros_init(), dtype=dtype,
+                 param_dtype=param_dtype, precision=precision, name=name)
+
+
+class DCNv3(nn.Module):
+  """Linen twin of `deformjax.nn.DCNv3` (InternImage's DCNv3 block); channels come from the input.
+
+  Parameters, as the NNX module's: `input_proj`, `dw_conv`, `norm`, `offset`,
+  `mask`, `output_proj` (and `center_feature_scale_proj`), with the same
+  shapes and initialisation.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from deformjax.nn import linen
+    >>> layer = linen.DCNv3(kernel_size=3, groups=4)
+    >>> x = jnp.ones((2, 8, 8, 16), jnp.float32)
+    >>> params = layer.init(jax.random.key(0), x)
+    >>> layer.apply(params, x).shape
+    (2, 8, 8, 16)
+  """
+
+  kernel_size: int = 3
+  groups: int = 4
+  dw_kernel_size: int | None = None
+  padding: int | None = None
+  kernel_dilation: int = 1
+  offset_scale: float = 1.0
+  center_feature_scale: bool = False
+  remove_center: bool = False
+  layer_norm_epsilon: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, *, return_offsets: bool = False):
+    """`inputs [..., H, W, C]` -> `[..., H, W, C]` (and offsets, mask with `return_offsets`)."""
+    name = 'DCNv3'
+    if inputs.ndim < 3:
+      raise ValueError(f'{name}: inputs must have shape [..., H, W, channels], got {tuple(inputs.shape)}')
+    c = inputs.shape[-1]
+    padding = _family.check_block_args(name, c, self.kernel_size, self.groups, self.kernel_dilation, self.padding,
+                                       self.remove_center, self.dw_kernel_size)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    taps = self.groups * _family.num_taps(self.kernel_size, self.remove_center)
+    y, offsets, mask = _family.dcnv3_block(
+        inputs, _dense(c, 'input_proj', **kw), _depthwise(c, self.dw_kernel_size or self.kernel_size, 'dw_conv', **kw),
+        nn.LayerNorm(self.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name='norm'),
+        _dense(taps * 2, 'offset', zero=True, **kw), _dense(taps, 'mask', zero=True, **kw),
+        _dense(self.groups, 'center_feature_scale_proj', zero=True, **kw) if self.center_feature_scale else None,
+        _dense(c, 'output_proj', **kw), kernel_size=self.kernel_size, groups=self.groups, padding=padding,
+        dilation=self.kernel_dilation, offset_scale=self.offset_scale, remove_center=self.remove_center)
+    return (y, offsets, mask) if return_offsets else y
+
+
+class DCNv4(nn.Module):
+  """Linen twin of `deformjax.nn.DCNv4`; channels come from the input.
+
+  Parameters, as the NNX module's: `value_proj`, `offset_mask_dw` (with
+  `dw_kernel_size`), `offset_mask`, `center_feature_scale_proj`, `output_proj`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from deformjax.nn import linen
+    >>> layer = linen.DCNv4(kernel_size=3, groups=2)
+    >>> x = jnp.ones((2, 8, 8, 32), jnp.float32)
+    >>> params = layer.init(jax.random.key(0), x)
+    >>> params['params']['offset_mask']['kernel'].shape
+    (32, 56)
+  """
+
+  kernel_size: int = 3
+  groups: int = 4
+  padding: int | None = None
+  kernel_dilation: int = 1
+  offset_scale: float = 1.0
+  dw_kernel_size: int | None = None
+  center_feature_scale: bool = False
+  remove_center: bool = False
+  output_bias: bool = True
+  without_pointwise: bool = False
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, *, return_offsets: bool = False):
+    """`inputs [..., H, W, C]` -> `[..., H, W, C]` (and the packed offset_mask with `return_offsets`)."""
+    name = 'DCNv4'
+    if inputs.ndim < 3:
+      raise ValueError(f'{name}: inputs must have shape [..., H, W, channels], got {tuple(inputs.shape)}')
+    c = inputs.shape[-1]
+    padding = _family.check_block_args(name, c, self.kernel_size, self.groups, self.kernel_dilation, self.padding,
+                                       self.remove_center, self.dw_kernel_size)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    packed = _family.ceil8(self.groups * _family.num_taps(self.kernel_size, self.remove_center) * 3)
+    pointwise = not self.without_pointwise
+    y, offset_mask = _family.dcnv4_block(
+        inputs, _dense(c, 'value_proj', **kw) if pointwise else None,
+        _depthwise(c, self.dw_kernel_size, 'offset_mask_dw', **kw) if self.dw_kernel_size else None,
+        _dense(packed, 'offset_mask', zero=True, **kw),
+        _dense(self.groups, 'center_feature_scale_proj', zero=True, **kw) if self.center_feature_scale else None,
+        _dense(c, 'output_proj', use_bias=self.output_bias, **kw) if pointwise else None,
+        kernel_size=self.kernel_size, groups=self.groups, padding=padding, dilation=self.kernel_dilation,
+        offset_scale=self.offset_scale, remove_center=self.remove_center)
+    return (y, offset_mask) if return_offsets else y
+
+
+class MSDeformAttn(nn.Module):
+  """Linen twin of `deformjax.nn.MSDeformAttn` (Deformable DETR's multi-scale deformable attention).
+
+  Parameters, as the NNX module's: `value_proj`, `sampling_offsets` (zero kernel,
+  directional bias), `attention_weights` (zeros), `output_proj`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from deformjax.nn import linen
+    >>> layer = linen.MSDeformAttn(32, num_heads=4, num_levels=2, num_points=3)
+    >>> args = (jnp.ones((2, 5, 32)), jnp.full((2, 5, 2, 2), 0.5), jnp.ones((2, 80, 32)), [(8, 8), (4, 4)])
+    >>> params = layer.init(jax.random.key(0), *args)
+    >>> layer.apply(params, *args).shape
+    (2, 5, 32)
+  """
+
+  d_model: int
+  num_heads: int = 8
+  num_levels: int = 4
+  num_points: int = 4
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, query: jax.Array, reference_points: jax.Array, inputs: jax.Array,
+               spatial_shapes: Sequence[tuple[int, int]], padding_mask: jax.Array | None = None, *,
+               return_sampling: bool = False):
+    """As `deformjax.nn.MSDeformAttn.__call__`."""
+    name = 'MSDeformAttn'
+    for arg in ('d_model', 'num_heads', 'num_levels', 'num_points'):
+      _args.positive_int(getattr(self, arg), arg, name)
+    if self.d_model % self.num_heads:
+      raise ValueError(f'{name}: d_model={self.d_model} must be divisible by num_heads={self.num_heads}')
+    if query.ndim != 3 or query.shape[-1] != self.d_model:
+      raise ValueError(f'{name}: query must have shape [N, Lq, d_model={self.d_model}], got {tuple(query.shape)}')
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    samples = self.num_heads * self.num_levels * self.num_points
+    bias = _msda.directional_bias_init(self.num_heads, self.num_levels, self.num_points)
+    out, locations, weights = _msda.ms_deform_attn_block(
+        query, reference_points, inputs, spatial_shapes, padding_mask, _dense(self.d_model, 'value_proj', **kw),
+        _dense(samples * 2, 'sampling_offsets', zero=True, bias_init=bias, **kw),
+        _dense(samples, 'attention_weights', zero=True, **kw), _dense(self.d_model, 'output_proj', **kw),
+        num_heads=self.num_heads, num_levels=self.num_levels, num_points=self.num_points, name=name)
+    return (out, locations, weights) if return_sampling else out
+
+
+__all__ = ['DCNv3', 'DCNv4', 'DeformConv', 'DeformRoIPool', 'MSDeformAttn']

@@ -10,7 +10,7 @@ boxes), and the flattened multi-level inputs `[N, sum(H_l * W_l), C]`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn import initializers
 
+from deformjax.nn.dcnv3 import softmax_dtype
 from deformjax.ops import _args
 
 
@@ -87,6 +88,49 @@ def sampling_locations(reference_points: jax.Array, offsets: jax.Array,
     return ref + offsets / normaliser[None, None, None, :, None, :]
   num_points = offsets.shape[-2]
   return ref[..., :2] + offsets / num_points * ref[..., 2:] * 0.5
+
+
+def ms_deform_attn_block(query: jax.Array, reference_points: jax.Array, inputs: jax.Array,
+                         spatial_shapes: Sequence[tuple[int, int]], padding_mask: jax.Array | None,
+                         value_proj: Callable[[jax.Array], jax.Array],
+                         sampling_offsets: Callable[[jax.Array], jax.Array],
+                         attention_weights: Callable[[jax.Array], jax.Array],
+                         output_proj: Callable[[jax.Array], jax.Array], *, num_heads: int, num_levels: int,
+                         num_points: int, name: str = 'MSDeformAttn') -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The layer's computation given its four projections (what `MSDeformAttn` and its Linen twin share).
+
+  Shapes as `MSDeformAttn.__call__`; returns `(out [N, Lq, C], locations [N, Lq, M, L, P, 2],
+  weights [N, Lq, M, L, P])`.
+  """
+  from deformjax.ops import ms_deform_attn
+
+  m, lv, p, c = num_heads, num_levels, num_points, query.shape[-1] if query.ndim == 3 else -1
+  shapes = check_spatial_shapes(spatial_shapes, lv, name)
+  if query.ndim != 3:
+    raise ValueError(f'{name}: query must have shape [N, Lq, d_model], got {tuple(query.shape)}')
+  n, lq = query.shape[:2]
+  total = sum(h * w for h, w in shapes)
+  if inputs.shape != (n, total, c):
+    raise ValueError(f'{name}: inputs must have shape [N={n}, sum(H_l*W_l)={total}, d_model={c}], got '
+                     f'{tuple(inputs.shape)}')
+  if reference_points.ndim != 4 or reference_points.shape[:3] != (n, lq, lv) or reference_points.shape[3] not in (
+      2, 4):
+    raise ValueError(f'{name}: reference_points must have shape [N={n}, Lq={lq}, num_levels={lv}, 2 or 4], got '
+                     f'{tuple(reference_points.shape)}')
+  if padding_mask is not None and tuple(padding_mask.shape) != (n, total):
+    raise ValueError(f'{name}: padding_mask must have shape [N={n}, sum(H_l*W_l)={total}], got '
+                     f'{tuple(padding_mask.shape)}')
+  value = value_proj(inputs)
+  if padding_mask is not None:
+    value = jnp.where(padding_mask[..., None], jnp.zeros((), value.dtype), value)
+  value = value.reshape(n, total, m, c // m)
+  offsets = sampling_offsets(query).reshape(n, lq, m, lv, p, 2)
+  logits = attention_weights(query).reshape(n, lq, m, lv * p)
+  weights = jax.nn.softmax(logits.astype(softmax_dtype(logits.dtype)), axis=-1)
+  weights = weights.astype(value.dtype).reshape(n, lq, m, lv, p)
+  locations = sampling_locations(reference_points.astype(offsets.dtype), offsets, shapes)
+  out = output_proj(ms_deform_attn(value, shapes, locations.astype(value.dtype), weights))
+  return out, locations, weights
 
 
 class MSDeformAttn(nnx.Module):
@@ -164,35 +208,14 @@ class MSDeformAttn(nnx.Module):
     Returns:
       `[N, Lq, d_model]`, or `(out, locations, weights)` with `return_sampling`.
     """
-    from deformjax.ops import ms_deform_attn
-
-    name = type(self).__name__
-    m, lv, p, c = self.num_heads, self.num_levels, self.num_points, self.d_model
-    shapes = check_spatial_shapes(spatial_shapes, lv, name)
-    if query.ndim != 3 or query.shape[-1] != c:
-      raise ValueError(f'{name}: query must have shape [N, Lq, d_model={c}], got {tuple(query.shape)}')
-    n, lq = query.shape[:2]
-    total = sum(h * w for h, w in shapes)
-    if inputs.shape != (n, total, c):
-      raise ValueError(f'{name}: inputs must have shape [N={n}, sum(H_l*W_l)={total}, d_model={c}], got '
-                       f'{tuple(inputs.shape)}')
-    if reference_points.ndim != 4 or reference_points.shape[:3] != (n, lq, lv) or reference_points.shape[3] not in (
-        2, 4):
-      raise ValueError(f'{name}: reference_points must have shape [N={n}, Lq={lq}, num_levels={lv}, 2 or 4], got '
-                       f'{tuple(reference_points.shape)}')
-    if padding_mask is not None and tuple(padding_mask.shape) != (n, total):
-      raise ValueError(f'{name}: padding_mask must have shape [N={n}, sum(H_l*W_l)={total}], got '
-                       f'{tuple(padding_mask.shape)}')
-    value = self.value_proj(inputs)
-    if padding_mask is not None:
-      value = jnp.where(padding_mask[..., None], jnp.zeros((), value.dtype), value)
-    value = value.reshape(n, total, m, c // m)
-    offsets = self.sampling_offsets(query).reshape(n, lq, m, lv, p, 2)
-    weights = jax.nn.softmax(self.attention_weights(query).reshape(n, lq, m, lv * p).astype(jnp.float32), axis=-1)
-    weights = weights.astype(value.dtype).reshape(n, lq, m, lv, p)
-    locations = sampling_locations(reference_points.astype(offsets.dtype), offsets, shapes)
-    out = self.output_proj(ms_deform_attn(value, shapes, locations.astype(value.dtype), weights))
+    if query.ndim != 3 or query.shape[-1] != self.d_model:
+      raise ValueError(f'{type(self).__name__}: query must have shape [N, Lq, d_model={self.d_model}], got '
+                       f'{tuple(query.shape)}')
+    out, locations, weights = ms_deform_attn_block(
+        query, reference_points, inputs, spatial_shapes, padding_mask, self.value_proj, self.sampling_offsets,
+        self.attention_weights, self.output_proj, num_heads=self.num_heads, num_levels=self.num_levels,
+        num_points=self.num_points, name=type(self).__name__)
     return (out, locations, weights) if return_sampling else out
 
 
-__all__ = ['MSDeformAttn', 'directional_bias_init', 'sampling_locations']
+__all__ = ['MSDeformAttn', 'directional_bias_init', 'ms_deform_attn_block', 'sampling_locations']

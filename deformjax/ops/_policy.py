@@ -163,11 +163,15 @@ def is_symbolic(*dims: Any) -> bool:
   return any(export.is_symbolic_dim(d) for d in dims)
 
 
+# jax.errors has it from jax 0.10; older jax (down to the 0.8.1 floor) has it in jax.core only.
+_Inconclusive = getattr(jax.errors, 'InconclusiveDimensionOperation', None) or jax.core.InconclusiveDimensionOperation
+
+
 def known_le(a: Any, b: Any) -> bool | None:
   """`a <= b` for possibly symbolic dims: True/False when decidable, None when not."""
   try:
     return bool(a <= b)
-  except jax.errors.InconclusiveDimensionOperation:  # depends on the symbolic value
+  except _Inconclusive:  # depends on the symbolic value
     return None
 
 

@@ -9,7 +9,7 @@ import os
 import ml_collections
 
 from deformjax.data.sources import DATASETS
-from deformjax.models.classifiers import MODELS, resolve_deformable
+from deformjax.models.classifiers import MODELS, resolve_conv, resolve_deformable
 
 
 class ConfigError(ValueError):
@@ -32,6 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = 'conv5'
   c.deformable = '2'  # 'none' | 'all' | how many of the last convs are deformable
   c.modulated = False
+  # 'dcnv1' | 'dcnv2' | 'dcnv3' | 'dcnv4' (deformjax.models.CONVS); None: 'dcnv2' if modulated else 'dcnv1'
+  c.conv = ml_collections.FieldReference(None, field_type=str)
   c.dropout = 0.0
   c.dtype = 'float32'
   c.optimizer = 'adam'
@@ -122,6 +124,10 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int) -> None:
                       "data_placement='host' feeds one order only: use 'auto' or 'device', or num_seeds=1")
   if cfg.dtype not in ('float32', 'bfloat16', 'float16'):
     raise ConfigError(f"config.dtype must be 'float32', 'bfloat16' or 'float16', got {cfg.dtype!r}")
+  try:
+    resolve_conv(cfg.get('conv'), cfg.modulated)
+  except ValueError as e:
+    raise ConfigError(f'config.{e}') from None
   num_convs = MODELS[cfg.model].num_convs
   try:
     resolve_deformable(cfg.deformable, num_convs)
