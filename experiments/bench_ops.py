@@ -10,6 +10,8 @@ experiments/results/bench_ops_<device>.json and .md.
   python -m experiments.bench_ops --shapes 64,56,128 --repeats 10
   python -m experiments.bench_ops --baseline 52fdbf0  # before/after, side by side
   python -m experiments.bench_ops --dtype bfloat16 --deterministic   # on a GPU
+  python -m experiments.bench_ops --family            # dcnv3 / dcnv4 / ms_deform_attn
+  python -m experiments.bench_ops --family --batch 4 --msda-batch 1   # the same, shrunk for a small CPU
 
 Default shapes: on CPU the three the CPU work was tuned on; on GPU/TPU DCNv4's
 four operator shapes (64x56x56x128 ... 64x7x7x1024) and the classifier shape
@@ -138,16 +140,19 @@ def ours_fns(chunk_size, op=deform_conv2d, **kw):
   return jax.jit(fwd), jax.jit(fwd_bwd)
 
 
-def conv_fns(precision=None):
-  def fwd(x, w):
-    return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                    precision=precision)
+def vjp_fns(fn):
+  def fwd_bwd(*args):
+    out, vjp = jax.vjp(fn, *args[:-1])
+    return out, vjp(args[-1])
 
-  def fwd_bwd(x, w, cot):
-    out, vjp = jax.vjp(fwd, x, w)
-    return out, vjp(cot)
+  return jax.jit(fn), jax.jit(fwd_bwd)
 
-  return jax.jit(fwd), jax.jit(fwd_bwd)
+
+def conv_fns(precision=None, feature_group_count: int = 1):
+  """3x3 `lax.conv` (stride 1, pad 1, NHWC), forward and forward+backward; depthwise with `feature_group_count=C`."""
+  return vjp_fns(lambda x, w: lax.conv_general_dilated(
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=precision,
+      feature_group_count=feature_group_count))
 
 
 def torchvision_cases(x, off, mask, w, cot):
@@ -265,6 +270,162 @@ def run(shapes, dtype_name: str, repeats: int, chunk_size: int | None, baseline:
   }
 
 
+# The deformable family (`--family`): DCNv4's operator shapes (N, H=W, groups, C) and Deformable DETR's encoder
+# (batch 2, a 512x512 image's levels 64x64 ... 8x8, 8 heads of 32, 4 points, every pixel a query).
+FAMILY_DCN_SHAPES = ((64, 56, 4, 128), (64, 28, 8, 256), (64, 14, 16, 512), (64, 7, 32, 1024))
+FAMILY_MSDA_SHAPE = dict(n=2, levels=((64, 64), (32, 32), (16, 16), (8, 8)), heads=8, d=32, points=4)
+
+
+def torch_cases(fn, arrays, cot):
+  """{'torch_fwd', 'torch_fwd_bwd'} calls of a torch function on the same float32 numbers, or None without torch."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+  tensors = [torch.tensor(np.asarray(a, np.float32), device=dev, requires_grad=True) for a in arrays]
+  tcot = torch.tensor(np.asarray(cot, np.float32), device=dev)
+  sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
+
+  def fwd():
+    with torch.no_grad():
+      out = fn(*tensors)
+    sync()
+    return out
+
+  def fwd_bwd():
+    grads = torch.autograd.grad(fn(*tensors), tensors, tcot)
+    sync()
+    return grads
+
+  return {'torch_fwd': fwd, 'torch_fwd_bwd': fwd_bwd}
+
+
+def family_problems(batch: int | None, msda_batch: int | None):
+  """(name, shape row, ours, torch reference or None, arrays, conv arrays) for every family benchmark case."""
+  from deformjax.ops import dcnv3, dcnv4, ms_deform_attn, offset_mask_channels
+  try:
+    from tests.torch_reference import dcnv3_grid_sample, msda_transformers
+  except ImportError:  # no torch
+    dcnv3_grid_sample = msda_transformers = None
+  rng = np.random.default_rng(0)
+  kw = dict(kernel_size=3, padding=1, offset_scale=1.0)
+  torch_kw = dict(kernel=(3, 3), stride=1, pad=1, dilation=1, offset_scale=1.0, remove_center=False)
+  for n, hw, g, c in FAMILY_DCN_SHAPES:
+    n = batch or n
+    x = rng.normal(size=(n, hw, hw, c)).astype(np.float32)
+    off = rng.uniform(-2, 2, size=(n, hw, hw, g * 18)).astype(np.float32)
+    mask = rng.uniform(0, 1, size=(n, hw, hw, g * 9)).astype(np.float32)
+    om = np.concatenate([off.reshape(n, hw, hw, g, 18), mask.reshape(n, hw, hw, g, 9)], -1).reshape(n, hw, hw, -1)
+    om = np.concatenate([om, np.zeros((n, hw, hw, offset_mask_channels(g, 9) - om.shape[-1]), np.float32)], -1)
+    row = {'N': n, 'H': hw, 'W': hw, 'C': c, 'groups': g, 'kernel': [3, 3], 'sampled_bytes': n * hw * hw * 9 * c * 4}
+    conv = (x, np.full((3, 3, 1, c), 1 / 9, np.float32))
+    t3 = None if dcnv3_grid_sample is None else (
+        lambda x, o, m, g=g: dcnv3_grid_sample(x, o, m, groups=g, **torch_kw))
+    yield 'dcnv3', row, lambda x, o, m, g=g: dcnv3(x, o, m, groups=g, **kw), t3, (x, off, mask), conv
+    t4 = None if dcnv3_grid_sample is None else (
+        lambda x, om, g=g, n=n, hw=hw: dcnv3_grid_sample(
+            x, *_split_offset_mask(om, n, hw, g), groups=g, **torch_kw))
+    yield 'dcnv4', row, lambda x, om, g=g: dcnv4(x, om, groups=g, **kw), t4, (x, om), conv
+  spec = dict(FAMILY_MSDA_SHAPE, n=msda_batch or FAMILY_MSDA_SHAPE['n'])
+  n, levels, heads, d, points = spec['n'], spec['levels'], spec['heads'], spec['d'], spec['points']
+  rows = sum(h * w for h, w in levels)
+  value = rng.normal(size=(n, rows, heads, d)).astype(np.float32)
+  loc = rng.uniform(0, 1, size=(n, rows, heads, len(levels), points, 2)).astype(np.float32)
+  attn = rng.uniform(0, 1, size=(n, rows, heads, len(levels), points)).astype(np.float32)
+  row = {'N': n, 'levels': [list(lv) for lv in levels], 'queries': rows, 'heads': heads, 'D': d, 'points': points,
+         'sampled_bytes': n * rows * heads * len(levels) * points * d * 4}
+  reference = None if msda_transformers is None else msda_transformers()
+  t = None if reference is None else (lambda v, lo, a: reference(v, levels, lo, a))
+  # The conv baseline: a 3x3 depthwise conv over the largest level's map, M*D channels.
+  conv = (rng.normal(size=(n,) + levels[0] + (heads * d,)).astype(np.float32),
+          np.full((3, 3, 1, heads * d), 1 / 9, np.float32))
+  yield 'ms_deform_attn', row, lambda v, lo, a: ms_deform_attn(v, levels, lo, a), t, (value, loc, attn), conv
+
+
+def _split_offset_mask(om, n, hw, g):
+  per_group = om[..., :g * 27].reshape(n, hw, hw, g, 27)
+  return per_group[..., :18].reshape(n, hw, hw, -1), per_group[..., 18:].reshape(n, hw, hw, -1)
+
+
+def run_family(repeats: int, rounds: int, batch: int | None, msda_batch: int | None, torch_reference: bool) -> dict:
+  per_round = max(1, -(-repeats // rounds))
+  rows = []
+  for name, row, ours, reference, arrays, conv in family_problems(batch, msda_batch):
+    o_fwd, o_fb = vjp_fns(ours)
+    args = [jnp.asarray(a) for a in arrays]
+    out = o_fwd(*args)
+    cot = jax.random.normal(jax.random.key(1), out.shape, out.dtype)
+    c_fwd, c_fb = conv_fns(feature_group_count=conv[0].shape[-1])
+    cx, cw = (jnp.asarray(a) for a in conv)
+    ccot = jax.random.normal(jax.random.key(2), cx.shape, cx.dtype)
+    cases = {'conv_fwd': jax_call(c_fwd, cx, cw), 'conv_fwd_bwd': jax_call(c_fb, cx, cw, ccot),
+             'ours_fwd': jax_call(o_fwd, *args), 'ours_fwd_bwd': jax_call(o_fb, *args, cot)}
+    tc = torch_cases(reference, arrays, cot) if (reference is not None and torch_reference) else None
+    if tc:
+      cases.update(tc)
+    times = interleaved_ms(cases, rounds, per_round)
+    row = {'op': name, **row, **{f'{k}_ms': v for k, v in times.items()}}
+    row['fwd_ratio_vs_conv'] = times['ours_fwd'] / times['conv_fwd']
+    row['fwd_bwd_ratio_vs_conv'] = times['ours_fwd_bwd'] / times['conv_fwd_bwd']
+    if tc:
+      row['fwd_ratio_vs_torch'] = times['ours_fwd'] / times['torch_fwd']
+      row['fwd_bwd_ratio_vs_torch'] = times['ours_fwd_bwd'] / times['torch_fwd_bwd']
+    row['ours_fwd_bwd_temp_bytes'] = temp_bytes(o_fb, *args, cot)
+    if row['ours_fwd_bwd_temp_bytes'] is not None:
+      row['temp_ratio_vs_sampled'] = row['ours_fwd_bwd_temp_bytes'] / row['sampled_bytes']
+    rows.append(row)
+    print(f"{name} {row.get('N')} {row.get('H', '')}: fwd {times['ours_fwd']:.2f} ms ({row['fwd_ratio_vs_conv']:.2f}x "
+          f"conv), fwd+bwd {times['ours_fwd_bwd']:.2f} ms ({row['fwd_bwd_ratio_vs_conv']:.2f}x conv)"
+          + (f"; vs torch {row['fwd_ratio_vs_torch']:.2f}x / {row['fwd_bwd_ratio_vs_torch']:.2f}x" if tc else '')
+          + (f"; temp {row['temp_ratio_vs_sampled']:.2f}x sampled" if 'temp_ratio_vs_sampled' in row else ''),
+          flush=True)
+  versions = {'python': platform.python_version(), 'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
+              'deformjax': deformjax.__version__}
+  try:
+    import torch
+    versions['torch'] = torch.__version__
+    import transformers
+    versions['transformers'] = transformers.__version__
+  except ImportError:
+    pass
+  return {
+      'benchmark': 'deformable family (dcnv3, dcnv4, ms_deform_attn) vs a 3x3 depthwise lax.conv and the PyTorch '
+                   'references (InternImage grid_sample formulation, transformers multi_scale_deformable_attention)',
+      'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+      'device': device_name(),
+      'versions': versions,
+      'method': f'median of {rounds} interleaved rounds x {per_round} runs after 2 warm-up runs, jax.jit, '
+                'block_until_ready; fwd+bwd = vjp w.r.t. every input; float32; 3x3 kernels, pad 1, stride 1',
+      'shrunk': {'batch': batch, 'msda_batch': msda_batch},
+      'rows': rows,
+  }
+
+
+def family_markdown(result: dict) -> str:
+  head = ['op', 'shape', 'conv fwd / fwd+bwd (ms)', 'ours fwd / fwd+bwd (ms)', 'vs conv fwd', 'vs conv fwd+bwd',
+          'torch fwd / fwd+bwd (ms)', 'vs torch fwd', 'vs torch fwd+bwd', 'fwd+bwd temp / sampled']
+  shrunk = {k: v for k, v in result['shrunk'].items() if v}
+  lines = [f"# {result['benchmark']}", '',
+           f"Device: {result['device']}. Versions: " + ', '.join(f'{k} {v}' for k, v in result['versions'].items())
+           + f". Method: {result['method']}. Date: {result['date']}."
+           + (f' Shrunk from the reference shapes: {shrunk}.' if shrunk else ''), '',
+           '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for r in result['rows']:
+    shape = (f"N={r['N']} {r['H']}x{r['W']}, {r['groups']} groups of {r['C'] // r['groups']}" if 'H' in r else
+             f"N={r['N']}, levels {'/'.join(str(h) for h, _ in r['levels'])}, {r['heads']}x{r['D']}, "
+             f"{r['points']} points, {r['queries']} queries")
+    tc = 'torch_fwd_ms' in r
+    cells = [r['op'], shape, f"{r['conv_fwd_ms']:.2f} / {r['conv_fwd_bwd_ms']:.2f}",
+             f"{r['ours_fwd_ms']:.2f} / {r['ours_fwd_bwd_ms']:.2f}", f"{r['fwd_ratio_vs_conv']:.2f}x",
+             f"{r['fwd_bwd_ratio_vs_conv']:.2f}x",
+             f"{r['torch_fwd_ms']:.2f} / {r['torch_fwd_bwd_ms']:.2f}" if tc else 'not run',
+             f"{r['fwd_ratio_vs_torch']:.2f}x" if tc else '-', f"{r['fwd_bwd_ratio_vs_torch']:.2f}x" if tc else '-',
+             f"{r['temp_ratio_vs_sampled']:.2f}x" if 'temp_ratio_vs_sampled' in r else '-']
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
 def to_markdown(result: dict) -> str:
   base = result.get('baseline')
   head = ['N', 'H x W', 'C_in -> C_out', 'dtype', 'conv fwd (ms)', 'ours fwd (ms)', 'fwd ratio']
@@ -326,9 +487,22 @@ def main(argv=None) -> dict:
   parser.add_argument('--no-torchvision', action='store_true',
                       help="skip torchvision even where it imports (on CPU, torch's OpenMP threads keep spinning "
                            'after each call and slow whatever JAX case runs next)')
+  parser.add_argument('--family', action='store_true',
+                      help='benchmark dcnv3 / dcnv4 / ms_deform_attn instead (DCNv4 operator and Deformable DETR shapes)')
+  parser.add_argument('--batch', type=int, default=None,
+                      help='--family: batch of the DCNv3/DCNv4 shapes instead of 64 (to fit a small CPU)')
+  parser.add_argument('--msda-batch', type=int, default=None, help='--family: batch of the MSDA shape instead of 2')
   parser.add_argument('--out', type=pathlib.Path, default=RUNS, help=OUT_HELP)
   parser.add_argument('--tag', default=None, help='file name suffix; default: the platform (cpu/gpu/tpu)')
   args = parser.parse_args(argv)
+  if args.family:
+    result = run_family(args.repeats, args.rounds, args.batch, args.msda_batch, not args.no_torchvision)
+    tag = 'family_' + (args.tag or jax.devices()[0].platform)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f'bench_ops_{tag}.json').write_text(json.dumps(result, indent=2) + '\n')
+    (args.out / f'bench_ops_{tag}.md').write_text(family_markdown(result))
+    print(f"wrote {args.out / f'bench_ops_{tag}.json'} and .md")
+    return result
   result = run(args.shapes, args.dtype, args.repeats, args.chunk_size, args.baseline, args.rounds,
                args.deterministic, args.precision, not args.no_torchvision)
   tag = args.tag or jax.devices()[0].platform + ('' if args.dtype == 'float32' else f'_{args.dtype}')

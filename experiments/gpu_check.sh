@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The prepared accelerator run, in order of what matters most, each part under
-# its own timeout (~6 minutes in all): torchvision parity (float64 to 1e-12,
+# its own timeout (~6 minutes in all, ~11 with the family): torchvision parity (float64 to 1e-12,
 # float32 at precision='highest' to 1e-5, forward and every gradient),
 # bench_ops at DCNv4's shapes in float32 (deterministic=True timed too) and
 # bfloat16 (torchvision in float16), bench_train (loop vs ideal step, seed
 # 001's PyTorch nets), the whole main job (42 s on an H100), then the
-# deterministic gradients' bit-identity test on the device. Timings of the parts
+# deterministic gradients' bit-identity test on the device, then the deformable
+# family (dcnv3 / dcnv4 / ms_deform_attn: parity, bit-identity, bench_ops
+# --family; not yet run on a device, limits of 150 s each). Timings of the parts
 # on the H100 of 2026-11-27: 52 s, 82 s, 59 s, ~90 s, 42 s, 9 s. The op part
 # needs only jax, flax, numpy, pytest, torch and torchvision; the training part
 # also ml_collections, which the GPU image lacks: `bash experiments/gpu_wheels.sh`
@@ -13,6 +15,7 @@
 #
 #   bash experiments/gpu_check.sh            # results under experiments/results/
 #   OUT=/some/dir bash experiments/gpu_check.sh
+#   ONLY=family bash experiments/gpu_check.sh   # the deformable family's parts alone (~5 minutes)
 #
 # Under $OUT: gpu_check.log, every markdown table, and results.tgz holding the
 # JSON and figures too (the device tool brings back at most 8 files).
@@ -31,6 +34,7 @@ if ! $py -c 'import ml_collections' 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1
 fi
 status=0
 part() { local t=$1; shift; echo "== $* ($(date -u +%T), limit ${t}s)" | tee -a "$log"; timeout "$t" "$@" 2>&1 | tee -a "$log" || { echo "== FAILED or timed out: $*" | tee -a "$log"; status=1; }; }
+if [ "${ONLY:-all}" != family ]; then
 part 70 $py -m pytest -q -p no:cacheprovider -o addopts= tests/test_torchvision_parity.py
 part 110 $py -m experiments.bench_ops --repeats 20 --rounds 4 --deterministic --out "$res"
 part 60 $py -m experiments.bench_ops --repeats 20 --rounds 3 --dtype bfloat16 --out "$res"
@@ -41,6 +45,11 @@ else
   echo 'skipped bench_train and the main job: ml_collections not importable (carry .whl, see gpu_wheels.sh)' | tee -a "$log"
 fi
 part 30 $py -m pytest -q -p no:cacheprovider -o addopts= tests/test_policy.py -k bit_identical
+fi
+# The deformable family: parity with the PyTorch references (torch on the device), its device-only
+# bit-identity test, then its benchmark at the full reference shapes.
+part 150 $py -m pytest -q -p no:cacheprovider -o addopts= tests/test_family_parity.py tests/test_family.py -k 'parity or matches or bit_identical'
+part 150 $py -m experiments.bench_ops --family --repeats 20 --rounds 4 --out "$res"
 # The main job names its files after its config; on the device they are the _gpu twins.
 for f in "$res"/robustness_digits.*; do [ -e "$f" ] && mv "$f" "${f/robustness_digits./robustness_digits_gpu.}"; done
 cp "$res"/*.md "$out"/ 2>/dev/null

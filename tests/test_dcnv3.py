@@ -100,7 +100,7 @@ def test_dcnv4_matches_float64_reference(case):
   np.testing.assert_allclose(np.asarray(got), dcnv3_ref(x, off, m, **case.ref_kwargs()), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize('case', CASES[:4] + CASES[8:11], ids=str)
+@pytest.mark.parametrize('case', [CASES[0], CASES[3], CASES[8], CASES[10]], ids=str)
 def test_float32_matches_reference(case):
   x, off, m = make_inputs(case, jnp.float32)
   want = dcnv3_ref(x, off, m, **case.ref_kwargs())

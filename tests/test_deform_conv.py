@@ -144,13 +144,13 @@ def test_chunk_size_does_not_change_result(chunk_size):
 def test_index_blocks_do_not_change_result_or_gradient(case, monkeypatch):
   """Past INDEX_BLOCK_BYTES the corner arrays are made per block of chunks, inside an
   outer loop; values and gradients must not depend on that."""
-  from deformjax.ops import deform_conv as dc
+  from deformjax.ops import sampling
 
   x, off, w, m, b, _ = make_inputs(case)
   f = lambda *a: jnp.sum(jnp.sin(deform_conv2d(*a, **op_kwargs(case), chunk_size=5)))
   want_val, want_grad = jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4))(x, off, w, m, b)
   # Two chunks of 5 output pixels per block: several blocks, the last one padded.
-  monkeypatch.setattr(dc, 'INDEX_BLOCK_BYTES', 2 * 5 * 9 * case.offset_groups * 16 * 4)
+  monkeypatch.setattr(sampling, 'INDEX_BLOCK_BYTES', 2 * 5 * 9 * case.offset_groups * 16 * 4)
   got_val, got_grad = jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4))(x, off, w, m, b)
   np.testing.assert_allclose(got_val, want_val, rtol=1e-12)
   for got, want in zip(got_grad, want_grad):

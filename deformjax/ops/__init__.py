@@ -8,9 +8,9 @@ from deformjax.ops._policy import (
     current_accelerator_memory_budget,
 )
 from deformjax.ops._policy import __getattr__ as __getattr__  # the deprecated ACCELERATOR_MEMORY_BUDGET
-from deformjax.ops.dcnv3 import dcnv3, dcnv4, offset_mask_channels
+from deformjax.ops.dcnv3 import dcnv3, dcnv3_taps, dcnv4, offset_mask_channels
 from deformjax.ops.deform_conv import columns_bytes, deform_conv2d, output_size
-from deformjax.ops.ms_deform_attn import ms_deform_attn
+from deformjax.ops.ms_deform_attn import level_shapes, ms_deform_attn
 from deformjax.ops.roi_pool import deform_roi_pool, roi_align
 from deformjax.ops.sampling import bilinear_sample
 
@@ -22,9 +22,11 @@ __all__ = [
     'columns_bytes',
     'current_accelerator_memory_budget',
     'dcnv3',
+    'dcnv3_taps',
     'dcnv4',
     'deform_conv2d',
     'deform_roi_pool',
+    'level_shapes',
     'ms_deform_attn',
     'offset_mask_channels',
     'output_size',

@@ -34,12 +34,13 @@ from deformjax.ops import _args, _policy, sampling
 from deformjax.ops.deform_conv import output_size
 
 
-def taps_xy(kernel_hw: tuple[int, int], dilation_hw: tuple[int, int], remove_center: bool = False):
+def dcnv3_taps(kernel_hw: tuple[int, int], dilation_hw: tuple[int, int] = (1, 1),
+               remove_center: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """DCNv3's tap grid: `(tx, ty)`, two int arrays `[P]` of `i*dw`, `j*dh` for taps `k = i*kh + j` (x-major).
 
   `remove_center` drops `(i, j) = (kw//2, kh//2)`.
 
-  >>> taps_xy((1, 3), (1, 2))
+  >>> dcnv3_taps((1, 3), (1, 2))
   (array([0, 2, 4]), array([0, 0, 0]))
   """
   kh, kw = kernel_hw
@@ -63,26 +64,21 @@ class _Geometry:
     # Window origin (int) and the scaled centring term of the CUDA kernels' p0_.
     self.origin = (cy - pads[0], cx - pads[1])
     self.centre = (cy, cx)
-    self.taps = taps_xy(kernel_hw, dilation, remove_center)
+    self.taps = dcnv3_taps(kernel_hw, dilation, remove_center)
 
 
 def _corners(geom: _Geometry, split, start, count, *arrays):
   """Corner rows and weights `[count*G*P]` of output pixels `start..start+count` (order pixel, group, tap)."""
   off, mask = split(*arrays)  # [count, G, P, 2] as (x, y), [count, G, P]
-  cdtype, idx_dtype, s = geom.cdtype, geom.idx_dtype, geom.offset_scale
-  p = start + jnp.arange(count, dtype=idx_dtype)
-  # Padding pixels past the end reuse the last image; their outputs are sliced off.
-  img = jnp.minimum(p // (geom.ho * geom.wo), geom.n - 1)
-  rem = p % (geom.ho * geom.wo)
-  axes = []
-  for pos, stride, origin, centre, tap, d in zip((rem // geom.wo, rem % geom.wo), geom.strides, geom.origin,
-                                                 geom.centre, geom.taps[::-1], (off[..., 1], off[..., 0])):
-    base = (pos * stride + origin).astype(cdtype) - centre * s
-    axes.append(base[:, None, None] + (jnp.asarray(tap, cdtype)[None, None, :] + d.astype(cdtype)) * s)
-  idx, wts = sampling.bilinear_corners(axes[0], axes[1], geom.h, geom.w, idx_dtype)
-  rows = sampling.corner_rows(idx, (img * (geom.h * geom.w))[:, None, None], geom.groups,
-                              jnp.arange(geom.groups, dtype=idx_dtype)[None, :, None])
-  return rows, tuple((wt * mask.astype(cdtype)).reshape(-1) for wt in wts)
+  cdtype, s = geom.cdtype, geom.offset_scale
+  img, oy, ox = sampling.output_pixels(start, count, geom.n, (geom.ho, geom.wo), geom.idx_dtype)
+  y, x = (
+      ((pos * stride + origin).astype(cdtype) - centre * s)[:, None, None]
+      + (jnp.asarray(tap, cdtype)[None, None, :] + d.astype(cdtype)) * s
+      for pos, stride, origin, centre, tap, d in zip((oy, ox), geom.strides, geom.origin, geom.centre,
+                                                     geom.taps[::-1], (off[..., 1], off[..., 0])))
+  return sampling.image_corners(y, x, mask.astype(cdtype), img, (geom.h, geom.w), geom.groups,
+                                jnp.arange(geom.groups, dtype=geom.idx_dtype)[None, :, None], geom.idx_dtype)
 
 
 def _split_dcnv3(groups: int, points: int, offsets, mask):
@@ -279,4 +275,4 @@ def dcnv4(
       offsets_channels=lambda g, p: (offset_mask_channels(g, p),))
 
 
-__all__ = ['dcnv3', 'dcnv4', 'offset_mask_channels', 'taps_xy']
+__all__ = ['dcnv3', 'dcnv3_taps', 'dcnv4', 'offset_mask_channels']

@@ -13,21 +13,22 @@ one pass of columns either.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+from jax.typing import DTypeLike
 
-from deformjax.ops import _args, _policy
+from deformjax.ops import _args, _policy, sampling
 from deformjax.ops._policy import CPU_CHUNK_BYTES
-from deformjax.ops.sampling import bilinear_corners, sample_and_contract
+from deformjax.ops.sampling import INDEX_BLOCK_BYTES
+
+_PrecisionLike = str | jax.lax.Precision | tuple | None
 
 # Kept for callers of the CPU-era name: the CPU chunk size in columns bytes.
 DEFAULT_CHUNK_BYTES = CPU_CHUNK_BYTES
-# Bytes of precomputed corner rows + weights made at once (see deform_conv2d):
-# 8 per sample point, i.e. 8*offset_groups/C of the whole columns buffer.
-INDEX_BLOCK_BYTES = 64 * 1024 * 1024
 
 
 def _infer_offset_groups(offsets, taps: int, fn: str) -> int:
@@ -47,9 +48,9 @@ def _infer_offset_groups(offsets, taps: int, fn: str) -> int:
 def output_size(
     in_hw: tuple[int, int],
     kernel_hw: tuple[int, int],
-    strides=1,
+    strides: int | Sequence[int] = 1,
     padding: _args.PaddingLike = 0,
-    dilation=1,
+    dilation: int | Sequence[int] = 1,
     fn: str = 'deform_conv2d',
 ) -> tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]:
   """Output spatial size and explicit ((top, bottom), (left, right)) padding.
@@ -73,6 +74,52 @@ def output_size(
   return (sizes[0], sizes[1]), pads
 
 
+class _Geometry(NamedTuple):
+  """Static description of a deform_conv2d call: what the corner computation needs besides the arrays."""
+  n: int
+  hw: tuple[int, int]
+  out_hw: tuple[int, int]
+  strides: tuple[int, int]
+  pads: tuple[int, int]  # top, left
+  dilation: tuple[int, int]
+  kernel_hw: tuple[int, int]
+  offset_groups: int
+  cdtype: np.dtype
+  idx_dtype: np.dtype
+
+
+def _corners(geom: _Geometry, start, count, off, m):
+  """Flat table rows and weights of the four corners of `count` pixels from `start`, 2 x 4 x [count*K*G].
+
+  Computed in one vectorised pass and handed to the columns pass as arrays:
+  computed inside a chunk body, XLA fuses the whole index arithmetic into the
+  gather and redoes it for every channel (measured 1.4-1.7x slower forward on
+  CPU). `sampling.run_passes` makes them for all pixels at once while they fit
+  `sampling.INDEX_BLOCK_BYTES`, else per block of chunks.
+  """
+  (kh, kw), (dh, dw), cdtype = geom.kernel_hw, geom.dilation, geom.cdtype
+  img, oy, ox = sampling.output_pixels(start, count, geom.n, geom.out_hw, geom.idx_dtype)
+  tap_i = np.repeat(np.arange(kh), kw) * dh
+  tap_j = np.tile(np.arange(kw), kh) * dw
+  y, x = (
+      (pos * stride - pad).astype(cdtype)[:, None, None] + jnp.asarray(tap, cdtype)[None, :, None]
+      + off[..., axis].astype(cdtype)
+      for pos, stride, pad, tap, axis in zip((oy, ox), geom.strides, geom.pads, (tap_i, tap_j), (0, 1)))
+  group_row = jnp.arange(geom.offset_groups, dtype=geom.idx_dtype)[None, None, :]
+  return sampling.image_corners(y, x, None if m is None else m.astype(cdtype), img, geom.hw, geom.offset_groups,
+                                group_row, geom.idx_dtype)
+
+
+def _contract(taps: int, groups: int, precision, acc_dtype, cols, kernel):
+  """[count*K*G, C/G] sampled columns (compute dtype) x kernel -> [count, C_out]."""
+  if groups == 1:
+    return jnp.dot(cols.reshape(-1, kernel.shape[0]), kernel, precision=precision, preferred_element_type=acc_dtype)
+  _, cin_g, _, cout_g = kernel.shape
+  out = jnp.einsum('bkgc,kcgo->bgo', cols.reshape(-1, taps, groups, cin_g), kernel, precision=precision,
+                   preferred_element_type=acc_dtype)
+  return out.reshape(-1, groups * cout_g)
+
+
 def deform_conv2d(
     inputs: jax.Array,
     offsets: jax.Array,
@@ -80,13 +127,13 @@ def deform_conv2d(
     mask: jax.Array | None = None,
     bias: jax.Array | None = None,
     *,
-    strides=1,
+    strides: int | Sequence[int] = 1,
     padding: _args.PaddingLike = 0,
-    dilation=1,
+    dilation: int | Sequence[int] = 1,
     groups: int = 1,
     offset_groups: int | None = None,
-    precision=None,
-    preferred_element_type=None,
+    precision: _PrecisionLike = None,
+    preferred_element_type: DTypeLike | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     deterministic: bool = False,
@@ -136,7 +183,7 @@ def deform_conv2d(
       is chosen for the platform the function is lowered for (also by
       `jax.export(..., platforms=[...])` on another host): on GPU/TPU the op
       runs in one pass while the whole columns buffer fits the budget (None:
-      `ACCELERATOR_MEMORY_BUDGET`, 1 GiB) and in equal blocks beyond it; on CPU
+      `current_accelerator_memory_budget()`, 1 GiB) and in equal blocks beyond it; on CPU
       it walks cache-sized chunks (`CPU_CHUNK_BYTES`, 0.5 MiB, or the budget if
       smaller), which is fastest there. Besides the columns, both passes keep
       the corner rows and weights of the sample points: 32 bytes per point and
@@ -201,11 +248,7 @@ def deform_conv2d(
   if bias is not None:
     _args.check_floating(bias, 'bias', fn)
     _args.check_shape(bias, (cout,), 'bias', '[C_out]', fn)
-  for name, value in (('chunk_size', chunk_size), ('memory_budget', memory_budget)):
-    if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
-      raise ValueError(f'{fn}: {name} must be a positive int or None, got {value!r}')
-  if not isinstance(deterministic, (bool, np.bool_)):
-    raise TypeError(f'{fn}: deterministic must be a bool, got {deterministic!r}')
+  sampling.check_policy_args(chunk_size, memory_budget, deterministic, fn)
 
   compute_dtype = _args.promote(inputs.dtype, kernel.dtype)
   acc_dtype = _args.promote(compute_dtype, jnp.float32)
@@ -221,138 +264,36 @@ def deform_conv2d(
   if _policy.known_le(pixels, 0) or _policy.known_le(h * w * c, 0):
     # Nothing to sample: every tap reads zero, the result is the bias alone.
     out = jnp.zeros((n, ho, wo, cout), acc_dtype)
-    if bias is not None:
-      out = out + bias.astype(acc_dtype).reshape(1, 1, 1, cout)
-    return out.astype(out_dtype)
-
-  cg = c // og
-  # Sampled in the accumulation dtype: for bf16/f16 inputs the backward's
-  # scatter-add then accumulates in float32 (exact to f32, and 3x faster on CPU
-  # than XLA's bf16 scatter), at the price of one f32 copy of the input.
-  table = inputs.reshape(n * h * w * og, cg).astype(acc_dtype)
-  # Offsets and mask are re-laid out tap-major ([.., K, G, ..]) before sampling,
-  # so the sampled columns come out as [chunk, K, C] without transposing them.
-  off = offsets.reshape(pixels, og, taps, 2).transpose(0, 2, 1, 3)
-  m = None if mask is None else mask.reshape(pixels, og, taps).transpose(0, 2, 1)
-  idx_dtype = _args.index_dtype(n * h * w * og, fn)
-  tap_i = np.repeat(np.arange(kh), kw) * dh
-  tap_j = np.tile(np.arange(kw), kh) * dw
-  group_row = jnp.arange(og, dtype=idx_dtype)
-  if groups == 1:
-    w_mat = kernel.reshape(taps * c, cout)
   else:
-    w_grp = kernel.reshape(taps, cin_g, groups, cout // groups)
-
-  # Corner rows and weights are computed in one vectorised pass and handed to the
-  # columns pass as arrays. Computed inside a chunk body, XLA fuses the whole
-  # index arithmetic into the gather and redoes it for every channel (measured
-  # 1.4-1.7x slower forward on CPU). They are made for all pixels at once while
-  # they fit INDEX_BLOCK_BYTES, else per block of chunks.
-  def corners(start, count, off_b, m_b):
-    """Flat table rows and weights of the four corners of `count` pixels from `start`, 2 x 4 x [count*K*G]."""
-    p = start + jnp.arange(count, dtype=idx_dtype)
-    # Padding pixels past the end reuse the last image; their mask/offsets are 0
-    # and their outputs are sliced off.
-    img = jnp.minimum(p // (ho * wo), n - 1)
-    rem = p % (ho * wo)
-    oy = (rem // wo) * sh - pt
-    ox = (rem % wo) * sw - pl
-    y = oy.astype(cdtype)[:, None, None] + jnp.asarray(tap_i, cdtype)[None, :, None] + off_b[..., 0].astype(cdtype)
-    x = ox.astype(cdtype)[:, None, None] + jnp.asarray(tap_j, cdtype)[None, :, None] + off_b[..., 1].astype(cdtype)
-    idx, wts = bilinear_corners(y, x, h, w, idx_dtype)  # 4 x [count, K, G]
-    if m_b is not None:
-      wts = tuple(wt * m_b.astype(cdtype) for wt in wts)
-    image_start = (img * (h * w))[:, None, None]
-    rows = tuple(((image_start + i) * og + group_row[None, None, :]).reshape(-1) for i in idx)
-    return rows, tuple(wt.reshape(-1) for wt in wts)
-
-  def contract(cols, kern):
-    """[count*K*G, C/G] sampled columns (compute dtype) x kernel -> [count, C_out]."""
-    if groups == 1:
-      return jnp.dot(cols.reshape(-1, taps * c), kern, precision=precision, preferred_element_type=acc_dtype)
-    out = jnp.einsum('bkgc,kcgo->bgo', cols.reshape(-1, taps, groups, cin_g), kern, precision=precision,
-                     preferred_element_type=acc_dtype)
-    return out.reshape(-1, cout)
-
-  kernel_operand = w_mat if groups == 1 else w_grp
-
-  def columns_times_kernel(corner_arrays):
-    """One pass: sample the columns of its pixels and contract them, -> [count, C_out]."""
-    rows, wts = corner_arrays
-    sample = lambda det: lambda *a: sample_and_contract(contract, *a, compute_dtype=compute_dtype, deterministic=det)
-    args = (table, rows, wts, kernel_operand)
-    if deterministic:
-      # XLA:CPU's scatter is sequential, hence deterministic already.
-      return _policy.by_platform(sample(False), sample(True), *args)
-    return sample(False)(*args)
-
-  def one_pass(off, m):
-    # Corners at top level, computed once and kept for the backward pass; the
-    # columns are rematerialised there instead of stored.
-    return jax.checkpoint(columns_times_kernel)(corners(0, pixels, off, m))
-
-  def chunked(cap, off, m):
-    if _policy.is_symbolic(pixels):
-      # Chunks of `cap` pixels over a symbolic count: the corners of all of them
-      # are made at once (one block), since the block count cannot be balanced.
-      chunk, num_chunks, per_block, num_blocks = cap, -(-pixels // cap), -(-pixels // cap), 1
-    else:
-      num_chunks = -(-pixels // cap)
-      chunk = -(-pixels // num_chunks)  # balanced: the last chunk is not mostly padding
-      point_bytes = taps * og * (4 + cdtype.itemsize) * 4
-      per_block = max(1, min(num_chunks, INDEX_BLOCK_BYTES // max(1, chunk * point_bytes)))
-      num_blocks = -(-num_chunks // per_block)
-      per_block = -(-num_chunks // num_blocks)
-    block = per_block * chunk
-    padded = num_blocks * block
-    pad = lambda a: jnp.pad(a, ((0, padded - pixels),) + ((0, 0),) * (a.ndim - 1))
-    off_blocks = pad(off).reshape((num_blocks, block) + off.shape[1:])
-    m_blocks = None if m is None else pad(m).reshape((num_blocks, block) + m.shape[1:])
-    per_chunk = lambda arrays: tuple(tuple(a.reshape(per_block, -1) for a in part) for part in arrays)
-    # prevent_cse=False is safe inside lax.map (scan already keeps the
-    # rematerialised body from being merged with the forward one).
-    remat_chunk = jax.checkpoint(columns_times_kernel, prevent_cse=False)
-    if num_blocks == 1:
-      # All corners at top level: computed once and kept for the backward pass,
-      # and 1.25x faster forward than inside an outer loop (measured, N=8 64x64x64).
-      out = lax.map(remat_chunk, per_chunk(corners(0, block, off_blocks[0], None if m is None else m_blocks[0])))
-    else:
-      def block_body(args):
-        bi, off_b = args[0], args[1]
-        m_b = args[2] if len(args) > 2 else None
-        return lax.map(remat_chunk, per_chunk(corners(bi * block, block, off_b, m_b)))
-
-      xs = (jnp.arange(num_blocks, dtype=idx_dtype), off_blocks) + (() if m is None else (m_blocks,))
-      out = lax.map(jax.checkpoint(block_body, prevent_cse=False), xs)
-    return out.reshape(padded, cout)[:pixels]
-
-  def run(cap, off, m):
-    fits = _policy.known_le(pixels, cap)
-    if fits is None:
-      # Symbolic batch: decided by the real shapes once the export is called
-      # (shape refinement makes the predicate a constant that XLA folds).
-      fits = jnp.asarray(pixels, np.int64 if idx_dtype == np.int64 else np.int32) <= cap
-      return lax.cond(fits, one_pass, functools.partial(chunked, cap), off, m)
-    return one_pass(off, m) if fits else chunked(cap, off, m)
-
-  bytes_per_pixel = taps * c * acc_dtype.itemsize
-  caps = {where: _policy.pixels_per_pass(bytes_per_pixel, chunk_size, memory_budget, where)
-          for where in ('cpu', 'accelerator')}
-  same_structure = caps['cpu'] == caps['accelerator'] or (
-      _policy.known_le(pixels, caps['cpu']) and _policy.known_le(pixels, caps['accelerator']))
-  if same_structure:
-    out = run(caps['cpu'], off, m)
-  else:
-    out = _policy.by_platform(functools.partial(run, caps['cpu']), functools.partial(run, caps['accelerator']),
-                              off, m)
-  out = out.reshape(n, ho, wo, cout)
+    idx_dtype = _args.index_dtype(n * h * w * og, fn)
+    geom = _Geometry(n, (h, w), (ho, wo), (sh, sw), (pt, pl), (dh, dw), (kh, kw), og, cdtype, idx_dtype)
+    # Sampled in the accumulation dtype: for bf16/f16 inputs the backward's
+    # scatter-add then accumulates in float32 (exact to f32, and 3x faster on CPU
+    # than XLA's bf16 scatter), at the price of one f32 copy of the input.
+    table = inputs.reshape(n * h * w * og, c // og).astype(acc_dtype)
+    # Offsets and mask are re-laid out tap-major ([.., K, G, ..]) before sampling,
+    # so the sampled columns come out as [chunk, K, C] without transposing them.
+    off = offsets.reshape(pixels, og, taps, 2).transpose(0, 2, 1, 3)
+    m = None if mask is None else mask.reshape(pixels, og, taps).transpose(0, 2, 1)
+    kernel_operand = kernel.reshape(taps * c, cout) if groups == 1 else kernel.reshape(taps, cin_g, groups,
+                                                                                       cout // groups)
+    contract = functools.partial(_contract, taps, groups, precision, acc_dtype)
+    sample = functools.partial(sampling.sampled_pass, contract, compute_dtype, bool(deterministic), table,
+                               kernel_operand)
+    out = sampling.run_passes(
+        functools.partial(_corners, geom), sample, (off, m), pixels=pixels,
+        bytes_per_pixel=taps * c * acc_dtype.itemsize,
+        point_bytes=taps * og * (idx_dtype.itemsize + cdtype.itemsize) * 4, idx_dtype=idx_dtype,
+        chunk_size=chunk_size, memory_budget=memory_budget)
+    out = out.reshape(n, ho, wo, cout)
   if bias is not None:
     out = out + bias.astype(acc_dtype).reshape(1, 1, 1, cout)
   return out.astype(out_dtype)
 
 
 def columns_bytes(
-    inputs_shape, kernel_shape, offsets_shape, dtype=jnp.float32, chunk_size: int | None = None,
+    inputs_shape: Sequence[int], kernel_shape: Sequence[int], offsets_shape: Sequence[int],
+    dtype: DTypeLike = jnp.float32, chunk_size: int | None = None,
     memory_budget: int | None = None, platform: str | None = None,
 ) -> int:
   """Bytes of the sampled-columns buffer one pass of `deform_conv2d` holds.

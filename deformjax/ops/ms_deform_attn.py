@@ -22,7 +22,8 @@ import numpy as np
 from deformjax.ops import _args, _policy, sampling
 
 
-def level_shapes(spatial_shapes, fn: str = 'ms_deform_attn') -> tuple[tuple[int, int], ...]:
+def level_shapes(spatial_shapes: Sequence[tuple[int, int]] | np.ndarray | jax.Array,
+                 fn: str = 'ms_deform_attn') -> tuple[tuple[int, int], ...]:
   """`spatial_shapes` (a sequence of (H_l, W_l), or a concrete `[L, 2]` integer array) as a tuple of int pairs.
 
   >>> level_shapes([(4, 6), (2, 3)])

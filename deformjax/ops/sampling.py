@@ -8,20 +8,27 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import DTypeLike
 
 from deformjax.ops import _args, _policy
+
+_Arrays = tuple[jax.Array, ...]
+# (rows, weights): the flat corner rows and bilinear weights of sample points, one array per corner.
+_Corners = tuple[_Arrays, _Arrays]
 
 # Bytes of precomputed corner rows + weights made at once by `run_passes`: past
 # it the corners are made per block of chunks inside an outer loop.
 INDEX_BLOCK_BYTES = 64 * 1024 * 1024
 
 
-def floor_and_fractions(y, x, idx_dtype):
+def floor_and_fractions(y: jax.Array, x: jax.Array, idx_dtype: DTypeLike) -> tuple[jax.Array, ...]:
   """Integer top-left corner (y0, x0) and the bilinear fractions (ly, lx, 1-ly, 1-lx) of points
   already brought into a safe range."""
   y0 = jnp.floor(y)
@@ -31,7 +38,8 @@ def floor_and_fractions(y, x, idx_dtype):
   return y0.astype(idx_dtype), x0.astype(idx_dtype), ly, lx, 1.0 - ly, 1.0 - lx
 
 
-def bilinear_corners(y: jax.Array, x: jax.Array, height: int, width: int, idx_dtype=np.int32):
+def bilinear_corners(y: jax.Array, x: jax.Array, height: int | np.ndarray, width: int | np.ndarray,
+                     idx_dtype: DTypeLike = np.int32) -> _Corners:
   """Flat corner indices and bilinear weights for points (y, x) in an H x W image.
 
   Args:
@@ -115,7 +123,9 @@ def sorted_segment_sum(values: jax.Array, segment_ids: jax.Array, num_segments: 
   return jnp.zeros((num_segments, f), values.dtype).at[targets].set(sums, mode='drop')
 
 
-def sample_and_contract(contract, table, indices, weights, kernel, *, compute_dtype, deterministic: bool = False):
+def sample_and_contract(contract: Callable[..., jax.Array], table: jax.Array, indices: _Arrays, weights: _Arrays,
+                        kernel: jax.Array | None, *, compute_dtype: DTypeLike,
+                        deterministic: bool = False) -> jax.Array:
   """`contract(sum_c weights[c] * table[indices[c]], kernel)`: one gather-then-contract pass.
 
   `table` `[rows, F]` (the accumulation dtype), `indices` / `weights` 4-tuples of
@@ -166,7 +176,7 @@ def _sorted_pass_bwd(contract, compute_dtype, res, g):
 _sorted_pass.defvjp(_sorted_pass_fwd, _sorted_pass_bwd)
 
 
-def gather_corners(table: jax.Array, indices, weights, acc_dtype) -> jax.Array:
+def gather_corners(table: jax.Array, indices: _Arrays, weights: _Arrays, acc_dtype: DTypeLike) -> jax.Array:
   """sum_c weights[c] * table[indices[c]] -> `S + (table.shape[1],)`.
 
   `table` is `[rows, F]`; `indices` and `weights` are 4-tuples of arrays of
@@ -187,7 +197,7 @@ def gather_corners(table: jax.Array, indices, weights, acc_dtype) -> jax.Array:
   return out.reshape(shape + (table.shape[1],))
 
 
-def corner_rows(indices, base, groups: int = 1, group=0):
+def corner_rows(indices: _Arrays, base: jax.Array | int, groups: int = 1, group: jax.Array | int = 0) -> _Arrays:
   """Table rows of corner indices: `(base + index) * groups + group`, each flattened.
 
   `indices` are the in-image corner indices of `bilinear_corners` (shape `S`);
@@ -198,7 +208,36 @@ def corner_rows(indices, base, groups: int = 1, group=0):
   return tuple(((base + i) * groups + group).reshape(-1) for i in indices)
 
 
-def check_policy_args(chunk_size, memory_budget, deterministic, fn: str) -> None:
+def output_pixels(start: jax.Array | int, count: int, n: int, out_hw: tuple[int, int],
+                  idx_dtype: DTypeLike) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(image, row, column), each `[count]`, of the flat output pixels `start .. start+count` over `N*Ho*Wo`.
+
+  Pixels past the end (the zero padding of the last chunk) reuse the last
+  image, so their corner rows stay in bounds; their outputs are sliced off.
+  """
+  ho, wo = out_hw
+  p = start + jnp.arange(count, dtype=idx_dtype)
+  rem = p % (ho * wo)
+  return jnp.minimum(p // (ho * wo), n - 1), rem // wo, rem % wo
+
+
+def image_corners(y: jax.Array, x: jax.Array, weight: jax.Array | None, image: jax.Array, hw: tuple[int, int],
+                  groups: int, group: jax.Array | int, idx_dtype: DTypeLike) -> _Corners:
+  """Flat corner rows and weights of points (y, x) `[count, ...]` in images `image` `[count]`.
+
+  The table is an `[N, H, W, C]` array seen as `[N*H*W*groups, C // groups]`;
+  `group` (broadcasting against y) is each point's channel group, `weight`
+  (same shape as y, or None) multiplies the bilinear weights (a mask).
+  """
+  h, w = hw
+  idx, wts = bilinear_corners(y, x, h, w, idx_dtype)
+  base = (image * (h * w)).reshape((-1,) + (1,) * (y.ndim - 1))
+  if weight is not None:
+    wts = tuple(wt * weight for wt in wts)
+  return corner_rows(idx, base, groups, group), tuple(wt.reshape(-1) for wt in wts)
+
+
+def check_policy_args(chunk_size: int | None, memory_budget: int | None, deterministic: bool, fn: str) -> None:
   """The execution-policy keywords every sampling op shares, refused by name."""
   for name, value in (('chunk_size', chunk_size), ('memory_budget', memory_budget)):
     if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
@@ -207,7 +246,7 @@ def check_policy_args(chunk_size, memory_budget, deterministic, fn: str) -> None
     raise TypeError(f'{fn}: deterministic must be a bool, got {deterministic!r}')
 
 
-def sum_points(groups: int, points: int, cols: jax.Array, kernel=None) -> jax.Array:
+def sum_points(groups: int, points: int, cols: jax.Array, kernel: None = None) -> jax.Array:
   """The family's reduction: `[count*groups*points, F]` samples summed over the points of each group,
   -> `[count, groups*F]` (channel `g*F + f`). `kernel` is unused (the ops have no weights)."""
   del kernel
@@ -215,7 +254,8 @@ def sum_points(groups: int, points: int, cols: jax.Array, kernel=None) -> jax.Ar
   return cols.reshape(-1, groups, points, f).sum(axis=2).reshape(-1, groups * f)
 
 
-def sampled_pass(contract, compute_dtype, deterministic: bool, table, kernel, corner_arrays):
+def sampled_pass(contract: Callable[..., jax.Array], compute_dtype: DTypeLike, deterministic: bool, table: jax.Array,
+                 kernel: jax.Array | None, corner_arrays: _Corners) -> jax.Array:
   """One pass of a sampling op: `contract(sum_c w[c] * table[rows[c]], kernel)` for `corner_arrays = (rows, w)`.
 
   With `deterministic`, lowerings for GPU/TPU take the sorted-segment-sum
@@ -268,7 +308,7 @@ def _chunked(corners, sample, pixels, cap: int, point_bytes: int, idx_dtype, arr
   else:
     block_body = lambda xs: lax.map(remat_chunk, per_chunk(corners(xs[0] * block, block, *xs[1])))
     out = lax.map(jax.checkpoint(block_body, prevent_cse=False), (jnp.arange(num_blocks, dtype=idx_dtype), blocks))
-  return out.reshape((padded,) + out.shape[2:])[:pixels]
+  return out.reshape(padded, out.shape[-1])[:pixels]
 
 
 def _passes(corners, sample, pixels, point_bytes: int, idx_dtype, cap: int, arrays):
@@ -285,9 +325,10 @@ def _passes(corners, sample, pixels, point_bytes: int, idx_dtype, cap: int, arra
 
 
 def run_passes(
-    corners, sample, arrays, *, pixels, bytes_per_pixel: int, point_bytes: int, idx_dtype,
-    chunk_size: int | None = None, memory_budget: int | None = None,
-):
+    corners: Callable[..., _Corners], sample: Callable[[_Corners], jax.Array], arrays: Any, *, pixels: int,
+    bytes_per_pixel: int, point_bytes: int, idx_dtype: DTypeLike, chunk_size: int | None = None,
+    memory_budget: int | None = None,
+) -> jax.Array:
   """The per-backend plan every sampling op runs on: `sample(corners(0, pixels, *arrays))`, in passes.
 
   Args:
@@ -295,7 +336,7 @@ def run_passes(
       flat corner rows and weights (4-tuples, `count * points_per_pixel` each)
       of output pixels `start .. start+count`; past the last pixel the arrays
       are zero-padded, and `corners` must keep the rows in bounds there.
-    sample: `sample((rows, weights)) -> [count, ...]`, the sampled and reduced
+    sample: `sample((rows, weights)) -> [count, F]`, the sampled and reduced
       output of those pixels (typically a partial of `sampled_pass`).
     arrays: pytree of per-pixel arrays (leading axis `pixels`; None allowed).
     pixels: number of output pixels (may be a symbolic batch dimension).
@@ -305,7 +346,7 @@ def run_passes(
     chunk_size, memory_budget: the ops' policy keywords (`_policy.pixels_per_pass`).
 
   Returns:
-    `[pixels, ...]`. On CPU cache-sized chunks walked by `lax.map`; on GPU/TPU
+    `[pixels, F]`. On CPU cache-sized chunks walked by `lax.map`; on GPU/TPU
     one pass while it fits the memory budget, equal blocks beyond it; chosen
     at lowering time (`_policy.by_platform`) when the two plans differ.
   """
@@ -371,3 +412,8 @@ def bilinear_sample(images: jax.Array, coords: jax.Array) -> jax.Array:
   table = images.reshape(b * h * w, c)
   out = gather_corners(table, indices, weights, acc_dtype)
   return out.astype(images.dtype).reshape(batch + (p, c))
+
+
+__all__ = ['INDEX_BLOCK_BYTES', 'bilinear_corners', 'bilinear_sample', 'check_policy_args', 'corner_rows',
+           'floor_and_fractions', 'gather_corners', 'image_corners', 'output_pixels', 'run_passes', 'sample_and_contract',
+           'sampled_pass', 'sorted_segment_sum', 'sum_points']
