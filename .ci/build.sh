@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The package as users get it: build the sdist and the wheel, `twine check` their metadata, and check that the
-# wheel ships py.typed, carries the version deformjax.__version__ declares, and packages nothing but deformjax.
+# wheel ships py.typed and the console script, carries the version deformjax.__version__ declares and the
+# project's urls, and packages nothing but deformjax.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -c 'import build, twine' 2>/dev/null || python3 -m pip install --quiet "build>=1.2" "twine>=6.1"
@@ -23,6 +24,13 @@ if 'deformjax/py.typed' not in names:
   problems.append('the wheel has no deformjax/py.typed')
 if not pathlib.Path(wheel).name.startswith(f'deformjax-{version}-'):
   problems.append(f'the wheel {pathlib.Path(wheel).name} does not carry deformjax.__version__ = {version}')
+wheel_zip = zipfile.ZipFile(wheel)
+entry_points = next((wheel_zip.read(n).decode() for n in names if n.endswith('.dist-info/entry_points.txt')), '')
+if 'deformjax-train = deformjax.train.cli:run' not in entry_points:
+  problems.append('the wheel does not declare the deformjax-train console script')
+metadata = next(wheel_zip.read(n).decode() for n in names if n.endswith('.dist-info/METADATA'))
+if 'Project-URL: Homepage, https://github.com/deformjax/deformjax' not in metadata:
+  problems.append("the wheel's metadata does not name the project's home")
 strays = sorted({n.split('/')[0] for n in names if not n.startswith(('deformjax/', 'deformjax-'))})
 if strays:
   problems.append(f'the wheel packages more than deformjax: {strays}')

@@ -3,7 +3,9 @@
 Deformable convolution here is gathers, multiplies and a matrix product, so the
 exported graph uses only standard ONNX operators (`Gather`, `Mul`, `Gemm` /
 `MatMul`, `Where`, ...) that onnxruntime, TensorRT and OpenVINO all implement;
-no custom op or plugin is needed.
+no custom op or plugin is needed. Opt-in, `onnx_deform_conv=True` writes
+`deform_conv2d` as ONNX's own `DeformConv` (opset 19), for runtimes that
+implement it (onnxruntime does, with a native kernel).
 
 `to_onnx` works in three steps:
 
@@ -28,10 +30,11 @@ saying so. `jax2onnx`, `onnx` (and `onnxruntime` to run the result) are the
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -39,6 +42,9 @@ from jax import lax
 from jax.extend import core as jex_core
 
 from deformjax.ops import _policy
+
+if TYPE_CHECKING:
+  import onnx
 
 # ONNX domains of the standard operators ('' and its alias 'ai.onnx').
 STANDARD_DOMAINS = ('', 'ai.onnx')
@@ -116,7 +122,7 @@ def _subjaxprs(eqn):
         yield item
 
 
-def eval_for_inference(jaxpr, consts, *args) -> list:
+def eval_for_inference(jaxpr: jex_core.Jaxpr, consts: Sequence[Any], *args: Any) -> list[Any]:
   """Evaluates `jaxpr` like `jax.core.eval_jaxpr`, binding a converter-friendly inference program.
 
   Nested `jit` / `checkpoint` / custom-derivative calls are inlined (their
@@ -154,34 +160,32 @@ def eval_for_inference(jaxpr, consts, *args) -> list:
   return [read(v) for v in jaxpr.outvars]
 
 
-def _as_function(model_or_fn) -> tuple[Callable, str]:
-  """A pure function of the inputs (module state captured as constants), and what to call it in errors."""
+def _traceable(model_or_fn) -> tuple[Callable, list, list[str], str]:
+  """`(fn, state, state_paths, label)`: `fn(state, *inputs)` returns `(outputs, state after the call)`.
+
+  For an `nnx.Module` the state is its variables (the graph's constants); for a
+  function it is empty. Returning the state lets the trace show whether the call
+  changed it.
+  """
   from flax import nnx
 
   if isinstance(model_or_fn, nnx.Module):
     graphdef, state = nnx.split(model_or_fn)
-    leaves = jax.tree.leaves(state)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    paths = [jax.tree_util.keystr(p) for p, _ in flat]
 
-    def call(*xs):
-      module = nnx.merge(graphdef, state)
+    def fn(leaves, *xs):
+      module = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
       out = module(*xs)
-      after = jax.tree.leaves(nnx.state(module))
-      changed = [i for i, (a, b) in enumerate(zip(leaves, after)) if a is not b]
-      if changed:
-        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
-        raise ExportError(
-            f'to_onnx: calling {type(model_or_fn).__name__} updates its state ({", ".join(paths[i] for i in changed[:3])}'
-            f'{", ..." if len(changed) > 3 else ""}), e.g. BatchNorm in training mode; an ONNX graph is inference '
-            'only: export model.eval() (or call it with use_running_average=True)')
-      return out
+      return out, jax.tree.leaves(nnx.state(module))
 
-    return call, type(model_or_fn).__name__
+    return fn, [leaf for _, leaf in flat], paths, type(model_or_fn).__name__
   if not callable(model_or_fn):
     raise TypeError(f'to_onnx: model_or_fn must be a callable or an nnx.Module, got {type(model_or_fn).__name__}')
-  return model_or_fn, getattr(model_or_fn, '__name__', type(model_or_fn).__name__)
+  return (lambda leaves, *xs: (model_or_fn(*xs), [])), [], [], getattr(model_or_fn, '__name__', 'function')
 
 
-def op_types(model) -> dict[tuple[str, str], int]:
+def op_types(model: onnx.ModelProto) -> dict[tuple[str, str], int]:
   """Counts of `(domain, op_type)` over every node of `model`, nested graphs (If/Loop bodies) included.
 
   Standard operators have domain '' (or 'ai.onnx'); anything else is a custom op.
@@ -204,8 +208,80 @@ def op_types(model) -> dict[tuple[str, str], int]:
   return counts
 
 
+# ONNX's DeformConv (opset 19) for deform_conv2d, opt-in (`onnx_deform_conv=True`).
+DEFORM_CONV_OPSET = 19
+
+
+@functools.cache
+def _deform_conv_primitive() -> jex_core.Primitive:
+  """A JAX primitive standing for ONNX DeformConv on NCHW / OIHW operands, with its jax2onnx lowering.
+
+  Operands: X `[N, C, H, W]`, W `[C_out, C // group, kh, kw]`, offset
+  `[N, offset_group*kh*kw*2, Ho, Wo]` ((dy, dx) pairs, torchvision's order, as
+  ONNX's), B `[C_out]`, mask `[N, offset_group*kh*kw, Ho, Wo]`; result
+  `[N, C_out, Ho, Wo]`. It is only ever converted, never executed.
+  """
+  import onnx_ir as ir
+  from jax2onnx.plugins._ir_shapes import _ensure_value_metadata, _stamp_type_and_shape
+  from jax2onnx.plugins.plugin_system import PrimitiveLeafPlugin, register_primitive
+
+  prim = jex_core.Primitive('deformjax_onnx_deform_conv')
+
+  def abstract_eval(x, w, off, b, m, **params):
+    return jax.core.ShapedArray((x.shape[0], w.shape[0]) + tuple(off.shape[2:]), x.dtype)
+
+  def impl(*args, **params):
+    raise NotImplementedError('ONNX DeformConv is a conversion target only; call deform_conv2d in JAX')
+
+  prim.def_abstract_eval(abstract_eval)
+  prim.def_impl(impl)
+
+  @register_primitive(jaxpr_primitive=prim.name, context='primitives.deformjax', component='deform_conv',
+                      since='deformjax', onnx=[{'component': 'DeformConv'}], testcases=[])
+  class _DeformConvPlugin(PrimitiveLeafPlugin):
+    def lower(self, ctx, eqn):
+      operands = [ctx.get_value_for_var(v, name_hint=ctx.fresh_name('deform_conv_in')) for v in eqn.invars]
+      (out_var,) = eqn.outvars
+      out_spec = ctx.get_value_for_var(out_var, name_hint=ctx.fresh_name('deform_conv_out'))
+      name = getattr(out_spec, 'name', None) or ctx.fresh_name('DeformConv')
+      p = eqn.params
+      result = ctx.builder.DeformConv(*operands, _outputs=[name], kernel_shape=list(p['kernel_shape']),
+                                      strides=list(p['strides']), pads=list(p['pads']),
+                                      dilations=list(p['dilations']), group=p['group'],
+                                      offset_group=p['offset_group'])
+      result.type = ir.TensorType(ir.DataType.FLOAT)
+      _stamp_type_and_shape(result, tuple(out_var.aval.shape))
+      _ensure_value_metadata(ctx, result)
+      ctx.bind_value_for_var(out_var, result)
+
+  return prim
+
+
+def _onnx_deform_conv(inputs, offsets, kernel, mask, bias, *, strides, padding, dilation, groups, offset_groups):
+  """deform_conv2d as one ONNX DeformConv node (float32 only; None, i.e. the gather graph, otherwise)."""
+  from jax import numpy as jnp
+
+  from deformjax.ops import output_size
+  from deformjax.ops._args import pair
+
+  if any(a is not None and a.dtype != np.float32 for a in (inputs, offsets, kernel, mask, bias)):
+    return None
+  n, h, w, _ = inputs.shape
+  kh, kw, _, cout = kernel.shape
+  (ho, wo), ((pt, pb), (pl, pr)) = output_size((h, w), (kh, kw), strides, padding, dilation)
+  if mask is None:
+    mask = jnp.ones((n, ho, wo, offset_groups * kh * kw), np.float32)
+  bias = jnp.zeros((cout,), np.float32) if bias is None else bias
+  y = _deform_conv_primitive().bind(
+      inputs.transpose(0, 3, 1, 2), kernel.transpose(3, 2, 0, 1), offsets.transpose(0, 3, 1, 2), bias,
+      mask.transpose(0, 3, 1, 2), kernel_shape=(kh, kw), strides=pair(strides, 'strides', 'deform_conv2d'),
+      pads=(pt, pl, pb, pr), dilations=pair(dilation, 'dilation', 'deform_conv2d'), group=groups,
+      offset_group=offset_groups)
+  return y.transpose(0, 2, 3, 1)
+
+
 @contextlib.contextmanager
-def _lean_plugin_registry():
+def _lean_plugin_registry() -> Iterator[None]:
   """jax2onnx with only its `jax` and `flax` plugin trees registered, for the block.
 
   On first use jax2onnx imports its whole plugin tree, example models and the
@@ -234,7 +310,7 @@ def _lean_plugin_registry():
 
 
 @contextlib.contextmanager
-def _quiet(logger_name: str):
+def _quiet(logger_name: str) -> Iterator[None]:
   """onnx_ir logs a warning per untyped shape helper value; they carry no information for users."""
   logger = logging.getLogger(logger_name)
   level = logger.level
@@ -251,10 +327,11 @@ def to_onnx(
     *,
     dynamic_batch: bool | Sequence[str | None] = True,
     path: str | os.PathLike | None = None,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
-):
+    onnx_deform_conv: bool = False,
+) -> onnx.ModelProto:
   """Exports a deformjax op, module or model to an ONNX model of standard operators.
 
   Args:
@@ -269,9 +346,15 @@ def to_onnx(
       False keeps every shape fixed; a sequence gives, per input, the name of
       its symbolic axis 0 or None (e.g. `('N', 'R')` for features and RoIs).
     path: if given, the model is also written there (`onnx.save`).
-    opset: ONNX opset of the standard domain (default 17).
+    opset: ONNX opset of the standard domain (default 17, or 19 with
+      `onnx_deform_conv`).
     input_names, output_names: graph input / output names (default `in_0`... /
       jax2onnx's).
+    onnx_deform_conv: emit ONNX's own `DeformConv` (opset 19) for every float32
+      `deform_conv2d` (and so `DeformConv` layer) instead of its gather graph:
+      the same values (torchvision's semantics, which ONNX's operator follows),
+      run by onnxruntime's native kernel (several times faster on CPU), but
+      only runtimes that implement that operator can load the model.
 
   Returns:
     The `onnx.ModelProto`, checked with `onnx.checker`. Every node is a standard
@@ -302,20 +385,36 @@ def to_onnx(
   if isinstance(example_inputs, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) or not isinstance(
       example_inputs, Sequence):
     example_inputs = [example_inputs]
-  if not isinstance(opset, int) or isinstance(opset, bool) or opset < 13:
-    raise ValueError(f'to_onnx: opset must be an int >= 13, got {opset!r}')
+  if not isinstance(onnx_deform_conv, bool):
+    raise TypeError(f'to_onnx: onnx_deform_conv must be a bool, got {onnx_deform_conv!r}')
+  least = DEFORM_CONV_OPSET if onnx_deform_conv else 13
+  if opset is None:
+    opset = DEFORM_CONV_OPSET if onnx_deform_conv else DEFAULT_OPSET
+  if not isinstance(opset, int) or isinstance(opset, bool) or opset < least:
+    raise ValueError(f'to_onnx: opset must be an int >= {least}'
+                     f'{" (DeformConv is opset 19)" if onnx_deform_conv else ""}, got {opset!r}')
   specs = _specs(list(example_inputs), dynamic_batch)
-  fn, label = _as_function(model_or_fn)
-  with _policy.single_pass():
+  fn, state, paths, label = _traceable(model_or_fn)
+  native = {'deform_conv2d': _onnx_deform_conv} if onnx_deform_conv else {}
+  with _policy.single_pass(), _policy.native_ops(**native), _lean_plugin_registry():
+    if onnx_deform_conv:
+      _deform_conv_primitive()  # registers its jax2onnx lowering
     try:
-      closed = jax.make_jaxpr(fn)(*specs)
+      closed = jax.make_jaxpr(fn)(state, *specs)
     except jax.errors.ConcretizationTypeError as e:
       raise ExportError(f'to_onnx: {label} needs a concrete value where the export has a symbolic shape or a traced '
                         f'input: {str(e).splitlines()[0]}') from None
   _check_inference(closed.jaxpr, label)
+  jaxpr, n_state = closed.jaxpr, len(state)
+  state_out = jaxpr.outvars[len(jaxpr.outvars) - n_state:]
+  changed = [p for p, v_in, v_out in zip(paths, jaxpr.invars[:n_state], state_out) if v_in is not v_out]
+  if changed:
+    raise ExportError(
+        f'to_onnx: calling {label} updates its state ({", ".join(changed[:3])}{", ..." if len(changed) > 3 else ""}), '
+        'e.g. BatchNorm in training mode; an ONNX graph is inference only: export model.eval() or the inference call')
 
   def program(*xs):
-    outs = eval_for_inference(closed.jaxpr, closed.consts, *xs)
+    outs = eval_for_inference(jaxpr, closed.consts, *state, *xs)[:len(jaxpr.outvars) - n_state]
     return outs[0] if len(outs) == 1 else tuple(outs)
 
   double = any(np.dtype(s.dtype) == np.float64 for s in specs)
@@ -333,5 +432,5 @@ def to_onnx(
   return model
 
 
-__all__ = ['DEFAULT_OPSET', 'MAX_BATCH', 'STANDARD_DOMAINS', 'ExportError', 'eval_for_inference', 'op_types',
+__all__ = ['DEFAULT_OPSET', 'DEFORM_CONV_OPSET', 'MAX_BATCH', 'STANDARD_DOMAINS', 'ExportError', 'eval_for_inference', 'op_types',
            'to_onnx']

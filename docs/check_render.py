@@ -90,16 +90,23 @@ def chromium(binary: str, profile: str, *args: str) -> subprocess.CompletedProce
 def check_page(binary: str, base: str, page: Page, shots: pathlib.Path) -> list[str]:
   """Problems found on `page` (empty when it rendered as expected); saves its screenshot."""
   url = base + page.path
-  with tempfile.TemporaryDirectory(prefix='deformjax-chromium-') as profile:
-    dom = chromium(binary, profile, '--dump-dom', url)
+  try:
+    with tempfile.TemporaryDirectory(prefix='deformjax-chromium-') as profile:
+      dom = chromium(binary, profile, '--dump-dom', url)
+  except subprocess.TimeoutExpired:
+    return [f'{page.path}: chromium did not finish loading {url} in {PAGE_TIMEOUT_S} s']
   if dom.returncode != 0 or not dom.stdout.strip():
     return [f'{page.path}: chromium could not load {url} (exit {dom.returncode}): {dom.stderr.strip()[-300:]}']
   problems = [f'{page.path}: the rendered page lacks {text!r}' for text in page.contains if text not in dom.stdout]
   problems += [f'{page.path}: the rendered page matches no {pattern!r}' for pattern in page.matches
                if not re.search(pattern, dom.stdout)]
   shot = shots / (page.path.replace('/', '_').removesuffix('.html') + '.png')
-  with tempfile.TemporaryDirectory(prefix='deformjax-chromium-') as profile:
-    chromium(binary, profile, f'--screenshot={shot}', url)
+  shot.unlink(missing_ok=True)  # a screenshot of an earlier run proves nothing
+  try:
+    with tempfile.TemporaryDirectory(prefix='deformjax-chromium-') as profile:
+      chromium(binary, profile, f'--screenshot={shot}', url)
+  except subprocess.TimeoutExpired:
+    pass  # reported below: no screenshot
   if not shot.exists():
     problems.append(f'{page.path}: no screenshot was written')
   return problems

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import pathlib
+import shutil
 import sys
 import tomllib
 
@@ -61,6 +62,8 @@ add_module_names = False
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+# One entry per Args line, so `strides, padding, ...: as nnx.Conv` stays one entry, not one copy per name.
+napoleon_use_param = False
 napoleon_use_ivar = True
 
 # -- MyST / myst-nb -------------------------------------------------------------------
@@ -92,6 +95,23 @@ _urls = {k.lower(): v for k, v in _project_urls().items()}
 _repo = _urls.get('repository') or _urls.get('source') or _urls.get('homepage')
 if _repo:
   html_theme_options.update(repository_url=_repo, use_repository_button=True, use_issues_button=True)
+
+
+# -- Notebooks -------------------------------------------------------------------------
+# The notebooks live in the repository's notebooks/ (where Colab opens them); each build copies
+# them into docs/notebooks/ (git-ignored), so the site renders exactly the stored outputs.
+def _copy_notebooks() -> None:
+  target = DOCS / 'notebooks'
+  target.mkdir(exist_ok=True)
+  sources = {nb.name: nb for nb in sorted((ROOT / 'notebooks').glob('*.ipynb'))}
+  for stale in target.glob('*.ipynb'):
+    if stale.name not in sources:
+      stale.unlink()
+  for name, nb in sources.items():
+    shutil.copyfile(nb, target / name)
+
+
+_copy_notebooks()
 
 
 # -- API pages for public modules that have no hand-written page ----------------------------

@@ -1,9 +1,9 @@
 """Study 4: COCO 9-class multi-label, regular vs deformable (per-class accuracy, mAP).
 
-  python -m experiments.coco --config.data_dir=~/tensorflow_datasets --seeds=0,1,2
+  python -m experiments.coco --data_dir ~/tensorflow_datasets --seeds=0,1,2
 
 Writes experiments/results/coco9.json / .md. Needs COCO 2017 prepared by TFDS
-in config.data_dir; without it, it stops with one line saying how to prepare it.
+in --data_dir (or --config.data_dir); without it, it stops with one line saying how to prepare it.
 The config is a training config (experiments/configs/coco9.py): any of its
 fields can be overridden as `--config.FIELD=VALUE`.
 """
@@ -59,6 +59,8 @@ def main(args=None) -> dict:
   argv = command_line(args, 'experiments.coco')
   fv, config, out_flag = study_flags(argv, DEFAULT_CONFIG)
   seeds = flags.DEFINE_list('seeds', ['0', '1', '2'], 'the seeds each variant trains with', flag_values=fv)
+  data_dir = flags.DEFINE_string('data_dir', None, 'TFDS data directory holding coco/2017 (the same as '
+                                 '--config.data_dir=DIR)', flag_values=fv)
   base = parse(fv, argv, config)
   try:
     seed_list = [int(s) for s in seeds.value]
@@ -66,6 +68,8 @@ def main(args=None) -> dict:
     fail(f'--seeds: integers separated by commas, got {",".join(seeds.value)!r}')
   out = pathlib.Path(out_flag.value)
   base.progress = False
+  if data_dir.value:
+    base.data_dir = data_dir.value
   result = run_or_exit(run, base, seed_list)
   name = 'coco9' if base.dataset == 'coco9' else f'multilabel_{base.dataset}'
   md = f"# {name}\n\nDevice: {result['device']}; {result['versions']}; {result['date']}.\n\n{table(result)}\n"

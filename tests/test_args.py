@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -87,3 +89,68 @@ def test_huge_boxes_outside_jit_pool_like_jit_within_the_memory_budget(size):
   # The ordinary box keeps torchvision's exact grid, as if pooled alone.
   np.testing.assert_allclose(np.asarray(eager[1]), np.asarray(roi_align(feats, rois[1:], output_size=7)[0]),
                              rtol=1e-6, atol=1e-6)
+
+
+def test_static_shape_is_a_tuple_under_any_trace():
+  import jax
+
+  from deformjax.ops import _args
+
+  seen = []
+  jax.make_jaxpr(lambda a: seen.append(_args.static_shape(a)) or a)(jnp.zeros((2, 3), jnp.float32))
+  b, = jax.export.symbolic_shape('b')
+  jax.make_jaxpr(lambda a: seen.append(_args.static_shape(a)) or a)(jax.ShapeDtypeStruct((b, 3), jnp.float32))
+  assert seen[0] == (2, 3) and isinstance(seen[0], tuple)
+  assert seen[1][1] == 3 and jax.export.is_symbolic_dim(seen[1][0])
+
+
+@pytest.fixture
+def traced_shape_functions(monkeypatch):
+  """`jnp.shape` / `jnp.size` replaced by functions returning traced arrays, as jax2onnx does while it converts.
+
+  A check that decides a Python `if` on them raises TracerBoolConversionError.
+  """
+  import jax
+
+  original_shape, original_size = jnp.shape, jnp.size
+  monkeypatch.setattr(jnp, 'shape', lambda a: jax.lax.stop_gradient(jnp.asarray(original_shape(a), jnp.int32)))
+  monkeypatch.setattr(jnp, 'size', lambda a, axis=None: jax.lax.stop_gradient(jnp.asarray(original_size(a, axis))))
+
+
+def test_ops_trace_when_jnp_shape_is_traced(traced_shape_functions):
+  import jax
+
+  p = {k: jnp.asarray(v, jnp.float32) for k, v in problem().items()}
+  want_conv = deform_conv2d(p['x'], p['off'], p['w'], p['m'], p['b'], padding=1)
+  jax.make_jaxpr(lambda x, off: deform_conv2d(x, off, p['w'], p['m'], p['b'], padding=1))(p['x'], p['off'])
+  jax.make_jaxpr(bilinear_sample)(p['x'], p['coords'])
+  jax.make_jaxpr(lambda x, r: deform_roi_pool(x, r, output_size=2))(p['x'], p['rois'])
+  got = jax.jit(lambda x, off: deform_conv2d(x, off, p['w'], p['m'], p['b'], padding=1))(p['x'], p['off'])
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want_conv), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('call, message', [
+    (lambda p: deform_conv2d(p['x'], p['off'][..., :17], p['w'], padding=1),
+     r'^deform_conv2d: offsets must have shape \[N, Ho, Wo, offset_groups\*kh\*kw\*2\]; their 17 channels are not '
+     r'a positive multiple of 2\*kh\*kw = 18'),
+    (lambda p: deform_conv2d(p['x'], p['off'][:, :5], p['w'], padding=1),
+     r'^deform_conv2d: offsets must have shape \[N, Ho, Wo, offset_groups\*kh\*kw\*2\] = \(2, 6, 5, 18\), '
+     r'got \(2, 5, 5, 18\)$'),
+    (lambda p: deform_conv2d(p['x'], p['off'], p['w'], p['m'][..., :8], padding=1),
+     r'^deform_conv2d: mask must have shape \[N, Ho, Wo, offset_groups\*kh\*kw\] = \(2, 6, 5, 9\), got \(2, 6, 5, 8\)$'),
+    (lambda p: deform_conv2d(p['x'][0], p['off'], p['w'], padding=1),
+     r'^deform_conv2d: inputs must have rank 4 \(\[N, H, W, C\]\), got shape \(6, 5, 3\)$'),
+    (lambda p: bilinear_sample(p['x'], p['coords'][..., :1]),
+     r'^bilinear_sample: coords must have shape \[\.\.\., P, 2\], got \(2, 7, 1\)$'),
+    (lambda p: deform_roi_pool(p['x'], p['rois'][:, :4], output_size=2), r'^deform_roi_pool: rois must'),
+], ids=['offset-channels', 'offsets', 'mask', 'rank', 'coords', 'rois'])
+def test_errors_are_the_same_one_line_when_jnp_shape_is_traced(call, message, traced_shape_functions):
+  """Bad input fails as it does without the substitution: one line naming the argument and the shape it needs."""
+  import jax
+
+  p = {k: jnp.asarray(v, jnp.float32) for k, v in problem().items()}
+  with pytest.raises(ValueError) as err:
+    jax.make_jaxpr(lambda: call(p))()
+  # Raised inside a trace, JAX appends a note on its filtered traceback after a '-----' line.
+  own = str(err.value).split('\n--------------------')[0]
+  assert re.search(message, own) and '\n' not in own, own

@@ -93,6 +93,13 @@ def test_the_two_masks_cannot_be_confused():
     layer(x, mask=jnp.ones((3, 3, 4, 6)))
   modulation = jnp.full((1, 5, 5, 18), 0.5, jnp.float32)
   np.testing.assert_allclose(np.asarray(layer(x, mask=modulation)), 0.5 * np.asarray(layer(x)), rtol=1e-5, atol=1e-6)
+  # The Linen twin words them alike.
+  twin = dlinen.DeformConv(features=6, kernel_size=3, offset_groups=2, mask=jnp.ones((1, 5, 5, 18)))
+  with pytest.raises(ValueError, match=r"mask \(the constructor's, nnx.Conv's kernel mask\).*got \(1, 5, 5, 18\)"):
+    twin.init(jax.random.key(0), x)
+  twin = dlinen.DeformConv(features=6, kernel_size=3, offset_groups=2)
+  with pytest.raises(ValueError, match=r'DeformConv.__call__: mask \(the DCNv2 modulation\) .* got \(3, 3, 4, 6\)'):
+    twin.init(jax.random.key(0), x, mask=jnp.ones((3, 3, 4, 6)))
 
 
 @pytest.mark.parametrize('kw,message', [

@@ -198,7 +198,9 @@ def test_a_bad_config_file_is_one_clear_line(tmp_path, name, capsys):
 
 def test_a_missing_config_flag_is_one_clear_line(capsys):
   code, _, err = run_cli([], capsys)
-  assert code == 2 and err == 'error: --config is required, e.g. --config experiments/configs/digits.py\n'
+  assert code == 2 and err == ('error: --config is required: a get_config() file, e.g. experiments/configs/digits.py '
+                                'from https://github.com/deformjax/deformjax (a wheel ships none); the trainer needs '
+                                "pip install 'deformjax[train,data]'\n")
 
 
 def test_a_workdir_of_another_run_is_refused_by_name(tmp_path):
@@ -275,6 +277,10 @@ def test_a_killed_run_resumes_to_the_same_parameters(tmp_path):
   work = tmp_path / 'killed'
   script = textwrap.dedent(f'''
       import os, signal
+      import jax
+      # The suite's settings (conftest), so that the resumed run here computes exactly what it computes there.
+      jax.config.update('jax_enable_x64', True)
+      jax.config.update('jax_numpy_dtype_promotion', 'strict')
       from deformjax.train import train
       from tests.helpers import small_config, tiny_digits
       cfg = small_config(deformable='none', num_devices=1, steps=12, log_every=2, checkpoint_every=4,
@@ -327,3 +333,31 @@ def test_two_processes_match_one_process(tmp_path):
   noise = [line for _, err in results for line in err.splitlines()
            if line[:1] == 'I' and line[1:5].isdigit() or 'Unable to initialize backend' in line]
   assert noise == [], noise[:3]
+
+
+# --- parameter sharding ----------------------------------------------------------------------------------------
+
+def test_kernel_and_bias_metadata_shard_a_deform_conv_over_a_2_device_mesh():
+  """`kernel_metadata` / `bias_metadata` (nnx.Conv's arguments) carry the partitioning: under a 2-device mesh
+  the output features of the kernel and bias are split in two, and the layer computes what it computes unsharded."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.sharding import PartitionSpec as P
+
+  from deformjax.nn import DeformConv
+
+  mesh = jax.make_mesh((2,), ('model',), devices=jax.devices()[:2])
+  with jax.set_mesh(mesh):
+    layer = DeformConv(4, 6, 3, kernel_metadata={'out_sharding': (None, None, None, 'model')},
+                       bias_metadata={'out_sharding': ('model',)}, bias_init=nnx.initializers.normal(1.0),
+                       precision='highest', rngs=nnx.Rngs(0))
+    kernel, bias = layer.kernel[...], layer.bias[...]
+    assert kernel.sharding.spec == P(None, None, None, 'model') and bias.sharding.spec == P('model')
+    assert len(kernel.sharding.device_set) == 2
+    assert {s.data.shape for s in kernel.addressable_shards} == {(3, 3, 4, 3)}
+    assert {s.data.shape for s in bias.addressable_shards} == {(3,)}
+    x = jax.random.normal(jax.random.key(1), (2, 7, 7, 4), jnp.float32)
+    y = nnx.jit(lambda m, x: m(x))(layer, x)
+  plain = DeformConv(4, 6, 3, bias_init=nnx.initializers.normal(1.0), precision='highest', rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(np.asarray(plain.kernel[...]), np.asarray(kernel))
+  np.testing.assert_allclose(np.asarray(y), np.asarray(plain(x)), rtol=1e-5, atol=1e-5)

@@ -63,6 +63,24 @@ def check_in_features(inputs: jax.Array, in_features: int, name: str) -> None:
     )
 
 
+def check_kernel_mask(mask: jax.Array | None, kernel_shape: tuple[int, ...], name: str) -> None:
+  """The constructor's `mask` is nnx.Conv's kernel mask: None or an array of the kernel's shape."""
+  if mask is not None and tuple(jnp.shape(mask)) != tuple(kernel_shape):
+    raise ValueError(
+        f"{name}: mask (the constructor's, nnx.Conv's kernel mask) must have the kernel's shape "
+        f'[kh, kw, in_features // feature_group_count, out_features] = {tuple(kernel_shape)}, got '
+        f"{tuple(jnp.shape(mask))}; the DCNv2 modulation [..., Ho, Wo, offset_groups*kh*kw] is the call's mask, or "
+        'predicted with modulated=True')
+
+
+def check_modulation(mask: jax.Array | None, taps: int, kernel_shape: tuple[int, ...], name: str) -> None:
+  """The call's `mask` is the DCNv2 modulation: `[..., Ho, Wo, taps]` (the op checks Ho and Wo)."""
+  if mask is not None and (jnp.ndim(mask) < 3 or jnp.shape(mask)[-1] != taps):
+    raise ValueError(
+        f'{name}.__call__: mask (the DCNv2 modulation) must have shape [..., Ho, Wo, offset_groups*kh*kw={taps}], '
+        f"got {tuple(jnp.shape(mask))}; a kernel mask {tuple(kernel_shape)} belongs to the constructor's mask")
+
+
 def conv_geometry(strides: Any, input_dilation: Any, kernel_dilation: Any, name: str
                   ) -> tuple[tuple[int, int], tuple[int, int]]:
   """nnx.Conv / nn.Conv geometry arguments -> (strides, kernel_dilation) pairs for the op.
@@ -126,5 +144,6 @@ def check_geometry(inputs: jax.Array, kernel_hw: Sequence[int], strides: tuple[i
     raise ValueError(f'{name}: {str(e).split(": ", 1)[-1]}') from None
 
 
-__all__ = ['check_geometry', 'check_in_features', 'check_padding', 'conv_geometry', 'deform_conv_any_batch',
-           'flatten_batch', 'mask_from_logits', 'pad_for_mode', 'split_prediction']
+__all__ = ['check_geometry', 'check_in_features', 'check_kernel_mask', 'check_modulation', 'check_padding',
+           'conv_geometry', 'deform_conv_any_batch', 'flatten_batch', 'mask_from_logits', 'pad_for_mode',
+           'split_prediction']

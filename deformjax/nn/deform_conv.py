@@ -152,11 +152,7 @@ class DeformConv(nnx.Module):
     if max_offset is not None and max_offset <= 0:
       raise ValueError(f'{name}: max_offset must be positive or None, got {max_offset!r}')
     kernel_shape = (kh, kw, in_features // feature_group_count, out_features)
-    if mask is not None and tuple(jnp.shape(mask)) != kernel_shape:
-      raise ValueError(
-          f"{name}: mask (the constructor's, nnx.Conv's kernel mask) must have the kernel's shape "
-          f'[kh, kw, in_features // feature_group_count, out_features] = {kernel_shape}, got {tuple(jnp.shape(mask))}; '
-          'the DCNv2 modulation [..., Ho, Wo, offset_groups*kh*kw] is the call\'s mask, or predicted with modulated=True')
+    _common.check_kernel_mask(mask, kernel_shape, name)
     self.in_features = in_features
     self.out_features = out_features
     self.kernel_size = (kh, kw)
@@ -228,10 +224,7 @@ class DeformConv(nnx.Module):
     name = type(self).__name__
     _common.check_in_features(inputs, self.in_features, name)
     taps = self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
-    if mask is not None and (jnp.ndim(mask) < 3 or jnp.shape(mask)[-1] != taps):
-      raise ValueError(
-          f"{name}.__call__: mask (the DCNv2 modulation) must have shape [..., Ho, Wo, offset_groups*kh*kw={taps}], "
-          f"got {tuple(jnp.shape(mask))}; a kernel mask {self.kernel_shape} belongs to the constructor's mask")
+    _common.check_modulation(mask, taps, self.kernel_shape, name)
     _common.check_geometry(inputs, self.kernel_size, self.strides, self.padding, self.kernel_dilation, name)
     if offsets is None:
       if self.offset_conv is None:

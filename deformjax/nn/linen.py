@@ -34,6 +34,12 @@ class DeformConv(nn.Module):
   Offsets and mask are sown into the `intermediates` collection when
   `sow_offsets`.
 
+  Two different masks, as in the NNX module: the field `mask` is `nn.Conv`'s
+  kernel mask (`[kh, kw, C // groups, features]`, multiplying the kernel); the
+  call's `mask` is the DCNv2 modulation (`[..., Ho, Wo, offset_groups*kh*kw]`,
+  torchvision's `deform_conv2d(..., mask=)`). Each is checked against its own
+  shape, and an error names which one it is.
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from deformjax.nn import linen
@@ -82,9 +88,9 @@ class DeformConv(nn.Module):
     in_features = inputs.shape[-1]
     kernel_shape = (kh, kw, in_features // groups, self.features)
     kernel = self.param('kernel', self.kernel_init, kernel_shape, self.param_dtype)
+    _common.check_kernel_mask(self.mask, kernel_shape, name)
+    _common.check_modulation(mask, kh * kw * self.offset_groups, kernel_shape, name)
     if self.mask is not None:
-      if tuple(self.mask.shape) != kernel_shape:
-        raise ValueError(f"{name}: mask must have the kernel's shape {kernel_shape}, got {tuple(self.mask.shape)}")
       kernel = kernel * self.mask
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     if offsets is None:

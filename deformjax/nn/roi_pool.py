@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
+from flax.typing import Dtype, PrecisionLike
 
 from deformjax.nn import _common
 from deformjax.ops import _args
@@ -29,7 +30,8 @@ class DeformRoIPool(nnx.Module):
     in_features: feature channels C.
     output_size: int or (out_h, out_w).
     spatial_scale, sampling_ratio, gamma, aligned, max_sampling_grid: as
-      `deformjax.ops.deform_roi_pool`.
+      `deformjax.ops.deform_roi_pool` (`aligned=True` by default, as mmcv's
+      DeformRoIPool; torchvision's roi_align defaults to False).
     hidden_features: widths of the hidden FC layers (mmcv uses (1024, 1024)).
     modulated: predict a per-bin mask (DCNv2).
     dtype, param_dtype, precision: as `nnx.Linear`.
@@ -58,11 +60,11 @@ class DeformRoIPool(nnx.Module):
       max_sampling_grid: int | tuple[int, int] | None = None,
       hidden_features: Sequence[int] = (1024, 1024),
       modulated: bool = False,
-      dtype=None,
-      param_dtype=jnp.float32,
-      precision=None,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      precision: PrecisionLike = None,
       rngs: nnx.Rngs,
-  ):
+  ) -> None:
     oh, ow = _args.positive_pair(output_size, 'output_size', type(self).__name__)
     self.in_features = in_features
     self.output_size = (oh, ow)
@@ -84,11 +86,12 @@ class DeformRoIPool(nnx.Module):
       self.mask_hidden = linear(flat, widths[1]) if hidden_features else None
       self.mask_out = linear(widths[1] if hidden_features else flat, oh * ow, zero=True)
 
-  def _pool_kwargs(self):
+  def _pool_kwargs(self) -> dict:
     return dict(output_size=self.output_size, spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
                 aligned=self.aligned, max_sampling_grid=self.max_sampling_grid)
 
-  def __call__(self, features: jax.Array, rois: jax.Array, *, return_offsets: bool = False):
+  def __call__(self, features: jax.Array, rois: jax.Array, *, return_offsets: bool = False
+               ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array | None]:
     """Pools `rois` (`[R, 5]`, (batch_index, x1, y1, x2, y2)) from `features` (`[N, H, W, C]`).
 
     Returns `[R, out_h, out_w, C]`, or `(pooled, offsets [R, out_h, out_w, 2],
@@ -109,3 +112,6 @@ class DeformRoIPool(nnx.Module):
       mask = _common.mask_from_logits(self.mask_out(m)).reshape(r, oh, ow, 1)
       out = out * mask.astype(out.dtype)
     return (out, offsets, mask) if return_offsets else out
+
+
+__all__ = ['DeformRoIPool']

@@ -28,12 +28,14 @@ def pair(value, name: str, fn: str) -> tuple[int, int]:
 
 
 def positive_int(value, name: str, fn: str) -> int:
+  """`value` as an int >= 1 (bools refused), else a ValueError naming `name`."""
   if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
     raise ValueError(f'{fn}: {name} must be a positive int, got {value!r}')
   return int(value)
 
 
 def positive_pair(value, name: str, fn: str) -> tuple[int, int]:
+  """`pair(value)` with both entries >= 1."""
   p = pair(value, name, fn)
   if p[0] < 1 or p[1] < 1:
     raise ValueError(f'{fn}: {name} must be positive, got {value!r}')
@@ -100,11 +102,13 @@ def static_shape(x) -> tuple:
 
 
 def check_rank(x, rank: int, name: str, layout: str, fn: str) -> None:
+  """ValueError naming `name`, the `layout` it needs and the shape it got, unless `x` has rank `rank`."""
   if len(static_shape(x)) != rank:
     raise ValueError(f'{fn}: {name} must have rank {rank} ({layout}), got shape {static_shape(x)}')
 
 
 def check_shape(x, expected: tuple[int, ...], name: str, layout: str, fn: str) -> None:
+  """ValueError naming `name`, its `layout` = `expected` and the shape it got, unless `x` has that shape."""
   if static_shape(x) != tuple(expected):
     raise ValueError(
         f'{fn}: {name} must have shape {layout} = {tuple(expected)}, got {static_shape(x)}'
@@ -127,6 +131,7 @@ def as_array(x, name: str, fn: str):
 
 
 def check_floating(x, name: str, fn: str) -> None:
+  """TypeError naming `name` and its dtype unless `x` is a floating-point array."""
   if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
     raise TypeError(f'{fn}: {name} must be a floating-point array, got dtype {jnp.result_type(x)}')
 
@@ -161,3 +166,7 @@ def index_dtype(size: int, fn: str) -> np.dtype:
         'for 64-bit indices or split the batch'
     )
   return np.dtype(np.int64)
+
+
+__all__ = ['PaddingLike', 'as_array', 'check_floating', 'check_rank', 'check_shape', 'coordinate_dtype', 'index_dtype',
+           'pair', 'padding_pairs', 'positive_int', 'positive_pair', 'promote', 'static_shape']

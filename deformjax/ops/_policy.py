@@ -132,16 +132,46 @@ def single_pass() -> Iterator[None]:
     _SINGLE_PASS.reset(token)
 
 
+# Set inside `native_ops(...)`: op name -> the function an exporter traces instead
+# of the op's sampled passes (deformjax.export: ONNX's own DeformConv).
+_NATIVE_OPS: contextvars.ContextVar[tuple[tuple[str, Callable[..., Any]], ...]] = contextvars.ContextVar(
+    'deformjax_native_ops', default=())
+
+
+@contextlib.contextmanager
+def native_ops(**ops: Callable[..., Any]) -> Iterator[None]:
+  """Within the block, the named ops (e.g. `deform_conv2d=fn`) trace `fn` after validating their arguments.
+
+  `fn` gets the op's validated arguments and returns the result, or None to
+  decline (the op then runs as usual). For exporters whose target has its own
+  operator for an op; read at trace time, scoped like `single_pass()`.
+  """
+  token = _NATIVE_OPS.set(tuple(ops.items()))
+  try:
+    yield
+  finally:
+    _NATIVE_OPS.reset(token)
+
+
+def native_op(name: str) -> Callable[..., Any] | None:
+  """The function `native_ops(...)` set for the op `name` in this context, or None."""
+  return dict(_NATIVE_OPS.get()).get(name)
+
+
 def is_symbolic(*dims: Any) -> bool:
   """True if any dimension is a `jax.export` symbolic dimension."""
   return any(export.is_symbolic_dim(d) for d in dims)
+
+
+# jax.errors has it from jax 0.10; older jax (down to the 0.8.1 floor) has it in jax.core only.
+_Inconclusive = getattr(jax.errors, 'InconclusiveDimensionOperation', None) or jax.core.InconclusiveDimensionOperation
 
 
 def known_le(a: Any, b: Any) -> bool | None:
   """`a <= b` for possibly symbolic dims: True/False when decidable, None when not."""
   try:
     return bool(a <= b)
-  except jax.errors.InconclusiveDimensionOperation:  # depends on the symbolic value
+  except _Inconclusive:  # depends on the symbolic value
     return None
 
 
@@ -186,5 +216,5 @@ def by_platform(cpu: Callable[..., Any], accelerator: Callable[..., Any], *args:
 
 
 __all__ = ['CPU_CHUNK_BYTES', 'DEFAULT_ACCELERATOR_MEMORY_BUDGET', 'SINGLE_PASS_PIXELS', 'accelerator_memory_budget',
-           'by_platform', 'current_accelerator_memory_budget', 'is_symbolic', 'known_le', 'pixels_per_pass',
-           'single_pass']
+           'by_platform', 'current_accelerator_memory_budget', 'is_symbolic', 'known_le', 'native_op', 'native_ops',
+           'pixels_per_pass', 'single_pass']

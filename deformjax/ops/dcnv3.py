@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deformjax.ops import _args, _policy, sampling
-from deformjax.ops.deform_conv import output_size
+from deformjax.ops.deform_conv import _output_size
 
 
 def dcnv3_taps(kernel_hw: tuple[int, int], dilation_hw: tuple[int, int] = (1, 1),
@@ -107,7 +107,7 @@ def _aggregate(fn, inputs, arrays, split, mask_dtype, *, kernel_size, strides, p
   n, h, w, c = inputs.shape
   if c % groups:
     raise ValueError(f'{fn}: inputs channels C={c} must be divisible by groups={groups}')
-  (ho, wo), ((pt, _), (pl, _)) = output_size((h, w), (kh, kw), strides, padding, dilation, fn)
+  (ho, wo), ((pt, _), (pl, _)) = _output_size((h, w), (kh, kw), strides, padding, dilation, fn)
   sh, sw = _args.pair(strides, 'strides', fn)
   dh, dw = _args.pair(dilation, 'dilation', fn)
   points = kh * kw - int(remove_center)

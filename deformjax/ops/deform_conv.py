@@ -51,13 +51,19 @@ def output_size(
     strides: int | Sequence[int] = 1,
     padding: _args.PaddingLike = 0,
     dilation: int | Sequence[int] = 1,
-    fn: str = 'deform_conv2d',
 ) -> tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]:
   """Output spatial size and explicit ((top, bottom), (left, right)) padding.
 
   Same arithmetic as `lax.conv_general_dilated`; used by the op and by modules
   that must predict offsets of the right shape.
   """
+  return _output_size(in_hw, kernel_hw, strides, padding, dilation, 'output_size')
+
+
+def _output_size(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides: int | Sequence[int],
+                 padding: _args.PaddingLike, dilation: int | Sequence[int], fn: str
+                 ) -> tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]:
+  """`output_size`, its errors labelled with the calling op's name `fn`."""
   sh, sw = _args.positive_pair(strides, 'strides', fn)
   dh, dw = _args.positive_pair(dilation, 'dilation', fn)
   kh, kw = kernel_hw
@@ -183,7 +189,9 @@ def deform_conv2d(
       is chosen for the platform the function is lowered for (also by
       `jax.export(..., platforms=[...])` on another host): on GPU/TPU the op
       runs in one pass while the whole columns buffer fits the budget (None:
-      `current_accelerator_memory_budget()`, 1 GiB) and in equal blocks beyond it; on CPU
+      `current_accelerator_memory_budget()`, 1 GiB unless a
+      `with accelerator_memory_budget(nbytes):` scope sets it) and in equal
+      blocks beyond it; on CPU
       it walks cache-sized chunks (`CPU_CHUNK_BYTES`, 0.5 MiB, or the budget if
       smaller), which is fastest there. Besides the columns, both passes keep
       the corner rows and weights of the sample points: 32 bytes per point and
@@ -236,7 +244,7 @@ def deform_conv2d(
         f'{fn}: kernel must have shape [kh, kw, C // groups, C_out] = [kh, kw, {c // groups}, C_out] '
         f'with kh, kw >= 1, got {tuple(kernel.shape)}'
     )
-  (ho, wo), ((pt, _), (pl, _)) = output_size((h, w), (kh, kw), strides, padding, dilation, fn)
+  (ho, wo), ((pt, _), (pl, _)) = _output_size((h, w), (kh, kw), strides, padding, dilation, fn)
   sh, sw = _args.pair(strides, 'strides', fn)
   dh, dw = _args.pair(dilation, 'dilation', fn)
   taps = kh * kw
@@ -265,6 +273,11 @@ def deform_conv2d(
     # Nothing to sample: every tap reads zero, the result is the bias alone.
     out = jnp.zeros((n, ho, wo, cout), acc_dtype)
   else:
+    native = _policy.native_op('deform_conv2d')  # an exporter's own operator (deformjax.export: ONNX DeformConv)
+    out = None if native is None else native(inputs, offsets, kernel, mask, bias, strides=strides, padding=padding,
+                                             dilation=dilation, groups=groups, offset_groups=og)
+    if out is not None:
+      return out.astype(out_dtype)
     idx_dtype = _args.index_dtype(n * h * w * og, fn)
     geom = _Geometry(n, (h, w), (ho, wo), (sh, sw), (pt, pl), (dh, dw), (kh, kw), og, cdtype, idx_dtype)
     # Sampled in the accumulation dtype: for bf16/f16 inputs the backward's

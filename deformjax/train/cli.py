@@ -91,7 +91,9 @@ def config_value(holder):
   """The parsed config of `config_flag`'s holder, or one `error:` line when the file could not be loaded."""
   value = holder.value
   if value is None:
-    fail('--config is required, e.g. --config experiments/configs/digits.py')
+    fail('--config is required: a get_config() file, e.g. experiments/configs/digits.py from '
+         'https://github.com/deformjax/deformjax (a wheel ships none); the trainer needs pip install '
+         "'deformjax[train,data]'")
   try:
     value.keys()  # config_flags defers a missing or unreadable file's error to the first use of the config
   except OSError as e:

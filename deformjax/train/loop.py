@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -112,24 +112,63 @@ def model_factory(cfg: ml_collections.ConfigDict, spec):
   return build
 
 
-def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None, on_step=None) -> dict:
-  """Trains per `cfg` (see `deformjax.train.config.base_config`); returns a summary dict.
+class _Progress:
+  """One run's progress bar (rich) on stderr: steps done of all, elapsed, ETA, the last logged loss/accuracy."""
 
-  Resumes from the latest checkpoint in `cfg.workdir` when there is one. On
-  SIGTERM/SIGINT it saves a checkpoint and raises `Interrupted`.
+  def __init__(self, description: str, total: int, done: int):
+    from rich.console import Console
+    from rich.progress import (
+      BarColumn,
+      MofNCompleteColumn,
+      Progress,
+      TextColumn,
+      TimeElapsedColumn,
+      TimeRemainingColumn,
+    )
 
-  `sources`: optional `(train, test)` random-access sources (e.g.
-  `deformjax.data.ArraySource` over your own arrays) used instead of loading
-  `cfg.dataset`, whose spec (image shape, classes) they must match.
-  `on_step`: optional callable, called with no arguments after every step
-  (e.g. a progress bar over several runs).
+    self.progress = Progress(TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             TimeRemainingColumn(), TextColumn('{task.fields[metrics]}'),
+                             console=Console(stderr=True))
+    self.task = self.progress.add_task(description, total=total, completed=done, metrics='')
+    self.progress.start()
 
-  With `cfg.num_seeds > 1` the seeds `cfg.seed, cfg.seed + 1, ...` train
-  together and the summary's 'train', 'eval', 'eval_history' entries and
-  'param_checksum' are lists with one entry per seed (in 'seeds' order),
-  'params' has a leading seed axis, and metrics.jsonl lines carry a 'seed'.
-  'seconds_per_step' is the time of one step of all seeds together.
-  """
+  def advance(self, metrics: str | None = None) -> None:
+    self.progress.update(self.task, advance=1, **({} if metrics is None else {'metrics': metrics}))
+
+  def close(self) -> None:
+    self.progress.stop()
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the set-up phase decides: the data, the compiled steps, the state, how batches reach the devices."""
+  cfg: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  spec: object
+  test_src: object
+  steps_per_epoch: int
+  total_steps: int
+  seeds: list
+  trainer: object
+  state: dict
+  train_aug: dict
+  split: feeding.DeviceSplit | None  # the train split on the devices, or
+  iterator: feeding.Prefetcher | None  # the host-fed batches
+
+  @property
+  def multi(self) -> bool:
+    return len(self.seeds) > 1
+
+  def evaluate(self, params):
+    """Metrics of `params` on every test set (a list, one per seed, when seeds train together)."""
+    if not self.multi:
+      return evaluate(self.trainer, params, self.test_src, self.spec, self.cfg, self.mesh)
+    return [evaluate(self.trainer, seed_slice(params, i), self.test_src, self.spec, self.cfg, self.mesh, seed=s)
+            for i, s in enumerate(self.seeds)]
+
+
+def _set_up(cfg: ml_collections.ConfigDict, sources) -> _Run:
+  """Phase 1: validates `cfg`, builds the mesh, loads the data, compiles the steps, draws the initial state."""
   if not isinstance(cfg.num_devices, int) or cfg.num_devices < 0:
     raise ConfigError(f'config.num_devices must be 0 (all devices) or a positive int, got {cfg.num_devices!r}')
   try:
@@ -147,166 +186,216 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None, on_step=N
   if steps_per_epoch == 0:
     raise ConfigError(f'config.batch_size={cfg.batch_size} exceeds the {len(train_src)} training examples')
   total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
-  main = jax.process_index() == 0
   seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
-  multi = len(seeds) > 1
   resident = cfg.data_placement == 'device' or (
       cfg.data_placement == 'auto' and feeding.fits_on_device(spec, len(train_src)))
-  if multi and not resident:
+  if len(seeds) > 1 and not resident:
     raise ConfigError(f'config.num_seeds={cfg.num_seeds} needs the train split on the devices, and '
                       f'{len(train_src)} examples exceed feeding.DEVICE_DATA_MAX_BYTES: use '
                       "data_placement='device' if it fits, or num_seeds=1")
-
   trainer = make_trainer(model_factory(cfg, spec), cfg, spec, mesh, steps_per_epoch, total_steps, num_seeds=len(seeds),
                          seed_batching=cfg.seed_batching)
-  state = trainer.init_state(seeds)
-  train_aug = augment_arrays(cfg.train_augment)
-
-  def evaluate_all(params):
-    if not multi:
-      return evaluate(trainer, params, test_src, spec, cfg, mesh)
-    return [evaluate(trainer, seed_slice(params, i), test_src, spec, cfg, mesh, seed=s) for i, s in enumerate(seeds)]
+  split = iterator = None
   if resident:
     split = feeding.DeviceSplit.place(*feeding.read_split(train_src, spec), mesh)
-    iterator = None
   else:
     iterator = feeding.Prefetcher(
         train_iterator(train_src, spec, global_batch=cfg.batch_size, seed=cfg.seed,
                        process_index=jax.process_index(), process_count=jax.process_count()),
         put=lambda local: mesh_lib.global_batch(mesh, local))
+  return _Run(cfg, mesh, spec, test_src, steps_per_epoch, total_steps, seeds, trainer, trainer.init_state(seeds),
+              augment_arrays(cfg.train_augment), split, iterator)
 
-  workdir = cfg.workdir
-  ckpt = metrics_path = None
+
+def _restore(run: _Run, echo) -> tuple[Checkpointer | None, str | None, int]:
+  """Phase 2: opens `cfg.workdir` and resumes from its latest checkpoint; returns (checkpointer, metrics path, step).
+
+  A workdir of another run (run.json) or a checkpoint this state cannot take is refused by name; the metrics a
+  killed run wrote after its last checkpoint are dropped, to be written again.
+  """
+  cfg, workdir = run.cfg, run.cfg.workdir
+  if not workdir:
+    return None, None, 0
+  os.makedirs(workdir, exist_ok=True)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=cfg.keep_checkpoints)
+  run_file = os.path.join(workdir, 'run.json')
+  identity = {k: cfg.get(k) for k in RUN_FIELDS}
   start = 0
-  if workdir:
-    os.makedirs(workdir, exist_ok=True)
-    metrics_path = os.path.join(workdir, 'metrics.jsonl')
-    ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=cfg.keep_checkpoints)
-    run_file = os.path.join(workdir, 'run.json')
-    identity = {k: cfg.get(k) for k in RUN_FIELDS}
-    if ckpt.latest_step() is not None:
-      _check_same_run(workdir, run_file, identity)
-      try:
-        state = ckpt.restore(state, iterator)
-      except (ValueError, KeyError, TypeError) as e:  # orbax: the saved tree is not this run's state
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f'config.workdir={workdir!r} holds a checkpoint this run cannot restore ({first}); '
-                          'use another workdir, or delete it to start over') from None
-      start = int(np.asarray(jax.device_get(state['step'])).reshape(-1)[0])
-      # Lines a killed run wrote after its last checkpoint are written again from here.
-      _truncate_log(metrics_path, start)
-      if main:
-        echo(f'resumed from {ckpt.directory} at step {start}')
-
-  if workdir and main:
+  if ckpt.latest_step() is not None:
+    _check_same_run(workdir, run_file, identity)
+    try:
+      run.state = ckpt.restore(run.state, run.iterator)
+    except (ValueError, KeyError, TypeError) as e:  # orbax: the saved tree is not this run's state
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ConfigError(f'config.workdir={workdir!r} holds a checkpoint this run cannot restore ({first}); '
+                        'use another workdir, or delete it to start over') from None
+    start = int(np.asarray(jax.device_get(run.state['step'])).reshape(-1)[0])
+    _truncate_log(metrics_path, start)
+    if jax.process_index() == 0:
+      echo(f'resumed from {ckpt.directory} at step {start}')
+  if jax.process_index() == 0:
     with open(run_file, 'w') as f:
       json.dump(identity, f, indent=1)
-  stop = threading.Event()
-  bar = None
-  if cfg.progress and main:
-    from tqdm.auto import tqdm
+  return ckpt, metrics_path, start
 
-    bar = tqdm(total=total_steps, initial=start, desc=f'{cfg.dataset}/{cfg.model}/deformable={cfg.deformable}'
-               + (f'/{len(seeds)} seeds' if multi else ''),
-               dynamic_ncols=True, file=sys.stderr)
-  last_train, train_history = {}, []
+
+@dataclasses.dataclass
+class _History:
+  """What the step loop records: the last and every logged train window, in-loop evaluations, timings."""
+  last_train: dict | list = dataclasses.field(default_factory=dict)
+  train: list = dataclasses.field(default_factory=list)
+  eval: list = dataclasses.field(default_factory=list)
+  first_step_seconds: float | None = None
+  seconds_per_step: float | None = None
+
+
+def _step_loop(run: _Run, ckpt, metrics_path, start: int, on_step, bar: _Progress | None) -> _History:
+  """Phase 3: steps `start` .. `total_steps`, logging every `log_every`, evaluating every `eval_every_epochs`,
+  checkpointing every `checkpoint_every` (or epoch); on SIGTERM/SIGINT saves and raises `Interrupted`."""
+  cfg, seeds, history = run.cfg, run.seeds, _History()
   permutation, permutation_epoch = None, None
-  t_first = t_timed = None
-  side_seconds = 0.0  # evaluation time inside the loop, kept out of the step timing
-  eval_history = []
+  t_timed, side_seconds = None, 0.0  # side: evaluation time inside the loop, kept out of the step timing
   last_saved = start
+  stop = threading.Event()
+  with _stop_on_signals(stop):
+    for step in range(start, run.total_steps):
+      t0 = time.perf_counter()
+      if run.split is not None:
+        epoch = step // run.steps_per_epoch
+        if permutation_epoch != epoch:
+          permutation_epoch = epoch
+          orders = [feeding.epoch_permutation(run.mesh, s, epoch, run.split.size) for s in seeds]
+          permutation = orders[0] if not run.multi else jnp.stack(orders)
+        run.state, _ = run.trainer.resident_step(run.state, run.split.images, run.split.labels, permutation,
+                                                 run.train_aug)
+      else:
+        run.state, _ = run.trainer.train_step(run.state, next(run.iterator), run.train_aug)
+      done = step + 1
+      if done == start + 1:
+        jax.block_until_ready(run.state)  # the first step compiles: keep it out of the timing
+        history.first_step_seconds = time.perf_counter() - t0
+        t_timed = time.perf_counter()
+      postfix = None
+      if done % cfg.log_every == 0 or done == run.total_steps:
+        postfix = _log_train(run, history, metrics_path, done)
+      if bar is not None:
+        bar.advance(postfix)
+      if on_step is not None:
+        on_step()
+      epoch_end = done % run.steps_per_epoch == 0
+      if cfg.eval_every_epochs and epoch_end and (done // run.steps_per_epoch) % cfg.eval_every_epochs == 0 \
+          and done != run.total_steps:
+        t_eval = time.perf_counter()
+        res = run.evaluate(run.state['params'])
+        side_seconds += time.perf_counter() - t_eval
+        history.eval.append({'step': done, 'epoch': done // run.steps_per_epoch,
+                             **({'seeds': res} if run.multi else res)})
+        _log_eval(metrics_path, done, seeds, res)
+      if ckpt is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+                               or (not cfg.checkpoint_every and epoch_end) or done == run.total_steps):
+        ckpt.save(done, run.state, run.iterator)
+        last_saved = done
+      if stop.is_set():
+        if ckpt is not None:
+          if last_saved != done:  # an async save of this step may still be in flight
+            ckpt.save(done, run.state, run.iterator, force=True)
+          ckpt.wait()
+        raise Interrupted(f'stopped by signal at step {done}'
+                          + (f'; checkpoint saved in {ckpt.directory}' if ckpt is not None else ''))
+  jax.block_until_ready(run.state)
+  timed_steps = run.total_steps - start - 1
+  if t_timed is not None and timed_steps > 0:
+    # Wall time per step after the first (compiling) one, data loading included, evaluation excluded.
+    history.seconds_per_step = (time.perf_counter() - t_timed - side_seconds) / timed_steps
+  return history
+
+
+def _log_train(run: _Run, history: _History, metrics_path, done: int) -> str:
+  """Reads the summed train metrics of the window (the only read of step results), logs them, resets the sums."""
+  sums = jax.device_get(run.state['metrics'])
+  per_seed = [_train_metrics(seed_slice(sums, i) if run.multi else sums) for i in range(len(run.seeds))]
+  history.last_train = per_seed if run.multi else per_seed[0]
+  run.state = {**run.state, 'metrics': jax.device_put(jax.tree.map(jnp.zeros_like, run.state['metrics']),
+                                                      mesh_lib.replicated(run.mesh))}
+  history.train.append({'step': done, **({'seeds': per_seed} if run.multi else history.last_train)})
+  for seed, metrics in zip(run.seeds, per_seed):
+    _log_line(metrics_path, {'step': done, 'split': 'train', **({'seed': seed} if run.multi else {}), **metrics})
+  return (f"loss {np.mean([m['loss'] for m in per_seed]):.4f} "
+          f"acc {np.mean([m['accuracy'] for m in per_seed]):.3f}")
+
+
+def _summary(run: _Run, history: _History, final) -> dict:
+  """Phase 5: the summary dict `train` returns."""
+  params, multi = run.state['params'], run.multi
+  return {
+      'config': run.cfg.to_dict(),
+      'seeds': run.seeds,
+      'steps': run.total_steps,
+      'steps_per_epoch': run.steps_per_epoch,
+      'data_placement': 'device' if run.split is not None else 'host',
+      'devices': run.mesh.size,
+      'processes': jax.process_count(),
+      'train': history.last_train,
+      'train_history': history.train,
+      'eval': final,
+      'eval_history': history.eval,
+      'first_step_seconds': history.first_step_seconds,
+      'seconds_per_step': history.seconds_per_step,
+      'params': params,
+      'param_checksum': ([param_checksum(seed_slice(params, i)) for i in range(len(run.seeds))] if multi
+                         else param_checksum(params)),
+  }
+
+
+def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None, on_step=None) -> dict:
+  """Trains per `cfg` (see `deformjax.train.config.base_config`); returns a summary dict.
+
+  Resumes from the latest checkpoint in `cfg.workdir` when there is one. On
+  SIGTERM/SIGINT it saves a checkpoint and raises `Interrupted`.
+
+  `sources`: optional `(train, test)` random-access sources (e.g.
+  `deformjax.data.ArraySource` over your own arrays) used instead of loading
+  `cfg.dataset`, whose spec (image shape, classes) they must match.
+  `on_step`: optional callable, called with no arguments after every step
+  (e.g. a progress bar over several runs).
+
+  With `cfg.num_seeds > 1` the seeds `cfg.seed, cfg.seed + 1, ...` train
+  together and the summary's 'train', 'eval', 'eval_history' entries and
+  'param_checksum' are lists with one entry per seed (in 'seeds' order),
+  'params' has a leading seed axis, and metrics.jsonl lines carry a 'seed'.
+  'seconds_per_step' is the time of one step of all seeds together.
+
+  The phases: set-up (`_set_up`), restore (`_restore`), the step loop
+  (`_step_loop`), the final evaluation, the summary (`_summary`).
+  """
+  run = _set_up(cfg, sources)
+  ckpt, metrics_path, start = _restore(run, echo)
+  main = jax.process_index() == 0
+  bar = None
   try:
-    with _stop_on_signals(stop):
-      for step in range(start, total_steps):
-        t0 = time.perf_counter()
-        if resident:
-          if permutation_epoch != step // steps_per_epoch:
-            permutation_epoch = step // steps_per_epoch
-            orders = [feeding.epoch_permutation(mesh, s, permutation_epoch, split.size) for s in seeds]
-            permutation = orders[0] if not multi else jnp.stack(orders)
-          state, _ = trainer.resident_step(state, split.images, split.labels, permutation, train_aug)
-        else:
-          state, _ = trainer.train_step(state, next(iterator), train_aug)
-        done = step + 1
-        if done == start + 1:
-          jax.block_until_ready(state)  # the first step compiles: keep it out of the timing
-          t_first = time.perf_counter() - t0
-          t_timed = time.perf_counter()
-        if bar is not None:
-          bar.update(1)
-        if on_step is not None:
-          on_step()
-        if done % cfg.log_every == 0 or done == total_steps:
-          sums = jax.device_get(state['metrics'])  # the only read of step results: every log_every steps
-          per_seed = [_train_metrics(seed_slice(sums, i) if multi else sums) for i in range(len(seeds))]
-          last_train = per_seed if multi else per_seed[0]
-          state = {**state, 'metrics': jax.device_put(jax.tree.map(jnp.zeros_like, state['metrics']),
-                                                      mesh_lib.replicated(mesh))}
-          train_history.append({'step': done, **({'seeds': per_seed} if multi else last_train)})
-          if bar is not None:
-            bar.set_postfix(loss=f"{np.mean([m['loss'] for m in per_seed]):.4f}",
-                            acc=f"{np.mean([m['accuracy'] for m in per_seed]):.3f}")
-          for seed, metrics in zip(seeds, per_seed):
-            _log_line(metrics_path, {'step': done, 'split': 'train', **({'seed': seed} if multi else {}), **metrics})
-        epoch_end = done % steps_per_epoch == 0
-        if cfg.eval_every_epochs and epoch_end and (done // steps_per_epoch) % cfg.eval_every_epochs == 0 \
-            and done != total_steps:
-          t_eval = time.perf_counter()
-          res = evaluate_all(state['params'])
-          side_seconds += time.perf_counter() - t_eval
-          eval_history.append({'step': done, 'epoch': done // steps_per_epoch,
-                               **({'seeds': res} if multi else res)})
-          _log_eval(metrics_path, done, seeds, res)
-        if ckpt is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-                                 or (not cfg.checkpoint_every and epoch_end) or done == total_steps):
-          ckpt.save(done, state, iterator)
-          last_saved = done
-        if stop.is_set():
-          if ckpt is not None:
-            if last_saved != done:  # an async save of this step may still be in flight
-              ckpt.save(done, state, iterator, force=True)
-            ckpt.wait()
-          raise Interrupted(f'stopped by signal at step {done}'
-                            + (f'; checkpoint saved in {ckpt.directory}' if ckpt is not None else ''))
-    jax.block_until_ready(state)
-    timed_steps = total_steps - start - 1
-    train_seconds = (time.perf_counter() - t_timed - side_seconds) if t_timed is not None else 0.0
+    if cfg.progress and main:
+      bar = _Progress(f'{cfg.dataset}/{cfg.model}/deformable={cfg.deformable}'
+                      + (f'/{len(run.seeds)} seeds' if run.multi else ''), run.total_steps, start)
+    history = _step_loop(run, ckpt, metrics_path, start, on_step, bar)
     if bar is not None:
       bar.close()
-    final = evaluate_all(state['params'])
-    _log_eval(metrics_path, total_steps, seeds, final)
+      bar = None
+    final = run.evaluate(run.state['params'])  # phase 4
+    _log_eval(metrics_path, run.total_steps, run.seeds, final)
   finally:
     if bar is not None:
       bar.close()
     if ckpt is not None:
       ckpt.wait()
       ckpt.close()
-  summary = {
-      'config': cfg.to_dict(),
-      'seeds': seeds,
-      'steps': total_steps,
-      'steps_per_epoch': steps_per_epoch,
-      'data_placement': 'device' if resident else 'host',
-      'devices': mesh.size,
-      'processes': jax.process_count(),
-      'train': last_train,
-      'train_history': train_history,
-      'eval': final,
-      'eval_history': eval_history,
-      'first_step_seconds': t_first,
-      # Wall time per step after the first (compiling) one, data loading included, evaluation excluded.
-      'seconds_per_step': train_seconds / timed_steps if timed_steps > 0 else None,
-      'params': state['params'],
-      'param_checksum': ([param_checksum(seed_slice(state['params'], i)) for i in range(len(seeds))] if multi
-                         else param_checksum(state['params'])),
-  }
   if main:
-    if multi:
-      for seed, res in zip(seeds, final):
+    if run.multi:
+      for seed, res in zip(run.seeds, final):
         echo(f'seed {seed}:\n' + format_summary(res))
     else:
       echo(format_summary(final))
-  return summary
+  return _summary(run, history, final)
 
 
 # The config fields that decide what a checkpoint holds and whose run it is; a

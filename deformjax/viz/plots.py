@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from flax import nnx
 
 from deformjax.viz.sampling import LayerField, layer_fields, trace_sampling_points
 
+_PathLike = str | os.PathLike
 
-def _plt():
+
+def _plt() -> Any:
   import matplotlib
 
   matplotlib.use('Agg')
@@ -23,8 +29,10 @@ def feature_to_image(points: np.ndarray, stride: float) -> np.ndarray:
   return (points + 0.5) * stride - 0.5
 
 
-def draw_sampling_locations(model, image: np.ndarray, path, *, convs=None, start_yx=None, depth: int = 3,
-                            stride: float = 4.0, title: str | None = None):
+def draw_sampling_locations(model: nnx.Module, image: np.ndarray, path: _PathLike, *,
+                            convs: Sequence[nnx.Module] | None = None, start_yx: tuple[float, float] | None = None,
+                            depth: int = 3, stride: float = 4.0, title: str | None = None
+                            ) -> dict[str, list[np.ndarray]]:
   """Draws the 9 / 81 / 729 points one output activation samples through `depth`
   stacked layers, learned (red) against the regular grid (blue), over `image`.
 
@@ -71,7 +79,7 @@ def draw_sampling_locations(model, image: np.ndarray, path, *, convs=None, start
   return {'deformed': deformed, 'regular': regular}
 
 
-def draw_offset_fields(fields: list[LayerField], path, image_index: int = 0):
+def draw_offset_fields(fields: Sequence[LayerField], path: _PathLike, image_index: int = 0) -> None:
   """Per deformable layer: mean offset magnitude over taps and mean mask, as maps."""
   plt = _plt()
   shown = [f for f in fields if f.offsets is not None]
@@ -100,7 +108,8 @@ def draw_offset_fields(fields: list[LayerField], path, image_index: int = 0):
   plt.close(fig)
 
 
-def line_plot(xs, series: dict, path, *, xlabel: str, ylabel: str, title: str = '', errors: dict | None = None):
+def line_plot(xs: Sequence[float], series: Mapping[str, Sequence[float]], path: _PathLike, *, xlabel: str, ylabel: str,
+              title: str = '', errors: Mapping[str, Sequence[float]] | None = None) -> None:
   """Curves with optional error bars (e.g. accuracy or effective dilation against scale)."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -116,3 +125,6 @@ def line_plot(xs, series: dict, path, *, xlabel: str, ylabel: str, title: str = 
   fig.tight_layout()
   fig.savefig(pathlib.Path(path), dpi=120)
   plt.close(fig)
+
+
+__all__ = ['draw_offset_fields', 'draw_sampling_locations', 'feature_to_image', 'line_plot']

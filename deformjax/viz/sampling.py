@@ -8,6 +8,7 @@ sow its offsets and mask, and the per-layer fields are read from the capture.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +31,11 @@ class LayerField:
   mask: np.ndarray | None  # [N, Ho, Wo, kh*kw] or None
 
 
-def _pair(v):
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
   return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _pads(layer):
+def _pads(layer: nnx.Module) -> tuple[int, int]:
   """(top, left) padding of a conv layer. Explicit padding and stride-1 'SAME' do not
   depend on the input size, so any size large enough for the kernel serves."""
   from deformjax.ops.deform_conv import output_size
@@ -44,14 +45,14 @@ def _pads(layer):
   return pt, pl
 
 
-def _sown_value(v):
+def _sown_value(v: object) -> np.ndarray | None:
   """The first sown value of an `nnx.Intermediate` entry (None when absent), as numpy."""
   if v is None:
     return None
   return np.asarray((v.get_value() if hasattr(v, 'get_value') else v.value)[0])
 
 
-def layer_fields(model: nnx.Module, images: jax.Array, convs=None) -> list[LayerField]:
+def layer_fields(model: nnx.Module, images: jax.Array, convs: Sequence[nnx.Module] | None = None) -> list[LayerField]:
   """Runs `model(images)` once and returns the offset field of every conv in `convs`.
 
   Args:
@@ -87,14 +88,15 @@ def layer_fields(model: nnx.Module, images: jax.Array, convs=None) -> list[Layer
   return fields
 
 
-def tap_grid(kernel_size, dilation, padding) -> np.ndarray:
+def tap_grid(kernel_size: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int]) -> np.ndarray:
   """`[kh*kw, 2]` (dy, dx) of the regular taps relative to the output position."""
   kh, kw = kernel_size
   ii, jj = np.meshgrid(np.arange(kh), np.arange(kw), indexing='ij')
   return np.stack([ii.reshape(-1) * dilation[0] - padding[0], jj.reshape(-1) * dilation[1] - padding[1]], -1)
 
 
-def trace_sampling_points(fields: list[LayerField], start_yx, image_index: int = 0, deformed: bool = True):
+def trace_sampling_points(fields: Sequence[LayerField], start_yx: tuple[float, float], image_index: int = 0,
+                          deformed: bool = True) -> list[np.ndarray]:
   """Sampling points reached from one output activation back through stacked layers.
 
   Args:
@@ -148,3 +150,6 @@ def effective_dilation(field: LayerField, image_index: int = 0, where: np.ndarra
   if where is not None and field.offsets is not None:
     per_position = per_position[np.asarray(where, bool)] if np.any(where) else per_position
   return float(np.mean(per_position))
+
+
+__all__ = ['LayerField', 'effective_dilation', 'layer_fields', 'tap_grid', 'trace_sampling_points']

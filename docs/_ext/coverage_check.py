@@ -36,11 +36,25 @@ ROOT = 'deformjax'
 
 
 def _is_public(dotted: str) -> bool:
+  """No component of the dotted path is private.
+
+  Example:
+    >>> _is_public('deformjax.nn.convert'), _is_public('deformjax.ops._policy')
+    (True, False)
+  """
   return not any(part.startswith('_') for part in dotted.split('.'))
 
 
 def public_modules(root: str = ROOT) -> dict[str, types.ModuleType]:
-  """Every public module of the package, by dotted name (see the module docstring for the rule)."""
+  """Every public module of the package, by dotted name (see the module docstring for the rule).
+
+  Example:
+    >>> modules = public_modules()
+    >>> 'deformjax.nn.linen' in modules, 'deformjax.ops.sampling' in modules, 'deformjax.ops._policy' in modules
+    (True, False, False)
+    >>> 'deformjax.ops.dcnv3' in modules  # a function of deformjax.ops, not a public module
+    False
+  """
   found: dict[str, types.ModuleType] = {}
   pending = [importlib.import_module(root)]
   while pending:
@@ -51,7 +65,10 @@ def public_modules(root: str = ROOT) -> dict[str, types.ModuleType]:
     listed = set(getattr(module, '__all__', ()))
     for info in pkgutil.iter_modules(getattr(module, '__path__', ())):
       dotted = f'{module.__name__}.{info.name}'
-      if _is_public(dotted) and (info.ispkg or module.__name__ == root or info.name in listed):
+      # A listed name counts as a module only when it is one: `deformjax.ops.dcnv3` is a function
+      # that shadows the submodule of that name.
+      listed_module = info.name in listed and isinstance(getattr(module, info.name, None), types.ModuleType)
+      if _is_public(dotted) and (info.ispkg or module.__name__ == root or listed_module):
         pending.append(importlib.import_module(dotted))
   return found
 
