@@ -100,3 +100,21 @@ def test_family_blocks_in_a_classifier_start_as_identity_residuals():
   assert build_model('conv5', in_features=1, num_classes=10, image_size=28, deformable=2, modulated=False,
                      conv='dcnv3', rngs=nnx.Rngs(0)).convs[4].block.groups == 4
 
+
+
+@pytest.mark.slow
+def test_family_study_writes_table_json_and_plot(tmp_path):
+  """experiments.family end to end on its runlocal config (6 steps, 2 seeds, 2 conditions)."""
+  import json
+
+  from experiments import family
+
+  result = family.main(['--config', f'{family.DEFAULT_CONFIG}:runlocal', '--out', str(tmp_path)])
+  saved = json.loads((tmp_path / 'family_digits_runlocal.json').read_text())
+  assert {r['variant'] for r in saved['runs']} == {'regular', 'dcnv1', 'dcnv2', 'dcnv3', 'dcnv4'}
+  assert len(saved['runs']) == 5 * 2 * 2 and saved['parameters'] == result['parameters']
+  assert all(0.0 <= r['accuracy'] <= 1.0 and r['seconds_per_step'] > 0 for r in saved['runs'])
+  md = (tmp_path / 'family_digits_runlocal.md').read_text()
+  for variant in ('regular', 'dcnv1', 'dcnv2', 'dcnv3', 'dcnv4'):
+    assert f'| {variant} |' in md
+  assert (tmp_path / 'family_digits_runlocal.png').read_bytes()[:4] == b'\x89PNG'

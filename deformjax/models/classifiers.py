@@ -18,11 +18,14 @@ replace only the width-preserving convs). Unset, `modulated` chooses between
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+from jax.typing import DTypeLike
 
 from deformjax.nn import DCNv3, DCNv4, DeformConv
 
@@ -98,7 +101,7 @@ def _conv(cin, cout, kernel, padding, deformable, conv, dtype, rngs):
   return Residual(block(cout, kernel, groups=FAMILY_GROUPS, dtype=dtype, rngs=rngs, **extra))
 
 
-def max_pool(x):
+def max_pool(x: jax.Array) -> jax.Array:
   """2x2 max pooling, stride 2, VALID, of `x [N, H, W, C]` -> `[N, H // 2, W // 2, C]`.
 
   A reshape and a max rather than `nnx.max_pool`: the same forward values, and a
@@ -113,7 +116,8 @@ def max_pool(x):
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def avg_pool(x):
+def avg_pool(x: jax.Array) -> jax.Array:
+  """2x2 average pooling, stride 2, VALID: `x [N, H, W, C]` -> `[N, H // 2, W // 2, C]`."""
   # flax's avg_pool divides by an int64 count, which strict dtype promotion rejects.
   # The init value must be a concrete scalar: JAX recognises a constant 0 with
   # lax.add as `reduce_window_sum`, which is differentiable; a traced zero
@@ -151,7 +155,7 @@ class ConvClassifier(nnx.Module):
   num_convs = 5
 
   def __init__(self, in_features: int = 1, num_classes: int = 10, *, width: int = 32, deformable: int | str = 0,
-               modulated: bool = False, conv: str | None = None, dropout: float = 0.0, dtype=None, rngs: nnx.Rngs):
+               modulated: bool = False, conv: str | None = None, dropout: float = 0.0, dtype: DTypeLike | None = None, rngs: nnx.Rngs):
     k = resolve_deformable(deformable, self.num_convs)
     conv = resolve_conv(conv, modulated)
     self.convs = nnx.List([
@@ -190,8 +194,8 @@ class CifarNet(nnx.Module):
   num_convs = 2
 
   def __init__(self, in_features: int = 3, num_classes: int = 10, *, image_size: int = 32,
-               deformable: int | str = 0, modulated: bool = False, conv: str | None = None, dtype=None,
-               rngs: nnx.Rngs):
+               deformable: int | str = 0, modulated: bool = False, conv: str | None = None,
+               dtype: DTypeLike | None = None, rngs: nnx.Rngs):
     k = resolve_deformable(deformable, self.num_convs)
     conv = resolve_conv(conv, modulated)
     self.conv1 = _conv(in_features, 40, 3, 'VALID', k >= 2, conv, dtype, rngs)
@@ -212,11 +216,12 @@ class CifarNet(nnx.Module):
     return self.fc3(x).astype(jnp.float32)
 
 
-MODELS = {'conv5': ConvClassifier, 'cifarnet': CifarNet}
+MODELS = types.MappingProxyType({'conv5': ConvClassifier, 'cifarnet': CifarNet})
 
 
-def build_model(name: str, *, in_features: int, num_classes: int, image_size: int, deformable, modulated: bool,
-                conv: str | None = None, dropout: float = 0.0, dtype=None, rngs: nnx.Rngs) -> nnx.Module:
+def build_model(name: str, *, in_features: int, num_classes: int, image_size: int, deformable: int | str,
+                modulated: bool, conv: str | None = None, dropout: float = 0.0, dtype: DTypeLike | None = None,
+                rngs: nnx.Rngs) -> nnx.Module:
   """Builds a classifier by name ('conv5' or 'cifarnet'); `conv` as `ConvClassifier`'s."""
   if name == 'conv5':
     return ConvClassifier(in_features, num_classes, deformable=deformable, modulated=modulated, conv=conv,
@@ -225,3 +230,7 @@ def build_model(name: str, *, in_features: int, num_classes: int, image_size: in
     return CifarNet(in_features, num_classes, image_size=image_size, deformable=deformable, modulated=modulated,
                     conv=conv, dtype=dtype, rngs=rngs)
   raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+
+
+__all__ = ['CONVS', 'FAMILY_GROUPS', 'MODELS', 'CifarNet', 'ConvClassifier', 'Residual', 'avg_pool', 'build_model',
+           'max_pool', 'resolve_conv', 'resolve_deformable']

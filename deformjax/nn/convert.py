@@ -26,17 +26,19 @@ transpose and a depthwise `Conv2d` weight `[C, 1, k, k]` by `transpose(2, 3, 1, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from flax import nnx, traverse_util
+from jax.typing import DTypeLike
 
 from deformjax.nn.dcnv3 import DCNv3, DCNv4
 from deformjax.nn.deform_conv import DeformConv
 from deformjax.nn.ms_deform_attn import MSDeformAttn
 
 
-def from_conv(conv: nnx.Conv, **deform_kwargs) -> DeformConv:
+def from_conv(conv: nnx.Conv, **deform_kwargs: Any) -> DeformConv:
   """A `DeformConv` computing exactly what the trained `conv` computes, until its offsets learn.
 
   Geometry, dtypes, precision and the kernel / bias values come from `conv`;
@@ -70,7 +72,8 @@ def from_conv(conv: nnx.Conv, **deform_kwargs) -> DeformConv:
   return layer
 
 
-def linen_params(fresh, pretrained, rename: Mapping[str, str] | None = None):
+def linen_params(fresh: Mapping[str, Any], pretrained: Mapping[str, Any],
+                 rename: Mapping[str, str] | None = None) -> dict[str, Any]:
   """Parameters for a Linen model with DeformConvs, taken from the pretrained regular model.
 
   Args:
@@ -141,8 +144,9 @@ def _check_weight(weight, name: str) -> np.ndarray:
   return weight
 
 
-def from_torchvision(weight, bias=None, *, stride=1, padding=0, dilation=1, groups: int = 1,
-                     offset_groups: int = 1, param_dtype=np.float32) -> DeformConv:
+def from_torchvision(weight: np.ndarray, bias: np.ndarray | None = None, *, stride: int | Sequence[int] = 1,
+                     padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
+                     offset_groups: int = 1, param_dtype: DTypeLike = np.float32) -> DeformConv:
   """A `DeformConv` holding a torchvision `DeformConv2d`'s weights: offsets (and mask) passed in.
 
   Args:
@@ -176,8 +180,9 @@ def from_torchvision(weight, bias=None, *, stride=1, padding=0, dilation=1, grou
   return layer
 
 
-def from_mmcv(state: Mapping[str, np.ndarray], *, stride=1, padding=0, dilation=1, groups: int = 1,
-              deform_groups: int = 1, prefix: str = '', param_dtype=np.float32) -> DeformConv:
+def from_mmcv(state: Mapping[str, np.ndarray], *, stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+              dilation: int | Sequence[int] = 1, groups: int = 1,
+              deform_groups: int = 1, prefix: str = '', param_dtype: DTypeLike = np.float32) -> DeformConv:
   """A `DeformConv` reproducing an mmcv `ModulatedDeformConv2dPack` (DCNv2) or `DeformConv2dPack` (DCNv1).
 
   Args:
@@ -285,7 +290,7 @@ def _channels(state: Mapping[str, np.ndarray], key: str, fn: str) -> int:
 
 def from_internimage_dcnv3(state: Mapping[str, np.ndarray], *, groups: int, kernel_size: int = 3,
                            padding: int | None = None, dilation: int = 1, offset_scale: float = 1.0,
-                           remove_center: bool = False, prefix: str = '', param_dtype=np.float32) -> DCNv3:
+                           remove_center: bool = False, prefix: str = '', param_dtype: DTypeLike = np.float32) -> DCNv3:
   """A `DCNv3` reproducing InternImage's `DCNv3` / `DCNv3_pytorch` module (`ops_dcnv3/modules/dcnv3.py`).
 
   Args:
@@ -340,7 +345,7 @@ def from_internimage_dcnv3(state: Mapping[str, np.ndarray], *, groups: int, kern
 
 def from_dcnv4(state: Mapping[str, np.ndarray], *, groups: int, kernel_size: int = 3, padding: int | None = None,
                dilation: int = 1, offset_scale: float = 1.0, remove_center: bool = False, prefix: str = '',
-               param_dtype=np.float32) -> DCNv4:
+               param_dtype: DTypeLike = np.float32) -> DCNv4:
   """A `DCNv4` reproducing OpenGVLab's `DCNv4` module (`DCNv4_op/DCNv4/modules/dcnv4.py`).
 
   Args:
@@ -391,7 +396,7 @@ def from_dcnv4(state: Mapping[str, np.ndarray], *, groups: int, kernel_size: int
 
 
 def from_deformable_detr(state: Mapping[str, np.ndarray], *, num_heads: int, num_levels: int, num_points: int,
-                         prefix: str = '', param_dtype=np.float32) -> MSDeformAttn:
+                         prefix: str = '', param_dtype: DTypeLike = np.float32) -> MSDeformAttn:
   """An `MSDeformAttn` reproducing transformers' `DeformableDetrMultiscaleDeformableAttention`
   or mmcv's `MultiScaleDeformableAttention` (the same four `nn.Linear`s).
 

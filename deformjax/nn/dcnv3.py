@@ -21,9 +21,9 @@ from flax.nnx.nn import initializers
 from deformjax.ops import _args
 
 # PyTorch's default Conv2d kernel initialisation (kaiming_uniform(a=sqrt(5))): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-torch_conv_kernel_init = initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
-xavier_uniform = initializers.xavier_uniform()
-zeros = initializers.zeros_init()
+_torch_conv_kernel_init = initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+_xavier_uniform = initializers.xavier_uniform()
+_zeros = initializers.zeros_init()
 
 
 def ceil8(n: int) -> int:
@@ -61,6 +61,7 @@ def check_block_args(name: str, channels: int, kernel_size: int, groups: int, di
 
 
 def check_nhwc(inputs: jax.Array, channels: int, name: str) -> None:
+  """Raises a ValueError naming `name` unless `inputs` is `[..., H, W, channels]`."""
   if inputs.ndim < 3 or inputs.shape[-1] != channels:
     raise ValueError(f'{name}: inputs must have shape [..., H, W, channels={channels}], got {tuple(inputs.shape)}')
 
@@ -92,7 +93,7 @@ def blend_center(x: jax.Array, x_proj: jax.Array, scale_logits: jax.Array, group
   return x * (1 - s) + x_proj * s
 
 
-Layer = Callable[[jax.Array], jax.Array]
+_Layer = Callable[[jax.Array], jax.Array]
 
 
 def _flat(inputs: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
@@ -101,8 +102,8 @@ def _flat(inputs: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array
   return inputs.reshape((-1,) + inputs.shape[-3:]), lambda a: a.reshape(batch + a.shape[1:])
 
 
-def dcnv3_block(inputs: jax.Array, input_proj: Layer, dw_conv: Layer, norm: Layer, offset: Layer, mask: Layer,
-                center_feature_scale_proj: Layer | None, output_proj: Layer, *, kernel_size: int, groups: int,
+def dcnv3_block(inputs: jax.Array, input_proj: _Layer, dw_conv: _Layer, norm: _Layer, offset: _Layer, mask: _Layer,
+                center_feature_scale_proj: _Layer | None, output_proj: _Layer, *, kernel_size: int, groups: int,
                 padding: int, dilation: int, offset_scale: float,
                 remove_center: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
   """DCNv3's computation given its layers (what the NNX module and its Linen twin share).
@@ -123,8 +124,8 @@ def dcnv3_block(inputs: jax.Array, input_proj: Layer, dw_conv: Layer, norm: Laye
   return unflat(output_proj(y)), unflat(offsets), unflat(weights)
 
 
-def dcnv4_block(inputs: jax.Array, value_proj: Layer | None, offset_mask_dw: Layer | None, offset_mask: Layer,
-                center_feature_scale_proj: Layer | None, output_proj: Layer | None, *, kernel_size: int, groups: int,
+def dcnv4_block(inputs: jax.Array, value_proj: _Layer | None, offset_mask_dw: _Layer | None, offset_mask: _Layer,
+                center_feature_scale_proj: _Layer | None, output_proj: _Layer | None, *, kernel_size: int, groups: int,
                 padding: int, dilation: int, offset_scale: float,
                 remove_center: bool) -> tuple[jax.Array, jax.Array]:
   """DCNv4's computation given its layers: `inputs [..., H, W, C]` -> `(y, offset_mask [..., H, W, ceil8(G*K*3)])`."""
@@ -142,14 +143,14 @@ def dcnv4_block(inputs: jax.Array, value_proj: Layer | None, offset_mask_dw: Lay
   return unflat(y), unflat(packed)
 
 
-def _linear(cin, cout, *, use_bias=True, kernel_init=xavier_uniform, dtype, param_dtype, precision, rngs):
-  return nnx.Linear(cin, cout, use_bias=use_bias, kernel_init=kernel_init, bias_init=zeros, dtype=dtype,
+def _linear(cin, cout, *, use_bias=True, kernel_init=_xavier_uniform, dtype, param_dtype, precision, rngs):
+  return nnx.Linear(cin, cout, use_bias=use_bias, kernel_init=kernel_init, bias_init=_zeros, dtype=dtype,
                     param_dtype=param_dtype, precision=precision, rngs=rngs)
 
 
 def _depthwise(channels, kernel_size, *, dtype, param_dtype, precision, rngs):
   return nnx.Conv(channels, channels, (kernel_size, kernel_size), padding=(kernel_size - 1) // 2,
-                  feature_group_count=channels, kernel_init=torch_conv_kernel_init, bias_init=zeros, dtype=dtype,
+                  feature_group_count=channels, kernel_init=_torch_conv_kernel_init, bias_init=_zeros, dtype=dtype,
                   param_dtype=param_dtype, precision=precision, rngs=rngs)
 
 
@@ -216,13 +217,14 @@ class DCNv3(nnx.Module):
     self.input_proj = _linear(channels, channels, **kw)
     self.dw_conv = _depthwise(channels, self.dw_kernel_size, **kw)
     self.norm = nnx.LayerNorm(channels, epsilon=layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.offset = _linear(channels, taps * 2, kernel_init=zeros, **kw)
-    self.mask = _linear(channels, taps, kernel_init=zeros, **kw)
-    self.center_feature_scale_proj = (_linear(channels, groups, kernel_init=zeros, **kw)
+    self.offset = _linear(channels, taps * 2, kernel_init=_zeros, **kw)
+    self.mask = _linear(channels, taps, kernel_init=_zeros, **kw)
+    self.center_feature_scale_proj = (_linear(channels, groups, kernel_init=_zeros, **kw)
                                       if center_feature_scale else None)
     self.output_proj = _linear(channels, channels, **kw)
 
-  def __call__(self, inputs: jax.Array, *, return_offsets: bool = False):
+  def __call__(self, inputs: jax.Array, *,
+               return_offsets: bool = False) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """`inputs [..., H, W, C]` -> `[..., H, W, C]`; with `return_offsets`, also the
     offsets `[..., H, W, groups*K*2]` and the (softmaxed) mask `[..., H, W, groups*K]` used."""
     check_nhwc(inputs, self.channels, type(self).__name__)
@@ -296,13 +298,13 @@ class DCNv4(nnx.Module):
     self.value_proj = None if without_pointwise else _linear(channels, channels, **kw)
     self.offset_mask_dw = None if dw_kernel_size is None else _depthwise(channels, dw_kernel_size, **kw)
     self.offset_mask = _linear(channels, ceil8(groups * num_taps(kernel_size, remove_center) * 3),
-                               kernel_init=zeros, **kw)
-    self.center_feature_scale_proj = (_linear(channels, groups, kernel_init=zeros, **kw)
+                               kernel_init=_zeros, **kw)
+    self.center_feature_scale_proj = (_linear(channels, groups, kernel_init=_zeros, **kw)
                                       if center_feature_scale else None)
     self.output_proj = (None if without_pointwise else
                         _linear(channels, channels, use_bias=output_bias, **kw))
 
-  def __call__(self, inputs: jax.Array, *, return_offsets: bool = False):
+  def __call__(self, inputs: jax.Array, *, return_offsets: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """`inputs [..., H, W, C]` -> `[..., H, W, C]`; with `return_offsets`, also the packed
     `offset_mask [..., H, W, ceil8(groups*K*3)]` used."""
     check_nhwc(inputs, self.channels, type(self).__name__)
@@ -313,4 +315,5 @@ class DCNv4(nnx.Module):
     return (y, offset_mask) if return_offsets else y
 
 
-__all__ = ['DCNv3', 'DCNv4', 'ceil8', 'dcnv3_block', 'dcnv4_block']
+__all__ = ['DCNv3', 'DCNv4', 'blend_center', 'ceil8', 'check_block_args', 'check_nhwc', 'dcnv3_block', 'dcnv4_block',
+           'group_softmax', 'num_taps', 'softmax_dtype']

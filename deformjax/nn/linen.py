@@ -173,7 +173,7 @@ def _dense(features: int, name: str, *, zero: bool = False, use_bias: bool = Tru
 
 def _depthwise(channels: int, kernel_size: int, name: str, *, dtype, param_dtype, precision) -> nn.Conv:
   return nn.Conv(channels, (kernel_size, kernel_size), padding=(kernel_size - 1) // 2, feature_group_count=channels,
-                 kernel_init=_family.torch_conv_kernel_init, bias_init=nn.initializers.zeros_init(), dtype=dtype,
+                 kernel_init=_family._torch_conv_kernel_init, bias_init=nn.initializers.zeros_init(), dtype=dtype,
                  param_dtype=param_dtype, precision=precision, name=name)
 
 

@@ -22,7 +22,8 @@ from deformjax.nn.dcnv3 import softmax_dtype
 from deformjax.ops import _args
 
 
-def directional_bias_init(num_heads: int, num_levels: int, num_points: int):
+def directional_bias_init(num_heads: int, num_levels: int,
+                          num_points: int) -> Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]:
   """Deformable DETR's sampling-offset bias: head `m` looks along the angle `2*pi*m/num_heads`, its point `p`
   at `p + 1` grid steps (the direction scaled so its larger coordinate is 1), identical at every level.
 
@@ -52,7 +53,8 @@ def directional_bias_init(num_heads: int, num_levels: int, num_points: int):
   return init
 
 
-def check_spatial_shapes(spatial_shapes, num_levels: int, name: str) -> tuple[tuple[int, int], ...]:
+def check_spatial_shapes(spatial_shapes: Sequence[tuple[int, int]] | np.ndarray, num_levels: int,
+                         name: str) -> tuple[tuple[int, int], ...]:
   """A static sequence of `num_levels` positive `(H_l, W_l)` pairs (numpy arrays accepted)."""
   if isinstance(spatial_shapes, np.ndarray):
     spatial_shapes = spatial_shapes.tolist()
@@ -191,7 +193,7 @@ class MSDeformAttn(nnx.Module):
 
   def __call__(self, query: jax.Array, reference_points: jax.Array, inputs: jax.Array,
                spatial_shapes: Sequence[tuple[int, int]], padding_mask: jax.Array | None = None, *,
-               return_sampling: bool = False):
+               return_sampling: bool = False) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Attends from `query [N, Lq, C]` to `inputs [N, sum(H_l*W_l), C]`.
 
     Args:
@@ -218,4 +220,5 @@ class MSDeformAttn(nnx.Module):
     return (out, locations, weights) if return_sampling else out
 
 
-__all__ = ['MSDeformAttn', 'directional_bias_init', 'ms_deform_attn_block', 'sampling_locations']
+__all__ = ['MSDeformAttn', 'check_spatial_shapes', 'directional_bias_init', 'ms_deform_attn_block',
+           'sampling_locations']
