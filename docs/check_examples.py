@@ -1,6 +1,6 @@
 """Runs the Python examples of the user guide, so that a page never shows code that fails.
 
-Every fenced ``python`` block of ``docs/*.md`` runs, top to bottom,
+Every fenced ``python`` block of ``docs/*.md`` and ``README.md`` runs, top to bottom,
 in one namespace per page, the way a reader pastes them one after the other. A block that
 needs what a page cannot provide (a trained model, a PyTorch checkpoint) is preceded by a
 comment saying so, which the page does not render::
@@ -72,7 +72,7 @@ def run_page(path: pathlib.Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('pages', nargs='*', type=pathlib.Path,
-                      default=sorted(DOCS.glob('*.md')), help='default: docs/*.md')
+                      default=[*sorted(DOCS.glob('*.md')), ROOT / 'README.md'], help='default: docs/*.md, README.md')
   args = parser.parse_args(argv)
   sys.path.insert(0, str(ROOT))
   import jax
