@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the documentation with warnings as errors, fails when a public name of deformjax has
 # no entry in the API reference (docs/_ext/coverage_check.py), and runs every Python example of
-# the guide (docs/check_examples.py). Offline: no intersphinx, notebooks
+# the guide and the README (docs/check_examples.py). Offline: no intersphinx, notebooks
 # rendered from their stored outputs.
 #
 #   pip install -e ".[docs]" && bash docs/build.sh        # -> docs/_build/html
@@ -15,6 +15,6 @@ export MPLBACKEND=Agg
 python -m pytest -q -p no:cacheprovider -o addopts= --doctest-modules docs/_ext docs/check_examples.py
 # -E: a fresh environment every time, so a changed docstring or extension is never served stale.
 python -m sphinx -E -W --keep-going -b html ${SPHINXOPTS:-} docs docs/_build/html
-# Every Python example of the user guide runs.
+# Every Python example of the user guide and the README runs.
 python docs/check_examples.py
 echo "docs: built docs/_build/html; every public name is documented; every example runs"

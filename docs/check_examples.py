@@ -1,6 +1,6 @@
 """Runs the Python examples of the user guide, so that a page never shows code that fails.
 
-Every fenced ``python`` block of ``docs/*.md`` runs, top to bottom,
+Every fenced ``python`` block of ``docs/*.md`` and ``README.md`` runs, top to bottom,
 in one namespace per page, the way a reader pastes them one after the other. A block that
 needs what a page cannot provide (a trained model, a PyTorch checkpoint) is preceded by a
 comment saying so, which the page does not render::
@@ -14,9 +14,11 @@ comment saying so, which the page does not render::
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import re
 import sys
+import tempfile
 import time
 import traceback
 
@@ -43,24 +45,34 @@ def blocks(text: str) -> list[tuple[int, str, str | None]]:
 
 
 def run_page(path: pathlib.Path) -> list[str]:
-  """Problems found running the page's blocks (empty when every runnable block ran)."""
+  """Problems found running the page's blocks (empty when every runnable block ran).
+
+  The blocks run in a temporary working directory: files an example writes (an exported model,
+  a plot) do not land in the checkout.
+  """
   namespace: dict = {'__name__': f'docs_example_{path.stem}'}
   problems = []
-  for line, code, why in blocks(path.read_text()):
-    if why is not None:
-      continue
+  cwd = os.getcwd()
+  with tempfile.TemporaryDirectory(prefix='deformjax-example-') as scratch:
+    os.chdir(scratch)
     try:
-      exec(compile(code, f'{path.name}:{line}', 'exec'), namespace)
-    except Exception:  # noqa: BLE001 (any failure of an example is the finding)
-      problems.append(f'{path.relative_to(ROOT)}, block at line {line}:\n{traceback.format_exc(limit=-3)}')
-      break  # later blocks of the page build on this one
+      for line, code, why in blocks(path.read_text()):
+        if why is not None:
+          continue
+        try:
+          exec(compile(code, f'{path.name}:{line}', 'exec'), namespace)
+        except Exception:  # noqa: BLE001 (any failure of an example is the finding)
+          problems.append(f'{path.relative_to(ROOT)}, block at line {line}:\n{traceback.format_exc(limit=-3)}')
+          break  # later blocks of the page build on this one
+    finally:
+      os.chdir(cwd)
   return problems
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('pages', nargs='*', type=pathlib.Path,
-                      default=sorted(DOCS.glob('*.md')), help='default: docs/*.md')
+                      default=[*sorted(DOCS.glob('*.md')), ROOT / 'README.md'], help='default: docs/*.md, README.md')
   args = parser.parse_args(argv)
   sys.path.insert(0, str(ROOT))
   import jax
