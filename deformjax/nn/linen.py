@@ -291,7 +291,8 @@ class MSDeformAttn(nn.Module):
     >>> import jax, jax.numpy as jnp
     >>> from deformjax.nn import linen
     >>> layer = linen.MSDeformAttn(32, num_heads=4, num_levels=2, num_points=3)
-    >>> args = (jnp.ones((2, 5, 32)), jnp.full((2, 5, 2, 2), 0.5), jnp.ones((2, 80, 32)), [(8, 8), (4, 4)])
+    >>> f32 = jnp.float32
+    >>> args = (jnp.ones((2, 5, 32), f32), jnp.full((2, 5, 2, 2), 0.5, f32), jnp.ones((2, 80, 32), f32), [(8, 8), (4, 4)])
     >>> params = layer.init(jax.random.key(0), *args)
     >>> layer.apply(params, *args).shape
     (2, 5, 32)
