@@ -77,8 +77,8 @@ def group_softmax(logits: jax.Array, groups: int) -> jax.Array:
   Example:
     >>> import jax.numpy as jnp
     >>> from deformjax.nn.dcnv3 import group_softmax
-    >>> group_softmax(jnp.zeros((1, 6)), 2).tolist()  # two groups of three taps
-    [[0.3333333432674408, 0.3333333432674408, 0.3333333432674408, 0.3333333432674408, 0.3333333432674408, 0.3333333432674408]]
+    >>> group_softmax(jnp.zeros((1, 6), jnp.float32), 2).tolist()  # two groups of three taps
+    [[0.333, 0.333, 0.333, 0.333, 0.333, 0.333]]
   """
   shaped = logits.reshape(logits.shape[:-1] + (groups, logits.shape[-1] // groups))
   weights = jax.nn.softmax(shaped.astype(softmax_dtype(logits.dtype)), axis=-1)
