@@ -183,7 +183,7 @@ def test_multilabel_pipeline_end_to_end(runs_dir, monkeypatch):
     labels[np.arange(len(base)), (base.labels + 1) % 10] = 1
     return sources.ArraySource(base.images, labels)
 
-  monkeypatch.setitem(sources.DATASETS, 'digits_pairs', spec)
+  monkeypatch.setitem(sources._DATASETS, 'digits_pairs', spec)
   monkeypatch.setattr('deformjax.train.loop.load_source', fake_source)
   with jax.numpy_dtype_promotion('standard'):
     result = coco.main([f'--config={coco.DEFAULT_CONFIG}:runlocal', '--config.dataset=digits_pairs', '--seeds=0'])

@@ -127,7 +127,7 @@ def test_a_multilabel_dataset_trains_and_reports_map(monkeypatch):
 
   spec = sources.DatasetSpec('digits_pairs', (28, 28, 1), 10, multilabel=True,
                              class_names=tuple(str(i) for i in range(10)))
-  monkeypatch.setitem(sources.DATASETS, 'digits_pairs', spec)
+  monkeypatch.setitem(sources._DATASETS, 'digits_pairs', spec)
 
   def pairs(split, n):
     base = sources.digits_source(split)

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from deformjax.ops.sampling import bilinear_sample
 
+__all__ = ['affine_matrices', 'random_affine', 'transform', 'warp_affine']
 
-def affine_matrices(angle_deg: jax.Array, scale: jax.Array, shift_yx: jax.Array, height: int, width: int):
+
+def affine_matrices(angle_deg: jax.Array, scale: jax.Array, shift_yx: jax.Array, height: int,
+                    width: int) -> tuple[jax.Array, jax.Array]:
   """Inverse maps of "rotate by angle, scale, then shift" about the image centre.
 
   Args:
@@ -46,8 +50,19 @@ def warp_affine(images: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
       images.shape)
 
 
-def transform(images: jax.Array, *, angle_deg=0.0, scale=1.0, shift_yx=(0.0, 0.0)) -> jax.Array:
-  """Applies one rotation / scale / shift (scalars or per-image `[B]`, `[B, 2]`) to a batch."""
+def transform(images: jax.Array, *, angle_deg: ArrayLike = 0.0, scale: ArrayLike = 1.0,
+              shift_yx: ArrayLike | tuple[float, float] = (0.0, 0.0)) -> jax.Array:
+  """Applies one rotation / scale / shift (scalars or per-image `[B]`, `[B, 2]`) to a batch.
+
+  Args:
+    images: `[B, H, W, C]`.
+    angle_deg: rotation in degrees, counter-clockwise as displayed: a scalar or `[B]`.
+    scale: zoom factor (> 1 enlarges the content): a scalar or `[B]`.
+    shift_yx: translation of the content in pixels (down, right): `(dy, dx)` or `[B, 2]`.
+
+  Returns:
+    `[B, H, W, C]`, the warped images (points mapped from outside the image read 0).
+  """
   bsz, h, w, _ = images.shape
   dtype = jnp.float64 if images.dtype == jnp.float64 else jnp.float32
   angle = jnp.broadcast_to(jnp.asarray(angle_deg, dtype), (bsz,))

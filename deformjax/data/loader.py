@@ -10,18 +10,37 @@ checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from deformjax.data.sources import DatasetSpec, to_model_inputs
+from deformjax.data.sources import DatasetSpec, RandomAccessSource, to_model_inputs
+
+if TYPE_CHECKING:  # grain is imported where a pipeline is built
+  import grain
+
+__all__ = ['eval_batches', 'train_iterator']
 
 
-def train_iterator(source, spec: DatasetSpec, *, global_batch: int, seed: int, process_index: int = 0,
-                   process_count: int = 1):
+def train_iterator(source: RandomAccessSource, spec: DatasetSpec, *, global_batch: int, seed: int,
+                   process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
   """Endless iterator of this process's share of shuffled global batches.
 
   Each epoch is reshuffled (grain combines the seed with the epoch); the last
-  partial batch of an epoch is dropped. Yields `{'image', 'label'}` numpy dicts
-  of `global_batch // process_count` examples.
+  partial batch of an epoch is dropped.
+
+  Args:
+    source: the random-access source of the split.
+    spec: its dataset spec (image shape, label kind).
+    global_batch: examples per step across all processes; a multiple of `process_count`.
+    seed: the shuffle seed.
+    process_index, process_count: this process and how many share the batch.
+
+  Returns:
+    A grain iterator (with `get_state()` / `set_state()` for checkpoints) of
+    `{'image': float32 [b, H, W, C], 'label': [b] or [b, num_classes]}` numpy dicts,
+    `b = global_batch // process_count`.
   """
   import grain
 
@@ -40,11 +59,20 @@ def train_iterator(source, spec: DatasetSpec, *, global_batch: int, seed: int, p
   return iter(ds.to_iter_dataset())
 
 
-def eval_batches(source, spec: DatasetSpec, *, global_batch: int, process_index: int = 0, process_count: int = 1):
+def eval_batches(source: RandomAccessSource, spec: DatasetSpec, *, global_batch: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
   """One ordered pass over `source` in global batches; the last is padded.
 
-  Yields `(batch, valid)` where `valid` is a bool `[local_batch]` marking real
-  examples, so metrics over padded batches stay exact.
+  Args:
+    source: the random-access source of the split.
+    spec: its dataset spec.
+    global_batch: examples per step across all processes.
+    process_index, process_count: this process and how many share the batch.
+
+  Yields:
+    `(batch, valid)`: this process's `global_batch // process_count` examples as
+    `to_model_inputs` makes them, and a bool `[local_batch]` marking the real
+    examples (padding repeats example 0), so metrics over padded batches stay exact.
   """
   local = global_batch // process_count
   n = len(source)

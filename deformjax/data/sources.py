@@ -12,16 +12,43 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
+
+__all__ = ['COCO9_CLASSES', 'DATASETS', 'ArraySource', 'DataError', 'DatasetSpec', 'RandomAccessSource',
+           'coco_multilabel', 'digits_source', 'get_spec', 'load_source', 'tfds_source', 'to_model_inputs']
 
 
 class DataError(ValueError):
   """A dataset cannot be loaded as configured; the message says what to do."""
 
 
+class RandomAccessSource(Protocol):
+  """What every source offers (`ArraySource`, a TFDS data source, grain's random-access sources): a length and
+  records by index, each a dict `{'image': [H, W, C], 'label': ...}`."""
+
+  def __len__(self) -> int: ...
+
+  def __getitem__(self, index: int) -> Mapping[str, Any]: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
+  """What the trainer needs to know of a dataset, before reading any of it.
+
+  Attributes:
+    name: the name `load_source` and `config.dataset` take.
+    image_shape: `(H, W, C)` of every image as the model sees it.
+    num_classes: logits the model produces.
+    multilabel: labels are float32 multi-hot `[num_classes]` (sigmoid cross-entropy, mAP) rather than an int.
+    tfds_name: the TFDS dataset it is read from; None for the embedded digits.
+    splits: the names of its `(train, test)` splits.
+    class_names: names of the classes in label order (for per-class results); empty when unnamed.
+  """
+
   name: str
   image_shape: tuple[int, int, int]
   num_classes: int
@@ -33,7 +60,8 @@ class DatasetSpec:
 
 COCO9_CLASSES = ('bicycle', 'car', 'cat', 'chair', 'cow', 'dog', 'horse', 'person', 'sheep')
 
-DATASETS = {
+# The registry behind the read-only `DATASETS` view.
+_DATASETS = {
     'digits': DatasetSpec('digits', (28, 28, 1), 10, class_names=tuple(str(i) for i in range(10))),
     'mnist': DatasetSpec('mnist', (28, 28, 1), 10, tfds_name='mnist', class_names=tuple(str(i) for i in range(10))),
     'fashion_mnist': DatasetSpec('fashion_mnist', (28, 28, 1), 10, tfds_name='fashion_mnist'),
@@ -41,9 +69,20 @@ DATASETS = {
     'coco9': DatasetSpec('coco9', (224, 224, 3), len(COCO9_CLASSES), multilabel=True, tfds_name='coco/2017',
                          splits=('train', 'validation'), class_names=COCO9_CLASSES),
 }
+DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType(_DATASETS)
 
 
 def get_spec(name: str) -> DatasetSpec:
+  """The spec of dataset `name` (a key of `DATASETS`).
+
+  Raises:
+    DataError: `name` is not a known dataset; the message lists the known ones.
+
+  Example:
+    >>> from deformjax.data import get_spec
+    >>> get_spec('cifar10').image_shape
+    (32, 32, 3)
+  """
   if name not in DATASETS:
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
   return DATASETS[name]
@@ -65,7 +104,7 @@ class ArraySource:
     return {'image': self.images[index], 'label': self.labels[index]}
 
 
-DIGITS_TEST_FRACTION = 0.2
+_DIGITS_TEST_FRACTION = 0.2
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,15 +131,25 @@ def digits_source(split: str) -> ArraySource:
   download), upscaled to 28x28 MNIST layout, with a fixed 80/20 train/test split."""
   images, labels = _digits_arrays()
   order = np.random.default_rng(0).permutation(len(images))
-  n_test = int(round(len(images) * DIGITS_TEST_FRACTION))
+  n_test = int(round(len(images) * _DIGITS_TEST_FRACTION))
   idx = {'train': order[n_test:], 'test': order[:n_test]}
   if split not in idx:
     raise DataError(f"digits has splits 'train' and 'test', got {split!r}")
   return ArraySource(images[idx[split]], labels[idx[split]])
 
 
-def coco_multilabel(object_labels: np.ndarray, label_names, classes=COCO9_CLASSES) -> np.ndarray:
-  """COCO object labels (indices into TFDS's 80 names) -> float32 multi-hot over `classes`."""
+def coco_multilabel(object_labels: np.ndarray, label_names: Sequence[str],
+                    classes: Sequence[str] = COCO9_CLASSES) -> np.ndarray:
+  """COCO object labels (indices into TFDS's 80 names) -> float32 multi-hot over `classes`.
+
+  Args:
+    object_labels: `[num_objects]` int indices into `label_names`, one per object of the image.
+    label_names: the names of TFDS's COCO classes, by index.
+    classes: the classes of the multi-hot label, in order.
+
+  Returns:
+    `[len(classes)]` float32: 1 where the image holds an object of that class, else 0.
+  """
   names = list(label_names)
   out = np.zeros(len(classes), np.float32)
   present = {names[int(i)] for i in np.asarray(object_labels).reshape(-1)}
@@ -128,7 +177,21 @@ class _CocoMultilabel:
     return {'image': image, 'label': coco_multilabel(ex['objects']['label'], self.label_names)}
 
 
-def tfds_source(spec: DatasetSpec, split: str, data_dir: str | None):
+def tfds_source(spec: DatasetSpec, split: str, data_dir: str | None) -> RandomAccessSource:
+  """Split `split` of the TFDS dataset `spec.tfds_name`, read with `tfds.data_source` (prepared, never downloaded).
+
+  Args:
+    spec: a spec with a `tfds_name`.
+    split: the TFDS split name (e.g. 'train').
+    data_dir: where the prepared dataset lives; None: TFDS's default (`TFDS_DATA_DIR` or ~/tensorflow_datasets).
+
+  Returns:
+    The random-access source; for 'coco9', images resized to `spec.image_shape` and 9-class multi-hot labels.
+
+  Raises:
+    DataError: tensorflow-datasets is not installed, `data_dir` does not exist, or the split is not prepared
+      there (the message says how to prepare it).
+  """
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:
@@ -150,8 +213,17 @@ def tfds_source(spec: DatasetSpec, split: str, data_dir: str | None):
   return source
 
 
-def load_source(name: str, split: str, data_dir: str | None = None):
-  """Random-access source of dataset `name` ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'coco9')."""
+def load_source(name: str, split: str, data_dir: str | None = None) -> RandomAccessSource:
+  """Random-access source of dataset `name` ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'coco9').
+
+  Args:
+    name: a key of `DATASETS`.
+    split: one of the dataset's `DatasetSpec.splits`.
+    data_dir: where a TFDS dataset is prepared (not read by 'digits'); None: TFDS's default.
+
+  Returns:
+    The split's source: records `{'image': [H, W, C], 'label': ...}` by index.
+  """
   spec = get_spec(name)
   if spec.tfds_name is None:
     return digits_source(split)

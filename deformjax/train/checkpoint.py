@@ -6,9 +6,17 @@ device-resident split needs no position: its batches follow from the step.)"""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 import jax
 import orbax.checkpoint as ocp
+
+if TYPE_CHECKING:  # grain is imported only when a data position is saved or restored
+  import grain
+
+  from deformjax.train.feeding import Prefetcher
+
+__all__ = ['Checkpointer']
 
 
 class Checkpointer:
@@ -17,6 +25,10 @@ class Checkpointer:
   Saves are asynchronous (arrays are copied to the host before `save` returns,
   so the donated state can be reused) and atomic: a run killed mid-save leaves
   the previous checkpoint as the latest one.
+
+  Args:
+    directory: where the checkpoints live (one subdirectory per step); created if missing.
+    keep: how many of the latest checkpoints are kept.
   """
 
   def __init__(self, directory: str, keep: int = 2):
@@ -25,9 +37,22 @@ class Checkpointer:
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def latest_step(self) -> int | None:
+    """The step of the latest complete checkpoint, or None when there is none."""
     return self.manager.latest_step()
 
-  def save(self, step: int, state, iterator=None, *, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, iterator: grain.DatasetIterator | Prefetcher | None = None, *,
+           force: bool = False) -> bool:
+    """Starts saving `state` (a pytree of arrays) and the position of `iterator` (if any) as checkpoint `step`.
+
+    Args:
+      step: the step the checkpoint is of.
+      state: the train state.
+      iterator: the host-fed data iterator, whose `get_state()` is saved beside the state.
+      force: save even when the manager's save interval would skip this step.
+
+    Returns:
+      Whether a save was started.
+    """
     items = {'state': ocp.args.StandardSave(state)}
     if iterator is not None:
       import grain
@@ -35,8 +60,22 @@ class Checkpointer:
       items['data'] = grain.checkpoint.CheckpointSave(iterator)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, state_like, iterator=None, step: int | None = None):
-    """Restores into arrays shaped and sharded like `state_like`; moves `iterator` (if any) in place."""
+  def restore(self, state_like: Any, iterator: grain.DatasetIterator | Prefetcher | None = None,
+              step: int | None = None) -> Any:
+    """Restores into arrays shaped and sharded like `state_like`; moves `iterator` (if any) in place.
+
+    Args:
+      state_like: a pytree of arrays with the shapes, dtypes and shardings to restore into.
+      iterator: the host-fed data iterator, set to the saved position.
+      step: the checkpoint to read; None: the latest.
+
+    Returns:
+      The restored state, a pytree like `state_like`.
+
+    Raises:
+      ValueError: `iterator` is given but the checkpoint holds no data position (its run kept the data on the
+        devices).
+    """
     step = self.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
     items = {'state': ocp.args.StandardRestore(abstract)}
@@ -52,7 +91,9 @@ class Checkpointer:
     return restored['state']
 
   def wait(self) -> None:
+    """Blocks until every started save is on disk."""
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for the saves and releases the manager."""
     self.manager.close()

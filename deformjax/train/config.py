@@ -11,13 +11,25 @@ import ml_collections
 from deformjax.data.sources import DATASETS
 from deformjax.models.classifiers import MODELS, resolve_conv, resolve_deformable
 
+__all__ = ['ConfigError', 'augment_config', 'base_config', 'validate']
+
 
 class ConfigError(ValueError):
   """A configuration value is wrong; the message names it and what it must be."""
 
 
-def augment_config(max_rotation_deg=0.0, max_shift=0.0, scale_range=(1.0, 1.0)) -> ml_collections.ConfigDict:
-  """Random affine augmentation (see `deformjax.data.random_affine`); identity by default."""
+def augment_config(max_rotation_deg: float = 0.0, max_shift: float = 0.0,
+                   scale_range: tuple[float, float] = (1.0, 1.0)) -> ml_collections.ConfigDict:
+  """Random affine augmentation (see `deformjax.data.random_affine`); identity by default.
+
+  Args:
+    max_rotation_deg: angles are drawn uniformly in `[-max_rotation_deg, max_rotation_deg]`.
+    max_shift: shifts are drawn uniformly in `[-max_shift, max_shift]` pixels per axis.
+    scale_range: `(low, high)`: scales are drawn log-uniformly between them.
+
+  Returns:
+    A ConfigDict with the three fields as floats (`scale_range` a tuple of two).
+  """
   return ml_collections.ConfigDict(
       dict(max_rotation_deg=float(max_rotation_deg), max_shift=float(max_shift),
            scale_range=tuple(float(s) for s in scale_range)))
@@ -76,7 +88,8 @@ def _check_augment(aug, name: str) -> None:
       raise ConfigError(f'{name}.{field} must be a finite number >= 0, got {value!r}')
   lo, hi = aug.scale_range
   if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
-    raise ConfigError(f'{name}.scale_range must be (low, high) with 0 < low <= high, finite, got {tuple(aug.scale_range)}')
+    raise ConfigError(f'{name}.scale_range must be (low, high) with 0 < low <= high, finite, '
+                      f'got {tuple(aug.scale_range)}')
 
 
 def validate(cfg: ml_collections.ConfigDict, device_count: int) -> None:

@@ -21,28 +21,42 @@ import collections
 import dataclasses
 import functools
 import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deformjax.data.sources import DatasetSpec
+from deformjax.data.sources import DatasetSpec, RandomAccessSource
 from deformjax.train import mesh as mesh_lib
+
+if TYPE_CHECKING:  # grain is imported by the loader that builds the iterator
+  import grain
 
 # A split is placed on the devices when its images as float32 take at most this
 # many bytes (CIFAR-10's 50,000 x 32x32x3 is 614 MB; COCO is far beyond).
 DEVICE_DATA_MAX_BYTES = 1 << 30
-LOAD_CHUNK = 4096
+# Records read per stack when a split is read record by record (bounds the host's list of records).
+_LOAD_CHUNK = 4096
 
 
 def fits_on_device(spec: DatasetSpec, num_examples: int) -> bool:
+  """Whether `num_examples` images of `spec` as float32 fit in `DEVICE_DATA_MAX_BYTES`.
+
+  Example:
+    >>> from deformjax.data import get_spec
+    >>> from deformjax.train.feeding import fits_on_device
+    >>> fits_on_device(get_spec('cifar10'), 50_000), fits_on_device(get_spec('coco9'), 118_287)
+    (True, False)
+  """
   return num_examples * int(np.prod(spec.image_shape)) * 4 <= DEVICE_DATA_MAX_BYTES
 
 
-def read_split(source, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+def read_split(source: RandomAccessSource, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
   """All records of `source` as `(images, labels)` numpy arrays, images in their stored dtype.
 
   uint8 images stay uint8 (a quarter of the float32 bytes on the device); the
@@ -52,8 +66,8 @@ def read_split(source, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
     images, labels = np.asarray(source.images), np.asarray(source.labels)
   else:
     images, labels = [], []
-    for start in range(0, len(source), LOAD_CHUNK):
-      records = [source[i] for i in range(start, min(len(source), start + LOAD_CHUNK))]
+    for start in range(0, len(source), _LOAD_CHUNK):
+      records = [source[i] for i in range(start, min(len(source), start + _LOAD_CHUNK))]
       images.append(np.stack([np.asarray(r['image']) for r in records]))
       labels.append(np.stack([np.asarray(r['label']) for r in records]))
     images, labels = np.concatenate(images), np.concatenate(labels)
@@ -90,7 +104,7 @@ class DeviceSplit:
   size: int
 
   @classmethod
-  def place(cls, images: np.ndarray, labels: np.ndarray, mesh) -> DeviceSplit:
+  def place(cls, images: np.ndarray, labels: np.ndarray, mesh: Mesh) -> DeviceSplit:
     """Every process passes the whole split; each device keeps its shard only."""
     n = len(images)
     pad = -n % mesh.size
@@ -103,7 +117,7 @@ class DeviceSplit:
     return cls(put(images), put(labels), n)
 
 
-def epoch_permutation(mesh, seed: int, epoch: int, size: int) -> jax.Array:
+def epoch_permutation(mesh: Mesh, seed: int, epoch: int, size: int) -> jax.Array:
   """The example order of `epoch` (replicated on the mesh): a function of (seed, epoch) only."""
   return _permutation(size, mesh_lib.replicated(mesh))(jnp.asarray(seed, jnp.uint32), jnp.asarray(epoch, jnp.int32))
 
@@ -116,7 +130,8 @@ def _permutation(size: int, sharding: NamedSharding):
   return jax.jit(permutation, out_shardings=sharding)
 
 
-def gather_batch(mesh, images: jax.Array, labels: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+def gather_batch(mesh: Mesh, images: jax.Array, labels: jax.Array,
+                 indices: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Rows `indices` (a replicated `[B]` of global example numbers) of a sharded split, sharded over 'data'.
 
   Each device gathers the requested rows it holds (zeros elsewhere) and a
@@ -146,38 +161,46 @@ class Prefetcher:
   ran. `get_state()` / `set_state()` speak for the next batch *not yet handed
   out*, so a checkpoint of this object (through grain's orbax handler) resumes
   exactly where training stopped, whatever was in flight.
+
+  Args:
+    iterator: the host batches, a grain iterator (it has `get_state()` / `set_state()`).
+    put: host batch -> device batch (e.g. `deformjax.train.mesh.global_batch` on the run's mesh).
+    depth: how many batches are in flight ahead of the one handed out.
   """
 
-  def __init__(self, iterator, put, depth: int = 2):
+  def __init__(self, iterator: grain.DatasetIterator, put: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]],
+               depth: int = 2):
     self.iterator = iterator
     self.put = put
     self.depth = depth
     self.queue: collections.deque = collections.deque()
 
-  def _fill(self):
+  def _fill(self) -> None:
     while len(self.queue) < self.depth:
       state = self.iterator.get_state()
       self.queue.append((state, self.put(next(self.iterator))))
 
-  def __iter__(self):
+  def __iter__(self) -> Prefetcher:
     return self
 
-  def __next__(self):
+  def __next__(self) -> dict[str, jax.Array]:
     self._fill()
     _, batch = self.queue.popleft()
     self._fill()  # start the next transfers before this batch's step is dispatched
     return batch
 
   def get_state(self) -> bytes:
+    """The grain position of the next batch not yet handed out, serialised."""
     state = self.queue[0][0] if self.queue else self.iterator.get_state()
     return json.dumps(state).encode()
 
   def set_state(self, state: bytes) -> None:
+    """Drops the batches in flight and moves the iterator to `state` (from `get_state`)."""
     self.queue.clear()
     self.iterator.set_state(json.loads(state.decode()))
 
-  def start_prefetch(self) -> None:  # called by grain's checkpoint handler after a restore
-    pass
+  def start_prefetch(self) -> None:
+    """Does nothing: grain's checkpoint handler calls it after a restore, and `next()` refills the queue."""
 
 
 __all__ = ['DEVICE_DATA_MAX_BYTES', 'DeviceSplit', 'Prefetcher', 'epoch_permutation', 'fits_on_device',

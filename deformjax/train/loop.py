@@ -9,24 +9,28 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from deformjax.data.loader import eval_batches, train_iterator
-from deformjax.data.sources import DataError, get_spec, load_source
+from deformjax.data.sources import DataError, DatasetSpec, RandomAccessSource, get_spec, load_source
 from deformjax.models.classifiers import build_model
 from deformjax.train import feeding
 from deformjax.train import mesh as mesh_lib
 from deformjax.train.checkpoint import Checkpointer
 from deformjax.train.config import ConfigError, validate
 from deformjax.train.metrics import Accumulator
-from deformjax.train.steps import augment_arrays, host_array, make_trainer, seed_slice
+from deformjax.train.steps import Trainer, augment_arrays, host_array, make_trainer, seed_slice
 
-EVAL_SEED_OFFSET = 1_000_003
+# Added to a run's seed for the keys of its test transforms, so they are not the train augmentation's draws.
+_EVAL_SEED_OFFSET = 1_000_003
 
 
 class Interrupted(Exception):
@@ -49,17 +53,30 @@ def _stop_on_signals(flag: threading.Event):
       signal.signal(s, h)
 
 
-def evaluate(trainer, params, source, spec, cfg, mesh, seed: int | None = None) -> dict:
+def evaluate(trainer: Trainer, params: nnx.State, source: RandomAccessSource, spec: DatasetSpec,
+             cfg: ml_collections.ConfigDict, mesh: Mesh, seed: int | None = None) -> dict[str, dict[str, Any]]:
   """Metrics of `params` (one seed's) on every named test set of `cfg.eval_sets`.
 
   The test transforms are drawn from `seed` (default `cfg.seed`), as in a run of that seed alone.
+
+  Args:
+    trainer: the steps of the run (`deformjax.train.steps.make_trainer`); its `eval_step` is used.
+    params: one seed's model parameters, replicated on `mesh`.
+    source: the test split.
+    spec: its dataset spec.
+    cfg: the run's config (`eval_sets`, `eval_batch_size`, `seed`).
+    mesh: the data mesh.
+    seed: the seed whose test transforms are drawn; None: `cfg.seed`.
+
+  Returns:
+    Test set name -> its metrics (as `deformjax.train.metrics.Accumulator.result` gives them).
   """
   results = {}
   seed = cfg.seed if seed is None else seed
   for name, aug in sorted(cfg.eval_sets.items()):
     acc = Accumulator()
     arrays = augment_arrays(aug)
-    base = jax.random.PRNGKey(seed + EVAL_SEED_OFFSET)
+    base = jax.random.PRNGKey(seed + _EVAL_SEED_OFFSET)
     for i, (local, valid) in enumerate(eval_batches(source, spec, global_batch=cfg.eval_batch_size,
                                                     process_index=jax.process_index(),
                                                     process_count=jax.process_count())):
@@ -75,7 +92,7 @@ def evaluate(trainer, params, source, spec, cfg, mesh, seed: int | None = None) 
   return results
 
 
-def _truncate_log(path, step: int) -> None:
+def _truncate_log(path: str | None, step: int) -> None:
   """Drops the records of `path` past `step` (process 0 only)."""
   if path is None or jax.process_index() != 0 or not os.path.exists(path):
     return
@@ -85,13 +102,28 @@ def _truncate_log(path, step: int) -> None:
     f.writelines(keep)
 
 
-def _log_line(path, record):
+def _log_line(path: str | None, record: dict) -> None:
   if path is not None and jax.process_index() == 0:
     with open(path, 'a') as f:
       f.write(json.dumps(record) + '\n')
 
 
-def format_summary(results: dict) -> str:
+def format_summary(results: dict[str, dict[str, Any]]) -> str:
+  """A Markdown table of final results: one row per test set with its loss, accuracy and (multi-label) mAP.
+
+  Args:
+    results: test set name -> metrics, as `evaluate` returns them.
+
+  Returns:
+    The table, one line per row.
+
+  Example:
+    >>> from deformjax.train import format_summary
+    >>> print(format_summary({'baseline': {'loss': 0.25, 'accuracy': 0.9}}))
+    | test set | loss | accuracy |
+    |---|---|---|
+    | baseline | 0.2500 | 90.00% |
+  """
   rows = ['| test set | loss | accuracy |' + (' mAP |' if any('mAP' in r for r in results.values()) else ''),
           '|---|---|---|' + ('---|' if any('mAP' in r for r in results.values()) else '')]
   for name, r in results.items():
@@ -100,7 +132,7 @@ def format_summary(results: dict) -> str:
   return '\n'.join(rows)
 
 
-def model_factory(cfg: ml_collections.ConfigDict, spec):
+def model_factory(cfg: ml_collections.ConfigDict, spec: DatasetSpec) -> Callable[[int], nnx.Module]:
   """`seed -> model` for the model `cfg` describes on data of `spec`, its parameters drawn from `seed`."""
 
   def build(seed: int) -> nnx.Module:
@@ -144,12 +176,12 @@ class _Run:
   """What the set-up phase decides: the data, the compiled steps, the state, how batches reach the devices."""
   cfg: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
-  spec: object
-  test_src: object
+  spec: DatasetSpec
+  test_src: RandomAccessSource
   steps_per_epoch: int
   total_steps: int
   seeds: list
-  trainer: object
+  trainer: Trainer
   state: dict
   train_aug: dict
   split: feeding.DeviceSplit | None  # the train split on the devices, or
@@ -159,7 +191,7 @@ class _Run:
   def multi(self) -> bool:
     return len(self.seeds) > 1
 
-  def evaluate(self, params):
+  def evaluate(self, params: nnx.State) -> dict | list[dict]:
     """Metrics of `params` on every test set (a list, one per seed, when seeds train together)."""
     if not self.multi:
       return evaluate(self.trainer, params, self.test_src, self.spec, self.cfg, self.mesh)
@@ -167,7 +199,7 @@ class _Run:
             for i, s in enumerate(self.seeds)]
 
 
-def _set_up(cfg: ml_collections.ConfigDict, sources) -> _Run:
+def _set_up(cfg: ml_collections.ConfigDict, sources: tuple[RandomAccessSource, RandomAccessSource] | None) -> _Run:
   """Phase 1: validates `cfg`, builds the mesh, loads the data, compiles the steps, draws the initial state."""
   if not isinstance(cfg.num_devices, int) or cfg.num_devices < 0:
     raise ConfigError(f'config.num_devices must be 0 (all devices) or a positive int, got {cfg.num_devices!r}')
@@ -207,7 +239,7 @@ def _set_up(cfg: ml_collections.ConfigDict, sources) -> _Run:
               augment_arrays(cfg.train_augment), split, iterator)
 
 
-def _restore(run: _Run, echo) -> tuple[Checkpointer | None, str | None, int]:
+def _restore(run: _Run, echo: Callable[[str], object]) -> tuple[Checkpointer | None, str | None, int]:
   """Phase 2: opens `cfg.workdir` and resumes from its latest checkpoint; returns (checkpointer, metrics path, step).
 
   A workdir of another run (run.json) or a checkpoint this state cannot take is refused by name; the metrics a
@@ -220,7 +252,7 @@ def _restore(run: _Run, echo) -> tuple[Checkpointer | None, str | None, int]:
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=cfg.keep_checkpoints)
   run_file = os.path.join(workdir, 'run.json')
-  identity = {k: cfg.get(k) for k in RUN_FIELDS}
+  identity = {k: cfg.get(k) for k in _RUN_FIELDS}
   start = 0
   if ckpt.latest_step() is not None:
     _check_same_run(workdir, run_file, identity)
@@ -250,7 +282,8 @@ class _History:
   seconds_per_step: float | None = None
 
 
-def _step_loop(run: _Run, ckpt, metrics_path, start: int, on_step, bar: _Progress | None) -> _History:
+def _step_loop(run: _Run, ckpt: Checkpointer | None, metrics_path: str | None, start: int,
+               on_step: Callable[[], object] | None, bar: _Progress | None) -> _History:
   """Phase 3: steps `start` .. `total_steps`, logging every `log_every`, evaluating every `eval_every_epochs`,
   checkpointing every `checkpoint_every` (or epoch); on SIGTERM/SIGINT saves and raises `Interrupted`."""
   cfg, seeds, history = run.cfg, run.seeds, _History()
@@ -311,7 +344,7 @@ def _step_loop(run: _Run, ckpt, metrics_path, start: int, on_step, bar: _Progres
   return history
 
 
-def _log_train(run: _Run, history: _History, metrics_path, done: int) -> str:
+def _log_train(run: _Run, history: _History, metrics_path: str | None, done: int) -> str:
   """Reads the summed train metrics of the window (the only read of step results), logs them, resets the sums."""
   sums = jax.device_get(run.state['metrics'])
   per_seed = [_train_metrics(seed_slice(sums, i) if run.multi else sums) for i in range(len(run.seeds))]
@@ -325,7 +358,7 @@ def _log_train(run: _Run, history: _History, metrics_path, done: int) -> str:
           f"acc {np.mean([m['accuracy'] for m in per_seed]):.3f}")
 
 
-def _summary(run: _Run, history: _History, final) -> dict:
+def _summary(run: _Run, history: _History, final: dict | list[dict]) -> dict:
   """Phase 5: the summary dict `train` returns."""
   params, multi = run.state['params'], run.multi
   return {
@@ -348,7 +381,9 @@ def _summary(run: _Run, history: _History, final) -> dict:
   }
 
 
-def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None, on_step=None) -> dict:
+def train(cfg: ml_collections.ConfigDict, *, echo: Callable[[str], object] = print,
+          sources: tuple[RandomAccessSource, RandomAccessSource] | None = None,
+          on_step: Callable[[], object] | None = None) -> dict[str, Any]:
   """Trains per `cfg` (see `deformjax.train.config.base_config`); returns a summary dict.
 
   Resumes from the latest checkpoint in `cfg.workdir` when there is one. On
@@ -400,7 +435,7 @@ def train(cfg: ml_collections.ConfigDict, *, echo=print, sources=None, on_step=N
 
 # The config fields that decide what a checkpoint holds and whose run it is; a
 # workdir's run.json records them, and a resume with other values is refused.
-RUN_FIELDS = ('dataset', 'model', 'deformable', 'modulated', 'conv', 'dtype', 'optimizer', 'seed', 'num_seeds')
+_RUN_FIELDS = ('dataset', 'model', 'deformable', 'modulated', 'conv', 'dtype', 'optimizer', 'seed', 'num_seeds')
 
 
 def _check_same_run(workdir: str, run_file: str, identity: dict) -> None:
@@ -408,7 +443,7 @@ def _check_same_run(workdir: str, run_file: str, identity: dict) -> None:
     return  # a checkpoint from before run.json existed: the restore itself checks the tree
   with open(run_file) as f:
     saved = json.load(f)
-  differ = [k for k in RUN_FIELDS if k in saved and saved[k] != identity[k]]
+  differ = [k for k in _RUN_FIELDS if k in saved and saved[k] != identity[k]]
   if differ:
     held = ', '.join(f'{k}={saved[k]!r}' for k in differ)
     wanted = ', '.join(f'{k}={identity[k]!r}' for k in differ)
@@ -416,13 +451,13 @@ def _check_same_run(workdir: str, run_file: str, identity: dict) -> None:
                       'use another workdir, or delete it to start over')
 
 
-def _train_metrics(sums) -> dict:
+def _train_metrics(sums: dict[str, np.ndarray]) -> dict:
   acc = Accumulator()
   acc.add({k: v for k, v in sums.items() if k != 'count'}, sums['count'])
   return acc.result()
 
 
-def _log_eval(path, step: int, seeds, results) -> None:
+def _log_eval(path: str | None, step: int, seeds: list[int], results: dict | list[dict]) -> None:
   if len(seeds) == 1:
     _log_line(path, {'step': step, 'split': 'eval', **results})
   else:
@@ -430,7 +465,7 @@ def _log_eval(path, step: int, seeds, results) -> None:
       _log_line(path, {'step': step, 'split': 'eval', 'seed': seed, **res})
 
 
-def param_checksum(params) -> float:
+def param_checksum(params: Any) -> float:
   """A float that changes when any parameter changes (for tests and logs)."""
   # Replicated arrays of a multi-process run are not fully addressable: read the local copy.
   local = lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x, np.float64)

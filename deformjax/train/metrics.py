@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
+import numpy.typing as npt
+
+__all__ = ['Accumulator', 'average_precision']
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -36,13 +41,22 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
 class Accumulator:
   """Sums per-batch metric sums on the host, then divides by the example count."""
 
-  def __init__(self):
+  def __init__(self) -> None:
     self.sums: dict[str, np.ndarray] = {}
     self.count = 0.0
     self.scores: list[np.ndarray] = []
     self.targets: list[np.ndarray] = []
 
-  def add(self, sums: dict, count: float, scores=None, targets=None):
+  def add(self, sums: Mapping[str, npt.ArrayLike], count: float, scores: npt.ArrayLike | None = None,
+          targets: npt.ArrayLike | None = None) -> None:
+    """Adds one batch.
+
+    Args:
+      sums: metric name -> its sum over the batch's real examples (a scalar, or `[K]` per class).
+      count: the batch's real examples.
+      scores: `[b, K]` scores of the real examples, kept for average precision (multi-label only).
+      targets: `[b, K]` their {0, 1} targets, with `scores`.
+    """
     for k, v in sums.items():
       self.sums[k] = self.sums.get(k, 0.0) + np.asarray(v, np.float64)
     self.count += float(count)
@@ -50,7 +64,16 @@ class Accumulator:
       self.scores.append(np.asarray(scores))
       self.targets.append(np.asarray(targets))
 
-  def result(self, class_names=()) -> dict:
+  def result(self, class_names: Sequence[str] = ()) -> dict[str, float | dict[str, float]]:
+    """Every metric as its mean over the examples added; per-class metrics as `{class name: value}`.
+
+    Args:
+      class_names: names of the per-class entries, in class order; empty: '0', '1', ...
+
+    Returns:
+      The means, plus 'mean_accuracy' (over classes) with per-class accuracy, and per-class
+      'average_precision' and their mean 'mAP' (NaN classes without positives left out) when scores were added.
+    """
     out = {}
     for k, v in self.sums.items():
       mean = v / max(self.count, 1.0)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -24,34 +26,57 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from deformjax.data.augment import random_affine
 from deformjax.data.sources import DatasetSpec
 from deformjax.train import feeding
 from deformjax.train import mesh as mesh_lib
 
-# Per-dataset input normalisation (mean, std) applied after augmentation.
-NORMALISATION = {
+__all__ = ['NORMALISATION', 'SEED_BATCHING', 'Trainer', 'augment', 'augment_arrays', 'host_array',
+           'loss_and_metrics', 'make_optimizer', 'make_trainer', 'normalise', 'seed_batching_for', 'seed_slice']
+
+_Tree = TypeVar('_Tree')
+
+# Per-dataset input normalisation (mean, std) applied after augmentation, by channel count.
+NORMALISATION: Mapping[int, tuple[tuple[float, ...], tuple[float, ...]]] = types.MappingProxyType({
     1: ((0.1307,), (0.3081,)),  # MNIST's statistics, used for every grey-scale set
     3: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+})
 
 
 def normalise(images: jax.Array) -> jax.Array:
+  """Standardises images in [0, 1] with the `NORMALISATION` statistics of their channel count.
+
+  Args:
+    images: `[..., C]` with C 1 or 3.
+
+  Returns:
+    `(images - mean) / std` per channel, the shape and dtype of `images`.
+  """
   mean, std = NORMALISATION[images.shape[-1]]
   shape = (1,) * (images.ndim - 1) + (-1,)
   return (images - jnp.asarray(mean, images.dtype).reshape(shape)) / jnp.asarray(std, images.dtype).reshape(shape)
 
 
-def augment_arrays(aug: ml_collections.ConfigDict) -> dict:
+def augment_arrays(aug: ml_collections.ConfigDict) -> dict[str, np.float32]:
   """An augment config as the float32 scalars the jitted steps take (traced, so one compile serves every range)."""
   lo, hi = aug.scale_range
   return {k: np.float32(v) for k, v in (('max_rotation_deg', aug.max_rotation_deg), ('max_shift', aug.max_shift),
                                          ('scale_lo', lo), ('scale_hi', hi))}
 
 
-def augment(key, images, aug: dict):
-  """`random_affine` with the ranges of `aug` (see `augment_arrays`); the identity range skips the warp at run time."""
+def augment(key: jax.Array, images: jax.Array, aug: Mapping[str, jax.Array | np.float32]) -> jax.Array:
+  """`random_affine` with the ranges of `aug` (see `augment_arrays`); the identity range skips the warp at run time.
+
+  Args:
+    key: the PRNG key of the draw.
+    images: `[B, H, W, C]`.
+    aug: 'max_rotation_deg', 'max_shift', 'scale_lo', 'scale_hi' as scalars (traced under jit).
+
+  Returns:
+    `[B, H, W, C]`, the warped images (`images` itself for the identity range).
+  """
   identity = ((aug['max_rotation_deg'] == 0) & (aug['max_shift'] == 0) & (aug['scale_lo'] == 1)
               & (aug['scale_hi'] == 1))
 
@@ -62,8 +87,20 @@ def augment(key, images, aug: dict):
   return jax.lax.cond(identity, lambda x: x, warp, images)
 
 
-def loss_and_metrics(logits, labels, multilabel: bool, weights=None):
-  """Mean loss and per-example metric sums (weighted by `weights`, 1 = real example)."""
+def loss_and_metrics(logits: jax.Array, labels: jax.Array, multilabel: bool,
+                     weights: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean loss and per-example metric sums (weighted by `weights`, 1 = real example).
+
+  Args:
+    logits: `[B, K]`.
+    labels: int `[B]` class indices, or float32 `[B, K]` multi-hot when `multilabel`.
+    multilabel: sigmoid cross-entropy per class (else softmax cross-entropy over the classes).
+    weights: `[B]` float32 example weights (0 for padding); None: all 1.
+
+  Returns:
+    `(loss, sums)`: the weighted mean loss (a scalar) and the weighted sums 'loss', 'accuracy' (scalars) and,
+    for multi-label, 'per_class_accuracy' `[K]`.
+  """
   if weights is None:
     weights = jnp.ones(logits.shape[:1], jnp.float32)
   if multilabel:
@@ -78,7 +115,19 @@ def loss_and_metrics(logits, labels, multilabel: bool, weights=None):
   return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0), sums
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
+def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
+                   total_steps: int) -> optax.GradientTransformation:
+  """The optimiser and learning-rate schedule `cfg` names.
+
+  Args:
+    cfg: a config with `optimizer` ('adam' | 'adamw' | 'sgd', momentum 0.9), `learning_rate`, `weight_decay`
+      (adamw), `schedule` ('constant' | 'step' | 'cosine'), `step_epochs` and `step_gamma` (step).
+    steps_per_epoch: train steps per epoch (the step schedule decays every `step_epochs` epochs).
+    total_steps: the run's length (the cosine schedule decays to 0 over it).
+
+  Returns:
+    The optax transformation.
+  """
   if cfg.schedule == 'constant':
     lr = cfg.learning_rate
   elif cfg.schedule == 'step':  # torch's StepLR, stepped per epoch
@@ -116,12 +165,13 @@ class Trainer:
 # augmentation ranges, logging, checkpointing and evaluation settings are not
 # among them, so runs that differ only there (the seeds and conditions of a
 # study) share one compiled train step.
-STEP_FIELDS = ('optimizer', 'learning_rate', 'weight_decay', 'schedule', 'step_epochs', 'step_gamma', 'batch_size')
+_STEP_FIELDS = ('optimizer', 'learning_rate', 'weight_decay', 'schedule', 'step_epochs', 'step_gamma', 'batch_size')
 
+# The values `seed_batching_for` (and `config.seed_batching`) accept.
 SEED_BATCHING = ('auto', 'vmap', 'loop')
 
 
-def seed_batching_for(mesh, requested: str = 'auto') -> str:
+def seed_batching_for(mesh: Mesh, requested: str = 'auto') -> str:
   """How a step advances several seeds: 'vmap' (one batched program) or 'loop' (each seed's step in turn).
 
   'auto' picks per backend: accelerators fill up with the batched step. XLA:CPU
@@ -138,13 +188,13 @@ def seed_batching_for(mesh, requested: str = 'auto') -> str:
   return 'loop' if mesh.devices.flat[0].platform == 'cpu' else 'vmap'
 
 
-def seed_slice(tree, i: int):
+def seed_slice(tree: _Tree, i: int) -> _Tree:
   """Seed `i` of a state (or params) with a leading seed axis."""
   return jax.tree.map(lambda x: x[i], tree)
 
 
-def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.ConfigDict, spec: DatasetSpec, mesh,
-                 steps_per_epoch: int, total_steps: int, *, num_seeds: int = 1,
+def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.ConfigDict, spec: DatasetSpec,
+                 mesh: Mesh, steps_per_epoch: int, total_steps: int, *, num_seeds: int = 1,
                  seed_batching: str = 'auto') -> Trainer:
   """The jitted steps for the model `model_fn(seed)` builds and `cfg` (reused across calls that share them).
 
@@ -154,19 +204,19 @@ def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.Conf
   `seed_batching`: see `seed_batching_for`.
   """
   graphdef, _ = nnx.split(model_fn(0), nnx.Param)
-  step_config = json.dumps({f: cfg[f] for f in STEP_FIELDS}, sort_keys=True)
+  step_config = json.dumps({f: cfg[f] for f in _STEP_FIELDS}, sort_keys=True)
   batching = seed_batching_for(mesh, seed_batching) if num_seeds > 1 else 'single'
   tx, jit_train, jit_resident, jit_eval, compiled = _compiled_steps(graphdef, spec, mesh, steps_per_epoch,
                                                                     total_steps, step_config, num_seeds, batching)
 
-  def one_state(seed: int):
+  def one_state(seed: int) -> dict:
     params = nnx.state(model_fn(seed), nnx.Param)
     with jax.numpy_dtype_promotion('standard'):  # see train_step
       opt_state = tx.init(params)
     return {'params': params, 'opt_state': opt_state, 'step': jnp.zeros((), jnp.int32),
-            'rng': jax.random.PRNGKey(seed), 'metrics': zero_metrics(spec)}
+            'rng': jax.random.PRNGKey(seed), 'metrics': _zero_metrics(spec)}
 
-  def init_state(seeds):
+  def init_state(seeds: int | Sequence[int]) -> dict:
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     if len(seeds) != num_seeds:
       raise ValueError(f'init_state needs {num_seeds} seeds, got {seeds}')
@@ -261,7 +311,7 @@ def _compiled_steps(graphdef, spec: DatasetSpec, mesh, steps_per_epoch: int, tot
   return tx, jit_train, loop_resident_step, jit_eval, (jit_train, jit_one_seed, jit_eval)
 
 
-def zero_metrics(spec: DatasetSpec) -> dict:
+def _zero_metrics(spec: DatasetSpec) -> dict[str, jax.Array]:
   """The train metric sums `train_step` accumulates (as `loss_and_metrics` returns them) plus the example count."""
   zeros = {'loss': jnp.zeros((), jnp.float32), 'accuracy': jnp.zeros((), jnp.float32),
            'count': jnp.zeros((), jnp.float32)}
@@ -270,7 +320,7 @@ def zero_metrics(spec: DatasetSpec) -> dict:
   return zeros
 
 
-def host_array(x) -> np.ndarray:
+def host_array(x: jax.Array) -> np.ndarray:
   """A sharded global array as a numpy array on every process."""
   if jax.process_count() == 1:
     return np.asarray(x)
