@@ -3,7 +3,9 @@
 from deformjax.nn import convert, linen
 from deformjax.nn.dcnv3 import DCNv3, DCNv4
 from deformjax.nn.deform_conv import DeformConv
+from deformjax.nn.detr_encoder import DeformableDetrEncoder, DeformableDetrEncoderLayer, DeformableDetrEncoderOutput
 from deformjax.nn.ms_deform_attn import MSDeformAttn
 from deformjax.nn.roi_pool import DeformRoIPool
 
-__all__ = ['DCNv3', 'DCNv4', 'DeformConv', 'DeformRoIPool', 'MSDeformAttn', 'convert', 'linen']
+__all__ = ['DCNv3', 'DCNv4', 'DeformConv', 'DeformRoIPool', 'DeformableDetrEncoder', 'DeformableDetrEncoderLayer',
+           'DeformableDetrEncoderOutput', 'MSDeformAttn', 'convert', 'linen']

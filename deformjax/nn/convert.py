@@ -26,15 +26,21 @@ transpose and a depthwise `Conv2d` weight `[C, 1, k, k]` by `transpose(2, 3, 1, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 from jax.typing import DTypeLike
 
 from deformjax.nn.dcnv3 import DCNv3, DCNv4
 from deformjax.nn.deform_conv import DeformConv
+from deformjax.nn.detr_encoder import DeformableDetrEncoder
 from deformjax.nn.ms_deform_attn import MSDeformAttn
 
 
@@ -257,9 +263,9 @@ class _State:
 
   def linear(self, module: nnx.Linear, key: str) -> None:
     """`nn.Linear` `key.weight [out, in]`, `key.bias [out]` -> `module.kernel [in, out]`, `module.bias`."""
-    module.kernel[...] = self.get(f'{key}.weight', (module.out_features, module.in_features)).T
+    _assign(module.kernel, self.get(f'{key}.weight', (module.out_features, module.in_features)).T)
     if module.bias is not None:
-      module.bias[...] = self.get(f'{key}.bias', (module.out_features,))
+      _assign(module.bias, self.get(f'{key}.bias', (module.out_features,)))
 
   def depthwise(self, module: nnx.Conv, key: str) -> None:
     """Depthwise `Conv2d` `key.weight [C, 1, k, k]` -> HWIO `[k, k, 1, C]`."""
@@ -395,10 +401,30 @@ def from_dcnv4(state: Mapping[str, np.ndarray], *, groups: int, kernel_size: int
   return layer
 
 
+def _assign(variable: nnx.Variable, value: np.ndarray) -> None:
+  """Sets a parameter, also one of an abstract module (`nnx.eval_shape`), which holds no array to write into."""
+  variable.set_value(jnp.asarray(value))
+
+
+def _value_features_supported() -> bool:
+  return 'value_features' in inspect.signature(MSDeformAttn.__init__).parameters
+
+
 def from_deformable_detr(state: Mapping[str, np.ndarray], *, num_heads: int, num_levels: int, num_points: int,
                          prefix: str = '', param_dtype: DTypeLike = np.float32) -> MSDeformAttn:
   """An `MSDeformAttn` reproducing transformers' `DeformableDetrMultiscaleDeformableAttention`
   or mmcv's `MultiScaleDeformableAttention` (the same four `nn.Linear`s).
+
+  `MSDeformAttn` is batch-first (`[N, Lq, C]`) and returns the attention output
+  alone, as transformers' layer does. mmcv's layer differs in two ways the
+  weights do not show: it is sequence-first by default (`batch_first=False`,
+  `[Lq, N, C]`: transpose its query and value to batch-first), and it returns
+  `dropout(out) + identity` (`identity` the query before `query_pos` is added):
+  add that residual around the layer. mmcv's `value_proj_ratio` makes
+  `value_proj` map `embed_dims -> int(embed_dims * value_proj_ratio)` and
+  `output_proj` map it back; the value width is read from `value_proj.weight`
+  and needs `MSDeformAttn`'s `value_features` (an error says so where the layer
+  has no such argument).
 
   Args:
     state: the module's `state_dict()` as numpy arrays: `sampling_offsets`,
@@ -411,6 +437,9 @@ def from_deformable_detr(state: Mapping[str, np.ndarray], *, num_heads: int, num
     An `MSDeformAttn`: `layer(hidden_states + position_embeddings, reference_points,
     encoder_hidden_states, spatial_shapes, padding_mask=~attention_mask)` equals the
     module's first output.
+
+  Raises:
+    ValueError: naming a missing or wrongly shaped entry, or entries left unused.
 
   Example:
     >>> import numpy as np
@@ -426,13 +455,246 @@ def from_deformable_detr(state: Mapping[str, np.ndarray], *, num_heads: int, num
   """
   fn = 'from_deformable_detr'
   d_model = _channels(state, prefix + 'value_proj.weight', fn)
-  layer = MSDeformAttn(d_model, num_heads, num_levels, num_points, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+  value_features = int(np.shape(state[prefix + 'value_proj.weight'])[0])
+  kwargs = {}
+  if value_features != d_model:
+    if value_features % num_heads:
+      raise ValueError(f'{fn}: {prefix}value_proj.weight maps d_model={d_model} to {value_features} value '
+                       f'channels, which num_heads={num_heads} does not divide')
+    if not _value_features_supported():
+      raise ValueError(
+          f'{fn}: {prefix}value_proj.weight maps d_model={d_model} to {value_features} value channels (mmcv\'s '
+          f'value_proj_ratio={value_features / d_model:g}); MSDeformAttn here has no value_features argument, so '
+          'its value width is d_model: this checkpoint cannot be loaded into it')
+    kwargs['value_features'] = value_features
+  # Built abstract: every parameter is overwritten below, so initialising them would be wasted work.
+  layer = nnx.eval_shape(lambda: MSDeformAttn(d_model, num_heads, num_levels, num_points, param_dtype=param_dtype,
+                                              rngs=nnx.Rngs(0), **kwargs))
   s = _State(state, prefix, fn, param_dtype)
   for key in ('sampling_offsets', 'attention_weights', 'value_proj', 'output_proj'):
     s.linear(getattr(layer, key), key)
   s.check_all_used()
+  _check_concrete(layer, fn)
   return layer
 
 
-__all__ = ['from_conv', 'from_deformable_detr', 'from_dcnv4', 'from_internimage_dcnv3', 'from_mmcv',
-           'from_torchvision', 'linen_params']
+def _check_concrete(module: nnx.Module, fn: str) -> None:
+  """Every variable of a module built abstract has been given an array (a guard against a missed parameter)."""
+  left = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(module))
+          if isinstance(leaf, jax.ShapeDtypeStruct)]
+  if left:
+    raise AssertionError(f'{fn}: parameters left unset: {left[:8]}')
+
+
+def _seed_rng_streams(module: nnx.Module, seed: int = 0) -> None:
+  """Concrete dropout streams for a module built abstract: one key per stream, folded from `seed`."""
+  base = jax.random.key(seed)
+  for i, (_, node) in enumerate(nnx.iter_graph(module)):
+    if isinstance(node, nnx.RngKey):
+      node.set_value(jax.random.fold_in(base, i))
+    elif isinstance(node, nnx.RngCount):
+      node.set_value(jnp.zeros((), jnp.uint32))
+
+
+# Parts of a transformers `DeformableDetrModel` state dict that are not the encoder's.
+_DETR_NOT_ENCODER = ('backbone.', 'decoder.', 'query_position_embeddings.', 'reference_points.', 'enc_output.',
+                     'enc_output_norm.', 'pos_trans.', 'pos_trans_norm.')
+# The learned position embedding (`position_embedding_type='learned'`; `backbone.position_embedding.` before v5).
+_DETR_LEARNED_POSITIONS = ('position_embedding.', 'backbone.position_embedding.')
+
+_ACTIVATIONS: Mapping[str, Callable[[jax.Array], jax.Array]] = MappingProxyType({
+    'relu': jax.nn.relu,
+    'gelu': functools.partial(jax.nn.gelu, approximate=False),
+    'gelu_new': functools.partial(jax.nn.gelu, approximate=True),
+    'gelu_pytorch_tanh': functools.partial(jax.nn.gelu, approximate=True),
+    'silu': jax.nn.silu,
+    'swish': jax.nn.silu,
+})
+
+
+def _indices(keys: Sequence[str], head: str) -> list[int]:
+  """The sorted integers `i` of keys `head{i}.…`."""
+  found = {int(k[len(head):].split('.', 1)[0]) for k in keys
+           if k.startswith(head) and k[len(head):].split('.', 1)[0].isdigit()}
+  return sorted(found)
+
+
+def from_deformable_detr_encoder(state: Mapping[str, np.ndarray], *, num_heads: int, num_points: int,
+                                 num_groups: int = 32, activation_function: str = 'relu', dropout: float = 0.1,
+                                 activation_dropout: float = 0.0, layer_norm_epsilon: float = 1e-5,
+                                 group_norm_epsilon: float = 1e-5, prefix: str = '',
+                                 param_dtype: DTypeLike = np.float32) -> DeformableDetrEncoder:
+  """A `DeformableDetrEncoder` reproducing transformers' `DeformableDetrModel` from its backbone's feature maps
+  to `encoder_last_hidden_state`.
+
+  The architecture is read from the weights: `d_model` and `num_levels` from
+  `level_embed [L, d_model]`, the backbone widths and the extra stride-2 levels
+  from `input_proj.{l}.0.weight` (1x1 then 3x3 kernels), the layers and
+  `encoder_ffn_dim` from `encoder.layers.{j}.…`.
+
+  Args:
+    state: the model's `state_dict()` as numpy arrays (`{k: v.numpy() for k, v in sd.items()}`),
+      under `prefix` (`'model.'` for a `DeformableDetrForObjectDetection`, whose heads
+      outside the prefix are ignored). Read: `input_proj.{l}.0` (Conv2d) and `.1`
+      (GroupNorm), `level_embed`, and per layer `encoder.layers.{j}.self_attn.*`
+      (`from_deformable_detr`), `self_attn_layer_norm`, `mlp.fc1` / `mlp.fc2`
+      (`fc1` / `fc2` before transformers v5), `final_layer_norm`. Ignored, as not
+      the encoder's: `backbone.*` (the backbone's own weights; its maps are the
+      input), `decoder.*`, `query_position_embeddings.*`, `reference_points.*`
+      and the two-stage `enc_output.*`, `enc_output_norm.*`, `pos_trans.*`,
+      `pos_trans_norm.*`. Any other entry is refused by name, and so are the learned
+      position embeddings (`position_embedding.*`: only the sine embedding is supported).
+    num_heads, num_points: the config's `encoder_attention_heads`, `encoder_n_points`.
+    num_groups: the input projection's GroupNorm groups (transformers fixes 32).
+    activation_function: the config's (`'relu'`, `'gelu'`, `'gelu_new'`, `'silu'`, ...).
+    dropout, activation_dropout: the config's, used only when the encoder runs
+      non-deterministically (the encoder is returned deterministic, as a model in eval mode).
+    layer_norm_epsilon, group_norm_epsilon: PyTorch's defaults.
+    param_dtype: the parameters' dtype.
+
+  Returns:
+    A deterministic `DeformableDetrEncoder`: `enc(features, pixel_mask).last_hidden_state`
+    equals the model's `encoder_last_hidden_state` for backbone maps `features`
+    (NHWC, the model's NCHW maps transposed by `(0, 2, 3, 1)`).
+
+  Raises:
+    ValueError: naming a missing, unknown or wrongly shaped entry.
+
+  Example:
+    >>> import numpy as np
+    >>> from deformjax.nn import convert
+    >>> from deformjax.nn.detr_encoder import DeformableDetrEncoder
+    >>> from flax import nnx
+    >>> enc = DeformableDetrEncoder([8], 32, num_heads=2, num_levels=2, num_points=2, num_layers=1,
+    ...                             ffn_features=64, rngs=nnx.Rngs(0))
+    >>> state = {k: np.asarray(v) for k, v in convert.deformable_detr_encoder_state(enc).items()}
+    >>> ported = convert.from_deformable_detr_encoder(state, num_heads=2, num_points=2)
+    >>> ported.in_features, ported.num_levels, len(ported.layers)
+    ((8,), 2, 1)
+  """
+  fn = 'from_deformable_detr_encoder'
+  activation = _ACTIVATIONS.get(activation_function)
+  if activation is None:
+    raise ValueError(f'{fn}: activation_function must be one of {sorted(_ACTIVATIONS)}, got {activation_function!r}')
+  keys = sorted(k[len(prefix):] for k in state if k.startswith(prefix))
+  key_set = set(keys)
+  learned = [prefix + k for k in keys if k.startswith(_DETR_LEARNED_POSITIONS)]
+  if learned:
+    raise ValueError(f'{fn}: {learned[:2]} are learned position embeddings (position_embedding_type=\'learned\'); '
+                     'only the sine position embedding is supported')
+  if 'level_embed' not in key_set:
+    hint = (" (a DeformableDetrForObjectDetection state dict? pass prefix='model.')"
+            if any(k.startswith(prefix + 'model.') for k in state) else '')
+    raise ValueError(f'{fn}: state has no {prefix + "level_embed"!r}{hint}; keys: {sorted(state)[:8]}...')
+  level_embed = np.asarray(state[prefix + 'level_embed'])
+  if level_embed.ndim != 2:
+    raise ValueError(f'{fn}: {prefix}level_embed must have shape [num_feature_levels, d_model], got '
+                     f'{level_embed.shape}')
+  num_levels, d_model = level_embed.shape
+  s = _State(state, prefix, fn, param_dtype)
+  # The input projection: 1x1 convs of the backbone maps, then the 3x3 stride-2 extra levels.
+  convs = []
+  for level in range(num_levels):
+    key = f'input_proj.{level}.0.weight'
+    if key not in key_set:
+      raise ValueError(f'{fn}: state has no {prefix + key!r} (level_embed has {num_levels} levels)')
+    weight = np.asarray(state[prefix + key])
+    if weight.ndim != 4 or weight.shape[0] != d_model or weight.shape[2:] not in ((1, 1), (3, 3)):
+      raise ValueError(f'{fn}: {prefix + key!r} must be a [d_model={d_model}, C, 1, 1] or [d_model, C, 3, 3] '
+                       f'Conv2d weight, got shape {weight.shape}')
+    convs.append(weight.shape)
+  num_backbone = sum(1 for shape in convs if shape[2] == 1)
+  if any(shape[2] == 1 for shape in convs[num_backbone:]) or num_backbone == 0:
+    raise ValueError(f'{fn}: input_proj must be 1x1 convs (backbone levels) followed by 3x3 convs (extra levels), '
+                     f'got kernels {[shape[2] for shape in convs]}')
+  in_features = tuple(int(shape[1]) for shape in convs[:num_backbone])
+  layers = _indices(keys, 'encoder.layers.')
+  if not layers or layers != list(range(len(layers))):
+    raise ValueError(f'{fn}: state must hold encoder.layers.0 ... encoder.layers.J-1 under {prefix!r}, got indices '
+                     f'{layers}')
+  mlp = 'mlp.' if 'encoder.layers.0.mlp.fc1.weight' in key_set else ''
+  ffn_features = _channels(state, f'{prefix}encoder.layers.0.{mlp}fc2.weight', fn)
+  encoder = nnx.eval_shape(lambda: DeformableDetrEncoder(
+      in_features, d_model, num_heads=num_heads, num_levels=num_levels, num_points=num_points,
+      num_layers=len(layers), ffn_features=ffn_features, num_groups=num_groups, dropout=dropout,
+      activation_dropout=activation_dropout, activation=activation, layer_norm_epsilon=layer_norm_epsilon,
+      group_norm_epsilon=group_norm_epsilon, deterministic=True, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  for level, (conv, norm) in enumerate(zip(encoder.input_convs, encoder.input_norms)):
+    _assign(conv.kernel, s.get(f'input_proj.{level}.0.weight', convs[level]).transpose(2, 3, 1, 0))
+    _assign(conv.bias, s.get(f'input_proj.{level}.0.bias', (d_model,)))
+    _assign(norm.scale, s.get(f'input_proj.{level}.1.weight', (d_model,)))
+    _assign(norm.bias, s.get(f'input_proj.{level}.1.bias', (d_model,)))
+  for level in range(1, num_levels - num_backbone):
+    if convs[num_backbone + level][1] != d_model:
+      raise ValueError(f'{fn}: input_proj.{num_backbone + level}.0.weight must read the previous extra level '
+                       f'(d_model={d_model} channels), got shape {convs[num_backbone + level]}')
+  _assign(encoder.level_embed, s.get('level_embed', (num_levels, d_model)))
+  for j, layer in enumerate(encoder.layers):
+    head = f'encoder.layers.{j}.'
+    attn = from_deformable_detr(state, num_heads=num_heads, num_levels=num_levels, num_points=num_points,
+                                prefix=prefix + head + 'self_attn.', param_dtype=param_dtype)
+    nnx.update(layer.self_attn, nnx.state(attn))
+    s.used.update(prefix + k for k in keys if k.startswith(head + 'self_attn.'))
+    for norm, key in ((layer.self_attn_layer_norm, 'self_attn_layer_norm'), (layer.final_layer_norm,
+                                                                             'final_layer_norm')):
+      _assign(norm.scale, s.get(f'{head}{key}.weight', (d_model,)))
+      _assign(norm.bias, s.get(f'{head}{key}.bias', (d_model,)))
+    s.linear(layer.fc1, f'{head}{mlp}fc1')
+    s.linear(layer.fc2, f'{head}{mlp}fc2')
+  unknown = sorted(prefix + k for k in keys if prefix + k not in s.used and not k.startswith(_DETR_NOT_ENCODER))
+  if unknown:
+    raise ValueError(f'{fn}: state entries the encoder has no parameter for: {unknown[:8]} (a different '
+                     'configuration or model? check the prefix)')
+  _seed_rng_streams(encoder)
+  _check_concrete(encoder, fn)
+  return encoder
+
+
+def deformable_detr_encoder_state(encoder: DeformableDetrEncoder) -> dict[str, np.ndarray]:
+  """The inverse of `from_deformable_detr_encoder`: the encoder's parameters under transformers' (v5) names.
+
+  Returns:
+    `{name: array}` with `input_proj.{l}.0/1.*`, `level_embed` and `encoder.layers.{j}.*` in PyTorch
+    layouts (`[out, in]` linears, OIHW convs), e.g. to load into a `DeformableDetrModel`
+    with `load_state_dict(..., strict=False)` after `torch.from_numpy`.
+
+  Example:
+    >>> from flax import nnx
+    >>> from deformjax.nn import DeformableDetrEncoder, convert
+    >>> enc = DeformableDetrEncoder([8], 32, num_heads=2, num_levels=1, num_points=2, num_layers=1,
+    ...                             ffn_features=64, rngs=nnx.Rngs(0))
+    >>> state = convert.deformable_detr_encoder_state(enc)
+    >>> state['input_proj.0.0.weight'].shape, state['encoder.layers.0.mlp.fc1.weight'].shape
+    ((32, 8, 1, 1), (64, 32))
+  """
+  if not isinstance(encoder, DeformableDetrEncoder):
+    raise TypeError(f'deformable_detr_encoder_state: encoder must be a DeformableDetrEncoder, got '
+                    f'{type(encoder).__name__}')
+  out: dict[str, np.ndarray] = {}
+
+  def linear(module: nnx.Linear, key: str) -> None:
+    out[f'{key}.weight'] = np.asarray(module.kernel[...]).T
+    out[f'{key}.bias'] = np.asarray(module.bias[...])
+
+  def norm(module: nnx.LayerNorm | nnx.GroupNorm, key: str) -> None:
+    out[f'{key}.weight'] = np.asarray(module.scale[...])
+    out[f'{key}.bias'] = np.asarray(module.bias[...])
+
+  for level, (conv, gn) in enumerate(zip(encoder.input_convs, encoder.input_norms)):
+    out[f'input_proj.{level}.0.weight'] = np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1)
+    out[f'input_proj.{level}.0.bias'] = np.asarray(conv.bias[...])
+    norm(gn, f'input_proj.{level}.1')
+  out['level_embed'] = np.asarray(encoder.level_embed[...])
+  for j, layer in enumerate(encoder.layers):
+    head = f'encoder.layers.{j}.'
+    for key in ('sampling_offsets', 'attention_weights', 'value_proj', 'output_proj'):
+      linear(getattr(layer.self_attn, key), f'{head}self_attn.{key}')
+    norm(layer.self_attn_layer_norm, f'{head}self_attn_layer_norm')
+    linear(layer.fc1, f'{head}mlp.fc1')
+    linear(layer.fc2, f'{head}mlp.fc2')
+    norm(layer.final_layer_norm, f'{head}final_layer_norm')
+  return out
+
+
+__all__ = ['deformable_detr_encoder_state', 'from_conv', 'from_dcnv4', 'from_deformable_detr',
+           'from_deformable_detr_encoder', 'from_internimage_dcnv3', 'from_mmcv', 'from_torchvision', 'linen_params']
