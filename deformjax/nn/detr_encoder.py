@@ -117,7 +117,7 @@ def sine_position_embedding(mask: jax.Array, num_features: int, *, temperature: 
   y = (y - 0.5) / (y[:, -1:, :] + eps) * scale
   x = (x - 0.5) / (x[:, :, -1:] + eps) * scale
   # The frequencies depend on nothing traced: computed once in float64, rounded to `dtype`.
-  dim_t = jnp.asarray(temperature ** (2 * (np.arange(num_features) // 2) / num_features), dtype)
+  dim_t = jnp.asarray(temperature ** (2 * (np.arange(num_features) // 2) / num_features), dtype).reshape(1, 1, 1, -1)
 
   def embed(v):
     v = v[..., None] / dim_t
@@ -417,15 +417,15 @@ class DeformableDetrEncoder(nnx.Module):
     else:
       masks = [downsample_mask(pixel_mask, s) for s in shapes]
     # transformers embeds positions in the image's dtype, then casts to the projected maps'.
-    pos_dtype = jnp.promote_types(features[0].dtype, jnp.float32)
+    pos_dtype = np.promote_types(features[0].dtype, np.float32)
     dtype = sources[0].dtype
     level_embed = self.level_embed[...].astype(dtype)
     pos = [sine_position_embedding(m, self.d_model // 2, temperature=self.temperature, dtype=pos_dtype).astype(dtype)
-           + level_embed[level] for level, m in enumerate(masks)]
+           + level_embed[level].reshape(1, 1, 1, -1) for level, m in enumerate(masks)]
     flat = jnp.concatenate([s.reshape(n, -1, self.d_model) for s in sources], axis=1)
     pos_flat = jnp.concatenate([p.reshape(n, -1, self.d_model) for p in pos], axis=1)
     mask_flat = jnp.concatenate([m.reshape(n, -1) for m in masks], axis=1)
-    ratios = jnp.stack([valid_ratios(m, jnp.promote_types(dtype, jnp.float32)) for m in masks], axis=1)
+    ratios = jnp.stack([valid_ratios(m, np.promote_types(dtype, np.float32)) for m in masks], axis=1)
     hidden = self.encode(flat, pos_flat, shapes, ratios, None if pixel_mask is None else mask_flat,
                          deterministic=deterministic)
     starts = tuple(int(v) for v in np.cumsum([0] + [h * w for h, w in shapes[:-1]]))
