@@ -55,6 +55,14 @@ def deform_conv_any_batch(inputs: jax.Array, offsets: jax.Array, kernel: jax.Arr
   return y.reshape(batch + y.shape[1:])
 
 
+def check_policy(chunk_size: int | None, memory_budget: int | None, deterministic: bool, name: str) -> None:
+  """The ops' execution-policy keywords, refused by the layer's name when it is built (as the op would refuse them):
+  `chunk_size` / `memory_budget` positive ints or None (ValueError), `deterministic` a bool (TypeError)."""
+  from deformjax.ops.sampling import check_policy_args
+
+  check_policy_args(chunk_size, memory_budget, deterministic, name)
+
+
 def check_in_features(inputs: jax.Array, in_features: int, name: str) -> None:
   """Refuses inputs that are not `[..., H, W, in_features]`, naming the layer."""
   if inputs.ndim < 3 or inputs.shape[-1] != in_features:
@@ -145,5 +153,5 @@ def check_geometry(inputs: jax.Array, kernel_hw: Sequence[int], strides: tuple[i
 
 
 __all__ = ['check_geometry', 'check_in_features', 'check_kernel_mask', 'check_modulation', 'check_padding',
-           'conv_geometry', 'deform_conv_any_batch', 'flatten_batch', 'mask_from_logits', 'pad_for_mode',
+           'check_policy', 'conv_geometry', 'deform_conv_any_batch', 'flatten_batch', 'mask_from_logits', 'pad_for_mode',
            'split_prediction']

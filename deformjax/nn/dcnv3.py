@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
 
+from deformjax.nn import _common
 from deformjax.ops import _args
 
 # PyTorch's default Conv2d kernel initialisation (kaiming_uniform(a=sqrt(5))): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -104,11 +105,13 @@ def _flat(inputs: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array
 
 def dcnv3_block(inputs: jax.Array, input_proj: _Layer, dw_conv: _Layer, norm: _Layer, offset: _Layer, mask: _Layer,
                 center_feature_scale_proj: _Layer | None, output_proj: _Layer, *, kernel_size: int, groups: int,
-                padding: int, dilation: int, offset_scale: float,
-                remove_center: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+                padding: int, dilation: int, offset_scale: float, remove_center: bool, chunk_size: int | None = None,
+                memory_budget: int | None = None,
+                deterministic: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """DCNv3's computation given its layers (what the NNX module and its Linen twin share).
 
   `inputs [..., H, W, C]` -> `(y [..., H, W, C], offsets [..., H, W, groups*K*2], mask [..., H, W, groups*K])`.
+  `chunk_size`, `memory_budget`, `deterministic` go to `deformjax.ops.dcnv3`.
   """
   from deformjax.ops import dcnv3
 
@@ -118,7 +121,8 @@ def dcnv3_block(inputs: jax.Array, input_proj: _Layer, dw_conv: _Layer, norm: _L
   offsets = offset(h)
   weights = group_softmax(mask(h), groups)
   y = dcnv3(x, offsets.astype(x.dtype), weights.astype(x.dtype), kernel_size=kernel_size, padding=padding,
-            dilation=dilation, groups=groups, offset_scale=offset_scale, remove_center=remove_center)
+            dilation=dilation, groups=groups, offset_scale=offset_scale, remove_center=remove_center,
+            chunk_size=chunk_size, memory_budget=memory_budget, deterministic=deterministic)
   if center_feature_scale_proj is not None:
     y = blend_center(y, x, center_feature_scale_proj(h), groups)
   return unflat(output_proj(y)), unflat(offsets), unflat(weights)
@@ -126,16 +130,20 @@ def dcnv3_block(inputs: jax.Array, input_proj: _Layer, dw_conv: _Layer, norm: _L
 
 def dcnv4_block(inputs: jax.Array, value_proj: _Layer | None, offset_mask_dw: _Layer | None, offset_mask: _Layer,
                 center_feature_scale_proj: _Layer | None, output_proj: _Layer | None, *, kernel_size: int, groups: int,
-                padding: int, dilation: int, offset_scale: float,
-                remove_center: bool) -> tuple[jax.Array, jax.Array]:
-  """DCNv4's computation given its layers: `inputs [..., H, W, C]` -> `(y, offset_mask [..., H, W, ceil8(G*K*3)])`."""
+                padding: int, dilation: int, offset_scale: float, remove_center: bool, chunk_size: int | None = None,
+                memory_budget: int | None = None, deterministic: bool = False) -> tuple[jax.Array, jax.Array]:
+  """DCNv4's computation given its layers: `inputs [..., H, W, C]` -> `(y, offset_mask [..., H, W, ceil8(G*K*3)])`.
+
+  `chunk_size`, `memory_budget`, `deterministic` go to `deformjax.ops.dcnv4`.
+  """
   from deformjax.ops import dcnv4
 
   inputs, unflat = _flat(inputs)
   x = inputs if value_proj is None else value_proj(inputs)
   packed = offset_mask(inputs if offset_mask_dw is None else offset_mask_dw(inputs))
   y = dcnv4(x, packed.astype(x.dtype), kernel_size=kernel_size, padding=padding, dilation=dilation, groups=groups,
-            offset_scale=offset_scale, remove_center=remove_center)
+            offset_scale=offset_scale, remove_center=remove_center, chunk_size=chunk_size, memory_budget=memory_budget,
+            deterministic=deterministic)
   if center_feature_scale_proj is not None:
     y = blend_center(y, x, center_feature_scale_proj(y), groups)  # the reference gates on the aggregated values
   if output_proj is not None:
@@ -179,15 +187,17 @@ class DCNv3(nnx.Module):
     channels: C, in and out.
     kernel_size: the sampling window (square).
     groups: channel groups, each with its own offsets and mask (`group`).
-    dw_kernel_size: the offset branch's depthwise kernel (default `kernel_size`).
     padding: of the sampling window; default and only value that keeps H, W:
       `kernel_dilation * (kernel_size - 1) // 2` (the offsets come per input pixel).
     kernel_dilation: dilation of the sampling window (`dilation`).
     offset_scale: scales the offsets and the dilation grid, as the reference.
+    dw_kernel_size: the offset branch's depthwise kernel (default `kernel_size`).
     center_feature_scale: the learned gate described above.
     remove_center: drop the centre tap (odd kernels).
     layer_norm_epsilon: the offset branch's LayerNorm epsilon.
     dtype, param_dtype, precision: as `nnx.Linear`.
+    chunk_size, memory_budget, deterministic: the execution policy, passed to
+      `deformjax.ops.dcnv3`, as `DeformConv`'s to `deform_conv2d`.
     rngs: random number generators (keyword-only).
 
   Example:
@@ -199,14 +209,17 @@ class DCNv3(nnx.Module):
     (2, 8, 8, 16)
   """
 
-  def __init__(self, channels: int, kernel_size: int = 3, *, groups: int = 4, dw_kernel_size: int | None = None,
-               padding: int | None = None, kernel_dilation: int = 1, offset_scale: float = 1.0,
+  def __init__(self, channels: int, kernel_size: int = 3, *, groups: int = 4, padding: int | None = None,
+               kernel_dilation: int = 1, offset_scale: float = 1.0, dw_kernel_size: int | None = None,
                center_feature_scale: bool = False, remove_center: bool = False, layer_norm_epsilon: float = 1e-6,
                dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
+               precision: jax.lax.PrecisionLike = None, chunk_size: int | None = None,
+               memory_budget: int | None = None, deterministic: bool = False, rngs: nnx.Rngs):
     name = type(self).__name__
     self.padding = check_block_args(name, channels, kernel_size, groups, kernel_dilation, padding, remove_center,
                                     dw_kernel_size)
+    _common.check_policy(chunk_size, memory_budget, deterministic, name)
+    self.chunk_size, self.memory_budget, self.deterministic = chunk_size, memory_budget, bool(deterministic)
     self.channels, self.kernel_size, self.groups = channels, kernel_size, groups
     self.dw_kernel_size = kernel_size if dw_kernel_size is None else dw_kernel_size
     self.kernel_dilation, self.offset_scale = kernel_dilation, float(offset_scale)
@@ -231,7 +244,8 @@ class DCNv3(nnx.Module):
     y, offsets, mask = dcnv3_block(
         inputs, self.input_proj, self.dw_conv, self.norm, self.offset, self.mask, self.center_feature_scale_proj,
         self.output_proj, kernel_size=self.kernel_size, groups=self.groups, padding=self.padding,
-        dilation=self.kernel_dilation, offset_scale=self.offset_scale, remove_center=self.remove_center)
+        dilation=self.kernel_dilation, offset_scale=self.offset_scale, remove_center=self.remove_center,
+        chunk_size=self.chunk_size, memory_budget=self.memory_budget, deterministic=self.deterministic)
     return (y, offsets, mask) if return_offsets else y
 
 
@@ -267,6 +281,8 @@ class DCNv4(nnx.Module):
     output_bias: `output_proj` has a bias.
     without_pointwise: no `value_proj` / `output_proj`.
     dtype, param_dtype, precision: as `nnx.Linear`.
+    chunk_size, memory_budget, deterministic: the execution policy, passed to
+      `deformjax.ops.dcnv4`, as `DeformConv`'s to `deform_conv2d`.
     rngs: random number generators (keyword-only).
 
   Example:
@@ -284,10 +300,13 @@ class DCNv4(nnx.Module):
                kernel_dilation: int = 1, offset_scale: float = 1.0, dw_kernel_size: int | None = None,
                center_feature_scale: bool = False, remove_center: bool = False, output_bias: bool = True,
                without_pointwise: bool = False, dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
+               precision: jax.lax.PrecisionLike = None, chunk_size: int | None = None,
+               memory_budget: int | None = None, deterministic: bool = False, rngs: nnx.Rngs):
     name = type(self).__name__
     self.padding = check_block_args(name, channels, kernel_size, groups, kernel_dilation, padding, remove_center,
                                     dw_kernel_size)
+    _common.check_policy(chunk_size, memory_budget, deterministic, name)
+    self.chunk_size, self.memory_budget, self.deterministic = chunk_size, memory_budget, bool(deterministic)
     self.channels, self.kernel_size, self.groups = channels, kernel_size, groups
     self.dw_kernel_size = dw_kernel_size
     self.kernel_dilation, self.offset_scale = kernel_dilation, float(offset_scale)
@@ -311,7 +330,8 @@ class DCNv4(nnx.Module):
     y, offset_mask = dcnv4_block(
         inputs, self.value_proj, self.offset_mask_dw, self.offset_mask, self.center_feature_scale_proj,
         self.output_proj, kernel_size=self.kernel_size, groups=self.groups, padding=self.padding,
-        dilation=self.kernel_dilation, offset_scale=self.offset_scale, remove_center=self.remove_center)
+        dilation=self.kernel_dilation, offset_scale=self.offset_scale, remove_center=self.remove_center,
+        chunk_size=self.chunk_size, memory_budget=self.memory_budget, deterministic=self.deterministic)
     return (y, offset_mask) if return_offsets else y
 
 

@@ -151,6 +151,7 @@ class DeformConv(nnx.Module):
       raise ValueError(f'{name}: in_features={in_features} must be divisible by offset_groups={offset_groups}')
     if max_offset is not None and max_offset <= 0:
       raise ValueError(f'{name}: max_offset must be positive or None, got {max_offset!r}')
+    _common.check_policy(chunk_size, memory_budget, deterministic, name)
     kernel_shape = (kh, kw, in_features // feature_group_count, out_features)
     _common.check_kernel_mask(mask, kernel_shape, name)
     self.in_features = in_features

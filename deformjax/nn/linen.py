@@ -1,12 +1,16 @@
 """Linen twins of the NNX modules, for Linen codebases.
 
 Same parameters (names, shapes, initialisation) and the same numbers as the NNX
-modules: the shared pieces live in `deformjax.nn._common`, and a test copies NNX
-weights into these modules and compares outputs.
+modules: the shared pieces live in `deformjax.nn._common` and the family's
+block functions, and a test copies NNX weights into these modules and compares
+outputs. `DeformConv` keeps `nn.Conv`'s positional fields; in the other twins
+the fields after the width and kernel size (or output size) are keyword-only,
+as the NNX constructors' arguments are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,6 +88,7 @@ class DeformConv(nn.Module):
     groups = _args.positive_int(self.feature_group_count, 'feature_group_count', name)
     _args.positive_int(self.offset_groups, 'offset_groups', name)
     _common.check_padding(self.padding, name)
+    _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, name)
     _common.check_geometry(inputs, (kh, kw), strides, self.padding, dilation, name)
     in_features = inputs.shape[-1]
     kernel_shape = (kh, kw, in_features // groups, self.features)
@@ -125,9 +130,11 @@ class DeformConv(nn.Module):
 
 class DeformRoIPool(nn.Module):
   """Linen twin of `deformjax.nn.DeformRoIPool` (parameters `offset_hidden_{i}`,
-  `offset_out`, and `mask_hidden`, `mask_out` when modulated)."""
+  `offset_out`, and `mask_hidden`, `mask_out` when modulated); fields after
+  `output_size` are keyword-only."""
 
   output_size: int | Sequence[int]
+  _: dataclasses.KW_ONLY
   spatial_scale: float = 1.0
   sampling_ratio: int = 0
   gamma: float = 0.1
@@ -138,12 +145,17 @@ class DeformRoIPool(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
+  chunk_size: int | None = None
+  memory_budget: int | None = None
+  deterministic: bool = False
 
   @nn.compact
   def __call__(self, features, rois, *, return_offsets: bool = False):
     oh, ow = _args.positive_pair(self.output_size, 'output_size', 'DeformRoIPool')
+    _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, 'DeformRoIPool')
     kw = dict(output_size=(oh, ow), spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
-              aligned=self.aligned, max_sampling_grid=self.max_sampling_grid)
+              aligned=self.aligned, max_sampling_grid=self.max_sampling_grid, chunk_size=self.chunk_size,
+              memory_budget=self.memory_budget, deterministic=self.deterministic)
     dense = lambda n, name, zero=False: nn.Dense(
         n, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name=name,
         **(dict(kernel_init=nn.initializers.zeros_init()) if zero else {}))
@@ -182,7 +194,10 @@ class DCNv3(nn.Module):
 
   Parameters, as the NNX module's: `input_proj`, `dw_conv`, `norm`, `offset`,
   `mask`, `output_proj` (and `center_feature_scale_proj`), with the same
-  shapes and initialisation.
+  shapes and initialisation. Fields after `kernel_size` are keyword-only and
+  in the NNX module's order (shared with `DCNv4`: `groups, padding,
+  kernel_dilation, offset_scale, dw_kernel_size, center_feature_scale,
+  remove_center`).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -195,17 +210,21 @@ class DCNv3(nn.Module):
   """
 
   kernel_size: int = 3
+  _: dataclasses.KW_ONLY
   groups: int = 4
-  dw_kernel_size: int | None = None
   padding: int | None = None
   kernel_dilation: int = 1
   offset_scale: float = 1.0
+  dw_kernel_size: int | None = None
   center_feature_scale: bool = False
   remove_center: bool = False
   layer_norm_epsilon: float = 1e-6
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
+  chunk_size: int | None = None
+  memory_budget: int | None = None
+  deterministic: bool = False
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, return_offsets: bool = False):
@@ -216,6 +235,7 @@ class DCNv3(nn.Module):
     c = inputs.shape[-1]
     padding = _family.check_block_args(name, c, self.kernel_size, self.groups, self.kernel_dilation, self.padding,
                                        self.remove_center, self.dw_kernel_size)
+    _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, name)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
     taps = self.groups * _family.num_taps(self.kernel_size, self.remove_center)
     y, offsets, mask = _family.dcnv3_block(
@@ -224,7 +244,8 @@ class DCNv3(nn.Module):
         _dense(taps * 2, 'offset', zero=True, **kw), _dense(taps, 'mask', zero=True, **kw),
         _dense(self.groups, 'center_feature_scale_proj', zero=True, **kw) if self.center_feature_scale else None,
         _dense(c, 'output_proj', **kw), kernel_size=self.kernel_size, groups=self.groups, padding=padding,
-        dilation=self.kernel_dilation, offset_scale=self.offset_scale, remove_center=self.remove_center)
+        dilation=self.kernel_dilation, offset_scale=self.offset_scale, remove_center=self.remove_center,
+        chunk_size=self.chunk_size, memory_budget=self.memory_budget, deterministic=self.deterministic)
     return (y, offsets, mask) if return_offsets else y
 
 
@@ -233,6 +254,7 @@ class DCNv4(nn.Module):
 
   Parameters, as the NNX module's: `value_proj`, `offset_mask_dw` (with
   `dw_kernel_size`), `offset_mask`, `center_feature_scale_proj`, `output_proj`.
+  Fields after `kernel_size` are keyword-only, in the NNX module's order.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -245,6 +267,7 @@ class DCNv4(nn.Module):
   """
 
   kernel_size: int = 3
+  _: dataclasses.KW_ONLY
   groups: int = 4
   padding: int | None = None
   kernel_dilation: int = 1
@@ -257,6 +280,9 @@ class DCNv4(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
+  chunk_size: int | None = None
+  memory_budget: int | None = None
+  deterministic: bool = False
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, return_offsets: bool = False):
@@ -267,6 +293,7 @@ class DCNv4(nn.Module):
     c = inputs.shape[-1]
     padding = _family.check_block_args(name, c, self.kernel_size, self.groups, self.kernel_dilation, self.padding,
                                        self.remove_center, self.dw_kernel_size)
+    _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, name)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
     packed = _family.ceil8(self.groups * _family.num_taps(self.kernel_size, self.remove_center) * 3)
     pointwise = not self.without_pointwise
@@ -277,15 +304,18 @@ class DCNv4(nn.Module):
         _dense(self.groups, 'center_feature_scale_proj', zero=True, **kw) if self.center_feature_scale else None,
         _dense(c, 'output_proj', use_bias=self.output_bias, **kw) if pointwise else None,
         kernel_size=self.kernel_size, groups=self.groups, padding=padding, dilation=self.kernel_dilation,
-        offset_scale=self.offset_scale, remove_center=self.remove_center)
+        offset_scale=self.offset_scale, remove_center=self.remove_center, chunk_size=self.chunk_size,
+        memory_budget=self.memory_budget, deterministic=self.deterministic)
     return (y, offset_mask) if return_offsets else y
 
 
 class MSDeformAttn(nn.Module):
   """Linen twin of `deformjax.nn.MSDeformAttn` (Deformable DETR's multi-scale deformable attention).
 
-  Parameters, as the NNX module's: `value_proj`, `sampling_offsets` (zero kernel,
-  directional bias), `attention_weights` (zeros), `output_proj`.
+  Parameters, as the NNX module's: `value_proj` (`d_model -> value_features`),
+  `sampling_offsets` (zero kernel, directional bias), `attention_weights`
+  (zeros), `output_proj` (`value_features -> d_model`). Fields after
+  `num_points` are keyword-only.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -302,9 +332,14 @@ class MSDeformAttn(nn.Module):
   num_heads: int = 8
   num_levels: int = 4
   num_points: int = 4
+  _: dataclasses.KW_ONLY
+  value_features: int | None = None
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
+  chunk_size: int | None = None
+  memory_budget: int | None = None
+  deterministic: bool = False
 
   @nn.compact
   def __call__(self, query: jax.Array, reference_points: jax.Array, inputs: jax.Array,
@@ -312,20 +347,20 @@ class MSDeformAttn(nn.Module):
                return_sampling: bool = False):
     """As `deformjax.nn.MSDeformAttn.__call__`."""
     name = 'MSDeformAttn'
-    for arg in ('d_model', 'num_heads', 'num_levels', 'num_points'):
-      _args.positive_int(getattr(self, arg), arg, name)
-    if self.d_model % self.num_heads:
-      raise ValueError(f'{name}: d_model={self.d_model} must be divisible by num_heads={self.num_heads}')
+    value_features = _msda.check_layer_args(name, self.d_model, self.num_heads, self.num_levels, self.num_points,
+                                            self.value_features)
+    _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, name)
     if query.ndim != 3 or query.shape[-1] != self.d_model:
       raise ValueError(f'{name}: query must have shape [N, Lq, d_model={self.d_model}], got {tuple(query.shape)}')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
     samples = self.num_heads * self.num_levels * self.num_points
     bias = _msda.directional_bias_init(self.num_heads, self.num_levels, self.num_points)
     out, locations, weights = _msda.ms_deform_attn_block(
-        query, reference_points, inputs, spatial_shapes, padding_mask, _dense(self.d_model, 'value_proj', **kw),
+        query, reference_points, inputs, spatial_shapes, padding_mask, _dense(value_features, 'value_proj', **kw),
         _dense(samples * 2, 'sampling_offsets', zero=True, bias_init=bias, **kw),
         _dense(samples, 'attention_weights', zero=True, **kw), _dense(self.d_model, 'output_proj', **kw),
-        num_heads=self.num_heads, num_levels=self.num_levels, num_points=self.num_points, name=name)
+        num_heads=self.num_heads, num_levels=self.num_levels, num_points=self.num_points, name=name,
+        chunk_size=self.chunk_size, memory_budget=self.memory_budget, deterministic=self.deterministic)
     return (out, locations, weights) if return_sampling else out
 
 

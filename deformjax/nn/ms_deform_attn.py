@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn import initializers
 
+from deformjax.nn import _common
 from deformjax.nn.dcnv3 import softmax_dtype
 from deformjax.ops import _args
 
@@ -68,6 +69,23 @@ def check_spatial_shapes(spatial_shapes: Sequence[tuple[int, int]] | np.ndarray,
   return shapes
 
 
+def check_layer_args(name: str, d_model: int, num_heads: int, num_levels: int, num_points: int,
+                     value_features: int | None) -> int:
+  """Validates the layer's sizes (each a positive int, widths divisible by `num_heads`); returns the value width
+  (`value_features`, default `d_model`)."""
+  for arg, value in (('d_model', d_model), ('num_heads', num_heads), ('num_levels', num_levels),
+                     ('num_points', num_points)):
+    _args.positive_int(value, arg, name)
+  if d_model % num_heads:
+    raise ValueError(f'{name}: d_model={d_model} must be divisible by num_heads={num_heads}')
+  if value_features is None:
+    return d_model
+  _args.positive_int(value_features, 'value_features', name)
+  if value_features % num_heads:
+    raise ValueError(f'{name}: value_features={value_features} must be divisible by num_heads={num_heads}')
+  return int(value_features)
+
+
 def sampling_locations(reference_points: jax.Array, offsets: jax.Array,
                        spatial_shapes: Sequence[tuple[int, int]]) -> jax.Array:
   """Deformable DETR's sampling locations `[N, Lq, M, L, P, 2]` in [0, 1] (x, y).
@@ -98,11 +116,15 @@ def ms_deform_attn_block(query: jax.Array, reference_points: jax.Array, inputs: 
                          sampling_offsets: Callable[[jax.Array], jax.Array],
                          attention_weights: Callable[[jax.Array], jax.Array],
                          output_proj: Callable[[jax.Array], jax.Array], *, num_heads: int, num_levels: int,
-                         num_points: int, name: str = 'MSDeformAttn') -> tuple[jax.Array, jax.Array, jax.Array]:
+                         num_points: int, name: str = 'MSDeformAttn', chunk_size: int | None = None,
+                         memory_budget: int | None = None,
+                         deterministic: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The layer's computation given its four projections (what `MSDeformAttn` and its Linen twin share).
 
-  Shapes as `MSDeformAttn.__call__`; returns `(out [N, Lq, C], locations [N, Lq, M, L, P, 2],
-  weights [N, Lq, M, L, P])`.
+  Shapes as `MSDeformAttn.__call__`; `value_proj` maps `d_model` to the value
+  width (a multiple of `num_heads`), `output_proj` maps it back. Returns
+  `(out [N, Lq, C], locations [N, Lq, M, L, P, 2], weights [N, Lq, M, L, P])`.
+  `chunk_size`, `memory_budget`, `deterministic` go to `deformjax.ops.ms_deform_attn`.
   """
   from deformjax.ops import ms_deform_attn
 
@@ -125,13 +147,14 @@ def ms_deform_attn_block(query: jax.Array, reference_points: jax.Array, inputs: 
   value = value_proj(inputs)
   if padding_mask is not None:
     value = jnp.where(padding_mask[..., None], jnp.zeros((), value.dtype), value)
-  value = value.reshape(n, total, m, c // m)
+  value = value.reshape(n, total, m, value.shape[-1] // m)
   offsets = sampling_offsets(query).reshape(n, lq, m, lv, p, 2)
   logits = attention_weights(query).reshape(n, lq, m, lv * p)
   weights = jax.nn.softmax(logits.astype(softmax_dtype(logits.dtype)), axis=-1)
   weights = weights.astype(value.dtype).reshape(n, lq, m, lv, p)
   locations = sampling_locations(reference_points.astype(offsets.dtype), offsets, shapes)
-  out = output_proj(ms_deform_attn(value, shapes, locations.astype(value.dtype), weights))
+  out = output_proj(ms_deform_attn(value, shapes, locations.astype(value.dtype), weights, chunk_size=chunk_size,
+                                   memory_budget=memory_budget, deterministic=deterministic))
   return out, locations, weights
 
 
@@ -139,7 +162,7 @@ class MSDeformAttn(nnx.Module):
   """Multi-scale deformable attention (Deformable DETR), the layer of transformers and mmcv.
 
   `value = value_proj(inputs)` (zeroed where `padding_mask`), split into
-  `num_heads` heads of `d_model // num_heads`; `sampling_offsets(query)` gives
+  `num_heads` heads of `value_features // num_heads`; `sampling_offsets(query)` gives
   every head `num_levels * num_points` offsets from the query's reference point
   (`sampling_locations`); `attention_weights(query)`, a softmax over the
   `num_levels * num_points` samples of each head, weights the bilinear samples
@@ -156,7 +179,14 @@ class MSDeformAttn(nnx.Module):
     num_heads: M (`d_model` must be divisible by it).
     num_levels: L, feature levels of the inputs.
     num_points: P, samples per head and level.
+    value_features: width of the value projection (`value_proj` maps
+      `d_model -> value_features`, `output_proj` maps it back; a multiple of
+      `num_heads`); default `d_model`. mmcv's `value_proj_ratio` is
+      `value_features = int(d_model * value_proj_ratio)`.
     dtype, param_dtype, precision: as `nnx.Linear`.
+    chunk_size, memory_budget, deterministic: the execution policy, passed to
+      `deformjax.ops.ms_deform_attn` (chunks over the `N * Lq` queries), as
+      `DeformConv`'s to `deform_conv2d`.
     rngs: random number generators (keyword-only).
 
   Example:
@@ -172,15 +202,15 @@ class MSDeformAttn(nnx.Module):
   """
 
   def __init__(self, d_model: int, num_heads: int = 8, num_levels: int = 4, num_points: int = 4, *,
-               dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
+               value_features: int | None = None, dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+               precision: jax.lax.PrecisionLike = None, chunk_size: int | None = None,
+               memory_budget: int | None = None, deterministic: bool = False, rngs: nnx.Rngs):
     name = type(self).__name__
-    for arg, value in (('d_model', d_model), ('num_heads', num_heads), ('num_levels', num_levels),
-                       ('num_points', num_points)):
-      _args.positive_int(value, arg, name)
-    if d_model % num_heads:
-      raise ValueError(f'{name}: d_model={d_model} must be divisible by num_heads={num_heads}')
+    value_features = check_layer_args(name, d_model, num_heads, num_levels, num_points, value_features)
+    _common.check_policy(chunk_size, memory_budget, deterministic, name)
     self.d_model, self.num_heads, self.num_levels, self.num_points = d_model, num_heads, num_levels, num_points
+    self.value_features = value_features
+    self.chunk_size, self.memory_budget, self.deterministic = chunk_size, memory_budget, bool(deterministic)
     self.dtype = dtype
     samples = num_heads * num_levels * num_points
     kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
@@ -188,8 +218,8 @@ class MSDeformAttn(nnx.Module):
     self.sampling_offsets = nnx.Linear(d_model, samples * 2, kernel_init=zeros,
                                        bias_init=directional_bias_init(num_heads, num_levels, num_points), **kw)
     self.attention_weights = nnx.Linear(d_model, samples, kernel_init=zeros, bias_init=zeros, **kw)
-    self.value_proj = nnx.Linear(d_model, d_model, kernel_init=xavier, bias_init=zeros, **kw)
-    self.output_proj = nnx.Linear(d_model, d_model, kernel_init=xavier, bias_init=zeros, **kw)
+    self.value_proj = nnx.Linear(d_model, value_features, kernel_init=xavier, bias_init=zeros, **kw)
+    self.output_proj = nnx.Linear(value_features, d_model, kernel_init=xavier, bias_init=zeros, **kw)
 
   def __call__(self, query: jax.Array, reference_points: jax.Array, inputs: jax.Array,
                spatial_shapes: Sequence[tuple[int, int]], padding_mask: jax.Array | None = None, *,
@@ -216,9 +246,10 @@ class MSDeformAttn(nnx.Module):
     out, locations, weights = ms_deform_attn_block(
         query, reference_points, inputs, spatial_shapes, padding_mask, self.value_proj, self.sampling_offsets,
         self.attention_weights, self.output_proj, num_heads=self.num_heads, num_levels=self.num_levels,
-        num_points=self.num_points, name=type(self).__name__)
+        num_points=self.num_points, name=type(self).__name__, chunk_size=self.chunk_size,
+        memory_budget=self.memory_budget, deterministic=self.deterministic)
     return (out, locations, weights) if return_sampling else out
 
 
-__all__ = ['MSDeformAttn', 'check_spatial_shapes', 'directional_bias_init', 'ms_deform_attn_block',
+__all__ = ['MSDeformAttn', 'check_layer_args', 'check_spatial_shapes', 'directional_bias_init', 'ms_deform_attn_block',
            'sampling_locations']

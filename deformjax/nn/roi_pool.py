@@ -35,6 +35,9 @@ class DeformRoIPool(nnx.Module):
     hidden_features: widths of the hidden FC layers (mmcv uses (1024, 1024)).
     modulated: predict a per-bin mask (DCNv2).
     dtype, param_dtype, precision: as `nnx.Linear`.
+    chunk_size, memory_budget, deterministic: the execution policy, passed to
+      `deformjax.ops.roi_align` and `deform_roi_pool` (chunks over the
+      `R * out_h * out_w` bins), as `DeformConv`'s to `deform_conv2d`.
     rngs: random number generators (keyword-only).
 
   Example:
@@ -63,9 +66,14 @@ class DeformRoIPool(nnx.Module):
       dtype: Dtype | None = None,
       param_dtype: Dtype = jnp.float32,
       precision: PrecisionLike = None,
+      chunk_size: int | None = None,
+      memory_budget: int | None = None,
+      deterministic: bool = False,
       rngs: nnx.Rngs,
   ) -> None:
     oh, ow = _args.positive_pair(output_size, 'output_size', type(self).__name__)
+    _common.check_policy(chunk_size, memory_budget, deterministic, type(self).__name__)
+    self.chunk_size, self.memory_budget, self.deterministic = chunk_size, memory_budget, bool(deterministic)
     self.in_features = in_features
     self.output_size = (oh, ow)
     self.spatial_scale = spatial_scale
@@ -88,7 +96,8 @@ class DeformRoIPool(nnx.Module):
 
   def _pool_kwargs(self) -> dict:
     return dict(output_size=self.output_size, spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
-                aligned=self.aligned, max_sampling_grid=self.max_sampling_grid)
+                aligned=self.aligned, max_sampling_grid=self.max_sampling_grid, chunk_size=self.chunk_size,
+                memory_budget=self.memory_budget, deterministic=self.deterministic)
 
   def __call__(self, features: jax.Array, rois: jax.Array, *, return_offsets: bool = False
                ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array | None]:

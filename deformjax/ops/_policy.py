@@ -5,9 +5,8 @@ not on the host that traced it. On CPU, cache-sized chunks walked by `lax.map`
 are fastest (the columns stay in L2). On a GPU each loop iteration costs a
 handful of kernel launches: 0.5 MiB chunks made `deform_conv2d` 30x slower than
 one pass on an H100, and even 4 chunks of 256 MiB cost 1.6x over one pass
-(measured on an H100, `experiments/results/performance_log.md`). So accelerators
-run in one pass while the sampled columns fit a memory budget and split only
-beyond it.
+(measured on an H100 on 2026-11-27, at revision 50e8cd0). So accelerators run in
+one pass while the sampled columns fit a memory budget and split only beyond it.
 
 `by_platform` makes that choice with `lax.platform_dependent`, so a function
 exported with `jax.export(..., platforms=['cuda'])` on a CPU host carries the
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -97,13 +95,17 @@ def current_accelerator_memory_budget() -> int:
 
 
 def __getattr__(name: str) -> Any:
-  """`ACCELERATOR_MEMORY_BUDGET`, deprecated: reads the current value, with a DeprecationWarning."""
-  if name == 'ACCELERATOR_MEMORY_BUDGET':
-    warnings.warn('ACCELERATOR_MEMORY_BUDGET is deprecated (assigning to it never had an effect): read '
-                  'deformjax.ops.current_accelerator_memory_budget(), set it with '
-                  '`with deformjax.ops.accelerator_memory_budget(nbytes):`', DeprecationWarning, stacklevel=2)
-    return current_accelerator_memory_budget()
+  """A missing module attribute: AttributeError naming the module (`deformjax.ops` uses this hook too)."""
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+# Bytes of corner samples (4 per sample point, C values each, in the coordinate
+# dtype) that an eager `deform_roi_pool` / `roi_align` may ask for with
+# torchvision's exact adaptive grid. Beyond it the grid is capped as under jit,
+# so that no box, however large, asks for unbounded work (and the sample points,
+# which are made at once). A bound on the total, not on one pass: passes follow
+# `pixels_per_pass` as in every op.
+ROI_EXACT_GRID_BYTES = 256 * 2**20
 
 
 # True inside `single_pass()`. A context variable: scoped to the block and to the
@@ -215,6 +217,6 @@ def by_platform(cpu: Callable[..., Any], accelerator: Callable[..., Any], *args:
   return lax.platform_dependent(*args, cpu=cpu, default=accelerator)
 
 
-__all__ = ['CPU_CHUNK_BYTES', 'DEFAULT_ACCELERATOR_MEMORY_BUDGET', 'SINGLE_PASS_PIXELS', 'accelerator_memory_budget',
-           'by_platform', 'current_accelerator_memory_budget', 'is_symbolic', 'known_le', 'native_op', 'native_ops',
-           'pixels_per_pass', 'single_pass']
+__all__ = ['CPU_CHUNK_BYTES', 'DEFAULT_ACCELERATOR_MEMORY_BUDGET', 'ROI_EXACT_GRID_BYTES', 'SINGLE_PASS_PIXELS',
+           'accelerator_memory_budget', 'by_platform', 'current_accelerator_memory_budget', 'is_symbolic', 'known_le',
+           'native_op', 'native_ops', 'pixels_per_pass', 'single_pass']

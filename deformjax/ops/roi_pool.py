@@ -13,6 +13,7 @@ that leaves it unset.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -20,11 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deformjax.ops import _args
-from deformjax.ops.sampling import floor_and_fractions, gather_corners
-
-# Bytes of the four corner samples an eager call may gather with the exact adaptive grid.
-ROI_SAMPLES_BUDGET = 256 * 2**20
+from deformjax.ops import _args, _policy, sampling
+from deformjax.ops.sampling import floor_and_fractions
 
 _FN = 'deform_roi_pool'
 
@@ -85,7 +83,7 @@ def _check_args(features: jax.Array, rois: jax.Array, offsets: jax.Array | None,
     raise ValueError(f'{_FN}: spatial_scale must be a finite number > 0 (feature pixels per input pixel, e.g. '
                      f'1/16), got {spatial_scale!r}')
   if not isinstance(aligned, (bool, np.bool_)):
-    raise ValueError(f'{_FN}: aligned must be a bool, got {aligned!r}')
+    raise TypeError(f'{_FN}: aligned must be a bool, got {aligned!r}')
   if offsets is not None:
     _args.check_floating(offsets, 'offsets', _FN)
     _args.check_shape(offsets, (rois.shape[0], oh, ow, 2), 'offsets', '[R, out_h, out_w, 2]', _FN)
@@ -115,8 +113,8 @@ def _sampling_grid(roi_h: jax.Array, roi_w: jax.Array, output_hw: tuple[int, int
   (`ceil(roi / bins)`) is data dependent, so a static bound is sampled and the
   cells beyond each RoI's grid are masked: `max_sampling_grid` if given; else
   the grid of the largest RoI when the boxes are concrete and its samples
-  (`bytes_per_grid_cell` each) fit `ROI_SAMPLES_BUDGET`; else (under jit, or
-  over the budget) a grid that covers every RoI inside the feature map.
+  (`bytes_per_grid_cell` each) fit `_policy.ROI_EXACT_GRID_BYTES`; else (under
+  jit, or over that bound) a grid that covers every RoI inside the feature map.
   """
   (oh, ow), (h, w) = output_hw, feature_hw
   if sampling_ratio > 0:
@@ -131,7 +129,7 @@ def _sampling_grid(roi_h: jax.Array, roi_w: jax.Array, output_hw: tuple[int, int
       # The exact grid (torchvision's) while its samples fit the budget; a RoI far larger than
       # the map would otherwise ask for any amount of memory.
       exact = (_exact_grid(known_h, oh), _exact_grid(known_w, ow))
-      fits = exact[0] * exact[1] * bytes_per_grid_cell <= ROI_SAMPLES_BUDGET
+      fits = exact[0] * exact[1] * bytes_per_grid_cell <= _policy.ROI_EXACT_GRID_BYTES
       grid_max = exact if fits else (min(exact[0], grid_max[0]), min(exact[1], grid_max[1]))
   grid_h = jnp.minimum(jnp.ceil(roi_h / oh), grid_max[0])
   grid_w = jnp.minimum(jnp.ceil(roi_w / ow), grid_max[1])
@@ -173,6 +171,21 @@ def _sample_scale(batch: jax.Array, grid_h: jax.Array, grid_w: jax.Array, grid_m
   return jnp.where(batch_ok, batch, 0.0), scale
 
 
+def _bin_corners(feature_hw: tuple[int, int], idx_dtype: np.dtype, start: jax.Array | int, count: int,
+                 y: jax.Array, x: jax.Array, scale: jax.Array, first_row: jax.Array
+                 ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+  """Corner rows and weights (flat `[count * G]`) of bins `start .. start+count` for `sampling.run_passes`.
+
+  `y, x, scale` are `[count, G]` (the bin's G grid points and their `1 / (gh*gw)`
+  weights), `first_row [count]` the table row of the bin's image. Padding bins
+  past the end are all zeros: rows in bounds, weights 0.
+  """
+  del start, count
+  idx, wts = _roi_align_corners(y, x, *feature_hw, idx_dtype)
+  return (tuple((i + first_row[:, None]).reshape(-1) for i in idx),
+          tuple((wt * scale).reshape(-1) for wt in wts))
+
+
 def deform_roi_pool(
     features: jax.Array,
     rois: jax.Array,
@@ -184,6 +197,9 @@ def deform_roi_pool(
     gamma: float = 0.1,
     aligned: bool = True,
     max_sampling_grid: int | tuple[int, int] | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    deterministic: bool = False,
 ) -> jax.Array:
   """Deformable RoI pooling (average of bilinear samples per bin), NHWC.
 
@@ -212,8 +228,16 @@ def deform_roi_pool(
       default it is `ceil(H / out_h) x ceil(W / out_w)` under jit, which covers
       every RoI inside the feature map (a larger RoI then samples that capped
       grid); outside jit (`rois` concrete) it is exact, as torchvision, while
-      the samples fit `ROI_SAMPLES_BUDGET` (256 MiB), and capped as under jit
-      beyond it, so no box, however large, asks for more memory.
+      its corner samples total at most `ROI_EXACT_GRID_BYTES` (256 MiB, in
+      `deformjax.ops._policy`), and capped as under jit beyond it, so no box,
+      however large, asks for unbounded work.
+    chunk_size, memory_budget: the execution policy, as in `deform_conv2d`,
+      over the `R * out_h * out_w` bins (a pass holds `bins * gh*gw * C`
+      sampled values; CPU walks cache-sized chunks, GPU/TPU one pass within
+      the memory budget). The result does not depend on them.
+    deterministic: bit-identical gradients run to run on GPU/TPU (a sorted
+      segment sum instead of atomics; reverse-mode autodiff only), as in
+      `deform_conv2d`.
 
   Returns:
     `[R, out_h, out_w, C]` in `features.dtype`. An empty RoI (non-positive
@@ -231,6 +255,7 @@ def deform_roi_pool(
   """
   features, rois, offsets, (oh, ow) = _check_args(features, rois, offsets, output_size, spatial_scale,
                                                   sampling_ratio, aligned)
+  sampling.check_policy_args(chunk_size, memory_budget, deterministic, _FN)
   n, h, w, c = features.shape
   r = rois.shape[0]
   if r == 0 or n * h * w * c == 0:
@@ -244,12 +269,23 @@ def deform_roi_pool(
   y, x = _sample_points(y1, x1, roi_h, roi_w, grid_h, grid_w, grid_max, (oh, ow), offsets, gamma)
   batch, scale = _sample_scale(rois[:, 0], grid_h, grid_w, grid_max, n)
 
+  # Every bin is an output "pixel" of the shared plan, its gh_max x gw_max grid its sample points.
   idx_dtype = _args.index_dtype(n * h * w, _FN)
-  idx, wts = _roi_align_corners(y, x, h, w, idx_dtype)
-  start = (batch.astype(idx_dtype) * (h * w))[:, None, None, None, None]
-  samples = gather_corners(features.reshape(n * h * w, c), tuple(i + start for i in idx),
-                           tuple(wt * scale for wt in wts), cdtype)  # [R, oh, ow, gmh, gmw, C]
-  return samples.sum(axis=(3, 4)).astype(features.dtype)
+  points = grid_max[0] * grid_max[1]
+  bins = r * oh * ow
+  first_row = jnp.broadcast_to((batch.astype(idx_dtype) * (h * w))[:, None, None], (r, oh, ow))
+  per_bin = (y.reshape(bins, points), x.reshape(bins, points),
+             jnp.broadcast_to(scale, y.shape).reshape(bins, points), first_row.reshape(bins))
+  # Read in the coordinate dtype, so the features' gradient accumulates in it (float32 for bf16 features).
+  table = features.reshape(n * h * w, c).astype(cdtype)
+  sample = functools.partial(sampling.sampled_pass, functools.partial(sampling.sum_points, 1, points), cdtype,
+                             bool(deterministic), table, None)
+  itemsize = np.dtype(cdtype).itemsize
+  out = sampling.run_passes(
+      functools.partial(_bin_corners, (h, w), idx_dtype), sample, per_bin, pixels=bins,
+      bytes_per_pixel=points * c * itemsize, point_bytes=points * (np.dtype(idx_dtype).itemsize + itemsize) * 4,
+      idx_dtype=idx_dtype, chunk_size=chunk_size, memory_budget=memory_budget)
+  return out.reshape(r, oh, ow, c).astype(features.dtype)
 
 
 def roi_align(
@@ -261,6 +297,9 @@ def roi_align(
     sampling_ratio: int = 0,
     aligned: bool = True,
     max_sampling_grid: int | tuple[int, int] | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    deterministic: bool = False,
 ) -> jax.Array:
   """`torchvision.ops.roi_align(..., aligned=aligned)` in NHWC: `deform_roi_pool` without offsets.
 
@@ -272,8 +311,8 @@ def roi_align(
   Args:
     features: `[N, H, W, C]`.
     rois: `[R, 5]` rows `(batch_index, x1, y1, x2, y2)` in input-image pixels.
-    output_size, spatial_scale, sampling_ratio, aligned, max_sampling_grid: as
-      `deform_roi_pool`.
+    output_size, spatial_scale, sampling_ratio, aligned, max_sampling_grid,
+      chunk_size, memory_budget, deterministic: as `deform_roi_pool`.
 
   Returns:
     `[R, out_h, out_w, C]` in `features.dtype`.
@@ -289,7 +328,8 @@ def roi_align(
     [10.0]
   """
   return deform_roi_pool(features, rois, None, output_size=output_size, spatial_scale=spatial_scale,
-                         sampling_ratio=sampling_ratio, aligned=aligned, max_sampling_grid=max_sampling_grid)
+                         sampling_ratio=sampling_ratio, aligned=aligned, max_sampling_grid=max_sampling_grid,
+                         chunk_size=chunk_size, memory_budget=memory_budget, deterministic=deterministic)
 
 
-__all__ = ['ROI_SAMPLES_BUDGET', 'deform_roi_pool', 'roi_align']
+__all__ = ['deform_roi_pool', 'roi_align']
