@@ -1,24 +1,22 @@
 #!/usr/bin/env bash
-# The prepared accelerator run, in order of what matters most, each part under
-# its own timeout (~6 minutes in all, ~11 with the family): torchvision parity (float64 to 1e-12,
-# float32 at precision='highest' to 1e-5, forward and every gradient),
-# bench_ops at DCNv4's shapes in float32 (deterministic=True timed too) and
-# bfloat16 (torchvision in float16), bench_train (loop vs ideal step, seed
-# 001's PyTorch nets), the whole main job (42 s on an H100), then the
-# deterministic gradients' bit-identity test on the device, then the deformable
-# family (dcnv3 / dcnv4 / ms_deform_attn: parity, bit-identity, bench_ops
-# --family; not yet run on a device, limits of 150 s each). Timings of the parts
-# on the H100 of 2026-11-27: 52 s, 82 s, 59 s, ~90 s, 42 s, 9 s. The op part
-# needs only jax, flax, numpy, pytest, torch and torchvision; the training part
-# also ml_collections, which the GPU image lacks: `bash experiments/gpu_wheels.sh`
-# here puts its wheels in .whl/, which the device tool carries (carry=['.whl']).
+# The GPU check: on a machine with a CUDA GPU and jax (CUDA), flax, numpy, pytest, torch and
+# torchvision installed, it runs the project from the source tree (PYTHONPATH=.) in order of what
+# matters most, each part under its own timeout (~6 minutes in all, ~11 with the family):
+# torchvision parity (float64 to 1e-12, float32 at precision='highest' to 1e-5, forward and every
+# gradient), bench_ops at DCNv4's shapes in float32 (deterministic=True timed too) and bfloat16
+# (torchvision in float16), bench_train (loop vs ideal step, and its PyTorch Net / Deformable_Net), the
+# whole main job (42 s on an H100), then the deterministic gradients' bit-identity test on the
+# device, then the deformable family (dcnv3 / dcnv4 / ms_deform_attn: parity, bit-identity,
+# bench_ops --family; limits of 150 s each). Timings of the parts on an H100 (2026-11-27): 52 s,
+# 82 s, 59 s, ~90 s, 42 s, 9 s. The training parts also need ml_collections (with absl-py and
+# PyYAML): where it is not importable and .whl/ holds the wheels `experiments/gpu_wheels.sh`
+# downloads, they are installed from there into /tmp/site first; otherwise those parts are skipped.
 #
-#   bash experiments/gpu_check.sh            # results under experiments/results/
+#   bash experiments/gpu_check.sh               # from the source tree; results under experiments/results/
 #   OUT=/some/dir bash experiments/gpu_check.sh
 #   ONLY=family bash experiments/gpu_check.sh   # the deformable family's parts alone (~5 minutes)
 #
-# Under $OUT: gpu_check.log, every markdown table, and results.tgz holding the
-# JSON and figures too (the device tool brings back at most 8 files).
+# Under $OUT: gpu_check.log, every markdown table, and results.tgz holding the JSON and figures too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
@@ -42,7 +40,7 @@ if $py -c 'import ml_collections' 2>/dev/null; then
   part 100 $py -m experiments.bench_train --steps 50 --rounds 2 --examples 4096 --out "$res"
   part 70 $py -m experiments.robustness --out "$res"
 else
-  echo 'skipped bench_train and the main job: ml_collections not importable (carry .whl, see gpu_wheels.sh)' | tee -a "$log"
+  echo 'skipped bench_train and the main job: ml_collections not importable (its wheels in .whl/: see gpu_wheels.sh)' | tee -a "$log"
 fi
 part 30 $py -m pytest -q -p no:cacheprovider -o addopts= tests/test_policy.py -k bit_identical
 fi

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Wheels the GPU image lacks for the training benchmark (ml_collections and its
-# needs; the op, its tests and bench_ops need none), downloaded here into .whl/
-# (git-ignored through .git/info/exclude) for the device tool to carry:
-#   bash experiments/gpu_wheels.sh   # then run gpu_check.sh with carry=['.whl']
+# Downloads into .whl/ of the source tree (git-ignored through .git/info/exclude) the wheels
+# that the training parts of gpu_check.sh need and a GPU machine's Python 3.12 may lack:
+# ml_collections and its needs (the ops, their tests and bench_ops need none). gpu_check.sh
+# installs them from .whl/ when ml_collections is not importable. Needs network access:
+#   bash experiments/gpu_wheels.sh   # then, on the GPU machine: bash experiments/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

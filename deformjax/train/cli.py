@@ -90,9 +90,8 @@ def config_value(holder):
   """The parsed config of `config_flag`'s holder, or one `error:` line when the file could not be loaded."""
   value = holder.value
   if value is None:
-    fail('--config is required: a get_config() file, e.g. experiments/configs/digits.py from '
-         'https://github.com/deformjax/deformjax (a wheel ships none); the trainer needs pip install '
-         "'deformjax[train,data]'")
+    fail('--config is required: a get_config() file, e.g. experiments/configs/digits.py in a deformjax source '
+         "checkout (a wheel ships none); the trainer needs pip install 'deformjax[train,data]'")
   try:
     value.keys()  # config_flags defers a missing or unreadable file's error to the first use of the config
   except OSError as e:
