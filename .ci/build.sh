@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The package as users get it: build the sdist and the wheel, `twine check` their metadata, and check that the
-# wheel ships py.typed and the console script, carries the version deformjax.__version__ declares and the
-# project's urls, and packages nothing but deformjax.
+# wheel ships py.typed and the console script, carries the version deformjax.__version__ declares and no
+# unverified project address, and packages nothing but deformjax.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -c 'import build, twine' 2>/dev/null || python3 -m pip install --quiet "build>=1.2" "twine>=6.1"
@@ -29,8 +29,9 @@ entry_points = next((wheel_zip.read(n).decode() for n in names if n.endswith('.d
 if 'deformjax-train = deformjax.train.cli:run' not in entry_points:
   problems.append('the wheel does not declare the deformjax-train console script')
 metadata = next(wheel_zip.read(n).decode() for n in names if n.endswith('.dist-info/METADATA'))
-if 'Project-URL: Homepage, https://github.com/deformjax/deformjax' not in metadata:
-  problems.append("the wheel's metadata does not name the project's home")
+# The project has no verified public home yet: the metadata must not claim one.
+if 'Project-URL' in metadata or 'Home-page' in metadata:
+  problems.append("the wheel's metadata names a project address, and none is verified")
 strays = sorted({n.split('/')[0] for n in names if not n.startswith(('deformjax/', 'deformjax-'))})
 if strays:
   problems.append(f'the wheel packages more than deformjax: {strays}')

@@ -18,7 +18,7 @@ ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(DOCS / '_ext'))
 
-from coverage_check import public_modules, public_names  # noqa: E402
+from public_api import public_modules, public_names  # noqa: E402
 
 import deformjax  # noqa: E402
 

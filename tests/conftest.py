@@ -1,4 +1,4 @@
-"""Test-wide JAX settings.
+"""Test-wide JAX settings, what is collected, and the fast tier's per-test budget.
 
 float64 is enabled so that the loop references in `reference.py` are exact
 oracles; every float32/bf16 test names its dtype explicitly. Strict dtype
@@ -13,9 +13,56 @@ test module. Unsharded computations still run on device 0 alone, as without it;
 what changes is `jax.devices()` and the default training mesh (all devices).
 """
 
+from __future__ import annotations
+
+import os
+import time
+
 import jax
+import pytest
 
 jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_enable_x64', True)
 jax.config.update('jax_numpy_dtype_promotion', 'strict')
 jax.config.update('jax_numpy_rank_promotion', 'raise')
+
+# The shared helpers and references are imported by the tests, never collected as tests themselves:
+# `--doctest-modules` would import each one, and `torch_reference.py` needs torch, an optional reference that a
+# fresh machine does not have.
+collect_ignore = ['helpers.py', 'reference.py', 'torch_reference.py']
+
+# The fast tier is a budget, not a wish: a test outside the slow tier whose setup and call take more CPU time than
+# this fails by name, so that a new compile-heavy case cannot silently add a minute to every run. Make it cheaper,
+# or mark it slow and give it a cheap fast sibling that proves the same property at a smaller shape. CPU time of
+# this process (XLA's compile and run threads included), not wall time: other jobs on the machine do not make a
+# test fail, a slower machine kind moves it by its clock ratio only. The figure is about three times the most
+# expensive fast test on the 2-core machine the tier was sized on; DEFORMJAX_FAST_TEST_BUDGET_S overrides it
+# (0 turns the guard off).
+FAST_TEST_BUDGET_S = float(os.environ.get('DEFORMJAX_FAST_TEST_BUDGET_S', '30'))
+_START = pytest.StashKey[float]()
+# DEFORMJAX_TEST_COST_LOG=path appends one line per passed fast test: CPU seconds, wall seconds of the call, test id
+# (how the tier's budget is kept: `sort -rn path | head`).
+_COST_LOG = os.environ.get('DEFORMJAX_TEST_COST_LOG')
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+  item.stash[_START] = time.process_time()
+  return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+  report = yield
+  if call.when != 'call' or not report.passed or item.get_closest_marker('slow'):
+    return report
+  spent = time.process_time() - item.stash.get(_START, time.process_time())
+  if _COST_LOG:
+    with open(_COST_LOG, 'a') as log:
+      log.write(f'{spent:.2f}\t{call.duration:.2f}\t{item.nodeid}\n')
+  if 0 < FAST_TEST_BUDGET_S < spent:
+    report.outcome = 'failed'
+    report.longrepr = (f'{item.nodeid} took {spent:.1f} s of CPU time, over the fast tier\'s per-test budget of '
+                       f'{FAST_TEST_BUDGET_S:g} s (tests/conftest.py): make it cheaper, or mark it slow and give it '
+                       'a cheap fast sibling')
+  return report

@@ -140,23 +140,6 @@ def test_chunk_size_does_not_change_result(chunk_size):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize('case', [Case(n=3), Case(groups=2, offset_groups=4, c=8, cout=4, stride=2)], ids=str)
-def test_index_blocks_do_not_change_result_or_gradient(case, monkeypatch):
-  """Past INDEX_BLOCK_BYTES the corner arrays are made per block of chunks, inside an
-  outer loop; values and gradients must not depend on that."""
-  from deformjax.ops import sampling
-
-  x, off, w, m, b, _ = make_inputs(case)
-  f = lambda *a: jnp.sum(jnp.sin(deform_conv2d(*a, **op_kwargs(case), chunk_size=5)))
-  want_val, want_grad = jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4))(x, off, w, m, b)
-  # Two chunks of 5 output pixels per block: several blocks, the last one padded.
-  monkeypatch.setattr(sampling, 'INDEX_BLOCK_BYTES', 2 * 5 * 9 * case.offset_groups * 16 * 4)
-  got_val, got_grad = jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4))(x, off, w, m, b)
-  np.testing.assert_allclose(got_val, want_val, rtol=1e-12)
-  for got, want in zip(got_grad, want_grad):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-11, atol=1e-12)
-
-
 def away_from_integers(off, seed=1):
   """Offsets whose sampling points sit >= 0.2 px from any integer (the kinks of bilinear)."""
   rng = np.random.default_rng(seed)

@@ -1,7 +1,9 @@
-"""What every op of the deformable family shares with deform_conv2d: gradients, transforms, batch 0, low precision,
-hostile points, errors, the per-backend execution policy, deterministic gradients and export.
+"""What every sampling op shares: gradients, transforms, batch 0, low precision, hostile points, errors, the
+per-backend execution policy, deterministic gradients and export.
 
-Each test runs for dcnv3, dcnv4 and ms_deform_attn through one small description of the op (`Op`).
+Each test runs for deform_conv2d, dcnv3, dcnv4 and ms_deform_attn through one small description of the op (`Op`),
+so a property of the shared sampling core is stated once. What only one op has (deform_conv2d's geometry sweep
+against lax.conv, the family's reference conventions) lives in that op's own test file.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import pytest
 from jax import export
 from jax.test_util import check_grads
 
-from deformjax.ops import _policy, dcnv3, dcnv4, ms_deform_attn, offset_mask_channels, sampling
-from tests.reference import dcnv3_ref, dcnv4_split, ms_deform_attn_ref
+from deformjax.ops import _policy, dcnv3, dcnv4, deform_conv2d, ms_deform_attn, offset_mask_channels, sampling
+from tests.reference import dcnv3_ref, dcnv4_split, deform_conv2d_ref, ms_deform_attn_ref
 
 DCN_KW = dict(kernel_size=3, padding=1, groups=2, offset_scale=1.0)
+CONV_KW = dict(padding=1, groups=2, offset_groups=2)  # weight groups and offset groups both split the channels
 LEVELS = ((4, 3), (2, 2))
 
 
@@ -37,6 +40,7 @@ class Op:
   ref: Callable  # (*arrays) -> float64 numpy array
   coords: int  # index of the array that holds sampling positions
   coord_slice: tuple = (Ellipsis,)  # the positions inside it
+  unbatched: tuple = ()  # indices of the arrays without a batch dimension (a kernel)
 
   def __str__(self):
     return self.name
@@ -45,6 +49,12 @@ class Op:
 def _dcnv3_make(n, rng, hw=(5, 4), c=4, groups=2):
   x = rng.normal(size=(n, *hw, c))
   return x, _frac(rng, (n, *hw, groups * 18)), rng.uniform(-0.5, 1.5, size=(n, *hw, groups * 9))
+
+
+def _conv_make(n, rng, hw=(5, 4), c=4, cout=4):
+  x = rng.normal(size=(n, *hw, c))
+  kernel = rng.normal(size=(3, 3, c // 2, cout)) / 6
+  return x, _frac(rng, (n, *hw, 2 * 18)), kernel, rng.uniform(-0.5, 1.5, size=(n, *hw, 2 * 9))
 
 
 def _dcnv4_make(n, rng):
@@ -63,6 +73,9 @@ def _msda_make(n, rng, lq=5, heads=2, d=3, points=2):
 
 
 OPS = [
+    Op('deform_conv2d', _conv_make, lambda x, o, w, m, **kw: deform_conv2d(x, o, w, m, **CONV_KW, **kw),
+       lambda x, o, w, m: deform_conv2d_ref(x, o, w, m, pads=((1, 1), (1, 1)), groups=2, offset_groups=2), coords=1,
+       unbatched=(2,)),
     Op('dcnv3', _dcnv3_make, lambda x, o, m, **kw: dcnv3(x, o, m, **DCN_KW, **kw),
        lambda x, o, m: dcnv3_ref(x, o, m, kernel=(3, 3), pads=(1, 1), groups=2), coords=1),
     Op('dcnv4', _dcnv4_make, lambda x, om, **kw: dcnv4(x, om, **DCN_KW, **kw),
@@ -279,7 +292,10 @@ def test_lowerings_follow_the_target_platform(op):
   gradient is a sort with no scatter-add left."""
   big = specs(op, n=2048)
   fwd_bwd = lambda **kw: jax.grad(loss(op, **kw), argnums=tuple(range(len(big))))
-  assert 'stablehlo.while' in lowered(op.call, big, ['cpu'])
+  cpu = lowered(op.call, big, ['cpu'])
+  assert 'stablehlo.while' in cpu
+  # An export for several platforms carries each platform's structure.
+  assert lowered(op.call, big, ['cpu', 'cuda']).count('stablehlo.while') == cpu.count('stablehlo.while')
   for platform in ('cuda', 'tpu'):
     module = lowered(fwd_bwd(), big, [platform])
     assert 'stablehlo.while' not in module
@@ -295,11 +311,12 @@ def test_lowerings_follow_the_target_platform(op):
 def test_symbolic_batch_export_round_trip(op):
   args = inputs(op, n=3, dtype=jnp.float32)
   (b,) = export.symbolic_shape('b')
-  shapes = [jax.ShapeDtypeStruct((b,) + a.shape[1:], a.dtype) for a in args]
+  shapes = [jax.ShapeDtypeStruct(a.shape if i in op.unbatched else (b,) + a.shape[1:], a.dtype)
+            for i, a in enumerate(args)]
   exp = export.export(jax.jit(op.call), platforms=['cpu', 'cuda'])(*shapes)
   for n in (3, 1):
-    np.testing.assert_allclose(np.asarray(exp.call(*(a[:n] for a in args))), np.asarray(op.call(*(a[:n] for a in args))),
-                               rtol=1e-6, atol=1e-6)
+    part = [a if i in op.unbatched else a[:n] for i, a in enumerate(args)]
+    np.testing.assert_allclose(np.asarray(exp.call(*part)), np.asarray(op.call(*part)), rtol=1e-6, atol=1e-6)
   grad_exp = export.export(jax.jit(jax.grad(loss(op))), platforms=['cpu'])(*shapes)
   np.testing.assert_allclose(np.asarray(grad_exp.call(*args)), np.asarray(jax.grad(loss(op))(*args)), rtol=1e-5,
                              atol=1e-6)

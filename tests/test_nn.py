@@ -10,7 +10,7 @@ from flax import nnx
 
 from deformjax import nn as dnn
 from deformjax.nn import linen as dlinen
-from deformjax.ops import deform_conv2d, roi_align
+from deformjax.ops import deform_conv2d, deform_roi_pool, roi_align
 
 
 def normal(shape, seed=0, dtype=jnp.float64, scale=1.0):
@@ -93,11 +93,19 @@ def test_offset_scale_and_max_offset():
 
 
 def test_gradient_reaches_the_zero_initialised_offset_predictor():
-  layer = dnn.DeformConv(3, 4, 3, rngs=nnx.Rngs(0))
-  x = normal((2, 8, 8, 3), dtype=jnp.float32)
+  """At zero init the predictor's bias gradient is the chain rule through the op: the op's offset gradient summed
+  over batch and pixels (offset_scale 1) and half its mask gradient (2*sigmoid has slope 1/2 at 0); the kernel's
+  is the op's kernel gradient."""
+  layer = dnn.DeformConv(3, 4, 3, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+  x = normal((2, 8, 8, 3))
   grads = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(layer)
-  assert float(jnp.abs(grads.offset_conv.kernel[...]).max()) > 0
-  assert float(jnp.abs(grads.kernel[...]).max()) > 0
+  op_loss = lambda o, mk, w: jnp.sum(jnp.sin(deform_conv2d(x, o, w, mk, layer.bias[...], padding=1)))
+  g_off, g_mask, g_kernel = jax.grad(op_loss, argnums=(0, 1, 2))(
+      jnp.zeros((2, 8, 8, 18)), jnp.ones((2, 8, 8, 9)), layer.kernel[...])
+  assert float(jnp.abs(g_off).max()) > 1e-3 and float(jnp.abs(g_mask).max()) > 1e-3  # a non-trivial equality
+  want_bias = np.concatenate([np.asarray(g_off).sum((0, 1, 2)), 0.5 * np.asarray(g_mask).sum((0, 1, 2))])
+  np.testing.assert_allclose(np.asarray(grads.offset_conv.bias[...]), want_bias, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(grads.kernel[...]), np.asarray(g_kernel), rtol=1e-10, atol=1e-12)
 
 
 def test_nnx_jit_split_merge_and_batch_dims():
@@ -182,8 +190,14 @@ def test_fresh_deform_roi_pool_equals_roi_align(modulated):
   np.testing.assert_allclose(np.asarray(out), np.asarray(roi_align(feats, ROIS, output_size=3)), atol=1e-12)
   np.testing.assert_array_equal(np.asarray(offsets), 0)
   assert (mask is None) != modulated
+  # The zero-initialised offset head learns: its bias gradient is the op's offset gradient at zero offsets (the
+  # fresh mask is 1 everywhere, so it passes the cotangent through unchanged).
   grads = nnx.grad(lambda m: jnp.sum(jnp.sin(m(feats, ROIS))))(pool)
-  assert float(jnp.abs(grads.offset_out.kernel[...]).max()) > 0
+  g_off = jax.grad(lambda o: jnp.sum(jnp.sin(deform_roi_pool(feats, ROIS, o, output_size=3, gamma=0.1))))(
+      jnp.zeros((3, 3, 3, 2)))
+  assert float(jnp.abs(g_off).max()) > 1e-3
+  np.testing.assert_allclose(np.asarray(grads.offset_out.bias[...]), np.asarray(g_off).sum(0).reshape(-1),
+                             rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize('modulated', [False, True])
