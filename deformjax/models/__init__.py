@@ -1,5 +1,6 @@
-"""Small classifiers with a regular / deformable switch."""
+"""Classifiers: the studies' small nets with a regular / deformable switch, and InternImage / FlashInternImage."""
 
+from deformjax.models import convert
 from deformjax.models.classifiers import (
   CONVS,
   MODELS,
@@ -10,6 +11,17 @@ from deformjax.models.classifiers import (
   resolve_conv,
   resolve_deformable,
 )
+from deformjax.models.convert import from_flash_internimage, from_internimage, to_internimage_state_dict
+from deformjax.models.internimage import (
+  FLASH_INTERNIMAGE_PRESETS,
+  INTERNIMAGE_PRESETS,
+  FlashInternImage,
+  InternImage,
+  InternImageConfig,
+  resolve_config,
+)
 
-__all__ = ['CONVS', 'MODELS', 'CifarNet', 'ConvClassifier', 'Residual', 'build_model', 'resolve_conv',
-           'resolve_deformable']
+__all__ = ['CONVS', 'FLASH_INTERNIMAGE_PRESETS', 'INTERNIMAGE_PRESETS', 'MODELS', 'CifarNet', 'ConvClassifier',
+           'FlashInternImage', 'InternImage', 'InternImageConfig', 'Residual', 'build_model', 'convert',
+           'from_flash_internimage', 'from_internimage', 'resolve_config', 'resolve_conv', 'resolve_deformable',
+           'to_internimage_state_dict']
