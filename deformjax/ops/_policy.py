@@ -94,11 +94,6 @@ def current_accelerator_memory_budget() -> int:
   return _accelerator_budget.get()
 
 
-def __getattr__(name: str) -> Any:
-  """A missing module attribute: AttributeError naming the module (`deformjax.ops` uses this hook too)."""
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
-
 # Bytes of corner samples (4 per sample point, C values each, in the coordinate
 # dtype) that an eager `deform_roi_pool` / `roi_align` may ask for with
 # torchvision's exact adaptive grid. Beyond it the grid is capped as under jit,
