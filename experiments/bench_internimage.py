@@ -1,0 +1,226 @@
+"""InternImage-T and FlashInternImage-T inference on CPU: ours (jitted) beside the reference PyTorch models.
+
+One process, the same weights on both sides: the reference model is built at its T configuration,
+its parameters moved off their initialisation (the offset heads start at zero, which would sample
+the regular grid only), converted with `deformjax.models.from_internimage` /
+`from_flash_internimage`, and both run the same batch (NCHW for PyTorch, NHWC for ours). Median
+of interleaved runs after warm-up, `jax.block_until_ready` / `torch.no_grad`.
+
+The reference sides (need torch + timm and a checkout of each repository):
+
+- InternImage (`DEFORMJAX_INTERNIMAGE_SRC` = its `classification/` folder): the model's own
+  pure-PyTorch core, `core_op='DCNv3_pytorch'` (`dcnv3_core_pytorch`, grid_sample), with the
+  compiled extension's import stubbed.
+- FlashInternImage (`DEFORMJAX_DCNV4_SRC` = the root of a DCNv4 checkout): DCNv4 has no
+  pure-PyTorch path upstream. The reference `DCNv4` module runs with its CUDA op replaced by a
+  grid_sample translation of the CUDA forward kernel (the one `tests/test_internimage.py` checks
+  against): a PyTorch CPU baseline, not the official kernel's speed.
+
+Without them, only ours is timed.
+
+  DEFORMJAX_INTERNIMAGE_SRC=.../InternImage/classification DEFORMJAX_DCNV4_SRC=.../DCNv4 \\
+    python -m experiments.bench_internimage --out experiments/results --batches 8,1 --torch-max-batch 1
+  python -m experiments.bench_internimage --batches 1 --size 64 --rounds 1      # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import sys
+import types
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deformjax.models import convert
+from experiments.bench_ops import device_name, interleaved_ms, jax_call
+from experiments.common import OUT_HELP, RUNS, run_metadata, write_results
+
+T_KWARGS = dict(channels=64, depths=[4, 4, 18, 4], groups=[4, 8, 16, 32], num_classes=1000, mlp_ratio=4.0,
+                offset_scale=1.0, layer_scale=None, post_norm=False, drop_path_rate=0.0)
+
+
+def _load_file(name: str, path: pathlib.Path) -> types.ModuleType:
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def reference_internimage(src: pathlib.Path):
+  """The reference InternImage class, its compiled extension (`DCNv3`) and version probe stubbed."""
+  sys.path.insert(0, str(src))
+  sys.modules.setdefault('DCNv3', types.ModuleType('DCNv3'))
+  probe = types.ModuleType('pkg_resources')
+  probe.get_distribution = lambda name: types.SimpleNamespace(version='1.0')
+  sys.modules['pkg_resources'] = probe
+  return _load_file('_reference_intern_image', src / 'models' / 'intern_image.py').InternImage
+
+
+def dcnv4_core_torch(value, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                     dilation_w, group, group_channels, offset_scale, im2col_step, remove_center):
+  """DCNv4's CUDA forward kernel (`forward_kernel_dcn`) written with grid_sample (see tests/test_internimage.py)."""
+  import torch
+  del im2col_step
+  n, h, w, _ = value.shape
+  _, ho, wo, _ = offset_mask.shape
+  taps = [(i, j) for i in range(kernel_w) for j in range(kernel_h)
+          if not (remove_center and i == kernel_w // 2 and j == kernel_h // 2)]
+  k = len(taps)
+  packed = offset_mask[..., :group * k * 3].reshape(n, ho, wo, group, k * 3)
+  off = packed[..., :2 * k].reshape(n, ho, wo, group, k, 2)
+  mask = packed[..., 2 * k:]
+  cw, ch = (dilation_w * (kernel_w - 1)) // 2, (dilation_h * (kernel_h - 1)) // 2
+  dt = value.dtype
+  p0w = (cw - pad_w + torch.arange(wo, dtype=dt) * stride_w - cw * offset_scale).reshape(1, 1, wo, 1, 1)
+  p0h = (ch - pad_h + torch.arange(ho, dtype=dt) * stride_h - ch * offset_scale).reshape(1, ho, 1, 1, 1)
+  ti = torch.tensor([i * dilation_w for i, _ in taps], dtype=dt)
+  tj = torch.tensor([j * dilation_h for _, j in taps], dtype=dt)
+  x = p0w + (ti + off[..., 0]) * offset_scale
+  y = p0h + (tj + off[..., 1]) * offset_scale
+  grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], -1)
+  grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(n * group, ho, wo * k, 2)
+  planes = value.reshape(n, h, w, group, group_channels).permute(0, 3, 4, 1, 2).reshape(n * group, -1, h, w)
+  sampled = torch.nn.functional.grid_sample(planes, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+  sampled = sampled.reshape(n, group, group_channels, ho, wo, k)
+  out = (sampled * mask.permute(0, 3, 1, 2, 4)[:, :, None]).sum(-1)
+  return out.permute(0, 3, 4, 1, 2).reshape(n, ho, wo, group * group_channels)
+
+
+def reference_flash_internimage(src: pathlib.Path):
+  """The reference FlashInternImage class over the reference DCNv4 module with `dcnv4_core_torch` as its op."""
+  package = types.ModuleType('DCNv4')
+  package.__path__ = []
+  functions = types.ModuleType('DCNv4.functions')
+  functions.DCNv4Function = types.SimpleNamespace(apply=dcnv4_core_torch)
+  modules = types.ModuleType('DCNv4.modules')
+  modules.__path__ = []
+  sys.modules.update({'DCNv4': package, 'DCNv4.functions': functions, 'DCNv4.modules': modules})
+  package.DCNv4 = _load_file('DCNv4.modules.dcnv4', src / 'DCNv4_op' / 'DCNv4' / 'modules' / 'dcnv4.py').DCNv4
+  return _load_file('_reference_flash_intern_image',
+                    src / 'classification' / 'models' / 'flash_intern_image.py').FlashInternImage
+
+
+def perturbed(model, seed=0, scale=0.02):
+  """Parameters moved off their initialisation (offset heads included: sampling points off the grid)."""
+  import torch
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.state_dict().items():
+      if not name.endswith('num_batches_tracked'):
+        p.add_(torch.randn(p.shape, generator=gen) * scale)
+  return model.eval()
+
+
+def case(name: str, env: str, reference, load, batches: list[int], size: int) -> dict:
+  """Build both sides of one model; per batch size, the timing callables and the logits agreement."""
+  import torch
+  src = pathlib.Path(os.environ[env])
+  extra = {'core_op': 'DCNv3_pytorch'} if name == 'InternImage-T' else {}
+  torch.manual_seed(0)
+  model_t = perturbed(reference(src)(**T_KWARGS, **extra))
+  ours = load({k: v.detach().numpy() for k, v in model_t.state_dict().items()}, 't')
+  graphdef, state = nnx.split(ours)
+  fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  out = {'params': sum(p.numel() for p in model_t.parameters())}
+  for batch in batches:
+    x = np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype(np.float32)
+    xt, xj = torch.from_numpy(x), jnp.asarray(x.transpose(0, 2, 3, 1))
+
+    def torch_call(xt=xt):
+      with torch.no_grad():
+        return model_t(xt)
+
+    out[batch] = {'ours': jax_call(fn, state, xj), 'torch': torch_call, 'x': (xt, xj)}
+  return out, fn, state
+
+
+def agreement(fn, state, torch_call, xj) -> float:
+  ref = torch_call().numpy()
+  return float(np.abs(np.asarray(fn(state, xj)) - ref).max() / np.abs(ref).max())
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--batches', default='8', help='comma-separated batch sizes (ours is timed at each)')
+  parser.add_argument('--torch-max-batch', type=int, default=8,
+                      help='time the PyTorch side only at batches up to this (its CPU DCN cores are slow)')
+  parser.add_argument('--size', type=int, default=224)
+  parser.add_argument('--rounds', type=int, default=3, help='interleaved rounds (one run of each side per round)')
+  parser.add_argument('--out', type=pathlib.Path, default=RUNS, help=OUT_HELP)
+  args = parser.parse_args(argv)
+  import torch
+
+  load_before = os.getloadavg()
+  cases = {'InternImage-T': ('DEFORMJAX_INTERNIMAGE_SRC', reference_internimage, convert.from_internimage),
+           'FlashInternImage-T': ('DEFORMJAX_DCNV4_SRC', reference_flash_internimage, convert.from_flash_internimage)}
+  batches = [int(b) for b in args.batches.split(',')]
+  rows = []
+  for name, (env, reference, load) in cases.items():
+    if not os.environ.get(env):
+      print(f'{name}: {env} unset, skipped')
+      continue
+    c, fn, state = case(name, env, reference, load, batches, args.size)
+    for batch in batches:
+      timed = {'ours': c[batch]['ours']}
+      if batch <= args.torch_max_batch:
+        timed['torch'] = c[batch]['torch']
+      ms = interleaved_ms(timed, rounds=args.rounds, per_round=1, warmup=1)
+      row = {'model': name, 'batch': batch, 'params': c['params'], 'ours_ms': ms['ours'],
+             'torch_ms': ms.get('torch'), 'speedup': ms['torch'] / ms['ours'] if 'torch' in ms else None,
+             'max_rel_diff_logits': (agreement(fn, state, c[batch]['torch'], c[batch]['x'][1])
+                                     if 'torch' in ms else None)}
+      rows.append(row)
+      print(row, flush=True)
+  load_after = os.getloadavg()
+  meta = run_metadata()
+  meta['versions'].update(flax=flax.__version__, torch=torch.__version__)
+  result = {
+      **meta, 'device_name': device_name(), 'torch_threads': torch.get_num_threads(),
+      'shape': {'batches': batches, 'input_nchw_torch': ['batch', 3, args.size, args.size],
+                'input_nhwc_ours': ['batch', args.size, args.size, 3]}, 'torch_max_batch': args.torch_max_batch,
+      'dtype': 'float32', 'rounds': args.rounds, 'warmup': 1,
+      'load_average_before': load_before, 'load_average_after': load_after,
+      'reference_cores': {'InternImage-T': "upstream DCNv3_pytorch (dcnv3_core_pytorch)",
+                          'FlashInternImage-T': 'upstream DCNv4 module over a grid_sample translation of its CUDA '
+                                                'forward kernel (no pure-PyTorch path upstream)'},
+      'results': rows,
+  }
+  lines = [
+      f'# InternImage-T / FlashInternImage-T inference, {args.size}x{args.size}, float32',
+      '',
+      f'{result["device_name"]}; jax {jax.__version__}, flax {flax.__version__}, torch {torch.__version__} '
+      f'({result["torch_threads"]} threads); {meta["date"]}.',
+      f'Load average (1, 5, 15 min) before: {", ".join(f"{v:.2f}" for v in load_before)}; after: '
+      f'{", ".join(f"{v:.2f}" for v in load_after)} (a shared machine: the figures move with the load).',
+      f'Median of {args.rounds} interleaved runs per side after 1 warm-up; ours jitted (`jax.block_until_ready`), '
+      'PyTorch eager under `torch.no_grad`.',
+      '',
+      '| model | params | batch | ours (ms) | PyTorch (ms) | PyTorch / ours | max rel. diff of logits |',
+      '|---|---:|---:|---:|---:|---:|---:|',
+  ]
+  for r in rows:
+    torch_ms = '-' if r['torch_ms'] is None else f'{r["torch_ms"]:.0f}'
+    ratio = '-' if r['speedup'] is None else f'{r["speedup"]:.1f}x'
+    diff = '-' if r['max_rel_diff_logits'] is None else f'{r["max_rel_diff_logits"]:.1e}'
+    lines.append(f'| {r["model"]} | {r["params"]:,} | {r["batch"]} | {r["ours_ms"]:.0f} | {torch_ms} | {ratio} | '
+                 f'{diff} |')
+  if any(r['torch_ms'] is None for r in rows):
+    lines += ['', f'PyTorch timed at batches up to {args.torch_max_batch} only (`--torch-max-batch`): its CPU '
+              'cores take minutes per forward at the larger batches on this machine.']
+  lines += ['', 'PyTorch sides: InternImage-T runs its own pure-PyTorch DCNv3 core (`core_op=\'DCNv3_pytorch\'`); '
+            'FlashInternImage-T has no pure-PyTorch path upstream, so its DCNv4 module runs over a grid_sample '
+            'translation of the CUDA forward kernel (a CPU baseline, not the official kernel\'s speed).', '']
+  path = write_results('bench_internimage_cpu', result, '\n'.join(lines), args.out)
+  print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  main()
