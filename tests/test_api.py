@@ -370,7 +370,7 @@ def test_no_project_address_is_declared():
   assert 'urls' not in PYPROJECT['project']
 
 
-# --- notebooks: the install cell follows the declared home ----------------------------------------------------
+# --- notebooks: the install cell takes its source from one variable -------------------------------------------
 
 NOTEBOOKS = sorted((ROOT / 'notebooks').glob('*.ipynb'))
 
@@ -379,45 +379,52 @@ def _cells(path: pathlib.Path) -> list[str]:
   return [''.join(c['source']) for c in json.loads(path.read_text())['cells']]
 
 
-def _pip_line(source: str) -> str:
-  (line,) = [ln.strip() for ln in source.splitlines() if ln.strip().startswith('%pip install')]
-  return line
+def _install_cell(path: pathlib.Path) -> str:
+  (cell,) = [c for c in _cells(path) if 'DEFORMJAX_SOURCE =' in c]
+  return cell
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
-def test_install_cell_and_badge_follow_pyproject(path):
+def test_install_cell_installs_from_its_one_source_variable(path):
+  """The first code cell sets DEFORMJAX_SOURCE once and installs `{DEFORMJAX_SOURCE}[extras]` from it, with extras
+  that pyproject declares; nothing in the notebook names a remote address."""
   from packaging.requirements import Requirement
 
-  home = PYPROJECT['project']['urls']['Repository']
-  owner_repo = home.removeprefix('https://github.com/')
-  badge, install = _cells(path)[:2]
-  assert f'colab.research.google.com/github/{owner_repo}/blob/main/notebooks/{path.name}' in badge
-  (req,) = [a for a in shlex.split(_pip_line(install))[2:] if not a.startswith('-')]
-  req = Requirement(req)
-  assert req.name == PYPROJECT['project']['name']
-  assert req.url == f'git+{home}', f'{path.name} installs from {req.url}, pyproject declares {home}'
-  assert req.extras <= set(PYPROJECT['project']['optional-dependencies'])
+  code = [c['cell_type'] == 'code' for c in json.loads(path.read_text())['cells']]
+  assert _cells(path)[code.index(True)] == _install_cell(path), 'the install cell is the first code cell'
+  cell = _install_cell(path)
+  assert cell.count('DEFORMJAX_SOURCE =') == 1
+  (line,) = [ln.strip() for ln in cell.splitlines() if ln.strip().startswith('%pip install')]
+  (target,) = [a for a in shlex.split(line)[2:] if not a.startswith('-')]
+  source, extras = target.split('}', 1)
+  assert source == '{DEFORMJAX_SOURCE'
+  assert Requirement(f'deformjax{extras}').extras <= set(PYPROJECT['project']['optional-dependencies'])
+  assert not re.search(r'https?://', path.read_text()), f'{path.name} names a remote address'
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
-def test_install_cell_colab_branch_runs(path, monkeypatch, capsys):
-  """The cell as IPython runs it where deformjax is not importable: it installs from the declared home, then
-  imports the installed package."""
+@pytest.mark.parametrize('importable', [True, False], ids=['installed', 'fresh'])
+def test_install_cell_runs(path, importable, monkeypatch, capsys):
+  """The cell as IPython runs it: where deformjax imports nothing is installed; where it does not (Colab, a fresh
+  environment) it installs from DEFORMJAX_SOURCE, then imports the installed package."""
   transform = pytest.importorskip('IPython.core.inputtransformer2').TransformerManager().transform_cell
-  home = PYPROJECT['project']['urls']['Repository']
   installed = sys.modules['deformjax']
   calls = []
 
   class Shell:  # what get_ipython() returns in a notebook, reduced to the line magic the cell uses
-    def run_line_magic(self, magic, line):
-      calls.append((magic, shlex.split(line)))
+    def run_line_magic(self, magic, line):  # IPython expands {NAME} in a magic's line from the cell's namespace
+      calls.append((magic, shlex.split(line.format(**namespace))))
       sys.modules['deformjax'] = installed  # the install succeeded: the next import finds the package
 
-  monkeypatch.setitem(sys.modules, 'deformjax', None)  # `import deformjax` raises ImportError, as on Colab
+  if not importable:
+    monkeypatch.setitem(sys.modules, 'deformjax', None)  # `import deformjax` raises ImportError, as on Colab
   namespace = {'get_ipython': Shell}
-  exec(compile(transform(_cells(path)[1]), path.name, 'exec'), namespace)
-  ((magic, args),) = calls
-  assert magic == 'pip' and args[0] == 'install' and args[-1].endswith(f'@ git+{home}')
+  exec(compile(transform(_install_cell(path)), path.name, 'exec'), namespace)
+  if importable:
+    assert calls == []
+  else:
+    ((magic, args),) = calls
+    assert magic == 'pip' and args[0] == 'install' and args[-1].startswith(namespace['DEFORMJAX_SOURCE'] + '[')
   assert namespace['deformjax'] is installed
   assert f'deformjax {deformjax.__version__}' in capsys.readouterr().out
 

@@ -66,12 +66,18 @@ def test_preferred_element_type_must_be_floating(dtype):
     (dict(spatial_scale=0.0), r'spatial_scale must be a finite number > 0 .*got 0.0'),
     (dict(spatial_scale=float('inf')), r'spatial_scale must be a finite number > 0 .*got inf'),
     (dict(spatial_scale=True), r'spatial_scale must be a finite number > 0 .*got True'),
-    (dict(aligned=2), r'aligned must be a bool, got 2'),
 ])
 def test_roi_pool_arguments_are_named(kwargs, message):
   p = problem()
   with pytest.raises(ValueError, match='deform_roi_pool: ' + message):
     deform_roi_pool(p['x'], p['rois'], output_size=2, **kwargs)
+
+
+
+def test_a_non_bool_roi_pool_flag_is_a_type_error():
+  p = problem()
+  with pytest.raises(TypeError, match='deform_roi_pool: aligned must be a bool, got 2'):
+    deform_roi_pool(p['x'], p['rois'], output_size=2, aligned=2)
 
 
 @pytest.mark.parametrize('size', [1e4, 3e4, 1e9, float('inf')])

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deformjax.nn import DCNv3, DCNv4, DeformConv, DeformRoIPool, MSDeformAttn, linen
+from deformjax.nn import DCNv3, DCNv4, DeformConv, DeformRoIPool, MSDeformAttn, _common, linen
 from deformjax.ops import deform_roi_pool
 
 ROIS = np.array([[0, 0.5, 1.0, 4.5, 5.0], [1, 1.0, 0.0, 5.5, 3.5]], np.float32)
@@ -246,3 +246,14 @@ def test_linen_dcnv3_and_dcnv4_share_one_keyword_only_field_order():
     assert inspect.signature(nnx_cls.__init__).parameters['groups'].kind is inspect.Parameter.KEYWORD_ONLY
   fields = dataclasses.fields(linen.MSDeformAttn)
   assert [f.name for f in fields if not f.kw_only] == ['d_model', 'num_heads', 'num_levels', 'num_points']
+
+
+@pytest.mark.parametrize('case', CASES, ids=lambda c: c.name)
+def test_train_and_eval_modes_leave_the_policy_alone(case):
+  """`nnx.Module.train()` / `.eval()` set every attribute named `deterministic` (dropout's flag); the gradient policy
+  is held apart, so switching modes never turns requested bit-identical gradients off (or on)."""
+  for requested in (True, False):
+    module = nnx.eval_shape(lambda requested=requested: case.nnx_build(deterministic=requested, chunk_size=5))
+    for mode in (module.train, module.eval, module.train):
+      mode()
+      assert module.policy == _common.SamplingPolicy(chunk_size=5, deterministic=requested)

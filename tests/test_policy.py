@@ -224,20 +224,3 @@ def test_bad_policy_arguments(override, message):
   x, off, w, m = random_problem(1, 5, 5)
   with pytest.raises(TypeError if 'bool' in message else ValueError, match=message):
     deform_conv2d(x, off, w, m, padding=1, **override)
-
-
-def test_modules_pass_the_policy_arguments_through(accelerator_policy):
-  """NNX and Linen DeformConv: deterministic=True and a small memory_budget give the default gradients."""
-  from deformjax.nn import linen
-
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 9, 4)), jnp.float32)
-  nnx_grads, linen_grads = [], []
-  for kw in ({}, dict(deterministic=True, memory_budget=4096)):
-    layer = DeformConv(4, 6, 3, rngs=nnx.Rngs(0), precision='highest', **kw)
-    layer.offset_conv.kernel[...] = 0.1 * jnp.ones_like(layer.offset_conv.kernel[...])  # non-zero offsets
-    nnx_grads.append(nnx.grad(lambda m, x: jnp.sum(m(x) ** 2), argnums=1)(layer, x))
-    twin = linen.DeformConv(features=6, kernel_size=3, precision='highest', **kw)
-    params = twin.init(jax.random.key(0), x)
-    linen_grads.append(jax.grad(lambda x: jnp.sum(twin.apply(params, x) ** 2))(x))  # noqa: B023
-  np.testing.assert_allclose(np.asarray(nnx_grads[1]), np.asarray(nnx_grads[0]), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(linen_grads[1]), np.asarray(linen_grads[0]), rtol=1e-5, atol=1e-5)

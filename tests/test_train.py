@@ -199,7 +199,7 @@ def test_a_bad_config_file_is_one_clear_line(tmp_path, name, capsys):
 def test_a_missing_config_flag_is_one_clear_line(capsys):
   code, _, err = run_cli([], capsys)
   assert code == 2 and err == ('error: --config is required: a get_config() file, e.g. experiments/configs/digits.py '
-                                'from https://github.com/deformjax/deformjax (a wheel ships none); the trainer needs '
+                                'in a deformjax source checkout (a wheel ships none); the trainer needs '
                                 "pip install 'deformjax[train,data]'\n")
 
 

@@ -6,6 +6,7 @@ Keeping it here is what makes the twins compute the same numbers.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +62,30 @@ def check_policy(chunk_size: int | None, memory_budget: int | None, deterministi
   from deformjax.ops.sampling import check_policy_args
 
   check_policy_args(chunk_size, memory_budget, deterministic, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingPolicy:
+  """How an NNX sampling module runs its op: the ops' `chunk_size`, `memory_budget` and `deterministic` keywords.
+
+  One static attribute (`module.policy`) rather than a `deterministic` attribute: `nnx.Module.train()` / `.eval()`
+  set every attribute of that name (dropout's flag), which would switch the gradient policy with the mode.
+  """
+
+  chunk_size: int | None = None
+  memory_budget: int | None = None
+  deterministic: bool = False
+
+  def as_kwargs(self) -> dict[str, Any]:
+    """The op's keyword arguments."""
+    return dataclasses.asdict(self)
+
+
+def sampling_policy(chunk_size: int | None, memory_budget: int | None, deterministic: bool, name: str
+                    ) -> SamplingPolicy:
+  """`check_policy`, then the checked values as a `SamplingPolicy`."""
+  check_policy(chunk_size, memory_budget, deterministic, name)
+  return SamplingPolicy(chunk_size, memory_budget, deterministic)
 
 
 def check_in_features(inputs: jax.Array, in_features: int, name: str) -> None:
@@ -153,5 +178,5 @@ def check_geometry(inputs: jax.Array, kernel_hw: Sequence[int], strides: tuple[i
 
 
 __all__ = ['check_geometry', 'check_in_features', 'check_kernel_mask', 'check_modulation', 'check_padding',
-           'check_policy', 'conv_geometry', 'deform_conv_any_batch', 'flatten_batch', 'mask_from_logits', 'pad_for_mode',
+           'SamplingPolicy', 'check_policy', 'conv_geometry', 'deform_conv_any_batch', 'flatten_batch', 'mask_from_logits', 'pad_for_mode', 'sampling_policy',
            'split_prediction']

@@ -218,8 +218,7 @@ class DCNv3(nnx.Module):
     name = type(self).__name__
     self.padding = check_block_args(name, channels, kernel_size, groups, kernel_dilation, padding, remove_center,
                                     dw_kernel_size)
-    _common.check_policy(chunk_size, memory_budget, deterministic, name)
-    self.chunk_size, self.memory_budget, self.deterministic = chunk_size, memory_budget, bool(deterministic)
+    self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic, name)
     self.channels, self.kernel_size, self.groups = channels, kernel_size, groups
     self.dw_kernel_size = kernel_size if dw_kernel_size is None else dw_kernel_size
     self.kernel_dilation, self.offset_scale = kernel_dilation, float(offset_scale)
@@ -245,7 +244,7 @@ class DCNv3(nnx.Module):
         inputs, self.input_proj, self.dw_conv, self.norm, self.offset, self.mask, self.center_feature_scale_proj,
         self.output_proj, kernel_size=self.kernel_size, groups=self.groups, padding=self.padding,
         dilation=self.kernel_dilation, offset_scale=self.offset_scale, remove_center=self.remove_center,
-        chunk_size=self.chunk_size, memory_budget=self.memory_budget, deterministic=self.deterministic)
+        **self.policy.as_kwargs())
     return (y, offsets, mask) if return_offsets else y
 
 
@@ -305,8 +304,7 @@ class DCNv4(nnx.Module):
     name = type(self).__name__
     self.padding = check_block_args(name, channels, kernel_size, groups, kernel_dilation, padding, remove_center,
                                     dw_kernel_size)
-    _common.check_policy(chunk_size, memory_budget, deterministic, name)
-    self.chunk_size, self.memory_budget, self.deterministic = chunk_size, memory_budget, bool(deterministic)
+    self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic, name)
     self.channels, self.kernel_size, self.groups = channels, kernel_size, groups
     self.dw_kernel_size = dw_kernel_size
     self.kernel_dilation, self.offset_scale = kernel_dilation, float(offset_scale)
@@ -331,7 +329,7 @@ class DCNv4(nnx.Module):
         inputs, self.value_proj, self.offset_mask_dw, self.offset_mask, self.center_feature_scale_proj,
         self.output_proj, kernel_size=self.kernel_size, groups=self.groups, padding=self.padding,
         dilation=self.kernel_dilation, offset_scale=self.offset_scale, remove_center=self.remove_center,
-        chunk_size=self.chunk_size, memory_budget=self.memory_budget, deterministic=self.deterministic)
+        **self.policy.as_kwargs())
     return (y, offset_mask) if return_offsets else y
 
 

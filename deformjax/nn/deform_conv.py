@@ -151,7 +151,7 @@ class DeformConv(nnx.Module):
       raise ValueError(f'{name}: in_features={in_features} must be divisible by offset_groups={offset_groups}')
     if max_offset is not None and max_offset <= 0:
       raise ValueError(f'{name}: max_offset must be positive or None, got {max_offset!r}')
-    _common.check_policy(chunk_size, memory_budget, deterministic, name)
+    self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic, name)
     kernel_shape = (kh, kw, in_features // feature_group_count, out_features)
     _common.check_kernel_mask(mask, kernel_shape, name)
     self.in_features = in_features
@@ -171,9 +171,6 @@ class DeformConv(nnx.Module):
     self.offset_scale = offset_scale
     self.max_offset = max_offset
     self.sow_offsets = sow_offsets
-    self.chunk_size = chunk_size
-    self.memory_budget = memory_budget
-    self.deterministic = deterministic
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.precision = precision
@@ -243,8 +240,8 @@ class DeformConv(nnx.Module):
     y = _common.deform_conv_any_batch(
         inputs, offsets, kernel, mask, bias, strides=self.strides, padding=padding,
         dilation=self.kernel_dilation, groups=self.feature_group_count, offset_groups=self.offset_groups,
-        precision=self.precision, preferred_element_type=self.preferred_element_type, chunk_size=self.chunk_size,
-        memory_budget=self.memory_budget, deterministic=self.deterministic,
+        precision=self.precision, preferred_element_type=self.preferred_element_type,
+        **self.policy.as_kwargs(),
     )
     if self.sow_offsets:
       self.sow(nnx.Intermediate, 'offsets', offsets)

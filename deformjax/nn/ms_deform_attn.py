@@ -207,10 +207,9 @@ class MSDeformAttn(nnx.Module):
                memory_budget: int | None = None, deterministic: bool = False, rngs: nnx.Rngs):
     name = type(self).__name__
     value_features = check_layer_args(name, d_model, num_heads, num_levels, num_points, value_features)
-    _common.check_policy(chunk_size, memory_budget, deterministic, name)
+    self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic, name)
     self.d_model, self.num_heads, self.num_levels, self.num_points = d_model, num_heads, num_levels, num_points
     self.value_features = value_features
-    self.chunk_size, self.memory_budget, self.deterministic = chunk_size, memory_budget, bool(deterministic)
     self.dtype = dtype
     samples = num_heads * num_levels * num_points
     kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
@@ -246,8 +245,8 @@ class MSDeformAttn(nnx.Module):
     out, locations, weights = ms_deform_attn_block(
         query, reference_points, inputs, spatial_shapes, padding_mask, self.value_proj, self.sampling_offsets,
         self.attention_weights, self.output_proj, num_heads=self.num_heads, num_levels=self.num_levels,
-        num_points=self.num_points, name=type(self).__name__, chunk_size=self.chunk_size,
-        memory_budget=self.memory_budget, deterministic=self.deterministic)
+        num_points=self.num_points, name=type(self).__name__,
+        **self.policy.as_kwargs())
     return (out, locations, weights) if return_sampling else out
 
 

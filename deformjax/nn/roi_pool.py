@@ -72,8 +72,7 @@ class DeformRoIPool(nnx.Module):
       rngs: nnx.Rngs,
   ) -> None:
     oh, ow = _args.positive_pair(output_size, 'output_size', type(self).__name__)
-    _common.check_policy(chunk_size, memory_budget, deterministic, type(self).__name__)
-    self.chunk_size, self.memory_budget, self.deterministic = chunk_size, memory_budget, bool(deterministic)
+    self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic, type(self).__name__)
     self.in_features = in_features
     self.output_size = (oh, ow)
     self.spatial_scale = spatial_scale
@@ -96,8 +95,8 @@ class DeformRoIPool(nnx.Module):
 
   def _pool_kwargs(self) -> dict:
     return dict(output_size=self.output_size, spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
-                aligned=self.aligned, max_sampling_grid=self.max_sampling_grid, chunk_size=self.chunk_size,
-                memory_budget=self.memory_budget, deterministic=self.deterministic)
+                aligned=self.aligned, max_sampling_grid=self.max_sampling_grid,
+                **self.policy.as_kwargs())
 
   def __call__(self, features: jax.Array, rois: jax.Array, *, return_offsets: bool = False
                ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array | None]:

@@ -27,9 +27,6 @@ from deformjax.ops.sampling import INDEX_BLOCK_BYTES
 
 _PrecisionLike = str | jax.lax.Precision | tuple | None
 
-# Kept for callers of the CPU-era name: the CPU chunk size in columns bytes.
-DEFAULT_CHUNK_BYTES = CPU_CHUNK_BYTES
-
 
 def _infer_offset_groups(offsets, taps: int, fn: str) -> int:
   """torchvision's rule: offsets carry offset_groups*kh*kw*2 channels."""
@@ -329,5 +326,5 @@ def columns_bytes(
   return -(-pixels // num_chunks) * bytes_per_pixel
 
 
-__all__ = ['CPU_CHUNK_BYTES', 'DEFAULT_CHUNK_BYTES', 'INDEX_BLOCK_BYTES',
+__all__ = ['CPU_CHUNK_BYTES', 'INDEX_BLOCK_BYTES',
            'columns_bytes', 'deform_conv2d', 'output_size']
