@@ -11,7 +11,12 @@ from deformjax.models.classifiers import (
   resolve_conv,
   resolve_deformable,
 )
-from deformjax.models.convert import from_flash_internimage, from_internimage, to_internimage_state_dict
+from deformjax.models.convert import (
+  from_flash_internimage,
+  from_internimage,
+  state_entries,
+  to_internimage_state_dict,
+)
 from deformjax.models.internimage import (
   FLASH_INTERNIMAGE_PRESETS,
   INTERNIMAGE_PRESETS,
@@ -24,4 +29,4 @@ from deformjax.models.internimage import (
 __all__ = ['CONVS', 'FLASH_INTERNIMAGE_PRESETS', 'INTERNIMAGE_PRESETS', 'MODELS', 'CifarNet', 'ConvClassifier',
            'FlashInternImage', 'InternImage', 'InternImageConfig', 'Residual', 'build_model', 'convert',
            'from_flash_internimage', 'from_internimage', 'resolve_config', 'resolve_conv', 'resolve_deformable',
-           'to_internimage_state_dict']
+           'state_entries', 'to_internimage_state_dict']

@@ -142,12 +142,18 @@ def to_internimage_state_dict(model: InternImage | FlashInternImage) -> dict[str
   `torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})` then computes what
   `model` computes; `from_internimage` / `from_flash_internimage` read it back.
 
-  Example:
+  Example (a round trip; the model built abstractly and zero-filled, where a trained one would be used):
+    >>> import jax, numpy as np
     >>> from flax import nnx
     >>> from deformjax.models import FlashInternImage, convert
-    >>> sd = convert.to_internimage_state_dict(FlashInternImage('micro', num_classes=10, rngs=nnx.Rngs(0)))
-    >>> sd['levels.0.blocks.0.dcn.offset_mask.weight'].shape, sd['head.weight'].shape
-    ((32, 16), (10, 1152))
+    >>> model = nnx.eval_shape(lambda: FlashInternImage('micro', num_classes=10, rngs=nnx.Rngs(0)))
+    >>> nnx.update(model, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), nnx.state(model)))
+    >>> sd = convert.to_internimage_state_dict(model)
+    >>> sd['levels.0.blocks.0.dcn.offset_mask.weight'].shape, sd['head.weight'].shape  # torch layouts
+    ((32, 16), (10, 192))
+    >>> back = convert.to_internimage_state_dict(convert.from_flash_internimage(sd, 'micro'))
+    >>> all(np.array_equal(back[k], sd[k]) for k in sd)
+    True
   """
   sd = {key: _to_torch(np.asarray(var[...]), layout) for key, var, layout in state_entries(model)}
   sd['conv_head.1.0.num_batches_tracked'] = np.zeros((), np.int64)
@@ -198,12 +204,14 @@ def from_internimage(state_dict: Mapping[str, Any], preset: str | InternImageCon
     ValueError: listing the missing and the unknown keys together, or naming a key whose shape is
       not the preset's (with both shapes).
 
-  Example:
-    >>> from flax import nnx
-    >>> from deformjax.models import InternImage, convert
-    >>> sd = convert.to_internimage_state_dict(InternImage('micro', num_classes=10, rngs=nnx.Rngs(0)))
-    >>> convert.from_internimage(sd, 'micro').head.out_features
-    10
+  Example (what a checkpoint must hold; `to_internimage_state_dict` shows a round trip):
+    >>> import numpy as np
+    >>> from deformjax.models import convert
+    >>> try:
+    ...   convert.from_internimage({'head.weight': np.zeros((10, 192), np.float32)}, 'micro')
+    ... except ValueError as e:
+    ...   print(str(e)[:120])
+    from_internimage: the state dict does not match InternImage preset 'micro' (num_classes=10): missing keys ['conv_head.0.weig
   """
   return _load(InternImage, 'from_internimage', state_dict, preset, dict(kwargs))
 
@@ -214,11 +222,13 @@ def from_flash_internimage(state_dict: Mapping[str, Any], preset: str | InternIm
   `classification/models/flash_intern_image.py`); arguments, result and errors as `from_internimage`.
 
   Example:
-    >>> from flax import nnx
-    >>> from deformjax.models import FlashInternImage, convert
-    >>> sd = convert.to_internimage_state_dict(FlashInternImage('micro', num_classes=10, rngs=nnx.Rngs(0)))
-    >>> convert.from_flash_internimage(sd, 'micro').head.out_features
-    10
+    >>> import numpy as np
+    >>> from deformjax.models import convert
+    >>> try:  # FlashInternImage's MLP has no second bias
+    ...   convert.from_flash_internimage({'levels.0.blocks.0.mlp.fc2.bias': np.zeros(16, np.float32)}, 'micro')
+    ... except ValueError as e:
+    ...   print(str(e).split('unknown keys ')[1])
+    ['levels.0.blocks.0.mlp.fc2.bias']
   """
   return _load(FlashInternImage, 'from_flash_internimage', state_dict, preset, dict(kwargs))
 

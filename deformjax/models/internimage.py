@@ -135,7 +135,7 @@ def resolve_config(preset: str | InternImageConfig, presets: Mapping[str, Intern
                    f'got {preset!r}')
 
 
-def drop_path_rates(rate: float, depths: tuple[int, ...]) -> list[list[float]]:
+def _drop_path_rates(rate: float, depths: tuple[int, ...]) -> list[list[float]]:
   """Per-level stochastic-depth rates: linear from 0 to `rate` over all `sum(depths)` blocks, as the reference."""
   total = sum(depths)
   flat = [rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
@@ -143,7 +143,7 @@ def drop_path_rates(rate: float, depths: tuple[int, ...]) -> list[list[float]]:
   return [flat[s:s + d] for s, d in zip(starts, depths, strict=True)]
 
 
-def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+def _drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   """Stochastic depth (timm's `DropPath`): zero whole samples of `x [N, ...]` with probability `rate`, scaling
   the kept ones by `1 / (1 - rate)`. Identity when `key` is None or `rate` is 0."""
   if key is None or rate == 0.0:
@@ -229,7 +229,7 @@ class _Block(nnx.Module):
     y = norm(fn(x)) if self.post_norm else fn(norm(x))
     if gamma is not None:
       y = y * gamma[...].astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))  # rank-explicit: [C] over NHWC
-    return x + drop_path(y, self.drop_rate, key)
+    return x + _drop_path(y, self.drop_rate, key)
 
   def __call__(self, x: jax.Array, keys: jax.Array | None) -> jax.Array:
     k1, k2 = (None, None) if keys is None else (keys[0], keys[1])
@@ -283,8 +283,10 @@ class _InternImageBase(nnx.Module):
 
   def __init__(self, preset: str | InternImageConfig = 't', *, num_classes: int = 1000, in_features: int = 3,
                drop_path_rate: float | None = None, remat: bool = False, dtype: DTypeLike | None = None,
-               param_dtype: DTypeLike = jnp.float32, precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs,
-               **policy):
+               param_dtype: DTypeLike = jnp.float32, precision: jax.lax.PrecisionLike = None,
+               chunk_size: int | None = None, memory_budget: int | None = None, deterministic: bool = False,
+               rngs: nnx.Rngs):
+    policy = dict(chunk_size=chunk_size, memory_budget=memory_budget, deterministic=deterministic)
     cfg = resolve_config(preset, self.presets)
     if drop_path_rate is not None:
       cfg = dataclasses.replace(cfg, drop_path_rate=float(drop_path_rate))
@@ -294,9 +296,9 @@ class _InternImageBase(nnx.Module):
     self.config, self.num_classes, self.remat, self.dtype = cfg, num_classes, bool(remat), dtype
     mk = _Common(dtype, param_dtype, precision, rngs)
     self.patch_embed = _Stem(in_features, cfg.channels, mk)
-    rates = drop_path_rates(cfg.drop_path_rate, cfg.depths)
+    rates = _drop_path_rates(cfg.drop_path_rate, cfg.depths)
     n = len(cfg.depths)
-    self.levels = nnx.List([_Level(self.core, i, cfg, rates[i], i < n - 1, dict(policy), mk) for i in range(n)])
+    self.levels = nnx.List([_Level(self.core, i, cfg, rates[i], i < n - 1, policy, mk) for i in range(n)])
     head_features = int(cfg.num_features * cfg.cls_scale)
     self.conv_head = _ConvHead(cfg.num_features, head_features, mk)
     self.head = mk.linear(head_features, num_classes) if num_classes > 0 else None
@@ -352,15 +354,21 @@ class InternImage(_InternImageBase):
     remat: recompute each block's activations in the backward pass (`nnx.remat`): less memory, more compute.
     dtype: computation dtype (e.g. bfloat16); parameters stay `param_dtype`; logits are float32.
     param_dtype, precision: as `nnx.Linear`.
+    chunk_size, memory_budget, deterministic: the sampling execution policy of every DCN layer (as
+      `deformjax.nn.DCNv3`: pixels per pass, or a byte budget for one pass; bit-identical gradients on
+      GPU/TPU).
     rngs: random number generators for the parameters (keyword-only).
-    **policy: execution-policy keywords passed to every DCN layer where the layer accepts them.
 
-  Example:
-    >>> import jax.numpy as jnp
+  Example (`InternImage('t', rngs=nnx.Rngs(0))` builds InternImage-T with its weights initialised; here
+  `nnx.eval_shape` builds it abstractly, shapes only, which costs no initialisation):
+
+    >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> from deformjax.models import InternImage
-    >>> model = InternImage('micro', num_classes=10, rngs=nnx.Rngs(0))
-    >>> model(jnp.zeros((2, 32, 32, 3), jnp.float32)).shape
+    >>> model = nnx.eval_shape(lambda: InternImage('micro', num_classes=10, rngs=nnx.Rngs(0)))
+    >>> graphdef, state = nnx.split(model)
+    >>> x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    >>> jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x).shape
     (2, 10)
   """
 
@@ -374,16 +382,15 @@ class FlashInternImage(_InternImageBase):
   Args:
     preset: 't', 's', 'b' (the official ImageNet-1k configurations, 29,815,528 / 50,067,496 /
       97,448,960 parameters at 1000 classes), 'micro' (a small test model) or an `InternImageConfig`.
-    num_classes, in_features, drop_path_rate, remat, dtype, param_dtype, precision, rngs, **policy:
-      as `InternImage`.
+    num_classes, in_features, drop_path_rate, remat, dtype, param_dtype, precision, chunk_size,
+      memory_budget, deterministic, rngs: as `InternImage`.
 
   Example:
-    >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from deformjax.models import FlashInternImage
-    >>> model = FlashInternImage('micro', num_classes=10, rngs=nnx.Rngs(0))
-    >>> model(jnp.zeros((2, 32, 32, 3), jnp.float32)).shape
-    (2, 10)
+    >>> model = nnx.eval_shape(lambda: FlashInternImage('micro', rngs=nnx.Rngs(0)))  # shapes only
+    >>> model.levels[3].blocks[0].dcn.offset_mask.kernel.shape  # 128 channels, 8 groups: ceil8(8 * 9 * 3) outputs
+    (128, 216)
   """
 
   core = 'dcnv4'
@@ -391,4 +398,4 @@ class FlashInternImage(_InternImageBase):
 
 
 __all__ = ['FLASH_INTERNIMAGE_PRESETS', 'INTERNIMAGE_PRESETS', 'FlashInternImage', 'InternImage',
-           'InternImageConfig', 'drop_path', 'drop_path_rates', 'resolve_config']
+           'InternImageConfig', 'resolve_config']
