@@ -210,8 +210,8 @@ def from_internimage(state_dict: Mapping[str, Any], preset: str | InternImageCon
     >>> try:
     ...   convert.from_internimage({'head.weight': np.zeros((10, 192), np.float32)}, 'micro')
     ... except ValueError as e:
-    ...   print(str(e)[:120])
-    from_internimage: the state dict does not match InternImage preset 'micro' (num_classes=10): missing keys ['conv_head.0.weig
+    ...   print(str(e)[:100])
+    from_internimage: the state dict does not match InternImage preset 'micro' (num_classes=10): missing
   """
   return _load(InternImage, 'from_internimage', state_dict, preset, dict(kwargs))
 
