@@ -13,8 +13,9 @@ import tomllib
 for dep in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
   print(dep.replace(">=", "==").replace(" ", ""))')
 echo "floors.sh: ${floors[*]}"
-# matplotlib for deformjax.viz (its tests), pytest and hypothesis for the tests; unpinned.
-"$py" -m pip install --quiet --disable-pip-version-check "${floors[@]}" pytest hypothesis matplotlib
+# matplotlib for deformjax.viz (its tests), pytest, pytest-xdist (the tiers' -n auto) and hypothesis for the tests;
+# unpinned.
+"$py" -m pip install --quiet --disable-pip-version-check "${floors[@]}" pytest pytest-xdist hypothesis matplotlib
 "$py" -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(jax|jaxlib|flax|numpy|flatbuffers) '
 PYTHONPATH="$PWD" "$py" -m pytest -q -x -p no:cacheprovider -m 'not slow' \
   tests/test_args.py tests/test_sampling.py tests/test_deform_conv.py tests/test_roi_pool.py \

@@ -83,10 +83,14 @@ def model_accuracy(cfg, spec, params, source) -> float:
   return float(np.mean(np.argmax(np.asarray(logits), -1) == batch['label']))
 
 
-# conv5 with unmodulated deformable layers trains in test_train's digits-default test (150 steps).
+# conv5 with unmodulated deformable layers trains in test_train's digits-default test (150 steps). The fast tier
+# trains the deformable, modulated CifarNet (every kind of parameter: convs, offset and mask predictors, dense);
+# the other models and switches compile programs of the same kinds, in the slow tier.
 @pytest.mark.parametrize('model,deformable,modulated', [
-    ('cifarnet', 'none', False), ('cifarnet', 'all', False), ('cifarnet', 'all', True),
-    ('conv5', 'none', False), ('conv5', 'all', True)], ids=lambda v: str(v))
+    pytest.param('cifarnet', 'none', False, marks=pytest.mark.slow),
+    pytest.param('cifarnet', 'all', False, marks=pytest.mark.slow), ('cifarnet', 'all', True),
+    pytest.param('conv5', 'none', False, marks=pytest.mark.slow),
+    pytest.param('conv5', 'all', True, marks=pytest.mark.slow)], ids=lambda v: str(v))
 def test_every_model_trains_through_the_train_loop(model, deformable, modulated):
   """Two steps of deformjax.train.train on TFDS mock data of the model's dataset, strict promotion (conftest):
   every parameter (offset and mask predictors included) receives an update, and the reported accuracy is the

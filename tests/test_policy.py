@@ -168,18 +168,19 @@ def test_symbolic_export_lowers_for_accelerators(platform):
   assert 'stablehlo.case' in module and num_loops(module) >= 1
 
 
-def test_symbolic_batch_module_and_classifier_export():
+@pytest.mark.parametrize('build,shape', [
+    (lambda: DeformConv(3, 8, 3, rngs=nnx.Rngs(0)), (16, 16, 3)),
+    (lambda: ConvClassifier(1, 10, deformable=2, modulated=True, rngs=nnx.Rngs(0)), (28, 28, 1)),
+    pytest.param(lambda: CifarNet(3, 10, deformable='all', rngs=nnx.Rngs(0)), (32, 32, 3), marks=pytest.mark.slow),
+], ids=['DeformConv', 'ConvClassifier', 'CifarNet'])
+def test_symbolic_batch_module_and_classifier_export(build, shape):
   (b,) = export.symbolic_shape('b')
-  for model, shape in ((DeformConv(3, 8, 3, rngs=nnx.Rngs(0)), (16, 16, 3)),
-                       (ConvClassifier(1, 10, deformable=2, modulated=True, rngs=nnx.Rngs(0)), (28, 28, 1)),
-                       (CifarNet(3, 10, deformable='all', rngs=nnx.Rngs(0)), (32, 32, 3))):
-    graphdef, state = nnx.split(model)
-    apply = jax.jit(lambda x: nnx.merge(graphdef, state)(x))  # noqa: B023 (exported at once); weights baked in, as for serving
-    exp = export.export(apply)(spec((b,) + shape))
-    restored = export.deserialize(exp.serialize())
-    for n in (1, 3):
-      x = jnp.asarray(np.random.default_rng(n).uniform(size=(n,) + shape), jnp.float32)
-      np.testing.assert_allclose(np.asarray(restored.call(x)), np.asarray(apply(x)), rtol=1e-5, atol=1e-5)
+  graphdef, state = nnx.split(build())
+  apply = jax.jit(lambda x: nnx.merge(graphdef, state)(x))  # weights baked in, as for serving
+  restored = export.deserialize(export.export(apply)(spec((b,) + shape)).serialize())
+  for n in (1, 3):
+    x = jnp.asarray(np.random.default_rng(n).uniform(size=(n,) + shape), jnp.float32)
+    np.testing.assert_allclose(np.asarray(restored.call(x)), np.asarray(apply(x)), rtol=1e-5, atol=1e-5)
 
 
 # --- deterministic gradients ------------------------------------------------------------------
