@@ -81,9 +81,17 @@ def test_a_study_names_a_bad_override_in_one_line(capsys):
   assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: unknown dataset 'imagenet'")
 
 
-def test_bench_ops_writes_json_and_markdown(tmp_path):
+def test_bench_ops_writes_json_and_markdown_and_times_torchvision_in_the_same_rounds(tmp_path, monkeypatch):
+  """One run of the benchmark: the ratios are the measured times' ratios, the JSON holds the rows and the markdown
+  their table; the torchvision columns come from the interleaved timing like every other case (torch itself is
+  only on GPU machines, so a stand-in plays its part here)."""
+  calls = []
+  fake = lambda name: lambda: calls.append(name)
+  monkeypatch.setattr(bench_ops, 'torchvision_cases', lambda *a: (
+      {'device': 'cpu', 'torch': 'x', 'torchvision': 'y'}, {'tv_fwd': fake('f'), 'tv_fwd_bwd': fake('fb')}))
   with jax.numpy_dtype_promotion('standard'):
-    result = bench_ops.main(['--shapes', '2,6,4', '--repeats', '2', '--out', str(tmp_path), '--tag', 't'])
+    result = bench_ops.main(['--shapes', '2,6,4', '--repeats', '4', '--rounds', '2', '--out', str(tmp_path),
+                             '--tag', 't'])
   row = result['rows'][0]
   assert min(row['ours_fwd_ms'], row['conv_fwd_ms'], row['ours_fwd_bwd_ms'], row['conv_fwd_bwd_ms']) > 0
   assert row['fwd_ratio_vs_conv'] == pytest.approx(row['ours_fwd_ms'] / row['conv_fwd_ms'])
@@ -92,6 +100,11 @@ def test_bench_ops_writes_json_and_markdown(tmp_path):
   md = (tmp_path / 'bench_ops_t.md').read_text()
   assert f"| 2 | 6x6 | 4->4 | float32 | {row['conv_fwd_ms']:.2f} | {row['ours_fwd_ms']:.2f} | " \
          f"{row['fwd_ratio_vs_conv']:.2f}x |" in md
+  assert calls.count('f') == calls.count('fb') == 2 + 4  # warm-up, then 2 rounds x 2 runs
+  tv = row['torchvision']
+  assert row['fwd_bwd_ratio_vs_torchvision'] == pytest.approx(row['ours_fwd_bwd_ms'] / tv['fwd_bwd_ms'])
+  assert row['fwd_ratio_vs_torchvision'] == pytest.approx(row['ours_fwd_ms'] / tv['fwd_ms'])
+  assert 'not importable' not in md
 
 
 def test_bench_ops_times_the_deterministic_backward(tmp_path):
@@ -222,24 +235,6 @@ def test_map_over_batches_is_the_mean_of_hand_computed_class_aps():
   assert out['average_precision']['a'] == pytest.approx(1.0) and out['average_precision']['b'] == pytest.approx(1 / 3)
   assert np.isnan(out['average_precision']['c'])
   assert out['mAP'] == pytest.approx((1 + 1 / 3) / 2)
-
-
-def test_bench_ops_times_torchvision_in_the_same_rounds(tmp_path, monkeypatch):
-  """The torchvision columns come from the interleaved timing like every other case
-  (torch itself is only on GPU machines, so a stand-in plays its part here)."""
-  calls = []
-  fake = lambda name: lambda: calls.append(name)
-  monkeypatch.setattr(bench_ops, 'torchvision_cases', lambda *a: (
-      {'device': 'cpu', 'torch': 'x', 'torchvision': 'y'}, {'tv_fwd': fake('f'), 'tv_fwd_bwd': fake('fb')}))
-  with jax.numpy_dtype_promotion('standard'):
-    result = bench_ops.main(['--shapes', '2,6,4', '--repeats', '4', '--rounds', '2', '--out', str(tmp_path),
-                             '--tag', 't'])
-  row = result['rows'][0]
-  assert calls.count('f') == calls.count('fb') == 2 + 4  # warm-up, then 2 rounds x 2 runs
-  tv = row['torchvision']
-  assert row['fwd_bwd_ratio_vs_torchvision'] == pytest.approx(row['ours_fwd_bwd_ms'] / tv['fwd_bwd_ms'])
-  assert row['fwd_ratio_vs_torchvision'] == pytest.approx(row['ours_fwd_ms'] / tv['fwd_ms'])
-  assert 'not importable' not in (tmp_path / 'bench_ops_t.md').read_text()
 
 
 @pytest.mark.slow

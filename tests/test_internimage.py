@@ -123,6 +123,7 @@ def test_forward_shapes_under_jit(kind):
   assert jax.eval_shape(f, state, image(3, 64)).shape == (3, 192)
 
 
+@pytest.mark.slow
 def test_bfloat16_forward():
   """bfloat16 compute, float32 logits near the float32 model's (InternImage: its LayerNorms and softmax are the
   low-precision hazards; FlashInternImage's DCNv4 bfloat16 path is tested with the module)."""
@@ -179,6 +180,7 @@ def test_gradient_step():
   check_gradients('internimage', stats, grads)
 
 
+@pytest.mark.slow
 def test_remat_computes_the_same_gradients():
   """`remat=True` (nnx.remat per block, the same code in both models) changes memory, not values. On the
   FlashInternImage model, whose backward compiles fastest, which also checks its gradients."""
