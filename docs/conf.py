@@ -134,7 +134,9 @@ MODULE_SUMMARIES = {
     'deformjax.nn': ('Flax NNX modules wrapping the ops', 'flax'),
     'deformjax.nn.linen': ('their Linen twins', 'flax'),
     'deformjax.nn.convert': ('trained convs and PyTorch checkpoints into modules', 'flax, numpy'),
-    'deformjax.models': ('small classifiers with a regular / deformable switch', 'flax'),
+    'deformjax.models': ("the studies' small classifiers with a regular / deformable switch; InternImage and "
+                         'FlashInternImage', 'flax'),
+    'deformjax.models.convert': ('InternImage / FlashInternImage checkpoints in and out', 'flax, numpy'),
     'deformjax.data': ('datasets and geometric augmentation', 'the `data` extra'),
     'deformjax.train': ('the sharded training loop, configs, checkpoints', 'the `train` extra'),
     'deformjax.viz': ('sampling-location plots, effective dilation, result curves', 'matplotlib'),

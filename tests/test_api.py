@@ -455,11 +455,11 @@ KNOWN_GAPS: dict[tuple[str, str], frozenset[str]] = {
       'RandomAccessSource', 'digits_source', 'tfds_source'
   ]),
   ('exported, not shown by a public module', 'deformjax.models.classifiers'): frozenset([
-      'FAMILY_GROUPS', 'avg_pool', 'max_pool'
+      'FAMILY_GROUPS', 'PRESET_MODELS', 'avg_pool', 'check_preset_model', 'max_pool'
   ]),
   ('exported, not shown by a public module', 'deformjax.nn.dcnv3'): frozenset([
-      'blend_center', 'ceil8', 'check_block_args', 'check_nhwc', 'dcnv3_block', 'dcnv4_block', 'group_softmax',
-      'num_taps', 'softmax_dtype'
+      'blend_center', 'check_block_args', 'check_nhwc', 'dcnv3_block', 'dcnv4_block', 'group_softmax', 'num_taps',
+      'softmax_dtype'
   ]),
   ('exported, not shown by a public module', 'deformjax.nn.ms_deform_attn'): frozenset([
       'check_layer_args', 'check_spatial_shapes', 'directional_bias_init', 'ms_deform_attn_block', 'sampling_locations'

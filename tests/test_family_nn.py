@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 
 from deformjax.nn import DCNv3, DCNv4, MSDeformAttn, linen
-from deformjax.nn.dcnv3 import ceil8, group_softmax
+from deformjax.nn.dcnv3 import group_softmax
 from deformjax.nn.ms_deform_attn import directional_bias_init, sampling_locations
+from deformjax.ops import offset_mask_channels
 
 
 def randomise(model: nnx.Module, seed: int = 0, scale: float = 0.3) -> nnx.Module:
@@ -95,8 +96,8 @@ def test_fresh_dcnv3_gate_blends_half_and_half():
 
 def test_fresh_dcnv4_computes_zero_and_its_packed_head_is_padded_to_eight():
   layer = DCNv4(16, 3, groups=2, dw_kernel_size=3, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
-  assert layer.offset_mask.out_features == ceil8(2 * 9 * 3) == 56
-  assert DCNv4(16, 3, groups=2, remove_center=True, rngs=nnx.Rngs(0)).offset_mask.out_features == ceil8(48) == 48
+  assert layer.offset_mask.out_features == offset_mask_channels(2, 9) == 56
+  assert DCNv4(16, 3, groups=2, remove_center=True, rngs=nnx.Rngs(0)).offset_mask.out_features == offset_mask_channels(2, 8) == 48
   y, packed = run(layer, normal(4, (2, 5, 5, 16)), return_offsets=True)
   assert packed.shape == (2, 5, 5, 56)
   assert not np.any(np.asarray(y))

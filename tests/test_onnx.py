@@ -362,3 +362,24 @@ def test_opt_in_onnx_deform_conv_needs_opset_19():
   with pytest.raises(ValueError, match=r'to_onnx: opset must be an int >= 19 \(DeformConv is opset 19\), got 17'):
     to_onnx(bilinear_sample, (np.zeros((1, 4, 4, 1), np.float32), np.zeros((1, 2, 2), np.float32)), opset=17,
             onnx_deform_conv=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['internimage', 'flash_internimage'])
+def test_internimage_micro_converted_from_a_state_dict(kind):
+  """The whole classifier as a user ports it (a reference state dict through the converter), exported with a
+  symbolic batch to standard operators: onnxruntime reproduces the jitted model at two batch sizes."""
+  from deformjax.models import FlashInternImage, InternImage, convert
+
+  cls, load = ((InternImage, convert.from_internimage) if kind == 'internimage'
+               else (FlashInternImage, convert.from_flash_internimage))
+  rng = np.random.default_rng(0)
+  shaped = nnx.eval_shape(lambda: cls('micro', num_classes=5, rngs=nnx.Rngs(0)))
+  nnx.update(shaped, jax.tree.map(lambda a: (0.1 * rng.normal(size=a.shape)).astype(a.dtype), nnx.state(shaped)))
+  state = convert.to_internimage_state_dict(shaped)
+  state = {k: np.abs(v) + 0.5 if k.endswith('running_var') else v for k, v in state.items()}
+  model = load(state, 'micro')
+  x = f32(rng, 2, 32, 32, 3)
+  onnx_model = to_onnx(model, (x,))
+  assert_standard(onnx_model)
+  assert_matches(onnx_model, model, (2, 3), lambda b: (f32(np.random.default_rng(b), b, 32, 32, 3),), atol=1e-5)

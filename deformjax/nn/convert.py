@@ -155,6 +155,9 @@ def from_torchvision(weight: np.ndarray, bias: np.ndarray | None = None, *, stri
                      offset_groups: int = 1, param_dtype: DTypeLike = np.float32) -> DeformConv:
   """A `DeformConv` holding a torchvision `DeformConv2d`'s weights: offsets (and mask) passed in.
 
+  The geometry arguments carry torchvision's names (`stride` -> `DeformConv(strides=)`, `dilation` ->
+  `kernel_dilation`, `groups` -> `feature_group_count`; `offset_groups` is the same).
+
   Args:
     weight: `DeformConv2d.weight` as numpy, OIHW `[C_out, C_in // groups, kh, kw]`.
     bias: `DeformConv2d.bias` or None.
@@ -190,6 +193,10 @@ def from_mmcv(state: Mapping[str, np.ndarray], *, stride: int | Sequence[int] = 
               dilation: int | Sequence[int] = 1, groups: int = 1,
               deform_groups: int = 1, prefix: str = '', param_dtype: DTypeLike = np.float32) -> DeformConv:
   """A `DeformConv` reproducing an mmcv `ModulatedDeformConv2dPack` (DCNv2) or `DeformConv2dPack` (DCNv1).
+
+  The geometry arguments carry mmcv's constructor names, so a config's values are copied as they stand:
+  `stride` -> `DeformConv(strides=)`, `dilation` -> `kernel_dilation`, `groups` -> `feature_group_count`,
+  `deform_groups` -> `offset_groups`.
 
   Args:
     state: the module's `state_dict()` entries as numpy arrays: `weight`,

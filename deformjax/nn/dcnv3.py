@@ -19,17 +19,12 @@ from flax import nnx
 from flax.nnx.nn import initializers
 
 from deformjax.nn import _common
-from deformjax.ops import _args
+from deformjax.ops import _args, offset_mask_channels
 
 # PyTorch's default Conv2d kernel initialisation (kaiming_uniform(a=sqrt(5))): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 _torch_conv_kernel_init = initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 _xavier_uniform = initializers.xavier_uniform()
 _zeros = initializers.zeros_init()
-
-
-def ceil8(n: int) -> int:
-  """DCNv4 pads its packed offset/mask channels to a multiple of 8: `ceil8(27) == 32`."""
-  return -(-n // 8) * 8
 
 
 def num_taps(kernel_size: int, remove_center: bool) -> int:
@@ -314,7 +309,7 @@ class DCNv4(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     self.value_proj = None if without_pointwise else _linear(channels, channels, **kw)
     self.offset_mask_dw = None if dw_kernel_size is None else _depthwise(channels, dw_kernel_size, **kw)
-    self.offset_mask = _linear(channels, ceil8(groups * num_taps(kernel_size, remove_center) * 3),
+    self.offset_mask = _linear(channels, offset_mask_channels(groups, num_taps(kernel_size, remove_center)),
                                kernel_init=_zeros, **kw)
     self.center_feature_scale_proj = (_linear(channels, groups, kernel_init=_zeros, **kw)
                                       if center_feature_scale else None)
@@ -333,5 +328,5 @@ class DCNv4(nnx.Module):
     return (y, offset_mask) if return_offsets else y
 
 
-__all__ = ['DCNv3', 'DCNv4', 'blend_center', 'ceil8', 'check_block_args', 'check_nhwc', 'dcnv3_block', 'dcnv4_block',
+__all__ = ['DCNv3', 'DCNv4', 'blend_center', 'check_block_args', 'check_nhwc', 'dcnv3_block', 'dcnv4_block',
            'group_softmax', 'num_taps', 'softmax_dtype']

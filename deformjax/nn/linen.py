@@ -22,7 +22,7 @@ from deformjax.nn import _common
 from deformjax.nn import dcnv3 as _family
 from deformjax.nn import ms_deform_attn as _msda
 from deformjax.nn.deform_conv import _explicit_padding
-from deformjax.ops import _args
+from deformjax.ops import _args, offset_mask_channels
 from deformjax.ops.roi_pool import deform_roi_pool, roi_align
 
 
@@ -295,7 +295,7 @@ class DCNv4(nn.Module):
                                        self.remove_center, self.dw_kernel_size)
     _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, name)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-    packed = _family.ceil8(self.groups * _family.num_taps(self.kernel_size, self.remove_center) * 3)
+    packed = offset_mask_channels(self.groups, _family.num_taps(self.kernel_size, self.remove_center))
     pointwise = not self.without_pointwise
     y, offset_mask = _family.dcnv4_block(
         inputs, _dense(c, 'value_proj', **kw) if pointwise else None,
