@@ -86,9 +86,11 @@ OPS = [
 ]
 
 
-# Tests that compile several programs per op run dcnv3 (the same core as dcnv4 but for the offset layout) in the
-# slow tier only.
-HEAVY = [pytest.param(op, marks=pytest.mark.slow) if op.name == 'dcnv3' else op for op in OPS]
+# Tests that compile several programs per op run deform_conv2d and ms_deform_attn in the fast tier, and dcnv3 and
+# dcnv4 in the slow tier only: the two run the same sampling core as deform_conv2d (one plan, one pass, the same
+# gradients) and differ from each other only in the offset layout, which their float64 references (fast, here and in
+# test_dcnv3.py) pin.
+HEAVY = [pytest.param(op, marks=pytest.mark.slow) if op.name in ('dcnv3', 'dcnv4') else op for op in OPS]
 
 
 def inputs(op: Op, n=2, dtype=jnp.float64, seed=0):
