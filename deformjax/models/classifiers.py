@@ -14,6 +14,12 @@ feature maps of identical shapes and differ only in where they sample.
 InternImage and FlashInternImage use them; they keep the width, so they can
 replace only the width-preserving convs). Unset, `modulated` chooses between
 'dcnv1' and 'dcnv2' as before.
+
+`build_model` also builds the InternImage classifiers ('internimage' over DCNv3,
+'flash_internimage' over DCNv4) at a named size (`preset`). Every one of their
+blocks is deformable by design, so `deformable`, `modulated` and `conv` do not
+apply to them, and their stochastic depth is the preset's (`dropout` does not
+apply either).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from flax import nnx
 from jax import lax
 from jax.typing import DTypeLike
 
+from deformjax.models.internimage import FLASH_INTERNIMAGE_PRESETS, INTERNIMAGE_PRESETS, FlashInternImage, InternImage
 from deformjax.nn import DCNv3, DCNv4, DeformConv
 
 CONVS = ('dcnv1', 'dcnv2', 'dcnv3', 'dcnv4')
@@ -216,21 +223,54 @@ class CifarNet(nnx.Module):
     return self.fc3(x).astype(jnp.float32)
 
 
-MODELS = types.MappingProxyType({'conv5': ConvClassifier, 'cifarnet': CifarNet})
+MODELS = types.MappingProxyType({'conv5': ConvClassifier, 'cifarnet': CifarNet, 'internimage': InternImage,
+                                 'flash_internimage': FlashInternImage})
+# The models sized by a preset name (`build_model`'s `preset`), with the presets each accepts.
+PRESET_MODELS = types.MappingProxyType({'internimage': INTERNIMAGE_PRESETS,
+                                        'flash_internimage': FLASH_INTERNIMAGE_PRESETS})
 
 
 def build_model(name: str, *, in_features: int, num_classes: int, image_size: int, deformable: int | str,
                 modulated: bool, conv: str | None = None, dropout: float = 0.0, dtype: DTypeLike | None = None,
-                rngs: nnx.Rngs) -> nnx.Module:
-  """Builds a classifier by name ('conv5' or 'cifarnet'); `conv` as `ConvClassifier`'s."""
+                preset: str = 'micro', rngs: nnx.Rngs) -> nnx.Module:
+  """Builds a classifier by name (a key of `MODELS`); `conv` as `ConvClassifier`'s.
+
+  'internimage' and 'flash_internimage' are built at `preset` (a key of `PRESET_MODELS[name]`); they ignore
+  `image_size`, `deformable` and `modulated` (every block is deformable) and refuse a `conv` or a `dropout`
+  (their stochastic depth is the preset's). The other models ignore `preset`.
+
+  Example:
+    >>> from flax import nnx
+    >>> from deformjax.models import build_model
+    >>> model = nnx.eval_shape(lambda: build_model('internimage', in_features=1, num_classes=10, image_size=28,
+    ...                                            deformable='none', modulated=False, rngs=nnx.Rngs(0)))
+    >>> model.head.kernel.shape  # 'micro': 128 features, times 1.5 in the conv head
+    (192, 10)
+  """
   if name == 'conv5':
     return ConvClassifier(in_features, num_classes, deformable=deformable, modulated=modulated, conv=conv,
                           dropout=dropout, dtype=dtype, rngs=rngs)
   if name == 'cifarnet':
     return CifarNet(in_features, num_classes, image_size=image_size, deformable=deformable, modulated=modulated,
                     conv=conv, dtype=dtype, rngs=rngs)
+  if name in PRESET_MODELS:
+    check_preset_model(name, preset, conv, dropout)
+    return MODELS[name](preset, num_classes=num_classes, in_features=in_features, dtype=dtype, rngs=rngs)
   raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
-__all__ = ['CONVS', 'FAMILY_GROUPS', 'MODELS', 'CifarNet', 'ConvClassifier', 'Residual', 'avg_pool', 'build_model',
-           'max_pool', 'resolve_conv', 'resolve_deformable']
+def check_preset_model(name: str, preset: str, conv: str | None, dropout: float) -> None:
+  """Raises ValueError (naming the argument) for settings an InternImage-family model cannot take."""
+  if not isinstance(preset, str) or preset.lower() not in PRESET_MODELS[name]:
+    raise ValueError(f"preset must be one of {', '.join(repr(p) for p in PRESET_MODELS[name])} for model "
+                     f'{name!r}, got {preset!r}')
+  if conv not in (None, ''):
+    raise ValueError(f'conv={conv!r} does not apply to model {name!r}: its blocks are all '
+                     f"{'DCNv3' if name == 'internimage' else 'DCNv4'}; leave conv unset")
+  if dropout:
+    raise ValueError(f'dropout={dropout!r} does not apply to model {name!r}: its stochastic depth is the '
+                     "preset's drop_path_rate; leave dropout at 0")
+
+
+__all__ = ['CONVS', 'FAMILY_GROUPS', 'MODELS', 'PRESET_MODELS', 'CifarNet', 'ConvClassifier', 'Residual', 'avg_pool',
+           'build_model', 'check_preset_model', 'max_pool', 'resolve_conv', 'resolve_deformable']

@@ -9,7 +9,7 @@ import os
 import ml_collections
 
 from deformjax.data.sources import DATASETS
-from deformjax.models.classifiers import MODELS, resolve_conv, resolve_deformable
+from deformjax.models.classifiers import MODELS, PRESET_MODELS, check_preset_model, resolve_conv, resolve_deformable
 
 __all__ = ['ConfigError', 'augment_config', 'base_config', 'validate']
 
@@ -41,8 +41,12 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.dataset = 'digits'
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
-  c.model = 'conv5'
-  c.deformable = '2'  # 'none' | 'all' | how many of the last convs are deformable
+  c.model = 'conv5'  # a key of deformjax.models.MODELS
+  # The size of 'internimage' / 'flash_internimage' ('micro', 't', 's', 'b'); the other models ignore it.
+  c.preset = 'micro'
+  # 'none' | 'all' | how many of the last convs are deformable (deformable, modulated and conv
+  # do not apply to the InternImage models, whose blocks are all deformable)
+  c.deformable = '2'
   c.modulated = False
   # 'dcnv1' | 'dcnv2' | 'dcnv3' | 'dcnv4' (deformjax.models.CONVS); None: 'dcnv2' if modulated else 'dcnv1'
   c.conv = ml_collections.FieldReference(None, field_type=str)
@@ -137,6 +141,12 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int) -> None:
                       "data_placement='host' feeds one order only: use 'auto' or 'device', or num_seeds=1")
   if cfg.dtype not in ('float32', 'bfloat16', 'float16'):
     raise ConfigError(f"config.dtype must be 'float32', 'bfloat16' or 'float16', got {cfg.dtype!r}")
+  if cfg.model in PRESET_MODELS:
+    try:
+      check_preset_model(cfg.model, cfg.get('preset', 'micro'), cfg.get('conv'), cfg.dropout)
+    except ValueError as e:
+      raise ConfigError(f'config.{e}') from None
+    return  # deformable and modulated do not apply
   try:
     resolve_conv(cfg.get('conv'), cfg.modulated)
   except ValueError as e:

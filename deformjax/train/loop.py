@@ -54,7 +54,8 @@ def _stop_on_signals(flag: threading.Event):
 
 
 def evaluate(trainer: Trainer, params: nnx.State, source: RandomAccessSource, spec: DatasetSpec,
-             cfg: ml_collections.ConfigDict, mesh: Mesh, seed: int | None = None) -> dict[str, dict[str, Any]]:
+             cfg: ml_collections.ConfigDict, mesh: Mesh, seed: int | None = None,
+             model_state: nnx.State | None = None) -> dict[str, dict[str, Any]]:
   """Metrics of `params` (one seed's) on every named test set of `cfg.eval_sets`.
 
   The test transforms are drawn from `seed` (default `cfg.seed`), as in a run of that seed alone.
@@ -67,6 +68,8 @@ def evaluate(trainer: Trainer, params: nnx.State, source: RandomAccessSource, sp
     cfg: the run's config (`eval_sets`, `eval_batch_size`, `seed`).
     mesh: the data mesh.
     seed: the seed whose test transforms are drawn; None: `cfg.seed`.
+    model_state: the train state's 'model_state' of the same seed (the running BatchNorm statistics inference
+      uses), for a model that has one; None for a model with parameters only.
 
   Returns:
     Test set name -> its metrics (as `deformjax.train.metrics.Accumulator.result` gives them).
@@ -82,7 +85,7 @@ def evaluate(trainer: Trainer, params: nnx.State, source: RandomAccessSource, sp
                                                     process_count=jax.process_count())):
       batch = mesh_lib.global_batch(mesh, {**local, 'valid': valid})
       sums, logits = trainer.eval_step(params, {'image': batch['image'], 'label': batch['label']}, batch['valid'],
-                                       jax.random.fold_in(base, i), arrays)
+                                       jax.random.fold_in(base, i), arrays, model_state)
       if spec.multilabel:
         keep = host_array(batch['valid'])
         acc.add(sums, keep.sum(), host_array(logits)[keep], host_array(batch['label'])[keep])
@@ -138,7 +141,7 @@ def model_factory(cfg: ml_collections.ConfigDict, spec: DatasetSpec) -> Callable
   def build(seed: int) -> nnx.Module:
     return build_model(cfg.model, in_features=spec.image_shape[-1], num_classes=spec.num_classes,
                        image_size=spec.image_shape[0], deformable=cfg.deformable, modulated=cfg.modulated,
-                       conv=cfg.get('conv'),
+                       conv=cfg.get('conv'), preset=cfg.get('preset', 'micro'),
                        dropout=cfg.dropout, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(seed))
 
   return build
@@ -191,11 +194,14 @@ class _Run:
   def multi(self) -> bool:
     return len(self.seeds) > 1
 
-  def evaluate(self, params: nnx.State) -> dict | list[dict]:
-    """Metrics of `params` on every test set (a list, one per seed, when seeds train together)."""
+  def evaluate(self, state: dict) -> dict | list[dict]:
+    """Metrics of the model in `state` on every test set (a list, one per seed, when seeds train together)."""
+    model_state = state.get('model_state')
     if not self.multi:
-      return evaluate(self.trainer, params, self.test_src, self.spec, self.cfg, self.mesh)
-    return [evaluate(self.trainer, seed_slice(params, i), self.test_src, self.spec, self.cfg, self.mesh, seed=s)
+      return evaluate(self.trainer, state['params'], self.test_src, self.spec, self.cfg, self.mesh,
+                      model_state=model_state)
+    return [evaluate(self.trainer, seed_slice(state['params'], i), self.test_src, self.spec, self.cfg, self.mesh,
+                     seed=s, model_state=None if model_state is None else seed_slice(model_state, i))
             for i, s in enumerate(self.seeds)]
 
 
@@ -320,7 +326,7 @@ def _step_loop(run: _Run, ckpt: Checkpointer | None, metrics_path: str | None, s
       if cfg.eval_every_epochs and epoch_end and (done // run.steps_per_epoch) % cfg.eval_every_epochs == 0 \
           and done != run.total_steps:
         t_eval = time.perf_counter()
-        res = run.evaluate(run.state['params'])
+        res = run.evaluate(run.state)
         side_seconds += time.perf_counter() - t_eval
         history.eval.append({'step': done, 'epoch': done // run.steps_per_epoch,
                              **({'seeds': res} if run.multi else res)})
@@ -376,6 +382,7 @@ def _summary(run: _Run, history: _History, final: dict | list[dict]) -> dict:
       'first_step_seconds': history.first_step_seconds,
       'seconds_per_step': history.seconds_per_step,
       'params': params,
+      'model_state': run.state.get('model_state'),  # None for a model with parameters only
       'param_checksum': ([param_checksum(seed_slice(params, i)) for i in range(len(run.seeds))] if multi
                          else param_checksum(params)),
   }
@@ -395,10 +402,14 @@ def train(cfg: ml_collections.ConfigDict, *, echo: Callable[[str], object] = pri
   `on_step`: optional callable, called with no arguments after every step
   (e.g. a progress bar over several runs).
 
+  The summary's 'params' are the trained parameters and 'model_state' the
+  model's other variables (the running BatchNorm statistics of the InternImage
+  models; None for a model with parameters only).
+
   With `cfg.num_seeds > 1` the seeds `cfg.seed, cfg.seed + 1, ...` train
   together and the summary's 'train', 'eval', 'eval_history' entries and
   'param_checksum' are lists with one entry per seed (in 'seeds' order),
-  'params' has a leading seed axis, and metrics.jsonl lines carry a 'seed'.
+  'params' (and 'model_state') have a leading seed axis, and metrics.jsonl lines carry a 'seed'.
   'seconds_per_step' is the time of one step of all seeds together.
 
   The phases: set-up (`_set_up`), restore (`_restore`), the step loop
@@ -416,7 +427,7 @@ def train(cfg: ml_collections.ConfigDict, *, echo: Callable[[str], object] = pri
     if bar is not None:
       bar.close()
       bar = None
-    final = run.evaluate(run.state['params'])  # phase 4
+    final = run.evaluate(run.state)  # phase 4
     _log_eval(metrics_path, run.total_steps, run.seeds, final)
   finally:
     if bar is not None:
@@ -435,7 +446,8 @@ def train(cfg: ml_collections.ConfigDict, *, echo: Callable[[str], object] = pri
 
 # The config fields that decide what a checkpoint holds and whose run it is; a
 # workdir's run.json records them, and a resume with other values is refused.
-_RUN_FIELDS = ('dataset', 'model', 'deformable', 'modulated', 'conv', 'dtype', 'optimizer', 'seed', 'num_seeds')
+_RUN_FIELDS = ('dataset', 'model', 'preset', 'deformable', 'modulated', 'conv', 'dtype', 'optimizer', 'seed',
+               'num_seeds')
 
 
 def _check_same_run(workdir: str, run_file: str, identity: dict) -> None:

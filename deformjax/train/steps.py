@@ -1,6 +1,7 @@
 """Jitted, sharded train and eval steps.
 
-The state (parameters, optimiser state, step, RNG key) is replicated and
+The state (parameters, optimiser state, step, RNG key and, for a model with
+variables other than parameters, their values as 'model_state') is replicated and
 donated; the batch is sharded over the mesh's 'data' axis. The train step
 augments the batch on device with `random_affine`, keyed by (seed, step), so the
 same step sees the same augmentation on any number of devices or processes.
@@ -9,6 +10,11 @@ The augmentation ranges are traced arguments, not constants: settings that
 differ only in their transforms (the conditions of a study) share one compiled
 step. With `num_seeds > 1` the state carries a leading seed axis and one step
 advances every seed (see `make_trainer`).
+
+'model_state' (the BatchNorm statistics of the InternImage models) is updated by
+the train-mode forward and read, unchanged, by evaluation. A model with only
+parameters has no such entry, so its state, checkpoints and compiled steps are
+those of a trainer without it.
 """
 
 from __future__ import annotations
@@ -154,7 +160,9 @@ class Trainer:
 
   train_step: Callable  # (state, batch, aug) -> (state, metric sums): a batch from the host (one seed only)
   resident_step: Callable  # (state, images, labels, permutation, aug) -> same: the batch gathered on device
-  eval_step: Callable  # (params, batch, valid, key, aug) -> (metric sums, logits)
+  # (params, batch, valid, key, aug, model_state=None) -> (metric sums, logits); model_state: the state's
+  # 'model_state' (one seed's), needed exactly when the model has one
+  eval_step: Callable
   init_state: Callable  # (seeds: sequence of ints, one per seed) -> state
   num_seeds: int = 1
   compiled: tuple = ()  # the jitted functions behind the steps (for their compile caches)
@@ -203,18 +211,21 @@ def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.Conf
   numbers equal those of training it alone, to float32 rounding.
   `seed_batching`: see `seed_batching_for`.
   """
-  graphdef, _ = nnx.split(model_fn(0), nnx.Param)
+  graphdef, _, rest = nnx.split(model_fn(0), nnx.Param, ...)
+  has_model_state = bool(jax.tree.leaves(rest))
   step_config = json.dumps({f: cfg[f] for f in _STEP_FIELDS}, sort_keys=True)
   batching = seed_batching_for(mesh, seed_batching) if num_seeds > 1 else 'single'
   tx, jit_train, jit_resident, jit_eval, compiled = _compiled_steps(graphdef, spec, mesh, steps_per_epoch,
-                                                                    total_steps, step_config, num_seeds, batching)
+                                                                    total_steps, step_config, num_seeds, batching,
+                                                                    has_model_state)
 
   def one_state(seed: int) -> dict:
-    params = nnx.state(model_fn(seed), nnx.Param)
+    _, params, rest = nnx.split(model_fn(seed), nnx.Param, ...)
     with jax.numpy_dtype_promotion('standard'):  # see train_step
       opt_state = tx.init(params)
-    return {'params': params, 'opt_state': opt_state, 'step': jnp.zeros((), jnp.int32),
-            'rng': jax.random.PRNGKey(seed), 'metrics': _zero_metrics(spec)}
+    state = {'params': params, 'opt_state': opt_state, 'step': jnp.zeros((), jnp.int32),
+             'rng': jax.random.PRNGKey(seed), 'metrics': _zero_metrics(spec)}
+    return {**state, 'model_state': rest} if has_model_state else state
 
   def init_state(seeds: int | Sequence[int]) -> dict:
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
@@ -229,7 +240,7 @@ def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.Conf
 
 @functools.lru_cache(maxsize=16)
 def _compiled_steps(graphdef, spec: DatasetSpec, mesh, steps_per_epoch: int, total_steps: int, step_config: str,
-                    num_seeds: int, batching: str):
+                    num_seeds: int, batching: str, has_model_state: bool):
   cfg = ml_collections.ConfigDict(json.loads(step_config))
   tx = make_optimizer(cfg, steps_per_epoch, total_steps)
   repl, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
@@ -239,12 +250,18 @@ def _compiled_steps(graphdef, spec: DatasetSpec, mesh, steps_per_epoch: int, tot
     k_aug, k_drop = jax.random.split(key)
     images = normalise(augment(k_aug, batch['image'], aug))
 
-    def loss_fn(p):
-      logits = nnx.merge(graphdef, p)(images, train=True, rngs=nnx.Rngs(dropout=k_drop))
-      loss, sums = loss_and_metrics(logits, batch['label'], spec.multilabel)
-      return loss, sums
+    rest = (state['model_state'],) if has_model_state else ()
 
-    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    def loss_fn(p):
+      # copy: fresh variables of this trace, which the train-mode forward may update (the BatchNorm
+      # statistics); merging the state's own variables would mutate them across trace levels.
+      model = nnx.merge(graphdef, p, *rest, copy=True)
+      logits = model(images, train=True, rngs=nnx.Rngs(dropout=k_drop))
+      loss, sums = loss_and_metrics(logits, batch['label'], spec.multilabel)
+      # The train-mode forward updated the running statistics in the merged model.
+      return loss, (sums, nnx.split(model, nnx.Param, ...)[2] if has_model_state else None)
+
+    (loss, (sums, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
     # optax's schedules mix Python floats with the int32 step count, which a user's
     # jax_numpy_dtype_promotion='strict' rejects; the promotion is optax's choice.
     with jax.numpy_dtype_promotion('standard'):
@@ -255,6 +272,8 @@ def _compiled_steps(graphdef, spec: DatasetSpec, mesh, steps_per_epoch: int, tot
     new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
                  'step': state['step'] + 1, 'rng': state['rng'],
                  'metrics': jax.tree.map(jnp.add, state['metrics'], metrics)}
+    if has_model_state:
+      new_state['model_state'] = model_state
     return new_state, sums
 
   def resident_step(state, images, labels, permutation, aug):
@@ -282,19 +301,25 @@ def _compiled_steps(graphdef, spec: DatasetSpec, mesh, steps_per_epoch: int, tot
     put = lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0)
     return jax.tree.map(put, state, new), sums
 
-  def eval_step(params, batch, valid, key, aug):
+  def eval_step(params, batch, valid, key, aug, model_state):
     images = normalise(augment(key, batch['image'], aug))
-    logits = nnx.merge(graphdef, params)(images)
+    logits = nnx.merge(graphdef, params, *(model_state,) if has_model_state else ())(images)
     _, sums = loss_and_metrics(logits, batch['label'], spec.multilabel, valid.astype(jnp.float32))
     return sums, logits
 
   jit_train = jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)
-  jit_eval = jax.jit(eval_step, in_shardings=(repl, data, data, repl, repl), out_shardings=(repl, data))
+  jit_eval_step = jax.jit(eval_step, in_shardings=(repl, data, data, repl, repl, repl), out_shardings=(repl, data))
+
+  def jit_eval(params, batch, valid, key, aug, model_state=None):
+    if has_model_state and model_state is None:
+      raise ValueError("eval_step: this model has variables besides its parameters (BatchNorm statistics): pass "
+                       "the train state's 'model_state' as model_state")
+    return jit_eval_step(params, batch, valid, key, aug, model_state if has_model_state else None)
   resident_shardings = dict(in_shardings=(repl, data, data, repl, repl), out_shardings=(repl, repl),
                             donate_argnums=0)
   if batching != 'loop':
     jit_resident = jax.jit(resident_step if num_seeds == 1 else seeds_resident_step, **resident_shardings)
-    return tx, jit_train, jit_resident, jit_eval, (jit_train, jit_resident, jit_eval)
+    return tx, jit_train, jit_resident, jit_eval, (jit_train, jit_resident, jit_eval_step)
   resident_shardings['in_shardings'] += (repl,)
   jit_one_seed = jax.jit(one_seed_resident_step, **resident_shardings)
   seed_numbers = [np.int32(i) for i in range(num_seeds)]
@@ -308,7 +333,7 @@ def _compiled_steps(graphdef, spec: DatasetSpec, mesh, steps_per_epoch: int, tot
       sums.append(s)
     return state, jax.tree.map(lambda *x: jnp.stack(x), *sums)
 
-  return tx, jit_train, loop_resident_step, jit_eval, (jit_train, jit_one_seed, jit_eval)
+  return tx, jit_train, loop_resident_step, jit_eval, (jit_train, jit_one_seed, jit_eval_step)
 
 
 def _zero_metrics(spec: DatasetSpec) -> dict[str, jax.Array]:
