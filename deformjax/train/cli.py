@@ -132,7 +132,7 @@ def _write_outputs(summary: dict, summary_json: str | None, params_out: str | No
     return
   if summary_json:
     with open(summary_json, 'w') as f:
-      json.dump({k: v for k, v in summary.items() if k != 'params'}, f, indent=2, default=str)
+      json.dump({k: v for k, v in summary.items() if k not in ('params', 'model_state')}, f, indent=2, default=str)
   if params_out:
     # Replicated arrays of a multi-process run are not fully addressable: write the local copy.
     leaves = jax.tree_util.tree_flatten_with_path(summary['params'])[0]
