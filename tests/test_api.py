@@ -455,7 +455,7 @@ KNOWN_GAPS: dict[tuple[str, str], frozenset[str]] = {
       'RandomAccessSource', 'digits_source', 'tfds_source'
   ]),
   ('exported, not shown by a public module', 'deformjax.models.classifiers'): frozenset([
-      'FAMILY_GROUPS', 'PRESET_MODELS', 'avg_pool', 'check_preset_model', 'max_pool'
+      'FAMILY_GROUPS', 'avg_pool', 'check_preset_model', 'max_pool'
   ]),
   ('exported, not shown by a public module', 'deformjax.nn.dcnv3'): frozenset([
       'blend_center', 'check_block_args', 'check_nhwc', 'dcnv3_block', 'dcnv4_block', 'group_softmax', 'num_taps',

@@ -4,6 +4,7 @@ from deformjax.models import convert
 from deformjax.models.classifiers import (
   CONVS,
   MODELS,
+  PRESET_MODELS,
   CifarNet,
   ConvClassifier,
   Residual,
@@ -26,7 +27,7 @@ from deformjax.models.internimage import (
   resolve_config,
 )
 
-__all__ = ['CONVS', 'FLASH_INTERNIMAGE_PRESETS', 'INTERNIMAGE_PRESETS', 'MODELS', 'CifarNet', 'ConvClassifier',
-           'FlashInternImage', 'InternImage', 'InternImageConfig', 'Residual', 'build_model', 'convert',
-           'from_flash_internimage', 'from_internimage', 'resolve_config', 'resolve_conv', 'resolve_deformable',
-           'state_entries', 'to_internimage_state_dict']
+__all__ = ['CONVS', 'FLASH_INTERNIMAGE_PRESETS', 'INTERNIMAGE_PRESETS', 'MODELS', 'PRESET_MODELS', 'CifarNet',
+           'ConvClassifier', 'FlashInternImage', 'InternImage', 'InternImageConfig', 'Residual', 'build_model',
+           'convert', 'from_flash_internimage', 'from_internimage', 'resolve_config', 'resolve_conv',
+           'resolve_deformable', 'state_entries', 'to_internimage_state_dict']
