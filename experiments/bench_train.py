@@ -1,4 +1,4 @@
-"""Benchmark the training loop against the ideal step, per model and setting (and seed 001's PyTorch nets).
+"""Benchmark the training loop against the ideal step, per model and setting (and the original study's PyTorch nets).
 
 For each model (the 5-conv classifier on digits, CifarNet on CIFAR-10-shaped
 data) and setting (regular, deformable, modulated) it times, side by side:
@@ -11,7 +11,7 @@ data) and setting (regular, deformable, modulated) it times, side by side:
 
 Every setting is compiled and warmed up before timing, and the timed repeats
 are interleaved round by round, so no setting pays another's start-up. Where
-torch + torchvision import, seed 001's `Net` and `Deformable_Net` (written from
+torch + torchvision import, the original study's `Net` and `Deformable_Net` (written from
 the study's description: torchvision `DeformConv2d` with a conv predicting its
 offsets, Adam, batch 64) train on CIFAR-shaped data already on the device, in
 the same rounds. Writes experiments/results/bench_train_<platform>.json / .md.
@@ -96,7 +96,7 @@ def loop_seconds_per_step(cfg, sources) -> float:
 
 
 def torch_runners(batch: int, steps: int):
-  """{name: run(k)} for seed 001's two nets on CIFAR-shaped data on the device; {} without torch."""
+  """{name: run(k)} for the original study's two nets on CIFAR-shaped data on the device; {} without torch."""
   try:
     import torch
     import torchvision
@@ -107,7 +107,7 @@ def torch_runners(batch: int, steps: int):
 
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
-  class Net(nn.Module):  # seed 001: conv 3->40 (3x3), max pool, conv 40->25 (2x2), avg pool, FC 300, 100, 10
+  class Net(nn.Module):  # the original study's net: conv 3->40 (3x3), max pool, conv 40->25 (2x2), avg pool, FC 300, 100, 10
     def __init__(self):
       super().__init__()
       self.conv1, self.conv2 = nn.Conv2d(3, 40, 3), nn.Conv2d(40, 25, 2)
@@ -118,7 +118,7 @@ def torch_runners(batch: int, steps: int):
       x = F.avg_pool2d(F.leaky_relu(self.conv2(x)), 2)
       return self.lin3(F.leaky_relu(self.lin2(F.leaky_relu(self.lin1(torch.flatten(x, 1))))))
 
-  class DeformConv(nn.Module):  # seed 001's layer: torchvision DeformConv2d, offsets from a plain conv, padding 1
+  class DeformConv(nn.Module):  # the original study's layer: torchvision DeformConv2d, offsets from a plain conv, padding 1
     def __init__(self, cin, cout, k):
       super().__init__()
       self.deformable = torchvision.ops.DeformConv2d(cin, cout, k, padding=1)
@@ -127,7 +127,7 @@ def torch_runners(batch: int, steps: int):
     def forward(self, x):
       return self.deformable(x, self.offsets(x))
 
-  class DeformableNet(nn.Module):  # seed 001: both convs deformable (padded), two max pools, FC 25*8*8 -> ...
+  class DeformableNet(nn.Module):  # the original study's net: both convs deformable (padded), two max pools, FC 25*8*8 -> ...
     def __init__(self):
       super().__init__()
       self.conv1, self.conv2 = DeformConv(3, 40, 3), DeformConv(40, 25, 2)
@@ -163,7 +163,7 @@ def torch_runners(batch: int, steps: int):
     return run
 
   versions = {'torch': torch.__version__, 'torchvision': torchvision.__version__, 'device': str(device)}
-  return {'seed 001 Net': runner(Net()), 'seed 001 Deformable_Net': runner(DeformableNet())}, versions
+  return {'study Net': runner(Net()), 'study Deformable_Net': runner(DeformableNet())}, versions
 
 
 def main(args=None) -> dict:
@@ -177,7 +177,7 @@ def main(args=None) -> dict:
   rounds = flags.DEFINE_integer('rounds', 3, 'interleaved repeats', lower_bound=1, flag_values=fv)
   batch_size = flags.DEFINE_integer('batch_size', 64, 'global batch size', lower_bound=1, flag_values=fv)
   examples = flags.DEFINE_integer('examples', 4096, 'CIFAR-shaped training examples', lower_bound=1, flag_values=fv)
-  torch = flags.DEFINE_bool('torch', True, "time seed 001's PyTorch nets where torch imports (--notorch: skip)",
+  torch = flags.DEFINE_bool('torch', True, "time the original study's PyTorch nets where torch imports (--notorch: skip)",
                             flag_values=fv)
   parse(fv, argv)
   for name, given, known in (('models', models.value, MODELS), ('settings', settings.value, SETTINGS)):
