@@ -276,8 +276,8 @@ def test_matches_transformers_deformable_detr_model(masked, dtype, stack):
   """Real pixels agree, values and input gradients. Padded ones are compared through their masks only: a row or
   column of padding puts the sine embedding at arguments near 3e6 radians, where float sin itself differs between
   libraries (and between CPU and GPU), and nothing real reads them."""
-  torch = pytest.importorskip('torch')
-  pytest.importorskip('transformers')
+  torch = pytest.importorskip('torch', exc_type=ImportError)
+  pytest.importorskip('transformers', exc_type=ImportError)
   if dtype == 'float64':
     # flax's norms take their statistics in promote_types(dtype, float32), which strict promotion refuses.
     stack.enter_context(jax.numpy_dtype_promotion('standard'))

@@ -20,7 +20,7 @@ from flax import nnx
 
 from deformjax.nn import convert
 
-torch = pytest.importorskip('torch')
+torch = pytest.importorskip('torch', exc_type=ImportError)
 F = torch.nn.functional
 
 
@@ -210,7 +210,7 @@ def test_from_dcnv4_ignores_the_padding_channels():
 
 
 def detr_attention(d_model=32, heads=4, levels=2, points=3):
-  pytest.importorskip('transformers')
+  pytest.importorskip('transformers', exc_type=ImportError)
   from transformers.models.deformable_detr.modeling_deformable_detr import (
       DeformableDetrConfig,
       DeformableDetrMultiscaleDeformableAttention,
@@ -255,7 +255,7 @@ def test_from_deformable_detr_reproduces_transformers(coords, masked):
 
 def test_deformable_detr_initialisation_matches_transformers():
   """The directional bias and the zero / Xavier choices of transformers' `_init_weights`."""
-  pytest.importorskip('transformers')
+  pytest.importorskip('transformers', exc_type=ImportError)
   from transformers.models.deformable_detr.modeling_deformable_detr import DeformableDetrConfig, DeformableDetrEncoder
 
   from deformjax.nn import MSDeformAttn

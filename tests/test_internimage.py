@@ -279,7 +279,7 @@ def _load_file(name: str, path: Path, monkeypatch) -> types.ModuleType:
 
 def upstream_internimage(monkeypatch):
   """The reference `InternImage` class, its compiled-extension imports stubbed."""
-  pytest.importorskip('torch')
+  pytest.importorskip('torch', exc_type=ImportError)
   pytest.importorskip('timm')
   src = _source('DEFORMJAX_INTERNIMAGE_SRC')
   monkeypatch.syspath_prepend(str(src))  # before the pkg_resources stub: syspath_prepend consults pkg_resources
@@ -333,7 +333,7 @@ def dcnv4_core_torch(value, offset_mask, kernel_h, kernel_w, stride_h, stride_w,
 
 def upstream_flash_internimage(monkeypatch):
   """The reference `FlashInternImage` class over the reference `DCNv4` module with `dcnv4_core_torch` as its op."""
-  pytest.importorskip('torch')
+  pytest.importorskip('torch', exc_type=ImportError)
   pytest.importorskip('timm')
   src = _source('DEFORMJAX_DCNV4_SRC')
   package = types.ModuleType('DCNv4')

@@ -147,8 +147,8 @@ def test_bad_input(kwargs, message):
 
 
 def test_torchvision_roi_align_parity():
-  torch = pytest.importorskip('torch')
-  torchvision = pytest.importorskip('torchvision')
+  torch = pytest.importorskip('torch', exc_type=ImportError)
+  torchvision = pytest.importorskip('torchvision', exc_type=ImportError)
   feats = features()
   for aligned in (True, False):
     want = torchvision.ops.roi_align(torch.tensor(np.asarray(feats).transpose(0, 3, 1, 2)), torch.tensor(ROIS),

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
-torchvision = pytest.importorskip('torchvision')
+torch = pytest.importorskip('torch', exc_type=ImportError)
+torchvision = pytest.importorskip('torchvision', exc_type=ImportError)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
