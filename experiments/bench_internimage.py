@@ -64,41 +64,13 @@ def reference_internimage(src: pathlib.Path):
   return _load_file('_reference_intern_image', src / 'models' / 'intern_image.py').InternImage
 
 
-def dcnv4_core_torch(value, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                     dilation_w, group, group_channels, offset_scale, im2col_step, remove_center):
-  """DCNv4's CUDA forward kernel (`forward_kernel_dcn`) written with grid_sample (see tests/test_internimage.py)."""
-  import torch
-  del im2col_step
-  n, h, w, _ = value.shape
-  _, ho, wo, _ = offset_mask.shape
-  taps = [(i, j) for i in range(kernel_w) for j in range(kernel_h)
-          if not (remove_center and i == kernel_w // 2 and j == kernel_h // 2)]
-  k = len(taps)
-  packed = offset_mask[..., :group * k * 3].reshape(n, ho, wo, group, k * 3)
-  off = packed[..., :2 * k].reshape(n, ho, wo, group, k, 2)
-  mask = packed[..., 2 * k:]
-  cw, ch = (dilation_w * (kernel_w - 1)) // 2, (dilation_h * (kernel_h - 1)) // 2
-  dt = value.dtype
-  p0w = (cw - pad_w + torch.arange(wo, dtype=dt) * stride_w - cw * offset_scale).reshape(1, 1, wo, 1, 1)
-  p0h = (ch - pad_h + torch.arange(ho, dtype=dt) * stride_h - ch * offset_scale).reshape(1, ho, 1, 1, 1)
-  ti = torch.tensor([i * dilation_w for i, _ in taps], dtype=dt)
-  tj = torch.tensor([j * dilation_h for _, j in taps], dtype=dt)
-  x = p0w + (ti + off[..., 0]) * offset_scale
-  y = p0h + (tj + off[..., 1]) * offset_scale
-  grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], -1)
-  grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(n * group, ho, wo * k, 2)
-  planes = value.reshape(n, h, w, group, group_channels).permute(0, 3, 4, 1, 2).reshape(n * group, -1, h, w)
-  sampled = torch.nn.functional.grid_sample(planes, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
-  sampled = sampled.reshape(n, group, group_channels, ho, wo, k)
-  out = (sampled * mask.permute(0, 3, 1, 2, 4)[:, :, None]).sum(-1)
-  return out.permute(0, 3, 4, 1, 2).reshape(n, ho, wo, group * group_channels)
-
-
 def reference_flash_internimage(src: pathlib.Path):
   """The reference FlashInternImage class over the reference DCNv4 module with `dcnv4_core_torch` as its op."""
   package = types.ModuleType('DCNv4')
   package.__path__ = []
   functions = types.ModuleType('DCNv4.functions')
+  from tests.torch_reference import dcnv4_core_torch
+
   functions.DCNv4Function = types.SimpleNamespace(apply=dcnv4_core_torch)
   modules = types.ModuleType('DCNv4.modules')
   modules.__path__ = []
