@@ -149,8 +149,10 @@ def away_from_integers(off, seed=1):
   return jnp.asarray(whole + rng.uniform(0.2, 0.8, size=off.shape), off.dtype)
 
 
+# The plain case is in the slow tier: its order-1 gradients are test_family.py's (deform_conv2d row, fast), its
+# order-2 ones that file's slow test; the strided, dilated, grouped case stays fast.
 GRAD_CASES = [
-    Case(n=1, hw=(4, 4), c=2, cout=2),
+    pytest.param(Case(n=1, hw=(4, 4), c=2, cout=2), marks=pytest.mark.slow),
     Case(n=2, hw=(5, 4), c=4, cout=2, k=(2, 3), stride=2, dilation=(2, 1), padding=((1, 0), (2, 1)),
          groups=2, offset_groups=2),
 ]
@@ -164,6 +166,7 @@ def test_gradients_order2_fwd_and_rev(case):
   check_grads(f, (x, off, w, m, b), order=2, modes=('fwd', 'rev'), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradients_without_mask_and_bias():
   case = Case(n=1, hw=(4, 4), c=2, cout=2, mask=False, bias=False)
   x, off, w, _, _, _ = make_inputs(case)

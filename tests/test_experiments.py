@@ -107,6 +107,7 @@ def test_bench_ops_writes_json_and_markdown_and_times_torchvision_in_the_same_ro
   assert 'not importable' not in md
 
 
+@pytest.mark.slow
 def test_bench_ops_times_the_deterministic_backward(tmp_path):
   with jax.numpy_dtype_promotion('standard'):
     result = bench_ops.main(['--shapes', '2,6,4', '--repeats', '2', '--out', str(tmp_path), '--tag', 't',
