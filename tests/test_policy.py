@@ -197,18 +197,15 @@ def test_sorted_segment_sum_equals_segment_sum():
 
 
 @pytest.mark.slow
-def test_deterministic_supports_second_order_reverse_mode(accelerator_policy):
+def test_deterministic_supports_second_order_reverse_mode_and_vmap(accelerator_policy):
+  """The sorted-sum backward differentiates again, and vmaps: per-example gradients equal each example's own
+  (forward-mode refusal and equality with the default gradients, fast:
+  test_family.py::test_deterministic_gradients_equal_the_default)."""
   case = Case(n=1, hw=(4, 4), c=2, cout=2)
   x, off, w, m, b, _ = make_inputs(case)
   f = lambda *a: deform_conv2d(*a, **op_kwargs(case), deterministic=True)
   check_grads(f, (x, away_from_integers(off), w, m, b), order=2, modes=('rev',), atol=1e-6, rtol=1e-6)
-
-
-def test_deterministic_gradient_vmaps(accelerator_policy):
-  """The sorted-sum backward under vmap: per-example gradients equal each example's own (forward-mode refusal and
-  equality with the default gradients: test_family.py::test_deterministic_gradients_equal_the_default)."""
-  case = Case(n=2, hw=(4, 4), c=2, cout=2)
-  x, off, w, m, b, _ = make_inputs(case)
+  x, off, w, m, b, _ = make_inputs(Case(n=2, hw=(4, 4), c=2, cout=2))
   g = jax.grad(lambda x, o, mm: jnp.sum(jnp.sin(deform_conv2d(x[None], o[None], w, mm[None], b, **op_kwargs(case),
                                                               deterministic=True))))
   vm = jax.vmap(g)(x, off, m)
