@@ -66,16 +66,11 @@ def reference_internimage(src: pathlib.Path):
 
 def reference_flash_internimage(src: pathlib.Path):
   """The reference FlashInternImage class over the reference DCNv4 module with `dcnv4_core_torch` as its op."""
-  package = types.ModuleType('DCNv4')
-  package.__path__ = []
-  functions = types.ModuleType('DCNv4.functions')
-  from tests.torch_reference import dcnv4_core_torch
+  from tests.torch_reference import dcnv4_package
 
-  functions.DCNv4Function = types.SimpleNamespace(apply=dcnv4_core_torch)
-  modules = types.ModuleType('DCNv4.modules')
-  modules.__path__ = []
-  sys.modules.update({'DCNv4': package, 'DCNv4.functions': functions, 'DCNv4.modules': modules})
-  package.DCNv4 = _load_file('DCNv4.modules.dcnv4', src / 'DCNv4_op' / 'DCNv4' / 'modules' / 'dcnv4.py').DCNv4
+  stubs = dcnv4_package()
+  sys.modules.update(stubs)
+  stubs['DCNv4'].DCNv4 = _load_file('DCNv4.modules.dcnv4', src / 'DCNv4_op' / 'DCNv4' / 'modules' / 'dcnv4.py').DCNv4
   return _load_file('_reference_flash_intern_image',
                     src / 'classification' / 'models' / 'flash_intern_image.py').FlashInternImage
 

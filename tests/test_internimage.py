@@ -298,19 +298,13 @@ def upstream_flash_internimage(monkeypatch):
   pytest.importorskip('torch', exc_type=ImportError)
   pytest.importorskip('timm')
   src = _source('DEFORMJAX_DCNV4_SRC')
-  package = types.ModuleType('DCNv4')
-  package.__path__ = []
-  functions = types.ModuleType('DCNv4.functions')
-  from tests.torch_reference import dcnv4_core_torch
+  from tests.torch_reference import dcnv4_package
 
-  functions.DCNv4Function = types.SimpleNamespace(apply=dcnv4_core_torch)
-  modules = types.ModuleType('DCNv4.modules')
-  modules.__path__ = []
-  monkeypatch.setitem(sys.modules, 'DCNv4', package)
-  monkeypatch.setitem(sys.modules, 'DCNv4.functions', functions)
-  monkeypatch.setitem(sys.modules, 'DCNv4.modules', modules)
+  stubs = dcnv4_package()
+  for name, module in stubs.items():
+    monkeypatch.setitem(sys.modules, name, module)
   dcnv4 = _load_file('DCNv4.modules.dcnv4', src / 'DCNv4_op' / 'DCNv4' / 'modules' / 'dcnv4.py', monkeypatch)
-  package.DCNv4 = dcnv4.DCNv4
+  stubs['DCNv4'].DCNv4 = dcnv4.DCNv4
   path = src / 'classification' / 'models' / 'flash_intern_image.py'
   return _load_file('_upstream_flash_intern_image', path, monkeypatch).FlashInternImage
 

@@ -6,12 +6,15 @@
   CUDA kernels pad H by pad_h), so it matches the ops for equal paddings only.
 - `msda_transformers`: transformers' own multi-scale deformable attention (its pure-PyTorch path).
 - `dcnv4_core_torch`: DCNv4's CUDA forward kernel written with grid_sample, in the signature of the reference
-  `DCNv4Function.apply` (the reference has no CPU path for DCNv4).
+  `DCNv4Function.apply` (the reference has no CPU path for DCNv4); `dcnv4_package` stubs the reference's `DCNv4`
+  package with it.
 
 Importing this module needs torch.
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 
@@ -105,3 +108,16 @@ def dcnv4_core_torch(value, offset_mask, kernel_h, kernel_w, stride_h, stride_w,
   sampled = sampled.reshape(n, group, group_channels, ho, wo, k)
   out = (sampled * mask.permute(0, 3, 1, 2, 4)[:, :, None]).sum(-1)  # n g d ho wo
   return out.permute(0, 3, 4, 1, 2).reshape(n, ho, wo, group * group_channels)
+
+
+def dcnv4_package() -> dict[str, types.ModuleType]:
+  """`{name: module}` of the `DCNv4` package the reference FlashInternImage imports, its compiled op replaced by
+  `dcnv4_core_torch`; the caller installs them in `sys.modules` (for good, or for one test), then loads the
+  reference `DCNv4_op/DCNv4/modules/dcnv4.py` as `DCNv4.modules.dcnv4` and sets the package's `DCNv4` to its class."""
+  package = types.ModuleType('DCNv4')
+  package.__path__ = []
+  functions = types.ModuleType('DCNv4.functions')
+  functions.DCNv4Function = types.SimpleNamespace(apply=dcnv4_core_torch)
+  modules = types.ModuleType('DCNv4.modules')
+  modules.__path__ = []
+  return {'DCNv4': package, 'DCNv4.functions': functions, 'DCNv4.modules': modules}
