@@ -74,7 +74,10 @@ def _load_public_api() -> types.ModuleType:
 
 public_api = _load_public_api()
 # Public modules whose optional dependencies are installed here (the others' tests would skip anyway).
-PUBLIC_MODULES = sorted(public_api.public_modules(missing_ok=True))
+_PUBLIC = public_api.public_modules(missing_ok=True)
+PUBLIC_MODULES = sorted(_PUBLIC)
+# What the public modules show users, by identity: an implementation module's export must be one of these.
+_SHOWN = frozenset(id(getattr(m, n, None)) for m in _PUBLIC.values() for n in public_api.public_names(m))
 
 
 def _is_api_object(obj: object) -> bool:
@@ -159,8 +162,7 @@ def test_private_helpers_are_underscored(name):
 
 
 def _implementation_modules() -> list[str]:
-  public = set(public_api.public_modules(missing_ok=True))
-  return [m for m in MODULES if m not in public and not any(p.startswith('_') for p in m.split('.'))]
+  return [m for m in MODULES if m not in _PUBLIC and not any(p.startswith('_') for p in m.split('.'))]
 
 
 @pytest.mark.parametrize('name', _implementation_modules())
@@ -168,10 +170,8 @@ def test_an_implementation_module_exports_only_what_a_public_module_shows(name):
   """`__all__` is what the API reference shows: a name exported by an implementation module (`deformjax.nn.dcnv3`)
   reaches users through a public module (`deformjax.nn`), or it is a private helper and starts with `_`."""
   module = _import(name)
-  shown = {id(getattr(m, n, None)) for m in public_api.public_modules(missing_ok=True).values()
-           for n in public_api.public_names(m)}
   _no_new_gaps('exported, not shown by a public module', name,
-               [n for n in getattr(module, '__all__', ()) if id(getattr(module, n)) not in shown])
+               [n for n in getattr(module, '__all__', ()) if id(getattr(module, n)) not in _SHOWN])
 
 
 def _unannotated(fn: object, skip_return: bool = False) -> list[str]:

@@ -177,6 +177,6 @@ def check_geometry(inputs: jax.Array, kernel_hw: Sequence[int], strides: tuple[i
     raise ValueError(f'{name}: {str(e).split(": ", 1)[-1]}') from None
 
 
-__all__ = ['check_geometry', 'check_in_features', 'check_kernel_mask', 'check_modulation', 'check_padding',
-           'SamplingPolicy', 'check_policy', 'conv_geometry', 'deform_conv_any_batch', 'flatten_batch', 'mask_from_logits', 'pad_for_mode', 'sampling_policy',
-           'split_prediction']
+__all__ = ['SamplingPolicy', 'check_geometry', 'check_in_features', 'check_kernel_mask', 'check_modulation',
+           'check_padding', 'check_policy', 'conv_geometry', 'deform_conv_any_batch', 'flatten_batch',
+           'mask_from_logits', 'pad_for_mode', 'sampling_policy', 'split_prediction']
