@@ -15,7 +15,10 @@ what changes is `jax.devices()` and the default training mesh (all devices).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import time
 
 import jax
@@ -25,6 +28,21 @@ jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_enable_x64', True)
 jax.config.update('jax_numpy_dtype_promotion', 'strict')
 jax.config.update('jax_numpy_rank_promotion', 'raise')
+
+# One compilation cache for the whole run. Tests build fresh jitted closures (every `train()` call, every module
+# traced anew), so jit's in-memory cache misses where the program is the same; JAX's persistent cache is keyed by
+# the program itself and serves an identical compile again, also to the other pytest-xdist workers, which inherit
+# the directory through the environment (the first process to load this file makes it, and removes it at exit).
+# DEFORMJAX_TEST_COMPILATION_CACHE=dir shares one across runs (`.ci/run` shares it between its test stages); a
+# fresh clone starts empty, so no run depends on an earlier one's files.
+_CACHE_ENV = 'DEFORMJAX_TEST_COMPILATION_CACHE'
+if not os.environ.get(_CACHE_ENV):
+  os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix='deformjax-test-jit-')
+  atexit.register(shutil.rmtree, os.environ[_CACHE_ENV], ignore_errors=True)
+jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE_ENV])
+# Every compile, however short: most of the suite's programs are small, and their sum is what the cache saves.
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 # The shared helpers and references are imported by the tests, never collected as tests themselves:
 # `--doctest-modules` would import each one, and `torch_reference.py` needs torch, an optional reference that a
@@ -66,3 +84,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
                        f'{FAST_TEST_BUDGET_S:g} s (tests/conftest.py): make it cheaper, or mark it slow and give it '
                        'a cheap fast sibling')
   return report
+
+
+@pytest.fixture
+def patch_traced(monkeypatch):
+  """`patch_traced(obj, name, value)`: monkeypatch something an op reads while it is traced.
+
+  The ops are jitted (`deformjax.ops._policy.compiled`), so a call at shapes traced before would reuse the program
+  traced without the patch, and a program traced with it would serve later tests. JAX's caches are cleared when
+  the patch is made and again when it is undone.
+  """
+  def patch(obj, name, value):
+    monkeypatch.setattr(obj, name, value)
+    jax.clear_caches()
+
+  yield patch
+  monkeypatch.undo()
+  jax.clear_caches()

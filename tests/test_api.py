@@ -457,18 +457,10 @@ KNOWN_GAPS: dict[tuple[str, str], frozenset[str]] = {
   ('exported, not shown by a public module', 'deformjax.models.classifiers'): frozenset([
       'FAMILY_GROUPS', 'avg_pool', 'check_preset_model', 'max_pool'
   ]),
-  ('exported, not shown by a public module', 'deformjax.nn.dcnv3'): frozenset([
-      'blend_center', 'check_block_args', 'check_nhwc', 'dcnv3_block', 'dcnv4_block', 'group_softmax', 'num_taps',
-      'softmax_dtype'
-  ]),
+  ('exported, not shown by a public module', 'deformjax.nn.dcnv3'): frozenset(['dcnv3_block', 'group_softmax']),
+  ('exported, not shown by a public module', 'deformjax.nn.dcnv4'): frozenset(['dcnv4_block']),
   ('exported, not shown by a public module', 'deformjax.nn.ms_deform_attn'): frozenset([
       'check_layer_args', 'check_spatial_shapes', 'directional_bias_init', 'ms_deform_attn_block', 'sampling_locations'
-  ]),
-  ('exported, not shown by a public module', 'deformjax.ops.deform_conv'): frozenset(['INDEX_BLOCK_BYTES']),
-  ('exported, not shown by a public module', 'deformjax.ops.sampling'): frozenset([
-      'INDEX_BLOCK_BYTES', 'bilinear_corners', 'check_policy_args', 'corner_rows', 'floor_and_fractions',
-      'gather_corners', 'image_corners', 'output_pixels', 'run_passes', 'sample_and_contract', 'sampled_pass',
-      'sorted_segment_sum', 'sum_points'
   ]),
   ('exported, not shown by a public module', 'deformjax.train.checkpoint'): frozenset(['Checkpointer']),
   ('exported, not shown by a public module', 'deformjax.train.cli'): frozenset([

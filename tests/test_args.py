@@ -111,7 +111,7 @@ def test_static_shape_is_a_tuple_under_any_trace():
 
 
 @pytest.fixture
-def traced_shape_functions(monkeypatch):
+def traced_shape_functions(patch_traced):
   """`jnp.shape` / `jnp.size` replaced by functions returning traced arrays, as jax2onnx does while it converts.
 
   A check that decides a Python `if` on them raises TracerBoolConversionError.
@@ -119,8 +119,8 @@ def traced_shape_functions(monkeypatch):
   import jax
 
   original_shape, original_size = jnp.shape, jnp.size
-  monkeypatch.setattr(jnp, 'shape', lambda a: jax.lax.stop_gradient(jnp.asarray(original_shape(a), jnp.int32)))
-  monkeypatch.setattr(jnp, 'size', lambda a, axis=None: jax.lax.stop_gradient(jnp.asarray(original_size(a, axis))))
+  patch_traced(jnp, 'shape', lambda a: jax.lax.stop_gradient(jnp.asarray(original_shape(a), jnp.int32)))
+  patch_traced(jnp, 'size', lambda a, axis=None: jax.lax.stop_gradient(jnp.asarray(original_size(a, axis))))
 
 
 def test_ops_trace_when_jnp_shape_is_traced(traced_shape_functions):

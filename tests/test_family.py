@@ -19,7 +19,7 @@ import pytest
 from jax import export
 from jax.test_util import check_grads
 
-from deformjax.ops import _policy, dcnv3, dcnv4, deform_conv2d, ms_deform_attn, offset_mask_channels, sampling
+from deformjax.ops import _engine, _policy, dcnv3, dcnv4, deform_conv2d, ms_deform_attn, offset_mask_channels
 from tests.reference import dcnv3_ref, dcnv4_split, deform_conv2d_ref, ms_deform_attn_ref
 
 DCN_KW = dict(kernel_size=3, padding=1, groups=2, offset_scale=1.0)
@@ -98,9 +98,9 @@ def inputs(op: Op, n=2, dtype=jnp.float64, seed=0):
 
 
 @pytest.fixture
-def accelerator_policy(monkeypatch):
+def accelerator_policy(patch_traced):
   """Run the branch that GPU/TPU lowerings get, on this CPU."""
-  monkeypatch.setattr(_policy, 'by_platform', lambda cpu, accelerator, *args: accelerator(*args))
+  patch_traced(_policy, 'by_platform', lambda cpu, accelerator, *args: accelerator(*args))
 
 
 def loss(op, **kw):
@@ -264,10 +264,10 @@ def test_accelerator_policy_matches_reference(op, accelerator_policy):
 
 
 @pytest.mark.parametrize('op', HEAVY, ids=str)
-def test_index_blocks_do_not_change_result_or_gradient(op, monkeypatch):
+def test_index_blocks_do_not_change_result_or_gradient(op, patch_traced):
   args = inputs(op, n=3)
   want, want_grads = op.call(*args, chunk_size=4), grads(op, args, chunk_size=4)
-  monkeypatch.setattr(sampling, 'INDEX_BLOCK_BYTES', 1)  # one chunk per block: several blocks, the last padded
+  patch_traced(_engine, 'INDEX_BLOCK_BYTES', 1)  # one chunk per block: several blocks, the last padded
   np.testing.assert_allclose(np.asarray(op.call(*args, chunk_size=4)), np.asarray(want), rtol=1e-12, atol=1e-12)
   for a, b in zip(grads(op, args, chunk_size=4), want_grads):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-11, atol=1e-12)

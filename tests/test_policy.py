@@ -23,14 +23,14 @@ from jax.test_util import check_grads
 from deformjax.models import CifarNet, ConvClassifier
 from deformjax.nn import DeformConv
 from deformjax.ops import _policy, columns_bytes, deform_conv2d
-from deformjax.ops.sampling import sorted_segment_sum
+from deformjax.ops._engine import sorted_segment_sum
 from tests.test_deform_conv import Case, away_from_integers, make_inputs, op_kwargs
 
 
 @pytest.fixture
-def accelerator_policy(monkeypatch):
+def accelerator_policy(patch_traced):
   """Run the branch that GPU/TPU lowerings get, on this CPU."""
-  monkeypatch.setattr(_policy, 'by_platform', lambda cpu, accelerator, *args: accelerator(*args))
+  patch_traced(_policy, 'by_platform', lambda cpu, accelerator, *args: accelerator(*args))
 
 
 def spec(shape, dtype=jnp.float32):
@@ -97,6 +97,7 @@ def test_pixels_per_pass():
 
 
 def test_the_budget_context_applies_to_what_is_traced_inside():
+  """Also the compiled op's cache key: the same shapes inside and outside the scope give two programs."""
   from deformjax.ops import accelerator_memory_budget
 
   args = conv_specs(64, 56, 128)
@@ -109,9 +110,40 @@ def test_the_budget_context_applies_to_what_is_traced_inside():
     pass
 
 
+# --- each op one compiled program (`_policy.compiled`) ---------------------------------------------
+
+
+def pjit_calls(fn, *args) -> list[str]:
+  return [e.params['name'] for e in jax.make_jaxpr(fn)(*args).eqns if e.primitive.name in ('pjit', 'jit')]
+
+
+def test_an_op_is_one_compiled_call_traced_inline_by_exporters():
+  x, off, w, m, b, _ = make_inputs(Case())
+  call = lambda *a: deform_conv2d(*a, padding=1)
+  assert pjit_calls(call, x, off, w, m, b) == ['deform_conv2d']
+  with _policy.single_pass():  # what an exporter (ONNX) traces: the op's own primitives, no nested call
+    # (a new function: make_jaxpr caches traces by function, and the scope is not part of that key)
+    assert 'deform_conv2d' not in pjit_calls(lambda *a: deform_conv2d(*a, padding=1), x, off, w, m, b)
+  eager = deform_conv2d(x, off, w, m, b, padding=[1, 1])  # a list where jit needs a hashable static argument
+  np.testing.assert_array_equal(np.asarray(eager), np.asarray(jax.jit(call)(x, off, w, m, b)))
+
+
+def test_static_arguments_are_compared_with_their_type():
+  """jit compares static arguments by `==`, and `True == 1`: a bool must still reach the op's own check."""
+  x, off, w, m, b, _ = make_inputs(Case())
+  deform_conv2d(x, off, w, m, b, padding=1, groups=1)
+  with pytest.raises(ValueError, match='groups must be a positive int, got True'):
+    deform_conv2d(x, off, w, m, b, padding=1, groups=True)
+  with pytest.raises(TypeError, match="deform_conv2d\\(\\) got an unexpected keyword argument 'stride'"):
+    deform_conv2d(x, off, w, m, b, stride=1)  # Python's own error, with the op's name
+
+
 # --- the accelerator structure gives the same numbers -------------------------------------------
 
 
+# Slow tier: the fast tier checks the accelerator plan's first-order gradients against the reference for every op
+# (test_family) and second order on the CPU plan (test_deform_conv).
+@pytest.mark.slow
 def test_accelerator_policy_gradients_order2(accelerator_policy):
   case = Case(n=1, hw=(4, 4), c=2, cout=2)
   x, off, w, m, b, _ = make_inputs(case)

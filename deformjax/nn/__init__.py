@@ -2,7 +2,8 @@
 PyTorch converters, `deformjax.nn.detr_encoder` the Deformable DETR encoder's building blocks."""
 
 from deformjax.nn import convert, detr_encoder, linen
-from deformjax.nn.dcnv3 import DCNv3, DCNv4
+from deformjax.nn.dcnv3 import DCNv3
+from deformjax.nn.dcnv4 import DCNv4
 from deformjax.nn.deform_conv import DeformConv
 from deformjax.nn.detr_encoder import DeformableDetrEncoder, DeformableDetrEncoderLayer, DeformableDetrEncoderOutput
 from deformjax.nn.ms_deform_attn import MSDeformAttn

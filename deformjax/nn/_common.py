@@ -1,5 +1,6 @@
 """What the NNX modules and their Linen twins share: turning a raw prediction
-into offsets and mask, and shaping calls with arbitrary leading batch dims.
+into offsets and mask, shaping calls with arbitrary leading batch dims, and the
+arguments, initialisers and gates of the DCNv3 / DCNv4 blocks.
 
 Keeping it here is what makes the twins compute the same numbers.
 """
@@ -7,13 +8,19 @@ Keeping it here is what makes the twins compute the same numbers.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import initializers
 
-from deformjax.ops import _args
+from deformjax.ops import _args, dcnv3_taps
+
+# PyTorch's default Conv2d kernel initialisation (kaiming_uniform(a=sqrt(5))): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_conv_kernel_init = initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+_xavier_uniform = initializers.xavier_uniform()
 
 
 def mask_from_logits(logits: jax.Array) -> jax.Array:
@@ -44,6 +51,11 @@ def flatten_batch(x: jax.Array | None, batch_shape: tuple[int, ...]) -> jax.Arra
   return x.reshape((-1,) + x.shape[len(batch_shape):])
 
 
+def unflatten_batch(x: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
+  """[prod(batch), ...] -> [*batch, ...]: `flatten_batch` undone."""
+  return x.reshape(batch_shape + x.shape[1:])
+
+
 def deform_conv_any_batch(inputs: jax.Array, offsets: jax.Array, kernel: jax.Array, mask: jax.Array | None,
                           bias: jax.Array | None, **conv_kwargs: Any) -> jax.Array:
   """`deform_conv2d` for inputs `[..., H, W, C]` with any leading batch dims (or none);
@@ -53,15 +65,13 @@ def deform_conv_any_batch(inputs: jax.Array, offsets: jax.Array, kernel: jax.Arr
   batch = inputs.shape[:-3]
   y = deform_conv2d(flatten_batch(inputs, batch), flatten_batch(offsets, batch), kernel, flatten_batch(mask, batch),
                     bias, **conv_kwargs)
-  return y.reshape(batch + y.shape[1:])
+  return unflatten_batch(y, batch)
 
 
 def check_policy(chunk_size: int | None, memory_budget: int | None, deterministic: bool, name: str) -> None:
   """The ops' execution-policy keywords, refused by the layer's name when it is built (as the op would refuse them):
   `chunk_size` / `memory_budget` positive ints or None (ValueError), `deterministic` a bool (TypeError)."""
-  from deformjax.ops.sampling import check_policy_args
-
-  check_policy_args(chunk_size, memory_budget, deterministic, name)
+  _args.check_policy(chunk_size, memory_budget, deterministic, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +98,10 @@ def sampling_policy(chunk_size: int | None, memory_budget: int | None, determini
   return SamplingPolicy(chunk_size, memory_budget, deterministic)
 
 
-def check_in_features(inputs: jax.Array, in_features: int, name: str) -> None:
-  """Refuses inputs that are not `[..., H, W, in_features]`, naming the layer."""
+def check_in_features(inputs: jax.Array, in_features: int, name: str, arg: str = 'in_features') -> None:
+  """Refuses inputs that are not `[..., H, W, in_features]`, naming the layer and its argument `arg` for the width."""
   if inputs.ndim < 3 or inputs.shape[-1] != in_features:
-    raise ValueError(
-        f'{name}: inputs must have shape [..., H, W, in_features={in_features}], got {tuple(inputs.shape)}'
-    )
+    raise ValueError(f'{name}: inputs must have shape [..., H, W, {arg}={in_features}], got {tuple(inputs.shape)}')
 
 
 def check_kernel_mask(mask: jax.Array | None, kernel_shape: tuple[int, ...], name: str) -> None:
@@ -177,6 +185,72 @@ def check_geometry(inputs: jax.Array, kernel_hw: Sequence[int], strides: tuple[i
     raise ValueError(f'{name}: {str(e).split(": ", 1)[-1]}') from None
 
 
-__all__ = ['SamplingPolicy', 'check_geometry', 'check_in_features', 'check_kernel_mask', 'check_modulation',
-           'check_padding', 'check_policy', 'conv_geometry', 'deform_conv_any_batch', 'flatten_batch',
-           'mask_from_logits', 'pad_for_mode', 'sampling_policy', 'split_prediction']
+
+def num_taps(kernel_size: int, remove_center: bool) -> int:
+  """Sampling points per group of a DCNv3 / DCNv4 block: `kernel_size**2`, less the centre tap with `remove_center`."""
+  return int(dcnv3_taps((kernel_size, kernel_size), remove_center=remove_center)[0].size)
+
+
+def check_block_args(name: str, channels: int, kernel_size: int, groups: int, dilation: int,
+                     padding: int | None, remove_center: bool, dw_kernel_size: int | None) -> int:
+  """Validates the shared DCNv3 / DCNv4 geometry; returns the padding (default: the window's half, which keeps H, W)."""
+  for arg, value in (('channels', channels), ('kernel_size', kernel_size), ('groups', groups),
+                     ('kernel_dilation', dilation)):
+    _args.positive_int(value, arg, name)
+  if dw_kernel_size is not None:
+    _args.positive_int(dw_kernel_size, 'dw_kernel_size', name)
+    if dw_kernel_size % 2 == 0:
+      raise ValueError(f'{name}: dw_kernel_size must be odd (the depthwise conv keeps H, W), got {dw_kernel_size}')
+  if channels % groups:
+    raise ValueError(f'{name}: channels={channels} must be divisible by groups={groups}')
+  if remove_center and kernel_size % 2 == 0:
+    raise ValueError(f'{name}: remove_center needs an odd kernel_size, got {kernel_size}')
+  if padding is None:
+    padding = dilation * (kernel_size - 1) // 2
+  _args.pair(padding, 'padding', name)
+  if 2 * padding != dilation * (kernel_size - 1):
+    raise ValueError(f'{name}: padding={padding} must keep the spatial size (the offsets are predicted at every '
+                     f'input pixel): 2 * padding == kernel_dilation * (kernel_size - 1) = '
+                     f'{dilation * (kernel_size - 1)}')
+  return int(padding)
+
+
+def softmax_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  """Softmaxes run in float32 at least: bf16 / f16 logits would lose the small weights."""
+  return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else jnp.dtype(dtype)
+
+
+def blend_center(x: jax.Array, x_proj: jax.Array, scale_logits: jax.Array, groups: int) -> jax.Array:
+  """`center_feature_scale`: `x * (1 - s) + x_proj * s`, `s = sigmoid(logits)` per group `[..., groups]`,
+  broadcast over each group's `C // groups` channels."""
+  s = jax.nn.sigmoid(scale_logits).astype(x.dtype)
+  s = jnp.repeat(s, x.shape[-1] // groups, axis=-1)
+  return x * (1 - s) + x_proj * s
+
+
+# A layer of a block function (`dcnv3_block`, `dcnv4_block`): NNX module or Linen submodule alike.
+Layer = Callable[[jax.Array], jax.Array]
+
+
+def linear(cin: int, cout: int, *, use_bias: bool = True, kernel_init: nnx.Initializer = _xavier_uniform,
+           dtype: Any, param_dtype: Any, precision: Any, rngs: nnx.Rngs) -> nnx.Linear:
+  """`nnx.Linear` with the DCNv3 / DCNv4 references' initialisation: Xavier-uniform kernel (by default), zero bias."""
+  return nnx.Linear(cin, cout, use_bias=use_bias, kernel_init=kernel_init, bias_init=initializers.zeros_init(),
+                    dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+
+
+def depthwise_conv(channels: int, kernel_size: int, *, dtype: Any, param_dtype: Any, precision: Any,
+                   rngs: nnx.Rngs) -> nnx.Conv:
+  """The references' depthwise `nn.Conv2d` (square, odd kernel keeping H, W): PyTorch's default kernel
+  distribution, zero bias."""
+  return nnx.Conv(channels, channels, (kernel_size, kernel_size), padding=(kernel_size - 1) // 2,
+                  feature_group_count=channels, kernel_init=torch_conv_kernel_init,
+                  bias_init=initializers.zeros_init(), dtype=dtype, param_dtype=param_dtype, precision=precision,
+                  rngs=rngs)
+
+
+__all__ = ['Layer', 'SamplingPolicy', 'blend_center', 'check_block_args', 'check_geometry', 'check_in_features',
+           'check_kernel_mask', 'check_modulation', 'check_padding', 'check_policy', 'conv_geometry',
+           'deform_conv_any_batch', 'depthwise_conv', 'flatten_batch', 'linear', 'mask_from_logits', 'num_taps',
+           'pad_for_mode', 'sampling_policy', 'softmax_dtype', 'split_prediction', 'torch_conv_kernel_init',
+           'unflatten_batch']

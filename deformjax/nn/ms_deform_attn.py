@@ -19,8 +19,7 @@ from flax import nnx
 from flax.nnx.nn import initializers
 
 from deformjax.nn import _common
-from deformjax.nn.dcnv3 import softmax_dtype
-from deformjax.ops import _args
+from deformjax.ops import _args, level_shapes
 
 
 def directional_bias_init(num_heads: int, num_levels: int,
@@ -56,14 +55,12 @@ def directional_bias_init(num_heads: int, num_levels: int,
 
 def check_spatial_shapes(spatial_shapes: Sequence[tuple[int, int]] | np.ndarray, num_levels: int,
                          name: str) -> tuple[tuple[int, int], ...]:
-  """A static sequence of `num_levels` positive `(H_l, W_l)` pairs (numpy arrays accepted)."""
-  if isinstance(spatial_shapes, np.ndarray):
-    spatial_shapes = spatial_shapes.tolist()
-  if not isinstance(spatial_shapes, Sequence):
+  """A static sequence of `num_levels` positive `(H_l, W_l)` pairs (numpy arrays accepted; jax arrays refused, so
+  that a layer called under jit and outside it takes the same argument)."""
+  if not isinstance(spatial_shapes, (Sequence, np.ndarray)):
     raise TypeError(f'{name}: spatial_shapes must be a static sequence of (H_l, W_l) pairs (Python ints), '
                     f'got {type(spatial_shapes).__name__}')
-  shapes = tuple(_args.positive_pair(tuple(s) if isinstance(s, Sequence) else s, 'spatial_shapes', name)
-                 for s in spatial_shapes)
+  shapes = level_shapes(spatial_shapes, name)
   if len(shapes) != num_levels:
     raise ValueError(f'{name}: spatial_shapes must have num_levels={num_levels} (H_l, W_l) pairs, got {len(shapes)}')
   return shapes
@@ -150,7 +147,7 @@ def ms_deform_attn_block(query: jax.Array, reference_points: jax.Array, inputs: 
   value = value.reshape(n, total, m, value.shape[-1] // m)
   offsets = sampling_offsets(query).reshape(n, lq, m, lv, p, 2)
   logits = attention_weights(query).reshape(n, lq, m, lv * p)
-  weights = jax.nn.softmax(logits.astype(softmax_dtype(logits.dtype)), axis=-1)
+  weights = jax.nn.softmax(logits.astype(_common.softmax_dtype(logits.dtype)), axis=-1)
   weights = weights.astype(value.dtype).reshape(n, lq, m, lv, p)
   locations = sampling_locations(reference_points.astype(offsets.dtype), offsets, shapes)
   out = output_proj(ms_deform_attn(value, shapes, locations.astype(value.dtype), weights, chunk_size=chunk_size,

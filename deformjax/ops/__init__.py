@@ -7,7 +7,8 @@ from deformjax.ops._policy import (
     accelerator_memory_budget,
     current_accelerator_memory_budget,
 )
-from deformjax.ops.dcnv3 import dcnv3, dcnv3_taps, dcnv4, offset_mask_channels
+from deformjax.ops.dcnv3 import dcnv3, dcnv3_taps
+from deformjax.ops.dcnv4 import dcnv4, offset_mask_channels
 from deformjax.ops.deform_conv import columns_bytes, deform_conv2d, output_size
 from deformjax.ops.ms_deform_attn import level_shapes, ms_deform_attn
 from deformjax.ops.roi_pool import deform_roi_pool, roi_align

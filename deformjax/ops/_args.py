@@ -7,6 +7,7 @@ message that names the argument before XLA ever sees it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,20 +17,38 @@ from jax import lax
 PaddingLike = str | int | Sequence[int] | Sequence[Sequence[int]]
 
 
+def is_int(value: Any) -> bool:
+  """A Python or NumPy integer, bools excluded: Python counts `True` as 1, and as a size or a count it is a slip.
+
+  >>> is_int(3), is_int(np.int64(3)), is_int(True), is_int(3.0)
+  (True, True, False, False)
+  """
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+  """A Python or NumPy int or float, bools excluded (as `is_int`)."""
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_bool(value: Any, name: str, fn: str) -> None:
+  """TypeError naming `name` unless `value` is a bool (Python's or NumPy's)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f'{fn}: {name} must be a bool, got {value!r}')
+
+
 def pair(value, name: str, fn: str) -> tuple[int, int]:
   """Normalises an int or a length-2 sequence of ints to a pair of ints."""
-  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+  if is_int(value):
     return int(value), int(value)
-  if isinstance(value, Sequence) and len(value) == 2 and all(
-      isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value
-  ):
+  if isinstance(value, Sequence) and len(value) == 2 and all(is_int(v) for v in value):
     return int(value[0]), int(value[1])
   raise ValueError(f'{fn}: {name} must be an int or a pair of ints, got {value!r}')
 
 
 def positive_int(value, name: str, fn: str) -> int:
   """`value` as an int >= 1 (bools refused), else a ValueError naming `name`."""
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+  if not is_int(value) or value < 1:
     raise ValueError(f'{fn}: {name} must be a positive int, got {value!r}')
   return int(value)
 
@@ -60,20 +79,16 @@ def padding_pairs(
       raise ValueError(f"{fn}: padding must be 'SAME', 'VALID', an int, a pair or a pair of pairs, got {padding!r}")
     pads = lax.padtype_to_pads(in_hw, window_hw, strides, padding.upper())
     return (_dim(pads[0][0]), _dim(pads[0][1])), (_dim(pads[1][0]), _dim(pads[1][1]))
-  if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
+  if is_int(padding):
     p = int(padding)
     result = ((p, p), (p, p))
-  elif (
-      isinstance(padding, Sequence)
-      and len(padding) == 2
-      and all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in padding)
-  ):
+  elif isinstance(padding, Sequence) and len(padding) == 2 and all(is_int(p) for p in padding):
     result = ((int(padding[0]),) * 2, (int(padding[1]),) * 2)
   elif (
       isinstance(padding, Sequence)
       and len(padding) == 2
-      and all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2
-              and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in p) for p in padding)
+      and all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 and all(is_int(v) for v in p)
+              for p in padding)
   ):
     result = tuple((int(p[0]), int(p[1])) for p in padding)
   else:
@@ -89,6 +104,55 @@ def padding_pairs(
 def _dim(v):
   """int for a concrete size; a `jax.export` symbolic size (SAME padding of a symbolic H) stays symbolic."""
   return v if jax.export.is_symbolic_dim(v) else int(v)
+
+
+def is_symbolic(*dims: Any) -> bool:
+  """True if any dimension is a `jax.export` symbolic dimension."""
+  return any(jax.export.is_symbolic_dim(d) for d in dims)
+
+
+# jax.errors has it from jax 0.10; older jax (down to the 0.8.1 floor) has it in jax.core only.
+_Inconclusive = getattr(jax.errors, 'InconclusiveDimensionOperation', None) or jax.core.InconclusiveDimensionOperation
+
+
+def known_le(a: Any, b: Any) -> bool | None:
+  """`a <= b` for possibly symbolic dims: True/False when decidable, None when not."""
+  try:
+    return bool(a <= b)
+  except _Inconclusive:  # depends on the symbolic value
+    return None
+
+
+class ConvWindow(NamedTuple):
+  """Where a conv window of stride `strides` and dilation `dilation` sits on the padded input (all static)."""
+  out_hw: tuple[int, int]
+  pads: tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+  strides: tuple[int, int]
+  dilation: tuple[int, int]
+
+
+def conv_window(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides: int | Sequence[int],
+                padding: PaddingLike, dilation: int | Sequence[int], fn: str) -> ConvWindow:
+  """The output size and explicit padding of a `kh x kw` window over an `H x W` input, `lax.conv_general_dilated`'s
+  arithmetic; strides and dilation normalised to positive pairs, each argument refused by name in `fn`'s errors.
+
+  >>> conv_window((8, 8), (3, 3), 2, 'SAME', 1, 'doc')
+  ConvWindow(out_hw=(4, 4), pads=((0, 1), (0, 1)), strides=(2, 2), dilation=(1, 1))
+  """
+  sh, sw = positive_pair(strides, 'strides', fn)
+  dh, dw = positive_pair(dilation, 'dilation', fn)
+  kh, kw = kernel_hw
+  window = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
+  pads = padding_pairs(padding, in_hw, window, (sh, sw), fn)
+  sizes = []
+  for size, (lo, hi), win, s, axis in zip(in_hw, pads, window, (sh, sw), 'HW'):
+    if known_le(win, size + lo + hi) is False:
+      raise ValueError(
+          f'{fn}: padded input {axis} = {size}+{lo}+{hi} is smaller than the dilated kernel '
+          f'({win}); no output position exists'
+      )
+    sizes.append((size + lo + hi - win) // s + 1)
+  return ConvWindow((sizes[0], sizes[1]), pads, (sh, sw), (dh, dw))
 
 
 def static_shape(x) -> tuple:
@@ -136,6 +200,15 @@ def check_floating(x, name: str, fn: str) -> None:
     raise TypeError(f'{fn}: {name} must be a floating-point array, got dtype {jnp.result_type(x)}')
 
 
+def check_policy(chunk_size: int | None, memory_budget: int | None, deterministic: bool, fn: str) -> None:
+  """The execution-policy keywords every sampling op shares, refused by name: `chunk_size` / `memory_budget`
+  positive ints or None (ValueError), `deterministic` a bool (TypeError)."""
+  for name, value in (('chunk_size', chunk_size), ('memory_budget', memory_budget)):
+    if value is not None and (not is_int(value) or value < 1):
+      raise ValueError(f'{fn}: {name} must be a positive int or None, got {value!r}')
+  check_bool(deterministic, 'deterministic', fn)
+
+
 def promote(*dtypes) -> np.dtype:
   """The op's own dtype policy, independent of the user's promotion setting.
 
@@ -168,5 +241,6 @@ def index_dtype(size: int, fn: str) -> np.dtype:
   return np.dtype(np.int64)
 
 
-__all__ = ['PaddingLike', 'as_array', 'check_floating', 'check_rank', 'check_shape', 'coordinate_dtype', 'index_dtype',
-           'pair', 'padding_pairs', 'positive_int', 'positive_pair', 'promote', 'static_shape']
+__all__ = ['ConvWindow', 'PaddingLike', 'as_array', 'check_bool', 'check_floating', 'check_policy', 'check_rank',
+           'check_shape', 'conv_window', 'coordinate_dtype', 'index_dtype', 'is_int', 'is_real', 'is_symbolic',
+           'known_le', 'pair', 'padding_pairs', 'positive_int', 'positive_pair', 'promote', 'static_shape']

@@ -21,25 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from deformjax.ops import _args, _policy, sampling
-from deformjax.ops._policy import CPU_CHUNK_BYTES
-from deformjax.ops.sampling import INDEX_BLOCK_BYTES
+from deformjax.ops import _args, _engine, _policy
 
 _PrecisionLike = str | jax.lax.Precision | tuple | None
-
-
-def _infer_offset_groups(offsets, taps: int, fn: str) -> int:
-  """torchvision's rule: offsets carry offset_groups*kh*kw*2 channels."""
-  channels = np.shape(offsets)[-1] if np.ndim(offsets) == 4 else None
-  if channels is None:
-    return 1  # the shape check names what offsets must look like
-  if channels == 0 or channels % (2 * taps):
-    raise ValueError(
-        f'{fn}: offsets must have shape [N, Ho, Wo, offset_groups*kh*kw*2]; their {channels} channels are not a '
-        f'positive multiple of 2*kh*kw = {2 * taps}, so offset_groups cannot be inferred, got '
-        f'{tuple(np.shape(offsets))}'
-    )
-  return channels // (2 * taps)
+_FN = 'deform_conv2d'
 
 
 def output_size(
@@ -54,27 +39,107 @@ def output_size(
   Same arithmetic as `lax.conv_general_dilated`; used by the op and by modules
   that must predict offsets of the right shape.
   """
-  return _output_size(in_hw, kernel_hw, strides, padding, dilation, 'output_size')
+  window = _args.conv_window(in_hw, kernel_hw, strides, padding, dilation, 'output_size')
+  return window.out_hw, window.pads
 
 
-def _output_size(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides: int | Sequence[int],
-                 padding: _args.PaddingLike, dilation: int | Sequence[int], fn: str
-                 ) -> tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]:
-  """`output_size`, its errors labelled with the calling op's name `fn`."""
-  sh, sw = _args.positive_pair(strides, 'strides', fn)
-  dh, dw = _args.positive_pair(dilation, 'dilation', fn)
-  kh, kw = kernel_hw
-  window = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
-  pads = _args.padding_pairs(padding, in_hw, window, (sh, sw), fn)
-  sizes = []
-  for size, (lo, hi), win, s, axis in zip(in_hw, pads, window, (sh, sw), 'HW'):
-    if _policy.known_le(win, size + lo + hi) is False:
-      raise ValueError(
-          f'{fn}: padded input {axis} = {size}+{lo}+{hi} is smaller than the dilated kernel '
-          f'({win}); no output position exists'
-      )
-    sizes.append((size + lo + hi - win) // s + 1)
-  return (sizes[0], sizes[1]), pads
+def _infer_offset_groups(offsets, taps: int) -> int:
+  """torchvision's rule: offsets carry offset_groups*kh*kw*2 channels."""
+  channels = np.shape(offsets)[-1] if np.ndim(offsets) == 4 else None
+  if channels is None:
+    return 1  # the shape check names what offsets must look like
+  if channels == 0 or channels % (2 * taps):
+    raise ValueError(
+        f'{_FN}: offsets must have shape [N, Ho, Wo, offset_groups*kh*kw*2]; their {channels} channels are not a '
+        f'positive multiple of 2*kh*kw = {2 * taps}, so offset_groups cannot be inferred, got '
+        f'{tuple(np.shape(offsets))}'
+    )
+  return channels // (2 * taps)
+
+
+class _Checked(NamedTuple):
+  """The arguments of a call that passed `_check_args`: arrays, group counts and the conv window."""
+  inputs: jax.Array
+  offsets: jax.Array
+  kernel: jax.Array
+  mask: jax.Array | None
+  bias: jax.Array | None
+  groups: int
+  offset_groups: int
+  window: _args.ConvWindow
+
+
+def _check_arrays(inputs, offsets, kernel, mask, bias) -> tuple[jax.Array | None, ...]:
+  """The five arrays as jax.Arrays, the floating ones and the ranks the shape checks rely on refused by name."""
+  inputs, offsets, kernel, mask, bias = (
+      _args.as_array(a, name, _FN) for a, name in
+      zip((inputs, offsets, kernel, mask, bias), ('inputs', 'offsets', 'kernel', 'mask', 'bias')))
+  _args.check_floating(inputs, 'inputs', _FN)
+  _args.check_floating(offsets, 'offsets', _FN)
+  _args.check_floating(kernel, 'kernel', _FN)
+  _args.check_rank(inputs, 4, 'inputs', '[N, H, W, C]', _FN)
+  _args.check_rank(kernel, 4, 'kernel', '[kh, kw, C // groups, C_out]', _FN)
+  return inputs, offsets, kernel, mask, bias
+
+
+def _check_groups(channels: int, kernel_shape: tuple[int, ...], groups: int, offset_groups) -> int:
+  """`offset_groups` as an int; both group counts divide the channels they split, and the kernel fits them."""
+  kh, kw, cin_g, cout = kernel_shape
+  offset_groups = _args.positive_int(offset_groups, 'offset_groups', _FN)
+  if channels % groups:
+    raise ValueError(f'{_FN}: inputs channels C={channels} must be divisible by groups={groups}')
+  if channels % offset_groups:
+    raise ValueError(f'{_FN}: inputs channels C={channels} must be divisible by offset_groups={offset_groups}')
+  if cout % groups:
+    raise ValueError(f'{_FN}: kernel output channels C_out={cout} must be divisible by groups={groups}')
+  if cin_g != channels // groups or kh < 1 or kw < 1:
+    raise ValueError(
+        f'{_FN}: kernel must have shape [kh, kw, C // groups, C_out] = [kh, kw, {channels // groups}, C_out] '
+        f'with kh, kw >= 1, got {tuple(kernel_shape)}'
+    )
+  return offset_groups
+
+
+def _check_args(inputs, offsets, kernel, mask, bias, *, strides, padding, dilation, groups, offset_groups,
+                preferred_element_type, chunk_size, memory_budget, deterministic) -> _Checked:
+  """Arrays, dtypes, shapes and scalar arguments, each refused by name, in the order a reader meets them."""
+  inputs, offsets, kernel, mask, bias = _check_arrays(inputs, offsets, kernel, mask, bias)
+  n, h, w, c = inputs.shape
+  kh, kw, _, cout = kernel.shape
+  groups = _args.positive_int(groups, 'groups', _FN)
+  if offset_groups is None:
+    offset_groups = _infer_offset_groups(offsets, kh * kw)
+  og = _check_groups(c, tuple(kernel.shape), groups, offset_groups)
+  window = _args.conv_window((h, w), (kh, kw), strides, padding, dilation, _FN)
+  (ho, wo), taps = window.out_hw, kh * kw
+  _args.check_shape(offsets, (n, ho, wo, og * taps * 2), 'offsets', '[N, Ho, Wo, offset_groups*kh*kw*2]', _FN)
+  if mask is not None:
+    _args.check_floating(mask, 'mask', _FN)
+    _args.check_shape(mask, (n, ho, wo, og * taps), 'mask', '[N, Ho, Wo, offset_groups*kh*kw]', _FN)
+  if bias is not None:
+    _args.check_floating(bias, 'bias', _FN)
+    _args.check_shape(bias, (cout,), 'bias', '[C_out]', _FN)
+  _args.check_policy(chunk_size, memory_budget, deterministic, _FN)
+  if preferred_element_type is not None and not jnp.issubdtype(np.dtype(preferred_element_type), jnp.floating):
+    raise ValueError(f'{_FN}: preferred_element_type must be a floating dtype (the sampled values are '
+                     f'fractional), got {np.dtype(preferred_element_type)}')
+  return _Checked(inputs, offsets, kernel, mask, bias, groups, og, window)
+
+
+class _Dtypes(NamedTuple):
+  """compute: the contraction's operands; acc: sampling and accumulation; coord: sampling positions; out: result."""
+  compute: np.dtype
+  acc: np.dtype
+  coord: np.dtype
+  out: np.dtype
+
+
+def _resolve_dtypes(inputs: jax.Array, offsets: jax.Array, kernel: jax.Array,
+                    preferred_element_type: DTypeLike | None) -> _Dtypes:
+  """The op's dtype policy: the promoted dtype of inputs and kernel, sampled and accumulated in at least float32."""
+  compute = _args.promote(inputs.dtype, kernel.dtype)
+  out = np.dtype(preferred_element_type) if preferred_element_type is not None else compute
+  return _Dtypes(compute, _args.promote(compute, jnp.float32), _args.coordinate_dtype(offsets.dtype, compute), out)
 
 
 class _Geometry(NamedTuple):
@@ -91,17 +156,26 @@ class _Geometry(NamedTuple):
   idx_dtype: np.dtype
 
 
+def _geometry(args: _Checked, cdtype: np.dtype) -> _Geometry:
+  """The call's `_Geometry`; int64 table rows (or the error that asks for them) past 2**31 rows."""
+  n, h, w, _ = args.inputs.shape
+  (pt, _), (pl, _) = args.window.pads
+  idx_dtype = _args.index_dtype(n * h * w * args.offset_groups, _FN)
+  return _Geometry(n, (h, w), args.window.out_hw, args.window.strides, (pt, pl), args.window.dilation,
+                   tuple(args.kernel.shape[:2]), args.offset_groups, cdtype, idx_dtype)
+
+
 def _corners(geom: _Geometry, start, count, off, m):
   """Flat table rows and weights of the four corners of `count` pixels from `start`, 2 x 4 x [count*K*G].
 
   Computed in one vectorised pass and handed to the columns pass as arrays:
   computed inside a chunk body, XLA fuses the whole index arithmetic into the
   gather and redoes it for every channel (measured 1.4-1.7x slower forward on
-  CPU). `sampling.run_passes` makes them for all pixels at once while they fit
-  `sampling.INDEX_BLOCK_BYTES`, else per block of chunks.
+  CPU). `_engine.run_passes` makes them for all pixels at once while they fit
+  `_engine.INDEX_BLOCK_BYTES`, else per block of chunks.
   """
   (kh, kw), (dh, dw), cdtype = geom.kernel_hw, geom.dilation, geom.cdtype
-  img, oy, ox = sampling.output_pixels(start, count, geom.n, geom.out_hw, geom.idx_dtype)
+  img, oy, ox = _engine.output_pixels(start, count, geom.n, geom.out_hw, geom.idx_dtype)
   tap_i = np.repeat(np.arange(kh), kw) * dh
   tap_j = np.tile(np.arange(kw), kh) * dw
   y, x = (
@@ -109,8 +183,8 @@ def _corners(geom: _Geometry, start, count, off, m):
       + off[..., axis].astype(cdtype)
       for pos, stride, pad, tap, axis in zip((oy, ox), geom.strides, geom.pads, (tap_i, tap_j), (0, 1)))
   group_row = jnp.arange(geom.offset_groups, dtype=geom.idx_dtype)[None, None, :]
-  return sampling.image_corners(y, x, None if m is None else m.astype(cdtype), img, geom.hw, geom.offset_groups,
-                                group_row, geom.idx_dtype)
+  return _engine.image_corners(y, x, None if m is None else m.astype(cdtype), img, geom.hw, geom.offset_groups,
+                               group_row, geom.idx_dtype)
 
 
 def _contract(taps: int, groups: int, precision, acc_dtype, cols, kernel):
@@ -123,6 +197,34 @@ def _contract(taps: int, groups: int, precision, acc_dtype, cols, kernel):
   return out.reshape(-1, groups * cout_g)
 
 
+def _plan(geom: _Geometry, args: _Checked, dtypes: _Dtypes, precision: _PrecisionLike, chunk_size: int | None,
+          memory_budget: int | None, deterministic: bool) -> jax.Array:
+  """The sampled columns contracted with the kernel, in passes: `[N, Ho, Wo, C_out]` in the accumulation dtype."""
+  n, h, w, c = args.inputs.shape
+  kh, kw, cin_g, cout = args.kernel.shape
+  (ho, wo), og, groups, taps = geom.out_hw, geom.offset_groups, args.groups, kh * kw
+  pixels = n * ho * wo
+  # Sampled in the accumulation dtype: for bf16/f16 inputs the backward's
+  # scatter-add then accumulates in float32 (exact to f32, and 3x faster on CPU
+  # than XLA's bf16 scatter), at the price of one f32 copy of the input.
+  table = args.inputs.reshape(n * h * w * og, c // og).astype(dtypes.acc)
+  # Offsets and mask are re-laid out tap-major ([.., K, G, ..]) before sampling,
+  # so the sampled columns come out as [chunk, K, C] without transposing them.
+  off = args.offsets.reshape(pixels, og, taps, 2).transpose(0, 2, 1, 3)
+  m = None if args.mask is None else args.mask.reshape(pixels, og, taps).transpose(0, 2, 1)
+  kernel = (args.kernel.reshape(taps * c, cout) if groups == 1 else
+            args.kernel.reshape(taps, cin_g, groups, cout // groups))
+  contract = functools.partial(_contract, taps, groups, precision, dtypes.acc)
+  sample = functools.partial(_engine.sampled_pass, contract, dtypes.compute, bool(deterministic), table, kernel)
+  out = _engine.run_passes(
+      functools.partial(_corners, geom), sample, (off, m), pixels=pixels,
+      bytes_per_pixel=taps * c * dtypes.acc.itemsize,
+      point_bytes=_engine.corner_bytes(taps * og, geom.idx_dtype, geom.cdtype), idx_dtype=geom.idx_dtype,
+      chunk_size=chunk_size, memory_budget=memory_budget)
+  return out.reshape(n, ho, wo, cout)
+
+
+@_policy.compiled('inputs', 'offsets', 'kernel', 'mask', 'bias')
 def deform_conv2d(
     inputs: jax.Array,
     offsets: jax.Array,
@@ -193,13 +295,13 @@ def deform_conv2d(
       smaller), which is fastest there. Besides the columns, both passes keep
       the corner rows and weights of the sample points: 32 bytes per point and
       offset group (48 for float64), `8*offset_groups/C` of the whole float32
-      columns buffer, made per block of chunks past `INDEX_BLOCK_BYTES`.
+      columns buffer, made per block of chunks once they pass 64 MiB.
       With a symbolic batch (`jax.export`) the choice between one pass and
       chunks is made when the exported function is called with real shapes.
     deterministic: make every gradient bit-identical run to run. XLA's GPU
       scatter-add uses atomics in no fixed order; with this flag the input
-      gradient is a sorted segment sum instead (`sampling.sorted_segment_sum`)
-      when lowered for GPU/TPU, at a cost in speed. CPU is deterministic
+      gradient is a sorted segment sum instead (no atomics) when lowered for
+      GPU/TPU, at a cost in speed. CPU is deterministic
       either way. It trades forward-mode autodiff (`jax.jvp`, `jacfwd`) away:
       reverse mode (`grad`, `vjp`, grad of grad), `vmap` and `checkpoint` work.
 
@@ -215,90 +317,27 @@ def deform_conv2d(
     >>> deform_conv2d(x, off, w, padding=1).shape
     (2, 8, 8, 6)
   """
-  fn = 'deform_conv2d'
-  inputs, offsets, kernel, mask, bias = (
-      _args.as_array(a, name, fn) for a, name in
-      zip((inputs, offsets, kernel, mask, bias), ('inputs', 'offsets', 'kernel', 'mask', 'bias')))
-  _args.check_floating(inputs, 'inputs', fn)
-  _args.check_floating(offsets, 'offsets', fn)
-  _args.check_floating(kernel, 'kernel', fn)
-  _args.check_rank(inputs, 4, 'inputs', '[N, H, W, C]', fn)
-  _args.check_rank(kernel, 4, 'kernel', '[kh, kw, C // groups, C_out]', fn)
-  groups = _args.positive_int(groups, 'groups', fn)
-  n, h, w, c = inputs.shape
-  kh, kw, cin_g, cout = kernel.shape
-  if offset_groups is None:
-    offset_groups = _infer_offset_groups(offsets, kh * kw, fn)
-  offset_groups = _args.positive_int(offset_groups, 'offset_groups', fn)
-  if c % groups:
-    raise ValueError(f'{fn}: inputs channels C={c} must be divisible by groups={groups}')
-  if c % offset_groups:
-    raise ValueError(f'{fn}: inputs channels C={c} must be divisible by offset_groups={offset_groups}')
-  if cout % groups:
-    raise ValueError(f'{fn}: kernel output channels C_out={cout} must be divisible by groups={groups}')
-  if cin_g != c // groups or kh < 1 or kw < 1:
-    raise ValueError(
-        f'{fn}: kernel must have shape [kh, kw, C // groups, C_out] = [kh, kw, {c // groups}, C_out] '
-        f'with kh, kw >= 1, got {tuple(kernel.shape)}'
-    )
-  (ho, wo), ((pt, _), (pl, _)) = _output_size((h, w), (kh, kw), strides, padding, dilation, fn)
-  sh, sw = _args.pair(strides, 'strides', fn)
-  dh, dw = _args.pair(dilation, 'dilation', fn)
-  taps = kh * kw
-  og = offset_groups
-  _args.check_shape(offsets, (n, ho, wo, og * taps * 2), 'offsets', '[N, Ho, Wo, offset_groups*kh*kw*2]', fn)
-  if mask is not None:
-    _args.check_floating(mask, 'mask', fn)
-    _args.check_shape(mask, (n, ho, wo, og * taps), 'mask', '[N, Ho, Wo, offset_groups*kh*kw]', fn)
-  if bias is not None:
-    _args.check_floating(bias, 'bias', fn)
-    _args.check_shape(bias, (cout,), 'bias', '[C_out]', fn)
-  sampling.check_policy_args(chunk_size, memory_budget, deterministic, fn)
-
-  compute_dtype = _args.promote(inputs.dtype, kernel.dtype)
-  acc_dtype = _args.promote(compute_dtype, jnp.float32)
-  cdtype = _args.coordinate_dtype(offsets.dtype, compute_dtype)
-  out_dtype = np.dtype(preferred_element_type) if preferred_element_type is not None else compute_dtype
-  if not jnp.issubdtype(out_dtype, jnp.floating):
-    raise ValueError(f'{fn}: preferred_element_type must be a floating dtype (the sampled values are '
-                     f'fractional), got {out_dtype}')
-  inputs = inputs.astype(compute_dtype)
-  kernel = kernel.astype(compute_dtype)
-
-  pixels = n * ho * wo
-  if _policy.known_le(pixels, 0) or _policy.known_le(h * w * c, 0):
+  args = _check_args(inputs, offsets, kernel, mask, bias, strides=strides, padding=padding, dilation=dilation,
+                     groups=groups, offset_groups=offset_groups, preferred_element_type=preferred_element_type,
+                     chunk_size=chunk_size, memory_budget=memory_budget, deterministic=deterministic)
+  dtypes = _resolve_dtypes(args.inputs, args.offsets, args.kernel, preferred_element_type)
+  args = args._replace(inputs=args.inputs.astype(dtypes.compute), kernel=args.kernel.astype(dtypes.compute))
+  n, h, w, c = args.inputs.shape
+  (ho, wo), cout = args.window.out_hw, args.kernel.shape[-1]
+  if _args.known_le(n * ho * wo, 0) or _args.known_le(h * w * c, 0):
     # Nothing to sample: every tap reads zero, the result is the bias alone.
-    out = jnp.zeros((n, ho, wo, cout), acc_dtype)
+    out = jnp.zeros((n, ho, wo, cout), dtypes.acc)
   else:
-    native = _policy.native_op('deform_conv2d')  # an exporter's own operator (deformjax.export: ONNX DeformConv)
-    out = None if native is None else native(inputs, offsets, kernel, mask, bias, strides=strides, padding=padding,
-                                             dilation=dilation, groups=groups, offset_groups=og)
+    native = _policy.native_op(_FN)  # an exporter's own operator (deformjax.export: ONNX DeformConv)
+    out = None if native is None else native(args.inputs, args.offsets, args.kernel, args.mask, args.bias,
+                                             strides=strides, padding=padding, dilation=dilation, groups=args.groups,
+                                             offset_groups=args.offset_groups)
     if out is not None:
-      return out.astype(out_dtype)
-    idx_dtype = _args.index_dtype(n * h * w * og, fn)
-    geom = _Geometry(n, (h, w), (ho, wo), (sh, sw), (pt, pl), (dh, dw), (kh, kw), og, cdtype, idx_dtype)
-    # Sampled in the accumulation dtype: for bf16/f16 inputs the backward's
-    # scatter-add then accumulates in float32 (exact to f32, and 3x faster on CPU
-    # than XLA's bf16 scatter), at the price of one f32 copy of the input.
-    table = inputs.reshape(n * h * w * og, c // og).astype(acc_dtype)
-    # Offsets and mask are re-laid out tap-major ([.., K, G, ..]) before sampling,
-    # so the sampled columns come out as [chunk, K, C] without transposing them.
-    off = offsets.reshape(pixels, og, taps, 2).transpose(0, 2, 1, 3)
-    m = None if mask is None else mask.reshape(pixels, og, taps).transpose(0, 2, 1)
-    kernel_operand = kernel.reshape(taps * c, cout) if groups == 1 else kernel.reshape(taps, cin_g, groups,
-                                                                                       cout // groups)
-    contract = functools.partial(_contract, taps, groups, precision, acc_dtype)
-    sample = functools.partial(sampling.sampled_pass, contract, compute_dtype, bool(deterministic), table,
-                               kernel_operand)
-    out = sampling.run_passes(
-        functools.partial(_corners, geom), sample, (off, m), pixels=pixels,
-        bytes_per_pixel=taps * c * acc_dtype.itemsize,
-        point_bytes=taps * og * (idx_dtype.itemsize + cdtype.itemsize) * 4, idx_dtype=idx_dtype,
-        chunk_size=chunk_size, memory_budget=memory_budget)
-    out = out.reshape(n, ho, wo, cout)
-  if bias is not None:
-    out = out + bias.astype(acc_dtype).reshape(1, 1, 1, cout)
-  return out.astype(out_dtype)
+      return out.astype(dtypes.out)
+    out = _plan(_geometry(args, dtypes.coord), args, dtypes, precision, chunk_size, memory_budget, deterministic)
+  if args.bias is not None:
+    out = out + args.bias.astype(dtypes.acc).reshape(1, 1, 1, cout)
+  return out.astype(dtypes.out)
 
 
 def columns_bytes(
@@ -326,5 +365,4 @@ def columns_bytes(
   return -(-pixels // num_chunks) * bytes_per_pixel
 
 
-__all__ = ['CPU_CHUNK_BYTES', 'INDEX_BLOCK_BYTES',
-           'columns_bytes', 'deform_conv2d', 'output_size']
+__all__ = ['columns_bytes', 'deform_conv2d', 'output_size']

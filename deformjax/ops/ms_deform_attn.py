@@ -19,11 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deformjax.ops import _args, _policy, sampling
+from deformjax.ops import _args, _engine, _policy
+
+_FN = 'ms_deform_attn'
 
 
 def level_shapes(spatial_shapes: Sequence[tuple[int, int]] | np.ndarray | jax.Array,
-                 fn: str = 'ms_deform_attn') -> tuple[tuple[int, int], ...]:
+                 fn: str = _FN) -> tuple[tuple[int, int], ...]:
   """`spatial_shapes` (a sequence of (H_l, W_l), or a concrete `[L, 2]` integer array) as a tuple of int pairs.
 
   >>> level_shapes([(4, 6), (2, 3)])
@@ -43,12 +45,46 @@ def level_shapes(spatial_shapes: Sequence[tuple[int, int]] | np.ndarray | jax.Ar
   return tuple((int(h), int(w)) for h, w in shapes)
 
 
-class _Levels:
-  """Static per-level arrays broadcasting against points `[count, M, L, P]`."""
+def _check_args(value, spatial_shapes, sampling_locations, attention_weights, chunk_size, memory_budget,
+                deterministic) -> tuple[jax.Array, jax.Array, jax.Array, tuple[tuple[int, int], ...]]:
+  """Arrays, dtypes, shapes and scalar arguments, each refused by name; returns the arrays and the level shapes."""
+  value, sampling_locations, attention_weights = (
+      _args.as_array(a, name, _FN) for a, name in zip((value, sampling_locations, attention_weights),
+                                                      ('value', 'sampling_locations', 'attention_weights')))
+  for a, name in ((value, 'value'), (sampling_locations, 'sampling_locations'),
+                  (attention_weights, 'attention_weights')):
+    _args.check_floating(a, name, _FN)
+  _args.check_rank(value, 4, 'value', '[N, sum(H_l*W_l), M, D]', _FN)
+  shapes = level_shapes(spatial_shapes, _FN)
+  n, s, heads, _ = value.shape
+  rows = sum(h * w for h, w in shapes)
+  if s != rows:
+    raise ValueError(f'{_FN}: value must have shape [N, sum(H_l*W_l), M, D] = [N, {rows}, M, D] for spatial_shapes '
+                     f'{shapes}, got {tuple(value.shape)}')
+  _args.check_rank(sampling_locations, 6, 'sampling_locations', '[N, Lq, M, L, P, 2]', _FN)
+  lq, points = sampling_locations.shape[1], sampling_locations.shape[4]
+  _args.check_shape(sampling_locations, (n, lq, heads, len(shapes), points, 2), 'sampling_locations',
+                    '[N, Lq, M, L, P, 2]', _FN)
+  _args.check_shape(attention_weights, (n, lq, heads, len(shapes), points), 'attention_weights', '[N, Lq, M, L, P]',
+                    _FN)
+  _args.check_policy(chunk_size, memory_budget, deterministic, _FN)
+  return value, sampling_locations, attention_weights, shapes
 
-  def __init__(self, shapes, n, lq, heads, cdtype, idx_dtype):
+
+class _Levels:
+  """Static per-level arrays broadcasting against points `[count, M, L, P]`.
+
+  `empty` when there is nothing to sample (no query, or no sampled value); only
+  then is the index dtype not checked against the value's size.
+  """
+
+  def __init__(self, shapes, value_shape, lq, points, cdtype):
     hw = np.asarray(shapes, np.int64)
-    self.n, self.lq, self.heads, self.cdtype, self.idx_dtype = n, lq, heads, cdtype, idx_dtype
+    n, s, heads, d = value_shape
+    self.n, self.lq, self.heads, self.levels, self.points, self.cdtype = n, lq, heads, len(shapes), points, cdtype
+    self.empty = bool(_args.known_le(n * lq, 0) or _args.known_le(points * heads * d, 0))
+    idx_dtype = np.dtype(np.int32) if self.empty else _args.index_dtype(n * s * heads, _FN)
+    self.idx_dtype = idx_dtype
     self.rows_per_image = int(hw.prod(axis=1).sum())
     # [1, 1, L, 1]: full rank, so they broadcast without rank promotion.
     self.height = hw[None, None, :, 0, None].astype(idx_dtype)
@@ -65,12 +101,30 @@ def _corners(levels: _Levels, start, count, locations, weights):
   loc = locations.astype(cdtype)
   x = loc[..., 0] * levels.width.astype(cdtype) - 0.5
   y = loc[..., 1] * levels.height.astype(cdtype) - 0.5
-  idx, wts = sampling.bilinear_corners(y, x, levels.height, levels.width, idx_dtype)
+  idx, wts = _engine.bilinear_corners(y, x, levels.height, levels.width, idx_dtype)
   base = (img * levels.rows_per_image)[:, None, None, None] + levels.start
-  rows = sampling.corner_rows(idx, base, levels.heads, jnp.arange(levels.heads, dtype=idx_dtype)[None, :, None, None])
+  rows = _engine.corner_rows(idx, base, levels.heads, jnp.arange(levels.heads, dtype=idx_dtype)[None, :, None, None])
   return rows, tuple((wt * weights.astype(cdtype)).reshape(-1) for wt in wts)
 
 
+def _plan(levels: _Levels, value: jax.Array, locations: jax.Array, weights: jax.Array, *, deterministic: bool,
+          chunk_size: int | None, memory_budget: int | None) -> jax.Array:
+  """The weighted samples of each head summed, in passes over the `N*Lq` queries: `[N, Lq, M*D]` in `value.dtype`."""
+  n, s, heads, d = value.shape
+  lq, per_head = levels.lq, levels.levels * levels.points
+  if levels.empty:
+    return jnp.zeros((n, lq, heads * d), value.dtype)
+  acc_dtype = _args.promote(value.dtype, jnp.float32)
+  table = value.reshape(n * s * heads, d).astype(acc_dtype)
+  out = _engine.summed_passes(
+      functools.partial(_corners, levels), (locations.reshape(n * lq, heads, levels.levels, levels.points, 2),
+                                            weights.reshape(n * lq, heads, levels.levels, levels.points)),
+      table, groups=heads, points=per_head, pixels=n * lq, idx_dtype=levels.idx_dtype, coord_dtype=levels.cdtype,
+      deterministic=deterministic, chunk_size=chunk_size, memory_budget=memory_budget)
+  return out.reshape(n, lq, heads * d).astype(value.dtype)
+
+
+@_policy.compiled('value', 'sampling_locations', 'attention_weights')
 def ms_deform_attn(
     value: jax.Array,
     spatial_shapes: Sequence[tuple[int, int]],
@@ -116,46 +170,13 @@ def ms_deform_attn(
     >>> out.shape, round(float(out[0, 0, 0]), 6)
     ((1, 5, 16), 1.0)
   """
-  fn = 'ms_deform_attn'
-  value, sampling_locations, attention_weights = (
-      _args.as_array(a, name, fn) for a, name in zip((value, sampling_locations, attention_weights),
-                                                     ('value', 'sampling_locations', 'attention_weights')))
-  for a, name in ((value, 'value'), (sampling_locations, 'sampling_locations'),
-                  (attention_weights, 'attention_weights')):
-    _args.check_floating(a, name, fn)
-  _args.check_rank(value, 4, 'value', '[N, sum(H_l*W_l), M, D]', fn)
-  shapes = level_shapes(spatial_shapes, fn)
-  n, s, heads, d = value.shape
-  rows = sum(h * w for h, w in shapes)
-  if s != rows:
-    raise ValueError(f'{fn}: value must have shape [N, sum(H_l*W_l), M, D] = [N, {rows}, M, D] for spatial_shapes '
-                     f'{shapes}, got {tuple(value.shape)}')
-  _args.check_rank(sampling_locations, 6, 'sampling_locations', '[N, Lq, M, L, P, 2]', fn)
-  lq, points = sampling_locations.shape[1], sampling_locations.shape[4]
-  levels = len(shapes)
-  _args.check_shape(sampling_locations, (n, lq, heads, levels, points, 2), 'sampling_locations',
-                    '[N, Lq, M, L, P, 2]', fn)
-  _args.check_shape(attention_weights, (n, lq, heads, levels, points), 'attention_weights', '[N, Lq, M, L, P]', fn)
-  sampling.check_policy_args(chunk_size, memory_budget, deterministic, fn)
-
-  acc_dtype = _args.promote(value.dtype, jnp.float32)
+  value, sampling_locations, attention_weights, shapes = _check_args(value, spatial_shapes, sampling_locations,
+                                                                     attention_weights, chunk_size, memory_budget,
+                                                                     deterministic)
   cdtype = _args.coordinate_dtype(sampling_locations.dtype, attention_weights.dtype, value.dtype)
-  queries = n * lq
-  if _policy.known_le(queries, 0) or _policy.known_le(points * heads * d, 0):
-    return jnp.zeros((n, lq, heads * d), value.dtype)
-  idx_dtype = _args.index_dtype(n * s * heads, fn)
-  table = value.reshape(n * s * heads, d).astype(acc_dtype)
-  per_query = heads * levels * points
-  sample = functools.partial(sampling.sampled_pass, functools.partial(sampling.sum_points, heads, levels * points),
-                             acc_dtype, bool(deterministic), table, None)
-  out = sampling.run_passes(
-      functools.partial(_corners, _Levels(shapes, n, lq, heads, cdtype, idx_dtype)), sample,
-      (sampling_locations.reshape(queries, heads, levels, points, 2),
-       attention_weights.reshape(queries, heads, levels, points)),
-      pixels=queries, bytes_per_pixel=levels * points * heads * d * acc_dtype.itemsize,
-      point_bytes=per_query * (idx_dtype.itemsize + cdtype.itemsize) * 4, idx_dtype=idx_dtype,
-      chunk_size=chunk_size, memory_budget=memory_budget)
-  return out.reshape(n, lq, heads * d).astype(value.dtype)
+  levels = _Levels(shapes, value.shape, sampling_locations.shape[1], sampling_locations.shape[4], cdtype)
+  return _plan(levels, value, sampling_locations, attention_weights, deterministic=deterministic,
+               chunk_size=chunk_size, memory_budget=memory_budget)
 
 
 __all__ = ['level_shapes', 'ms_deform_attn']

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deformjax.ops import _args, _policy, sampling
-from deformjax.ops.sampling import floor_and_fractions
+from deformjax.ops import _args, _engine, _policy
+from deformjax.ops._engine import floor_and_fractions
 
 _FN = 'deform_roi_pool'
 
@@ -90,17 +90,17 @@ def _check_args(features: jax.Array, rois: jax.Array, offsets: jax.Array | None,
   return features, rois, offsets, (oh, ow)
 
 
-def _boxes(rois: jax.Array, spatial_scale: float, aligned: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def _boxes(rois: jax.Array, spatial_scale: float, aligned: bool, xp=jnp) -> tuple[jax.Array, ...]:
   """`(y1, x1, roi_h, roi_w)` in feature pixels, torchvision's arithmetic: `aligned` shifts the
-  box by -0.5 pixel, otherwise sizes are at least 1 pixel."""
+  box by -0.5 pixel, otherwise sizes are at least 1 pixel. `xp=np` for concrete boxes."""
   shift = 0.5 if aligned else 0.0
   y1 = rois[:, 2] * spatial_scale - shift
   x1 = rois[:, 1] * spatial_scale - shift
   roi_h = rois[:, 4] * spatial_scale - shift - y1
   roi_w = rois[:, 3] * spatial_scale - shift - x1
   if not aligned:
-    roi_h = jnp.maximum(roi_h, 1.0)
-    roi_w = jnp.maximum(roi_w, 1.0)
+    roi_h = xp.maximum(roi_h, roi_h.dtype.type(1))
+    roi_w = xp.maximum(roi_w, roi_w.dtype.type(1))
   return y1, x1, roi_h, roi_w
 
 
@@ -116,24 +116,32 @@ def _sampling_grid(roi_h: jax.Array, roi_w: jax.Array, output_hw: tuple[int, int
   (`bytes_per_grid_cell` each) fit `_policy.ROI_EXACT_GRID_BYTES`; else (under
   jit, or over that bound) a grid that covers every RoI inside the feature map.
   """
-  (oh, ow), (h, w) = output_hw, feature_hw
+  oh, ow = output_hw
   if sampling_ratio > 0:
     grid = jnp.full(roi_h.shape, float(sampling_ratio), roi_h.dtype)
     return grid, grid, (int(sampling_ratio), int(sampling_ratio))
   if max_sampling_grid is not None:
     grid_max = _args.positive_pair(max_sampling_grid, 'max_sampling_grid', _FN)
   else:
-    grid_max = (max(1, math.ceil(h / oh)), max(1, math.ceil(w / ow)))
-    known_h, known_w = _concrete(roi_h), _concrete(roi_w)
-    if known_h is not None and known_w is not None:
-      # The exact grid (torchvision's) while its samples fit the budget; a RoI far larger than
-      # the map would otherwise ask for any amount of memory.
-      exact = (_exact_grid(known_h, oh), _exact_grid(known_w, ow))
-      fits = exact[0] * exact[1] * bytes_per_grid_cell <= _policy.ROI_EXACT_GRID_BYTES
-      grid_max = exact if fits else (min(exact[0], grid_max[0]), min(exact[1], grid_max[1]))
+    grid_max = _grid_bound(_concrete(roi_h), _concrete(roi_w), output_hw, feature_hw, bytes_per_grid_cell)
   grid_h = jnp.minimum(jnp.ceil(roi_h / oh), grid_max[0])
   grid_w = jnp.minimum(jnp.ceil(roi_w / ow), grid_max[1])
   return grid_h, grid_w, grid_max
+
+
+def _grid_bound(roi_h: np.ndarray | None, roi_w: np.ndarray | None, output_hw: tuple[int, int],
+                feature_hw: tuple[int, int], bytes_per_grid_cell: int) -> tuple[int, int]:
+  """The adaptive grid's static bound: exact (torchvision's) for concrete RoI sizes while its samples fit
+  `_policy.ROI_EXACT_GRID_BYTES`, else (unknown sizes, or over that bound) a grid that covers every RoI inside
+  the feature map; a RoI far larger than the map would otherwise ask for any amount of memory."""
+  (oh, ow), (h, w) = output_hw, feature_hw
+  cover = (max(1, math.ceil(h / oh)), max(1, math.ceil(w / ow)))
+  if roi_h is None or roi_w is None:
+    return cover
+  exact = (_exact_grid(roi_h, oh), _exact_grid(roi_w, ow))
+  if exact[0] * exact[1] * bytes_per_grid_cell <= _policy.ROI_EXACT_GRID_BYTES:
+    return exact
+  return min(exact[0], cover[0]), min(exact[1], cover[1])
 
 
 def _sample_points(y1: jax.Array, x1: jax.Array, roi_h: jax.Array, roi_w: jax.Array, grid_h: jax.Array,
@@ -174,7 +182,7 @@ def _sample_scale(batch: jax.Array, grid_h: jax.Array, grid_w: jax.Array, grid_m
 def _bin_corners(feature_hw: tuple[int, int], idx_dtype: np.dtype, start: jax.Array | int, count: int,
                  y: jax.Array, x: jax.Array, scale: jax.Array, first_row: jax.Array
                  ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-  """Corner rows and weights (flat `[count * G]`) of bins `start .. start+count` for `sampling.run_passes`.
+  """Corner rows and weights (flat `[count * G]`) of bins `start .. start+count` for `_engine.run_passes`.
 
   `y, x, scale` are `[count, G]` (the bin's G grid points and their `1 / (gh*gw)`
   weights), `first_row [count]` the table row of the bin's image. Padding bins
@@ -253,11 +261,35 @@ def deform_roi_pool(
     >>> deform_roi_pool(feats, rois, output_size=7).shape
     (2, 7, 7, 8)
   """
-  features, rois, offsets, (oh, ow) = _check_args(features, rois, offsets, output_size, spatial_scale,
-                                                  sampling_ratio, aligned)
-  sampling.check_policy_args(chunk_size, memory_budget, deterministic, _FN)
+  checked = _check_args(features, rois, offsets, output_size, spatial_scale, sampling_ratio, aligned)
+  _args.check_policy(chunk_size, memory_budget, deterministic, _FN)
+  if sampling_ratio == 0 and max_sampling_grid is None:
+    max_sampling_grid = _concrete_grid(checked, spatial_scale, aligned)
+  return _pool(*checked[:3], output_size=checked[3], spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+               gamma=gamma, aligned=aligned, max_sampling_grid=max_sampling_grid, chunk_size=chunk_size,
+               memory_budget=memory_budget, deterministic=deterministic)
+
+
+def _concrete_grid(checked, spatial_scale: float, aligned: bool) -> tuple[int, int] | None:
+  """The adaptive grid's static bound where the boxes are concrete (outside jit), else None: `_sampling_grid`'s
+  choice, made here so that the pooling itself compiles once per shapes and bound (`_policy.compiled`)."""
+  features, rois, _, (oh, ow) = checked
   n, h, w, c = features.shape
-  r = rois.shape[0]
+  known = _concrete(rois)
+  if known is None or known.shape[0] == 0 or n * h * w * c == 0:
+    return None
+  cdtype = _args.coordinate_dtype(features.dtype, rois.dtype)
+  _, _, roi_h, roi_w = _boxes(known.astype(cdtype), spatial_scale, aligned, xp=np)
+  return _grid_bound(roi_h, roi_w, (oh, ow), (h, w), 4 * known.shape[0] * oh * ow * c * np.dtype(cdtype).itemsize)
+
+
+@_policy.compiled('features', 'rois', 'offsets')
+def _pool(features: jax.Array, rois: jax.Array, offsets: jax.Array | None, *, output_size: tuple[int, int],
+          spatial_scale: float, sampling_ratio: int, gamma: float, aligned: bool,
+          max_sampling_grid: tuple[int, int] | None, chunk_size: int | None, memory_budget: int | None,
+          deterministic: bool) -> jax.Array:
+  """`deform_roi_pool` on checked arguments: `[R, out_h, out_w, C]`."""
+  (oh, ow), (n, h, w, c), r = output_size, features.shape, rois.shape[0]
   if r == 0 or n * h * w * c == 0:
     return jnp.zeros((r, oh, ow, c), features.dtype)
 
@@ -278,10 +310,10 @@ def deform_roi_pool(
              jnp.broadcast_to(scale, y.shape).reshape(bins, points), first_row.reshape(bins))
   # Read in the coordinate dtype, so the features' gradient accumulates in it (float32 for bf16 features).
   table = features.reshape(n * h * w, c).astype(cdtype)
-  sample = functools.partial(sampling.sampled_pass, functools.partial(sampling.sum_points, 1, points), cdtype,
+  sample = functools.partial(_engine.sampled_pass, functools.partial(_engine.sum_points, 1, points), cdtype,
                              bool(deterministic), table, None)
   itemsize = np.dtype(cdtype).itemsize
-  out = sampling.run_passes(
+  out = _engine.run_passes(
       functools.partial(_bin_corners, (h, w), idx_dtype), sample, per_bin, pixels=bins,
       bytes_per_pixel=points * c * itemsize, point_bytes=points * (np.dtype(idx_dtype).itemsize + itemsize) * 4,
       idx_dtype=idx_dtype, chunk_size=chunk_size, memory_budget=memory_budget)

@@ -1,0 +1,133 @@
+"""Flax NNX DCNv4: OpenGVLab's DCNv4 block over `deformjax.ops.dcnv4`.
+
+A channel-preserving token mixer `[N, H, W, C] -> [N, H, W, C]` like
+`deformjax.nn.DCNv3`, with one linear head predicting DCNv4's packed
+offsets and (unnormalised) mask. Parameter names mirror the PyTorch module's
+(`value_proj`, `offset_mask`, `offset_mask_dw`, ...) so that
+`deformjax.nn.convert` maps a checkpoint one tensor to one parameter.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import initializers
+
+from deformjax.nn import _common
+from deformjax.nn._common import Layer
+from deformjax.ops import offset_mask_channels
+
+_zeros = initializers.zeros_init()
+
+
+def dcnv4_block(inputs: jax.Array, value_proj: Layer | None, offset_mask_dw: Layer | None, offset_mask: Layer,
+                center_feature_scale_proj: Layer | None, output_proj: Layer | None, *, kernel_size: int, groups: int,
+                padding: int, dilation: int, offset_scale: float, remove_center: bool, chunk_size: int | None = None,
+                memory_budget: int | None = None, deterministic: bool = False) -> tuple[jax.Array, jax.Array]:
+  """DCNv4's computation given its layers: `inputs [..., H, W, C]` -> `(y, offset_mask [..., H, W, ceil8(G*K*3)])`.
+
+  `chunk_size`, `memory_budget`, `deterministic` go to `deformjax.ops.dcnv4`.
+  """
+  from deformjax.ops import dcnv4
+
+  batch = inputs.shape[:-3]
+  inputs = _common.flatten_batch(inputs, batch)
+  x = inputs if value_proj is None else value_proj(inputs)
+  packed = offset_mask(inputs if offset_mask_dw is None else offset_mask_dw(inputs))
+  y = dcnv4(x, packed.astype(x.dtype), kernel_size=kernel_size, padding=padding, dilation=dilation, groups=groups,
+            offset_scale=offset_scale, remove_center=remove_center, chunk_size=chunk_size, memory_budget=memory_budget,
+            deterministic=deterministic)
+  if center_feature_scale_proj is not None:
+    y = _common.blend_center(y, x, center_feature_scale_proj(y), groups)  # the reference gates on the aggregated values
+  if output_proj is not None:
+    y = output_proj(y)
+  return _common.unflatten_batch(y, batch), _common.unflatten_batch(packed, batch)
+
+
+class DCNv4(nnx.Module):
+  """DCNv4's block (OpenGVLab/DCNv4 `DCNv4_op/DCNv4/modules/dcnv4.py::DCNv4`), NHWC `[..., H, W, C]`.
+
+  `x = value_proj(inputs)`; one zero-initialised linear head `offset_mask`
+  (of `inputs`, or of a depthwise conv of them when `dw_kernel_size` is set)
+  predicts DCNv4's packed `[..., ceil8(groups*K*3)]` (per group K (x, y) offset
+  pairs then K mask values, the padding channels unused); `deformjax.ops.dcnv4`
+  aggregates `x` with the mask as given (no softmax: DCNv4's point), and
+  `output_proj` mixes the channels. With `center_feature_scale`, a
+  zero-initialised per-group gate computed from the aggregated values, as the
+  reference does, blends `y * (1 - s) + value_proj(inputs) * s`.
+  `without_pointwise` drops both projections (the reference's option).
+
+  The reference takes `[N, H*W, C]` plus `shape=(H, W)`; this takes `[..., H, W, C]`
+  (reshape a token sequence to the image first). A fresh block computes zero
+  (zero mask): the reference's initialisation, which the surrounding residual
+  block is built around.
+
+  Initialisation (the reference's): `value_proj` / `output_proj` Xavier-uniform
+  kernels and zero biases; `offset_mask` (and the gate) zeros; `offset_mask_dw`
+  PyTorch's default conv kernel distribution and a zero bias.
+
+  Args:
+    channels: C, in and out.
+    kernel_size: the sampling window (square).
+    groups: channel groups (`group`).
+    padding, kernel_dilation, offset_scale, remove_center: as `DCNv3`.
+    dw_kernel_size: if set, a depthwise conv before `offset_mask` (`offset_mask_dw`).
+    center_feature_scale: the learned gate described above.
+    output_bias: `output_proj` has a bias.
+    without_pointwise: no `value_proj` / `output_proj`.
+    dtype, param_dtype, precision: as `nnx.Linear`.
+    chunk_size, memory_budget, deterministic: the execution policy, passed to
+      `deformjax.ops.dcnv4`, as `DeformConv`'s to `deform_conv2d`.
+    rngs: random number generators (keyword-only).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from deformjax.nn import DCNv4
+    >>> layer = DCNv4(32, 3, groups=2, rngs=nnx.Rngs(0))
+    >>> layer.offset_mask.out_features  # ceil8(2 * 9 * 3)
+    56
+    >>> layer(jnp.ones((2, 8, 8, 32), jnp.float32)).shape
+    (2, 8, 8, 32)
+  """
+
+  def __init__(self, channels: int, kernel_size: int = 3, *, groups: int = 4, padding: int | None = None,
+               kernel_dilation: int = 1, offset_scale: float = 1.0, dw_kernel_size: int | None = None,
+               center_feature_scale: bool = False, remove_center: bool = False, output_bias: bool = True,
+               without_pointwise: bool = False, dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+               precision: jax.lax.PrecisionLike = None, chunk_size: int | None = None,
+               memory_budget: int | None = None, deterministic: bool = False, rngs: nnx.Rngs):
+    name = type(self).__name__
+    self.padding = _common.check_block_args(name, channels, kernel_size, groups, kernel_dilation, padding,
+                                            remove_center, dw_kernel_size)
+    self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic, name)
+    self.channels, self.kernel_size, self.groups = channels, kernel_size, groups
+    self.dw_kernel_size = dw_kernel_size
+    self.kernel_dilation, self.offset_scale = kernel_dilation, float(offset_scale)
+    self.remove_center, self.center_feature_scale = bool(remove_center), bool(center_feature_scale)
+    self.without_pointwise = bool(without_pointwise)
+    self.dtype = dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    self.value_proj = None if without_pointwise else _common.linear(channels, channels, **kw)
+    self.offset_mask_dw = None if dw_kernel_size is None else _common.depthwise_conv(channels, dw_kernel_size, **kw)
+    packed = offset_mask_channels(groups, _common.num_taps(kernel_size, remove_center))
+    self.offset_mask = _common.linear(channels, packed, kernel_init=_zeros, **kw)
+    self.center_feature_scale_proj = (_common.linear(channels, groups, kernel_init=_zeros, **kw)
+                                      if center_feature_scale else None)
+    self.output_proj = (None if without_pointwise else
+                        _common.linear(channels, channels, use_bias=output_bias, **kw))
+
+  def __call__(self, inputs: jax.Array, *, return_offsets: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """`inputs [..., H, W, C]` -> `[..., H, W, C]`; with `return_offsets`, also the packed
+    `offset_mask [..., H, W, ceil8(groups*K*3)]` used."""
+    _common.check_in_features(inputs, self.channels, type(self).__name__, 'channels')
+    y, offset_mask = dcnv4_block(
+        inputs, self.value_proj, self.offset_mask_dw, self.offset_mask, self.center_feature_scale_proj,
+        self.output_proj, kernel_size=self.kernel_size, groups=self.groups, padding=self.padding,
+        dilation=self.kernel_dilation, offset_scale=self.offset_scale, remove_center=self.remove_center,
+        **self.policy.as_kwargs())
+    return (y, offset_mask) if return_offsets else y
+
+
+__all__ = ['DCNv4', 'dcnv4_block']
