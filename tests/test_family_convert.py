@@ -6,7 +6,11 @@ are not pip-installable, so `TorchDCNv3` / `TorchDCNv4` below re-implement them
 from the references (`ops_dcnv3/modules/dcnv3.py::DCNv3_pytorch` over
 `dcnv3_core_pytorch`'s grid_sample formulation; `DCNv4_op/DCNv4/modules/dcnv4.py`
 with its kernel's packed offset_mask), with the references' parameter names, so
-their `state_dict()` is what a checkpoint holds. Skipped where torch is absent.
+their `state_dict()` is what a checkpoint holds; those tests skip where torch is absent.
+
+mmcv is not installable here: its `MultiScaleDeformableAttention` is written out
+from `mmcv/ops/multi_scale_deform_attn.py` in float64 numpy (over the repository's
+attention reference), with mmcv's parameter names and shapes, and runs everywhere.
 """
 
 from __future__ import annotations
@@ -19,9 +23,16 @@ import pytest
 from flax import nnx
 
 from deformjax.nn import convert
+from tests.reference import ms_deform_attn_ref
 
-torch = pytest.importorskip('torch', exc_type=ImportError)
-F = torch.nn.functional
+try:
+  import torch
+except ImportError:  # the PyTorch references below need it; the mmcv test's numpy reference does not
+  torch = None
+requires_torch = pytest.mark.skipif(torch is None, reason='needs torch, not installed here')
+F = None if torch is None else torch.nn.functional
+# The reference modules' base: defining them must not need torch, so that this file imports without it.
+_TorchModule = object if torch is None else torch.nn.Module
 
 
 def dcnv3_core_torch(x, offset, mask, k, stride, pad, dilation, group, offset_scale, remove_center):
@@ -53,7 +64,7 @@ def dcnv3_core_torch(x, offset, mask, k, stride, pad, dilation, group, offset_sc
   return out.transpose(1, 2).reshape(n, h_out, w_out, -1)
 
 
-class TorchDCNv3(torch.nn.Module):
+class TorchDCNv3(_TorchModule):
   """InternImage's `DCNv3_pytorch` (LayerNorm + GELU offset branch), parameter names included."""
 
   def __init__(self, channels, kernel_size=3, dw_kernel_size=None, pad=1, dilation=1, group=4, offset_scale=1.0,
@@ -90,7 +101,7 @@ class TorchDCNv3(torch.nn.Module):
     return self.output_proj(x)
 
 
-class Permute(torch.nn.Module):
+class Permute(_TorchModule):
   def __init__(self, *dims):
     super().__init__()
     self.dims = dims
@@ -99,7 +110,7 @@ class Permute(torch.nn.Module):
     return x.permute(*self.dims)
 
 
-class TorchDCNv4(torch.nn.Module):
+class TorchDCNv4(_TorchModule):
   """OpenGVLab's `DCNv4` module; its CUDA op is DCNv3's aggregation on the packed offset_mask (per group K*2
   offsets then K mask values, no softmax), written here through `dcnv3_core_torch`."""
 
@@ -163,6 +174,7 @@ def assert_close(ours, theirs, rtol=1e-5):
   np.testing.assert_allclose(ours, theirs, rtol=rtol, atol=rtol * np.abs(theirs).max())
 
 
+@requires_torch
 @pytest.mark.parametrize('kw', [
     dict(),
     dict(center_feature_scale=True, offset_scale=0.5),
@@ -181,6 +193,7 @@ def test_from_internimage_dcnv3_reproduces_the_module(kw):
   assert_close(nnx.jit(lambda m, v: m(v))(layer, jnp.asarray(x)), expected)
 
 
+@requires_torch
 @pytest.mark.parametrize('kw', [
     dict(),
     dict(dw_kernel_size=3, center_feature_scale=True),
@@ -199,6 +212,7 @@ def test_from_dcnv4_reproduces_the_module(kw):
   assert_close(nnx.jit(lambda m, v: m(v))(layer, jnp.asarray(x)), expected)
 
 
+@requires_torch
 def test_from_dcnv4_ignores_the_padding_channels():
   """ceil8(4*9*3) = 112 outputs carry 108 used channels: weights in the last 4 change nothing."""
   ref = randomise(TorchDCNv4(32), seed=3, scale=0.3)
@@ -222,6 +236,7 @@ def detr_attention(d_model=32, heads=4, levels=2, points=3):
                    scale=0.3).eval()
 
 
+@requires_torch
 @pytest.mark.parametrize('coords', [2, 4])
 @pytest.mark.parametrize('masked', [False, True])
 def test_from_deformable_detr_reproduces_transformers(coords, masked):
@@ -253,6 +268,7 @@ def test_from_deformable_detr_reproduces_transformers(coords, masked):
   assert_close(ours, expected.numpy())
 
 
+@requires_torch
 def test_deformable_detr_initialisation_matches_transformers():
   """The directional bias and the zero / Xavier choices of transformers' `_init_weights`."""
   pytest.importorskip('transformers', exc_type=ImportError)
@@ -272,6 +288,7 @@ def test_deformable_detr_initialisation_matches_transformers():
   assert not np.any(np.asarray(layer.attention_weights.bias[...]))
 
 
+@requires_torch
 def test_converters_name_missing_and_misshapen_entries():
   ref = TorchDCNv3(16)
   state = numpy_state(ref)
@@ -285,3 +302,76 @@ def test_converters_name_missing_and_misshapen_entries():
     convert.from_dcnv4(state, groups=2)
   with pytest.raises(ValueError, match="from_deformable_detr: state has no 'x.value_proj.weight'"):
     convert.from_deformable_detr({}, num_heads=4, num_levels=2, num_points=3, prefix='x.')
+
+
+def mmcv_multi_scale_deformable_attention(state, query, value, identity, query_pos, key_padding_mask,
+                                          reference_points, spatial_shapes, *, num_heads, num_levels, num_points):
+  """mmcv's `MultiScaleDeformableAttention.forward` (batch_first=False, eval mode: dropout is the identity) in float64.
+
+  `query [Lq, N, C]`, `value [S, N, C]` or None (then the query, before `query_pos`), `identity` or None (then the
+  query, before `query_pos`), `reference_points [N, Lq, L, 2 or 4]`. Returns `[Lq, N, C]`.
+  """
+  linear = lambda x, key: x @ state[f'{key}.weight'].T + state[f'{key}.bias']
+  value = query if value is None else value
+  identity = query if identity is None else identity
+  query = query if query_pos is None else query + query_pos
+  query, value = query.transpose(1, 0, 2), value.transpose(1, 0, 2)
+  n, lq, _ = query.shape
+  value = linear(value, 'value_proj')
+  if key_padding_mask is not None:
+    value = np.where(key_padding_mask[..., None], 0.0, value)
+  value = value.reshape(n, value.shape[1], num_heads, -1)
+  offsets = linear(query, 'sampling_offsets').reshape(n, lq, num_heads, num_levels, num_points, 2)
+  logits = linear(query, 'attention_weights').reshape(n, lq, num_heads, num_levels * num_points)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights = (weights / weights.sum(-1, keepdims=True)).reshape(n, lq, num_heads, num_levels, num_points)
+  if reference_points.shape[-1] == 2:
+    normalizer = np.array([[w, h] for h, w in spatial_shapes], np.float64)
+    locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+  else:
+    locations = (reference_points[:, :, None, :, None, :2]
+                 + offsets / num_points * reference_points[:, :, None, :, None, 2:] * 0.5)
+  out = linear(ms_deform_attn_ref(value, spatial_shapes, locations, weights), 'output_proj')
+  return out.transpose(1, 0, 2) + identity
+
+
+@pytest.mark.parametrize('coords', [2, 4], ids=['points', 'boxes'])
+def test_from_deformable_detr_reproduces_mmcv_with_value_proj_ratio(coords):
+  """mmcv's `MultiScaleDeformableAttention(embed_dims=8, num_heads=2, num_levels=2, num_points=2,
+  value_proj_ratio=0.5)`: `value_proj [4, 8]`, `output_proj [8, 4]`. The converted layer, with the sequence-first
+  transposes and the residual its docstring names, equals mmcv's forward."""
+  d, m, lv, p, vd = 8, 2, 2, 2, 4  # vd = int(embed_dims * value_proj_ratio)
+  rng = np.random.default_rng(7)
+  shapes = {'sampling_offsets': (m * lv * p * 2, d), 'attention_weights': (m * lv * p, d), 'value_proj': (vd, d),
+            'output_proj': (d, vd)}
+  state = {}
+  for key, shape in shapes.items():
+    state[f'{key}.weight'] = rng.normal(size=shape) * 0.5
+    state[f'{key}.bias'] = rng.normal(size=shape[0]) * 0.5
+  layer = convert.from_deformable_detr(state, num_heads=m, num_levels=lv, num_points=p, param_dtype=np.float64)
+  assert layer.value_features == vd
+  spatial_shapes = [(3, 4), (2, 2)]
+  n, lq, total = 2, 5, 16
+  query, query_pos = rng.normal(size=(lq, n, d)), rng.normal(size=(lq, n, d))
+  value = rng.normal(size=(total, n, d))
+  ref = rng.uniform(0.1, 0.9, size=(n, lq, lv, coords))
+  padding = np.zeros((n, total), bool)
+  padding[1, ::3] = True
+  want = mmcv_multi_scale_deformable_attention(state, query, value, None, query_pos, padding, ref, spatial_shapes,
+                                               num_heads=m, num_levels=lv, num_points=p)
+  t = lambda a: jnp.asarray(a).transpose(1, 0, 2)  # mmcv's batch_first=False layout <-> MSDeformAttn's
+  attend = nnx.jit(lambda layer, q, r, v, mask: layer(q, r, v, spatial_shapes, padding_mask=mask))
+  got = query + t(attend(layer, t(query + query_pos), jnp.asarray(ref), t(value), jnp.asarray(padding)))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10)
+
+
+def test_from_mmcv_takes_deform_conv_s_strides_and_mmcv_s_stride():
+  """`strides` is DeformConv's name; `stride`, mmcv's, is the same argument (mmcv constructor kwargs carry over)."""
+  rng = np.random.default_rng(0)
+  state = {'weight': rng.normal(size=(4, 2, 3, 3)), 'conv_offset.weight': np.zeros((27, 2, 3, 3)),
+           'conv_offset.bias': np.zeros(27)}
+  assert convert.from_mmcv(state, padding=1).strides == (1, 1)
+  assert convert.from_mmcv(state, strides=2, padding=1).strides == (2, 2)
+  assert convert.from_mmcv(state, stride=(2, 1), padding=1).strides == (2, 1)
+  with pytest.raises(TypeError, match='from_mmcv: pass strides .* or stride .*, not both'):
+    convert.from_mmcv(state, strides=2, stride=2)

@@ -16,6 +16,13 @@ Conventions that differ, and what the helpers do about them:
 - Offsets: mmcv's predictor output is `(o1, o2, mask_logits)` chunks whose
   `cat(o1, o2)` is torchvision's (dy, dx)-per-tap order, which is ours: its
   weights copy over unchanged.
+- Deformable RoI pooling (`from_mmcv_deform_roi_pool`, mmcv's
+  `DeformRoIPoolPack` / `ModulatedDeformRoIPoolPack`): mmcv's heads flatten the
+  pooled RoI as (C, out_h, out_w) and predict offsets as (dx, dy) planes, ours
+  flatten (out_h, out_w, C) and predict (dy, dx) pairs, so the first and last
+  layers' weights are permuted; its mask is `sigmoid`, which the RoI layer
+  reproduces with `modulation='sigmoid'` (no weight can absorb the factor:
+  the mask multiplies the pooled features directly).
 
 The deformable family (`from_internimage_dcnv3`, `from_dcnv4`,
 `from_deformable_detr`) needs no re-laying out at all: `DCNv3`, `DCNv4` and
@@ -27,7 +34,6 @@ transpose and a depthwise `Conv2d` weight `[C, 1, k, k]` by `transpose(2, 3, 1, 
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -36,12 +42,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
+from flax.typing import PrecisionLike
 from jax.typing import DTypeLike
 
-from deformjax.nn.dcnv3 import DCNv3, DCNv4
+from deformjax.nn.dcnv3 import DCNv3
+from deformjax.nn.dcnv4 import DCNv4
 from deformjax.nn.deform_conv import DeformConv
 from deformjax.nn.detr_encoder import DeformableDetrEncoder
 from deformjax.nn.ms_deform_attn import MSDeformAttn
+from deformjax.nn.roi_pool import DeformRoIPool
+from deformjax.ops import _args
 
 
 def from_conv(conv: nnx.Conv, **deform_kwargs: Any) -> DeformConv:
@@ -189,20 +199,37 @@ def from_torchvision(weight: np.ndarray, bias: np.ndarray | None = None, *, stri
   return layer
 
 
-def from_mmcv(state: Mapping[str, np.ndarray], *, stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
-              dilation: int | Sequence[int] = 1, groups: int = 1,
-              deform_groups: int = 1, prefix: str = '', param_dtype: DTypeLike = np.float32) -> DeformConv:
+def from_mmcv(state: Mapping[str, np.ndarray], *, strides: int | Sequence[int] | None = None,
+              padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
+              deform_groups: int = 1, prefix: str = '', param_dtype: DTypeLike = np.float32,
+              stride: int | Sequence[int] | None = None) -> DeformConv:
   """A `DeformConv` reproducing an mmcv `ModulatedDeformConv2dPack` (DCNv2) or `DeformConv2dPack` (DCNv1).
 
-  The geometry arguments carry mmcv's constructor names, so a config's values are copied as they stand:
-  `stride` -> `DeformConv(strides=)`, `dilation` -> `kernel_dilation`, `groups` -> `feature_group_count`,
-  `deform_groups` -> `offset_groups`.
+  The geometry arguments, side by side (mmcv's constructor, this function, the returned `DeformConv`):
+
+  ================  ========================  ======================
+  mmcv              `from_mmcv`               `DeformConv`
+  ================  ========================  ======================
+  `stride`          `strides` (or `stride`)   `strides`
+  `padding`         `padding`                 `padding`
+  `dilation`        `dilation`                `kernel_dilation`
+  `groups`          `groups`                  `feature_group_count`
+  `deform_groups`   `deform_groups`           `offset_groups`
+  ================  ========================  ======================
+
+  `strides` is the module's name; `stride`, mmcv's spelling, is accepted too, so that
+  the keyword arguments of an mmcv constructor call (`stride=2, padding=1,
+  deform_groups=1`) carry over as they stand. Pass one of the two.
 
   Args:
     state: the module's `state_dict()` entries as numpy arrays: `weight`,
       optional `bias`, `conv_offset.weight`, `conv_offset.bias` (under `prefix`,
       e.g. `'layer4.0.conv2.'` for a whole-network state dict).
-    stride, padding, dilation, groups, deform_groups: the module's.
+    strides: the module's stride (int or pair; default 1).
+    padding, dilation, groups, deform_groups: the module's.
+    prefix: the module's prefix in `state`.
+    param_dtype: the parameters' dtype.
+    stride: mmcv's name for `strides`.
 
   Returns:
     A `DeformConv` whose offset predictor holds `conv_offset`; modulated when
@@ -219,6 +246,11 @@ def from_mmcv(state: Mapping[str, np.ndarray], *, stride: int | Sequence[int] = 
     >>> layer.modulated, layer(np.ones((1, 6, 6, 8), np.float32)).shape
     (True, (1, 6, 6, 16))
   """
+  if strides is not None and stride is not None:
+    raise TypeError(f'from_mmcv: pass strides (DeformConv\'s name) or stride (mmcv\'s), not both; got strides='
+                    f'{strides!r}, stride={stride!r}')
+  strides = 1 if strides is None and stride is None else strides if strides is not None else stride
+
   def get(key, required=True):
     value = state.get(prefix + key)
     if value is None and required:
@@ -235,7 +267,7 @@ def from_mmcv(state: Mapping[str, np.ndarray], *, stride: int | Sequence[int] = 
     raise ValueError(f'from_mmcv: conv_offset.weight predicts {off_w.shape[0]} channels; with deform_groups='
                      f'{deform_groups} and a {kh}x{kw} kernel it must be {2 * taps} (DCNv1) or {3 * taps} (DCNv2)')
   modulated = off_w.shape[0] == 3 * taps
-  layer = DeformConv(cin_g * groups, cout, (kh, kw), stride, padding=padding, kernel_dilation=dilation,
+  layer = DeformConv(cin_g * groups, cout, (kh, kw), strides, padding=padding, kernel_dilation=dilation,
                      feature_group_count=groups, offset_groups=deform_groups, use_bias=bias is not None,
                      modulated=modulated, param_dtype=param_dtype, rngs=nnx.Rngs(0))
   kernel = np.transpose(weight, (2, 3, 1, 0))
@@ -244,6 +276,102 @@ def from_mmcv(state: Mapping[str, np.ndarray], *, stride: int | Sequence[int] = 
     layer.bias[...] = bias.astype(param_dtype)
   layer.offset_conv.kernel[...] = np.transpose(off_w, (2, 3, 1, 0)).astype(param_dtype)
   layer.offset_conv.bias[...] = off_b.astype(param_dtype)
+  return layer
+
+
+def from_mmcv_deform_roi_pool(state: Mapping[str, np.ndarray], *, output_size: int | Sequence[int],
+                              spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1,
+                              prefix: str = '', param_dtype: DTypeLike = np.float32, dtype: DTypeLike | None = None,
+                              precision: PrecisionLike = None, max_sampling_grid: int | tuple[int, int] | None = None,
+                              chunk_size: int | None = None, memory_budget: int | None = None,
+                              deterministic: bool = False) -> DeformRoIPool:
+  """A `DeformRoIPool` reproducing an mmcv `DeformRoIPoolPack` or `ModulatedDeformRoIPoolPack`.
+
+  Which pack it is comes from the keys (`mask_fc.*` present: the modulated
+  one), as `from_mmcv` tells DCNv1 from DCNv2; `output_channels` and
+  `deform_fc_channels` are read from the weights. What differs from mmcv, and
+  what loading does about it:
+
+  - mmcv's FC heads read the pooled RoI flattened as `(C, out_h, out_w)` (NCHW),
+    `DeformRoIPool`'s as `(out_h, out_w, C)`: the input columns of `offset_fc.0`
+    and `mask_fc.0` are permuted.
+  - mmcv's `offset_fc` output is viewed as `[R, 2, out_h, out_w]` with channel 0
+    = dx, `DeformRoIPool`'s as `[R, out_h, out_w, 2]` with (dy, dx): the rows of
+    `offset_fc.4` are permuted.
+  - mmcv's mask is `sigmoid(logits)`: the layer is built with
+    `modulation='sigmoid'` (not the default `2*sigmoid`).
+  - mmcv's boxes are always half-pixel aligned: `aligned=True`.
+
+  Args:
+    state: the module's `state_dict()` as numpy arrays (`{k: v.numpy() for k, v in sd.items()}`):
+      `offset_fc.0`, `offset_fc.2`, `offset_fc.4` (the `nn.Linear`s of its
+      `nn.Sequential`, weight and bias each) and, for `ModulatedDeformRoIPoolPack`,
+      `mask_fc.0`, `mask_fc.2`; under `prefix` (e.g. `'roi_head.bbox_roi_extractor.roi_layers.0.'`).
+      Entries outside `prefix` are ignored; any other entry under it is refused.
+    output_size, spatial_scale, sampling_ratio, gamma: the pack's constructor
+      arguments (mmcv's defaults).
+    prefix: the module's prefix in `state`.
+    param_dtype: the parameters' dtype.
+    dtype, precision, max_sampling_grid, chunk_size, memory_budget, deterministic:
+      as `DeformRoIPool` (how it computes, not what).
+
+  Returns:
+    A `DeformRoIPool` whose `layer(features, rois)` equals the pack's
+    `forward(features_nchw, rois)` transposed by `(0, 2, 3, 1)`, for
+    `features = features_nchw.transpose(0, 2, 3, 1)` and the same `rois [R, 5]`
+    (batch_index, x1, y1, x2, y2).
+
+  Raises:
+    ValueError: naming a missing, wrongly shaped or unknown entry.
+
+  Example:
+    >>> import numpy as np
+    >>> from deformjax.nn import convert
+    >>> c, f, rng = 8, 16, np.random.default_rng(0)  # DeformRoIPoolPack(output_size=3, output_channels=8,
+    >>> state = {'offset_fc.0.weight': rng.normal(size=(f, c * 9)), 'offset_fc.0.bias': np.zeros(f),  #   16)
+    ...          'offset_fc.2.weight': rng.normal(size=(f, f)), 'offset_fc.2.bias': np.zeros(f),
+    ...          'offset_fc.4.weight': np.zeros((18, f)), 'offset_fc.4.bias': np.zeros(18)}
+    >>> pool = convert.from_mmcv_deform_roi_pool(state, output_size=3, spatial_scale=0.5)
+    >>> pool.modulated, pool(np.ones((1, 12, 12, c), np.float32), np.array([[0, 2.0, 2.0, 20.0, 16.0]])).shape
+    (False, (1, 3, 3, 8))
+  """
+  fn = 'from_mmcv_deform_roi_pool'
+  oh, ow = _args.positive_pair(output_size, 'output_size', fn)
+  bins = oh * ow
+  first = prefix + 'offset_fc.0.weight'
+  flat = _channels(state, first, fn)
+  hidden = int(np.shape(state[first])[0])
+  if flat % bins:
+    raise ValueError(f'{fn}: {first!r} reads {flat} features, which is not output_size {oh}x{ow} = {bins} bins '
+                     'times a channel count (is output_size the pack\'s?)')
+  channels = flat // bins
+  modulated = any(k.startswith(prefix + 'mask_fc.') for k in state)
+  # Built abstract: every parameter is overwritten below.
+  layer = nnx.eval_shape(lambda: DeformRoIPool(
+      channels, (oh, ow), spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, gamma=gamma, aligned=True,
+      max_sampling_grid=max_sampling_grid, hidden_features=(hidden, hidden), modulated=modulated,
+      modulation='sigmoid', dtype=dtype, param_dtype=param_dtype, precision=precision, chunk_size=chunk_size,
+      memory_budget=memory_budget, deterministic=deterministic, rngs=nnx.Rngs(0)))
+  s = _State(state, prefix, fn, param_dtype)
+
+  def reads_pooled(module: nnx.Linear, key: str) -> None:
+    """A first FC layer: mmcv's columns (C, out_h, out_w) reordered to (out_h, out_w, C)."""
+    weight = s.get(f'{key}.weight', (hidden, flat)).reshape(hidden, channels, oh, ow)
+    _assign(module.kernel, weight.transpose(0, 2, 3, 1).reshape(hidden, flat).T)
+    _assign(module.bias, s.get(f'{key}.bias', (hidden,)))
+
+  reads_pooled(layer.offset_hidden[0], 'offset_fc.0')
+  s.linear(layer.offset_hidden[1], 'offset_fc.2')
+  # mmcv's rows (2, out_h, out_w) with channel 0 = dx become (out_h, out_w, 2) with (dy, dx): flip, then move.
+  weight = s.get('offset_fc.4.weight', (2 * bins, hidden)).reshape(2, oh, ow, hidden)[::-1]
+  _assign(layer.offset_out.kernel, weight.transpose(1, 2, 0, 3).reshape(2 * bins, hidden).T)
+  bias = s.get('offset_fc.4.bias', (2 * bins,)).reshape(2, oh, ow)[::-1]
+  _assign(layer.offset_out.bias, bias.transpose(1, 2, 0).reshape(2 * bins))
+  if modulated:
+    reads_pooled(layer.mask_hidden, 'mask_fc.0')
+    s.linear(layer.mask_out, 'mask_fc.2')  # its rows (out_h, out_w) are already the mask's order
+  s.check_all_used(hint='check output_size and the prefix')
+  _check_concrete(layer, fn)
   return layer
 
 
@@ -285,11 +413,11 @@ class _State:
     module.kernel[...] = self.get(f'{key}_weight', (module.out_features, module.in_features)).T
     module.bias[...] = self.get(f'{key}_bias', (module.out_features,))
 
-  def check_all_used(self) -> None:
+  def check_all_used(self, hint: str = 'check groups, kernel_size, remove_center and the prefix') -> None:
     left = sorted(k for k in self.state if k.startswith(self.prefix) and k not in self.used)
     if left:
       raise ValueError(f'{self.fn}: state entries the layer has no parameter for: {left[:8]} (a different '
-                       'configuration? check groups, kernel_size, remove_center and the prefix)')
+                       f'configuration? {hint})')
 
 
 def _channels(state: Mapping[str, np.ndarray], key: str, fn: str) -> int:
@@ -413,25 +541,30 @@ def _assign(variable: nnx.Variable, value: np.ndarray) -> None:
   variable.set_value(jnp.asarray(value))
 
 
-def _value_features_supported() -> bool:
-  return 'value_features' in inspect.signature(MSDeformAttn.__init__).parameters
-
-
 def from_deformable_detr(state: Mapping[str, np.ndarray], *, num_heads: int, num_levels: int, num_points: int,
                          prefix: str = '', param_dtype: DTypeLike = np.float32) -> MSDeformAttn:
   """An `MSDeformAttn` reproducing transformers' `DeformableDetrMultiscaleDeformableAttention`
   or mmcv's `MultiScaleDeformableAttention` (the same four `nn.Linear`s).
 
   `MSDeformAttn` is batch-first (`[N, Lq, C]`) and returns the attention output
-  alone, as transformers' layer does. mmcv's layer differs in two ways the
-  weights do not show: it is sequence-first by default (`batch_first=False`,
-  `[Lq, N, C]`: transpose its query and value to batch-first), and it returns
-  `dropout(out) + identity` (`identity` the query before `query_pos` is added):
-  add that residual around the layer. mmcv's `value_proj_ratio` makes
-  `value_proj` map `embed_dims -> int(embed_dims * value_proj_ratio)` and
-  `output_proj` map it back; the value width is read from `value_proj.weight`
-  and needs `MSDeformAttn`'s `value_features` (an error says so where the layer
-  has no such argument).
+  alone, as transformers' layer does. mmcv's layer differs in ways the weights
+  do not show, which the caller reproduces around the returned layer:
+
+  - it is sequence-first by default (`batch_first=False`: query `[Lq, N, C]`,
+    value `[S, N, C]`, output `[Lq, N, C]`): transpose in and out by `(1, 0, 2)`;
+  - it returns `dropout(out) + identity`, `identity` defaulting to the query
+    before `query_pos` is added: add that residual (in eval mode dropout is the
+    identity; to train as mmcv does, apply `nnx.Dropout` to the layer's output
+    before adding it);
+  - `value=None` attends to the query itself, before `query_pos` is added: pass
+    that as `inputs`.
+
+  In mmcv's terms, with `t = lambda a: a.transpose(1, 0, 2)` (omit it for
+  `batch_first=True`): `identity + t(layer(t(query + query_pos),
+  reference_points, t(value), spatial_shapes, padding_mask=key_padding_mask))`.
+  mmcv's `value_proj_ratio` makes `value_proj` map `embed_dims ->
+  int(embed_dims * value_proj_ratio)` and `output_proj` map it back: that width
+  is read from `value_proj.weight` and becomes `MSDeformAttn(value_features=)`.
 
   Args:
     state: the module's `state_dict()` as numpy arrays: `sampling_offsets`,
@@ -463,20 +596,13 @@ def from_deformable_detr(state: Mapping[str, np.ndarray], *, num_heads: int, num
   fn = 'from_deformable_detr'
   d_model = _channels(state, prefix + 'value_proj.weight', fn)
   value_features = int(np.shape(state[prefix + 'value_proj.weight'])[0])
-  kwargs = {}
-  if value_features != d_model:
-    if value_features % num_heads:
-      raise ValueError(f'{fn}: {prefix}value_proj.weight maps d_model={d_model} to {value_features} value '
-                       f'channels, which num_heads={num_heads} does not divide')
-    if not _value_features_supported():
-      raise ValueError(
-          f'{fn}: {prefix}value_proj.weight maps d_model={d_model} to {value_features} value channels (mmcv\'s '
-          f'value_proj_ratio={value_features / d_model:g}); MSDeformAttn here has no value_features argument, so '
-          'its value width is d_model: this checkpoint cannot be loaded into it')
-    kwargs['value_features'] = value_features
+  if value_features != d_model and value_features % num_heads:
+    raise ValueError(f'{fn}: {prefix}value_proj.weight maps d_model={d_model} to {value_features} value '
+                     f'channels (mmcv\'s value_proj_ratio={value_features / d_model:g}), which num_heads={num_heads} '
+                     'does not divide')
   # Built abstract: every parameter is overwritten below, so initialising them would be wasted work.
-  layer = nnx.eval_shape(lambda: MSDeformAttn(d_model, num_heads, num_levels, num_points, param_dtype=param_dtype,
-                                              rngs=nnx.Rngs(0), **kwargs))
+  layer = nnx.eval_shape(lambda: MSDeformAttn(d_model, num_heads, num_levels, num_points, value_features=value_features,
+                                              param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   s = _State(state, prefix, fn, param_dtype)
   for key in ('sampling_offsets', 'attention_weights', 'value_proj', 'output_proj'):
     s.linear(getattr(layer, key), key)
@@ -704,4 +830,5 @@ def deformable_detr_encoder_state(encoder: DeformableDetrEncoder) -> dict[str, n
 
 
 __all__ = ['deformable_detr_encoder_state', 'from_conv', 'from_dcnv4', 'from_deformable_detr',
-           'from_deformable_detr_encoder', 'from_internimage_dcnv3', 'from_mmcv', 'from_torchvision', 'linen_params']
+           'from_deformable_detr_encoder', 'from_internimage_dcnv3', 'from_mmcv', 'from_mmcv_deform_roi_pool', 'from_torchvision',
+           'linen_params']

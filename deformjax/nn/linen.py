@@ -19,8 +19,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from deformjax.nn import _common
-from deformjax.nn import dcnv3 as _family
 from deformjax.nn import ms_deform_attn as _msda
+from deformjax.nn import roi_pool as _roi_pool
+from deformjax.nn.dcnv3 import dcnv3_block
+from deformjax.nn.dcnv4 import dcnv4_block
 from deformjax.nn.deform_conv import _explicit_padding
 from deformjax.ops import _args, offset_mask_channels
 from deformjax.ops.roi_pool import deform_roi_pool, roi_align
@@ -131,7 +133,19 @@ class DeformConv(nn.Module):
 class DeformRoIPool(nn.Module):
   """Linen twin of `deformjax.nn.DeformRoIPool` (parameters `offset_hidden_{i}`,
   `offset_out`, and `mask_hidden`, `mask_out` when modulated); fields after
-  `output_size` are keyword-only."""
+  `output_size` are keyword-only, `modulation='sigmoid'` is mmcv's mask as in
+  the NNX module.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from deformjax.nn import linen
+    >>> pool = linen.DeformRoIPool(7, hidden_features=(64,), modulated=True, modulation='sigmoid')
+    >>> feats = jnp.ones((2, 32, 32, 8), jnp.float32)
+    >>> rois = jnp.array([[0, 1.0, 2.0, 20.0, 24.0], [1, 4.0, 4.0, 30.0, 12.0]], jnp.float32)
+    >>> params = pool.init(jax.random.key(0), feats, rois)
+    >>> pool.apply(params, feats, rois).shape
+    (2, 7, 7, 8)
+  """
 
   output_size: int | Sequence[int]
   _: dataclasses.KW_ONLY
@@ -142,6 +156,7 @@ class DeformRoIPool(nn.Module):
   max_sampling_grid: Any = None
   hidden_features: Sequence[int] = (1024, 1024)
   modulated: bool = False
+  modulation: str = '2sigmoid'
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
@@ -152,6 +167,7 @@ class DeformRoIPool(nn.Module):
   @nn.compact
   def __call__(self, features, rois, *, return_offsets: bool = False):
     oh, ow = _args.positive_pair(self.output_size, 'output_size', 'DeformRoIPool')
+    _roi_pool._check_options(self.aligned, self.modulated, self.modulation, 'DeformRoIPool')
     _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, 'DeformRoIPool')
     kw = dict(output_size=(oh, ow), spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
               aligned=self.aligned, max_sampling_grid=self.max_sampling_grid, chunk_size=self.chunk_size,
@@ -169,7 +185,7 @@ class DeformRoIPool(nn.Module):
     mask = None
     if self.modulated:
       m = jax.nn.relu(dense(self.hidden_features[0], 'mask_hidden')(flat)) if self.hidden_features else flat
-      mask = _common.mask_from_logits(dense(oh * ow, 'mask_out', zero=True)(m)).reshape(r, oh, ow, 1)
+      mask = _roi_pool._bin_mask(dense(oh * ow, 'mask_out', zero=True)(m), self.modulation).reshape(r, oh, ow, 1)
       out = out * mask.astype(out.dtype)
     return (out, offsets, mask) if return_offsets else out
 
@@ -185,7 +201,7 @@ def _dense(features: int, name: str, *, zero: bool = False, use_bias: bool = Tru
 
 def _depthwise(channels: int, kernel_size: int, name: str, *, dtype, param_dtype, precision) -> nn.Conv:
   return nn.Conv(channels, (kernel_size, kernel_size), padding=(kernel_size - 1) // 2, feature_group_count=channels,
-                 kernel_init=_family._torch_conv_kernel_init, bias_init=nn.initializers.zeros_init(), dtype=dtype,
+                 kernel_init=_common.torch_conv_kernel_init, bias_init=nn.initializers.zeros_init(), dtype=dtype,
                  param_dtype=param_dtype, precision=precision, name=name)
 
 
@@ -233,12 +249,12 @@ class DCNv3(nn.Module):
     if inputs.ndim < 3:
       raise ValueError(f'{name}: inputs must have shape [..., H, W, channels], got {tuple(inputs.shape)}')
     c = inputs.shape[-1]
-    padding = _family.check_block_args(name, c, self.kernel_size, self.groups, self.kernel_dilation, self.padding,
+    padding = _common.check_block_args(name, c, self.kernel_size, self.groups, self.kernel_dilation, self.padding,
                                        self.remove_center, self.dw_kernel_size)
     _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, name)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-    taps = self.groups * _family.num_taps(self.kernel_size, self.remove_center)
-    y, offsets, mask = _family.dcnv3_block(
+    taps = self.groups * _common.num_taps(self.kernel_size, self.remove_center)
+    y, offsets, mask = dcnv3_block(
         inputs, _dense(c, 'input_proj', **kw), _depthwise(c, self.dw_kernel_size or self.kernel_size, 'dw_conv', **kw),
         nn.LayerNorm(self.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name='norm'),
         _dense(taps * 2, 'offset', zero=True, **kw), _dense(taps, 'mask', zero=True, **kw),
@@ -291,13 +307,13 @@ class DCNv4(nn.Module):
     if inputs.ndim < 3:
       raise ValueError(f'{name}: inputs must have shape [..., H, W, channels], got {tuple(inputs.shape)}')
     c = inputs.shape[-1]
-    padding = _family.check_block_args(name, c, self.kernel_size, self.groups, self.kernel_dilation, self.padding,
+    padding = _common.check_block_args(name, c, self.kernel_size, self.groups, self.kernel_dilation, self.padding,
                                        self.remove_center, self.dw_kernel_size)
     _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, name)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-    packed = offset_mask_channels(self.groups, _family.num_taps(self.kernel_size, self.remove_center))
+    packed = offset_mask_channels(self.groups, _common.num_taps(self.kernel_size, self.remove_center))
     pointwise = not self.without_pointwise
-    y, offset_mask = _family.dcnv4_block(
+    y, offset_mask = dcnv4_block(
         inputs, _dense(c, 'value_proj', **kw) if pointwise else None,
         _depthwise(c, self.dw_kernel_size, 'offset_mask_dw', **kw) if self.dw_kernel_size else None,
         _dense(packed, 'offset_mask', zero=True, **kw),

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn import initializers
 from flax.typing import Dtype, PrecisionLike
@@ -14,17 +15,39 @@ from deformjax.nn import _common
 from deformjax.ops import _args
 from deformjax.ops.roi_pool import deform_roi_pool, roi_align
 
+_MODULATIONS = ('2sigmoid', 'sigmoid')
+
+
+def _check_options(aligned: bool, modulated: bool, modulation: str, name: str) -> None:
+  """The layer's flags, refused when it is built rather than at its first call: `aligned` and `modulated`
+  bools (TypeError; a truthy string or 0/1 would otherwise pass silently), `modulation` one of `_MODULATIONS`."""
+  for flag, value in (('aligned', aligned), ('modulated', modulated)):
+    if not isinstance(value, (bool, np.bool_)):
+      raise TypeError(f'{name}: {flag} must be a bool, got {value!r}')
+  if not isinstance(modulation, str) or modulation not in _MODULATIONS:
+    raise ValueError(f'{name}: modulation must be one of {_MODULATIONS}, got {modulation!r}')
+
+
+def _bin_mask(logits: jax.Array, modulation: str) -> jax.Array:
+  """The per-bin mask from its logits: `2*sigmoid` (1 at the zero init, so a fresh layer is RoIAlign) or
+  `sigmoid` (mmcv's `ModulatedDeformRoIPoolPack`, 0.5 at the zero init)."""
+  return _common.mask_from_logits(logits) if modulation == '2sigmoid' else jax.nn.sigmoid(logits)
+
 
 class DeformRoIPool(nnx.Module):
   """Deformable RoI pooling as in the DCN paper (and DCNv2 when `modulated`).
 
-  RoIAlign pools each RoI to `output_size`; the flattened result goes through
-  `hidden_features` ReLU FC layers and a last FC (zero-initialised) that predicts
-  normalised per-bin offsets (dy, dx); `deform_roi_pool` then pools with the
-  bins shifted by `gamma * offset * (roi_h, roi_w)`. With `modulated`, a second
-  FC branch predicts per-bin mask logits (zero-initialised, mask
-  `2*sigmoid(logits)`, 1 at init) that scale each bin. A fresh layer therefore
-  equals RoIAlign.
+  RoIAlign pools each RoI to `output_size`; the flattened result (`[R, out_h *
+  out_w * C]`, bins row-major, channels last) goes through `hidden_features`
+  ReLU FC layers and a last FC (zero-initialised) that predicts normalised
+  per-bin offsets (dy, dx); `deform_roi_pool` then pools with the bins shifted
+  by `gamma * offset * (roi_h, roi_w)`. With `modulated`, a second branch (one
+  ReLU FC of width `hidden_features[0]`, then a zero-initialised FC) predicts
+  per-bin mask logits, and the mask scales each bin: `2*sigmoid(logits)` by
+  default (1 at init, so a fresh layer equals RoIAlign) or `sigmoid(logits)`
+  with `modulation='sigmoid'` (mmcv's `ModulatedDeformRoIPoolPack`; a fresh
+  layer is then half of RoIAlign). `convert.from_mmcv_deform_roi_pool` loads
+  mmcv's `DeformRoIPoolPack` and `ModulatedDeformRoIPoolPack` into this layer.
 
   Args:
     in_features: feature channels C.
@@ -34,6 +57,8 @@ class DeformRoIPool(nnx.Module):
       DeformRoIPool; torchvision's roi_align defaults to False).
     hidden_features: widths of the hidden FC layers (mmcv uses (1024, 1024)).
     modulated: predict a per-bin mask (DCNv2).
+    modulation: the mask's activation when `modulated`: `'2sigmoid'`
+      (default) or `'sigmoid'` (mmcv's; the mask ranges over (0, 1)).
     dtype, param_dtype, precision: as `nnx.Linear`.
     chunk_size, memory_budget, deterministic: the execution policy, passed to
       `deformjax.ops.roi_align` and `deform_roi_pool` (chunks over the
@@ -63,6 +88,7 @@ class DeformRoIPool(nnx.Module):
       max_sampling_grid: int | tuple[int, int] | None = None,
       hidden_features: Sequence[int] = (1024, 1024),
       modulated: bool = False,
+      modulation: str = '2sigmoid',
       dtype: Dtype | None = None,
       param_dtype: Dtype = jnp.float32,
       precision: PrecisionLike = None,
@@ -72,6 +98,7 @@ class DeformRoIPool(nnx.Module):
       rngs: nnx.Rngs,
   ) -> None:
     oh, ow = _args.positive_pair(output_size, 'output_size', type(self).__name__)
+    _check_options(aligned, modulated, modulation, type(self).__name__)
     self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic, type(self).__name__)
     self.in_features = in_features
     self.output_size = (oh, ow)
@@ -81,6 +108,7 @@ class DeformRoIPool(nnx.Module):
     self.aligned = aligned
     self.max_sampling_grid = max_sampling_grid
     self.modulated = modulated
+    self.modulation = modulation
     flat = oh * ow * in_features
     linear = lambda i, o, zero=False: nnx.Linear(
         i, o, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs,
@@ -117,7 +145,7 @@ class DeformRoIPool(nnx.Module):
     mask = None
     if self.modulated:
       m = jax.nn.relu(self.mask_hidden(flat)) if self.mask_hidden is not None else flat
-      mask = _common.mask_from_logits(self.mask_out(m)).reshape(r, oh, ow, 1)
+      mask = _bin_mask(self.mask_out(m), self.modulation).reshape(r, oh, ow, 1)
       out = out * mask.astype(out.dtype)
     return (out, offsets, mask) if return_offsets else out
 
