@@ -221,8 +221,10 @@ def _deform_conv_primitive() -> jex_core.Primitive:
   ONNX's), B `[C_out]`, mask `[N, offset_group*kh*kw, Ho, Wo]`; result
   `[N, C_out, Ho, Wo]`. It is only ever converted, never executed.
   """
+  # jax2onnx's public plugin API only (`PrimitiveLeafPlugin`, `register_primitive`, and the lowering context's
+  # `get_value_for_var` / `fresh_name` / `builder` / `bind_value_for_var`); the result's type and shape are set
+  # with onnx_ir's own classes.
   import onnx_ir as ir
-  from jax2onnx.plugins._ir_shapes import _ensure_value_metadata, _stamp_type_and_shape
   from jax2onnx.plugins.plugin_system import PrimitiveLeafPlugin, register_primitive
 
   prim = jex_core.Primitive('deformjax_onnx_deform_conv')
@@ -250,8 +252,9 @@ def _deform_conv_primitive() -> jex_core.Primitive:
                                       dilations=list(p['dilations']), group=p['group'],
                                       offset_group=p['offset_group'])
       result.type = ir.TensorType(ir.DataType.FLOAT)
-      _stamp_type_and_shape(result, tuple(out_var.aval.shape))
-      _ensure_value_metadata(ctx, result)
+      # A symbolic batch keeps its name ('N'), so the graph output's shape reads like the input's.
+      result.shape = ir.Shape([int(d) if isinstance(d, (int, np.integer)) else ir.SymbolicDim(str(d))
+                               for d in out_var.aval.shape])
       ctx.bind_value_for_var(out_var, result)
 
   return prim
@@ -280,6 +283,12 @@ def _onnx_deform_conv(inputs, offsets, kernel, mask, bias, *, strides, padding, 
   return y.transpose(0, 2, 3, 1)
 
 
+# The only private jax2onnx names deformjax reads (`jax2onnx.plugins.plugin_system`'s), for the lean plugin
+# registry below: jax2onnx has no public way to register part of its plugin tree. The `[onnx]` extra pins
+# jax2onnx to the release series they were checked on, and tests/test_onnx.py fails by name if one goes.
+_JAX2ONNX_PRIVATE_NAMES = ('_already_imported_plugins', '_import_tree')
+
+
 @contextlib.contextmanager
 def _lean_plugin_registry() -> Iterator[None]:
   """jax2onnx with only its `jax` and `flax` plugin trees registered, for the block.
@@ -288,7 +297,9 @@ def _lean_plugin_registry() -> Iterator[None]:
   equinox plugins included, whose import compiles programs: 20 s on a 2-core
   CPU against 1.5 s for the trees a lax-level program needs. Outside the block
   jax2onnx's own state is as before, so a later direct jax2onnx call still
-  imports everything it wants.
+  imports everything it wants. Where jax2onnx lacks the private names
+  (`_JAX2ONNX_PRIVATE_NAMES`), the block changes nothing: jax2onnx imports its
+  whole tree, slower, with the same result.
   """
   try:
     import pathlib

@@ -1,5 +1,6 @@
 """DeformableDetrEncoder: shapes under jit, the padding mask, reference points and valid ratios against their
-formulas, gradients, export, the converter's key handling, and (slow) transformers' DeformableDetrModel itself."""
+formulas, gradients, export, the attention's execution policy, the converter's key handling, and (slow)
+transformers' DeformableDetrModel itself."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from flax import nnx
 from jax import export
 
-from deformjax.nn import DeformableDetrEncoder, convert
+from deformjax.nn import DeformableDetrEncoder, DeformableDetrEncoderLayer, _common, convert
 from deformjax.nn.detr_encoder import downsample_mask, reference_points, valid_ratios
 
 # Two backbone maps and one extra stride-2 level; GroupNorm(32) of a 64-wide model puts 2 channels in a group.
@@ -238,6 +239,107 @@ def test_export_lowers_with_a_symbolic_batch(encoder):
       state, spec, jax.ShapeDtypeStruct((b,) + IMAGE, jnp.bool_))
   assert exp.platforms == ('cuda', 'tpu')
   assert exp.out_avals[0].shape[1:] == (83 + 6, 64) and str(exp.out_avals[0].shape[0]) == 'b'
+
+
+# --- the attention's execution policy -----------------------------------------------------------------------------
+
+# One layer at 8 channels: two levels (backbone maps, no extra level), 20 + 6 = 26 queries.
+POLICY_BACKBONE = (4, 4)
+POLICY_SHAPES = ((4, 5), (2, 3))
+POLICY_SETTINGS = {'default': {}, 'chunks': dict(chunk_size=5), 'budget': dict(memory_budget=256),
+                   'deterministic': dict(deterministic_gradients=True)}
+
+
+def policy_encoder(num_layers=1, **policy):
+  return DeformableDetrEncoder(POLICY_BACKBONE, 8, num_heads=2, num_levels=2, num_points=2, num_layers=num_layers,
+                               ffn_features=8, num_groups=2, deterministic=True, rngs=nnx.Rngs(0), **policy)
+
+
+def test_policy_keywords_reach_every_layers_attention_and_modes_leave_them_alone():
+  """The encoder's `chunk_size`, `memory_budget` and `deterministic_gradients` become every layer's
+  `MSDeformAttn` policy; `.train()` / `.eval()` switch dropout's `deterministic` only."""
+  policy = dict(chunk_size=5, memory_budget=4096, deterministic_gradients=True)
+  want = _common.SamplingPolicy(chunk_size=5, memory_budget=4096, deterministic=True)
+  enc = nnx.eval_shape(lambda: policy_encoder(num_layers=2, **policy))
+  assert [layer.self_attn.policy for layer in enc.layers] == [want, want]
+  for mode, dropout_off in ((enc.train, False), (enc.eval, True), (enc.train, False)):
+    mode()
+    assert all(layer.self_attn.policy == want and layer.dropout.deterministic is dropout_off
+               for layer in enc.layers)
+  default = nnx.eval_shape(lambda: policy_encoder(num_layers=2))
+  assert [layer.self_attn.policy for layer in default.layers] == [_common.SamplingPolicy()] * 2
+  layer = nnx.eval_shape(lambda: DeformableDetrEncoderLayer(8, 2, 2, 2, 8, rngs=nnx.Rngs(0), **policy))
+  assert layer.self_attn.policy == want
+
+
+@pytest.mark.parametrize('cls', ['DeformableDetrEncoder', 'DeformableDetrEncoderLayer'])
+def test_bad_policy_values_are_refused_by_the_encoders_names(cls):
+  build = {'DeformableDetrEncoder': lambda **p: policy_encoder(**p),
+           'DeformableDetrEncoderLayer': lambda **p: DeformableDetrEncoderLayer(8, 2, 2, 2, 8, rngs=nnx.Rngs(0), **p)}
+  for policy, error, message in (
+      (dict(chunk_size=0), ValueError, 'chunk_size must be a positive int or None'),
+      (dict(memory_budget=True), ValueError, 'memory_budget must be a positive int or None'),
+      (dict(deterministic_gradients=1), TypeError, 'deterministic_gradients must be a bool, got 1')):
+    with pytest.raises(error, match=f'{cls}: {message}'):
+      build[cls](**policy)
+
+
+def _count(jaxpr, primitive):
+  """Equations whose primitive name contains `primitive`, nested jaxprs included."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    total += primitive in eqn.primitive.name
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, 'jaxpr', sub)
+        if isinstance(inner, jax.extend.core.Jaxpr):
+          total += _count(inner, primitive)
+  return total
+
+
+def _concrete(leaf):
+  """A concrete stand-in for an abstract non-parameter leaf (dropout's RNG state, unread with dropout off)."""
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    return jax.random.key(0)
+  return np.zeros(leaf.shape, leaf.dtype)
+
+
+def test_policy_changes_how_the_encoder_runs_not_what_it_computes():
+  """Forced chunks and a small memory budget give the default output; `deterministic_gradients=True` gives the
+  same parameter gradients bit for bit on a second call. Each keyword visibly reaches the op (chunk loops,
+  the sorted-segment-sum VJP). The layer stack (`encode`) is what the policy acts on, and one compiled function
+  computes every setting over shared random parameters: the input projection would only add compile time."""
+  rng = np.random.default_rng(5)
+  x, pos = (jnp.asarray(rng.normal(size=(1, 26, 8)), jnp.float32) for _ in range(2))
+  ratios = jnp.asarray(rng.uniform(0.5, 1.0, size=(1, 2, 2)), jnp.float32)
+  split = {key: nnx.split(nnx.eval_shape(lambda policy=policy: policy_encoder(**policy)), nnx.Param, ...)
+           for key, policy in POLICY_SETTINGS.items()}
+  _, state, other = split['default']
+  # Random parameters: the zero-initialised offset head would sample a fixed star of points.
+  leaves, treedef = jax.tree.flatten(state)
+  params = jax.tree.unflatten(treedef, [jnp.asarray(0.3 * rng.normal(size=v.shape), jnp.float32) for v in leaves])
+  rest = jax.tree.map(_concrete, other)
+  calls = {key: lambda p, x, pos, g=graphdef: nnx.merge(g, p, rest).encode(x, pos, POLICY_SHAPES, ratios)
+           for key, (graphdef, _, _) in split.items()}
+  for key, call in calls.items():
+    jaxpr = jax.make_jaxpr(call)(params, x, pos).jaxpr
+    assert (_count(jaxpr, 'scan') > 0) == (key in ('chunks', 'budget')), key
+    assert (_count(jaxpr, 'custom_vjp') > 0) == (key == 'deterministic'), key
+
+  def everything(params, x, pos, cotangent):
+    outs = {key: calls[key](params, x, pos) for key in ('default', 'chunks', 'budget')}
+    outs['deterministic'], vjp = jax.vjp(lambda p: calls['deterministic'](p, x, pos), params)
+    return outs, vjp(cotangent)[0]
+
+  cotangent = jnp.asarray(rng.normal(size=(1, 26, 8)), jnp.float32)
+  run = jax.jit(everything).lower(params, x, pos, cotangent).compile()
+  outs, grads = run(params, x, pos, cotangent)
+  _, grads_again = run(params, x, pos, cotangent)
+  for key, out in outs.items():
+    np.testing.assert_allclose(out, outs['default'], rtol=1e-5, atol=1e-5, err_msg=key)
+  jax.tree.map(np.testing.assert_array_equal, grads_again, grads)
+  # Real gradients: the attention's sampling offsets get some (they reach the output through the sampler only).
+  assert float(jnp.abs(grads['layers'][0]['self_attn']['sampling_offsets']['kernel'][...]).max()) > 0
 
 
 # --- transformers' DeformableDetrModel (slow) ---------------------------------------------------------------------

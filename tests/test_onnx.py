@@ -345,6 +345,11 @@ def test_opt_in_onnx_deform_conv_equals_the_gather_graph(case):
   types = assert_standard(model)
   assert 'DeformConv' in types and not {'Floor', 'Where'} & types, types  # no bilinear gather graph left
   assert {o.domain: o.version for o in model.opset_import}[''] == 19
+  # The node's result carries its type and shape, the symbolic batch by name (onnx_ir's types, set by the lowering).
+  (node,) = [n for n in model.graph.node if n.op_type == 'DeformConv']
+  (info,) = [v for v in list(model.graph.value_info) + list(model.graph.output) if v.name == node.output[0]]
+  assert info.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+  assert [d.dim_param or d.dim_value for d in info.type.tensor_type.shape.dim] == ['N', cout, ho, wo]
   assert_matches(model, fn, (1, 3), make)
 
 
@@ -383,3 +388,44 @@ def test_internimage_micro_converted_from_a_state_dict(kind):
   onnx_model = to_onnx(model, (x,))
   assert_standard(onnx_model)
   assert_matches(onnx_model, model, (2, 3), lambda b: (f32(np.random.default_rng(b), b, 32, 32, 3),), atol=1e-5)
+
+
+def test_the_private_jax2onnx_names_export_reads_are_there(monkeypatch):
+  """jax2onnx has no public way to register part of its plugin tree, so the export's lean registry reads two private
+  names of `jax2onnx.plugins.plugin_system` (`deformjax.export._JAX2ONNX_PRIVATE_NAMES`) and the `[onnx]` extra pins
+  jax2onnx to the series they were checked on. A release that drops, renames or stops reading one fails here by
+  name: without them every export would still be right, but would import jax2onnx's whole plugin tree (about 20 s
+  of CPU the first time). The registry restores jax2onnx's state after the block, and changes nothing where a name
+  is missing."""
+  import importlib.metadata
+  import inspect
+  import pathlib
+  import tomllib
+
+  from jax2onnx.plugins import plugin_system
+  from packaging.requirements import Requirement
+
+  from deformjax import export
+
+  version = importlib.metadata.version('jax2onnx')
+  missing = [n for n in export._JAX2ONNX_PRIVATE_NAMES if not hasattr(plugin_system, n)]
+  assert not missing, (f'jax2onnx {version} has no jax2onnx.plugins.plugin_system.{", ".join(missing)}: '
+                       'deformjax.export._lean_plugin_registry needs another way to skip the full plugin import')
+  assert isinstance(plugin_system._already_imported_plugins, bool)
+  assert list(inspect.signature(plugin_system._import_tree).parameters) == ['root_dir', 'pkg_prefix']
+  # The flag is what the (public) full import checks first; a flag it no longer reads would skip nothing.
+  assert '_already_imported_plugins' in plugin_system.import_all_plugins.__code__.co_names, (
+      f'jax2onnx {version}: import_all_plugins no longer reads _already_imported_plugins')
+  pyproject = tomllib.loads((pathlib.Path(__file__).parents[1] / 'pyproject.toml').read_text())
+  (pin,) = [Requirement(r) for r in pyproject['project']['optional-dependencies']['onnx']
+            if Requirement(r).name == 'jax2onnx']
+  assert pin.specifier.contains(version), f'jax2onnx {version} is outside the [onnx] extra\'s tested {pin}'
+
+  before = plugin_system._already_imported_plugins
+  with export._lean_plugin_registry():
+    assert plugin_system._already_imported_plugins is True
+  assert plugin_system._already_imported_plugins is before
+  monkeypatch.setattr(plugin_system, '_already_imported_plugins', False)
+  monkeypatch.delattr(plugin_system, '_import_tree')
+  with export._lean_plugin_registry():  # another layout: jax2onnx is left to import what it wants
+    assert plugin_system._already_imported_plugins is False

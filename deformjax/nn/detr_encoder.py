@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx, struct
 from flax.nnx.nn import initializers
 
+from deformjax.nn import _common
 from deformjax.nn.ms_deform_attn import MSDeformAttn
 from deformjax.ops import _args
 
@@ -223,7 +224,14 @@ class DeformableDetrEncoderLayer(nnx.Module):
     activation_dropout: rate after the activation (`config.activation_dropout`).
     activation: the FFN's nonlinearity (`config.activation_function`, ReLU by default).
     layer_norm_epsilon: both LayerNorms' (PyTorch's 1e-5).
-    deterministic: dropout off unless a call says otherwise (`nnx.Module.eval()` sets it too).
+    deterministic: dropout off unless a call says otherwise (`nnx.Module.eval()` sets it too). It changes
+      what the layer computes (dropout or not), never how the attention samples.
+    deterministic_gradients: the attention's bit-identical gradients run to run on GPU/TPU
+      (`MSDeformAttn(deterministic=...)`, a sorted segment sum in place of scatter-adds); the same forward.
+      Named apart from `deterministic` because that one is dropout's: ``nnx.Module.train()`` / ``.eval()``
+      switch dropout and leave this alone.
+    chunk_size, memory_budget: the attention's execution policy (`MSDeformAttn`'s: queries per pass, or
+      a byte budget for one pass); they change how it runs, not what it computes.
     dtype, param_dtype, precision: as `nnx.Linear`.
     rngs: random number generators; `rngs.dropout` (or the default stream) drives dropout.
 
@@ -240,12 +248,14 @@ class DeformableDetrEncoderLayer(nnx.Module):
   def __init__(self, d_model: int, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
                ffn_features: int = 1024, *, dropout: float = 0.1, activation_dropout: float = 0.0,
                activation: Callable[[jax.Array], jax.Array] = jax.nn.relu, layer_norm_epsilon: float = 1e-5,
-               deterministic: bool = False, dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
+               deterministic: bool = False, deterministic_gradients: bool = False, chunk_size: int | None = None,
+               memory_budget: int | None = None, dtype: jnp.dtype | None = None,
+               param_dtype: jnp.dtype = jnp.float32, precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     name = type(self).__name__
     _args.positive_int(ffn_features, 'ffn_features', name)
+    policy = _attention_policy(chunk_size, memory_budget, deterministic_gradients, name)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.self_attn = MSDeformAttn(d_model, num_heads, num_levels, num_points, precision=precision, **kw)
+    self.self_attn = MSDeformAttn(d_model, num_heads, num_levels, num_points, precision=precision, **policy, **kw)
     norm = dict(epsilon=layer_norm_epsilon, use_fast_variance=False, **kw)
     self.self_attn_layer_norm = nnx.LayerNorm(d_model, **norm)
     linear = dict(kernel_init=_normal_init, bias_init=_zeros, precision=precision, **kw)
@@ -283,6 +293,15 @@ class DeformableDetrEncoderLayer(nnx.Module):
     return self.final_layer_norm(h + ffn)
 
 
+def _attention_policy(chunk_size: int | None, memory_budget: int | None, deterministic_gradients: bool,
+                      name: str) -> dict:
+  """The attention's execution-policy keywords (`MSDeformAttn`'s names), refused under the encoder's names."""
+  if not isinstance(deterministic_gradients, (bool, np.bool_)):
+    raise TypeError(f'{name}: deterministic_gradients must be a bool, got {deterministic_gradients!r}')
+  _common.check_policy(chunk_size, memory_budget, False, name)
+  return dict(chunk_size=chunk_size, memory_budget=memory_budget, deterministic=bool(deterministic_gradients))
+
+
 def _extra_level_shape(h: int, w: int) -> tuple[int, int]:
   """Output size of the 3x3, stride-2, padding-1 conv of an extra level."""
   return (h - 1) // 2 + 1, (w - 1) // 2 + 1
@@ -314,6 +333,9 @@ class DeformableDetrEncoder(nnx.Module):
     group_norm_epsilon: the input projection's GroupNorm epsilon (PyTorch's 1e-5).
     temperature: the sine position embedding's.
     deterministic: dropout off unless a call says otherwise (`nnx.Module.eval()` sets it too).
+    deterministic_gradients, chunk_size, memory_budget: the execution policy of every layer's attention, as
+      `DeformableDetrEncoderLayer` (`deterministic_gradients` is `MSDeformAttn`'s `deterministic`:
+      bit-identical gradients on GPU/TPU, untouched by ``.train()`` / ``.eval()``).
     dtype, param_dtype, precision: as `nnx.Conv`.
     rngs: random number generators.
 
@@ -334,10 +356,12 @@ class DeformableDetrEncoder(nnx.Module):
                dropout: float = 0.1, activation_dropout: float = 0.0,
                activation: Callable[[jax.Array], jax.Array] = jax.nn.relu, layer_norm_epsilon: float = 1e-5,
                group_norm_epsilon: float = 1e-5, temperature: float = 10000.0, deterministic: bool = False,
-               dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
+               deterministic_gradients: bool = False, chunk_size: int | None = None,
+               memory_budget: int | None = None, dtype: jnp.dtype | None = None,
+               param_dtype: jnp.dtype = jnp.float32, precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     name = type(self).__name__
     in_features = tuple(_args.positive_int(c, 'in_features', name) for c in in_features)
+    _attention_policy(chunk_size, memory_budget, deterministic_gradients, name)  # refused under this name
     for arg, value in (('d_model', d_model), ('num_levels', num_levels), ('num_layers', num_layers),
                        ('num_groups', num_groups)):
       _args.positive_int(value, arg, name)
@@ -365,7 +389,8 @@ class DeformableDetrEncoder(nnx.Module):
         DeformableDetrEncoderLayer(d_model, num_heads, num_levels, num_points, ffn_features, dropout=dropout,
                                    activation_dropout=activation_dropout, activation=activation,
                                    layer_norm_epsilon=layer_norm_epsilon, deterministic=deterministic,
-                                   precision=precision, **kw)
+                                   deterministic_gradients=deterministic_gradients, chunk_size=chunk_size,
+                                   memory_budget=memory_budget, precision=precision, **kw)
         for _ in range(num_layers)])
 
   def spatial_shapes(self, feature_shapes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
