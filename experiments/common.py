@@ -1,4 +1,5 @@
-"""Shared helpers of the experiments: run metadata, mean ± std, result files."""
+"""Shared helpers of the experiments: run metadata, mean ± std, result files, the transform studies' runner,
+entry point and plot."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import os
 import pathlib
 import platform
+import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -80,6 +83,141 @@ def seed_groups(seeds) -> list[tuple[int, int]]:
   return groups
 
 
+def train_study(cfg, variant_config: Callable[[str], object], *, echo: Callable[[str], object] = print,
+                live: bool | None = None) -> dict:
+  """Trains every (condition, variant) of a transform study with all seeds together, under one progress view.
+
+  Each variant compiles once for the whole study: seeds and transforms are data to the compiled step
+  (`deformjax.train.steps`), not constants.
+
+  Args:
+    cfg: the study's config: `name`, `seeds`, `train` (its `dataset`, `data_dir`, `steps`, `epochs`,
+      `batch_size`), `conditions` (name -> random affine), `condition_order`, `variant_order`.
+    variant_config: variant name -> a fresh train config of that variant (unlocked); this sets its seeds, its
+      train augmentation and its one test set, the condition's.
+    echo: where a finished cell's line goes when the view is not live.
+    live: the live terminal view (None: when stderr is a terminal).
+
+  Returns:
+    `name`, `config`, the run metadata, `runs` (a dict per condition, variant and seed: accuracy, step time per
+    seed, steps, the setting's wall time) and `wall_seconds`.
+  """
+  from deformjax.data.sources import get_spec, load_source
+  from deformjax.train import train
+
+  spec = get_spec(cfg.train.dataset)
+  sources = (load_source(cfg.train.dataset, spec.splits[0], cfg.train.data_dir),
+             load_source(cfg.train.dataset, spec.splits[1], cfg.train.data_dir))
+  steps = cfg.train.steps if cfg.train.steps > 0 else cfg.train.epochs * (len(sources[0]) // cfg.train.batch_size)
+  groups = seed_groups(cfg.seeds)
+  settings = [(cond, variant) for cond in cfg.condition_order for variant in cfg.variant_order]
+  name_width = max(len(v) for v in cfg.variant_order)
+  runs = []
+  start = time.time()
+  with StudyView(f'{cfg.name}: test accuracy (%), mean ± std over {len(cfg.seeds)} seeds', cfg.variant_order,
+                 cfg.condition_order, steps * len(cfg.seeds) * len(settings), live=live, echo=echo) as view:
+    for cond, variant in settings:
+      aug = cfg.conditions[cond]
+      t0 = time.time()
+      setting_runs = []
+      for first, count in groups:
+        tc = variant_config(variant)
+        tc.seed, tc.num_seeds = first, count
+        tc.train_augment = aug
+        tc.eval_sets = {cond: aug}
+        summary = train(tc, echo=lambda *_: None, sources=sources, on_step=lambda n=count: view.advance(n))
+        evals = summary['eval'] if count > 1 else [summary['eval']]
+        for seed, ev in zip(summary['seeds'], evals):
+          # seconds_per_step covers all `count` seeds of one step: per seed, the share of it.
+          setting_runs.append({'condition': cond, 'variant': variant, 'seed': seed,
+                               'accuracy': ev[cond]['accuracy'], 'seeds_together': count,
+                               'seconds_per_step': summary['seconds_per_step'] / count, 'steps': summary['steps']})
+      wall = time.time() - t0
+      for r in setting_runs:
+        r['setting_wall_seconds'] = wall
+      runs += setting_runs
+      accs = [r['accuracy'] for r in setting_runs]
+      view.fill(variant, cond, pm(accs), f'{cond:>20s} {variant:>{name_width}s}: {pm(accs)} % over seeds '
+                f"{', '.join(str(r['seed']) for r in setting_runs)} "
+                f"({1e3 * setting_runs[0]['seconds_per_step']:.1f} ms per seed-step, {wall:.0f} s)")
+  return {'name': cfg.name, 'config': cfg.to_dict(), **run_metadata(), 'runs': runs,
+          'wall_seconds': time.time() - start}
+
+
+def study_main(args, prog: str, default_config: pathlib.Path, run: Callable, table: Callable[[dict], str],
+               plot: Callable[[dict, pathlib.Path], None]) -> dict:
+  """A transform study's command line: parses `args` (None: `sys.argv`), runs, writes and prints the results.
+
+  Args:
+    args: the arguments after the program's name, or None.
+    prog: the program's name in messages (`experiments.family`).
+    default_config: the config file used when `--config` is not given.
+    run: config -> result (as `train_study` returns it, and whatever the study adds).
+    table: result -> its markdown table.
+    plot: (result, path) -> writes the plot to path.
+
+  Returns:
+    The result. `<name>.json`, `.md` and `.png` are written under `--out`.
+  """
+  from deformjax.train.cli import command_line, run_or_exit
+
+  argv = command_line(args, prog)
+  fv, config, out_flag = study_flags(argv, default_config)
+  cfg = parse(fv, argv, config)
+  out = pathlib.Path(out_flag.value)
+  result = run_or_exit(run, cfg)
+  md = (f"# {cfg.name}\n\nDevice: {result['device']}; {result['versions']}; {result['date']}. "
+        f"Wall time of the whole study: {result['wall_seconds']:.0f} s.\n\n{table(result)}\n")
+  write_results(cfg.name, result, md, out)
+  plot(result, out / f'{cfg.name}.png')
+  print('\n' + table(result))
+  print(f"\n{len(result['runs'])} runs in {result['wall_seconds']:.0f} s on {result['device']}")
+  print(f'wrote {out / cfg.name}.json, .md, .png')
+  return result
+
+
+def bar_plot(result: dict, path: pathlib.Path, title: str, *, inches_per_condition: float = 1.8,
+             height: float = 3.6, legend_outside: bool = False) -> None:
+  """Writes a study's grouped bar plot to `path`: a group per condition, a bar (mean ± std over seeds) per variant.
+
+  Args:
+    result: what a study's `run` returns: 'config' with 'condition_order' and 'variant_order', and 'runs', each
+      with 'condition', 'variant' and 'accuracy' (a fraction).
+    path: the image file to write (its suffix picks the format).
+    title: the plot's title.
+    inches_per_condition: the figure's width per group of bars (2 inches more for the margins).
+    height: the figure's height in inches.
+    legend_outside: put the legend to the right of the axes, where it covers no bar however many variants there
+      are (the image widens to hold it); False: in the lower left corner of the axes.
+  """
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  cfg = result['config']
+  conds, variants = list(cfg['condition_order']), list(cfg['variant_order'])
+  fig, ax = plt.subplots(figsize=(inches_per_condition * len(conds) + 2, height))
+  width = 0.8 / len(variants)
+  for i, v in enumerate(variants):
+    stats = [mean_std([r['accuracy'] for r in result['runs'] if r['variant'] == v and r['condition'] == c])
+             for c in conds]
+    ax.bar(np.arange(len(conds)) + i * width, [100 * m for m, _ in stats], width, yerr=[100 * s for _, s in stats],
+           capsize=3, label=v)
+  ax.set_xticks(np.arange(len(conds)) + width * (len(variants) - 1) / 2, conds)
+  lo = min(100 * r['accuracy'] for r in result['runs'])
+  ax.set_ylim(max(0, lo - 10), 100)
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_title(title)
+  if legend_outside:
+    ax.legend(loc='center left', bbox_to_anchor=(1.0, 0.5))
+  else:
+    ax.legend(loc='lower left')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120, bbox_inches='tight' if legend_outside else None)
+  plt.close(fig)
+
+
 class StudyView:
   """A whole study's progress: one bar over every training step with an ETA, and the
   results table whose cells fill in as settings finish.
@@ -102,17 +240,9 @@ class StudyView:
     self.live_mode = self.console.is_terminal if live is None else live
     self._live = None
     if self.live_mode:
-      from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-      )
+      from deformjax.train._progress import progress_bar
 
-      self.progress = Progress(TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(),
-                               TimeElapsedColumn(), TextColumn('ETA'), TimeRemainingColumn(), console=self.console)
+      self.progress = progress_bar(console=self.console, eta_label=True)
       self.task = self.progress.add_task(title, total=total_steps)
 
   def _render(self):

@@ -13,63 +13,25 @@ from __future__ import annotations
 
 import copy
 import pathlib
-import time
 
 import jax
 
-from deformjax.train.cli import command_line, run_or_exit
-from experiments.common import StudyView, mean_std, parse, pm, run_metadata, seed_groups, study_flags, write_results
+from experiments.common import bar_plot, mean_std, pm, study_main, train_study
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'robustness.py'
 
 
 def run(cfg, echo=print, live=None) -> dict:
-  """Trains every (condition, variant) with all seeds together (`num_seeds`), under one progress view.
+  """Trains every (condition, variant) with all seeds together (`num_seeds`), under one progress view
+  (`experiments.common.train_study`); a variant is the train config's `deformable` setting."""
 
-  Both variants compile once each for the whole study: seeds and transforms are
-  data to the compiled step (`deformjax.train.steps`), not constants.
-  """
-  from deformjax.data.sources import get_spec, load_source
-  from deformjax.train import train
+  def variant_config(variant: str):
+    tc = copy.deepcopy(cfg.train)
+    tc.unlock()
+    tc.deformable = cfg.variants[variant]
+    return tc
 
-  spec = get_spec(cfg.train.dataset)
-  sources = (load_source(cfg.train.dataset, spec.splits[0], cfg.train.data_dir),
-             load_source(cfg.train.dataset, spec.splits[1], cfg.train.data_dir))
-  steps = cfg.train.steps if cfg.train.steps > 0 else cfg.train.epochs * (len(sources[0]) // cfg.train.batch_size)
-  groups = seed_groups(cfg.seeds)
-  settings = [(cond, variant) for cond in cfg.condition_order for variant in cfg.variant_order]
-  runs = []
-  start = time.time()
-  with StudyView(f'{cfg.name}: test accuracy (%), mean ± std over {len(cfg.seeds)} seeds', cfg.variant_order,
-                 cfg.condition_order, steps * len(cfg.seeds) * len(settings), live=live, echo=echo) as view:
-    for cond, variant in settings:
-      aug = cfg.conditions[cond]
-      t0 = time.time()
-      setting_runs = []
-      for first, count in groups:
-        tc = copy.deepcopy(cfg.train)
-        tc.unlock()
-        tc.seed, tc.num_seeds = first, count
-        tc.deformable = cfg.variants[variant]
-        tc.train_augment = aug
-        tc.eval_sets = {cond: aug}
-        summary = train(tc, echo=lambda *_: None, sources=sources, on_step=lambda n=count: view.advance(n))
-        evals = summary['eval'] if count > 1 else [summary['eval']]
-        for seed, ev in zip(summary['seeds'], evals):
-          # seconds_per_step covers all `count` seeds of one step: per seed, the share of it.
-          setting_runs.append({'condition': cond, 'variant': variant, 'seed': seed,
-                               'accuracy': ev[cond]['accuracy'], 'seeds_together': count,
-                               'seconds_per_step': summary['seconds_per_step'] / count, 'steps': summary['steps']})
-      wall = time.time() - t0
-      for r in setting_runs:
-        r['setting_wall_seconds'] = wall
-      runs += setting_runs
-      accs = [r['accuracy'] for r in setting_runs]
-      view.fill(variant, cond, pm(accs), f'{cond:>20s} {variant:>10s}: {pm(accs)} % over seeds '
-                f"{', '.join(str(r['seed']) for r in setting_runs)} "
-                f"({1e3 * setting_runs[0]['seconds_per_step']:.1f} ms per seed-step, {wall:.0f} s)")
-  return {'name': cfg.name, 'config': cfg.to_dict(), **run_metadata(), 'runs': runs,
-          'wall_seconds': time.time() - start}
+  return train_study(cfg, variant_config, echo=echo, live=live)
 
 
 def table(result: dict) -> str:
@@ -95,47 +57,13 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  import numpy as np
-
   cfg = result['config']
-  conds, variants = list(cfg['condition_order']), list(cfg['variant_order'])
-  fig, ax = plt.subplots(figsize=(1.8 * len(conds) + 2, 3.6))
-  width = 0.8 / len(variants)
-  for i, v in enumerate(variants):
-    stats = [mean_std([r['accuracy'] for r in result['runs'] if r['variant'] == v and r['condition'] == c])
-             for c in conds]
-    ax.bar(np.arange(len(conds)) + i * width, [100 * m for m, _ in stats], width, yerr=[100 * s for _, s in stats],
-           capsize=3, label=v)
-  ax.set_xticks(np.arange(len(conds)) + width * (len(variants) - 1) / 2, conds)
-  lo = min(100 * r['accuracy'] for r in result['runs'])
-  ax.set_ylim(max(0, lo - 10), 100)
-  ax.set_ylabel('test accuracy (%)')
-  ax.set_title(f"{cfg['train']['dataset']}: regular vs deformable, mean ± std over {len(cfg['seeds'])} seeds")
-  ax.legend(loc='lower left')
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  bar_plot(result, path, f"{cfg['train']['dataset']}: regular vs deformable, mean ± std over {len(cfg['seeds'])} seeds")
 
 
 def main(args=None) -> dict:
   """`python -m experiments.robustness [--config FILE[:ARG]] [--config.FIELD=VALUE ...] [--out DIR]`."""
-  argv = command_line(args, 'experiments.robustness')
-  fv, config, out_flag = study_flags(argv, DEFAULT_CONFIG)
-  cfg = parse(fv, argv, config)
-  out = pathlib.Path(out_flag.value)
-  result = run_or_exit(run, cfg)
-  md = (f"# {cfg.name}\n\nDevice: {result['device']}; {result['versions']}; {result['date']}. "
-        f"Wall time of the whole study: {result['wall_seconds']:.0f} s.\n\n{table(result)}\n")
-  write_results(cfg.name, result, md, out)
-  plot(result, out / f'{cfg.name}.png')
-  print('\n' + table(result))
-  print(f"\n{len(result['runs'])} runs in {result['wall_seconds']:.0f} s on {result['device']}")
-  print(f'wrote {out / cfg.name}.json, .md, .png')
-  return result
+  return study_main(args, 'experiments.robustness', DEFAULT_CONFIG, run, table, plot)
 
 
 if __name__ == '__main__':

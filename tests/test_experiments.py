@@ -70,6 +70,47 @@ def test_robustness_study_runlocal(runs_dir, capsys):
   assert_study_files(runs_dir, result, capsys.readouterr().out)
 
 
+def test_family_study_trains_internimage_as_a_variant_of_its_own(runs_dir, monkeypatch, capsys):
+  """The family study on its runlocal config with the trainer replaced by a stand-in that records each config: a
+  variant's model and preset reach the trainer and the parameter count, and the table and plot hold its row.
+  The slow tier trains the same config for real."""
+  from flax import nnx
+
+  import deformjax.train
+  from deformjax.models import build_model
+  from experiments import family
+
+  trained = []
+
+  def fake_train(tc, *, echo, sources, on_step):
+    trained.append((tc.model, tc.preset, tc.conv, tc.deformable))
+    seeds = [tc.seed + i for i in range(tc.num_seeds)]
+    evals = [{name: {'accuracy': 0.5 + 0.01 * s + 0.1 * (tc.model == 'internimage')} for name in tc.eval_sets}
+             for s in seeds]
+    return {'seeds': seeds, 'eval': evals if tc.num_seeds > 1 else evals[0], 'seconds_per_step': 0.02,
+            'steps': tc.steps}
+
+  monkeypatch.setattr(deformjax.train, 'train', fake_train)
+  result = family.main([f'--config={family.DEFAULT_CONFIG}:runlocal'])
+  variants = ('regular', 'dcnv1', 'dcnv4', 'internimage')
+  assert tuple(result['config']['variant_order']) == variants
+  assert trained == [('conv5', 'micro', 'dcnv1', 'none'), ('conv5', 'micro', 'dcnv1', '2'),
+                     ('conv5', 'micro', 'dcnv4', '2'), ('internimage', 'micro', None, '2')] * 2  # two conditions
+  internimage = nnx.eval_shape(lambda: build_model('internimage', in_features=1, num_classes=10, image_size=28,
+                                                   deformable='2', modulated=False, preset='micro', rngs=nnx.Rngs(0)))
+  assert result['parameters']['internimage'] == sum(p.size for p in jax.tree.leaves(nnx.state(internimage, nnx.Param)))
+  assert result['parameters']['regular'] < result['parameters']['dcnv1']
+  md, printed = (runs_dir / 'family_digits_runlocal.md').read_text(), capsys.readouterr().out
+  for variant in variants:
+    want = [pm([r['accuracy'] for r in result['runs'] if r['variant'] == variant and r['condition'] == c])
+            for c in ('baseline', 'rotated')]
+    assert cells_of(md, variant)[:2] == want and cells_of(printed, variant)[:2] == want
+  assert cells_of(md, 'internimage')[2] == f"{result['parameters']['internimage']:,}"
+  assert "except internimage: 'internimage' at preset 'micro'" in md
+  png = (runs_dir / 'family_digits_runlocal.png').read_bytes()
+  assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000
+
+
 def test_a_study_names_a_bad_override_in_one_line(capsys):
   with pytest.raises(SystemExit) as exit_:
     robustness.main([f'--config={robustness.DEFAULT_CONFIG}:runlocal', '--config.train.nosuch=1'])

@@ -24,6 +24,7 @@ from deformjax.data.sources import DataError, DatasetSpec, RandomAccessSource, g
 from deformjax.models.classifiers import build_model
 from deformjax.train import feeding
 from deformjax.train import mesh as mesh_lib
+from deformjax.train._progress import progress_bar
 from deformjax.train.checkpoint import Checkpointer
 from deformjax.train.config import ConfigError, validate
 from deformjax.train.metrics import Accumulator
@@ -151,19 +152,7 @@ class _Progress:
   """One run's progress bar (rich) on stderr: steps done of all, elapsed, ETA, the last logged loss/accuracy."""
 
   def __init__(self, description: str, total: int, done: int):
-    from rich.console import Console
-    from rich.progress import (
-      BarColumn,
-      MofNCompleteColumn,
-      Progress,
-      TextColumn,
-      TimeElapsedColumn,
-      TimeRemainingColumn,
-    )
-
-    self.progress = Progress(TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                             TimeRemainingColumn(), TextColumn('{task.fields[metrics]}'),
-                             console=Console(stderr=True))
+    self.progress = progress_bar(metrics=True)
     self.task = self.progress.add_task(description, total=total, completed=done, metrics='')
     self.progress.start()
 
