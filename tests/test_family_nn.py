@@ -165,26 +165,27 @@ def test_sampling_locations_for_boxes_scale_offsets_by_half_the_box_over_points(
   np.testing.assert_allclose(loc[0, 0, 0, 0, 0], [0.5 + 0.2 / 2 / 2, 0.5 + 0.4 / 2 / 2], rtol=1e-12)
 
 
-def make_layers():
-  return [
-      (DCNv3(8, 3, groups=2, center_feature_scale=True, rngs=nnx.Rngs(0)),
-       linen.DCNv3(3, groups=2, center_feature_scale=True), lambda: (normal(1, (2, 5, 6, 8), jnp.float32),)),
-      (DCNv3(8, 5, groups=4, remove_center=True, dw_kernel_size=3, rngs=nnx.Rngs(0)),
-       linen.DCNv3(5, groups=4, remove_center=True, dw_kernel_size=3), lambda: (normal(2, (1, 6, 6, 8), jnp.float32),)),
-      (DCNv4(16, 3, groups=2, dw_kernel_size=3, center_feature_scale=True, output_bias=False, rngs=nnx.Rngs(0)),
-       linen.DCNv4(3, groups=2, dw_kernel_size=3, center_feature_scale=True, output_bias=False),
-       lambda: (normal(3, (2, 5, 5, 16), jnp.float32),)),
-      (DCNv4(16, 3, groups=4, without_pointwise=True, rngs=nnx.Rngs(0)), linen.DCNv4(3, groups=4, without_pointwise=True),
-       lambda: (normal(4, (1, 4, 6, 16), jnp.float32),)),
-      (MSDeformAttn(16, 4, 2, 3, rngs=nnx.Rngs(0)), linen.MSDeformAttn(16, 4, 2, 3),
-       lambda: (normal(5, (2, 7, 16), jnp.float32), jax.random.uniform(jax.random.key(6), (2, 7, 2, 2)),
-                normal(7, (2, 30 + 6, 16), jnp.float32), [(5, 6), (2, 3)])),
-  ]
+# Each entry builds one (NNX layer, Linen twin, inputs) case: a test builds only the case it runs.
+LAYER_CASES = [
+    lambda: (DCNv3(8, 3, groups=2, center_feature_scale=True, rngs=nnx.Rngs(0)),
+             linen.DCNv3(3, groups=2, center_feature_scale=True), lambda: (normal(1, (2, 5, 6, 8), jnp.float32),)),
+    lambda: (DCNv3(8, 5, groups=4, remove_center=True, dw_kernel_size=3, rngs=nnx.Rngs(0)),
+             linen.DCNv3(5, groups=4, remove_center=True, dw_kernel_size=3),
+             lambda: (normal(2, (1, 6, 6, 8), jnp.float32),)),
+    lambda: (DCNv4(16, 3, groups=2, dw_kernel_size=3, center_feature_scale=True, output_bias=False, rngs=nnx.Rngs(0)),
+             linen.DCNv4(3, groups=2, dw_kernel_size=3, center_feature_scale=True, output_bias=False),
+             lambda: (normal(3, (2, 5, 5, 16), jnp.float32),)),
+    lambda: (DCNv4(16, 3, groups=4, without_pointwise=True, rngs=nnx.Rngs(0)),
+             linen.DCNv4(3, groups=4, without_pointwise=True), lambda: (normal(4, (1, 4, 6, 16), jnp.float32),)),
+    lambda: (MSDeformAttn(16, 4, 2, 3, rngs=nnx.Rngs(0)), linen.MSDeformAttn(16, 4, 2, 3),
+             lambda: (normal(5, (2, 7, 16), jnp.float32), jax.random.uniform(jax.random.key(6), (2, 7, 2, 2)),
+                      normal(7, (2, 30 + 6, 16), jnp.float32), [(5, 6), (2, 3)])),
+]
 
 
-@pytest.mark.parametrize('index', range(5))
+@pytest.mark.parametrize('index', range(len(LAYER_CASES)))
 def test_linen_twins_have_the_same_parameters_and_numbers(index):
-  nnx_layer, linen_layer, args = make_layers()[index]
+  nnx_layer, linen_layer, args = LAYER_CASES[index]()
   args = args()
   arrays, static = args[:3], args[3:]
   fresh = jax.jit(lambda k, *xs: linen_layer.init(k, *xs, *static))(jax.random.key(0), *arrays)
@@ -203,9 +204,9 @@ def test_linen_twins_have_the_same_parameters_and_numbers(index):
                              atol=1e-6)
 
 
-@pytest.mark.parametrize('index', range(5))
+@pytest.mark.parametrize('index', range(len(LAYER_CASES)))
 def test_layers_run_under_jit_and_their_zero_heads_get_gradients(index):
-  layer, _, args = make_layers()[index]
+  layer, _, args = LAYER_CASES[index]()
   args = args()
   if isinstance(layer, DCNv4):
     layer.offset_mask.bias[...] = jnp.ones_like(layer.offset_mask.bias[...])  # a live mask, so offsets matter

@@ -23,7 +23,8 @@ def alone():
   return [train(small(seed=s), echo=quiet) for s in (3, 4)]
 
 
-@pytest.mark.parametrize('batching', ['loop', 'vmap'])
+# The loop batching in the slow tier; test_train_internimage runs it fast (every seed's own batch statistics).
+@pytest.mark.parametrize('batching', [pytest.param('loop', marks=pytest.mark.slow), 'vmap'])
 def test_seeds_together_equal_each_seed_alone(alone, batching, tmp_path):
   both = train(small(seed=3, num_seeds=2, seed_batching=batching, workdir=str(tmp_path)), echo=quiet)
   assert both['seeds'] == [3, 4]
@@ -66,6 +67,8 @@ def test_one_compile_serves_every_seed_and_transform():
   assert b['seeds'] == [5, 6] and a['param_checksum'] != b['param_checksum']
 
 
+# Slow tier: its two halves run fast, 8 devices against 1 (test_train) and seeds together against alone (above).
+@pytest.mark.slow
 def test_eight_devices_train_seeds_together_like_each_seed_alone(alone):
   # 8 devices batch the seeds (the example-major gather of all seeds' rows across devices); each seed alone runs
   # on 1 device: the two must still agree.

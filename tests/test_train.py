@@ -37,7 +37,9 @@ from tests.helpers import (
 )
 
 
-@pytest.mark.parametrize('placement', ['device', 'host'])
+# Host-fed on 8 devices in the slow tier: the fast tier has 8 devices device-fed and host feeding on 1 (the
+# resume test's device case, test_feeding's prefetcher).
+@pytest.mark.parametrize('placement', ['device', pytest.param('host', marks=pytest.mark.slow)])
 def test_eight_devices_match_one_device(placement):
   cfg_one = small_config(num_devices=1, data_placement=placement)
   one = train(cfg_one, echo=quiet)
@@ -95,7 +97,9 @@ def resume_config(workdir, placement, **kw):
                       data_placement=placement, workdir=str(workdir), **kw)
 
 
-@pytest.mark.parametrize('placement', ['device', 'host'])
+# The host-fed case in the slow tier; the fast tier runs the same crash / SIGTERM / resume on device-resident data,
+# and test_feeding's prefetcher test checks the position a host-fed checkpoint stores.
+@pytest.mark.parametrize('placement', ['device', pytest.param('host', marks=pytest.mark.slow)])
 def test_crashed_and_terminated_runs_resume_to_the_same_parameters(tmp_path, placement, capsys):
   """Host-fed runs checkpoint the prefetcher's position of the next batch not trained on; device-resident
   runs need none. The run crashes after step 7 (checkpoint 4), resumes, is stopped by SIGTERM after step 9
@@ -226,6 +230,9 @@ def untrained_accuracy(cfg) -> float:
   return evaluate(trainer, state['params'], test, spec, cfg, mesh)['baseline']['accuracy']
 
 
+# 150 steps to a trained classifier: the slow tier. The fast tier trains the same default config (bfloat16,
+# modulated) 20 steps in the test below, its loss falling.
+@pytest.mark.slow
 def test_digits_default_trains_a_deformable_classifier_well_above_its_start():
   cfg = base_config()
   cfg.steps, cfg.progress, cfg.num_devices = 150, False, 1
