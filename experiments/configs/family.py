@@ -10,7 +10,8 @@ rotated+translated digits.
 
 import ml_collections
 
-from deformjax.train.config import augment_config, base_config
+from deformjax.train.config import base_config
+from experiments.configs.robustness import transform_conditions
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -22,13 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.progress = False
   # 1438 training images make 22 steps an epoch: 20 epochs (440 steps), as the robustness study.
   c.train.epochs = 20
-  rot, shift = 45.0, 4.0  # degrees; pixels of a 28x28 image (the digit spans ~20)
-  c.conditions = ml_collections.ConfigDict({
-      'baseline': augment_config(),
-      'rotated': augment_config(max_rotation_deg=rot),
-      'translated': augment_config(max_shift=shift),
-      'rotated+translated': augment_config(max_rotation_deg=rot, max_shift=shift),
-  })
+  c.conditions = transform_conditions()  # the robustness study's
   # Each variant: the model and its preset (unset: the train config's), how many of the last convs are deformable
   # and which member of the family they are. In the 5-conv classifier the last two convs (32 -> 32) are replaced,
   # as in the robustness study; 'internimage' is the micro InternImage, whose blocks are all DCNv3 (it takes

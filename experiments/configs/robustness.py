@@ -20,6 +20,18 @@ REFERENCE = {
 }
 
 
+def transform_conditions(max_rotation_deg: float = 45.0, max_shift: float = 4.0) -> ml_collections.ConfigDict:
+  """The studies' four conditions: no transform, rotations up to `max_rotation_deg` degrees, shifts up to
+  `max_shift` pixels of a 28x28 image (the digit spans ~20), both."""
+  rot, shift = max_rotation_deg, max_shift
+  return ml_collections.ConfigDict({
+      'baseline': augment_config(),
+      'rotated': augment_config(max_rotation_deg=rot),
+      'translated': augment_config(max_shift=shift),
+      'rotated+translated': augment_config(max_rotation_deg=rot, max_shift=shift),
+  })
+
+
 def get_config(arg: str | None = None):
   dataset = {'runlocal': 'digits', None: 'digits', '': 'digits'}.get(arg, arg)
   c = ml_collections.ConfigDict()
@@ -28,13 +40,7 @@ def get_config(arg: str | None = None):
   c.train = base_config()
   c.train.dataset = dataset
   c.train.progress = False
-  rot, shift = 45.0, 4.0  # degrees; pixels of a 28x28 image (the digit spans ~20)
-  c.conditions = ml_collections.ConfigDict({
-      'baseline': augment_config(),
-      'rotated': augment_config(max_rotation_deg=rot),
-      'translated': augment_config(max_shift=shift),
-      'rotated+translated': augment_config(max_rotation_deg=rot, max_shift=shift),
-  })
+  c.conditions = transform_conditions()
   c.variants = ml_collections.ConfigDict({'regular': 'none', 'deformable': '2'})
   # ConfigDict sorts its keys; these fix the order of the table's columns and rows.
   c.condition_order = ('baseline', 'rotated', 'translated', 'rotated+translated')
@@ -51,8 +57,7 @@ def get_config(arg: str | None = None):
     c.train.model = 'cifarnet'
     c.train.epochs = 3  # as the CIFAR-10 study; its rotations were a test of the same nets
     c.train.schedule = 'constant'
-    c.conditions = ml_collections.ConfigDict({'baseline': augment_config(),
-                                              'rotated': augment_config(max_rotation_deg=rot)})
+    c.conditions = ml_collections.ConfigDict({name: c.conditions[name] for name in ('baseline', 'rotated')})
     c.variants = ml_collections.ConfigDict({'regular': 'none', 'deformable': 'all'})
     c.condition_order = ('baseline', 'rotated')
   if arg == 'runlocal':
