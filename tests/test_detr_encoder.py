@@ -15,6 +15,7 @@ from jax import export
 
 from deformjax.nn import DeformableDetrEncoder, DeformableDetrEncoderLayer, _common, convert
 from deformjax.nn.detr_encoder import downsample_mask, reference_points, valid_ratios
+from tests.test_module_policy import count
 
 # Two backbone maps and one extra stride-2 level; GroupNorm(32) of a 64-wide model puts 2 channels in a group.
 TINY = dict(d_model=64, num_heads=4, num_levels=3, num_points=2, num_layers=2, ffn_features=32)
@@ -284,19 +285,6 @@ def test_bad_policy_values_are_refused_by_the_encoders_names(cls):
       build[cls](**policy)
 
 
-def _count(jaxpr, primitive):
-  """Equations whose primitive name contains `primitive`, nested jaxprs included."""
-  total = 0
-  for eqn in jaxpr.eqns:
-    total += primitive in eqn.primitive.name
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        inner = getattr(sub, 'jaxpr', sub)
-        if isinstance(inner, jax.extend.core.Jaxpr):
-          total += _count(inner, primitive)
-  return total
-
-
 def _concrete(leaf):
   """A concrete stand-in for an abstract non-parameter leaf (dropout's RNG state, unread with dropout off)."""
   if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
@@ -323,8 +311,8 @@ def test_policy_changes_how_the_encoder_runs_not_what_it_computes():
            for key, (graphdef, _, _) in split.items()}
   for key, call in calls.items():
     jaxpr = jax.make_jaxpr(call)(params, x, pos).jaxpr
-    assert (_count(jaxpr, 'scan') > 0) == (key in ('chunks', 'budget')), key
-    assert (_count(jaxpr, 'custom_vjp') > 0) == (key == 'deterministic'), key
+    assert (count(jaxpr, 'scan') > 0) == (key in ('chunks', 'budget')), key
+    assert (count(jaxpr, 'custom_vjp') > 0) == (key == 'deterministic'), key
 
   def everything(params, x, pos, cotangent):
     outs = {key: calls[key](params, x, pos) for key in ('default', 'chunks', 'budget')}
