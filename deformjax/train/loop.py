@@ -277,65 +277,97 @@ class _History:
   seconds_per_step: float | None = None
 
 
+class _EpochOrder:
+  """The order the device-resident train split is read in: drawn once per epoch, one permutation per seed."""
+
+  def __init__(self, run: _Run):
+    self.run, self.epoch, self.order = run, None, None
+
+  def at(self, step: int) -> jax.Array:
+    """`[examples]` (or `[num_seeds, examples]` when seeds train together): the order of `step`'s epoch."""
+    epoch = step // self.run.steps_per_epoch
+    if epoch != self.epoch:
+      orders = [feeding.epoch_permutation(self.run.mesh, s, epoch, self.run.split.size) for s in self.run.seeds]
+      self.epoch, self.order = epoch, jnp.stack(orders) if self.run.multi else orders[0]
+    return self.order
+
+
+def _advance(run: _Run, order: _EpochOrder, step: int) -> None:
+  """One train step on `run.state`: the batch gathered on the devices, or the next host-fed batch."""
+  if run.split is not None:
+    run.state, _ = run.trainer.resident_step(run.state, run.split.images, run.split.labels, order.at(step),
+                                             run.train_aug)
+  else:
+    run.state, _ = run.trainer.train_step(run.state, next(run.iterator), run.train_aug)
+
+
+def _eval_due(run: _Run, done: int) -> bool:
+  """Whether an in-loop evaluation follows step `done` (an epoch boundary every `eval_every_epochs`, not the last
+  step, which the final evaluation covers)."""
+  every = run.cfg.eval_every_epochs
+  epoch, within = divmod(done, run.steps_per_epoch)
+  return bool(every) and within == 0 and epoch % every == 0 and done != run.total_steps
+
+
+def _checkpoint_due(run: _Run, done: int) -> bool:
+  """Whether a checkpoint follows step `done`: every `checkpoint_every` steps (or epoch when 0), and the last."""
+  every = run.cfg.checkpoint_every
+  return done == run.total_steps or done % (every or run.steps_per_epoch) == 0
+
+
+def _evaluate_in_loop(run: _Run, history: _History, metrics_path: str | None, done: int) -> float:
+  """Evaluates after step `done`, records and logs it; returns the seconds it took (kept out of the step timing)."""
+  t0 = time.perf_counter()
+  res = run.evaluate(run.state)
+  seconds = time.perf_counter() - t0
+  history.eval.append({'step': done, 'epoch': done // run.steps_per_epoch, **({'seeds': res} if run.multi else res)})
+  _log_eval(metrics_path, done, run.seeds, res)
+  return seconds
+
+
+def _stop(run: _Run, ckpt: Checkpointer | None, done: int, last_saved: int) -> Interrupted:
+  """On a stop signal: step `done` saved (unless it already was) and the save finished; the error to raise."""
+  if ckpt is None:
+    return Interrupted(f'stopped by signal at step {done}')
+  if last_saved != done:  # else this step's own save is under way: waiting for it is enough
+    ckpt.save(done, run.state, run.iterator, force=True)
+  ckpt.wait()
+  return Interrupted(f'stopped by signal at step {done}; checkpoint saved in {ckpt.directory}')
+
+
 def _step_loop(run: _Run, ckpt: Checkpointer | None, metrics_path: str | None, start: int,
                on_step: Callable[[], object] | None, bar: _Progress | None) -> _History:
   """Phase 3: steps `start` .. `total_steps`, logging every `log_every`, evaluating every `eval_every_epochs`,
   checkpointing every `checkpoint_every` (or epoch); on SIGTERM/SIGINT saves and raises `Interrupted`."""
-  cfg, seeds, history = run.cfg, run.seeds, _History()
-  permutation, permutation_epoch = None, None
-  t_timed, side_seconds = None, 0.0  # side: evaluation time inside the loop, kept out of the step timing
-  last_saved = start
-  stop = threading.Event()
+  history, order, stop = _History(), _EpochOrder(run), threading.Event()
+  t_timed, eval_seconds, last_saved = None, 0.0, start
   with _stop_on_signals(stop):
     for step in range(start, run.total_steps):
       t0 = time.perf_counter()
-      if run.split is not None:
-        epoch = step // run.steps_per_epoch
-        if permutation_epoch != epoch:
-          permutation_epoch = epoch
-          orders = [feeding.epoch_permutation(run.mesh, s, epoch, run.split.size) for s in seeds]
-          permutation = orders[0] if not run.multi else jnp.stack(orders)
-        run.state, _ = run.trainer.resident_step(run.state, run.split.images, run.split.labels, permutation,
-                                                 run.train_aug)
-      else:
-        run.state, _ = run.trainer.train_step(run.state, next(run.iterator), run.train_aug)
+      _advance(run, order, step)
       done = step + 1
       if done == start + 1:
         jax.block_until_ready(run.state)  # the first step compiles: keep it out of the timing
         history.first_step_seconds = time.perf_counter() - t0
         t_timed = time.perf_counter()
-      postfix = None
-      if done % cfg.log_every == 0 or done == run.total_steps:
-        postfix = _log_train(run, history, metrics_path, done)
+      logged = done % run.cfg.log_every == 0 or done == run.total_steps
+      postfix = _log_train(run, history, metrics_path, done) if logged else None
       if bar is not None:
         bar.advance(postfix)
       if on_step is not None:
         on_step()
-      epoch_end = done % run.steps_per_epoch == 0
-      if cfg.eval_every_epochs and epoch_end and (done // run.steps_per_epoch) % cfg.eval_every_epochs == 0 \
-          and done != run.total_steps:
-        t_eval = time.perf_counter()
-        res = run.evaluate(run.state)
-        side_seconds += time.perf_counter() - t_eval
-        history.eval.append({'step': done, 'epoch': done // run.steps_per_epoch,
-                             **({'seeds': res} if run.multi else res)})
-        _log_eval(metrics_path, done, seeds, res)
-      if ckpt is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-                               or (not cfg.checkpoint_every and epoch_end) or done == run.total_steps):
+      if _eval_due(run, done):
+        eval_seconds += _evaluate_in_loop(run, history, metrics_path, done)
+      if ckpt is not None and _checkpoint_due(run, done):
         ckpt.save(done, run.state, run.iterator)
         last_saved = done
       if stop.is_set():
-        if ckpt is not None:
-          if last_saved != done:  # an async save of this step may still be in flight
-            ckpt.save(done, run.state, run.iterator, force=True)
-          ckpt.wait()
-        raise Interrupted(f'stopped by signal at step {done}'
-                          + (f'; checkpoint saved in {ckpt.directory}' if ckpt is not None else ''))
+        raise _stop(run, ckpt, done, last_saved)
   jax.block_until_ready(run.state)
   timed_steps = run.total_steps - start - 1
   if t_timed is not None and timed_steps > 0:
     # Wall time per step after the first (compiling) one, data loading included, evaluation excluded.
-    history.seconds_per_step = (time.perf_counter() - t_timed - side_seconds) / timed_steps
+    history.seconds_per_step = (time.perf_counter() - t_timed - eval_seconds) / timed_steps
   return history
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
@@ -213,7 +212,7 @@ def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.Conf
   """
   graphdef, _, rest = nnx.split(model_fn(0), nnx.Param, ...)
   has_model_state = bool(jax.tree.leaves(rest))
-  step_config = json.dumps({f: cfg[f] for f in _STEP_FIELDS}, sort_keys=True)
+  step_config = tuple(sorted((f, cfg[f]) for f in _STEP_FIELDS))
   batching = seed_batching_for(mesh, seed_batching) if num_seeds > 1 else 'single'
   tx, jit_train, jit_resident, jit_eval, compiled = _compiled_steps(graphdef, spec, mesh, steps_per_epoch,
                                                                     total_steps, step_config, num_seeds, batching,
@@ -238,102 +237,139 @@ def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.Conf
   return Trainer(jit_train, jit_resident, jit_eval, init_state, num_seeds, compiled)
 
 
+@dataclasses.dataclass(frozen=True)
+class _StepPlan:
+  """What every compiled step is built from: the model's graph, the data, the mesh and the optimiser."""
+  graphdef: nnx.GraphDef
+  spec: DatasetSpec
+  mesh: Mesh
+  tx: optax.GradientTransformation
+  steps_per_epoch: int
+  batch_size: int
+  num_seeds: int
+  has_model_state: bool  # the model has variables besides its parameters (BatchNorm statistics)
+
+  def merge(self, params: nnx.State, model_state: nnx.State | None, copy: bool = False) -> nnx.Module:
+    """The model with `params` (and `model_state`, exactly when the model has one)."""
+    return nnx.merge(self.graphdef, params, *(model_state,) if self.has_model_state else (), copy=copy)
+
+
+def _train_step(plan: _StepPlan, state: dict, batch: dict, aug: Mapping) -> tuple[dict, dict]:
+  """One optimiser step on `batch` (`'image'` `[B, H, W, C]`, `'label'`); returns the new state and metric sums."""
+  k_aug, k_drop = jax.random.split(jax.random.fold_in(state['rng'], state['step']))
+  images = normalise(augment(k_aug, batch['image'], aug))
+
+  def loss_fn(params):
+    # copy: fresh variables of this trace, which the train-mode forward may update (the BatchNorm
+    # statistics); merging the state's own variables would mutate them across trace levels.
+    model = plan.merge(params, state.get('model_state'), copy=True)
+    logits = model(images, train=True, rngs=nnx.Rngs(dropout=k_drop))
+    loss, sums = loss_and_metrics(logits, batch['label'], plan.spec.multilabel)
+    # The train-mode forward updated the running statistics in the merged model.
+    return loss, (sums, nnx.split(model, nnx.Param, ...)[2] if plan.has_model_state else None)
+
+  (_, (sums, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  # optax's schedules mix Python floats with the int32 step count, which a user's
+  # jax_numpy_dtype_promotion='strict' rejects; the promotion is optax's choice.
+  with jax.numpy_dtype_promotion('standard'):
+    updates, opt_state = plan.tx.update(grads, state['opt_state'], state['params'])
+  # Metric sums since the last log line ride in the state: nothing is read per
+  # step, and a checkpoint taken between log lines resumes the window it is in.
+  metrics = {**sums, 'count': jnp.asarray(batch['label'].shape[0], jnp.float32)}
+  new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
+               'step': state['step'] + 1, 'rng': state['rng'],
+               'metrics': jax.tree.map(jnp.add, state['metrics'], metrics)}
+  return ({**new_state, 'model_state': model_state} if plan.has_model_state else new_state), sums
+
+
+def _resident_step(plan: _StepPlan, state: dict, images: jax.Array, labels: jax.Array, permutation: jax.Array,
+                   aug: Mapping) -> tuple[dict, dict]:
+  """`_train_step` on the batch the step counter selects from the device-resident split, in `permutation` order."""
+  # Position within the epoch from the step counter on the device: the host
+  # only hands over the epoch's permutation, once per epoch.
+  start = (state['step'] % plan.steps_per_epoch) * plan.batch_size
+  indices = jax.lax.dynamic_slice(permutation, (start,), (plan.batch_size,))
+  image, label = feeding.gather_batch(plan.mesh, images, labels, indices)
+  return _train_step(plan, state, {'image': image, 'label': label}, aug)
+
+
+def _seeds_resident_step(plan: _StepPlan, state: dict, images: jax.Array, labels: jax.Array,
+                         permutations: jax.Array, aug: Mapping) -> tuple[dict, dict]:
+  """Every seed's `_resident_step` as one batched program (`permutations`: `[num_seeds, examples]`)."""
+  # Every seed is at the same step; each reads its own order. One gather for all
+  # seeds, example-major so each device's share of the batch stays whole.
+  start = (state['step'][0] % plan.steps_per_epoch) * plan.batch_size
+  indices = jax.lax.dynamic_slice_in_dim(permutations, start, plan.batch_size, axis=1)  # [S, B]
+  image, label = feeding.gather_batch(plan.mesh, images, labels, indices.T.reshape(-1))
+  per_seed = lambda x: jnp.swapaxes(x.reshape((plan.batch_size, plan.num_seeds) + x.shape[1:]), 0, 1)
+  one = lambda st, im, lb: _train_step(plan, st, {'image': im, 'label': lb}, aug)
+  return jax.vmap(one)(state, per_seed(image), per_seed(label))
+
+
+def _one_seed_resident_step(plan: _StepPlan, state: dict, images: jax.Array, labels: jax.Array,
+                            permutations: jax.Array, aug: Mapping, i: jax.Array) -> tuple[dict, dict]:
+  """Seed `i`'s `_resident_step` on the stacked state, written back in place (the state is donated)."""
+  take = lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+  new, sums = _resident_step(plan, jax.tree.map(take, state), images, labels, take(permutations), aug)
+  put = lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0)
+  return jax.tree.map(put, state, new), sums
+
+
+def _eval_step(plan: _StepPlan, params: nnx.State, batch: dict, valid: jax.Array, key: jax.Array, aug: Mapping,
+               model_state: nnx.State | None) -> tuple[dict, jax.Array]:
+  """Metric sums over the `valid` examples of `batch` (transformed by `aug`, keyed by `key`) and the logits."""
+  logits = plan.merge(params, model_state)(normalise(augment(key, batch['image'], aug)))
+  _, sums = loss_and_metrics(logits, batch['label'], plan.spec.multilabel, valid.astype(jnp.float32))
+  return sums, logits
+
+
+def _checked_eval(jit_eval_step: Callable, has_model_state: bool, params, batch, valid, key, aug,
+                  model_state=None):
+  """`Trainer.eval_step`: the jitted `_eval_step`, refusing a missing `model_state` by name."""
+  if has_model_state and model_state is None:
+    raise ValueError("eval_step: this model has variables besides its parameters (BatchNorm statistics): pass "
+                     "the train state's 'model_state' as model_state")
+  return jit_eval_step(params, batch, valid, key, aug, model_state if has_model_state else None)
+
+
+def _loop_over_seeds(jit_one_seed: Callable, num_seeds: int, state, images, labels, permutations, aug):
+  """The resident step of `seed_batching='loop'`: `_one_seed_resident_step` dispatched once per seed, in turn.
+
+  Each runs the single seed's program at its single-seed speed, and one compile serves every seed.
+  """
+  sums = []
+  for i in range(num_seeds):
+    state, s = jit_one_seed(state, images, labels, permutations, aug, np.int32(i))
+    sums.append(s)
+  return state, jax.tree.map(lambda *x: jnp.stack(x), *sums)
+
+
 @functools.lru_cache(maxsize=16)
-def _compiled_steps(graphdef, spec: DatasetSpec, mesh, steps_per_epoch: int, total_steps: int, step_config: str,
-                    num_seeds: int, batching: str, has_model_state: bool):
-  cfg = ml_collections.ConfigDict(json.loads(step_config))
-  tx = make_optimizer(cfg, steps_per_epoch, total_steps)
+def _compiled_steps(graphdef: nnx.GraphDef, spec: DatasetSpec, mesh: Mesh, steps_per_epoch: int,
+                    total_steps: int, step_config: tuple, num_seeds: int, batching: str,
+                    has_model_state: bool) -> tuple:
+  """`(tx, train_step, resident_step, eval_step, compiled)` for `make_trainer`, cached on what they depend on.
+
+  `step_config`: the `_STEP_FIELDS` of the config as sorted `(field, value)` pairs.
+  """
+  cfg = ml_collections.ConfigDict(dict(step_config))
+  plan = _StepPlan(graphdef, spec, mesh, make_optimizer(cfg, steps_per_epoch, total_steps), steps_per_epoch,
+                   cfg.batch_size, num_seeds, has_model_state)
   repl, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
-
-  def train_step(state, batch, aug):
-    key = jax.random.fold_in(state['rng'], state['step'])
-    k_aug, k_drop = jax.random.split(key)
-    images = normalise(augment(k_aug, batch['image'], aug))
-
-    rest = (state['model_state'],) if has_model_state else ()
-
-    def loss_fn(p):
-      # copy: fresh variables of this trace, which the train-mode forward may update (the BatchNorm
-      # statistics); merging the state's own variables would mutate them across trace levels.
-      model = nnx.merge(graphdef, p, *rest, copy=True)
-      logits = model(images, train=True, rngs=nnx.Rngs(dropout=k_drop))
-      loss, sums = loss_and_metrics(logits, batch['label'], spec.multilabel)
-      # The train-mode forward updated the running statistics in the merged model.
-      return loss, (sums, nnx.split(model, nnx.Param, ...)[2] if has_model_state else None)
-
-    (loss, (sums, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-    # optax's schedules mix Python floats with the int32 step count, which a user's
-    # jax_numpy_dtype_promotion='strict' rejects; the promotion is optax's choice.
-    with jax.numpy_dtype_promotion('standard'):
-      updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    # Metric sums since the last log line ride in the state: nothing is read per
-    # step, and a checkpoint taken between log lines resumes the window it is in.
-    metrics = {**sums, 'count': jnp.asarray(batch['label'].shape[0], jnp.float32)}
-    new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
-                 'step': state['step'] + 1, 'rng': state['rng'],
-                 'metrics': jax.tree.map(jnp.add, state['metrics'], metrics)}
-    if has_model_state:
-      new_state['model_state'] = model_state
-    return new_state, sums
-
-  def resident_step(state, images, labels, permutation, aug):
-    # Position within the epoch from the step counter on the device: the host
-    # only hands over the epoch's permutation, once per epoch.
-    start = (state['step'] % steps_per_epoch) * cfg.batch_size
-    indices = jax.lax.dynamic_slice(permutation, (start,), (cfg.batch_size,))
-    image, label = feeding.gather_batch(mesh, images, labels, indices)
-    return train_step(state, {'image': image, 'label': label}, aug)
-
-  def seeds_resident_step(state, images, labels, permutations, aug):
-    # Every seed is at the same step; each reads its own order. One gather for all
-    # seeds, example-major so each device's share of the batch stays whole.
-    start = (state['step'][0] % steps_per_epoch) * cfg.batch_size
-    indices = jax.lax.dynamic_slice_in_dim(permutations, start, cfg.batch_size, axis=1)  # [S, B]
-    image, label = feeding.gather_batch(mesh, images, labels, indices.T.reshape(-1))
-    per_seed = lambda x: jnp.swapaxes(x.reshape((cfg.batch_size, num_seeds) + x.shape[1:]), 0, 1)
-    one = lambda st, im, lb: train_step(st, {'image': im, 'label': lb}, aug)
-    return jax.vmap(one)(state, per_seed(image), per_seed(label))
-
-  def one_seed_resident_step(state, images, labels, permutations, aug, i):
-    # Seed i's step on the stacked state, written back in place (the state is donated).
-    take = lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
-    new, sums = resident_step(jax.tree.map(take, state), images, labels, take(permutations), aug)
-    put = lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0)
-    return jax.tree.map(put, state, new), sums
-
-  def eval_step(params, batch, valid, key, aug, model_state):
-    images = normalise(augment(key, batch['image'], aug))
-    logits = nnx.merge(graphdef, params, *(model_state,) if has_model_state else ())(images)
-    _, sums = loss_and_metrics(logits, batch['label'], spec.multilabel, valid.astype(jnp.float32))
-    return sums, logits
-
-  jit_train = jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)
-  jit_eval_step = jax.jit(eval_step, in_shardings=(repl, data, data, repl, repl, repl), out_shardings=(repl, data))
-
-  def jit_eval(params, batch, valid, key, aug, model_state=None):
-    if has_model_state and model_state is None:
-      raise ValueError("eval_step: this model has variables besides its parameters (BatchNorm statistics): pass "
-                       "the train state's 'model_state' as model_state")
-    return jit_eval_step(params, batch, valid, key, aug, model_state if has_model_state else None)
-  resident_shardings = dict(in_shardings=(repl, data, data, repl, repl), out_shardings=(repl, repl),
-                            donate_argnums=0)
-  if batching != 'loop':
-    jit_resident = jax.jit(resident_step if num_seeds == 1 else seeds_resident_step, **resident_shardings)
-    return tx, jit_train, jit_resident, jit_eval, (jit_train, jit_resident, jit_eval_step)
-  resident_shardings['in_shardings'] += (repl,)
-  jit_one_seed = jax.jit(one_seed_resident_step, **resident_shardings)
-  seed_numbers = [np.int32(i) for i in range(num_seeds)]
-
-  def loop_resident_step(state, images, labels, permutations, aug):
-    # One dispatch per seed, in turn: each runs the single seed's program at its
-    # single-seed speed, and one compile serves every seed.
-    sums = []
-    for i in seed_numbers:
-      state, s = jit_one_seed(state, images, labels, permutations, aug, i)
-      sums.append(s)
-    return state, jax.tree.map(lambda *x: jnp.stack(x), *sums)
-
-  return tx, jit_train, loop_resident_step, jit_eval, (jit_train, jit_one_seed, jit_eval_step)
+  jit_train = jax.jit(functools.partial(_train_step, plan), in_shardings=(repl, data, repl),
+                      out_shardings=(repl, repl), donate_argnums=0)
+  jit_eval = jax.jit(functools.partial(_eval_step, plan), in_shardings=(repl, data, data, repl, repl, repl),
+                     out_shardings=(repl, data))
+  eval_step = functools.partial(_checked_eval, jit_eval, has_model_state)
+  resident = dict(in_shardings=(repl, data, data, repl, repl), out_shardings=(repl, repl), donate_argnums=0)
+  if batching == 'loop':
+    jit_one_seed = jax.jit(functools.partial(_one_seed_resident_step, plan),
+                           **{**resident, 'in_shardings': resident['in_shardings'] + (repl,)})
+    resident_step = functools.partial(_loop_over_seeds, jit_one_seed, num_seeds)
+    return plan.tx, jit_train, resident_step, eval_step, (jit_train, jit_one_seed, jit_eval)
+  resident_step = jax.jit(functools.partial(_resident_step if num_seeds == 1 else _seeds_resident_step, plan),
+                          **resident)
+  return plan.tx, jit_train, resident_step, eval_step, (jit_train, resident_step, jit_eval)
 
 
 def _zero_metrics(spec: DatasetSpec) -> dict[str, jax.Array]:
