@@ -256,6 +256,7 @@ def test_bfloat16_compute_with_modulated_layers_trains():
 
 @pytest.mark.parametrize('field,value,message', [
     ('log_every', 0, 'config.log_every must be a positive int, got 0'),
+    ('batch_size', True, 'config.batch_size must be a positive int, got True'),  # Python's True == 1: a slip
     ('data_dir', '/tmp', "config.data_dir='/tmp' is not read by the digits dataset"),
     ('train_augment.max_rotation_deg', float('nan'), 'config.train_augment.max_rotation_deg must be a finite number'),
     ('train_augment.max_shift', float('inf'), 'config.train_augment.max_shift must be a finite number'),

@@ -10,6 +10,7 @@ import ml_collections
 
 from deformjax.data.sources import DATASETS
 from deformjax.models.classifiers import MODELS, PRESET_MODELS, check_preset_model, resolve_conv, resolve_deformable
+from deformjax.ops._args import is_int, is_real
 
 __all__ = ['ConfigError', 'augment_config', 'base_config', 'validate']
 
@@ -88,7 +89,7 @@ def _check_augment(aug, name: str) -> None:
   """A random affine range that can be sampled: finite, non-negative bounds, a non-empty scale range."""
   for field in ('max_rotation_deg', 'max_shift'):
     value = aug[field]
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+    if not (is_real(value) and math.isfinite(value) and value >= 0):
       raise ConfigError(f'{name}.{field} must be a finite number >= 0, got {value!r}')
   lo, hi = aug.scale_range
   if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
@@ -112,7 +113,7 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int) -> None:
     raise ConfigError(f'config.data_dir: directory {cfg.data_dir!r} does not exist')
   for name in ('batch_size', 'eval_batch_size'):
     value = cfg[name]
-    if not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
       raise ConfigError(f'config.{name} must be a positive int, got {value!r}')
     if value % device_count:
       raise ConfigError(f'config.{name}={value} is not divisible by the {device_count} devices; use a multiple '
@@ -125,14 +126,14 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int) -> None:
     raise ConfigError(f"config.schedule must be 'constant', 'step' or 'cosine', got {cfg.schedule!r}")
   if not cfg.learning_rate > 0:
     raise ConfigError(f'config.learning_rate must be positive, got {cfg.learning_rate!r}')
-  if not isinstance(cfg.log_every, int) or cfg.log_every < 1:
+  if not is_int(cfg.log_every) or cfg.log_every < 1:
     raise ConfigError(f'config.log_every must be a positive int, got {cfg.log_every!r}')
   augments = {'train_augment': cfg.train_augment, **{f'eval_sets.{k}': v for k, v in cfg.eval_sets.items()}}
   for name, aug in augments.items():
     _check_augment(aug, f'config.{name}')
   if cfg.data_placement not in ('auto', 'device', 'host'):
     raise ConfigError(f"config.data_placement must be 'auto', 'device' or 'host', got {cfg.data_placement!r}")
-  if not isinstance(cfg.num_seeds, int) or isinstance(cfg.num_seeds, bool) or cfg.num_seeds < 1:
+  if not is_int(cfg.num_seeds) or cfg.num_seeds < 1:
     raise ConfigError(f'config.num_seeds must be a positive int, got {cfg.num_seeds!r}')
   if cfg.seed_batching not in ('auto', 'vmap', 'loop'):
     raise ConfigError(f"config.seed_batching must be 'auto', 'vmap' or 'loop', got {cfg.seed_batching!r}")

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from deformjax.data.loader import eval_batches, train_iterator
 from deformjax.data.sources import DataError, DatasetSpec, RandomAccessSource, get_spec, load_source
 from deformjax.models.classifiers import build_model
+from deformjax.ops._args import is_int
 from deformjax.train import feeding
 from deformjax.train import mesh as mesh_lib
 from deformjax.train._progress import progress_bar
@@ -196,7 +197,7 @@ class _Run:
 
 def _set_up(cfg: ml_collections.ConfigDict, sources: tuple[RandomAccessSource, RandomAccessSource] | None) -> _Run:
   """Phase 1: validates `cfg`, builds the mesh, loads the data, compiles the steps, draws the initial state."""
-  if not isinstance(cfg.num_devices, int) or cfg.num_devices < 0:
+  if not is_int(cfg.num_devices) or cfg.num_devices < 0:
     raise ConfigError(f'config.num_devices must be 0 (all devices) or a positive int, got {cfg.num_devices!r}')
   try:
     mesh = mesh_lib.data_mesh(cfg.num_devices)
