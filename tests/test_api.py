@@ -457,11 +457,6 @@ KNOWN_GAPS: dict[tuple[str, str], frozenset[str]] = {
   ('exported, not shown by a public module', 'deformjax.models.classifiers'): frozenset([
       'FAMILY_GROUPS', 'avg_pool', 'check_preset_model', 'max_pool'
   ]),
-  ('exported, not shown by a public module', 'deformjax.nn.dcnv3'): frozenset(['dcnv3_block', 'group_softmax']),
-  ('exported, not shown by a public module', 'deformjax.nn.dcnv4'): frozenset(['dcnv4_block']),
-  ('exported, not shown by a public module', 'deformjax.nn.ms_deform_attn'): frozenset([
-      'check_layer_args', 'check_spatial_shapes', 'directional_bias_init', 'ms_deform_attn_block', 'sampling_locations'
-  ]),
   ('exported, not shown by a public module', 'deformjax.train.checkpoint'): frozenset(['Checkpointer']),
   ('exported, not shown by a public module', 'deformjax.train.cli'): frozenset([
       'command_line', 'config_flag', 'config_value', 'fail', 'main', 'parse_flags', 'run', 'run_or_exit'

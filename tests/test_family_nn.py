@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from deformjax.nn import DCNv3, DCNv4, MSDeformAttn, linen
-from deformjax.nn.dcnv3 import group_softmax
-from deformjax.nn.ms_deform_attn import directional_bias_init, sampling_locations
+from deformjax.nn._blocks import group_softmax
+from deformjax.nn._blocks import directional_bias_init, sampling_locations
 from deformjax.ops import offset_mask_channels
 
 

@@ -17,51 +17,9 @@ from flax import nnx
 from flax.nnx.nn import initializers
 
 from deformjax.nn import _common
-from deformjax.nn._common import Layer
+from deformjax.nn._blocks import dcnv3_block
 
 _zeros = initializers.zeros_init()
-
-
-def group_softmax(logits: jax.Array, groups: int) -> jax.Array:
-  """Softmax over the taps of each group: `[..., groups*K] -> [..., groups*K]` (DCNv3's mask normalisation).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from deformjax.nn.dcnv3 import group_softmax
-    >>> group_softmax(jnp.zeros((1, 6), jnp.float32), 2).tolist()  # two groups of three taps
-    [[0.333, 0.333, 0.333, 0.333, 0.333, 0.333]]
-  """
-  shaped = logits.reshape(logits.shape[:-1] + (groups, logits.shape[-1] // groups))
-  weights = jax.nn.softmax(shaped.astype(_common.softmax_dtype(logits.dtype)), axis=-1)
-  return weights.astype(logits.dtype).reshape(logits.shape)
-
-
-def dcnv3_block(inputs: jax.Array, input_proj: Layer, dw_conv: Layer, norm: Layer, offset: Layer, mask: Layer,
-                center_feature_scale_proj: Layer | None, output_proj: Layer, *, kernel_size: int, groups: int,
-                padding: int, dilation: int, offset_scale: float, remove_center: bool, chunk_size: int | None = None,
-                memory_budget: int | None = None,
-                deterministic: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """DCNv3's computation given its layers (what the NNX module and its Linen twin share).
-
-  `inputs [..., H, W, C]` -> `(y [..., H, W, C], offsets [..., H, W, groups*K*2], mask [..., H, W, groups*K])`.
-  `chunk_size`, `memory_budget`, `deterministic` go to `deformjax.ops.dcnv3`.
-  """
-  from deformjax.ops import dcnv3
-
-  batch = inputs.shape[:-3]
-  inputs = _common.flatten_batch(inputs, batch)
-  x = input_proj(inputs)
-  h = jax.nn.gelu(norm(dw_conv(inputs)), approximate=False)  # torch nn.GELU is the erf form
-  offsets = offset(h)
-  weights = group_softmax(mask(h), groups)
-  y = dcnv3(x, offsets.astype(x.dtype), weights.astype(x.dtype), kernel_size=kernel_size, padding=padding,
-            dilation=dilation, groups=groups, offset_scale=offset_scale, remove_center=remove_center,
-            chunk_size=chunk_size, memory_budget=memory_budget, deterministic=deterministic)
-  if center_feature_scale_proj is not None:
-    y = _common.blend_center(y, x, center_feature_scale_proj(h), groups)
-  y = output_proj(y)
-  return (_common.unflatten_batch(y, batch), _common.unflatten_batch(offsets, batch),
-          _common.unflatten_batch(weights, batch))
 
 
 class DCNv3(nnx.Module):
@@ -150,4 +108,4 @@ class DCNv3(nnx.Module):
     return (y, offsets, mask) if return_offsets else y
 
 
-__all__ = ['DCNv3', 'dcnv3_block', 'group_softmax']
+__all__ = ['DCNv3']

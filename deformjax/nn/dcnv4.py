@@ -15,34 +15,10 @@ from flax import nnx
 from flax.nnx.nn import initializers
 
 from deformjax.nn import _common
-from deformjax.nn._common import Layer
+from deformjax.nn._blocks import dcnv4_block
 from deformjax.ops import offset_mask_channels
 
 _zeros = initializers.zeros_init()
-
-
-def dcnv4_block(inputs: jax.Array, value_proj: Layer | None, offset_mask_dw: Layer | None, offset_mask: Layer,
-                center_feature_scale_proj: Layer | None, output_proj: Layer | None, *, kernel_size: int, groups: int,
-                padding: int, dilation: int, offset_scale: float, remove_center: bool, chunk_size: int | None = None,
-                memory_budget: int | None = None, deterministic: bool = False) -> tuple[jax.Array, jax.Array]:
-  """DCNv4's computation given its layers: `inputs [..., H, W, C]` -> `(y, offset_mask [..., H, W, ceil8(G*K*3)])`.
-
-  `chunk_size`, `memory_budget`, `deterministic` go to `deformjax.ops.dcnv4`.
-  """
-  from deformjax.ops import dcnv4
-
-  batch = inputs.shape[:-3]
-  inputs = _common.flatten_batch(inputs, batch)
-  x = inputs if value_proj is None else value_proj(inputs)
-  packed = offset_mask(inputs if offset_mask_dw is None else offset_mask_dw(inputs))
-  y = dcnv4(x, packed.astype(x.dtype), kernel_size=kernel_size, padding=padding, dilation=dilation, groups=groups,
-            offset_scale=offset_scale, remove_center=remove_center, chunk_size=chunk_size, memory_budget=memory_budget,
-            deterministic=deterministic)
-  if center_feature_scale_proj is not None:
-    y = _common.blend_center(y, x, center_feature_scale_proj(y), groups)  # the reference gates on the aggregated values
-  if output_proj is not None:
-    y = output_proj(y)
-  return _common.unflatten_batch(y, batch), _common.unflatten_batch(packed, batch)
 
 
 class DCNv4(nnx.Module):
@@ -130,4 +106,4 @@ class DCNv4(nnx.Module):
     return (y, offset_mask) if return_offsets else y
 
 
-__all__ = ['DCNv4', 'dcnv4_block']
+__all__ = ['DCNv4']

@@ -12,7 +12,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import ConvGeneralDilatedT, Dtype, Initializer, PrecisionLike, PromoteDtypeFn
 
-from deformjax.nn import _common
+from deformjax.nn import _blocks, _common
 from deformjax.ops import _args
 
 _default_kernel_init = initializers.lecun_normal()  # nnx.Conv's
@@ -186,7 +186,7 @@ class DeformConv(nnx.Module):
       # the layers built after this one initialise as they would after an nnx.Conv.
       self.offset_conv = nnx.Conv(
           in_features, kh * kw * offset_groups * (3 if modulated else 2), (kh, kw), strides=strides,
-          padding=_explicit_padding(padding), kernel_dilation=kernel_dilation,
+          padding=_blocks.explicit_padding(padding), kernel_dilation=kernel_dilation,
           kernel_init=initializers.zeros_init(), bias_init=initializers.zeros_init(),
           dtype=dtype, param_dtype=param_dtype, precision=precision, conv_general_dilated=conv_general_dilated,
           promote_dtype=promote_dtype, rngs=nnx.Rngs(0),
@@ -224,41 +224,19 @@ class DeformConv(nnx.Module):
     taps = self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
     _common.check_modulation(mask, taps, self.kernel_shape, name)
     _common.check_geometry(inputs, self.kernel_size, self.strides, self.padding, self.kernel_dilation, name)
-    if offsets is None:
-      if self.offset_conv is None:
-        raise ValueError(f'{name}: offsets are required when the layer has no predictor (predict_offsets=False)')
-      pred = self.offset_conv(inputs)
-      offsets, predicted_mask = _common.split_prediction(pred, taps * 2, self.modulated, self.offset_scale,
-                                                         self.max_offset)
-      mask = predicted_mask if mask is None else mask
-    kernel = self.kernel[...]
-    if self.mask is not None:
-      kernel = kernel * self.mask
-    bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    inputs, padding = _common.pad_for_mode(inputs, self.padding, self.kernel_size, self.kernel_dilation)
-    y = _common.deform_conv_any_batch(
-        inputs, offsets, kernel, mask, bias, strides=self.strides, padding=padding,
-        dilation=self.kernel_dilation, groups=self.feature_group_count, offset_groups=self.offset_groups,
-        precision=self.precision, preferred_element_type=self.preferred_element_type,
-        **self.policy.as_kwargs(),
-    )
+    kernel = self.kernel[...] if self.mask is None else self.kernel[...] * self.mask
+    y, offsets, mask = _blocks.deform_conv_block(
+        inputs, offsets, mask, kernel, None if self.bias is None else self.bias[...], self.offset_conv,
+        lambda *arrays: self.promote_dtype(arrays, dtype=self.dtype), kernel_size=self.kernel_size,
+        strides=self.strides, padding=self.padding, dilation=self.kernel_dilation, groups=self.feature_group_count,
+        offset_groups=self.offset_groups, modulated=self.modulated, offset_scale=self.offset_scale,
+        max_offset=self.max_offset, name=name, precision=self.precision,
+        preferred_element_type=self.preferred_element_type, **self.policy.as_kwargs())
     if self.sow_offsets:
       self.sow(nnx.Intermediate, 'offsets', offsets)
       if mask is not None:
         self.sow(nnx.Intermediate, 'mask', mask)
     return (y, offsets, mask) if return_offsets else y
-
-
-def _explicit_padding(padding: _args.PaddingLike) -> _args.PaddingLike:
-  """deformjax padding forms -> a form nnx.Conv / nn.Conv reads identically."""
-  if isinstance(padding, str):
-    return padding.upper()
-  if isinstance(padding, int):
-    return ((padding, padding), (padding, padding))
-  if all(isinstance(p, int) for p in padding):
-    return tuple((int(p), int(p)) for p in padding)
-  return tuple(tuple(int(v) for v in p) for p in padding)
 
 
 __all__ = ['DeformConv']

@@ -18,12 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from deformjax.nn import _common
-from deformjax.nn import ms_deform_attn as _msda
+from deformjax.nn import _blocks, _common
 from deformjax.nn import roi_pool as _roi_pool
-from deformjax.nn.dcnv3 import dcnv3_block
-from deformjax.nn.dcnv4 import dcnv4_block
-from deformjax.nn.deform_conv import _explicit_padding
 from deformjax.ops import _args, offset_mask_channels
 from deformjax.ops.roi_pool import deform_roi_pool, roi_align
 
@@ -100,29 +96,22 @@ class DeformConv(nn.Module):
     if self.mask is not None:
       kernel = kernel * self.mask
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-    if offsets is None:
-      if not self.predict_offsets:
-        raise ValueError('DeformConv: offsets are required when the layer has no predictor (predict_offsets=False)')
-      taps = kh * kw * self.offset_groups
+    offset_conv = None
+    if self.predict_offsets:
       extra = {} if self.conv_general_dilated is None else {'conv_general_dilated': self.conv_general_dilated}
-      pred = nn.Conv(
-          taps * (3 if self.modulated else 2), (kh, kw), strides=strides,
-          padding=_explicit_padding(self.padding), kernel_dilation=dilation,
+      offset_conv = nn.Conv(
+          self.offset_groups * kh * kw * (3 if self.modulated else 2), (kh, kw), strides=strides,
+          padding=_blocks.explicit_padding(self.padding), kernel_dilation=dilation,
           kernel_init=nn.initializers.zeros_init(), bias_init=nn.initializers.zeros_init(),
           dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-          promote_dtype=self.promote_dtype, name='offset_conv', **extra,
-      )(inputs)
-      offsets, predicted_mask = _common.split_prediction(pred, taps * 2, self.modulated, self.offset_scale,
-                                                         self.max_offset)
-      mask = predicted_mask if mask is None else mask
-    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    inputs, padding = _common.pad_for_mode(inputs, self.padding, (kh, kw), dilation)
-    y = _common.deform_conv_any_batch(
-        inputs, offsets, kernel, mask, bias, strides=strides, padding=padding,
-        dilation=dilation, groups=groups, offset_groups=self.offset_groups,
+          promote_dtype=self.promote_dtype, name='offset_conv', **extra)
+    y, offsets, mask = _blocks.deform_conv_block(
+        inputs, offsets, mask, kernel, bias, offset_conv,
+        lambda *arrays: self.promote_dtype(*arrays, dtype=self.dtype), kernel_size=(kh, kw), strides=strides,
+        padding=self.padding, dilation=dilation, groups=groups, offset_groups=self.offset_groups,
+        modulated=self.modulated, offset_scale=self.offset_scale, max_offset=self.max_offset, name=name,
         precision=self.precision, chunk_size=self.chunk_size, memory_budget=self.memory_budget,
-        deterministic=self.deterministic,
-    )
+        deterministic=self.deterministic)
     if self.sow_offsets:
       self.sow('intermediates', 'offsets', offsets)
       if mask is not None:
@@ -254,7 +243,7 @@ class DCNv3(nn.Module):
     _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, name)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
     taps = self.groups * _common.num_taps(self.kernel_size, self.remove_center)
-    y, offsets, mask = dcnv3_block(
+    y, offsets, mask = _blocks.dcnv3_block(
         inputs, _dense(c, 'input_proj', **kw), _depthwise(c, self.dw_kernel_size or self.kernel_size, 'dw_conv', **kw),
         nn.LayerNorm(self.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name='norm'),
         _dense(taps * 2, 'offset', zero=True, **kw), _dense(taps, 'mask', zero=True, **kw),
@@ -313,7 +302,7 @@ class DCNv4(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
     packed = offset_mask_channels(self.groups, _common.num_taps(self.kernel_size, self.remove_center))
     pointwise = not self.without_pointwise
-    y, offset_mask = dcnv4_block(
+    y, offset_mask = _blocks.dcnv4_block(
         inputs, _dense(c, 'value_proj', **kw) if pointwise else None,
         _depthwise(c, self.dw_kernel_size, 'offset_mask_dw', **kw) if self.dw_kernel_size else None,
         _dense(packed, 'offset_mask', zero=True, **kw),
@@ -363,15 +352,15 @@ class MSDeformAttn(nn.Module):
                return_sampling: bool = False):
     """As `deformjax.nn.MSDeformAttn.__call__`."""
     name = 'MSDeformAttn'
-    value_features = _msda.check_layer_args(name, self.d_model, self.num_heads, self.num_levels, self.num_points,
+    value_features = _blocks.check_layer_args(name, self.d_model, self.num_heads, self.num_levels, self.num_points,
                                             self.value_features)
     _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, name)
     if query.ndim != 3 or query.shape[-1] != self.d_model:
       raise ValueError(f'{name}: query must have shape [N, Lq, d_model={self.d_model}], got {tuple(query.shape)}')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
     samples = self.num_heads * self.num_levels * self.num_points
-    bias = _msda.directional_bias_init(self.num_heads, self.num_levels, self.num_points)
-    out, locations, weights = _msda.ms_deform_attn_block(
+    bias = _blocks.directional_bias_init(self.num_heads, self.num_levels, self.num_points)
+    out, locations, weights = _blocks.ms_deform_attn_block(
         query, reference_points, inputs, spatial_shapes, padding_mask, _dense(value_features, 'value_proj', **kw),
         _dense(samples * 2, 'sampling_offsets', zero=True, bias_init=bias, **kw),
         _dense(samples, 'attention_weights', zero=True, **kw), _dense(self.d_model, 'output_proj', **kw),

@@ -10,149 +10,15 @@ boxes), and the flattened multi-level inputs `[N, sum(H_l * W_l), C]`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from flax.nnx.nn import initializers
 
 from deformjax.nn import _common
-from deformjax.ops import _args, level_shapes
-
-
-def directional_bias_init(num_heads: int, num_levels: int,
-                          num_points: int) -> Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]:
-  """Deformable DETR's sampling-offset bias: head `m` looks along the angle `2*pi*m/num_heads`, its point `p`
-  at `p + 1` grid steps (the direction scaled so its larger coordinate is 1), identical at every level.
-
-  Returns a flax initializer `(key, shape, dtype) -> [num_heads*num_levels*num_points*2]` in the
-  `(head, level, point, (x, y))` order of the layer's `sampling_offsets` outputs.
-
-  Example:
-    >>> import jax
-    >>> from deformjax.nn.ms_deform_attn import directional_bias_init
-    >>> bias = directional_bias_init(4, 1, 2)(jax.random.key(0), (16,), 'float32')
-    >>> bias.reshape(4, 2, 2)[1].tolist()  # head 1 looks up (+y): one step, then two
-    [[0.0, 1.0], [0.0, 2.0]]
-  """
-  thetas = np.arange(num_heads, dtype=np.float64) * (2.0 * np.pi / num_heads)
-  grid = np.stack([np.cos(thetas), np.sin(thetas)], -1)
-  grid = grid / np.abs(grid).max(-1, keepdims=True)
-  grid = np.broadcast_to(grid[:, None, None, :], (num_heads, num_levels, num_points, 2))
-  grid = grid * np.arange(1, num_points + 1, dtype=np.float64)[None, None, :, None]
-  flat = grid.reshape(-1)
-
-  def init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32) -> jax.Array:
-    del key
-    if tuple(shape) != flat.shape:
-      raise ValueError(f'directional_bias_init: shape must be {flat.shape}, got {tuple(shape)}')
-    return jnp.asarray(flat, dtype)
-
-  return init
-
-
-def check_spatial_shapes(spatial_shapes: Sequence[tuple[int, int]] | np.ndarray, num_levels: int,
-                         name: str) -> tuple[tuple[int, int], ...]:
-  """A static sequence of `num_levels` positive `(H_l, W_l)` pairs (numpy arrays accepted; jax arrays refused, so
-  that a layer called under jit and outside it takes the same argument)."""
-  if not isinstance(spatial_shapes, (Sequence, np.ndarray)):
-    raise TypeError(f'{name}: spatial_shapes must be a static sequence of (H_l, W_l) pairs (Python ints), '
-                    f'got {type(spatial_shapes).__name__}')
-  shapes = level_shapes(spatial_shapes, name)
-  if len(shapes) != num_levels:
-    raise ValueError(f'{name}: spatial_shapes must have num_levels={num_levels} (H_l, W_l) pairs, got {len(shapes)}')
-  return shapes
-
-
-def check_layer_args(name: str, d_model: int, num_heads: int, num_levels: int, num_points: int,
-                     value_features: int | None) -> int:
-  """Validates the layer's sizes (each a positive int, widths divisible by `num_heads`); returns the value width
-  (`value_features`, default `d_model`)."""
-  for arg, value in (('d_model', d_model), ('num_heads', num_heads), ('num_levels', num_levels),
-                     ('num_points', num_points)):
-    _args.positive_int(value, arg, name)
-  if d_model % num_heads:
-    raise ValueError(f'{name}: d_model={d_model} must be divisible by num_heads={num_heads}')
-  if value_features is None:
-    return d_model
-  _args.positive_int(value_features, 'value_features', name)
-  if value_features % num_heads:
-    raise ValueError(f'{name}: value_features={value_features} must be divisible by num_heads={num_heads}')
-  return int(value_features)
-
-
-def sampling_locations(reference_points: jax.Array, offsets: jax.Array,
-                       spatial_shapes: Sequence[tuple[int, int]]) -> jax.Array:
-  """Deformable DETR's sampling locations `[N, Lq, M, L, P, 2]` in [0, 1] (x, y).
-
-  Points (`reference_points [N, Lq, L, 2]`): `ref + offset / (W_l, H_l)`, offsets in
-  pixels of each level. Boxes (`[N, Lq, L, 4]`, (cx, cy, w, h)): `centre + offset / P
-  * wh / 2`, offsets in units of the box.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from deformjax.nn.ms_deform_attn import sampling_locations
-    >>> ref = jnp.full((1, 1, 1, 2), 0.5)
-    >>> offsets = jnp.ones((1, 1, 1, 1, 1, 2))  # one pixel right and down
-    >>> sampling_locations(ref, offsets, [(4, 8)]).reshape(2).tolist()
-    [0.625, 0.75]
-  """
-  ref = reference_points[:, :, None, :, None, :]
-  if reference_points.shape[-1] == 2:
-    normaliser = jnp.asarray([[w, h] for h, w in spatial_shapes], offsets.dtype)
-    return ref + offsets / normaliser[None, None, None, :, None, :]
-  num_points = offsets.shape[-2]
-  return ref[..., :2] + offsets / num_points * ref[..., 2:] * 0.5
-
-
-def ms_deform_attn_block(query: jax.Array, reference_points: jax.Array, inputs: jax.Array,
-                         spatial_shapes: Sequence[tuple[int, int]], padding_mask: jax.Array | None,
-                         value_proj: Callable[[jax.Array], jax.Array],
-                         sampling_offsets: Callable[[jax.Array], jax.Array],
-                         attention_weights: Callable[[jax.Array], jax.Array],
-                         output_proj: Callable[[jax.Array], jax.Array], *, num_heads: int, num_levels: int,
-                         num_points: int, name: str = 'MSDeformAttn', chunk_size: int | None = None,
-                         memory_budget: int | None = None,
-                         deterministic: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The layer's computation given its four projections (what `MSDeformAttn` and its Linen twin share).
-
-  Shapes as `MSDeformAttn.__call__`; `value_proj` maps `d_model` to the value
-  width (a multiple of `num_heads`), `output_proj` maps it back. Returns
-  `(out [N, Lq, C], locations [N, Lq, M, L, P, 2], weights [N, Lq, M, L, P])`.
-  `chunk_size`, `memory_budget`, `deterministic` go to `deformjax.ops.ms_deform_attn`.
-  """
-  from deformjax.ops import ms_deform_attn
-
-  m, lv, p, c = num_heads, num_levels, num_points, query.shape[-1] if query.ndim == 3 else -1
-  shapes = check_spatial_shapes(spatial_shapes, lv, name)
-  if query.ndim != 3:
-    raise ValueError(f'{name}: query must have shape [N, Lq, d_model], got {tuple(query.shape)}')
-  n, lq = query.shape[:2]
-  total = sum(h * w for h, w in shapes)
-  if inputs.shape != (n, total, c):
-    raise ValueError(f'{name}: inputs must have shape [N={n}, sum(H_l*W_l)={total}, d_model={c}], got '
-                     f'{tuple(inputs.shape)}')
-  if reference_points.ndim != 4 or reference_points.shape[:3] != (n, lq, lv) or reference_points.shape[3] not in (
-      2, 4):
-    raise ValueError(f'{name}: reference_points must have shape [N={n}, Lq={lq}, num_levels={lv}, 2 or 4], got '
-                     f'{tuple(reference_points.shape)}')
-  if padding_mask is not None and tuple(padding_mask.shape) != (n, total):
-    raise ValueError(f'{name}: padding_mask must have shape [N={n}, sum(H_l*W_l)={total}], got '
-                     f'{tuple(padding_mask.shape)}')
-  value = value_proj(inputs)
-  if padding_mask is not None:
-    value = jnp.where(padding_mask[..., None], jnp.zeros((), value.dtype), value)
-  value = value.reshape(n, total, m, value.shape[-1] // m)
-  offsets = sampling_offsets(query).reshape(n, lq, m, lv, p, 2)
-  logits = attention_weights(query).reshape(n, lq, m, lv * p)
-  weights = jax.nn.softmax(logits.astype(_common.softmax_dtype(logits.dtype)), axis=-1)
-  weights = weights.astype(value.dtype).reshape(n, lq, m, lv, p)
-  locations = sampling_locations(reference_points.astype(offsets.dtype), offsets, shapes)
-  out = output_proj(ms_deform_attn(value, shapes, locations.astype(value.dtype), weights, chunk_size=chunk_size,
-                                   memory_budget=memory_budget, deterministic=deterministic))
-  return out, locations, weights
+from deformjax.nn._blocks import check_layer_args, directional_bias_init, ms_deform_attn_block
 
 
 class MSDeformAttn(nnx.Module):
@@ -247,5 +113,4 @@ class MSDeformAttn(nnx.Module):
     return (out, locations, weights) if return_sampling else out
 
 
-__all__ = ['MSDeformAttn', 'check_layer_args', 'check_spatial_shapes', 'directional_bias_init', 'ms_deform_attn_block',
-           'sampling_locations']
+__all__ = ['MSDeformAttn']
