@@ -43,12 +43,12 @@ def pixel_mask(n=2, valid=((37, 29), (25, 17))):
   return mask
 
 
-def random_state(seed=3, layers=1, d=64, heads=4, levels=3, points=2, ffn=32):
+def random_state(seed=3, layers=1, d=64, heads=4, levels=3, points=2, ffn=32, backbone=BACKBONE):
   """A transformers-named encoder state, every entry random (zero heads and unit norms would test nothing)."""
   rng = np.random.default_rng(seed)
   shapes = {'level_embed': (levels, d)}
   for level in range(levels):
-    cin, k = (BACKBONE[level], 1) if level < len(BACKBONE) else (BACKBONE[-1] if level == len(BACKBONE) else d, 3)
+    cin, k = (backbone[level], 1) if level < len(backbone) else (backbone[-1] if level == len(backbone) else d, 3)
     shapes |= {f'input_proj.{level}.0.weight': (d, cin, k, k), f'input_proj.{level}.0.bias': (d,),
                f'input_proj.{level}.1.weight': (d,), f'input_proj.{level}.1.bias': (d,)}
   samples = heads * levels * points
@@ -199,6 +199,12 @@ def test_converter_names_missing_unknown_and_misshapen_keys(encoder):
     convert.from_deformable_detr_encoder(state | {'position_embedding.row_embeddings.weight': np.zeros(3)}, **kw)
   with pytest.raises(ValueError, match='activation_function must be one of'):
     convert.from_deformable_detr_encoder(state, activation_function='tanh', **kw)
+  for policy, error, message in (
+      (dict(chunk_size=0), ValueError, 'chunk_size must be a positive int or None, got 0'),
+      (dict(memory_budget=True), ValueError, 'memory_budget must be a positive int or None, got True'),
+      (dict(deterministic_gradients=1), TypeError, 'deterministic_gradients must be a bool, got 1')):
+    with pytest.raises(error, match=f'{fn}: {message}'):
+      convert.from_deformable_detr_encoder(state, **kw, **policy)
 
 
 def test_value_proj_ratio_needs_value_features():
@@ -285,30 +291,28 @@ def test_bad_policy_values_are_refused_by_the_encoders_names(cls):
       build[cls](**policy)
 
 
-def _concrete(leaf):
-  """A concrete stand-in for an abstract non-parameter leaf (dropout's RNG state, unread with dropout off)."""
-  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-    return jax.random.key(0)
-  return np.zeros(leaf.shape, leaf.dtype)
-
-
-def test_policy_changes_how_the_encoder_runs_not_what_it_computes():
-  """Forced chunks and a small memory budget give the default output; `deterministic_gradients=True` gives the
-  same parameter gradients bit for bit on a second call. Each keyword visibly reaches the op (chunk loops,
-  the sorted-segment-sum VJP). The layer stack (`encode`) is what the policy acts on, and one compiled function
-  computes every setting over shared random parameters: the input projection would only add compile time."""
+def test_policy_changes_how_the_ported_encoder_runs_not_what_it_computes():
+  """`from_deformable_detr_encoder`'s policy keywords build the encoder with them (and so reach every layer's
+  attention): forced chunks and a small memory budget give the default output; `deterministic_gradients=True`
+  gives the same parameter gradients bit for bit on a second call. Each keyword visibly reaches the op (chunk
+  loops, the sorted-segment-sum VJP). Every setting is ported from one random transformers-named state (random:
+  the zero-initialised offset head would sample a fixed star of points), so they share parameters. The layer
+  stack (`encode`) is what the policy acts on, and one compiled function computes every setting: the input
+  projection would only add compile time."""
+  state = random_state(d=8, heads=2, levels=2, points=2, ffn=8, backbone=POLICY_BACKBONE)
+  ported = {key: convert.from_deformable_detr_encoder(state, num_heads=2, num_points=2, num_groups=2, **policy)
+            for key, policy in POLICY_SETTINGS.items()}
+  for key, policy in POLICY_SETTINGS.items():
+    want = _common.SamplingPolicy(policy.get('chunk_size'), policy.get('memory_budget'),
+                                  policy.get('deterministic_gradients', False))
+    assert all(layer.self_attn.policy == want for layer in ported[key].layers), key
   rng = np.random.default_rng(5)
   x, pos = (jnp.asarray(rng.normal(size=(1, 26, 8)), jnp.float32) for _ in range(2))
   ratios = jnp.asarray(rng.uniform(0.5, 1.0, size=(1, 2, 2)), jnp.float32)
-  split = {key: nnx.split(nnx.eval_shape(lambda policy=policy: policy_encoder(**policy)), nnx.Param, ...)
-           for key, policy in POLICY_SETTINGS.items()}
-  _, state, other = split['default']
-  # Random parameters: the zero-initialised offset head would sample a fixed star of points.
-  leaves, treedef = jax.tree.flatten(state)
-  params = jax.tree.unflatten(treedef, [jnp.asarray(0.3 * rng.normal(size=v.shape), jnp.float32) for v in leaves])
-  rest = jax.tree.map(_concrete, other)
-  calls = {key: lambda p, x, pos, g=graphdef: nnx.merge(g, p, rest).encode(x, pos, POLICY_SHAPES, ratios)
-           for key, (graphdef, _, _) in split.items()}
+  split = {key: nnx.split(enc, nnx.Param, ...) for key, enc in ported.items()}
+  _, params, _ = split['default']
+  calls = {key: lambda p, x, pos, g=graphdef, rest=rest: nnx.merge(g, p, rest).encode(x, pos, POLICY_SHAPES, ratios)
+           for key, (graphdef, _, rest) in split.items()}
   for key, call in calls.items():
     jaxpr = jax.make_jaxpr(call)(params, x, pos).jaxpr
     assert (count(jaxpr, 'scan') > 0) == (key in ('chunks', 'budget')), key

@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ from jax.typing import DTypeLike
 from deformjax.nn.dcnv3 import DCNv3
 from deformjax.nn.dcnv4 import DCNv4
 from deformjax.nn.deform_conv import DeformConv
-from deformjax.nn.detr_encoder import DeformableDetrEncoder
+from deformjax.nn.detr_encoder import DeformableDetrEncoder, DeformableDetrEncoderLayer
 from deformjax.nn.ms_deform_attn import MSDeformAttn
 from deformjax.nn.roi_pool import DeformRoIPool
 from deformjax.ops import _args
@@ -652,11 +652,123 @@ def _indices(keys: Sequence[str], head: str) -> list[int]:
   return sorted(found)
 
 
+class _DetrEncoderConfig(NamedTuple):
+  """The encoder's architecture as `from_deformable_detr_encoder` reads it off a state dict's shapes."""
+  keys: tuple[str, ...]  # the entries under the prefix, prefix removed, sorted
+  d_model: int
+  conv_shapes: tuple[tuple[int, ...], ...]  # `input_proj.{l}.0.weight` per level, OIHW
+  num_backbone: int  # the leading 1x1 convs; the 3x3 stride-2 extra levels follow
+  num_layers: int
+  ffn_features: int
+  mlp: str  # where fc1 / fc2 live: 'mlp.' (transformers v5) or '' (before)
+
+  @property
+  def num_levels(self) -> int:
+    return len(self.conv_shapes)
+
+  @property
+  def in_features(self) -> tuple[int, ...]:
+    return tuple(int(shape[1]) for shape in self.conv_shapes[:self.num_backbone])
+
+
+def _detr_encoder_keys(state: Mapping[str, np.ndarray], prefix: str, fn: str) -> tuple[str, ...]:
+  """The sorted keys under `prefix` (prefix removed), refusing a state with learned position embeddings or without
+  `level_embed` (with a hint when the prefix looks one level too shallow)."""
+  keys = tuple(sorted(k[len(prefix):] for k in state if k.startswith(prefix)))
+  learned = [prefix + k for k in keys if k.startswith(_DETR_LEARNED_POSITIONS)]
+  if learned:
+    raise ValueError(f'{fn}: {learned[:2]} are learned position embeddings (position_embedding_type=\'learned\'); '
+                     'only the sine position embedding is supported')
+  if 'level_embed' not in keys:
+    hint = (" (a DeformableDetrForObjectDetection state dict? pass prefix='model.')"
+            if any(k.startswith(prefix + 'model.') for k in state) else '')
+    raise ValueError(f'{fn}: state has no {prefix + "level_embed"!r}{hint}; keys: {sorted(state)[:8]}...')
+  return keys
+
+
+def _detr_input_proj_shapes(state: Mapping[str, np.ndarray], prefix: str, num_levels: int, d_model: int,
+                            fn: str) -> tuple[tuple[tuple[int, ...], ...], int]:
+  """The `num_levels` input-projection conv shapes (OIHW) and how many lead as backbone levels.
+
+  Each is `[d_model, C, 1, 1]` (a backbone map's) or `[d_model, C, 3, 3]` (an extra
+  stride-2 level's); the 1x1 convs come first, and every extra level after the
+  first reads the previous one (`C = d_model`).
+  """
+  shapes = []
+  for level in range(num_levels):
+    key = f'{prefix}input_proj.{level}.0.weight'
+    if key not in state:
+      raise ValueError(f'{fn}: state has no {key!r} (level_embed has {num_levels} levels)')
+    shape = np.shape(state[key])
+    if len(shape) != 4 or shape[0] != d_model or shape[2:] not in ((1, 1), (3, 3)):
+      raise ValueError(f'{fn}: {key!r} must be a [d_model={d_model}, C, 1, 1] or [d_model, C, 3, 3] '
+                       f'Conv2d weight, got shape {shape}')
+    shapes.append(tuple(shape))
+  num_backbone = sum(1 for shape in shapes if shape[2] == 1)
+  if any(shape[2] == 1 for shape in shapes[num_backbone:]) or num_backbone == 0:
+    raise ValueError(f'{fn}: input_proj must be 1x1 convs (backbone levels) followed by 3x3 convs (extra levels), '
+                     f'got kernels {[shape[2] for shape in shapes]}')
+  for level in range(num_backbone + 1, num_levels):
+    if shapes[level][1] != d_model:
+      raise ValueError(f'{fn}: input_proj.{level}.0.weight must read the previous extra level '
+                       f'(d_model={d_model} channels), got shape {shapes[level]}')
+  return tuple(shapes), num_backbone
+
+
+def _detr_encoder_config(state: Mapping[str, np.ndarray], prefix: str, fn: str) -> _DetrEncoderConfig:
+  """`d_model` and the levels from `level_embed [L, d_model]` and `input_proj`, the layers and `encoder_ffn_dim`
+  from `encoder.layers.{j}.…`, each refused by name when missing or misshapen."""
+  keys = _detr_encoder_keys(state, prefix, fn)
+  level_embed_shape = np.shape(state[prefix + 'level_embed'])
+  if len(level_embed_shape) != 2:
+    raise ValueError(f'{fn}: {prefix}level_embed must have shape [num_feature_levels, d_model], got '
+                     f'{level_embed_shape}')
+  num_levels, d_model = (int(v) for v in level_embed_shape)
+  conv_shapes, num_backbone = _detr_input_proj_shapes(state, prefix, num_levels, d_model, fn)
+  layers = _indices(keys, 'encoder.layers.')
+  if not layers or layers != list(range(len(layers))):
+    raise ValueError(f'{fn}: state must hold encoder.layers.0 ... encoder.layers.J-1 under {prefix!r}, got indices '
+                     f'{layers}')
+  mlp = 'mlp.' if 'encoder.layers.0.mlp.fc1.weight' in keys else ''
+  ffn_features = _channels(state, f'{prefix}encoder.layers.0.{mlp}fc2.weight', fn)
+  return _DetrEncoderConfig(keys, d_model, conv_shapes, num_backbone, len(layers), ffn_features, mlp)
+
+
+def _load_detr_input_proj(encoder: DeformableDetrEncoder, s: _State, config: _DetrEncoderConfig) -> None:
+  """`input_proj.{l}.0` (Conv2d, OIHW -> HWIO) and `.1` (GroupNorm) of every level, and `level_embed`."""
+  d = config.d_model
+  for level, (conv, norm) in enumerate(zip(encoder.input_convs, encoder.input_norms)):
+    _assign(conv.kernel, s.get(f'input_proj.{level}.0.weight', config.conv_shapes[level]).transpose(2, 3, 1, 0))
+    _assign(conv.bias, s.get(f'input_proj.{level}.0.bias', (d,)))
+    _assign(norm.scale, s.get(f'input_proj.{level}.1.weight', (d,)))
+    _assign(norm.bias, s.get(f'input_proj.{level}.1.bias', (d,)))
+  _assign(encoder.level_embed, s.get('level_embed', (config.num_levels, d)))
+
+
+def _load_detr_encoder_layer(layer: DeformableDetrEncoderLayer, s: _State, j: int, config: _DetrEncoderConfig, *,
+                             num_heads: int, num_points: int) -> None:
+  """`encoder.layers.{j}`: its attention (`from_deformable_detr`, parameters only: the layer keeps its own
+  execution policy), both LayerNorms and the FFN."""
+  head = f'encoder.layers.{j}.'
+  attn = from_deformable_detr(s.state, num_heads=num_heads, num_levels=config.num_levels, num_points=num_points,
+                              prefix=s.prefix + head + 'self_attn.', param_dtype=s.dtype)
+  nnx.update(layer.self_attn, nnx.state(attn))
+  s.used.update(s.prefix + k for k in config.keys if k.startswith(head + 'self_attn.'))
+  for norm, key in ((layer.self_attn_layer_norm, 'self_attn_layer_norm'), (layer.final_layer_norm,
+                                                                           'final_layer_norm')):
+    _assign(norm.scale, s.get(f'{head}{key}.weight', (config.d_model,)))
+    _assign(norm.bias, s.get(f'{head}{key}.bias', (config.d_model,)))
+  s.linear(layer.fc1, f'{head}{config.mlp}fc1')
+  s.linear(layer.fc2, f'{head}{config.mlp}fc2')
+
+
 def from_deformable_detr_encoder(state: Mapping[str, np.ndarray], *, num_heads: int, num_points: int,
                                  num_groups: int = 32, activation_function: str = 'relu', dropout: float = 0.1,
                                  activation_dropout: float = 0.0, layer_norm_epsilon: float = 1e-5,
                                  group_norm_epsilon: float = 1e-5, prefix: str = '',
-                                 param_dtype: DTypeLike = np.float32) -> DeformableDetrEncoder:
+                                 param_dtype: DTypeLike = np.float32, chunk_size: int | None = None,
+                                 memory_budget: int | None = None,
+                                 deterministic_gradients: bool = False) -> DeformableDetrEncoder:
   """A `DeformableDetrEncoder` reproducing transformers' `DeformableDetrModel` from its backbone's feature maps
   to `encoder_last_hidden_state`.
 
@@ -684,14 +796,19 @@ def from_deformable_detr_encoder(state: Mapping[str, np.ndarray], *, num_heads: 
       non-deterministically (the encoder is returned deterministic, as a model in eval mode).
     layer_norm_epsilon, group_norm_epsilon: PyTorch's defaults.
     param_dtype: the parameters' dtype.
+    chunk_size, memory_budget, deterministic_gradients: the execution policy of every layer's attention, as
+      `DeformableDetrEncoder` takes it (queries per pass or a byte budget for one pass; bit-identical gradients
+      run to run on GPU/TPU). They change how the ported encoder runs, not what it computes.
 
   Returns:
-    A deterministic `DeformableDetrEncoder`: `enc(features, pixel_mask).last_hidden_state`
+    A deterministic `DeformableDetrEncoder` with that policy: `enc(features, pixel_mask).last_hidden_state`
     equals the model's `encoder_last_hidden_state` for backbone maps `features`
     (NHWC, the model's NCHW maps transposed by `(0, 2, 3, 1)`).
 
   Raises:
-    ValueError: naming a missing, unknown or wrongly shaped entry.
+    ValueError: naming a missing, unknown or wrongly shaped entry, or a `chunk_size` / `memory_budget` that is
+      not a positive int or None.
+    TypeError: naming a `deterministic_gradients` that is not a bool.
 
   Example:
     >>> import numpy as np
@@ -709,72 +826,23 @@ def from_deformable_detr_encoder(state: Mapping[str, np.ndarray], *, num_heads: 
   activation = _ACTIVATIONS.get(activation_function)
   if activation is None:
     raise ValueError(f'{fn}: activation_function must be one of {sorted(_ACTIVATIONS)}, got {activation_function!r}')
-  keys = sorted(k[len(prefix):] for k in state if k.startswith(prefix))
-  key_set = set(keys)
-  learned = [prefix + k for k in keys if k.startswith(_DETR_LEARNED_POSITIONS)]
-  if learned:
-    raise ValueError(f'{fn}: {learned[:2]} are learned position embeddings (position_embedding_type=\'learned\'); '
-                     'only the sine position embedding is supported')
-  if 'level_embed' not in key_set:
-    hint = (" (a DeformableDetrForObjectDetection state dict? pass prefix='model.')"
-            if any(k.startswith(prefix + 'model.') for k in state) else '')
-    raise ValueError(f'{fn}: state has no {prefix + "level_embed"!r}{hint}; keys: {sorted(state)[:8]}...')
-  level_embed = np.asarray(state[prefix + 'level_embed'])
-  if level_embed.ndim != 2:
-    raise ValueError(f'{fn}: {prefix}level_embed must have shape [num_feature_levels, d_model], got '
-                     f'{level_embed.shape}')
-  num_levels, d_model = level_embed.shape
-  s = _State(state, prefix, fn, param_dtype)
-  # The input projection: 1x1 convs of the backbone maps, then the 3x3 stride-2 extra levels.
-  convs = []
-  for level in range(num_levels):
-    key = f'input_proj.{level}.0.weight'
-    if key not in key_set:
-      raise ValueError(f'{fn}: state has no {prefix + key!r} (level_embed has {num_levels} levels)')
-    weight = np.asarray(state[prefix + key])
-    if weight.ndim != 4 or weight.shape[0] != d_model or weight.shape[2:] not in ((1, 1), (3, 3)):
-      raise ValueError(f'{fn}: {prefix + key!r} must be a [d_model={d_model}, C, 1, 1] or [d_model, C, 3, 3] '
-                       f'Conv2d weight, got shape {weight.shape}')
-    convs.append(weight.shape)
-  num_backbone = sum(1 for shape in convs if shape[2] == 1)
-  if any(shape[2] == 1 for shape in convs[num_backbone:]) or num_backbone == 0:
-    raise ValueError(f'{fn}: input_proj must be 1x1 convs (backbone levels) followed by 3x3 convs (extra levels), '
-                     f'got kernels {[shape[2] for shape in convs]}')
-  in_features = tuple(int(shape[1]) for shape in convs[:num_backbone])
-  layers = _indices(keys, 'encoder.layers.')
-  if not layers or layers != list(range(len(layers))):
-    raise ValueError(f'{fn}: state must hold encoder.layers.0 ... encoder.layers.J-1 under {prefix!r}, got indices '
-                     f'{layers}')
-  mlp = 'mlp.' if 'encoder.layers.0.mlp.fc1.weight' in key_set else ''
-  ffn_features = _channels(state, f'{prefix}encoder.layers.0.{mlp}fc2.weight', fn)
+  # Refused here, under the converter's name, before any weight is read (the encoder would refuse them as its own).
+  _args.check_policy(chunk_size, memory_budget, False, fn)
+  _args.check_bool(deterministic_gradients, 'deterministic_gradients', fn)
+  config = _detr_encoder_config(state, prefix, fn)
+  # Built abstract: every parameter is overwritten below, so initialising them would be wasted work.
   encoder = nnx.eval_shape(lambda: DeformableDetrEncoder(
-      in_features, d_model, num_heads=num_heads, num_levels=num_levels, num_points=num_points,
-      num_layers=len(layers), ffn_features=ffn_features, num_groups=num_groups, dropout=dropout,
+      config.in_features, config.d_model, num_heads=num_heads, num_levels=config.num_levels, num_points=num_points,
+      num_layers=config.num_layers, ffn_features=config.ffn_features, num_groups=num_groups, dropout=dropout,
       activation_dropout=activation_dropout, activation=activation, layer_norm_epsilon=layer_norm_epsilon,
-      group_norm_epsilon=group_norm_epsilon, deterministic=True, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  for level, (conv, norm) in enumerate(zip(encoder.input_convs, encoder.input_norms)):
-    _assign(conv.kernel, s.get(f'input_proj.{level}.0.weight', convs[level]).transpose(2, 3, 1, 0))
-    _assign(conv.bias, s.get(f'input_proj.{level}.0.bias', (d_model,)))
-    _assign(norm.scale, s.get(f'input_proj.{level}.1.weight', (d_model,)))
-    _assign(norm.bias, s.get(f'input_proj.{level}.1.bias', (d_model,)))
-  for level in range(1, num_levels - num_backbone):
-    if convs[num_backbone + level][1] != d_model:
-      raise ValueError(f'{fn}: input_proj.{num_backbone + level}.0.weight must read the previous extra level '
-                       f'(d_model={d_model} channels), got shape {convs[num_backbone + level]}')
-  _assign(encoder.level_embed, s.get('level_embed', (num_levels, d_model)))
+      group_norm_epsilon=group_norm_epsilon, deterministic=True, deterministic_gradients=deterministic_gradients,
+      chunk_size=chunk_size, memory_budget=memory_budget, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  s = _State(state, prefix, fn, param_dtype)
+  _load_detr_input_proj(encoder, s, config)
   for j, layer in enumerate(encoder.layers):
-    head = f'encoder.layers.{j}.'
-    attn = from_deformable_detr(state, num_heads=num_heads, num_levels=num_levels, num_points=num_points,
-                                prefix=prefix + head + 'self_attn.', param_dtype=param_dtype)
-    nnx.update(layer.self_attn, nnx.state(attn))
-    s.used.update(prefix + k for k in keys if k.startswith(head + 'self_attn.'))
-    for norm, key in ((layer.self_attn_layer_norm, 'self_attn_layer_norm'), (layer.final_layer_norm,
-                                                                             'final_layer_norm')):
-      _assign(norm.scale, s.get(f'{head}{key}.weight', (d_model,)))
-      _assign(norm.bias, s.get(f'{head}{key}.bias', (d_model,)))
-    s.linear(layer.fc1, f'{head}{mlp}fc1')
-    s.linear(layer.fc2, f'{head}{mlp}fc2')
-  unknown = sorted(prefix + k for k in keys if prefix + k not in s.used and not k.startswith(_DETR_NOT_ENCODER))
+    _load_detr_encoder_layer(layer, s, j, config, num_heads=num_heads, num_points=num_points)
+  unknown = sorted(prefix + k for k in config.keys
+                   if prefix + k not in s.used and not k.startswith(_DETR_NOT_ENCODER))
   if unknown:
     raise ValueError(f'{fn}: state entries the encoder has no parameter for: {unknown[:8]} (a different '
                      'configuration or model? check the prefix)')
