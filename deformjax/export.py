@@ -41,7 +41,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-from deformjax.ops import _policy
+from deformjax.ops import _args, _policy
 
 if TYPE_CHECKING:
   import onnx
@@ -396,14 +396,14 @@ def to_onnx(
   if isinstance(example_inputs, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) or not isinstance(
       example_inputs, Sequence):
     example_inputs = [example_inputs]
-  if not isinstance(onnx_deform_conv, bool):
-    raise TypeError(f'to_onnx: onnx_deform_conv must be a bool, got {onnx_deform_conv!r}')
+  _args.check_bool(onnx_deform_conv, 'onnx_deform_conv', 'to_onnx')
   least = DEFORM_CONV_OPSET if onnx_deform_conv else 13
   if opset is None:
     opset = DEFORM_CONV_OPSET if onnx_deform_conv else DEFAULT_OPSET
-  if not isinstance(opset, int) or isinstance(opset, bool) or opset < least:
+  if not _args.is_int(opset) or opset < least:
     raise ValueError(f'to_onnx: opset must be an int >= {least}'
                      f'{" (DeformConv is opset 19)" if onnx_deform_conv else ""}, got {opset!r}')
+  opset = int(opset)  # a NumPy int passes the check; the ONNX model gets a Python int
   specs = _specs(list(example_inputs), dynamic_batch)
   fn, state, paths, label = _traceable(model_or_fn)
   native = {'deform_conv2d': _onnx_deform_conv} if onnx_deform_conv else {}

@@ -35,6 +35,7 @@ from jax.typing import DTypeLike
 
 from deformjax.models.internimage import FLASH_INTERNIMAGE_PRESETS, INTERNIMAGE_PRESETS, FlashInternImage, InternImage
 from deformjax.nn import DCNv3, DCNv4, DeformConv
+from deformjax.ops._args import is_int
 
 CONVS = ('dcnv1', 'dcnv2', 'dcnv3', 'dcnv4')
 # Channel groups of the DCNv3 / DCNv4 blocks: 4 groups of 8 channels at the studies' width 32.
@@ -49,8 +50,8 @@ def resolve_deformable(deformable: int | str, num_convs: int) -> int:
     return 0
   if deformable == 'all':
     return num_convs
-  if isinstance(deformable, int) and not isinstance(deformable, bool) and 0 <= deformable <= num_convs:
-    return deformable
+  if is_int(deformable) and 0 <= deformable <= num_convs:
+    return int(deformable)
   raise ValueError(f"deformable must be 'none', 'all' or an int in [0, {num_convs}], got {deformable!r}")
 
 

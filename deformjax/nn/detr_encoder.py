@@ -296,8 +296,7 @@ class DeformableDetrEncoderLayer(nnx.Module):
 def _attention_policy(chunk_size: int | None, memory_budget: int | None, deterministic_gradients: bool,
                       name: str) -> dict:
   """The attention's execution-policy keywords (`MSDeformAttn`'s names), refused under the encoder's names."""
-  if not isinstance(deterministic_gradients, (bool, np.bool_)):
-    raise TypeError(f'{name}: deterministic_gradients must be a bool, got {deterministic_gradients!r}')
+  _args.check_bool(deterministic_gradients, 'deterministic_gradients', name)
   _common.check_policy(chunk_size, memory_budget, False, name)
   return dict(chunk_size=chunk_size, memory_budget=memory_budget, deterministic=bool(deterministic_gradients))
 

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from flax.nnx.nn import initializers
 from flax.typing import Dtype, PrecisionLike
@@ -22,8 +21,7 @@ def _check_options(aligned: bool, modulated: bool, modulation: str, name: str) -
   """The layer's flags, refused when it is built rather than at its first call: `aligned` and `modulated`
   bools (TypeError; a truthy string or 0/1 would otherwise pass silently), `modulation` one of `_MODULATIONS`."""
   for flag, value in (('aligned', aligned), ('modulated', modulated)):
-    if not isinstance(value, (bool, np.bool_)):
-      raise TypeError(f'{name}: {flag} must be a bool, got {value!r}')
+    _args.check_bool(value, flag, name)
   if not isinstance(modulation, str) or modulation not in _MODULATIONS:
     raise ValueError(f'{name}: modulation must be one of {_MODULATIONS}, got {modulation!r}')
 

@@ -76,14 +76,14 @@ def _check_args(features: jax.Array, rois: jax.Array, offsets: jax.Array | None,
   if jnp.ndim(rois) != 2 or rois.shape[1] != 5:
     raise ValueError(f'{_FN}: rois must have shape [R, 5] (batch_index, x1, y1, x2, y2), got {tuple(rois.shape)}')
   oh, ow = _args.positive_pair(output_size, 'output_size', _FN)
-  if not isinstance(sampling_ratio, (int, np.integer)) or isinstance(sampling_ratio, bool) or sampling_ratio < 0:
+  if not _args.is_int(sampling_ratio) or sampling_ratio < 0:
     raise ValueError(f'{_FN}: sampling_ratio must be a non-negative int (0 = adaptive), got {sampling_ratio!r}')
-  if isinstance(spatial_scale, bool) or (isinstance(spatial_scale, (int, float, np.number))
-                                         and not (math.isfinite(spatial_scale) and spatial_scale > 0)):
+  # A number is range-checked; a bool (Python's or NumPy's, which is no np.number) is a slip, not a scale of 1.
+  if isinstance(spatial_scale, (bool, np.bool_)) or (_args.is_real(spatial_scale)
+                                                     and not (math.isfinite(spatial_scale) and spatial_scale > 0)):
     raise ValueError(f'{_FN}: spatial_scale must be a finite number > 0 (feature pixels per input pixel, e.g. '
                      f'1/16), got {spatial_scale!r}')
-  if not isinstance(aligned, (bool, np.bool_)):
-    raise TypeError(f'{_FN}: aligned must be a bool, got {aligned!r}')
+  _args.check_bool(aligned, 'aligned', _FN)
   if offsets is not None:
     _args.check_floating(offsets, 'offsets', _FN)
     _args.check_shape(offsets, (rois.shape[0], oh, ow, 2), 'offsets', '[R, out_h, out_w, 2]', _FN)
