@@ -12,8 +12,7 @@ import pytest
 from flax import nnx
 
 from deformjax.nn import DCNv3, DCNv4, MSDeformAttn, linen
-from deformjax.nn._blocks import group_softmax
-from deformjax.nn._blocks import directional_bias_init, sampling_locations
+from deformjax.nn._blocks import directional_bias_init, group_softmax, sampling_locations
 from deformjax.ops import offset_mask_channels
 
 

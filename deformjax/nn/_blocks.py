@@ -275,4 +275,59 @@ def ms_deform_attn_block(query: jax.Array, reference_points: jax.Array, inputs: 
   return out, locations, weights
 
 
-__all__ = ['check_layer_args', 'check_spatial_shapes', 'dcnv3_block', 'dcnv4_block', 'deform_conv_block', 'directional_bias_init', 'explicit_padding', 'group_softmax', 'ms_deform_attn_block', 'sampling_locations']
+ROI_MODULATIONS = ('2sigmoid', 'sigmoid')
+
+
+def check_roi_pool_options(aligned: bool, modulated: bool, modulation: str, name: str) -> None:
+  """`DeformRoIPool`'s flags, refused when it is built rather than at its first call: `aligned` and `modulated`
+  bools (TypeError; a truthy string or 0/1 would otherwise pass silently), `modulation` one of `ROI_MODULATIONS`."""
+  for flag, value in (('aligned', aligned), ('modulated', modulated)):
+    _args.check_bool(value, flag, name)
+  if not isinstance(modulation, str) or modulation not in ROI_MODULATIONS:
+    raise ValueError(f'{name}: modulation must be one of {ROI_MODULATIONS}, got {modulation!r}')
+
+
+def bin_mask(logits: jax.Array, modulation: str) -> jax.Array:
+  """The per-bin mask from its logits: `2*sigmoid` (1 at the zero init, so a fresh layer is RoIAlign) or
+  `sigmoid` (mmcv's `ModulatedDeformRoIPoolPack`, 0.5 at the zero init)."""
+  return _common.mask_from_logits(logits) if modulation == '2sigmoid' else jax.nn.sigmoid(logits)
+
+
+def deform_roi_pool_block(features: jax.Array, rois: jax.Array, offset_hidden: Sequence[Layer], offset_out: Layer,
+                          mask_hidden: Layer | None, mask_out: Layer | None, *, output_size: tuple[int, int],
+                          gamma: float, modulation: str, **pool_kwargs: Any
+                          ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """`DeformRoIPool`'s computation given its layers (what the NNX module and its Linen twin share).
+
+  Args:
+    features: `[N, H, W, C]`; rois: `[R, 5]` (batch_index, x1, y1, x2, y2).
+    offset_hidden: the hidden FC layers of the offset branch (ReLU after each); offset_out: its last FC,
+      `-> out_h*out_w*2` normalised (dy, dx) offsets.
+    mask_hidden, mask_out: the mask branch (ReLU after `mask_hidden`, which may be None); `mask_out` None:
+      unmodulated.
+    output_size: `(out_h, out_w)`; gamma, modulation: as the module's.
+    pool_kwargs: `spatial_scale`, `sampling_ratio`, `aligned`, `max_sampling_grid` and the execution policy, for
+      `deformjax.ops.roi_align` and `deform_roi_pool`.
+
+  Returns:
+    `(pooled [R, out_h, out_w, C], offsets [R, out_h, out_w, 2], mask [R, out_h, out_w, 1] or None)`.
+  """
+  from deformjax.ops import deform_roi_pool, roi_align
+
+  (oh, ow), r = output_size, rois.shape[0]
+  flat = roi_align(features, rois, output_size=output_size, **pool_kwargs).reshape(r, -1)
+  h = flat
+  for layer in offset_hidden:
+    h = jax.nn.relu(layer(h))
+  offsets = offset_out(h).reshape(r, oh, ow, 2)
+  out = deform_roi_pool(features, rois, offsets, output_size=output_size, gamma=gamma, **pool_kwargs)
+  if mask_out is None:
+    return out, offsets, None
+  m = jax.nn.relu(mask_hidden(flat)) if mask_hidden is not None else flat
+  mask = bin_mask(mask_out(m), modulation).reshape(r, oh, ow, 1)
+  return out * mask.astype(out.dtype), offsets, mask
+
+
+__all__ = ['ROI_MODULATIONS', 'bin_mask', 'check_layer_args', 'check_roi_pool_options', 'check_spatial_shapes',
+           'dcnv3_block', 'dcnv4_block', 'deform_conv_block', 'deform_roi_pool_block', 'directional_bias_init',
+           'explicit_padding', 'group_softmax', 'ms_deform_attn_block', 'sampling_locations']

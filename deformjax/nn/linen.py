@@ -19,9 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from deformjax.nn import _blocks, _common
-from deformjax.nn import roi_pool as _roi_pool
 from deformjax.ops import _args, offset_mask_channels
-from deformjax.ops.roi_pool import deform_roi_pool, roi_align
 
 
 class DeformConv(nn.Module):
@@ -156,26 +154,19 @@ class DeformRoIPool(nn.Module):
   @nn.compact
   def __call__(self, features, rois, *, return_offsets: bool = False):
     oh, ow = _args.positive_pair(self.output_size, 'output_size', 'DeformRoIPool')
-    _roi_pool._check_options(self.aligned, self.modulated, self.modulation, 'DeformRoIPool')
+    _blocks.check_roi_pool_options(self.aligned, self.modulated, self.modulation, 'DeformRoIPool')
     _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, 'DeformRoIPool')
-    kw = dict(output_size=(oh, ow), spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
-              aligned=self.aligned, max_sampling_grid=self.max_sampling_grid, chunk_size=self.chunk_size,
-              memory_budget=self.memory_budget, deterministic=self.deterministic)
     dense = lambda n, name, zero=False: nn.Dense(
         n, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name=name,
         **(dict(kernel_init=nn.initializers.zeros_init()) if zero else {}))
-    r = rois.shape[0]
-    flat = roi_align(features, rois, **kw).reshape(r, -1)
-    h = flat
-    for i, width in enumerate(self.hidden_features):
-      h = jax.nn.relu(dense(width, f'offset_hidden_{i}')(h))
-    offsets = dense(oh * ow * 2, 'offset_out', zero=True)(h).reshape(r, oh, ow, 2)
-    out = deform_roi_pool(features, rois, offsets, gamma=self.gamma, **kw)
-    mask = None
-    if self.modulated:
-      m = jax.nn.relu(dense(self.hidden_features[0], 'mask_hidden')(flat)) if self.hidden_features else flat
-      mask = _roi_pool._bin_mask(dense(oh * ow, 'mask_out', zero=True)(m), self.modulation).reshape(r, oh, ow, 1)
-      out = out * mask.astype(out.dtype)
+    mask_hidden = dense(self.hidden_features[0], 'mask_hidden') if self.modulated and self.hidden_features else None
+    out, offsets, mask = _blocks.deform_roi_pool_block(
+        features, rois, [dense(width, f'offset_hidden_{i}') for i, width in enumerate(self.hidden_features)],
+        dense(oh * ow * 2, 'offset_out', zero=True), mask_hidden,
+        dense(oh * ow, 'mask_out', zero=True) if self.modulated else None, output_size=(oh, ow), gamma=self.gamma,
+        modulation=self.modulation, spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
+        aligned=self.aligned, max_sampling_grid=self.max_sampling_grid, chunk_size=self.chunk_size,
+        memory_budget=self.memory_budget, deterministic=self.deterministic)
     return (out, offsets, mask) if return_offsets else out
 
 

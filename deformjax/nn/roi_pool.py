@@ -10,26 +10,8 @@ from flax import nnx
 from flax.nnx.nn import initializers
 from flax.typing import Dtype, PrecisionLike
 
-from deformjax.nn import _common
+from deformjax.nn import _blocks, _common
 from deformjax.ops import _args
-from deformjax.ops.roi_pool import deform_roi_pool, roi_align
-
-_MODULATIONS = ('2sigmoid', 'sigmoid')
-
-
-def _check_options(aligned: bool, modulated: bool, modulation: str, name: str) -> None:
-  """The layer's flags, refused when it is built rather than at its first call: `aligned` and `modulated`
-  bools (TypeError; a truthy string or 0/1 would otherwise pass silently), `modulation` one of `_MODULATIONS`."""
-  for flag, value in (('aligned', aligned), ('modulated', modulated)):
-    _args.check_bool(value, flag, name)
-  if not isinstance(modulation, str) or modulation not in _MODULATIONS:
-    raise ValueError(f'{name}: modulation must be one of {_MODULATIONS}, got {modulation!r}')
-
-
-def _bin_mask(logits: jax.Array, modulation: str) -> jax.Array:
-  """The per-bin mask from its logits: `2*sigmoid` (1 at the zero init, so a fresh layer is RoIAlign) or
-  `sigmoid` (mmcv's `ModulatedDeformRoIPoolPack`, 0.5 at the zero init)."""
-  return _common.mask_from_logits(logits) if modulation == '2sigmoid' else jax.nn.sigmoid(logits)
 
 
 class DeformRoIPool(nnx.Module):
@@ -96,7 +78,7 @@ class DeformRoIPool(nnx.Module):
       rngs: nnx.Rngs,
   ) -> None:
     oh, ow = _args.positive_pair(output_size, 'output_size', type(self).__name__)
-    _check_options(aligned, modulated, modulation, type(self).__name__)
+    _blocks.check_roi_pool_options(aligned, modulated, modulation, type(self).__name__)
     self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic, type(self).__name__)
     self.in_features = in_features
     self.output_size = (oh, ow)
@@ -119,11 +101,6 @@ class DeformRoIPool(nnx.Module):
       self.mask_hidden = linear(flat, widths[1]) if hidden_features else None
       self.mask_out = linear(widths[1] if hidden_features else flat, oh * ow, zero=True)
 
-  def _pool_kwargs(self) -> dict:
-    return dict(output_size=self.output_size, spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
-                aligned=self.aligned, max_sampling_grid=self.max_sampling_grid,
-                **self.policy.as_kwargs())
-
   def __call__(self, features: jax.Array, rois: jax.Array, *, return_offsets: bool = False
                ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array | None]:
     """Pools `rois` (`[R, 5]`, (batch_index, x1, y1, x2, y2)) from `features` (`[N, H, W, C]`).
@@ -132,20 +109,11 @@ class DeformRoIPool(nnx.Module):
     mask [R, out_h, out_w, 1] or None)` with `return_offsets`.
     """
     _common.check_in_features(features, self.in_features, type(self).__name__)
-    r = rois.shape[0]
-    oh, ow = self.output_size
-    flat = roi_align(features, rois, **self._pool_kwargs()).reshape(r, -1)
-    h = flat
-    for layer in self.offset_hidden:
-      h = jax.nn.relu(layer(h))
-    offsets = self.offset_out(h).reshape(r, oh, ow, 2)
-    out = deform_roi_pool(features, rois, offsets, gamma=self.gamma, **self._pool_kwargs())
-    mask = None
-    if self.modulated:
-      m = jax.nn.relu(self.mask_hidden(flat)) if self.mask_hidden is not None else flat
-      mask = _bin_mask(self.mask_out(m), self.modulation).reshape(r, oh, ow, 1)
-      out = out * mask.astype(out.dtype)
-    return (out, offsets, mask) if return_offsets else out
-
+    pooled, offsets, mask = _blocks.deform_roi_pool_block(
+        features, rois, self.offset_hidden, self.offset_out, self.mask_hidden if self.modulated else None,
+        self.mask_out if self.modulated else None, output_size=self.output_size, gamma=self.gamma,
+        modulation=self.modulation, spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
+        aligned=self.aligned, max_sampling_grid=self.max_sampling_grid, **self.policy.as_kwargs())
+    return (pooled, offsets, mask) if return_offsets else pooled
 
 __all__ = ['DeformRoIPool']
