@@ -197,6 +197,11 @@ def test_converter_names_missing_unknown_and_misshapen_keys(encoder):
     convert.from_deformable_detr_encoder({'model.' + k: v for k, v in state.items()}, **kw)
   with pytest.raises(ValueError, match='only the sine position embedding'):
     convert.from_deformable_detr_encoder(state | {'position_embedding.row_embeddings.weight': np.zeros(3)}, **kw)
+  extra = len(BACKBONE)  # the first extra level, which reads the last backbone map
+  misread = state | {f'input_proj.{extra}.0.weight': np.zeros((64, BACKBONE[-1] + 1, 3, 3))}
+  with pytest.raises(ValueError, match=rf'{fn}: input_proj.{extra}.0.weight, the first extra level, must read the '
+                                       rf'last backbone map \({BACKBONE[-1]} channels'):
+    convert.from_deformable_detr_encoder(misread, **kw)
   with pytest.raises(ValueError, match='activation_function must be one of'):
     convert.from_deformable_detr_encoder(state, activation_function='tanh', **kw)
   for policy, error, message in (

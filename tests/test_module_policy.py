@@ -257,3 +257,60 @@ def test_train_and_eval_modes_leave_the_policy_alone(case):
     for mode in (module.train, module.eval, module.train):
       mode()
       assert module.policy == _common.SamplingPolicy(chunk_size=5, deterministic=requested)
+
+
+def _converter_cases() -> dict[str, tuple[Callable, Callable[[], tuple]]]:
+  """Each single-layer converter with a small state (the layout its docstring shows) and a call's inputs."""
+  from deformjax.nn import convert
+
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: rng.normal(size=shape) * 0.3
+  c, g = 16, 4
+  mmcv = {'weight': normal(8, c, 3, 3), 'bias': normal(8), 'conv_offset.weight': normal(27, c, 3, 3),
+          'conv_offset.bias': normal(27)}
+  dcnv3 = {'input_proj.weight': normal(c, c), 'input_proj.bias': normal(c), 'output_proj.weight': normal(c, c),
+           'output_proj.bias': normal(c), 'dw_conv.0.weight': normal(c, 1, 3, 3), 'dw_conv.0.bias': normal(c),
+           'dw_conv.1.1.weight': np.ones(c), 'dw_conv.1.1.bias': np.zeros(c), 'offset.weight': normal(g * 18, c),
+           'offset.bias': normal(g * 18), 'mask.weight': normal(g * 9, c), 'mask.bias': normal(g * 9)}
+  dcnv4 = {'value_proj.weight': normal(c, c), 'value_proj.bias': normal(c), 'output_proj.weight': normal(c, c),
+           'output_proj.bias': normal(c), 'offset_mask.weight': normal(56, c), 'offset_mask.bias': normal(56)}
+  m, lv, p = 2, 2, 2
+  detr = {'sampling_offsets.weight': normal(m * lv * p * 2, c), 'sampling_offsets.bias': normal(m * lv * p * 2),
+          'attention_weights.weight': normal(m * lv * p, c), 'attention_weights.bias': normal(m * lv * p),
+          'value_proj.weight': normal(c, c), 'value_proj.bias': normal(c), 'output_proj.weight': normal(c, c),
+          'output_proj.bias': normal(c)}
+  image = lambda: (rng.normal(size=(1, 6, 6, c)).astype(np.float32),)
+  shapes = [(4, 4), (2, 2)]
+  attention = lambda: (rng.normal(size=(1, 5, c)).astype(np.float32), rng.uniform(size=(1, 5, lv, 2)).astype(
+      np.float32), rng.normal(size=(1, 20, c)).astype(np.float32), shapes)
+  torchvision_inputs = lambda: (image()[0], rng.normal(size=(1, 6, 6, 18)).astype(np.float32))
+  weight, bias = normal(8, c, 3, 3), normal(8)
+  return {
+      'from_torchvision': (lambda **kw: convert.from_torchvision(weight, bias, padding=1, **kw),
+                           torchvision_inputs),
+      'from_mmcv': (lambda **kw: convert.from_mmcv(mmcv, padding=1, **kw), image),
+      'from_internimage_dcnv3': (lambda **kw: convert.from_internimage_dcnv3(dcnv3, groups=g, **kw), image),
+      'from_dcnv4': (lambda **kw: convert.from_dcnv4(dcnv4, groups=2, **kw), image),
+      'from_deformable_detr': (lambda **kw: convert.from_deformable_detr(detr, num_heads=m, num_levels=lv,
+                                                                         num_points=p, **kw), attention),
+  }
+
+
+@pytest.mark.parametrize('name', list(_converter_cases()))
+def test_converters_pass_the_module_options_through(name):
+  """A ported layer takes the module's own options (compute dtype, execution policy) as the constructor does:
+  the policy reaches the module and changes nothing computed; the compute dtype is the one asked for."""
+  build, inputs = _converter_cases()[name]
+  args = inputs()
+  base = build()
+  layer = build(dtype=jnp.bfloat16, chunk_size=64, memory_budget=2**20, deterministic=True)
+  assert layer.policy == _common.SamplingPolicy(64, 2**20, True)
+  with jax.numpy_dtype_promotion('standard'):  # flax's LayerNorm (in DCNv3) promotes bfloat16 stats to float32
+    y = layer(*args)
+  y_base = base(*args)
+  assert y.dtype == jnp.bfloat16 and y_base.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y, np.float32), y_base, atol=0.1 * float(np.abs(y_base).max()))
+  exact = build(chunk_size=64, deterministic=True)
+  np.testing.assert_allclose(exact(*args), y_base, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='chunk_size'):
+    build(chunk_size=0)

@@ -162,7 +162,8 @@ def _check_weight(weight, name: str) -> np.ndarray:
 
 def from_torchvision(weight: np.ndarray, bias: np.ndarray | None = None, *, stride: int | Sequence[int] = 1,
                      padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
-                     offset_groups: int = 1, param_dtype: DTypeLike = np.float32) -> DeformConv:
+                     offset_groups: int = 1, param_dtype: DTypeLike = np.float32,
+                     **module_kwargs: Any) -> DeformConv:
   """A `DeformConv` holding a torchvision `DeformConv2d`'s weights: offsets (and mask) passed in.
 
   The geometry arguments carry torchvision's names (`stride` -> `DeformConv(strides=)`, `dilation` ->
@@ -174,6 +175,9 @@ def from_torchvision(weight: np.ndarray, bias: np.ndarray | None = None, *, stri
     stride, padding, dilation, groups: the module's (int or pair each).
     offset_groups: torchvision infers it from the offsets at call time; set it
       to what your offsets carry (`offset.shape[1] // (2*kh*kw)`).
+    param_dtype: the parameters' dtype.
+    module_kwargs: the module's own options, which a checkpoint does not hold (`dtype`, `precision`,
+      `chunk_size`, `memory_budget`, `deterministic`, ...), passed to its constructor.
 
   Returns:
     `DeformConv(..., predict_offsets=False)`: call it as `layer(x, offsets, mask)`
@@ -192,7 +196,7 @@ def from_torchvision(weight: np.ndarray, bias: np.ndarray | None = None, *, stri
   cout, cin_g, kh, kw = weight.shape
   layer = DeformConv(cin_g * groups, cout, (kh, kw), stride, padding=padding, kernel_dilation=dilation,
                      feature_group_count=groups, offset_groups=offset_groups, use_bias=bias is not None,
-                     predict_offsets=False, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+                     predict_offsets=False, param_dtype=param_dtype, rngs=nnx.Rngs(0), **module_kwargs)
   layer.kernel[...] = np.transpose(weight, (2, 3, 1, 0)).astype(param_dtype)
   if bias is not None:
     layer.bias[...] = np.asarray(bias, param_dtype)
@@ -202,7 +206,7 @@ def from_torchvision(weight: np.ndarray, bias: np.ndarray | None = None, *, stri
 def from_mmcv(state: Mapping[str, np.ndarray], *, strides: int | Sequence[int] | None = None,
               padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
               deform_groups: int = 1, prefix: str = '', param_dtype: DTypeLike = np.float32,
-              stride: int | Sequence[int] | None = None) -> DeformConv:
+              stride: int | Sequence[int] | None = None, **module_kwargs: Any) -> DeformConv:
   """A `DeformConv` reproducing an mmcv `ModulatedDeformConv2dPack` (DCNv2) or `DeformConv2dPack` (DCNv1).
 
   The geometry arguments, side by side (mmcv's constructor, this function, the returned `DeformConv`):
@@ -230,6 +234,8 @@ def from_mmcv(state: Mapping[str, np.ndarray], *, strides: int | Sequence[int] |
     prefix: the module's prefix in `state`.
     param_dtype: the parameters' dtype.
     stride: mmcv's name for `strides`.
+    module_kwargs: the module's own options, which a checkpoint does not hold (`dtype`, `precision`,
+      `chunk_size`, `memory_budget`, `deterministic`, ...), passed to its constructor.
 
   Returns:
     A `DeformConv` whose offset predictor holds `conv_offset`; modulated when
@@ -269,7 +275,7 @@ def from_mmcv(state: Mapping[str, np.ndarray], *, strides: int | Sequence[int] |
   modulated = off_w.shape[0] == 3 * taps
   layer = DeformConv(cin_g * groups, cout, (kh, kw), strides, padding=padding, kernel_dilation=dilation,
                      feature_group_count=groups, offset_groups=deform_groups, use_bias=bias is not None,
-                     modulated=modulated, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+                     modulated=modulated, param_dtype=param_dtype, rngs=nnx.Rngs(0), **module_kwargs)
   kernel = np.transpose(weight, (2, 3, 1, 0))
   layer.kernel[...] = (kernel / 2 if modulated else kernel).astype(param_dtype)
   if bias is not None:
@@ -431,7 +437,8 @@ def _channels(state: Mapping[str, np.ndarray], key: str, fn: str) -> int:
 
 def from_internimage_dcnv3(state: Mapping[str, np.ndarray], *, groups: int, kernel_size: int = 3,
                            padding: int | None = None, dilation: int = 1, offset_scale: float = 1.0,
-                           remove_center: bool = False, prefix: str = '', param_dtype: DTypeLike = np.float32) -> DCNv3:
+                           remove_center: bool = False, prefix: str = '', param_dtype: DTypeLike = np.float32,
+                           **module_kwargs: Any) -> DCNv3:
   """A `DCNv3` reproducing InternImage's `DCNv3` / `DCNv3_pytorch` module (`ops_dcnv3/modules/dcnv3.py`).
 
   Args:
@@ -444,6 +451,9 @@ def from_internimage_dcnv3(state: Mapping[str, np.ndarray], *, groups: int, kern
       `kernel_size`, `pad`, `dilation`, `offset_scale`, `remove_center` (`channels`,
       `dw_kernel_size` and `center_feature_scale` are read from the weights). Only the
       LayerNorm / GELU offset branch (the reference's default) is supported.
+    prefix, param_dtype: the module's prefix in `state`; the parameters' dtype.
+    module_kwargs: the module's own options, which a checkpoint does not hold (`dtype`, `precision`,
+      `chunk_size`, `memory_budget`, `deterministic`, ...), passed to its constructor.
 
   Returns:
     A `DCNv3` whose output equals the PyTorch module's for the same NHWC input.
@@ -471,7 +481,7 @@ def from_internimage_dcnv3(state: Mapping[str, np.ndarray], *, groups: int, kern
   cfs = prefix + 'center_feature_scale_proj_weight' in state
   layer = DCNv3(channels, kernel_size, groups=groups, dw_kernel_size=int(dw), padding=padding,
                 kernel_dilation=dilation, offset_scale=offset_scale, center_feature_scale=cfs,
-                remove_center=remove_center, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+                remove_center=remove_center, param_dtype=param_dtype, rngs=nnx.Rngs(0), **module_kwargs)
   s = _State(state, prefix, fn, param_dtype)
   for key in ('input_proj', 'output_proj', 'offset', 'mask'):
     s.linear(getattr(layer, key), key)
@@ -486,7 +496,7 @@ def from_internimage_dcnv3(state: Mapping[str, np.ndarray], *, groups: int, kern
 
 def from_dcnv4(state: Mapping[str, np.ndarray], *, groups: int, kernel_size: int = 3, padding: int | None = None,
                dilation: int = 1, offset_scale: float = 1.0, remove_center: bool = False, prefix: str = '',
-               param_dtype: DTypeLike = np.float32) -> DCNv4:
+               param_dtype: DTypeLike = np.float32, **module_kwargs: Any) -> DCNv4:
   """A `DCNv4` reproducing OpenGVLab's `DCNv4` module (`DCNv4_op/DCNv4/modules/dcnv4.py`).
 
   Args:
@@ -497,6 +507,9 @@ def from_dcnv4(state: Mapping[str, np.ndarray], *, groups: int, kernel_size: int
     groups, kernel_size, padding, dilation, offset_scale, remove_center: the module's `group`,
       `kernel_size`, `pad`, `dilation`, `offset_scale`, `remove_center` (the rest is read
       from the weights).
+    prefix, param_dtype: the module's prefix in `state`; the parameters' dtype.
+    module_kwargs: the module's own options, which a checkpoint does not hold (`dtype`, `precision`,
+      `chunk_size`, `memory_budget`, `deterministic`, ...), passed to its constructor.
 
   Returns:
     A `DCNv4` whose output on `x [N, H, W, C]` equals the PyTorch module's on
@@ -522,7 +535,7 @@ def from_dcnv4(state: Mapping[str, np.ndarray], *, groups: int, kernel_size: int
                 offset_scale=offset_scale, dw_kernel_size=dw,
                 center_feature_scale=prefix + 'center_feature_scale_proj_weight' in state,
                 remove_center=remove_center, output_bias=prefix + 'output_proj.bias' in state,
-                without_pointwise=not pointwise, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+                without_pointwise=not pointwise, param_dtype=param_dtype, rngs=nnx.Rngs(0), **module_kwargs)
   s = _State(state, prefix, fn, param_dtype)
   s.linear(layer.offset_mask, 'offset_mask')
   if pointwise:
@@ -542,7 +555,8 @@ def _assign(variable: nnx.Variable, value: np.ndarray) -> None:
 
 
 def from_deformable_detr(state: Mapping[str, np.ndarray], *, num_heads: int, num_levels: int, num_points: int,
-                         prefix: str = '', param_dtype: DTypeLike = np.float32) -> MSDeformAttn:
+                         prefix: str = '', param_dtype: DTypeLike = np.float32,
+                         **module_kwargs: Any) -> MSDeformAttn:
   """An `MSDeformAttn` reproducing transformers' `DeformableDetrMultiscaleDeformableAttention`
   or mmcv's `MultiScaleDeformableAttention` (the same four `nn.Linear`s).
 
@@ -572,6 +586,9 @@ def from_deformable_detr(state: Mapping[str, np.ndarray], *, num_heads: int, num
       `prefix` (e.g. `'model.encoder.layers.0.self_attn.'` for a whole Deformable DETR).
     num_heads, num_levels, num_points: the module's `n_heads`, `n_levels`, `n_points`
       (transformers: `encoder_attention_heads`, `num_feature_levels`, `encoder_n_points`).
+    prefix, param_dtype: the module's prefix in `state`; the parameters' dtype.
+    module_kwargs: the module's own options, which a checkpoint does not hold (`dtype`, `precision`,
+      `chunk_size`, `memory_budget`, `deterministic`, ...), passed to its constructor.
 
   Returns:
     An `MSDeformAttn`: `layer(hidden_states + position_embeddings, reference_points,
@@ -602,7 +619,7 @@ def from_deformable_detr(state: Mapping[str, np.ndarray], *, num_heads: int, num
                      'does not divide')
   # Built abstract: every parameter is overwritten below, so initialising them would be wasted work.
   layer = nnx.eval_shape(lambda: MSDeformAttn(d_model, num_heads, num_levels, num_points, value_features=value_features,
-                                              param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+                                              param_dtype=param_dtype, rngs=nnx.Rngs(0), **module_kwargs))
   s = _State(state, prefix, fn, param_dtype)
   for key in ('sampling_offsets', 'attention_weights', 'value_proj', 'output_proj'):
     s.linear(getattr(layer, key), key)
@@ -691,8 +708,8 @@ def _detr_input_proj_shapes(state: Mapping[str, np.ndarray], prefix: str, num_le
   """The `num_levels` input-projection conv shapes (OIHW) and how many lead as backbone levels.
 
   Each is `[d_model, C, 1, 1]` (a backbone map's) or `[d_model, C, 3, 3]` (an extra
-  stride-2 level's); the 1x1 convs come first, and every extra level after the
-  first reads the previous one (`C = d_model`).
+  stride-2 level's); the 1x1 convs come first, the first extra level reads the
+  last backbone map, and every later one the previous level (`C = d_model`).
   """
   shapes = []
   for level in range(num_levels):
@@ -708,6 +725,10 @@ def _detr_input_proj_shapes(state: Mapping[str, np.ndarray], prefix: str, num_le
   if any(shape[2] == 1 for shape in shapes[num_backbone:]) or num_backbone == 0:
     raise ValueError(f'{fn}: input_proj must be 1x1 convs (backbone levels) followed by 3x3 convs (extra levels), '
                      f'got kernels {[shape[2] for shape in shapes]}')
+  if num_backbone < num_levels and shapes[num_backbone][1] != shapes[num_backbone - 1][1]:
+    raise ValueError(f'{fn}: input_proj.{num_backbone}.0.weight, the first extra level, must read the last backbone '
+                     f'map ({shapes[num_backbone - 1][1]} channels, as input_proj.{num_backbone - 1}), got shape '
+                     f'{shapes[num_backbone]}')
   for level in range(num_backbone + 1, num_levels):
     if shapes[level][1] != d_model:
       raise ValueError(f'{fn}: input_proj.{level}.0.weight must read the previous extra level '
