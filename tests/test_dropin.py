@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from flax import nnx
 
 from deformjax import nn as dnn
 from deformjax.nn import linen as dlinen
+from deformjax.nn._common import split_prediction
 
 
 def normal(shape, seed=0, dtype=jnp.float32, scale=1.0):
@@ -281,3 +284,107 @@ def test_from_torchvision_matches_the_reference_and_torchvision_where_present():
   t = lambda a: torch.tensor(a, dtype=torch.float64)
   tv = torchvision.ops.deform_conv2d(t(x), t(offset), t(weight), t(bias), stride=2, padding=1, mask=t(mask))
   np.testing.assert_allclose(got, tv.numpy().transpose(0, 2, 3, 1), rtol=1e-10, atol=1e-10)
+
+
+# mmcv's own test data (tests/test_ops/test_deform_conv.py and test_modulated_deform_conv.py), NCHW / OIHW.
+_MMCV_DCN_INPUT = [[[[1., 2., 3.], [0., 1., 2.], [3., 5., 2.]]]]
+_MMCV_DCN_STATE = {
+    'weight': [[[[0.4, 0.2], [0.1, 0.9]]]],
+    'conv_offset.weight': [[[[0.1, 0.4], [0.6, 0.1]]], [[[0.3, 0.2], [0.1, 0.3]]], [[[0.5, 0.5], [0.2, 0.8]]],
+                           [[[0.8, 0.3], [0.9, 0.1]]], [[[0.3, 0.1], [0.2, 0.5]]], [[[0.3, 0.7], [0.5, 0.3]]],
+                           [[[0.6, 0.2], [0.5, 0.3]]], [[[0.4, 0.1], [0.8, 0.4]]]],
+    'conv_offset.bias': [0.7, 0.1, 0.8, 0.5, 0.6, 0.5, 0.4, 0.7]}
+_MMCV_DCN_EXPECTED = {  # the output and the gradients of its sum
+    'out': [[[[1.650, 0.], [0.000, 0.]]]],
+    'input': [[[[-0.666, 0.204, 0.000], [0.030, -0.416, 0.012], [0.000, 0.252, 0.129]]]],
+    'conv_offset.weight': [[[[1.44, 2.88], [0.00, 1.44]]], [[[-0.72, -1.44], [0.00, -0.72]]],
+                           [[[0.00, 0.00], [0.00, 0.00]]], [[[0.00, 0.00], [0.00, 0.00]]],
+                           [[[-0.10, -0.20], [0.00, -0.10]]], [[[-0.08, -0.16], [0.00, -0.08]]],
+                           [[[-0.54, -1.08], [0.00, -0.54]]], [[[-0.54, -1.08], [0.00, -0.54]]]],
+    'conv_offset.bias': [1.44, -0.72, 0., 0., -0.10, -0.08, -0.54, -0.54],
+    'weight': [[[[3.62, 0.], [0.40, 0.18]]]]}
+_MMCV_MDCN_INPUT = [[[[1., 2., 3.], [1., 2., 3.], [1., 2., 3.]]]]
+_MMCV_MDCN_EXPECTED = {  # a fresh ModulatedDeformConv2dPack(1, 1, 2, padding=1, bias=False), weight filled with 1
+    'out': [[[[0.5, 1.5, 2.5, 1.5], [1.0, 3.0, 5.0, 3.0], [1.0, 3.0, 5.0, 3.0], [0.5, 1.5, 2.5, 1.5]]]],
+    'input': [[[[2., 2., 2.], [2., 2., 2.], [2., 2., 2.]]]],
+    'weight': [[[[9., 9.], [9., 9.]]]],
+    'conv_offset.weight': [[[[-7.0, -4.0], [0.0, 0.0]]], [[[-9.0, 7.5], [-6.0, 5.0]]], [[[-4.0, -7.0], [0.0, 0.0]]],
+                           [[[-7.5, -9.0], [-5.0, -6.0]]], [[[-7.0, -4.0], [-7.0, -4.0]]],
+                           [[[-6.0, 5.0], [-9.0, 7.5]]], [[[-4.0, -7.0], [-4.0, -7.0]]],
+                           [[[-5.0, -6.0], [-7.5, -9.0]]], [[[10.5, 6.0], [7.0, 4.0]]], [[[6.0, 10.5], [4.0, 7.0]]],
+                           [[[7.0, 4.0], [10.5, 6.0]]], [[[4.0, 7.0], [6.0, 10.5]]]],
+    'conv_offset.bias': [-3.0, -1.5, -3.0, -1.5, -3.0, -1.5, -3.0, -1.5, 4.5, 4.5, 4.5, 4.5]}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _mmcv_border_rule(pred: jax.Array, kernel_hw: tuple[int, int], padding: int) -> jax.Array:
+  """The identity on the offset predictor's output `[N, Ho, Wo, 3*K]`, whose gradient follows mmcv's rule: zero
+  for the offsets of sampling points on y = -1 or x = -1 (at zero offsets, the taps on the padded border), kept
+  for the mask logits. Stride and dilation 1."""
+  return pred
+
+
+def _border_rule_fwd(pred, kernel_hw, padding):
+  return pred, None
+
+
+def _border_rule_bwd(kernel_hw, padding, _, g):
+  (kh, kw), (n, ho, wo, _) = kernel_hw, g.shape
+  y = jnp.arange(ho)[:, None, None, None] - padding + jnp.arange(kh)[None, None, :, None]
+  x = jnp.arange(wo)[None, :, None, None] - padding + jnp.arange(kw)[None, None, None, :]
+  keep = ((y > -1) & (x > -1)).reshape(ho, wo, kh * kw, 1)
+  offsets = jnp.where(keep, g[..., :2 * kh * kw].reshape(n, ho, wo, kh * kw, 2), 0)
+  return (jnp.concatenate([offsets.reshape(n, ho, wo, -1), g[..., 2 * kh * kw:]], -1),)
+
+
+_mmcv_border_rule.defvjp(_border_rule_fwd, _border_rule_bwd)
+
+
+def _mmcv_sum_and_grads(layer: dnn.DeformConv, x_nchw, border_padding: int | None = None) -> dict[str, np.ndarray]:
+  """The output and the gradients of its sum as mmcv's tests read them (NCHW, OIHW, mmcv's unhalved weight);
+  with `border_padding`, the predictor's gradient follows mmcv's border rule (`_mmcv_border_rule`)."""
+  x = jnp.asarray(np.asarray(x_nchw, np.float64).transpose(0, 2, 3, 1))
+  graphdef, state = nnx.split(layer)
+  taps = layer.offset_groups * layer.kernel_size[0] * layer.kernel_size[1]
+
+  def total(state, x):
+    model = nnx.merge(graphdef, state)
+    pred = model.offset_conv(x)  # the layer's own prediction, split as the layer splits it
+    if border_padding is not None:
+      pred = _mmcv_border_rule(pred, model.kernel_size, border_padding)
+    offsets, mask = split_prediction(pred, 2 * taps, model.modulated, model.offset_scale, model.max_offset)
+    y = model(x, offsets, mask)
+    return y.sum(), y
+
+  (_, y), (g_state, g_x) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(state, x)
+  g = nnx.to_pure_dict(g_state)
+  oihw = lambda a: np.asarray(a).transpose(3, 2, 0, 1)
+  # from_mmcv halves a DCNv2 kernel (our mask is 2*sigmoid): mmcv's weight gradient is half the kernel's
+  weight_grad = oihw(g['kernel']) / (2 if layer.modulated else 1)
+  return {'out': np.asarray(y).transpose(0, 3, 1, 2), 'input': np.asarray(g_x).transpose(0, 3, 1, 2),
+          'weight': weight_grad, 'conv_offset.weight': oihw(g['offset_conv']['kernel']),
+          'conv_offset.bias': np.asarray(g['offset_conv']['bias'])}
+
+
+def test_from_mmcv_gives_mmcv_s_own_test_values():
+  """mmcv's DeformConv2dPack test (its weights and input) and a fresh ModulatedDeformConv2dPack's: the output and
+  every gradient mmcv checks, at its threshold. The DCNv2 predictor's gradient matches once mmcv's border rule is
+  applied to it (docs/ops.md: mmcv zeroes the offset gradient of sampling points on y = -1 or x = -1)."""
+  state = {k: np.asarray(v, np.float64) for k, v in _MMCV_DCN_STATE.items()}
+  dcn = convert.from_mmcv(state, param_dtype=np.float64)
+  assert not dcn.modulated
+  got = _mmcv_sum_and_grads(dcn, _MMCV_DCN_INPUT)
+  for name, want in _MMCV_DCN_EXPECTED.items():
+    np.testing.assert_allclose(got[name], np.asarray(want), rtol=1e-3, atol=1e-8, err_msg=name)
+
+  k = 2
+  mdcn_state = {'weight': np.ones((1, 1, k, k)), 'conv_offset.weight': np.zeros((3 * k * k, 1, k, k)),
+                'conv_offset.bias': np.zeros(3 * k * k)}
+  mdcn = convert.from_mmcv(mdcn_state, padding=1, param_dtype=np.float64)
+  assert mdcn.modulated
+  plain, mmcv_rule = _mmcv_sum_and_grads(mdcn, _MMCV_MDCN_INPUT), _mmcv_sum_and_grads(mdcn, _MMCV_MDCN_INPUT, 1)
+  for name, want in _MMCV_MDCN_EXPECTED.items():
+    np.testing.assert_allclose(mmcv_rule[name], np.asarray(want), rtol=1e-2, atol=1e-8, err_msg=name)
+  for name in ('out', 'input', 'weight'):  # the rule touches only the predictor's gradient
+    np.testing.assert_array_equal(plain[name], mmcv_rule[name])
+  assert not np.allclose(plain['conv_offset.bias'], _MMCV_MDCN_EXPECTED['conv_offset.bias'])
