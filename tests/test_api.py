@@ -454,9 +454,6 @@ KNOWN_GAPS: dict[tuple[str, str], frozenset[str]] = {
   ('exported, not shown by a public module', 'deformjax.data.sources'): frozenset([
       'RandomAccessSource', 'digits_source', 'tfds_source'
   ]),
-  ('exported, not shown by a public module', 'deformjax.models.classifiers'): frozenset([
-      'FAMILY_GROUPS', 'avg_pool', 'check_preset_model', 'max_pool'
-  ]),
   ('exported, not shown by a public module', 'deformjax.train.checkpoint'): frozenset(['Checkpointer']),
   ('exported, not shown by a public module', 'deformjax.train.cli'): frozenset([
       'command_line', 'config_flag', 'config_value', 'fail', 'main', 'parse_flags', 'run', 'run_or_exit'

@@ -58,7 +58,7 @@ def test_build_model_rejects_unknown_names():
 
 @pytest.mark.parametrize('shape', [(2, 28, 28, 3), (2, 15, 15, 4), (1, 7, 5, 2)])
 def test_max_pool_equals_flax_max_pool_values_and_gradients(shape):
-  from deformjax.models.classifiers import max_pool
+  from deformjax.models.classifiers import _max_pool as max_pool
 
   x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float32)  # no ties, so one gradient is right
   flax_pool = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))

@@ -9,6 +9,7 @@ from deformjax.models.classifiers import (
   ConvClassifier,
   Residual,
   build_model,
+  check_preset_model,
   resolve_conv,
   resolve_deformable,
 )
@@ -29,5 +30,5 @@ from deformjax.models.internimage import (
 
 __all__ = ['CONVS', 'FLASH_INTERNIMAGE_PRESETS', 'INTERNIMAGE_PRESETS', 'MODELS', 'PRESET_MODELS', 'CifarNet',
            'ConvClassifier', 'FlashInternImage', 'InternImage', 'InternImageConfig', 'Residual', 'build_model',
-           'convert', 'from_flash_internimage', 'from_internimage', 'resolve_config', 'resolve_conv',
+           'check_preset_model', 'convert', 'from_flash_internimage', 'from_internimage', 'resolve_config', 'resolve_conv',
            'resolve_deformable', 'state_entries', 'to_internimage_state_dict']

@@ -39,7 +39,7 @@ from deformjax.ops._args import is_int
 
 CONVS = ('dcnv1', 'dcnv2', 'dcnv3', 'dcnv4')
 # Channel groups of the DCNv3 / DCNv4 blocks: 4 groups of 8 channels at the studies' width 32.
-FAMILY_GROUPS = 4
+_FAMILY_GROUPS = 4
 
 
 def resolve_deformable(deformable: int | str, num_convs: int) -> int:
@@ -106,10 +106,10 @@ def _conv(cin, cout, kernel, padding, deformable, conv, dtype, rngs):
                      f'(got kernel {kernel}, padding {padding!r}); make fewer convs deformable')
   block = DCNv3 if conv == 'dcnv3' else DCNv4
   extra = {} if conv == 'dcnv3' else {'dw_kernel_size': 3}  # FlashInternImage's DCNv4 offset branch
-  return Residual(block(cout, kernel, groups=FAMILY_GROUPS, dtype=dtype, rngs=rngs, **extra))
+  return Residual(block(cout, kernel, groups=_FAMILY_GROUPS, dtype=dtype, rngs=rngs, **extra))
 
 
-def max_pool(x: jax.Array) -> jax.Array:
+def _max_pool(x: jax.Array) -> jax.Array:
   """2x2 max pooling, stride 2, VALID, of `x [N, H, W, C]` -> `[N, H // 2, W // 2, C]`.
 
   A reshape and a max rather than `nnx.max_pool`: the same forward values, and a
@@ -124,7 +124,7 @@ def max_pool(x: jax.Array) -> jax.Array:
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def avg_pool(x: jax.Array) -> jax.Array:
+def _avg_pool(x: jax.Array) -> jax.Array:
   """2x2 average pooling, stride 2, VALID: `x [N, H, W, C]` -> `[N, H // 2, W // 2, C]`."""
   # flax's avg_pool divides by an int64 count, which strict dtype promotion rejects.
   # The init value must be a concrete scalar: JAX recognises a constant 0 with
@@ -182,7 +182,7 @@ class ConvClassifier(nnx.Module):
     for i, conv in enumerate(self.convs):
       x = jax.nn.relu(conv(x))
       if i < 2:
-        x = max_pool(x)
+        x = _max_pool(x)
     x = jnp.mean(x, axis=(1, 2))
     if self.dropout is not None:
       x = self.dropout(x, deterministic=not train, rngs=rngs)
@@ -216,8 +216,8 @@ class CifarNet(nnx.Module):
   def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
     """`x [N, 32, 32, 3]` -> logits `[N, num_classes]` (float32); `train`/`rngs` unused (no dropout)."""
     del train, rngs
-    x = max_pool(jax.nn.leaky_relu(self.conv1(x)))
-    x = avg_pool(jax.nn.leaky_relu(self.conv2(x)))
+    x = _max_pool(jax.nn.leaky_relu(self.conv1(x)))
+    x = _avg_pool(jax.nn.leaky_relu(self.conv2(x)))
     x = x.reshape(x.shape[0], -1)
     x = jax.nn.leaky_relu(self.fc1(x))
     x = jax.nn.leaky_relu(self.fc2(x))
@@ -273,5 +273,5 @@ def check_preset_model(name: str, preset: str, conv: str | None, dropout: float)
                      "preset's drop_path_rate; leave dropout at 0")
 
 
-__all__ = ['CONVS', 'FAMILY_GROUPS', 'MODELS', 'PRESET_MODELS', 'CifarNet', 'ConvClassifier', 'Residual', 'avg_pool',
-           'build_model', 'check_preset_model', 'max_pool', 'resolve_conv', 'resolve_deformable']
+__all__ = ['CONVS', 'MODELS', 'PRESET_MODELS', 'CifarNet', 'ConvClassifier', 'Residual', 'build_model',
+           'check_preset_model', 'resolve_conv', 'resolve_deformable']
