@@ -451,26 +451,4 @@ def test_console_script_without_config_says_what_it_needs(monkeypatch, capsys):
 # What the module checks still find, per (check, module): gaps to close, listed so that the suite passes while
 # any new offence fails by name. Shrink an entry as its module is fixed; never grow one.
 KNOWN_GAPS: dict[tuple[str, str], frozenset[str]] = {
-  ('exported, not shown by a public module', 'deformjax.data.sources'): frozenset([
-      'RandomAccessSource', 'digits_source', 'tfds_source'
-  ]),
-  ('exported, not shown by a public module', 'deformjax.train.checkpoint'): frozenset(['Checkpointer']),
-  ('exported, not shown by a public module', 'deformjax.train.cli'): frozenset([
-      'command_line', 'config_flag', 'config_value', 'fail', 'main', 'parse_flags', 'run', 'run_or_exit'
-  ]),
-  ('exported, not shown by a public module', 'deformjax.train.feeding'): frozenset([
-      'DEVICE_DATA_MAX_BYTES', 'DeviceSplit', 'Prefetcher', 'epoch_permutation', 'fits_on_device', 'gather_batch',
-      'model_images', 'read_split'
-  ]),
-  ('exported, not shown by a public module', 'deformjax.train.loop'): frozenset(['model_factory']),
-  ('exported, not shown by a public module', 'deformjax.train.mesh'): frozenset([
-      'DATA', 'batch_sharding', 'data_mesh', 'global_batch', 'replicated'
-  ]),
-  ('exported, not shown by a public module', 'deformjax.train.metrics'): frozenset([
-      'Accumulator', 'average_precision'
-  ]),
-  ('exported, not shown by a public module', 'deformjax.train.steps'): frozenset([
-      'NORMALISATION', 'SEED_BATCHING', 'Trainer', 'augment', 'augment_arrays', 'host_array', 'loss_and_metrics',
-      'make_optimizer', 'make_trainer', 'normalise', 'seed_batching_for', 'seed_slice'
-  ]),
 }

@@ -12,14 +12,17 @@ from deformjax.data.sources import (
                                     ArraySource,
                                     DataError,
                                     DatasetSpec,
+                                    RandomAccessSource,
                                     coco_multilabel,
+                                    digits_source,
                                     get_spec,
                                     load_source,
+                                    tfds_source,
                                     to_model_inputs,
 )
 
 __all__ = [
-    'COCO9_CLASSES', 'DATASETS', 'ArraySource', 'DataError', 'DatasetSpec', 'affine_matrices', 'coco_multilabel',
-    'eval_batches', 'get_spec', 'load_source', 'random_affine', 'to_model_inputs', 'train_iterator', 'transform',
-    'warp_affine',
+    'COCO9_CLASSES', 'DATASETS', 'ArraySource', 'DataError', 'DatasetSpec', 'RandomAccessSource', 'affine_matrices',
+    'coco_multilabel', 'digits_source', 'eval_batches', 'get_spec', 'load_source', 'random_affine', 'tfds_source',
+    'to_model_inputs', 'train_iterator', 'transform', 'warp_affine',
 ]

@@ -19,23 +19,27 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
+import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
 __all__ = ['command_line', 'config_flag', 'config_value', 'fail', 'main', 'parse_flags', 'run', 'run_or_exit']
 
 _HELP = ('--help', '-h', '--helpfull', '--helpshort')
+_T = TypeVar('_T')
 
 
-def fail(message: str):
+def fail(message: str) -> NoReturn:
   """Ends the program with one `error: message` line on stderr and exit status 2."""
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
 
 
 def config_flag(argv: Sequence[str], default: str | None = None,
-                help_string: str = 'a get_config() file as path[:arg], e.g. experiments/configs/digits.py'):
+                help_string: str = 'a get_config() file as path[:arg], e.g. experiments/configs/digits.py'
+                ) -> tuple[flags.FlagValues, flags.FlagHolder]:
   """A fresh `FlagValues` holding `--config` (a `config_flags` config file; overrides read from `argv`).
 
   Returns `(flag_values, holder)`; define the entry point's other flags on `flag_values`.
@@ -86,7 +90,7 @@ def parse_flags(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
   return rest
 
 
-def config_value(holder):
+def config_value(holder: flags.FlagHolder) -> ml_collections.ConfigDict:
   """The parsed config of `config_flag`'s holder, or one `error:` line when the file could not be loaded."""
   value = holder.value
   if value is None:
@@ -100,7 +104,7 @@ def config_value(holder):
   return value
 
 
-def run_or_exit(fn: Callable, *args, **kwargs):
+def run_or_exit(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
   """Calls `fn`; a configuration or data problem ends the program with one `error:` line (exit 2)."""
   from deformjax.data.sources import DataError
   from deformjax.train.config import ConfigError
