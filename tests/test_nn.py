@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,6 +143,20 @@ def test_wrong_in_features_is_a_clear_error():
     layer(jnp.ones((1, 8, 8, 5)))
   with pytest.raises(ValueError, match='divisible by feature_group_count=2'):
     dnn.DeformConv(3, 4, 3, feature_group_count=2, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(feature_group_count=3), 'in_features=4 and out_features=6 must be divisible by feature_group_count=3'),
+    (dict(offset_groups=3), 'in_features=4 must be divisible by offset_groups=3'),
+    (dict(max_offset=0.0), 'max_offset must be positive or None, got 0.0'),
+    (dict(max_offset=float('nan')), 'max_offset must be positive or None, got nan'),
+], ids=str)
+def test_module_and_linen_twin_refuse_the_same_arguments_alike(bad, message):
+  """One check serves both: the NNX module when built, the twin at init (where it learns the input width)."""
+  with pytest.raises(ValueError, match=f'^DeformConv: {re.escape(message)}'):
+    dnn.DeformConv(4, 6, 3, rngs=nnx.Rngs(0), **bad)
+  with pytest.raises(ValueError, match=f'^DeformConv: {re.escape(message)}'):
+    dlinen.DeformConv(features=6, kernel_size=3, **bad).init(jax.random.key(0), jnp.ones((1, 8, 8, 4)))
 
 
 @pytest.mark.parametrize('kw', CONV_CASES, ids=str)

@@ -34,6 +34,21 @@ def explicit_padding(padding: _args.PaddingLike) -> _args.PaddingLike:
   return tuple(tuple(int(v) for v in p) for p in padding)
 
 
+def check_deform_conv_args(name: str, in_features: int, out_features: int, feature_group_count: int,
+                           offset_groups: int, max_offset: float | None) -> None:
+  """Validates a DeformConv's widths, groups and `max_offset` by name (the NNX module when built, the Linen twin
+  when it first sees its input's width)."""
+  for arg, value in (('feature_group_count', feature_group_count), ('offset_groups', offset_groups)):
+    _args.positive_int(value, arg, name)
+  if in_features % feature_group_count or out_features % feature_group_count:
+    raise ValueError(f'{name}: in_features={in_features} and out_features={out_features} must be divisible by '
+                     f'feature_group_count={feature_group_count}')
+  if in_features % offset_groups:
+    raise ValueError(f'{name}: in_features={in_features} must be divisible by offset_groups={offset_groups}')
+  if max_offset is not None and not max_offset > 0:
+    raise ValueError(f'{name}: max_offset must be positive or None, got {max_offset!r}')
+
+
 def deform_conv_block(inputs: jax.Array, offsets: jax.Array | None, mask: jax.Array | None, kernel: jax.Array,
                       bias: jax.Array | None, offset_conv: Layer | None,
                       promote: Callable[[jax.Array, jax.Array, jax.Array | None], tuple], *,
@@ -328,6 +343,6 @@ def deform_roi_pool_block(features: jax.Array, rois: jax.Array, offset_hidden: S
   return out * mask.astype(out.dtype), offsets, mask
 
 
-__all__ = ['ROI_MODULATIONS', 'bin_mask', 'check_layer_args', 'check_roi_pool_options', 'check_spatial_shapes',
+__all__ = ['ROI_MODULATIONS', 'bin_mask', 'check_deform_conv_args', 'check_layer_args', 'check_roi_pool_options', 'check_spatial_shapes',
            'dcnv3_block', 'dcnv4_block', 'deform_conv_block', 'deform_roi_pool_block', 'directional_bias_init',
            'explicit_padding', 'group_softmax', 'ms_deform_attn_block', 'sampling_locations']

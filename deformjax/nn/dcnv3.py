@@ -46,7 +46,8 @@ class DCNv3(nnx.Module):
   Args:
     channels: C, in and out.
     kernel_size: the sampling window (square).
-    groups: channel groups, each with its own offsets and mask (`group`).
+    groups: channel groups, each with its own offsets and mask (InternImage's
+      `group`; `DeformConv`'s `offset_groups`).
     padding: of the sampling window; default and only value that keeps H, W:
       `kernel_dilation * (kernel_size - 1) // 2` (the offsets come per input pixel).
     kernel_dilation: dilation of the sampling window (`dilation`).

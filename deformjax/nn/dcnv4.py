@@ -46,7 +46,8 @@ class DCNv4(nnx.Module):
   Args:
     channels: C, in and out.
     kernel_size: the sampling window (square).
-    groups: channel groups (`group`).
+    groups: channel groups, each with its own offsets and mask (DCNv4's `group`;
+      `DeformConv`'s `offset_groups`).
     padding, kernel_dilation, offset_scale, remove_center: as `DCNv3`.
     dw_kernel_size: if set, a depthwise conv before `offset_mask` (`offset_mask_dw`).
     center_feature_scale: the learned gate described above.

@@ -140,17 +140,7 @@ class DeformConv(nnx.Module):
     name = type(self).__name__
     kh, kw = _args.positive_pair(kernel_size, 'kernel_size', name)
     strides, kernel_dilation = _common.conv_geometry(strides, input_dilation, kernel_dilation, name)
-    for arg, value in (('feature_group_count', feature_group_count), ('offset_groups', offset_groups)):
-      _args.positive_int(value, arg, name)
-    if in_features % feature_group_count or out_features % feature_group_count:
-      raise ValueError(
-          f'{name}: in_features={in_features} and out_features={out_features} must be divisible by '
-          f'feature_group_count={feature_group_count}'
-      )
-    if in_features % offset_groups:
-      raise ValueError(f'{name}: in_features={in_features} must be divisible by offset_groups={offset_groups}')
-    if max_offset is not None and max_offset <= 0:
-      raise ValueError(f'{name}: max_offset must be positive or None, got {max_offset!r}')
+    _blocks.check_deform_conv_args(name, in_features, out_features, feature_group_count, offset_groups, max_offset)
     self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic, name)
     kernel_shape = (kh, kw, in_features // feature_group_count, out_features)
     _common.check_kernel_mask(mask, kernel_shape, name)

@@ -81,12 +81,11 @@ class DeformConv(nn.Module):
     name = 'DeformConv'
     kh, kw = _args.positive_pair(self.kernel_size, 'kernel_size', name)
     strides, dilation = _common.conv_geometry(self.strides, self.input_dilation, self.kernel_dilation, name)
-    groups = _args.positive_int(self.feature_group_count, 'feature_group_count', name)
-    _args.positive_int(self.offset_groups, 'offset_groups', name)
     _common.check_padding(self.padding, name)
     _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, name)
     _common.check_geometry(inputs, (kh, kw), strides, self.padding, dilation, name)
-    in_features = inputs.shape[-1]
+    in_features, groups = inputs.shape[-1], self.feature_group_count
+    _blocks.check_deform_conv_args(name, in_features, self.features, groups, self.offset_groups, self.max_offset)
     kernel_shape = (kh, kw, in_features // groups, self.features)
     kernel = self.param('kernel', self.kernel_init, kernel_shape, self.param_dtype)
     _common.check_kernel_mask(self.mask, kernel_shape, name)

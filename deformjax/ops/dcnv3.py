@@ -91,7 +91,9 @@ def dcnv3(
     strides: int or (sh, sw).
     padding: int, (ph, pw), ((top, bottom), (left, right)), 'SAME' or 'VALID'.
     dilation: int or (dh, dw).
-    groups: channel groups (C divisible by it), each with its own offsets.
+    groups: channel groups (C divisible by it), each with its own offsets:
+      what `deform_conv2d` calls `offset_groups` (DCNv3 has no kernel, so no
+      weight groups; InternImage calls it `group`).
     offset_scale: scales the offsets and the dilation grid around the centre.
     remove_center: drop the centre tap `(i, j) = (kw//2, kh//2)` (the CUDA
       kernels' rule; InternImage allows it for odd square kernels only).
