@@ -150,6 +150,7 @@ def test_wrong_in_features_is_a_clear_error():
     (dict(offset_groups=3), 'in_features=4 must be divisible by offset_groups=3'),
     (dict(max_offset=0.0), 'max_offset must be positive or None, got 0.0'),
     (dict(max_offset=float('nan')), 'max_offset must be positive or None, got nan'),
+    (dict(max_offset='2'), "max_offset must be positive or None, got '2'"),
 ], ids=str)
 def test_module_and_linen_twin_refuse_the_same_arguments_alike(bad, message):
   """One check serves both: the NNX module when built, the twin at init (where it learns the input width)."""

@@ -45,7 +45,7 @@ def check_deform_conv_args(name: str, in_features: int, out_features: int, featu
                      f'feature_group_count={feature_group_count}')
   if in_features % offset_groups:
     raise ValueError(f'{name}: in_features={in_features} must be divisible by offset_groups={offset_groups}')
-  if max_offset is not None and not max_offset > 0:
+  if max_offset is not None and not (_args.is_real(max_offset) and max_offset > 0):
     raise ValueError(f'{name}: max_offset must be positive or None, got {max_offset!r}')
 
 
@@ -343,6 +343,6 @@ def deform_roi_pool_block(features: jax.Array, rois: jax.Array, offset_hidden: S
   return out * mask.astype(out.dtype), offsets, mask
 
 
-__all__ = ['ROI_MODULATIONS', 'bin_mask', 'check_deform_conv_args', 'check_layer_args', 'check_roi_pool_options', 'check_spatial_shapes',
-           'dcnv3_block', 'dcnv4_block', 'deform_conv_block', 'deform_roi_pool_block', 'directional_bias_init',
-           'explicit_padding', 'group_softmax', 'ms_deform_attn_block', 'sampling_locations']
+__all__ = ['ROI_MODULATIONS', 'bin_mask', 'check_deform_conv_args', 'check_layer_args', 'check_roi_pool_options',
+           'check_spatial_shapes', 'dcnv3_block', 'dcnv4_block', 'deform_conv_block', 'deform_roi_pool_block',
+           'directional_bias_init', 'explicit_padding', 'group_softmax', 'ms_deform_attn_block', 'sampling_locations']
