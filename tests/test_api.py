@@ -97,27 +97,15 @@ def test_every_module_is_found():
   assert {'deformjax', 'deformjax.ops', 'deformjax.ops.roi_pool', 'deformjax.nn.deform_conv'} <= set(MODULES)
 
 
-def _no_new_gaps(check: str, name: str, found: list[str]) -> None:
-  """Fails on any offending name of `check` in module `name` that KNOWN_GAPS does not list for it, and on any gap
-  KNOWN_GAPS lists that no longer occurs (so the list only ever shrinks to what is still true)."""
-  known = KNOWN_GAPS.get((check, name), frozenset())
-  new = sorted(set(found) - known)
-  assert not new, f'{name}: {check}: {new}'
-  closed = sorted(known - set(found))
-  assert not closed, f'{name}: {check}: {closed} listed in KNOWN_GAPS but no longer found: remove them there'
-
-
-def test_known_gaps_name_checks_and_modules_that_exist():
-  checks = {'no __all__', 'exported without a docstring', 'defined, not in __all__ and not underscored',
-            'without type hints', 'exports a mutable value', 'exported, not shown by a public module'}
-  stray = sorted(key for key in KNOWN_GAPS if key[0] not in checks or key[1] not in MODULES)
-  assert not stray, f'KNOWN_GAPS entries for no check or no module: {stray}'
+def _none_found(check: str, name: str, found: list[str]) -> None:
+  """Fails naming the module, the check and every offending name `check` found in module `name`."""
+  assert not found, f'{name}: {check}: {sorted(found)}'
 
 
 @pytest.mark.parametrize('name', MODULES)
 def test_module_declares_all_and_every_name_resolves(name):
   module = _import(name)
-  _no_new_gaps('no __all__', name, [] if hasattr(module, '__all__') else ['__all__'])
+  _none_found('no __all__', name, [] if hasattr(module, '__all__') else ['__all__'])
   if not hasattr(module, '__all__'):
     return
   exported = list(module.__all__)
@@ -130,7 +118,7 @@ def test_module_declares_all_and_every_name_resolves(name):
 def test_exported_names_have_docstrings(name):
   module = _import(name)
   assert _own_doc(module), f'{name} has no module docstring'
-  _no_new_gaps('exported without a docstring', name, [
+  _none_found('exported without a docstring', name, [
       n for n in _exported(module) if _is_api_object(getattr(module, n)) and not _own_doc(getattr(module, n))])
 
 
@@ -157,7 +145,7 @@ def test_private_helpers_are_underscored(name):
   """Every name a module defines is either exported or starts with `_`."""
   module = _import(name)
   exported = set(getattr(module, '__all__', ()))  # without __all__ nothing is declared public
-  _no_new_gaps('defined, not in __all__ and not underscored', name,
+  _none_found('defined, not in __all__ and not underscored', name,
                [n for n in _top_level_names(_path_of(name)) if not n.startswith('_') and n not in exported])
 
 
@@ -170,7 +158,7 @@ def test_an_implementation_module_exports_only_what_a_public_module_shows(name):
   """`__all__` is what the API reference shows: a name exported by an implementation module (`deformjax.nn.dcnv3`)
   reaches users through a public module (`deformjax.nn`), or it is a private helper and starts with `_`."""
   module = _import(name)
-  _no_new_gaps('exported, not shown by a public module', name,
+  _none_found('exported, not shown by a public module', name,
                [n for n in getattr(module, '__all__', ()) if id(getattr(module, n)) not in _SHOWN])
 
 
@@ -222,15 +210,34 @@ def test_public_functions_and_methods_have_type_hints(name):
     elif inspect.isclass(obj) and not _dataclass_like(obj):
       for attr, method in _public_methods(obj).items():
         problems += [f'{n}.{attr}({arg})' for arg in _unannotated(method, skip_return=attr == '__init__')]
-  _no_new_gaps('without type hints', name, problems)
+  _none_found('without type hints', name, problems)
 
 
 @pytest.mark.parametrize('name', MODULES)
 def test_nothing_mutable_is_exported(name):
   """An exported list, dict, set or bytearray can be changed by any importer; settings live in scopes."""
   module = _import(name)
-  _no_new_gaps('exports a mutable value', name,
+  _none_found('exports a mutable value', name,
                [n for n in _exported(module) if isinstance(getattr(module, n), (list, dict, set, bytearray))])
+
+
+def test_the_module_checks_find_a_planted_offence(tmp_path):
+  """The finders the module checks use report what they look for, so a module that passes has none of it."""
+  planted = tmp_path / 'planted.py'
+  planted.write_text('import os\nX = 1\nY: int = 2\n_z = 3\n\n\ndef f(a, b: int):\n  pass\n\n\nclass C:\n  pass\n')
+  assert _top_level_names(planted) == ['X', 'Y', '_z', 'f', 'C']
+
+  def f(a, b: int):
+    pass
+
+  class C:
+    def method(self, x: int):
+      pass
+
+  assert _unannotated(f) == ['a', 'return'] and list(_public_methods(C)) == ['method']
+  assert _own_doc(C) is None and _own_doc(f) is None and _own_doc(_none_found)
+  with pytest.raises(AssertionError, match=r"^planted: a check: \['a', 'b'\]"):
+    _none_found('a check', 'planted', ['b', 'a'])
 
 
 # --- execution settings: the accelerator memory budget as a scope -------------------------------------------
@@ -447,8 +454,3 @@ def test_console_script_without_config_says_what_it_needs(monkeypatch, capsys):
   assert len(err.splitlines()) == 1, err
   assert err.startswith('error: --config') and 'deformjax[train,data]' in err, err
 
-
-# What the module checks still find, per (check, module): gaps to close, listed so that the suite passes while
-# any new offence fails by name. Shrink an entry as its module is fixed; never grow one.
-KNOWN_GAPS: dict[tuple[str, str], frozenset[str]] = {
-}
