@@ -66,7 +66,7 @@ def reference_internimage(src: pathlib.Path):
 
 def reference_flash_internimage(src: pathlib.Path):
   """The reference FlashInternImage class over the reference DCNv4 module with `dcnv4_core_torch` as its op."""
-  from tests.torch_reference import dcnv4_package
+  from references.torch_reference import dcnv4_package
 
   stubs = dcnv4_package()
   sys.modules.update(stubs)

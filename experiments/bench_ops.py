@@ -305,7 +305,7 @@ def family_problems(batch: int | None, msda_batch: int | None):
   """(name, shape row, ours, torch reference or None, arrays, conv arrays) for every family benchmark case."""
   from deformjax.ops import dcnv3, dcnv4, ms_deform_attn, offset_mask_channels
   try:
-    from tests.torch_reference import dcnv3_grid_sample, msda_transformers
+    from references.torch_reference import dcnv3_grid_sample, msda_transformers
   except ImportError:  # no torch
     dcnv3_grid_sample = msda_transformers = None
   rng = np.random.default_rng(0)

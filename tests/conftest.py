@@ -44,10 +44,10 @@ jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE_ENV])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
-# The shared helpers and references are imported by the tests, never collected as tests themselves:
-# `--doctest-modules` would import each one, and `torch_reference.py` needs torch, an optional reference that a
-# fresh machine does not have.
-collect_ignore = ['helpers.py', 'reference.py', 'torch_reference.py']
+# The shared helpers and the float64 references are imported by the tests, never collected as tests themselves
+# (`--doctest-modules` would import each one). The PyTorch references, which need torch at import, live outside
+# the testpaths in `references/`, where the benchmarks import them too.
+collect_ignore = ['helpers.py', 'reference.py']
 
 # The fast tier is a budget, not a wish: a test outside the slow tier whose setup and call take more CPU time than
 # this fails by name, so that a new compile-heavy case cannot silently add a minute to every run. Make it cheaper,

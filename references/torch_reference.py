@@ -9,7 +9,7 @@
   `DCNv4Function.apply` (the reference has no CPU path for DCNv4); `dcnv4_package` stubs the reference's `DCNv4`
   package with it.
 
-Importing this module needs torch.
+Importing this module needs torch (the package's docstring says where it may be imported).
 """
 
 from __future__ import annotations
