@@ -1,6 +1,6 @@
-"""Classifiers: the studies' small nets with a regular / deformable switch, and InternImage / FlashInternImage."""
+"""Classifiers: the studies' small nets with a regular / deformable switch, and InternImage / FlashInternImage;
+the Deformable DETR detector and its ResNet backbones."""
 
-from deformjax.models import convert
 from deformjax.models.classifiers import (
   CONVS,
   MODELS,
@@ -13,11 +13,13 @@ from deformjax.models.classifiers import (
   resolve_conv,
   resolve_deformable,
 )
-from deformjax.models.convert import (
-  from_flash_internimage,
-  from_internimage,
-  state_entries,
-  to_internimage_state_dict,
+from deformjax.models.deformable_detr import (
+  DeformableDetr,
+  DeformableDetrEncoder,
+  DeformableDetrEncoderLayer,
+  DeformableDetrEncoderOutput,
+  DeformableDetrOutput,
+  PyramidBackbone,
 )
 from deformjax.models.internimage import (
   FLASH_INTERNIMAGE_PRESETS,
@@ -27,8 +29,10 @@ from deformjax.models.internimage import (
   InternImageConfig,
   resolve_config,
 )
+from deformjax.models.resnet import RESNET_PRESETS, FrozenBatchNorm, ResNet, resnet_preset
 
-__all__ = ['CONVS', 'FLASH_INTERNIMAGE_PRESETS', 'INTERNIMAGE_PRESETS', 'MODELS', 'PRESET_MODELS', 'CifarNet',
-           'ConvClassifier', 'FlashInternImage', 'InternImage', 'InternImageConfig', 'Residual', 'build_model',
-           'check_preset_model', 'convert', 'from_flash_internimage', 'from_internimage', 'resolve_config', 'resolve_conv',
-           'resolve_deformable', 'state_entries', 'to_internimage_state_dict']
+__all__ = ['CONVS', 'FLASH_INTERNIMAGE_PRESETS', 'INTERNIMAGE_PRESETS', 'MODELS', 'PRESET_MODELS', 'RESNET_PRESETS',
+           'CifarNet', 'ConvClassifier', 'DeformableDetr', 'DeformableDetrEncoder', 'DeformableDetrEncoderLayer',
+           'DeformableDetrEncoderOutput', 'DeformableDetrOutput', 'FrozenBatchNorm', 'PyramidBackbone', 'ResNet',
+           'FlashInternImage', 'InternImage', 'InternImageConfig', 'Residual', 'build_model',
+           'check_preset_model', 'resnet_preset', 'resolve_config', 'resolve_conv', 'resolve_deformable']
