@@ -226,7 +226,8 @@ ERRORS = [
     (lambda: dcnv3(x, o, m, **{**DCN_KW, 'remove_center': 1}), TypeError, r'remove_center must be a bool'),
     (lambda: dcnv3(x.astype(jnp.int32), o, m, **DCN_KW), TypeError, r'inputs must be a floating-point array'),
     (lambda: dcnv3(x, o, m, **DCN_KW, chunk_size=0), ValueError, r'chunk_size must be a positive int or None'),
-    (lambda: dcnv3(x, o, m, **DCN_KW, deterministic='yes'), TypeError, r'deterministic must be a bool'),
+    (lambda: dcnv3(x, o, m, **DCN_KW, deterministic_gradients='yes'), TypeError,
+     r'deterministic_gradients must be a bool'),
     (lambda: dcnv4(x, om[..., :54], **DCN_KW), ValueError,
      r'dcnv4: offset_mask must have shape \[N, Ho, Wo, ceil8\(groups\*P\*3\)\] = \(1, 5, 4, 56\), got \(1, 5, 4, 54\)'),
     (lambda: dcnv4(x, om, **{**DCN_KW, 'padding': 'FULL'}), ValueError, r"dcnv4: padding must be 'SAME', 'VALID'"),
@@ -276,10 +277,10 @@ def test_index_blocks_do_not_change_result_or_gradient(op, patch_traced):
 @pytest.mark.parametrize('op', HEAVY, ids=str)
 def test_deterministic_gradients_equal_the_default(op, accelerator_policy):
   args = inputs(op)
-  for a, b in zip(grads(op, args, deterministic=True, chunk_size=5), grads(op, args)):
+  for a, b in zip(grads(op, args, deterministic_gradients=True, chunk_size=5), grads(op, args)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
   with pytest.raises(TypeError, match='custom_vjp'):
-    jax.jvp(lambda *a: op.call(*a, deterministic=True), args, args)
+    jax.jvp(lambda *a: op.call(*a, deterministic_gradients=True), args, args)
 
 
 def lowered(fn, args, platforms) -> str:
@@ -308,9 +309,9 @@ def test_lowerings_follow_the_target_platform(op):
     module = lowered(fwd_bwd(), big, [platform])
     assert 'stablehlo.while' not in module
     assert any('add' in body for body in scatter_bodies(module))
-  det = lowered(fwd_bwd(deterministic=True), big, ['cuda'])
+  det = lowered(fwd_bwd(deterministic_gradients=True), big, ['cuda'])
   assert 'stablehlo.sort' in det and scatter_bodies(det) and not any('add' in b for b in scatter_bodies(det))
-  assert 'stablehlo.sort' not in lowered(fwd_bwd(deterministic=True), big, ['cpu'])
+  assert 'stablehlo.sort' not in lowered(fwd_bwd(deterministic_gradients=True), big, ['cpu'])
   # A budget smaller than the sampled values splits the accelerator pass into blocks.
   assert 'stablehlo.while' in lowered(lambda *a: op.call(*a, memory_budget=2**16), big, ['cuda'])
 
@@ -336,7 +337,7 @@ def test_deterministic_gradients_are_bit_identical_on_this_accelerator(op):
   """Many points sample the same few pixels: atomic float adds land in varying order, the sorted sum does not."""
   args = list(inputs(op, n=16, dtype=jnp.float32))
   args[op.coords] = jnp.full_like(args[op.coords], 0.5 if op.name == 'ms_deform_attn' else 0.25)
-  grad = lambda det: jax.jit(jax.grad(lambda a: jnp.sum(op.call(a, *args[1:], deterministic=det) ** 2)))
+  grad = lambda det: jax.jit(jax.grad(lambda a: jnp.sum(op.call(a, *args[1:], deterministic_gradients=det) ** 2)))
   det = grad(True)
   first = np.asarray(det(args[0]))
   for _ in range(5):

@@ -1,8 +1,8 @@
 """The ops' execution-policy keywords on every sampling module, NNX and Linen.
 
-`chunk_size`, `memory_budget` and `deterministic` reach the op and change how it
+`chunk_size`, `memory_budget` and `deterministic_gradients` reach the op and change how it
 runs, never what it computes: at a tiny shape, forced chunks give the default
-output, `deterministic=True` gives the default forward and the same gradients
+output, `deterministic_gradients=True` gives the default forward and the same gradients
 bit for bit on every call, and bad values are refused by name. One compiled
 function per module computes every setting at once (the fast tier's budget).
 """
@@ -105,7 +105,7 @@ def linen_layout(tree: dict) -> dict:
 
 def SETTINGS(case: Case) -> dict[str, dict]:  # noqa: N802 (a table, read as one)
   return {'default': {}, 'chunks': dict(chunk_size=case.chunk_size), 'budget': dict(memory_budget=case.memory_budget),
-          'deterministic': dict(deterministic=True)}
+          'deterministic_gradients': dict(deterministic_gradients=True)}
 
 
 def named_jit(fn: Callable, name: str) -> Callable:
@@ -132,12 +132,12 @@ def count(jaxpr: jax.extend.core.Jaxpr, primitive: str) -> int:
 @pytest.mark.parametrize('full', [False, pytest.param(True, marks=pytest.mark.slow)], ids=['fast', 'full'])
 @pytest.mark.parametrize('case', CASES, ids=lambda c: c.name)
 def test_policy_keywords_change_how_a_module_runs_not_what_it_computes(case, full):
-  """Forced chunks and `deterministic=True` give the default output, and the deterministic gradients (w.r.t.
+  """Forced chunks and `deterministic_gradients=True` give the default output, and the deterministic gradients (w.r.t.
   parameters and inputs) are the same bits on a second call; each keyword visibly reaches the op.
 
   The NNX module and its Linen twin share one random parameter set (the twins compute the same numbers) and one
   compiled function. Every setting of both is traced, and its jaxpr shows the keyword at work (chunk loops for
-  `chunk_size` / `memory_budget`, the sorted-segment-sum VJP for `deterministic`). The fast tier compiles and
+  `chunk_size` / `memory_budget`, the sorted-segment-sum VJP for `deterministic_gradients`). The fast tier compiles and
   compares a subset that covers each keyword once (NNX default, chunk_size and deterministic gradients, Linen
   memory_budget); `full` compiles every setting of both and differentiates both.
   """
@@ -151,7 +151,7 @@ def test_policy_keywords_change_how_a_module_runs_not_what_it_computes(case, ful
     jaxpr = jax.make_jaxpr(call)(params[api], *arrays).jaxpr  # cached: the compiled function reuses the trace
     loops, vjps = count(jaxpr, 'scan'), count(jaxpr, 'custom_vjp')
     assert (loops > 0) == (key in ('chunks', 'budget')), (api, key, loops)
-    assert (vjps > 0) == (key == 'deterministic'), (api, key, vjps)
+    assert (vjps > 0) == (key == 'deterministic_gradients'), (api, key, vjps)
 
   compared = list(calls) if full else [('nnx', 'default'), ('nnx', 'chunks'), ('linen', 'budget')]
   differentiated = ['nnx', 'linen'] if full else ['nnx']
@@ -165,7 +165,7 @@ def test_policy_keywords_change_how_a_module_runs_not_what_it_computes(case, ful
         full_arrays = list(arrays)
         for i, x in zip(diff, xs):
           full_arrays[i] = x
-        return calls[api, 'deterministic'](p, *full_arrays)
+        return calls[api, 'deterministic_gradients'](p, *full_arrays)
 
       outs[f'{api}_deterministic'], vjp = jax.vjp(det, params[api], tuple(arrays[i] for i in diff))
       grads[api] = vjp(cotangent)
@@ -187,8 +187,8 @@ BAD = [
     (dict(chunk_size=2.5), ValueError, 'chunk_size must be a positive int or None'),
     (dict(memory_budget=-1), ValueError, 'memory_budget must be a positive int or None'),
     (dict(memory_budget=True), ValueError, 'memory_budget must be a positive int or None'),
-    (dict(deterministic='yes'), TypeError, 'deterministic must be a bool'),
-    (dict(deterministic=1), TypeError, 'deterministic must be a bool'),
+    (dict(deterministic_gradients='yes'), TypeError, 'deterministic_gradients must be a bool'),
+    (dict(deterministic_gradients=1), TypeError, 'deterministic_gradients must be a bool'),
 ]
 
 
@@ -253,10 +253,10 @@ def test_train_and_eval_modes_leave_the_policy_alone(case):
   """`nnx.Module.train()` / `.eval()` set every attribute named `deterministic` (dropout's flag); the gradient policy
   is held apart, so switching modes never turns requested bit-identical gradients off (or on)."""
   for requested in (True, False):
-    module = nnx.eval_shape(lambda requested=requested: case.nnx_build(deterministic=requested, chunk_size=5))
+    module = nnx.eval_shape(lambda requested=requested: case.nnx_build(deterministic_gradients=requested, chunk_size=5))
     for mode in (module.train, module.eval, module.train):
       mode()
-      assert module.policy == _common.SamplingPolicy(chunk_size=5, deterministic=requested)
+      assert module.policy == _common.SamplingPolicy(chunk_size=5, deterministic_gradients=requested)
 
 
 def _converter_cases() -> dict[str, tuple[Callable, Callable[[], tuple]]]:
@@ -303,14 +303,14 @@ def test_converters_pass_the_module_options_through(name):
   build, inputs = _converter_cases()[name]
   args = inputs()
   base = build()
-  layer = build(dtype=jnp.bfloat16, chunk_size=64, memory_budget=2**20, deterministic=True)
+  layer = build(dtype=jnp.bfloat16, chunk_size=64, memory_budget=2**20, deterministic_gradients=True)
   assert layer.policy == _common.SamplingPolicy(64, 2**20, True)
   with jax.numpy_dtype_promotion('standard'):  # flax's LayerNorm (in DCNv3) promotes bfloat16 stats to float32
     y = layer(*args)
   y_base = base(*args)
   assert y.dtype == jnp.bfloat16 and y_base.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(y, np.float32), y_base, atol=0.1 * float(np.abs(y_base).max()))
-  exact = build(chunk_size=64, deterministic=True)
+  exact = build(chunk_size=64, deterministic_gradients=True)
   np.testing.assert_allclose(exact(*args), y_base, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match='chunk_size'):
     build(chunk_size=0)

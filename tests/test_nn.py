@@ -40,7 +40,7 @@ def test_fresh_deform_conv_equals_nnx_conv(kw):
     conv.bias[...] = normal((6,), 3)
     layer.bias[...] = conv.bias[...]
   x = normal((2, 9, 8, 4))
-  y, offsets, mask = layer(x, return_offsets=True)
+  y, (offsets, mask) = layer(x, return_sampling=True)
   np.testing.assert_allclose(np.asarray(y), np.asarray(conv(x)), atol=1e-10)
   np.testing.assert_array_equal(np.asarray(offsets), 0)
   if layer.modulated:
@@ -58,7 +58,9 @@ def test_offsets_are_predicted_and_sown():
   layer = dnn.DeformConv(3, 5, 3, sow_offsets=True, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
   randomise_offset_predictor(layer)
   x = normal((2, 8, 8, 3))
-  (y, offsets, mask), sown = nnx.capture(lambda m, x: m(x, return_offsets=True), nnx.Intermediate)(layer, x)
+  (y, sampling), sown = nnx.capture(lambda m, x: m(x, return_sampling=True), nnx.Intermediate)(layer, x)
+  offsets, mask = sampling.offsets, sampling.mask
+  assert isinstance(sampling, dnn.Sampling) and set(sampling._fields) == set(sown)  # sown under the fields' names
   assert offsets.shape == (2, 8, 8, 18) and mask.shape == (2, 8, 8, 9)
   assert np.abs(np.asarray(offsets)).max() > 0.1
   assert np.all((np.asarray(mask) > 0) & (np.asarray(mask) < 2))
@@ -82,11 +84,11 @@ def test_offset_scale_and_max_offset():
   base = dnn.DeformConv(3, 5, 3, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
   randomise_offset_predictor(base, scale=3.0)
   x = normal((1, 8, 8, 3))
-  _, raw, _ = base(x, return_offsets=True)
+  raw = base(x, return_sampling=True)[1].offsets
   for kw in (dict(offset_scale=0.5), dict(max_offset=1.5)):
     layer = dnn.DeformConv(3, 5, 3, param_dtype=jnp.float64, rngs=nnx.Rngs(0), **kw)
     nnx.update(layer, nnx.state(base, nnx.Param))
-    _, off, _ = layer(x, return_offsets=True)
+    off = layer(x, return_sampling=True)[1].offsets
     if 'offset_scale' in kw:
       np.testing.assert_allclose(np.asarray(off), 0.5 * np.asarray(raw), atol=1e-12)
     else:
@@ -203,7 +205,7 @@ def test_fresh_deform_roi_pool_equals_roi_align(modulated):
   pool = dnn.DeformRoIPool(4, 3, hidden_features=(16, 16), modulated=modulated, param_dtype=jnp.float64,
                            rngs=nnx.Rngs(0))
   feats = normal(FEATS_SHAPE)
-  out, offsets, mask = pool(feats, ROIS, return_offsets=True)
+  out, (offsets, mask) = pool(feats, ROIS, return_sampling=True)
   np.testing.assert_allclose(np.asarray(out), np.asarray(roi_align(feats, ROIS, output_size=3)), atol=1e-12)
   np.testing.assert_array_equal(np.asarray(offsets), 0)
   assert (mask is None) != modulated

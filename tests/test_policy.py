@@ -235,11 +235,11 @@ def test_deterministic_supports_second_order_reverse_mode_and_vmap(accelerator_p
   test_family.py::test_deterministic_gradients_equal_the_default)."""
   case = Case(n=1, hw=(4, 4), c=2, cout=2)
   x, off, w, m, b, _ = make_inputs(case)
-  f = lambda *a: deform_conv2d(*a, **op_kwargs(case), deterministic=True)
+  f = lambda *a: deform_conv2d(*a, **op_kwargs(case), deterministic_gradients=True)
   check_grads(f, (x, away_from_integers(off), w, m, b), order=2, modes=('rev',), atol=1e-6, rtol=1e-6)
   x, off, w, m, b, _ = make_inputs(Case(n=2, hw=(4, 4), c=2, cout=2))
   g = jax.grad(lambda x, o, mm: jnp.sum(jnp.sin(deform_conv2d(x[None], o[None], w, mm[None], b, **op_kwargs(case),
-                                                              deterministic=True))))
+                                                              deterministic_gradients=True))))
   vm = jax.vmap(g)(x, off, m)
   for i in range(2):
     np.testing.assert_allclose(np.asarray(vm[i]), np.asarray(g(x[i], off[i], m[i])), rtol=1e-12, atol=1e-12)
@@ -248,7 +248,7 @@ def test_deterministic_supports_second_order_reverse_mode_and_vmap(accelerator_p
 @pytest.mark.parametrize('override,message', [
     (dict(memory_budget=0), 'memory_budget must be a positive int or None'),
     (dict(memory_budget=1.5), 'memory_budget must be a positive int or None'),
-    (dict(deterministic='yes'), 'deterministic must be a bool'),
+    (dict(deterministic_gradients='yes'), 'deterministic_gradients must be a bool'),
 ])
 def test_bad_policy_arguments(override, message):
   x, off, w, m = random_problem(1, 5, 5)

@@ -263,7 +263,7 @@ def test_from_mmcv_deform_roi_pool_reproduces_the_packs(modulated):
   feats = features(3)
   want = mmcv_pack(np.asarray(feats).transpose(0, 3, 1, 2), PACK_ROIS, state, output_size=size, **kw)
   # Under jit the adaptive grid is capped at ceil(H / out_h) x ceil(W / out_w), which covers these RoIs.
-  got, offsets, _ = nnx.jit(lambda m, f, r: m(f, r, return_offsets=True))(pool, feats, jnp.asarray(PACK_ROIS))
+  got, (offsets, _) = nnx.jit(lambda m, f, r: m(f, r, return_sampling=True))(pool, feats, jnp.asarray(PACK_ROIS))
   assert float(jnp.abs(offsets).max()) > 0.1  # the offsets shift the bins
   np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, rtol=1e-10, atol=1e-10)
   twin = dlinen.DeformRoIPool(size, hidden_features=(5, 5), modulated=modulated, modulation='sigmoid',
@@ -333,12 +333,12 @@ def test_modulation_choice_and_flags_are_checked():
   """`modulation='sigmoid'` (mmcv's) makes a fresh modulated layer half of RoIAlign; the default 2*sigmoid is
   RoIAlign. Unknown choices and non-bool flags are refused when the layer is built."""
   feats, rois = features(), jnp.asarray(ROIS[:3])
-  run = nnx.jit(lambda m, f, r: m(f, r, return_offsets=True))
+  run = nnx.jit(lambda m, f, r: m(f, r, return_sampling=True))
   outs = {}
   for modulation, fresh_mask in (('2sigmoid', 1.0), ('sigmoid', 0.5)):
     pool = DeformRoIPool(C, 2, hidden_features=(4,), modulated=True, modulation=modulation, param_dtype=jnp.float64,
                          rngs=nnx.Rngs(0))
-    outs[modulation], _, mask = run(pool, feats, rois)
+    outs[modulation], (_, mask) = run(pool, feats, rois)
     np.testing.assert_array_equal(np.asarray(mask), fresh_mask)
   # The same parameters (same seed): only the mask differs. (The 2*sigmoid layer is RoIAlign: tests/test_nn.py.)
   np.testing.assert_allclose(np.asarray(outs['sigmoid']), 0.5 * np.asarray(outs['2sigmoid']), rtol=1e-15)

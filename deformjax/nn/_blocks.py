@@ -6,7 +6,7 @@ the same block here, so the two compute the same numbers by construction. The
 block owns what happens between the parameters and the op: the offset
 predictor's output split into offsets and mask, the dtype promotion, the
 padding mode, the softmaxes, and the call into `deformjax.ops` with the
-module's execution policy (`chunk_size`, `memory_budget`, `deterministic`).
+module's execution policy (`chunk_size`, `memory_budget`, `deterministic_gradients`).
 """
 
 from __future__ import annotations
@@ -35,11 +35,16 @@ def explicit_padding(padding: _args.PaddingLike) -> _args.PaddingLike:
 
 
 def check_deform_conv_args(name: str, in_features: int, out_features: int, feature_group_count: int,
-                           offset_groups: int, max_offset: float | None) -> None:
+                           offset_groups: int | None, max_offset: float | None, predict_offsets: bool) -> None:
   """Validates a DeformConv's widths, groups and `max_offset` by name (the NNX module when built, the Linen twin
-  when it first sees its input's width)."""
-  for arg, value in (('feature_group_count', feature_group_count), ('offset_groups', offset_groups)):
-    _args.positive_int(value, arg, name)
+  when it first sees its input's width). `offset_groups=None` (inferred per call) needs `predict_offsets=False`."""
+  _args.positive_int(feature_group_count, 'feature_group_count', name)
+  if offset_groups is None and predict_offsets:
+    raise ValueError(f'{name}: offset_groups=None (inferred from the offsets passed in) needs predict_offsets=False; '
+                     'a layer that predicts its offsets must know how many to predict')
+  if offset_groups is None:
+    offset_groups = 1  # the op infers the count from the offsets and checks it against the channels
+  _args.positive_int(offset_groups, 'offset_groups', name)
   if in_features % feature_group_count or out_features % feature_group_count:
     raise ValueError(f'{name}: in_features={in_features} and out_features={out_features} must be divisible by '
                      f'feature_group_count={feature_group_count}')
@@ -57,7 +62,7 @@ def deform_conv_block(inputs: jax.Array, offsets: jax.Array | None, mask: jax.Ar
                       offset_scale: float, max_offset: float | None, name: str, precision: Any = None,
                       preferred_element_type: Any = None, chunk_size: int | None = None,
                       memory_budget: int | None = None,
-                      deterministic: bool = False) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+                      deterministic_gradients: bool = False) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """`DeformConv`'s computation given its parameters (what the NNX module and its Linen twin share).
 
   Args:
@@ -70,7 +75,7 @@ def deform_conv_block(inputs: jax.Array, offsets: jax.Array | None, mask: jax.Ar
     promote: `(inputs, kernel, bias) -> (inputs, kernel, bias)` in the compute dtype (the module's
       `promote_dtype`).
     The keywords: the layer's geometry and prediction settings; `chunk_size`, `memory_budget`,
-    `deterministic` go to `deformjax.ops.deform_conv2d`.
+    `deterministic_gradients` go to `deformjax.ops.deform_conv2d`.
 
   Returns:
     `(y [..., Ho, Wo, F], offsets, mask)`, mask None when unmodulated and none was passed.
@@ -87,7 +92,7 @@ def deform_conv_block(inputs: jax.Array, offsets: jax.Array | None, mask: jax.Ar
   y = _common.deform_conv_any_batch(
       inputs, offsets, kernel, mask, bias, strides=strides, padding=padding, dilation=dilation, groups=groups,
       offset_groups=offset_groups, precision=precision, preferred_element_type=preferred_element_type,
-      chunk_size=chunk_size, memory_budget=memory_budget, deterministic=deterministic)
+      chunk_size=chunk_size, memory_budget=memory_budget, deterministic_gradients=deterministic_gradients)
   return y, offsets, mask
 
 
@@ -109,11 +114,11 @@ def dcnv3_block(inputs: jax.Array, input_proj: Layer, dw_conv: Layer, norm: Laye
                 center_feature_scale_proj: Layer | None, output_proj: Layer, *, kernel_size: int, groups: int,
                 padding: int, dilation: int, offset_scale: float, remove_center: bool, chunk_size: int | None = None,
                 memory_budget: int | None = None,
-                deterministic: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                deterministic_gradients: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """DCNv3's computation given its layers (what the NNX module and its Linen twin share).
 
   `inputs [..., H, W, C]` -> `(y [..., H, W, C], offsets [..., H, W, groups*K*2], mask [..., H, W, groups*K])`.
-  `chunk_size`, `memory_budget`, `deterministic` go to `deformjax.ops.dcnv3`.
+  `chunk_size`, `memory_budget`, `deterministic_gradients` go to `deformjax.ops.dcnv3`.
   """
   from deformjax.ops import dcnv3
 
@@ -125,7 +130,7 @@ def dcnv3_block(inputs: jax.Array, input_proj: Layer, dw_conv: Layer, norm: Laye
   weights = group_softmax(mask(h), groups)
   y = dcnv3(x, offsets.astype(x.dtype), weights.astype(x.dtype), kernel_size=kernel_size, padding=padding,
             dilation=dilation, groups=groups, offset_scale=offset_scale, remove_center=remove_center,
-            chunk_size=chunk_size, memory_budget=memory_budget, deterministic=deterministic)
+            chunk_size=chunk_size, memory_budget=memory_budget, deterministic_gradients=deterministic_gradients)
   if center_feature_scale_proj is not None:
     y = _common.blend_center(y, x, center_feature_scale_proj(h), groups)
   y = output_proj(y)
@@ -136,10 +141,10 @@ def dcnv3_block(inputs: jax.Array, input_proj: Layer, dw_conv: Layer, norm: Laye
 def dcnv4_block(inputs: jax.Array, value_proj: Layer | None, offset_mask_dw: Layer | None, offset_mask: Layer,
                 center_feature_scale_proj: Layer | None, output_proj: Layer | None, *, kernel_size: int, groups: int,
                 padding: int, dilation: int, offset_scale: float, remove_center: bool, chunk_size: int | None = None,
-                memory_budget: int | None = None, deterministic: bool = False) -> tuple[jax.Array, jax.Array]:
+                memory_budget: int | None = None, deterministic_gradients: bool = False) -> tuple[jax.Array, jax.Array]:
   """DCNv4's computation given its layers: `inputs [..., H, W, C]` -> `(y, offset_mask [..., H, W, ceil8(G*K*3)])`.
 
-  `chunk_size`, `memory_budget`, `deterministic` go to `deformjax.ops.dcnv4`.
+  `chunk_size`, `memory_budget`, `deterministic_gradients` go to `deformjax.ops.dcnv4`.
   """
   from deformjax.ops import dcnv4
 
@@ -149,12 +154,29 @@ def dcnv4_block(inputs: jax.Array, value_proj: Layer | None, offset_mask_dw: Lay
   packed = offset_mask(inputs if offset_mask_dw is None else offset_mask_dw(inputs))
   y = dcnv4(x, packed.astype(x.dtype), kernel_size=kernel_size, padding=padding, dilation=dilation, groups=groups,
             offset_scale=offset_scale, remove_center=remove_center, chunk_size=chunk_size, memory_budget=memory_budget,
-            deterministic=deterministic)
+            deterministic_gradients=deterministic_gradients)
   if center_feature_scale_proj is not None:
     y = _common.blend_center(y, x, center_feature_scale_proj(y), groups)  # the reference gates on the aggregated values
   if output_proj is not None:
     y = output_proj(y)
   return _common.unflatten_batch(y, batch), _common.unflatten_batch(packed, batch)
+
+
+def split_offset_mask(packed: jax.Array, groups: int, points: int) -> tuple[jax.Array, jax.Array]:
+  """DCNv4's packed `[..., ceil8(groups*points*3)]` -> `(offsets [..., groups*points*2], mask [..., groups*points])`,
+  in `deformjax.ops.dcnv3`'s layout (the padding channels dropped).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from deformjax.nn._blocks import split_offset_mask
+    >>> offsets, mask = split_offset_mask(jnp.arange(8.0)[None], groups=2, points=1)  # per group: x, y, mask
+    >>> offsets.tolist(), mask.tolist()
+    ([[0.0, 1.0, 3.0, 4.0]], [[2.0, 5.0]])
+  """
+  per_group = packed[..., :groups * points * 3].reshape(packed.shape[:-1] + (groups, points * 3))
+  lead = packed.shape[:-1]
+  return (per_group[..., :points * 2].reshape(lead + (groups * points * 2,)),
+          per_group[..., points * 2:].reshape(lead + (groups * points,)))
 
 
 def directional_bias_init(num_heads: int, num_levels: int,
@@ -188,13 +210,10 @@ def directional_bias_init(num_heads: int, num_levels: int,
   return init
 
 
-def check_spatial_shapes(spatial_shapes: Sequence[tuple[int, int]] | np.ndarray, num_levels: int,
+def check_spatial_shapes(spatial_shapes: Sequence[tuple[int, int]] | np.ndarray | jax.Array, num_levels: int,
                          name: str) -> tuple[tuple[int, int], ...]:
-  """A static sequence of `num_levels` positive `(H_l, W_l)` pairs (numpy arrays accepted; jax arrays refused, so
-  that a layer called under jit and outside it takes the same argument)."""
-  if not isinstance(spatial_shapes, (Sequence, np.ndarray)):
-    raise TypeError(f'{name}: spatial_shapes must be a static sequence of (H_l, W_l) pairs (Python ints), '
-                    f'got {type(spatial_shapes).__name__}')
+  """`num_levels` positive `(H_l, W_l)` pairs from a sequence or a concrete `[L, 2]` integer array (numpy, jax:
+  transformers' habit); a traced array is refused by name (`level_shapes`)."""
   shapes = level_shapes(spatial_shapes, name)
   if len(shapes) != num_levels:
     raise ValueError(f'{name}: spatial_shapes must have num_levels={num_levels} (H_l, W_l) pairs, got {len(shapes)}')
@@ -250,13 +269,13 @@ def ms_deform_attn_block(query: jax.Array, reference_points: jax.Array, inputs: 
                          output_proj: Callable[[jax.Array], jax.Array], *, num_heads: int, num_levels: int,
                          num_points: int, name: str = 'MSDeformAttn', chunk_size: int | None = None,
                          memory_budget: int | None = None,
-                         deterministic: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                         deterministic_gradients: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The layer's computation given its four projections (what `MSDeformAttn` and its Linen twin share).
 
   Shapes as `MSDeformAttn.__call__`; `value_proj` maps `d_model` to the value
   width (a multiple of `num_heads`), `output_proj` maps it back. Returns
   `(out [N, Lq, C], locations [N, Lq, M, L, P, 2], weights [N, Lq, M, L, P])`.
-  `chunk_size`, `memory_budget`, `deterministic` go to `deformjax.ops.ms_deform_attn`.
+  `chunk_size`, `memory_budget`, `deterministic_gradients` go to `deformjax.ops.ms_deform_attn`.
   """
   from deformjax.ops import ms_deform_attn
 
@@ -266,6 +285,10 @@ def ms_deform_attn_block(query: jax.Array, reference_points: jax.Array, inputs: 
     raise ValueError(f'{name}: query must have shape [N, Lq, d_model], got {tuple(query.shape)}')
   n, lq = query.shape[:2]
   total = sum(h * w for h, w in shapes)
+  if inputs.shape == (total, lq, c) != (n, total, c):
+    raise ValueError(f'{name}: query {tuple(query.shape)} and inputs {tuple(inputs.shape)} look sequence-first '
+                     "([Lq, N, C], [S, N, C]: mmcv's batch_first=False): deformjax is batch-first: pass "
+                     'query.transpose(1, 0, 2) and inputs.transpose(1, 0, 2)')
   if inputs.shape != (n, total, c):
     raise ValueError(f'{name}: inputs must have shape [N={n}, sum(H_l*W_l)={total}, d_model={c}], got '
                      f'{tuple(inputs.shape)}')
@@ -286,7 +309,7 @@ def ms_deform_attn_block(query: jax.Array, reference_points: jax.Array, inputs: 
   weights = weights.astype(value.dtype).reshape(n, lq, m, lv, p)
   locations = sampling_locations(reference_points.astype(offsets.dtype), offsets, shapes)
   out = output_proj(ms_deform_attn(value, shapes, locations.astype(value.dtype), weights, chunk_size=chunk_size,
-                                   memory_budget=memory_budget, deterministic=deterministic))
+                                   memory_budget=memory_budget, deterministic_gradients=deterministic_gradients))
   return out, locations, weights
 
 
@@ -345,4 +368,5 @@ def deform_roi_pool_block(features: jax.Array, rois: jax.Array, offset_hidden: S
 
 __all__ = ['ROI_MODULATIONS', 'bin_mask', 'check_deform_conv_args', 'check_layer_args', 'check_roi_pool_options',
            'check_spatial_shapes', 'dcnv3_block', 'dcnv4_block', 'deform_conv_block', 'deform_roi_pool_block',
-           'directional_bias_init', 'explicit_padding', 'group_softmax', 'ms_deform_attn_block', 'sampling_locations']
+           'directional_bias_init', 'explicit_padding', 'group_softmax', 'ms_deform_attn_block', 'sampling_locations',
+           'split_offset_mask']

@@ -68,40 +68,41 @@ def deform_conv_any_batch(inputs: jax.Array, offsets: jax.Array, kernel: jax.Arr
   return unflatten_batch(y, batch)
 
 
-def check_policy(chunk_size: int | None, memory_budget: int | None, deterministic: bool, name: str) -> None:
+def check_policy(chunk_size: int | None, memory_budget: int | None, deterministic_gradients: bool, name: str) -> None:
   """The ops' execution-policy keywords, refused by the layer's name when it is built (as the op would refuse them):
-  `chunk_size` / `memory_budget` positive ints or None (ValueError), `deterministic` a bool (TypeError)."""
-  _args.check_policy(chunk_size, memory_budget, deterministic, name)
+  `chunk_size` / `memory_budget` positive ints or None (ValueError), `deterministic_gradients` a bool (TypeError)."""
+  _args.check_policy(chunk_size, memory_budget, deterministic_gradients, name)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingPolicy:
-  """How an NNX sampling module runs its op: the ops' `chunk_size`, `memory_budget` and `deterministic` keywords.
+  """How an NNX sampling module runs its op: the ops' `chunk_size`, `memory_budget`, `deterministic_gradients`.
 
-  One static attribute (`module.policy`) rather than a `deterministic` attribute: `nnx.Module.train()` / `.eval()`
-  set every attribute of that name (dropout's flag), which would switch the gradient policy with the mode.
+  One static attribute (`module.policy`), and not named `deterministic`: `nnx.Module.train()` / `.eval()` set every
+  attribute of that name (dropout's flag), which would switch the gradient policy with the mode.
   """
 
   chunk_size: int | None = None
   memory_budget: int | None = None
-  deterministic: bool = False
+  deterministic_gradients: bool = False
 
   def as_kwargs(self) -> dict[str, Any]:
     """The op's keyword arguments."""
     return dataclasses.asdict(self)
 
 
-def sampling_policy(chunk_size: int | None, memory_budget: int | None, deterministic: bool, name: str
+def sampling_policy(chunk_size: int | None, memory_budget: int | None, deterministic_gradients: bool, name: str
                     ) -> SamplingPolicy:
   """`check_policy`, then the checked values as a `SamplingPolicy`."""
-  check_policy(chunk_size, memory_budget, deterministic, name)
-  return SamplingPolicy(chunk_size, memory_budget, deterministic)
+  check_policy(chunk_size, memory_budget, deterministic_gradients, name)
+  return SamplingPolicy(chunk_size, memory_budget, deterministic_gradients)
 
 
 def check_in_features(inputs: jax.Array, in_features: int, name: str, arg: str = 'in_features') -> None:
   """Refuses inputs that are not `[..., H, W, in_features]`, naming the layer and its argument `arg` for the width."""
   if inputs.ndim < 3 or inputs.shape[-1] != in_features:
-    raise ValueError(f'{name}: inputs must have shape [..., H, W, {arg}={in_features}], got {tuple(inputs.shape)}')
+    raise ValueError(f'{name}: inputs must have shape [..., H, W, {arg}={in_features}], got {tuple(inputs.shape)}'
+                     + _args.channels_last_hint(tuple(inputs.shape), in_features, 'inputs', name))
 
 
 def check_kernel_mask(mask: jax.Array | None, kernel_shape: tuple[int, ...], name: str) -> None:
@@ -117,9 +118,11 @@ def check_kernel_mask(mask: jax.Array | None, kernel_shape: tuple[int, ...], nam
 def check_modulation(mask: jax.Array | None, taps: int, kernel_shape: tuple[int, ...], name: str) -> None:
   """The call's `mask` is the DCNv2 modulation: `[..., Ho, Wo, taps]` (the op checks Ho and Wo)."""
   if mask is not None and (jnp.ndim(mask) < 3 or jnp.shape(mask)[-1] != taps):
+    shape = tuple(jnp.shape(mask))
+    hint = _args.channels_last_hint(shape, taps, 'mask', f'{name}.__call__')
     raise ValueError(
         f'{name}.__call__: mask (the DCNv2 modulation) must have shape [..., Ho, Wo, offset_groups*kh*kw={taps}], '
-        f"got {tuple(jnp.shape(mask))}; a kernel mask {tuple(kernel_shape)} belongs to the constructor's mask")
+        f'got {shape}' + (hint or f"; a kernel mask {tuple(kernel_shape)} belongs to the constructor's mask"))
 
 
 def conv_geometry(strides: Any, input_dilation: Any, kernel_dilation: Any, name: str

@@ -18,6 +18,7 @@ from flax.nnx.nn import initializers
 
 from deformjax.nn import _common
 from deformjax.nn._blocks import dcnv3_block
+from deformjax.nn.sampling import Sampling
 
 _zeros = initializers.zeros_init()
 
@@ -57,7 +58,7 @@ class DCNv3(nnx.Module):
     remove_center: drop the centre tap (odd kernels).
     layer_norm_epsilon: the offset branch's LayerNorm epsilon.
     dtype, param_dtype, precision: as `nnx.Linear`.
-    chunk_size, memory_budget, deterministic: the execution policy, passed to
+    chunk_size, memory_budget, deterministic_gradients: the execution policy, passed to
       `deformjax.ops.dcnv3`, as `DeformConv`'s to `deform_conv2d`.
     rngs: random number generators (keyword-only).
 
@@ -75,11 +76,11 @@ class DCNv3(nnx.Module):
                center_feature_scale: bool = False, remove_center: bool = False, layer_norm_epsilon: float = 1e-6,
                dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
                precision: jax.lax.PrecisionLike = None, chunk_size: int | None = None,
-               memory_budget: int | None = None, deterministic: bool = False, rngs: nnx.Rngs):
+               memory_budget: int | None = None, deterministic_gradients: bool = False, rngs: nnx.Rngs):
     name = type(self).__name__
     self.padding = _common.check_block_args(name, channels, kernel_size, groups, kernel_dilation, padding,
                                             remove_center, dw_kernel_size)
-    self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic, name)
+    self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic_gradients, name)
     self.channels, self.kernel_size, self.groups = channels, kernel_size, groups
     self.dw_kernel_size = kernel_size if dw_kernel_size is None else dw_kernel_size
     self.kernel_dilation, self.offset_scale = kernel_dilation, float(offset_scale)
@@ -96,17 +97,16 @@ class DCNv3(nnx.Module):
                                       if center_feature_scale else None)
     self.output_proj = _common.linear(channels, channels, **kw)
 
-  def __call__(self, inputs: jax.Array, *,
-               return_offsets: bool = False) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
-    """`inputs [..., H, W, C]` -> `[..., H, W, C]`; with `return_offsets`, also the
-    offsets `[..., H, W, groups*K*2]` and the (softmaxed) mask `[..., H, W, groups*K]` used."""
+  def __call__(self, inputs: jax.Array, *, return_sampling: bool = False) -> jax.Array | tuple[jax.Array, Sampling]:
+    """`inputs [..., H, W, C]` -> `[..., H, W, C]`; with `return_sampling`, `(y, Sampling(offsets, mask))`:
+    the offsets `[..., H, W, groups*K*2]` and the (softmaxed) mask `[..., H, W, groups*K]` used."""
     _common.check_in_features(inputs, self.channels, type(self).__name__, 'channels')
     y, offsets, mask = dcnv3_block(
         inputs, self.input_proj, self.dw_conv, self.norm, self.offset, self.mask, self.center_feature_scale_proj,
         self.output_proj, kernel_size=self.kernel_size, groups=self.groups, padding=self.padding,
         dilation=self.kernel_dilation, offset_scale=self.offset_scale, remove_center=self.remove_center,
         **self.policy.as_kwargs())
-    return (y, offsets, mask) if return_offsets else y
+    return (y, Sampling(offsets, mask)) if return_sampling else y
 
 
 __all__ = ['DCNv3']

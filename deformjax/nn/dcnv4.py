@@ -15,7 +15,8 @@ from flax import nnx
 from flax.nnx.nn import initializers
 
 from deformjax.nn import _common
-from deformjax.nn._blocks import dcnv4_block
+from deformjax.nn._blocks import dcnv4_block, split_offset_mask
+from deformjax.nn.sampling import Sampling
 from deformjax.ops import offset_mask_channels
 
 _zeros = initializers.zeros_init()
@@ -54,7 +55,7 @@ class DCNv4(nnx.Module):
     output_bias: `output_proj` has a bias.
     without_pointwise: no `value_proj` / `output_proj`.
     dtype, param_dtype, precision: as `nnx.Linear`.
-    chunk_size, memory_budget, deterministic: the execution policy, passed to
+    chunk_size, memory_budget, deterministic_gradients: the execution policy, passed to
       `deformjax.ops.dcnv4`, as `DeformConv`'s to `deform_conv2d`.
     rngs: random number generators (keyword-only).
 
@@ -74,11 +75,11 @@ class DCNv4(nnx.Module):
                center_feature_scale: bool = False, remove_center: bool = False, output_bias: bool = True,
                without_pointwise: bool = False, dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
                precision: jax.lax.PrecisionLike = None, chunk_size: int | None = None,
-               memory_budget: int | None = None, deterministic: bool = False, rngs: nnx.Rngs):
+               memory_budget: int | None = None, deterministic_gradients: bool = False, rngs: nnx.Rngs):
     name = type(self).__name__
     self.padding = _common.check_block_args(name, channels, kernel_size, groups, kernel_dilation, padding,
                                             remove_center, dw_kernel_size)
-    self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic, name)
+    self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic_gradients, name)
     self.channels, self.kernel_size, self.groups = channels, kernel_size, groups
     self.dw_kernel_size = dw_kernel_size
     self.kernel_dilation, self.offset_scale = kernel_dilation, float(offset_scale)
@@ -95,16 +96,19 @@ class DCNv4(nnx.Module):
     self.output_proj = (None if without_pointwise else
                         _common.linear(channels, channels, use_bias=output_bias, **kw))
 
-  def __call__(self, inputs: jax.Array, *, return_offsets: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """`inputs [..., H, W, C]` -> `[..., H, W, C]`; with `return_offsets`, also the packed
-    `offset_mask [..., H, W, ceil8(groups*K*3)]` used."""
+  def __call__(self, inputs: jax.Array, *, return_sampling: bool = False) -> jax.Array | tuple[jax.Array, Sampling]:
+    """`inputs [..., H, W, C]` -> `[..., H, W, C]`; with `return_sampling`, `(y, Sampling(offsets, mask))`: the
+    offsets `[..., H, W, groups*K*2]` and mask `[..., H, W, groups*K]` split out of the packed offset_mask used."""
     _common.check_in_features(inputs, self.channels, type(self).__name__, 'channels')
     y, offset_mask = dcnv4_block(
         inputs, self.value_proj, self.offset_mask_dw, self.offset_mask, self.center_feature_scale_proj,
         self.output_proj, kernel_size=self.kernel_size, groups=self.groups, padding=self.padding,
         dilation=self.kernel_dilation, offset_scale=self.offset_scale, remove_center=self.remove_center,
         **self.policy.as_kwargs())
-    return (y, offset_mask) if return_offsets else y
+    if not return_sampling:
+      return y
+    return y, Sampling(*split_offset_mask(offset_mask, self.groups, _common.num_taps(self.kernel_size,
+                                                                                     self.remove_center)))
 
 
 __all__ = ['DCNv4']

@@ -13,6 +13,7 @@ from flax.nnx.nn import dtypes, initializers
 from flax.typing import ConvGeneralDilatedT, Dtype, Initializer, PrecisionLike, PromoteDtypeFn
 
 from deformjax.nn import _blocks, _common
+from deformjax.nn.sampling import Sampling
 from deformjax.ops import _args
 
 _default_kernel_init = initializers.lecun_normal()  # nnx.Conv's
@@ -75,7 +76,9 @@ class DeformConv(nnx.Module):
     mask: the kernel mask, as `nnx.Conv`'s: None or an array of the kernel's
       shape `[kh, kw, in_features // feature_group_count, out_features]`
       multiplying the kernel. Not the DCNv2 modulation (see `__call__`).
-    offset_groups: channel groups with their own offset field.
+    offset_groups: channel groups with their own offset field. None (with
+      `predict_offsets=False`) infers it from the offsets of each call, as
+      torchvision's `DeformConv2d` does.
     modulated: predict a DCNv2 modulation mask.
     offset_scale: multiplies the predicted offsets (a smaller value slows offset
       learning relative to the kernel).
@@ -83,12 +86,12 @@ class DeformConv(nnx.Module):
       `max_offset * tanh(offset / max_offset)` pixels.
     predict_offsets: build the offset predictor.
     sow_offsets: also `sow` offsets and mask as `nnx.Intermediate` (`offsets`,
-      `mask`) on every call, for visualisation of a whole model:
+      `mask`: the fields of `Sampling`) on every call, for visualisation of a whole model:
       `y, sown = nnx.capture(model, nnx.Intermediate)(x)`.
     chunk_size, memory_budget: passed to `deform_conv2d` (pixels per pass, and
       bytes of sampled columns one pass may hold on GPU/TPU; None: the
       execution policy of the platform the model is lowered for).
-    deterministic: bit-identical gradients run to run on GPU/TPU (a sorted
+    deterministic_gradients: bit-identical gradients run to run on GPU/TPU (a sorted
       segment sum instead of atomics; reverse-mode autodiff only), see
       `deform_conv2d`.
     rngs: random number generators (keyword-only).
@@ -98,8 +101,8 @@ class DeformConv(nnx.Module):
     >>> from flax import nnx
     >>> from deformjax.nn import DeformConv
     >>> layer = DeformConv(3, 8, 3, rngs=nnx.Rngs(0))
-    >>> y, offsets, mask = layer(jnp.ones((2, 16, 16, 3), jnp.float32), return_offsets=True)
-    >>> y.shape, offsets.shape, mask.shape
+    >>> y, sampling = layer(jnp.ones((2, 16, 16, 3), jnp.float32), return_sampling=True)
+    >>> y.shape, sampling.offsets.shape, sampling.mask.shape
     ((2, 16, 16, 8), (2, 16, 16, 18), (2, 16, 16, 9))
   """
 
@@ -127,7 +130,7 @@ class DeformConv(nnx.Module):
       rngs: nnx.Rngs,
       kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-      offset_groups: int = 1,
+      offset_groups: int | None = 1,
       modulated: bool = True,
       offset_scale: float = 1.0,
       max_offset: float | None = None,
@@ -135,13 +138,14 @@ class DeformConv(nnx.Module):
       sow_offsets: bool = False,
       chunk_size: int | None = None,
       memory_budget: int | None = None,
-      deterministic: bool = False,
+      deterministic_gradients: bool = False,
   ) -> None:
     name = type(self).__name__
     kh, kw = _args.positive_pair(kernel_size, 'kernel_size', name)
     strides, kernel_dilation = _common.conv_geometry(strides, input_dilation, kernel_dilation, name)
-    _blocks.check_deform_conv_args(name, in_features, out_features, feature_group_count, offset_groups, max_offset)
-    self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic, name)
+    _blocks.check_deform_conv_args(name, in_features, out_features, feature_group_count, offset_groups, max_offset,
+                                   predict_offsets)
+    self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic_gradients, name)
     kernel_shape = (kh, kw, in_features // feature_group_count, out_features)
     _common.check_kernel_mask(mask, kernel_shape, name)
     self.in_features = in_features
@@ -190,8 +194,8 @@ class DeformConv(nnx.Module):
       offsets: jax.Array | None = None,
       mask: jax.Array | None = None,
       *,
-      return_offsets: bool = False,
-  ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array | None]:
+      return_sampling: bool = False,
+  ) -> jax.Array | tuple[jax.Array, Sampling]:
     """Applies the deformable conv.
 
     Args:
@@ -203,16 +207,17 @@ class DeformConv(nnx.Module):
         pixel and tap. None uses the predicted modulation when the predictor
         runs and `modulated`, else 1. (Not the kernel mask: that is the
         constructor's `mask`.)
-      return_offsets: also return the offsets and modulation used.
+      return_sampling: also return the offsets and modulation used.
 
     Returns:
-      `[..., Ho, Wo, out_features]`, or `(y, offsets, mask)` with
-      `return_offsets` (mask None when unmodulated and none was passed).
+      `[..., Ho, Wo, out_features]`, or `(y, Sampling(offsets, mask))` with
+      `return_sampling` (mask None when unmodulated and none was passed).
     """
     name = type(self).__name__
     _common.check_in_features(inputs, self.in_features, name)
-    taps = self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
-    _common.check_modulation(mask, taps, self.kernel_shape, name)
+    if self.offset_groups is not None:  # else the op infers it from the offsets, and checks the mask
+      taps = self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
+      _common.check_modulation(mask, taps, self.kernel_shape, name)
     _common.check_geometry(inputs, self.kernel_size, self.strides, self.padding, self.kernel_dilation, name)
     kernel = self.kernel[...] if self.mask is None else self.kernel[...] * self.mask
     y, offsets, mask = _blocks.deform_conv_block(
@@ -226,7 +231,7 @@ class DeformConv(nnx.Module):
       self.sow(nnx.Intermediate, 'offsets', offsets)
       if mask is not None:
         self.sow(nnx.Intermediate, 'mask', mask)
-    return (y, offsets, mask) if return_offsets else y
+    return (y, Sampling(offsets, mask)) if return_sampling else y
 
 
 __all__ = ['DeformConv']

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from deformjax.nn import _blocks, _common
+from deformjax.nn.sampling import AttentionSampling, Sampling
 from deformjax.ops import _args, offset_mask_channels
 
 
@@ -66,7 +67,7 @@ class DeformConv(nn.Module):
   bias_init: Any = nn.initializers.zeros_init()
   promote_dtype: Any = nn.dtypes.promote_dtype
   conv_general_dilated: Any = None
-  offset_groups: int = 1
+  offset_groups: int | None = 1
   modulated: bool = True
   offset_scale: float = 1.0
   max_offset: float | None = None
@@ -74,22 +75,25 @@ class DeformConv(nn.Module):
   sow_offsets: bool = False
   chunk_size: int | None = None
   memory_budget: int | None = None
-  deterministic: bool = False
+  deterministic_gradients: bool = False
 
   @nn.compact
-  def __call__(self, inputs, offsets=None, mask=None, *, return_offsets: bool = False):
+  def __call__(self, inputs, offsets=None, mask=None, *, return_sampling: bool = False):
+    """As `deformjax.nn.DeformConv.__call__`: `y`, or `(y, Sampling(offsets, mask))` with `return_sampling`."""
     name = 'DeformConv'
     kh, kw = _args.positive_pair(self.kernel_size, 'kernel_size', name)
     strides, dilation = _common.conv_geometry(self.strides, self.input_dilation, self.kernel_dilation, name)
     _common.check_padding(self.padding, name)
-    _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, name)
+    _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic_gradients, name)
     _common.check_geometry(inputs, (kh, kw), strides, self.padding, dilation, name)
     in_features, groups = inputs.shape[-1], self.feature_group_count
-    _blocks.check_deform_conv_args(name, in_features, self.features, groups, self.offset_groups, self.max_offset)
+    _blocks.check_deform_conv_args(name, in_features, self.features, groups, self.offset_groups, self.max_offset,
+                                   self.predict_offsets)
     kernel_shape = (kh, kw, in_features // groups, self.features)
     kernel = self.param('kernel', self.kernel_init, kernel_shape, self.param_dtype)
     _common.check_kernel_mask(self.mask, kernel_shape, name)
-    _common.check_modulation(mask, kh * kw * self.offset_groups, kernel_shape, name)
+    if self.offset_groups is not None:
+      _common.check_modulation(mask, kh * kw * self.offset_groups, kernel_shape, name)
     if self.mask is not None:
       kernel = kernel * self.mask
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
@@ -108,12 +112,12 @@ class DeformConv(nn.Module):
         padding=self.padding, dilation=dilation, groups=groups, offset_groups=self.offset_groups,
         modulated=self.modulated, offset_scale=self.offset_scale, max_offset=self.max_offset, name=name,
         precision=self.precision, chunk_size=self.chunk_size, memory_budget=self.memory_budget,
-        deterministic=self.deterministic)
+        deterministic_gradients=self.deterministic_gradients)
     if self.sow_offsets:
       self.sow('intermediates', 'offsets', offsets)
       if mask is not None:
         self.sow('intermediates', 'mask', mask)
-    return (y, offsets, mask) if return_offsets else y
+    return (y, Sampling(offsets, mask)) if return_sampling else y
 
 
 class DeformRoIPool(nn.Module):
@@ -148,13 +152,14 @@ class DeformRoIPool(nn.Module):
   precision: Any = None
   chunk_size: int | None = None
   memory_budget: int | None = None
-  deterministic: bool = False
+  deterministic_gradients: bool = False
 
   @nn.compact
-  def __call__(self, features, rois, *, return_offsets: bool = False):
+  def __call__(self, features, rois, *, return_sampling: bool = False):
+    """As `deformjax.nn.DeformRoIPool.__call__`."""
     oh, ow = _args.positive_pair(self.output_size, 'output_size', 'DeformRoIPool')
     _blocks.check_roi_pool_options(self.aligned, self.modulated, self.modulation, 'DeformRoIPool')
-    _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, 'DeformRoIPool')
+    _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic_gradients, 'DeformRoIPool')
     dense = lambda n, name, zero=False: nn.Dense(
         n, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name=name,
         **(dict(kernel_init=nn.initializers.zeros_init()) if zero else {}))
@@ -165,8 +170,8 @@ class DeformRoIPool(nn.Module):
         dense(oh * ow, 'mask_out', zero=True) if self.modulated else None, output_size=(oh, ow), gamma=self.gamma,
         modulation=self.modulation, spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
         aligned=self.aligned, max_sampling_grid=self.max_sampling_grid, chunk_size=self.chunk_size,
-        memory_budget=self.memory_budget, deterministic=self.deterministic)
-    return (out, offsets, mask) if return_offsets else out
+        memory_budget=self.memory_budget, deterministic_gradients=self.deterministic_gradients)
+    return (out, Sampling(offsets, mask)) if return_sampling else out
 
 
 def _dense(features: int, name: str, *, zero: bool = False, use_bias: bool = True, bias_init=None, dtype,
@@ -219,18 +224,18 @@ class DCNv3(nn.Module):
   precision: Any = None
   chunk_size: int | None = None
   memory_budget: int | None = None
-  deterministic: bool = False
+  deterministic_gradients: bool = False
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, *, return_offsets: bool = False):
-    """`inputs [..., H, W, C]` -> `[..., H, W, C]` (and offsets, mask with `return_offsets`)."""
+  def __call__(self, inputs: jax.Array, *, return_sampling: bool = False):
+    """`inputs [..., H, W, C]` -> `[..., H, W, C]`, or `(y, Sampling(offsets, mask))` with `return_sampling`."""
     name = 'DCNv3'
     if inputs.ndim < 3:
       raise ValueError(f'{name}: inputs must have shape [..., H, W, channels], got {tuple(inputs.shape)}')
     c = inputs.shape[-1]
     padding = _common.check_block_args(name, c, self.kernel_size, self.groups, self.kernel_dilation, self.padding,
                                        self.remove_center, self.dw_kernel_size)
-    _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, name)
+    _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic_gradients, name)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
     taps = self.groups * _common.num_taps(self.kernel_size, self.remove_center)
     y, offsets, mask = _blocks.dcnv3_block(
@@ -240,8 +245,9 @@ class DCNv3(nn.Module):
         _dense(self.groups, 'center_feature_scale_proj', zero=True, **kw) if self.center_feature_scale else None,
         _dense(c, 'output_proj', **kw), kernel_size=self.kernel_size, groups=self.groups, padding=padding,
         dilation=self.kernel_dilation, offset_scale=self.offset_scale, remove_center=self.remove_center,
-        chunk_size=self.chunk_size, memory_budget=self.memory_budget, deterministic=self.deterministic)
-    return (y, offsets, mask) if return_offsets else y
+        chunk_size=self.chunk_size, memory_budget=self.memory_budget,
+        deterministic_gradients=self.deterministic_gradients)
+    return (y, Sampling(offsets, mask)) if return_sampling else y
 
 
 class DCNv4(nn.Module):
@@ -277,18 +283,19 @@ class DCNv4(nn.Module):
   precision: Any = None
   chunk_size: int | None = None
   memory_budget: int | None = None
-  deterministic: bool = False
+  deterministic_gradients: bool = False
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, *, return_offsets: bool = False):
-    """`inputs [..., H, W, C]` -> `[..., H, W, C]` (and the packed offset_mask with `return_offsets`)."""
+  def __call__(self, inputs: jax.Array, *, return_sampling: bool = False):
+    """`inputs [..., H, W, C]` -> `[..., H, W, C]`, or `(y, Sampling(offsets, mask))` with `return_sampling` (split
+    out of the packed offset_mask, as `deformjax.nn.DCNv4`)."""
     name = 'DCNv4'
     if inputs.ndim < 3:
       raise ValueError(f'{name}: inputs must have shape [..., H, W, channels], got {tuple(inputs.shape)}')
     c = inputs.shape[-1]
     padding = _common.check_block_args(name, c, self.kernel_size, self.groups, self.kernel_dilation, self.padding,
                                        self.remove_center, self.dw_kernel_size)
-    _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, name)
+    _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic_gradients, name)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
     packed = offset_mask_channels(self.groups, _common.num_taps(self.kernel_size, self.remove_center))
     pointwise = not self.without_pointwise
@@ -300,8 +307,11 @@ class DCNv4(nn.Module):
         _dense(c, 'output_proj', use_bias=self.output_bias, **kw) if pointwise else None,
         kernel_size=self.kernel_size, groups=self.groups, padding=padding, dilation=self.kernel_dilation,
         offset_scale=self.offset_scale, remove_center=self.remove_center, chunk_size=self.chunk_size,
-        memory_budget=self.memory_budget, deterministic=self.deterministic)
-    return (y, offset_mask) if return_offsets else y
+        memory_budget=self.memory_budget, deterministic_gradients=self.deterministic_gradients)
+    if not return_sampling:
+      return y
+    points = _common.num_taps(self.kernel_size, self.remove_center)
+    return y, Sampling(*_blocks.split_offset_mask(offset_mask, self.groups, points))
 
 
 class MSDeformAttn(nn.Module):
@@ -334,7 +344,7 @@ class MSDeformAttn(nn.Module):
   precision: Any = None
   chunk_size: int | None = None
   memory_budget: int | None = None
-  deterministic: bool = False
+  deterministic_gradients: bool = False
 
   @nn.compact
   def __call__(self, query: jax.Array, reference_points: jax.Array, inputs: jax.Array,
@@ -344,7 +354,7 @@ class MSDeformAttn(nn.Module):
     name = 'MSDeformAttn'
     value_features = _blocks.check_layer_args(name, self.d_model, self.num_heads, self.num_levels, self.num_points,
                                             self.value_features)
-    _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic, name)
+    _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic_gradients, name)
     if query.ndim != 3 or query.shape[-1] != self.d_model:
       raise ValueError(f'{name}: query must have shape [N, Lq, d_model={self.d_model}], got {tuple(query.shape)}')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
@@ -355,8 +365,9 @@ class MSDeformAttn(nn.Module):
         _dense(samples * 2, 'sampling_offsets', zero=True, bias_init=bias, **kw),
         _dense(samples, 'attention_weights', zero=True, **kw), _dense(self.d_model, 'output_proj', **kw),
         num_heads=self.num_heads, num_levels=self.num_levels, num_points=self.num_points, name=name,
-        chunk_size=self.chunk_size, memory_budget=self.memory_budget, deterministic=self.deterministic)
-    return (out, locations, weights) if return_sampling else out
+        chunk_size=self.chunk_size, memory_budget=self.memory_budget,
+        deterministic_gradients=self.deterministic_gradients)
+    return (out, AttentionSampling(locations, weights)) if return_sampling else out
 
 
 __all__ = ['DCNv3', 'DCNv4', 'DeformConv', 'DeformRoIPool', 'MSDeformAttn']

@@ -19,6 +19,7 @@ from flax.nnx.nn import initializers
 
 from deformjax.nn import _common
 from deformjax.nn._blocks import check_layer_args, directional_bias_init, ms_deform_attn_block
+from deformjax.nn.sampling import AttentionSampling
 
 
 class MSDeformAttn(nnx.Module):
@@ -47,7 +48,7 @@ class MSDeformAttn(nnx.Module):
       `num_heads`); default `d_model`. mmcv's `value_proj_ratio` is
       `value_features = int(d_model * value_proj_ratio)`.
     dtype, param_dtype, precision: as `nnx.Linear`.
-    chunk_size, memory_budget, deterministic: the execution policy, passed to
+    chunk_size, memory_budget, deterministic_gradients: the execution policy, passed to
       `deformjax.ops.ms_deform_attn` (chunks over the `N * Lq` queries), as
       `DeformConv`'s to `deform_conv2d`.
     rngs: random number generators (keyword-only).
@@ -67,10 +68,10 @@ class MSDeformAttn(nnx.Module):
   def __init__(self, d_model: int, num_heads: int = 8, num_levels: int = 4, num_points: int = 4, *,
                value_features: int | None = None, dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
                precision: jax.lax.PrecisionLike = None, chunk_size: int | None = None,
-               memory_budget: int | None = None, deterministic: bool = False, rngs: nnx.Rngs):
+               memory_budget: int | None = None, deterministic_gradients: bool = False, rngs: nnx.Rngs):
     name = type(self).__name__
     value_features = check_layer_args(name, d_model, num_heads, num_levels, num_points, value_features)
-    self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic, name)
+    self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic_gradients, name)
     self.d_model, self.num_heads, self.num_levels, self.num_points = d_model, num_heads, num_levels, num_points
     self.value_features = value_features
     self.dtype = dtype
@@ -84,8 +85,8 @@ class MSDeformAttn(nnx.Module):
     self.output_proj = nnx.Linear(value_features, d_model, kernel_init=xavier, bias_init=zeros, **kw)
 
   def __call__(self, query: jax.Array, reference_points: jax.Array, inputs: jax.Array,
-               spatial_shapes: Sequence[tuple[int, int]], padding_mask: jax.Array | None = None, *,
-               return_sampling: bool = False) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+               spatial_shapes: Sequence[tuple[int, int]] | jax.Array, padding_mask: jax.Array | None = None, *,
+               return_sampling: bool = False) -> jax.Array | tuple[jax.Array, AttentionSampling]:
     """Attends from `query [N, Lq, C]` to `inputs [N, sum(H_l*W_l), C]`.
 
     Args:
@@ -93,14 +94,15 @@ class MSDeformAttn(nnx.Module):
       reference_points: `[N, Lq, num_levels, 2]` (x, y) in [0, 1], or
         `[N, Lq, num_levels, 4]` boxes (cx, cy, w, h).
       inputs: `[N, S, d_model]`, the levels' pixels concatenated row-major, `S = sum(H_l * W_l)`.
-      spatial_shapes: static sequence of `num_levels` `(H_l, W_l)`.
+      spatial_shapes: `num_levels` `(H_l, W_l)` pairs: a sequence, or a concrete `[L, 2]` integer array (numpy or
+        jax, as transformers passes it); static either way.
       padding_mask: optional bool `[N, S]`, True where `inputs` is padding (mmcv's
         `key_padding_mask`; transformers' `attention_mask` is its negation).
-      return_sampling: also return the sampling locations `[N, Lq, M, L, P, 2]`
-        and attention weights `[N, Lq, M, L, P]`.
+      return_sampling: also return where the layer sampled.
 
     Returns:
-      `[N, Lq, d_model]`, or `(out, locations, weights)` with `return_sampling`.
+      `[N, Lq, d_model]`, or `(out, AttentionSampling(locations, weights))` with
+      `return_sampling`: locations `[N, Lq, M, L, P, 2]`, weights `[N, Lq, M, L, P]`.
     """
     if query.ndim != 3 or query.shape[-1] != self.d_model:
       raise ValueError(f'{type(self).__name__}: query must have shape [N, Lq, d_model={self.d_model}], got '
@@ -110,7 +112,7 @@ class MSDeformAttn(nnx.Module):
         self.attention_weights, self.output_proj, num_heads=self.num_heads, num_levels=self.num_levels,
         num_points=self.num_points, name=type(self).__name__,
         **self.policy.as_kwargs())
-    return (out, locations, weights) if return_sampling else out
+    return (out, AttentionSampling(locations, weights)) if return_sampling else out
 
 
 __all__ = ['MSDeformAttn']

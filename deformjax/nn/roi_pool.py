@@ -11,6 +11,7 @@ from flax.nnx.nn import initializers
 from flax.typing import Dtype, PrecisionLike
 
 from deformjax.nn import _blocks, _common
+from deformjax.nn.sampling import Sampling
 from deformjax.ops import _args
 
 
@@ -40,7 +41,7 @@ class DeformRoIPool(nnx.Module):
     modulation: the mask's activation when `modulated`: `'2sigmoid'`
       (default) or `'sigmoid'` (mmcv's; the mask ranges over (0, 1)).
     dtype, param_dtype, precision: as `nnx.Linear`.
-    chunk_size, memory_budget, deterministic: the execution policy, passed to
+    chunk_size, memory_budget, deterministic_gradients: the execution policy, passed to
       `deformjax.ops.roi_align` and `deform_roi_pool` (chunks over the
       `R * out_h * out_w` bins), as `DeformConv`'s to `deform_conv2d`.
     rngs: random number generators (keyword-only).
@@ -74,12 +75,12 @@ class DeformRoIPool(nnx.Module):
       precision: PrecisionLike = None,
       chunk_size: int | None = None,
       memory_budget: int | None = None,
-      deterministic: bool = False,
+      deterministic_gradients: bool = False,
       rngs: nnx.Rngs,
   ) -> None:
     oh, ow = _args.positive_pair(output_size, 'output_size', type(self).__name__)
     _blocks.check_roi_pool_options(aligned, modulated, modulation, type(self).__name__)
-    self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic, type(self).__name__)
+    self.policy = _common.sampling_policy(chunk_size, memory_budget, deterministic_gradients, type(self).__name__)
     self.in_features = in_features
     self.output_size = (oh, ow)
     self.spatial_scale = spatial_scale
@@ -101,12 +102,12 @@ class DeformRoIPool(nnx.Module):
       self.mask_hidden = linear(flat, widths[1]) if hidden_features else None
       self.mask_out = linear(widths[1] if hidden_features else flat, oh * ow, zero=True)
 
-  def __call__(self, features: jax.Array, rois: jax.Array, *, return_offsets: bool = False
-               ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array | None]:
+  def __call__(self, features: jax.Array, rois: jax.Array, *, return_sampling: bool = False
+               ) -> jax.Array | tuple[jax.Array, Sampling]:
     """Pools `rois` (`[R, 5]`, (batch_index, x1, y1, x2, y2)) from `features` (`[N, H, W, C]`).
 
-    Returns `[R, out_h, out_w, C]`, or `(pooled, offsets [R, out_h, out_w, 2],
-    mask [R, out_h, out_w, 1] or None)` with `return_offsets`.
+    Returns `[R, out_h, out_w, C]`, or `(pooled, Sampling(offsets [R, out_h, out_w, 2],
+    mask [R, out_h, out_w, 1] or None))` with `return_sampling`.
     """
     _common.check_in_features(features, self.in_features, type(self).__name__)
     pooled, offsets, mask = _blocks.deform_roi_pool_block(
@@ -114,6 +115,6 @@ class DeformRoIPool(nnx.Module):
         self.mask_out if self.modulated else None, output_size=self.output_size, gamma=self.gamma,
         modulation=self.modulation, spatial_scale=self.spatial_scale, sampling_ratio=self.sampling_ratio,
         aligned=self.aligned, max_sampling_grid=self.max_sampling_grid, **self.policy.as_kwargs())
-    return (pooled, offsets, mask) if return_offsets else pooled
+    return (pooled, Sampling(offsets, mask)) if return_sampling else pooled
 
 __all__ = ['DeformRoIPool']

@@ -6,7 +6,8 @@ message that names the argument before XLA ever sees it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -185,7 +186,7 @@ def as_array(x, name: str, fn: str):
   NumPy inputs must not reach the ops' `.at[...]` gathers outside jit, and a
   list must not be echoed whole into an error message.
   """
-  if x is None or isinstance(x, jax.Array):
+  if x is None or isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
     return x
   try:
     return jnp.asarray(x)
@@ -194,19 +195,74 @@ def as_array(x, name: str, fn: str):
                     f'{str(e).splitlines()[0][:200]}') from None
 
 
+# PyTorch's layout of an array deformjax takes channels-last: (its name, deformjax's, the transpose from one to the
+# other). Kernels: OIHW [C_out, C_in/groups, kh, kw] -> HWIO [kh, kw, C_in/groups, C_out].
+TORCH_LAYOUTS = {'NCHW': ('NCHW', 'NHWC', (0, 2, 3, 1)), 'OIHW': ('OIHW', 'HWIO', (2, 3, 1, 0))}
+
+
+def layout_hint(check: Callable[..., Any], layouts: dict[str, str], fn: str, arrays: dict[str, Any]) -> str | None:
+  """Why `check(**arrays)` failed, when the reason is PyTorch's layout: the message, else None.
+
+  Tries the arrays named in `layouts` (name -> 'NCHW' or 'OIHW') transposed to deformjax's layout, fewest first,
+  on their shapes alone; when a set of them passes `check`, says which arrays look PyTorch-laid-out, the layout
+  deformjax expects and the transpose that gives it.
+
+  >>> def check(x):
+  ...   if x.shape[-1] != 3: raise ValueError('x must have 3 channels')
+  >>> layout_hint(check, {'x': 'NCHW'}, 'doc', {'x': np.zeros((1, 3, 8, 8))})
+  'doc: x (shape (1, 3, 8, 8)) looks NCHW (PyTorch): deformjax is NHWC: pass x.transpose(0, 2, 3, 1)'
+  """
+  shapes = {k: None if v is None else jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v))
+            for k, v in arrays.items()}
+  names = [k for k in layouts if shapes.get(k) is not None and len(shapes[k].shape) == 4]
+  for count in range(1, len(names) + 1):
+    for chosen in itertools.combinations(names, count):
+      trial = dict(shapes)
+      for k in chosen:
+        trial[k] = jax.ShapeDtypeStruct(tuple(np.take(shapes[k].shape, TORCH_LAYOUTS[layouts[k]][2])),
+                                        shapes[k].dtype)
+      try:
+        check(**trial)
+      except (ValueError, TypeError):
+        continue
+      return f'{fn}: ' + '; '.join(
+          f'{k} (shape {shapes[k].shape}) looks {TORCH_LAYOUTS[layouts[k]][0]} (PyTorch): deformjax is '
+          f'{TORCH_LAYOUTS[layouts[k]][1]}: pass {k}.transpose{TORCH_LAYOUTS[layouts[k]][2]}' for k in chosen)
+  return None
+
+
+def checked(check: Callable[..., Any], layouts: dict[str, str], fn: str, arrays: dict[str, Any]) -> Any:
+  """`check(**arrays)`; when it refuses them and `layout_hint` finds PyTorch's layout the cause, that hint instead."""
+  try:
+    return check(**arrays)
+  except ValueError:
+    hint = layout_hint(check, layouts, fn, arrays)
+    if hint is None:
+      raise
+  raise ValueError(hint)
+
+
+def channels_last_hint(shape: tuple[int, ...], channels: int, name: str, fn: str) -> str:
+  """`' ...'` naming the transpose when `shape` ([..., C, H, W]) carries `channels` where NHWC puts H, else ''."""
+  if len(shape) >= 3 and shape[-3] == channels and shape[-1] != channels:
+    perm = tuple(range(len(shape) - 3)) + tuple(len(shape) + i for i in (-2, -1, -3))
+    return f'; {name} looks NCHW (PyTorch): deformjax is NHWC: pass {name}.transpose{perm}'
+  return ''
+
+
 def check_floating(x, name: str, fn: str) -> None:
   """TypeError naming `name` and its dtype unless `x` is a floating-point array."""
   if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
     raise TypeError(f'{fn}: {name} must be a floating-point array, got dtype {jnp.result_type(x)}')
 
 
-def check_policy(chunk_size: int | None, memory_budget: int | None, deterministic: bool, fn: str) -> None:
+def check_policy(chunk_size: int | None, memory_budget: int | None, deterministic_gradients: bool, fn: str) -> None:
   """The execution-policy keywords every sampling op shares, refused by name: `chunk_size` / `memory_budget`
-  positive ints or None (ValueError), `deterministic` a bool (TypeError)."""
+  positive ints or None (ValueError), `deterministic_gradients` a bool (TypeError)."""
   for name, value in (('chunk_size', chunk_size), ('memory_budget', memory_budget)):
     if value is not None and (not is_int(value) or value < 1):
       raise ValueError(f'{fn}: {name} must be a positive int or None, got {value!r}')
-  check_bool(deterministic, 'deterministic', fn)
+  check_bool(deterministic_gradients, 'deterministic_gradients', fn)
 
 
 def promote(*dtypes) -> np.dtype:
@@ -241,6 +297,7 @@ def index_dtype(size: int, fn: str) -> np.dtype:
   return np.dtype(np.int64)
 
 
-__all__ = ['ConvWindow', 'PaddingLike', 'as_array', 'check_bool', 'check_floating', 'check_policy', 'check_rank',
-           'check_shape', 'conv_window', 'coordinate_dtype', 'index_dtype', 'is_int', 'is_real', 'is_symbolic',
-           'known_le', 'pair', 'padding_pairs', 'positive_int', 'positive_pair', 'promote', 'static_shape']
+__all__ = ['TORCH_LAYOUTS', 'ConvWindow', 'PaddingLike', 'as_array', 'channels_last_hint', 'check_bool', 'check_floating',
+           'check_policy', 'check_rank', 'check_shape', 'checked', 'conv_window', 'coordinate_dtype', 'index_dtype',
+           'is_int', 'is_real', 'is_symbolic', 'known_le', 'layout_hint', 'pair', 'padding_pairs', 'positive_int',
+           'positive_pair', 'promote', 'static_shape']

@@ -22,6 +22,8 @@ from deformjax.ops import _args, _engine
 # `split(groups, points, *arrays)`: an op's per-pixel arrays `[count, ...]` -> (offsets [count, G, P, 2] as (x, y),
 # mask [count, G, P]).
 Split = Callable[..., tuple[jax.Array, jax.Array]]
+# The per-pixel arrays a PyTorch user might pass channels-first (the references themselves are NHWC).
+LAYOUTS = {'inputs': 'NCHW', 'offsets': 'NCHW', 'mask': 'NCHW', 'offset_mask': 'NCHW'}
 
 
 def dcnv3_taps(kernel_hw: tuple[int, int], dilation_hw: tuple[int, int] = (1, 1),
@@ -53,7 +55,8 @@ class Grid(NamedTuple):
 
 def check_args(fn: str, inputs: jax.Array, *, kernel_size: int | Sequence[int], strides: int | Sequence[int],
                padding: _args.PaddingLike, dilation: int | Sequence[int], groups: int, offset_scale: float,
-               remove_center: bool, chunk_size: int | None, memory_budget: int | None, deterministic: bool) -> Grid:
+               remove_center: bool, chunk_size: int | None, memory_budget: int | None,
+               deterministic_gradients: bool) -> Grid:
   """`inputs` and the scalar arguments both ops share, each refused by name in `fn`'s errors."""
   _args.check_floating(inputs, 'inputs', fn)
   _args.check_rank(inputs, 4, 'inputs', '[N, H, W, C]', fn)
@@ -64,7 +67,7 @@ def check_args(fn: str, inputs: jax.Array, *, kernel_size: int | Sequence[int], 
     raise ValueError(f'{fn}: remove_center needs more than one tap, got kernel_size {kernel_size!r}')
   if not _args.is_real(offset_scale):
     raise TypeError(f'{fn}: offset_scale must be a real number, got {offset_scale!r}')
-  _args.check_policy(chunk_size, memory_budget, deterministic, fn)
+  _args.check_policy(chunk_size, memory_budget, deterministic_gradients, fn)
   _, h, w, c = inputs.shape
   if c % groups:
     raise ValueError(f'{fn}: inputs channels C={c} must be divisible by groups={groups}')
@@ -118,7 +121,7 @@ def _corners(geom: Geometry, split: Split, start, count, *arrays):
                                jnp.arange(geom.groups, dtype=geom.idx_dtype)[None, :, None], geom.idx_dtype)
 
 
-def plan(geom: Geometry, inputs: jax.Array, arrays: Sequence[jax.Array], split: Split, *, deterministic: bool,
+def plan(geom: Geometry, inputs: jax.Array, arrays: Sequence[jax.Array], split: Split, *, deterministic_gradients: bool,
          chunk_size: int | None, memory_budget: int | None) -> jax.Array:
   """Each group's `P` samples, weighted by the mask and summed, in passes: `[N, Ho, Wo, C]` in `inputs.dtype`."""
   n, h, w, c = inputs.shape
@@ -132,9 +135,10 @@ def plan(geom: Geometry, inputs: jax.Array, arrays: Sequence[jax.Array], split: 
   flat = tuple(a.reshape(pixels, a.shape[-1]) for a in arrays)
   out = _engine.summed_passes(
       functools.partial(_corners, geom, split), flat, table, groups=geom.groups, points=geom.points, pixels=pixels,
-      idx_dtype=geom.idx_dtype, coord_dtype=geom.cdtype, deterministic=deterministic, chunk_size=chunk_size,
+      idx_dtype=geom.idx_dtype, coord_dtype=geom.cdtype, deterministic_gradients=deterministic_gradients,
+      chunk_size=chunk_size,
       memory_budget=memory_budget)
   return out.reshape(n, geom.ho, geom.wo, c).astype(inputs.dtype)
 
 
-__all__ = ['Geometry', 'Grid', 'Split', 'check_args', 'check_sampled', 'dcnv3_taps', 'plan']
+__all__ = ['LAYOUTS', 'Geometry', 'Grid', 'Split', 'check_args', 'check_sampled', 'dcnv3_taps', 'plan']

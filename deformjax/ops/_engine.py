@@ -126,7 +126,7 @@ def sorted_segment_sum(values: jax.Array, segment_ids: jax.Array, num_segments: 
 
 def sample_and_contract(contract: Callable[..., jax.Array], table: jax.Array, indices: _Arrays, weights: _Arrays,
                         kernel: jax.Array | None, *, compute_dtype: DTypeLike,
-                        deterministic: bool = False) -> jax.Array:
+                        deterministic_gradients: bool = False) -> jax.Array:
   """`contract(sum_c weights[c] * table[indices[c]], kernel)`: one gather-then-contract pass.
 
   `table` `[rows, F]` (the accumulation dtype), `indices` / `weights` 4-tuples of
@@ -134,12 +134,12 @@ def sample_and_contract(contract: Callable[..., jax.Array], table: jax.Array, in
 
   By default JAX differentiates the ops, so every transform works (jvp too) and
   the table's gradient is XLA's scatter-add, which uses atomics on GPU. With
-  `deterministic` the gradient is an explicit VJP (`jax.custom_vjp`: reverse mode
+  `deterministic_gradients` the gradient is an explicit VJP (`jax.custom_vjp`: reverse mode
   only) whose table gradient is `sorted_segment_sum`, bit-identical run to run;
   it re-gathers the columns once for the kernel gradient and again, through
   indices XLA cannot merge with those, for the weight gradients.
   """
-  if not deterministic:
+  if not deterministic_gradients:
     return contract(_gather_sum(table, indices, weights).astype(compute_dtype), kernel)
   return _sorted_pass(contract, np.dtype(compute_dtype), table, indices, weights, kernel)
 
@@ -246,20 +246,20 @@ def sum_points(groups: int, points: int, cols: jax.Array, kernel: None = None) -
   return cols.reshape(-1, groups, points, f).sum(axis=2).reshape(-1, groups * f)
 
 
-def sampled_pass(contract: Callable[..., jax.Array], compute_dtype: DTypeLike, deterministic: bool, table: jax.Array,
-                 kernel: jax.Array | None, corner_arrays: _Corners) -> jax.Array:
+def sampled_pass(contract: Callable[..., jax.Array], compute_dtype: DTypeLike, deterministic_gradients: bool,
+                 table: jax.Array, kernel: jax.Array | None, corner_arrays: _Corners) -> jax.Array:
   """One pass of a sampling op: `contract(sum_c w[c] * table[rows[c]], kernel)` for `corner_arrays = (rows, w)`.
 
-  With `deterministic`, lowerings for GPU/TPU take the sorted-segment-sum
+  With `deterministic_gradients`, lowerings for GPU/TPU take the sorted-segment-sum
   gradient (`sample_and_contract`); XLA:CPU's scatter is sequential, hence
   deterministic already, and keeps the plain one.
   """
   rows, weights = corner_arrays
   args = (table, rows, weights, kernel)
   plain = functools.partial(sample_and_contract, contract, compute_dtype=compute_dtype)
-  if not deterministic:
+  if not deterministic_gradients:
     return plain(*args)
-  return _policy.by_platform(plain, functools.partial(plain, deterministic=True), *args)
+  return _policy.by_platform(plain, functools.partial(plain, deterministic_gradients=True), *args)
 
 
 def _one_pass(corners, sample, pixels, arrays):
@@ -360,7 +360,7 @@ def corner_bytes(points: int, idx_dtype: DTypeLike, coord_dtype: DTypeLike) -> i
 
 def summed_passes(
     corners: Callable[..., _Corners], arrays: Any, table: jax.Array, *, groups: int, points: int, pixels: int,
-    idx_dtype: DTypeLike, coord_dtype: DTypeLike, deterministic: bool, chunk_size: int | None,
+    idx_dtype: DTypeLike, coord_dtype: DTypeLike, deterministic_gradients: bool, chunk_size: int | None,
     memory_budget: int | None,
 ) -> jax.Array:
   """The plan of the ops without a kernel: `run_passes` with the samples of each group's `points` summed.
@@ -371,7 +371,7 @@ def summed_passes(
   Returns `[pixels, groups*F]`, channel `g*F + f`.
   """
   sample = functools.partial(sampled_pass, functools.partial(sum_points, groups, points), table.dtype,
-                             bool(deterministic), table, None)
+                             bool(deterministic_gradients), table, None)
   return run_passes(
       corners, sample, arrays, pixels=pixels, bytes_per_pixel=groups * points * table.shape[1] * table.dtype.itemsize,
       point_bytes=corner_bytes(groups * points, idx_dtype, coord_dtype), idx_dtype=idx_dtype, chunk_size=chunk_size,

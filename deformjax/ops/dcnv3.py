@@ -23,6 +23,7 @@ kernels (the two agree whenever pad_h == pad_w).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -64,7 +65,7 @@ def dcnv3(
     remove_center: bool = False,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
-    deterministic: bool = False,
+    deterministic_gradients: bool = False,
 ) -> jax.Array:
   """DCNv3's core operator (InternImage `dcnv3_core_pytorch` and its CUDA kernel), NHWC.
 
@@ -99,7 +100,7 @@ def dcnv3(
       kernels' rule; InternImage allows it for odd square kernels only).
     chunk_size, memory_budget: the execution policy, as in `deform_conv2d`
       (a pass holds `pixels * P * C` float32 sampled values).
-    deterministic: bit-identical gradients on GPU/TPU (sorted segment sum
+    deterministic_gradients: bit-identical gradients on GPU/TPU (sorted segment sum
       instead of scatter-add atomics; reverse mode only), as in `deform_conv2d`.
 
   Returns:
@@ -115,12 +116,14 @@ def dcnv3(
     >>> y.shape, float(y[0, 4, 4, 0])
     ((2, 8, 8, 16), 1.0)
   """
-  inputs, offsets, mask, grid = _check_args(
-      inputs, offsets, mask, kernel_size=kernel_size, strides=strides, padding=padding, dilation=dilation,
+  inputs, offsets, mask, grid = _args.checked(functools.partial(
+      _check_args, kernel_size=kernel_size, strides=strides, padding=padding, dilation=dilation,
       groups=groups, offset_scale=offset_scale, remove_center=remove_center, chunk_size=chunk_size,
-      memory_budget=memory_budget, deterministic=deterministic)
+      memory_budget=memory_budget, deterministic_gradients=deterministic_gradients), _core.LAYOUTS, _FN,
+      dict(inputs=inputs, offsets=offsets, mask=mask))
   geom = _core.Geometry(_FN, inputs.shape, grid, _args.coordinate_dtype(inputs.dtype, offsets.dtype, mask.dtype))
-  return _core.plan(geom, inputs, (offsets, mask), _split, deterministic=deterministic, chunk_size=chunk_size,
+  return _core.plan(geom, inputs, (offsets, mask), _split,
+                    deterministic_gradients=deterministic_gradients, chunk_size=chunk_size,
                     memory_budget=memory_budget)
 
 

@@ -8,6 +8,7 @@ unnormalised, and offsets and mask arrive packed per group in one
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -55,7 +56,7 @@ def dcnv4(
     remove_center: bool = False,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
-    deterministic: bool = False,
+    deterministic_gradients: bool = False,
 ) -> jax.Array:
   """DCNv4's operator (OpenGVLab `DCNv4_op`), NHWC: `dcnv3`'s aggregation from a packed offset_mask.
 
@@ -70,7 +71,7 @@ def dcnv4(
     offset_mask: `[N, Ho, Wo, offset_mask_channels(groups, P)]`,
       `P = kh*kw` (`kh*kw - 1` with `remove_center`).
     kernel_size, strides, padding, dilation, groups, offset_scale,
-      remove_center, chunk_size, memory_budget, deterministic: as in `dcnv3`.
+      remove_center, chunk_size, memory_budget, deterministic_gradients: as in `dcnv3`.
 
   Returns:
     `[N, Ho, Wo, C]` in `inputs.dtype`, accumulated in float32.
@@ -84,12 +85,14 @@ def dcnv4(
     >>> y.shape, float(y[0, 3, 3, 0]), float(y[0, 3, 3, 8])
     ((1, 7, 7, 32), 9.0, 0.0)
   """
-  inputs, offset_mask, grid = _check_args(
-      inputs, offset_mask, kernel_size=kernel_size, strides=strides, padding=padding, dilation=dilation,
+  inputs, offset_mask, grid = _args.checked(functools.partial(
+      _check_args, kernel_size=kernel_size, strides=strides, padding=padding, dilation=dilation,
       groups=groups, offset_scale=offset_scale, remove_center=remove_center, chunk_size=chunk_size,
-      memory_budget=memory_budget, deterministic=deterministic)
+      memory_budget=memory_budget, deterministic_gradients=deterministic_gradients), _core.LAYOUTS, _FN,
+      dict(inputs=inputs, offset_mask=offset_mask))
   geom = _core.Geometry(_FN, inputs.shape, grid, _args.coordinate_dtype(inputs.dtype, offset_mask.dtype))
-  return _core.plan(geom, inputs, (offset_mask,), _split, deterministic=deterministic, chunk_size=chunk_size,
+  return _core.plan(geom, inputs, (offset_mask,), _split,
+                    deterministic_gradients=deterministic_gradients, chunk_size=chunk_size,
                     memory_budget=memory_budget)
 
 

@@ -25,6 +25,8 @@ from deformjax.ops import _args, _engine, _policy
 
 _PrecisionLike = str | jax.lax.Precision | tuple | None
 _FN = 'deform_conv2d'
+# The arrays a PyTorch user passes in PyTorch's layout (torchvision.ops.deform_conv2d's), and which layout.
+_LAYOUTS = {'inputs': 'NCHW', 'kernel': 'OIHW', 'offsets': 'NCHW', 'mask': 'NCHW'}
 
 
 def output_size(
@@ -101,7 +103,7 @@ def _check_groups(channels: int, kernel_shape: tuple[int, ...], groups: int, off
 
 
 def _check_args(inputs, offsets, kernel, mask, bias, *, strides, padding, dilation, groups, offset_groups,
-                preferred_element_type, chunk_size, memory_budget, deterministic) -> _Checked:
+                preferred_element_type, chunk_size, memory_budget, deterministic_gradients) -> _Checked:
   """Arrays, dtypes, shapes and scalar arguments, each refused by name, in the order a reader meets them."""
   inputs, offsets, kernel, mask, bias = _check_arrays(inputs, offsets, kernel, mask, bias)
   n, h, w, c = inputs.shape
@@ -119,7 +121,7 @@ def _check_args(inputs, offsets, kernel, mask, bias, *, strides, padding, dilati
   if bias is not None:
     _args.check_floating(bias, 'bias', _FN)
     _args.check_shape(bias, (cout,), 'bias', '[C_out]', _FN)
-  _args.check_policy(chunk_size, memory_budget, deterministic, _FN)
+  _args.check_policy(chunk_size, memory_budget, deterministic_gradients, _FN)
   if preferred_element_type is not None and not jnp.issubdtype(np.dtype(preferred_element_type), jnp.floating):
     raise ValueError(f'{_FN}: preferred_element_type must be a floating dtype (the sampled values are '
                      f'fractional), got {np.dtype(preferred_element_type)}')
@@ -198,7 +200,7 @@ def _contract(taps: int, groups: int, precision, acc_dtype, cols, kernel):
 
 
 def _plan(geom: _Geometry, args: _Checked, dtypes: _Dtypes, precision: _PrecisionLike, chunk_size: int | None,
-          memory_budget: int | None, deterministic: bool) -> jax.Array:
+          memory_budget: int | None, deterministic_gradients: bool) -> jax.Array:
   """The sampled columns contracted with the kernel, in passes: `[N, Ho, Wo, C_out]` in the accumulation dtype."""
   n, h, w, c = args.inputs.shape
   kh, kw, cin_g, cout = args.kernel.shape
@@ -215,7 +217,8 @@ def _plan(geom: _Geometry, args: _Checked, dtypes: _Dtypes, precision: _Precisio
   kernel = (args.kernel.reshape(taps * c, cout) if groups == 1 else
             args.kernel.reshape(taps, cin_g, groups, cout // groups))
   contract = functools.partial(_contract, taps, groups, precision, dtypes.acc)
-  sample = functools.partial(_engine.sampled_pass, contract, dtypes.compute, bool(deterministic), table, kernel)
+  sample = functools.partial(_engine.sampled_pass, contract, dtypes.compute, bool(deterministic_gradients), table,
+                             kernel)
   out = _engine.run_passes(
       functools.partial(_corners, geom), sample, (off, m), pixels=pixels,
       bytes_per_pixel=taps * c * dtypes.acc.itemsize,
@@ -241,7 +244,7 @@ def deform_conv2d(
     preferred_element_type: DTypeLike | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
-    deterministic: bool = False,
+    deterministic_gradients: bool = False,
 ) -> jax.Array:
   """Deformable 2-D convolution, NHWC, with torchvision's semantics.
 
@@ -298,7 +301,7 @@ def deform_conv2d(
       columns buffer, made per block of chunks once they pass 64 MiB.
       With a symbolic batch (`jax.export`) the choice between one pass and
       chunks is made when the exported function is called with real shapes.
-    deterministic: make every gradient bit-identical run to run. XLA's GPU
+    deterministic_gradients: make every gradient bit-identical run to run. XLA's GPU
       scatter-add uses atomics in no fixed order; with this flag the input
       gradient is a sorted segment sum instead (no atomics) when lowered for
       GPU/TPU, at a cost in speed. CPU is deterministic
@@ -317,9 +320,11 @@ def deform_conv2d(
     >>> deform_conv2d(x, off, w, padding=1).shape
     (2, 8, 8, 6)
   """
-  args = _check_args(inputs, offsets, kernel, mask, bias, strides=strides, padding=padding, dilation=dilation,
-                     groups=groups, offset_groups=offset_groups, preferred_element_type=preferred_element_type,
-                     chunk_size=chunk_size, memory_budget=memory_budget, deterministic=deterministic)
+  check = functools.partial(
+      _check_args, strides=strides, padding=padding, dilation=dilation, groups=groups, offset_groups=offset_groups,
+      preferred_element_type=preferred_element_type, chunk_size=chunk_size, memory_budget=memory_budget,
+      deterministic_gradients=deterministic_gradients)
+  args = _args.checked(check, _LAYOUTS, _FN, dict(inputs=inputs, offsets=offsets, kernel=kernel, mask=mask, bias=bias))
   dtypes = _resolve_dtypes(args.inputs, args.offsets, args.kernel, preferred_element_type)
   args = args._replace(inputs=args.inputs.astype(dtypes.compute), kernel=args.kernel.astype(dtypes.compute))
   n, h, w, c = args.inputs.shape
@@ -334,7 +339,8 @@ def deform_conv2d(
                                              offset_groups=args.offset_groups)
     if out is not None:
       return out.astype(dtypes.out)
-    out = _plan(_geometry(args, dtypes.coord), args, dtypes, precision, chunk_size, memory_budget, deterministic)
+    out = _plan(_geometry(args, dtypes.coord), args, dtypes, precision, chunk_size, memory_budget,
+                deterministic_gradients)
   if args.bias is not None:
     out = out + args.bias.astype(dtypes.acc).reshape(1, 1, 1, cout)
   return out.astype(dtypes.out)

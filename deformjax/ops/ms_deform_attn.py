@@ -46,7 +46,7 @@ def level_shapes(spatial_shapes: Sequence[tuple[int, int]] | np.ndarray | jax.Ar
 
 
 def _check_args(value, spatial_shapes, sampling_locations, attention_weights, chunk_size, memory_budget,
-                deterministic) -> tuple[jax.Array, jax.Array, jax.Array, tuple[tuple[int, int], ...]]:
+                deterministic_gradients) -> tuple[jax.Array, jax.Array, jax.Array, tuple[tuple[int, int], ...]]:
   """Arrays, dtypes, shapes and scalar arguments, each refused by name; returns the arrays and the level shapes."""
   value, sampling_locations, attention_weights = (
       _args.as_array(a, name, _FN) for a, name in zip((value, sampling_locations, attention_weights),
@@ -54,6 +54,9 @@ def _check_args(value, spatial_shapes, sampling_locations, attention_weights, ch
   for a, name in ((value, 'value'), (sampling_locations, 'sampling_locations'),
                   (attention_weights, 'attention_weights')):
     _args.check_floating(a, name, _FN)
+  if np.ndim(value) == 3 and np.ndim(sampling_locations) == 6:  # heads not split: transformers' value_proj output
+    raise ValueError(f'{_FN}: value must have shape [N, sum(H_l*W_l), M, D], got {tuple(np.shape(value))}: a '
+                     f'[N, S, M*D] value becomes it by value.reshape(N, S, {np.shape(sampling_locations)[2]}, -1)')
   _args.check_rank(value, 4, 'value', '[N, sum(H_l*W_l), M, D]', _FN)
   shapes = level_shapes(spatial_shapes, _FN)
   n, s, heads, _ = value.shape
@@ -67,7 +70,7 @@ def _check_args(value, spatial_shapes, sampling_locations, attention_weights, ch
                     '[N, Lq, M, L, P, 2]', _FN)
   _args.check_shape(attention_weights, (n, lq, heads, len(shapes), points), 'attention_weights', '[N, Lq, M, L, P]',
                     _FN)
-  _args.check_policy(chunk_size, memory_budget, deterministic, _FN)
+  _args.check_policy(chunk_size, memory_budget, deterministic_gradients, _FN)
   return value, sampling_locations, attention_weights, shapes
 
 
@@ -107,7 +110,7 @@ def _corners(levels: _Levels, start, count, locations, weights):
   return rows, tuple((wt * weights.astype(cdtype)).reshape(-1) for wt in wts)
 
 
-def _plan(levels: _Levels, value: jax.Array, locations: jax.Array, weights: jax.Array, *, deterministic: bool,
+def _plan(levels: _Levels, value: jax.Array, locations: jax.Array, weights: jax.Array, *, deterministic_gradients: bool,
           chunk_size: int | None, memory_budget: int | None) -> jax.Array:
   """The weighted samples of each head summed, in passes over the `N*Lq` queries: `[N, Lq, M*D]` in `value.dtype`."""
   n, s, heads, d = value.shape
@@ -120,7 +123,7 @@ def _plan(levels: _Levels, value: jax.Array, locations: jax.Array, weights: jax.
       functools.partial(_corners, levels), (locations.reshape(n * lq, heads, levels.levels, levels.points, 2),
                                             weights.reshape(n * lq, heads, levels.levels, levels.points)),
       table, groups=heads, points=per_head, pixels=n * lq, idx_dtype=levels.idx_dtype, coord_dtype=levels.cdtype,
-      deterministic=deterministic, chunk_size=chunk_size, memory_budget=memory_budget)
+      deterministic_gradients=deterministic_gradients, chunk_size=chunk_size, memory_budget=memory_budget)
   return out.reshape(n, lq, heads * d).astype(value.dtype)
 
 
@@ -133,7 +136,7 @@ def ms_deform_attn(
     *,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
-    deterministic: bool = False,
+    deterministic_gradients: bool = False,
 ) -> jax.Array:
   """Multi-scale deformable attention (Deformable DETR), with mmcv's and transformers' layout.
 
@@ -154,7 +157,7 @@ def ms_deform_attn(
       softmax over `L*P`).
     chunk_size, memory_budget: the execution policy, as in `deform_conv2d`
       (a pass holds `queries * L*P * M*D` float32 sampled values).
-    deterministic: bit-identical gradients on GPU/TPU (reverse mode only).
+    deterministic_gradients: bit-identical gradients on GPU/TPU (reverse mode only).
 
   Returns:
     `[N, Lq, M*D]` in `value.dtype`, accumulated in float32 (float64 for
@@ -172,10 +175,10 @@ def ms_deform_attn(
   """
   value, sampling_locations, attention_weights, shapes = _check_args(value, spatial_shapes, sampling_locations,
                                                                      attention_weights, chunk_size, memory_budget,
-                                                                     deterministic)
+                                                                     deterministic_gradients)
   cdtype = _args.coordinate_dtype(sampling_locations.dtype, attention_weights.dtype, value.dtype)
   levels = _Levels(shapes, value.shape, sampling_locations.shape[1], sampling_locations.shape[4], cdtype)
-  return _plan(levels, value, sampling_locations, attention_weights, deterministic=deterministic,
+  return _plan(levels, value, sampling_locations, attention_weights, deterministic_gradients=deterministic_gradients,
                chunk_size=chunk_size, memory_budget=memory_budget)
 
 

@@ -64,29 +64,37 @@ def _concrete(x: jax.Array) -> np.ndarray | None:
     return None
 
 
-def _check_args(features: jax.Array, rois: jax.Array, offsets: jax.Array | None, output_size: int | Sequence[int],
-                spatial_scale: float, sampling_ratio: int, aligned: bool
+def _check_args(fn: str, features: jax.Array, rois: jax.Array, offsets: jax.Array | None,
+                output_size: int | Sequence[int], spatial_scale: float, sampling_ratio: int, aligned: bool,
+                max_sampling_grid: int | tuple[int, int] | None
                 ) -> tuple[jax.Array, jax.Array, jax.Array | None, tuple[int, int]]:
-  """Arrays, dtypes, shapes and scalar arguments, each refused by name; returns the arrays and (out_h, out_w)."""
-  features, rois, offsets = (_args.as_array(a, name, _FN) for a, name in
+  """Arrays, dtypes, shapes and scalar arguments, each refused by name in `fn`'s errors; returns the arrays and
+  (out_h, out_w)."""
+  features, rois, offsets = (_args.as_array(a, name, fn) for a, name in
                              zip((features, rois, offsets), ('features', 'rois', 'offsets')))
-  _args.check_floating(features, 'features', _FN)
-  _args.check_floating(rois, 'rois', _FN)
-  _args.check_rank(features, 4, 'features', '[N, H, W, C]', _FN)
+  _args.check_floating(features, 'features', fn)
+  _args.check_floating(rois, 'rois', fn)
+  _args.check_rank(features, 4, 'features', '[N, H, W, C]', fn)
   if jnp.ndim(rois) != 2 or rois.shape[1] != 5:
-    raise ValueError(f'{_FN}: rois must have shape [R, 5] (batch_index, x1, y1, x2, y2), got {tuple(rois.shape)}')
-  oh, ow = _args.positive_pair(output_size, 'output_size', _FN)
+    raise ValueError(f'{fn}: rois must have shape [R, 5] (batch_index, x1, y1, x2, y2), got {tuple(rois.shape)}')
+  oh, ow = _args.positive_pair(output_size, 'output_size', fn)
   if not _args.is_int(sampling_ratio) or sampling_ratio < 0:
-    raise ValueError(f'{_FN}: sampling_ratio must be a non-negative int (0 = adaptive), got {sampling_ratio!r}')
+    raise ValueError(f'{fn}: sampling_ratio must be a non-negative int (0 = adaptive), got {sampling_ratio!r}')
   # A number is range-checked; a bool (Python's or NumPy's, which is no np.number) is a slip, not a scale of 1.
   if isinstance(spatial_scale, (bool, np.bool_)) or (_args.is_real(spatial_scale)
                                                      and not (math.isfinite(spatial_scale) and spatial_scale > 0)):
-    raise ValueError(f'{_FN}: spatial_scale must be a finite number > 0 (feature pixels per input pixel, e.g. '
+    raise ValueError(f'{fn}: spatial_scale must be a finite number > 0 (feature pixels per input pixel, e.g. '
                      f'1/16), got {spatial_scale!r}')
-  _args.check_bool(aligned, 'aligned', _FN)
+  _args.check_bool(aligned, 'aligned', fn)
+  if max_sampling_grid is not None:
+    _args.positive_pair(max_sampling_grid, 'max_sampling_grid', fn)
   if offsets is not None:
-    _args.check_floating(offsets, 'offsets', _FN)
-    _args.check_shape(offsets, (rois.shape[0], oh, ow, 2), 'offsets', '[R, out_h, out_w, 2]', _FN)
+    _args.check_floating(offsets, 'offsets', fn)
+    if _args.static_shape(offsets) == (rois.shape[0], 2, oh, ow) != (rois.shape[0], oh, ow, 2):
+      raise ValueError(f"{fn}: offsets (shape {_args.static_shape(offsets)}) look like mmcv's [R, 2, out_h, out_w] "
+                       "with (dx, dy): deformjax's are [R, out_h, out_w, 2] with (dy, dx): pass "
+                       'offsets.transpose(0, 2, 3, 1)[..., ::-1]')
+    _args.check_shape(offsets, (rois.shape[0], oh, ow, 2), 'offsets', '[R, out_h, out_w, 2]', fn)
   return features, rois, offsets, (oh, ow)
 
 
@@ -121,7 +129,7 @@ def _sampling_grid(roi_h: jax.Array, roi_w: jax.Array, output_hw: tuple[int, int
     grid = jnp.full(roi_h.shape, float(sampling_ratio), roi_h.dtype)
     return grid, grid, (int(sampling_ratio), int(sampling_ratio))
   if max_sampling_grid is not None:
-    grid_max = _args.positive_pair(max_sampling_grid, 'max_sampling_grid', _FN)
+    grid_max = _args.pair(max_sampling_grid, 'max_sampling_grid', _FN)  # checked by _check_args
   else:
     grid_max = _grid_bound(_concrete(roi_h), _concrete(roi_w), output_hw, feature_hw, bytes_per_grid_cell)
   grid_h = jnp.minimum(jnp.ceil(roi_h / oh), grid_max[0])
@@ -207,7 +215,7 @@ def deform_roi_pool(
     max_sampling_grid: int | tuple[int, int] | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
-    deterministic: bool = False,
+    deterministic_gradients: bool = False,
 ) -> jax.Array:
   """Deformable RoI pooling (average of bilinear samples per bin), NHWC.
 
@@ -243,7 +251,7 @@ def deform_roi_pool(
       over the `R * out_h * out_w` bins (a pass holds `bins * gh*gw * C`
       sampled values; CPU walks cache-sized chunks, GPU/TPU one pass within
       the memory budget). The result does not depend on them.
-    deterministic: bit-identical gradients run to run on GPU/TPU (a sorted
+    deterministic_gradients: bit-identical gradients run to run on GPU/TPU (a sorted
       segment sum instead of atomics; reverse-mode autodiff only), as in
       `deform_conv2d`.
 
@@ -261,13 +269,22 @@ def deform_roi_pool(
     >>> deform_roi_pool(feats, rois, output_size=7).shape
     (2, 7, 7, 8)
   """
-  checked = _check_args(features, rois, offsets, output_size, spatial_scale, sampling_ratio, aligned)
-  _args.check_policy(chunk_size, memory_budget, deterministic, _FN)
+  return _roi_pool(_FN, features, rois, offsets, output_size=output_size, spatial_scale=spatial_scale,
+                   sampling_ratio=sampling_ratio, gamma=gamma, aligned=aligned, max_sampling_grid=max_sampling_grid,
+                   chunk_size=chunk_size, memory_budget=memory_budget, deterministic_gradients=deterministic_gradients)
+
+
+def _roi_pool(fn: str, features, rois, offsets, *, output_size, spatial_scale, sampling_ratio, gamma, aligned,
+              max_sampling_grid, chunk_size, memory_budget, deterministic_gradients) -> jax.Array:
+  """`deform_roi_pool` and `roi_align`, their errors named `fn`: checks, then the pooling (compiled once per shapes)."""
+  checked = _check_args(fn, features, rois, offsets, output_size, spatial_scale, sampling_ratio, aligned,
+                        max_sampling_grid)
+  _args.check_policy(chunk_size, memory_budget, deterministic_gradients, fn)
   if sampling_ratio == 0 and max_sampling_grid is None:
     max_sampling_grid = _concrete_grid(checked, spatial_scale, aligned)
   return _pool(*checked[:3], output_size=checked[3], spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
                gamma=gamma, aligned=aligned, max_sampling_grid=max_sampling_grid, chunk_size=chunk_size,
-               memory_budget=memory_budget, deterministic=deterministic)
+               memory_budget=memory_budget, deterministic_gradients=deterministic_gradients, fn=fn)
 
 
 def _concrete_grid(checked, spatial_scale: float, aligned: bool) -> tuple[int, int] | None:
@@ -287,7 +304,7 @@ def _concrete_grid(checked, spatial_scale: float, aligned: bool) -> tuple[int, i
 def _pool(features: jax.Array, rois: jax.Array, offsets: jax.Array | None, *, output_size: tuple[int, int],
           spatial_scale: float, sampling_ratio: int, gamma: float, aligned: bool,
           max_sampling_grid: tuple[int, int] | None, chunk_size: int | None, memory_budget: int | None,
-          deterministic: bool) -> jax.Array:
+          deterministic_gradients: bool, fn: str) -> jax.Array:
   """`deform_roi_pool` on checked arguments: `[R, out_h, out_w, C]`."""
   (oh, ow), (n, h, w, c), r = output_size, features.shape, rois.shape[0]
   if r == 0 or n * h * w * c == 0:
@@ -302,7 +319,7 @@ def _pool(features: jax.Array, rois: jax.Array, offsets: jax.Array | None, *, ou
   batch, scale = _sample_scale(rois[:, 0], grid_h, grid_w, grid_max, n)
 
   # Every bin is an output "pixel" of the shared plan, its gh_max x gw_max grid its sample points.
-  idx_dtype = _args.index_dtype(n * h * w, _FN)
+  idx_dtype = _args.index_dtype(n * h * w, fn)
   points = grid_max[0] * grid_max[1]
   bins = r * oh * ow
   first_row = jnp.broadcast_to((batch.astype(idx_dtype) * (h * w))[:, None, None], (r, oh, ow))
@@ -311,7 +328,7 @@ def _pool(features: jax.Array, rois: jax.Array, offsets: jax.Array | None, *, ou
   # Read in the coordinate dtype, so the features' gradient accumulates in it (float32 for bf16 features).
   table = features.reshape(n * h * w, c).astype(cdtype)
   sample = functools.partial(_engine.sampled_pass, functools.partial(_engine.sum_points, 1, points), cdtype,
-                             bool(deterministic), table, None)
+                             bool(deterministic_gradients), table, None)
   itemsize = np.dtype(cdtype).itemsize
   out = _engine.run_passes(
       functools.partial(_bin_corners, (h, w), idx_dtype), sample, per_bin, pixels=bins,
@@ -331,7 +348,7 @@ def roi_align(
     max_sampling_grid: int | tuple[int, int] | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
-    deterministic: bool = False,
+    deterministic_gradients: bool = False,
 ) -> jax.Array:
   """`torchvision.ops.roi_align(..., aligned=aligned)` in NHWC: `deform_roi_pool` without offsets.
 
@@ -344,7 +361,7 @@ def roi_align(
     features: `[N, H, W, C]`.
     rois: `[R, 5]` rows `(batch_index, x1, y1, x2, y2)` in input-image pixels.
     output_size, spatial_scale, sampling_ratio, aligned, max_sampling_grid,
-      chunk_size, memory_budget, deterministic: as `deform_roi_pool`.
+      chunk_size, memory_budget, deterministic_gradients: as `deform_roi_pool`.
 
   Returns:
     `[R, out_h, out_w, C]` in `features.dtype`.
@@ -359,9 +376,9 @@ def roi_align(
     >>> roi_align(feats, box, output_size=1, sampling_ratio=1, aligned=False).ravel().tolist()  # (2, 2), torchvision's
     [10.0]
   """
-  return deform_roi_pool(features, rois, None, output_size=output_size, spatial_scale=spatial_scale,
-                         sampling_ratio=sampling_ratio, aligned=aligned, max_sampling_grid=max_sampling_grid,
-                         chunk_size=chunk_size, memory_budget=memory_budget, deterministic=deterministic)
+  return _roi_pool('roi_align', features, rois, None, output_size=output_size, spatial_scale=spatial_scale,
+                   sampling_ratio=sampling_ratio, gamma=0.0, aligned=aligned, max_sampling_grid=max_sampling_grid,
+                   chunk_size=chunk_size, memory_budget=memory_budget, deterministic_gradients=deterministic_gradients)
 
 
 __all__ = ['deform_roi_pool', 'roi_align']
