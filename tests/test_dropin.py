@@ -186,7 +186,7 @@ def test_kernel_and_bias_partitioning_annotations_shard_on_a_two_device_mesh():
 
 # --- converting trained convs and PyTorch checkpoints ------------------------------------------
 
-from deformjax.nn import convert  # noqa: E402
+from deformjax import convert  # noqa: E402
 from tests.reference import deform_conv2d_ref  # noqa: E402
 
 

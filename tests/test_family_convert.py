@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deformjax.nn import convert
+from deformjax import convert
 from tests.reference import ms_deform_attn_ref
 
 try:
@@ -181,13 +181,13 @@ def assert_close(ours, theirs, rtol=1e-5):
     dict(remove_center=True, dw_kernel_size=5),
     dict(kernel_size=5, pad=4, dilation=2, group=2),
 ])
-def test_from_internimage_dcnv3_reproduces_the_module(kw):
+def test_from_dcnv3_reproduces_the_module(kw):
   group, k = kw.get('group', 4), kw.get('kernel_size', 3)
   ref = randomise(TorchDCNv3(16, **kw), seed=1)
   x = np.random.default_rng(0).normal(size=(2, 7, 9, 16)).astype(np.float32)
   with torch.no_grad():
     expected = ref(torch.from_numpy(x)).numpy()
-  layer = convert.from_internimage_dcnv3(numpy_state(ref), groups=group, kernel_size=k, padding=kw.get('pad'),
+  layer = convert.from_dcnv3(numpy_state(ref), groups=group, kernel_size=k, padding=kw.get('pad'),
                                          dilation=kw.get('dilation', 1), offset_scale=kw.get('offset_scale', 1.0),
                                          remove_center=kw.get('remove_center', False))
   assert_close(nnx.jit(lambda m, v: m(v))(layer, jnp.asarray(x)), expected)
@@ -239,7 +239,7 @@ def detr_attention(d_model=32, heads=4, levels=2, points=3):
 @requires_torch
 @pytest.mark.parametrize('coords', [2, 4])
 @pytest.mark.parametrize('masked', [False, True])
-def test_from_deformable_detr_reproduces_transformers(coords, masked):
+def test_from_deformable_detr_attention_reproduces_transformers(coords, masked):
   shapes = [(6, 5), (3, 3)]
   total = sum(h * w for h, w in shapes)
   module = detr_attention()
@@ -261,7 +261,7 @@ def test_from_deformable_detr_reproduces_transformers(coords, masked):
                          position_embeddings=t(pos), reference_points=t(ref), spatial_shapes=spatial,
                          spatial_shapes_list=shapes,
                          level_start_index=torch.tensor([0, shapes[0][0] * shapes[0][1]]))
-  layer = convert.from_deformable_detr(numpy_state(module), num_heads=4, num_levels=2, num_points=3)
+  layer = convert.from_deformable_detr_attention(numpy_state(module), num_heads=4, num_levels=2, num_points=3)
   mask = jnp.asarray(padding) if masked else None
   ours = nnx.jit(lambda m, *xs: m(*xs, shapes, mask))(layer, jnp.asarray(query + pos), jnp.asarray(ref),
                                                       jnp.asarray(inputs))
@@ -292,16 +292,16 @@ def test_deformable_detr_initialisation_matches_transformers():
 def test_converters_name_missing_and_misshapen_entries():
   ref = TorchDCNv3(16)
   state = numpy_state(ref)
-  with pytest.raises(ValueError, match=r"from_internimage_dcnv3: 'offset.weight' must have shape \(64, 16\), got \(72, 16\)"):
-    convert.from_internimage_dcnv3(state, groups=4, kernel_size=3, remove_center=True)
+  with pytest.raises(ValueError, match=r"from_dcnv3: 'offset.weight' must have shape \(64, 16\), got \(72, 16\)"):
+    convert.from_dcnv3(state, groups=4, kernel_size=3, remove_center=True)
   del state['mask.bias']
   with pytest.raises(ValueError, match="state has no 'mask.bias'"):
-    convert.from_internimage_dcnv3(state, groups=4)
+    convert.from_dcnv3(state, groups=4)
   state = numpy_state(TorchDCNv4(32))
   with pytest.raises(ValueError, match='from_dcnv4: .*offset_mask.weight'):
     convert.from_dcnv4(state, groups=2)
-  with pytest.raises(ValueError, match="from_deformable_detr: state has no 'x.value_proj.weight'"):
-    convert.from_deformable_detr({}, num_heads=4, num_levels=2, num_points=3, prefix='x.')
+  with pytest.raises(ValueError, match="from_deformable_detr_attention: state has no 'x.value_proj.weight'"):
+    convert.from_deformable_detr_attention({}, num_heads=4, num_levels=2, num_points=3, prefix='x.')
 
 
 def mmcv_multi_scale_deformable_attention(state, query, value, identity, query_pos, key_padding_mask,
@@ -336,7 +336,7 @@ def mmcv_multi_scale_deformable_attention(state, query, value, identity, query_p
 
 
 @pytest.mark.parametrize('coords', [2, 4], ids=['points', 'boxes'])
-def test_from_deformable_detr_reproduces_mmcv_with_value_proj_ratio(coords):
+def test_from_deformable_detr_attention_reproduces_mmcv_with_value_proj_ratio(coords):
   """mmcv's `MultiScaleDeformableAttention(embed_dims=8, num_heads=2, num_levels=2, num_points=2,
   value_proj_ratio=0.5)`: `value_proj [4, 8]`, `output_proj [8, 4]`. The converted layer, with the sequence-first
   transposes and the residual its docstring names, equals mmcv's forward."""
@@ -348,7 +348,7 @@ def test_from_deformable_detr_reproduces_mmcv_with_value_proj_ratio(coords):
   for key, shape in shapes.items():
     state[f'{key}.weight'] = rng.normal(size=shape) * 0.5
     state[f'{key}.bias'] = rng.normal(size=shape[0]) * 0.5
-  layer = convert.from_deformable_detr(state, num_heads=m, num_levels=lv, num_points=p, param_dtype=np.float64)
+  layer = convert.from_deformable_detr_attention(state, num_heads=m, num_levels=lv, num_points=p, param_dtype=np.float64)
   assert layer.value_features == vd
   spatial_shapes = [(3, 4), (2, 2)]
   n, lq, total = 2, 5, 16

@@ -1,22 +1,141 @@
 """Reading PyTorch state dicts (numpy arrays keyed by module path) into Flax NNX modules.
 
-Shared by every converter in `deformjax.convert`: one reader that names the key and the shape it expected,
-and the checks that a module built abstract (`nnx.eval_shape`) got every parameter.
+Shared by every converter in `deformjax.convert`: the checks that a state dict is flat and that a weight is an
+array in the layout the converter expects, each naming the fix; one reader that names the key and the shape it
+expected (and the `prefix=` to pass when the keys carry one); the layouts of a parameter table's entries; and the
+checks that a module built abstract (`nnx.eval_shape`) got every parameter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+# One row of a parameter table: (PyTorch state-dict key, our variable, layout). Layouts: 'linear' (`[out, in]`
+# there, `[in, out]` here), 'conv' (OIHW there, HWIO here), 'same'.
+Entry = tuple[str, nnx.Variable, str]
+# The keys under which checkpoints commonly nest their state dict.
+_CHECKPOINT_KEYS = ('model', 'state_dict', 'module', 'model_state', 'params')
+_WRAPPERS = {'module.': ' (a DataParallel / DistributedDataParallel state dict)'}
+
 
 def assign(variable: nnx.Variable, value: np.ndarray) -> None:
   """Sets a parameter, also one of an abstract module (`nnx.eval_shape`), which holds no array to write into."""
   variable.set_value(jnp.asarray(value))
+
+
+def check_state(state: Any, fn: str) -> Mapping[str, Any]:
+  """`state` if it is a flat `{name: array}` mapping; else a ValueError / TypeError that names the fix."""
+  if not isinstance(state, Mapping):
+    shape = f' of shape {np.shape(state)}' if hasattr(state, 'shape') else ''
+    raise TypeError(f'{fn}: state must be a state dict {{name: array}} (`{{k: v.numpy() for k, v in '
+                    f'module.state_dict().items()}}`), got {type(state).__name__}{shape}')
+  for key, value in state.items():
+    if not isinstance(value, Mapping):
+      continue
+    if key in _CHECKPOINT_KEYS:
+      raise ValueError(f'{fn}: state[{key!r}] is a dict: a checkpoint holding its state dict under {key!r}? '
+                       f'pass state[{key!r}]')
+    raise ValueError(f'{fn}: state must be flat {{name: array}} as state_dict() gives, got a nested dict under '
+                     f"{key!r}: flatten it to '.'-joined keys (flax.traverse_util.flatten_dict(state, sep='.'))")
+  return state
+
+
+def prefix_hint(state: Mapping[str, Any], prefix: str, key: str) -> str:
+  """A hint naming the `prefix=` under which `state` holds `key`, or '' when it holds it under none."""
+  heads = sorted({k[:len(k) - len(key)] for k in state
+                  if k.endswith(key) and k != prefix + key and (len(k) == len(key) or k[-len(key) - 1] == '.')})
+  heads = [h for h in heads if not any(h != other and h.startswith(other) for other in heads)]  # outermost only
+  if not heads:
+    return ''
+  if '' in heads and prefix:
+    return f": keys carry no prefix {prefix!r}: pass prefix=''"
+  if len(heads) == 1:
+    head = heads[0]
+    return f': keys look prefixed with {head!r}{_WRAPPERS.get(head, "")}: pass prefix={head!r}'
+  return f': {key!r} is under several prefixes: pass prefix= one of {heads[:4]}'
+
+
+def missing_key(state: Mapping[str, Any], prefix: str, key: str, fn: str, shape: tuple[int, ...] | None = None):
+  """The ValueError for `prefix + key` missing from `state`: the key, the shape wanted, the prefix to pass."""
+  wanted = '' if shape is None else f' (shape {shape})'
+  return ValueError(f'{fn}: state has no {prefix + key!r}{wanted}{prefix_hint(state, prefix, key)}; keys: '
+                    f'{sorted(state)[:8]}...')
+
+
+def one_of(ours: Any, theirs: Any, names: tuple[str, str], default: Any, fn: str) -> Any:
+  """The value of an argument that has our name and the source's (`names`): either, not both."""
+  if ours is not None and theirs is not None:
+    raise TypeError(f"{fn}: pass {names[0]} (the module's name) or {names[1]} (the source's), not both; got "
+                    f'{names[0]}={ours!r}, {names[1]}={theirs!r}')
+  return default if ours is None and theirs is None else ours if ours is not None else theirs
+
+
+def _kernel_like(a: int, b: int) -> bool:
+  return a == b and a % 2 == 1 and a <= 11
+
+
+def oihw(weight: Any, name: str, fn: str, fix: str, bias: Any = None) -> np.ndarray:
+  """`weight` as a 4-d OIHW array `[C_out, C_in // groups, kh, kw]`, refusing a state dict (naming `fix`) and an
+  HWIO weight when the shapes say so: a bias as long as its last axis, or a kernel-sized first pair of axes
+  beside channel-sized last ones."""
+  if isinstance(weight, Mapping):
+    raise TypeError(f'{fn}: {name} must be an OIHW array [C_out, C_in // groups, kh, kw], got a state dict with '
+                    f'keys {sorted(weight)[:6]}: {fix}')
+  weight = np.asarray(weight)
+  if weight.ndim != 4:
+    raise ValueError(f'{fn}: {name} must be an OIHW array [C_out, C_in // groups, kh, kw], got shape {weight.shape}')
+  s = weight.shape
+  by_bias = bias is not None and np.shape(bias) == (s[3],) and s[3] != s[0]
+  if by_bias or (_kernel_like(s[0], s[1]) and max(s[2], s[3]) > 11):
+    raise ValueError(f'{fn}: {name} must be OIHW [C_out, C_in // groups, kh, kw] (PyTorch\'s layout), got shape {s}, '
+                     f'which looks HWIO [kh, kw, C_in, C_out] (Flax\'s): pass {name}.transpose(3, 2, 0, 1)')
+  return weight
+
+
+def to_torch(value: Any, layout: str) -> Any:
+  """Our layout -> PyTorch's (`value` an array, or a shape given as a tuple)."""
+  if isinstance(value, tuple):
+    return to_torch(np.empty(value, np.bool_), layout).shape
+  return value.T if layout == 'linear' else value.transpose(3, 2, 0, 1) if layout == 'conv' else value
+
+
+def from_torch(value: np.ndarray, layout: str) -> np.ndarray:
+  """PyTorch's layout -> ours."""
+  return value.T if layout == 'linear' else value.transpose(2, 3, 1, 0) if layout == 'conv' else value
+
+
+def join(key: str, name: str) -> str:
+  """`key.name`, or `name` alone under the empty key (a layer's own state dict)."""
+  return f'{key}.{name}' if key else name
+
+
+def linear_entries(key: str, m: nnx.Linear) -> Iterator[Entry]:
+  """An `nn.Linear`'s rows: `key.weight [out, in]`, `key.bias` (`weight`, `bias` for the key '')."""
+  yield join(key, 'weight'), m.kernel, 'linear'
+  if m.bias is not None:
+    yield join(key, 'bias'), m.bias, 'same'
+
+
+def conv_entries(key: str, m: nnx.Conv) -> Iterator[Entry]:
+  """A `Conv2d`'s rows: `key.weight` OIHW, `key.bias`."""
+  yield join(key, 'weight'), m.kernel, 'conv'
+  if m.bias is not None:
+    yield join(key, 'bias'), m.bias, 'same'
+
+
+def norm_entries(key: str, m: nnx.LayerNorm | nnx.GroupNorm | nnx.BatchNorm) -> Iterator[Entry]:
+  """A norm's rows: `key.weight` (our scale), `key.bias`, and a BatchNorm's running statistics."""
+  yield f'{key}.weight', m.scale, 'same'
+  yield f'{key}.bias', m.bias, 'same'
+  if isinstance(m, nnx.BatchNorm):
+    yield f'{key}.running_mean', m.mean, 'same'
+    yield f'{key}.running_var', m.var, 'same'
 
 
 class StateReader:
@@ -26,7 +145,7 @@ class StateReader:
   """
 
   def __init__(self, state: Mapping[str, np.ndarray], prefix: str, fn: str, param_dtype):
-    self.state, self.prefix, self.fn, self.dtype = state, prefix, fn, param_dtype
+    self.state, self.prefix, self.fn, self.dtype = check_state(state, fn), prefix, fn, param_dtype
     self.used: set[str] = set()
 
   def has(self, key: str) -> bool:
@@ -35,29 +154,30 @@ class StateReader:
   def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
     full = self.prefix + key
     if full not in self.state:
-      raise ValueError(f'{self.fn}: state has no {full!r} (shape {shape}); keys: {sorted(self.state)[:8]}...')
+      raise missing_key(self.state, self.prefix, key, self.fn, shape)
     value = np.asarray(self.state[full])
     if value.shape != shape:
       raise ValueError(f'{self.fn}: {full!r} must have shape {shape}, got {value.shape}')
     self.used.add(full)
     return value.astype(self.dtype)
 
+  def load(self, entries: Iterator[Entry] | list[Entry]) -> None:
+    """Sets each entry's variable from `key` (PyTorch's layout, checked against the variable's shape)."""
+    for key, variable, layout in entries:
+      assign(variable, from_torch(self.get(key, to_torch(tuple(variable.shape), layout)), layout))
+
   def linear(self, module: nnx.Linear, key: str) -> None:
     """`nn.Linear` `key.weight [out, in]`, `key.bias [out]` -> `module.kernel [in, out]`, `module.bias`."""
-    assign(module.kernel, self.get(f'{key}.weight', (module.out_features, module.in_features)).T)
-    if module.bias is not None:
-      assign(module.bias, self.get(f'{key}.bias', (module.out_features,)))
+    self.load(linear_entries(key, module))
 
   def depthwise(self, module: nnx.Conv, key: str) -> None:
     """Depthwise `Conv2d` `key.weight [C, 1, k, k]` -> HWIO `[k, k, 1, C]`."""
-    kh, kw, _, c = module.kernel.shape
-    assign(module.kernel, self.get(f'{key}.weight', (c, 1, kh, kw)).transpose(2, 3, 1, 0))
-    assign(module.bias, self.get(f'{key}.bias', (c,)))
+    self.load(conv_entries(key, module))
 
-  def check_all_used(self, hint: str = 'check the configuration and the prefix') -> None:
+  def check_all_used(self, hint: str = 'check the configuration and the prefix', what: str = 'layer') -> None:
     left = sorted(k for k in self.state if k.startswith(self.prefix) and k not in self.used)
     if left:
-      raise ValueError(f'{self.fn}: state entries the module has no parameter for: {left[:8]} (a different '
+      raise ValueError(f'{self.fn}: state entries the {what} has no parameter for: {left[:8]} (a different '
                        f'configuration? {hint})')
 
 
