@@ -38,6 +38,7 @@ from deformjax.models.deformable_detr import (
   DeformableDetrMLPHead,
 )
 from deformjax.models.resnet import FrozenBatchNorm, ResNet
+from deformjax.nn import _common
 from deformjax.nn.ms_deform_attn import MSDeformAttn
 from deformjax.ops import _args
 
@@ -230,7 +231,7 @@ def from_deformable_detr(state_dict: Mapping[str, Any], config: Mapping[str, Any
   Example:
     >>> import numpy as np
     >>> from flax import nnx
-    >>> from deformjax.convert import from_deformable_detr, to_deformable_detr_state_dict
+    >>> from deformjax.convert.deformable_detr import from_deformable_detr, to_deformable_detr_state_dict
     >>> from deformjax.models import DeformableDetr
     >>> config = dict(backbone='resnet18', d_model=32, encoder_layers=1, decoder_layers=2, num_queries=5,
     ...               encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
@@ -262,7 +263,7 @@ def to_deformable_detr_state_dict(detector: DeformableDetr) -> dict[str, np.ndar
 
   Example:
     >>> from flax import nnx
-    >>> from deformjax.convert import to_deformable_detr_state_dict
+    >>> from deformjax.convert.deformable_detr import to_deformable_detr_state_dict
     >>> from deformjax.models import DeformableDetr
     >>> config = dict(backbone='resnet18', d_model=32, encoder_layers=1, decoder_layers=2, num_queries=5,
     ...               encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2)
@@ -307,7 +308,7 @@ def from_deformable_detr_attention(state: Mapping[str, np.ndarray], *, num_heads
 
   Example:
     >>> import numpy as np
-    >>> from deformjax.convert import from_deformable_detr_attention
+    >>> from deformjax.convert.deformable_detr import from_deformable_detr_attention
     >>> d, m, l, p, rng = 32, 4, 2, 3, np.random.default_rng(0)
     >>> state = {'sampling_offsets.weight': np.zeros((m * l * p * 2, d)), 'sampling_offsets.bias': np.zeros(48),
     ...          'attention_weights.weight': np.zeros((m * l * p, d)), 'attention_weights.bias': np.zeros(24),
@@ -412,7 +413,7 @@ def from_deformable_detr_encoder(state: Mapping[str, np.ndarray], *, num_heads: 
   Example:
     >>> import numpy as np
     >>> from flax import nnx
-    >>> from deformjax.convert import from_deformable_detr_encoder, to_deformable_detr_encoder_state_dict
+    >>> from deformjax.convert.deformable_detr import from_deformable_detr_encoder, to_deformable_detr_encoder_state_dict
     >>> from deformjax.models import DeformableDetrEncoder
     >>> enc = DeformableDetrEncoder([8], 32, num_heads=2, num_levels=2, num_points=2, num_layers=1,
     ...                             ffn_features=64, rngs=nnx.Rngs(0))
@@ -424,6 +425,8 @@ def from_deformable_detr_encoder(state: Mapping[str, np.ndarray], *, num_heads: 
   activation = _ACTIVATIONS.get(activation_function)
   if activation is None:
     raise ValueError(f'{fn}: activation_function must be one of {sorted(_ACTIVATIONS)}, got {activation_function!r}')
+  # Refused here, under the converter's name, before any weight is read.
+  _common.check_policy(chunk_size, memory_budget, False, fn)
   _args.check_bool(deterministic_gradients, 'deterministic_gradients', fn)
   state = _renamed(check_state(state, fn), fn)
   learned = [k for k in state if k.startswith((prefix + 'position_embedding.', prefix + 'backbone.position_embedding.'))]
@@ -455,7 +458,7 @@ def to_deformable_detr_encoder_state_dict(encoder: DeformableDetrEncoder, prefix
 
   Example:
     >>> from flax import nnx
-    >>> from deformjax.convert import to_deformable_detr_encoder_state_dict
+    >>> from deformjax.convert.deformable_detr import to_deformable_detr_encoder_state_dict
     >>> from deformjax.models import DeformableDetrEncoder
     >>> enc = DeformableDetrEncoder([8], 32, num_heads=2, num_levels=1, num_points=2, num_layers=1,
     ...                             ffn_features=64, rngs=nnx.Rngs(0))

@@ -13,8 +13,15 @@ import pytest
 from flax import nnx
 from jax import export
 
-from deformjax.nn import DeformableDetrEncoder, DeformableDetrEncoderLayer, _common, convert
-from deformjax.nn.detr_encoder import downsample_mask, reference_points, valid_ratios
+from deformjax.convert import deformable_detr as convert
+from deformjax.models.deformable_detr import (
+  DeformableDetrEncoder,
+  DeformableDetrEncoderLayer,
+  downsample_mask,
+  reference_points,
+  valid_ratios,
+)
+from deformjax.nn import _common
 from tests.test_module_policy import count
 
 # Two backbone maps and one extra stride-2 level; GroupNorm(32) of a 64-wide model puts 2 channels in a group.
@@ -166,7 +173,7 @@ def test_gradient_is_finite(encoder):
 
 
 def test_round_trip_through_the_transformers_state(encoder):
-  state = convert.deformable_detr_encoder_state(encoder)
+  state = convert.to_deformable_detr_encoder_state_dict(encoder)
   state['backbone.model.embedder.weight'] = np.zeros(3)  # other parts of the model are ignored
   state['decoder.layers.0.fc1.weight'] = np.zeros(3)
   ported = convert.from_deformable_detr_encoder(state, num_heads=4, num_points=2)
@@ -179,7 +186,7 @@ def test_round_trip_through_the_transformers_state(encoder):
 
 
 def test_converter_names_missing_unknown_and_misshapen_keys(encoder):
-  state = convert.deformable_detr_encoder_state(encoder)
+  state = convert.to_deformable_detr_encoder_state_dict(encoder)
   fn = 'from_deformable_detr_encoder'
   kw = dict(num_heads=4, num_points=2)
   broken = dict(state)
@@ -190,7 +197,7 @@ def test_converter_names_missing_unknown_and_misshapen_keys(encoder):
     convert.from_deformable_detr_encoder(state | {'encoder.extra': np.zeros(1)}, **kw)
   with pytest.raises(ValueError, match=r"'encoder.layers.0.self_attn_layer_norm.weight' must have shape \(64,\)"):
     convert.from_deformable_detr_encoder(state | {'encoder.layers.0.self_attn_layer_norm.weight': np.ones(3)}, **kw)
-  with pytest.raises(ValueError, match=r"from_deformable_detr: 'encoder.layers.0.self_attn.sampling_offsets.weight' "
+  with pytest.raises(ValueError, match=rf"{fn}: 'encoder.layers.0.self_attn.sampling_offsets.weight' "
                                        r'must have shape \(72, 64\), got \(48, 64\)'):
     convert.from_deformable_detr_encoder(state, num_heads=4, num_points=3)
   with pytest.raises(ValueError, match="pass prefix='model.'"):
@@ -199,8 +206,8 @@ def test_converter_names_missing_unknown_and_misshapen_keys(encoder):
     convert.from_deformable_detr_encoder(state | {'position_embedding.row_embeddings.weight': np.zeros(3)}, **kw)
   extra = len(BACKBONE)  # the first extra level, which reads the last backbone map
   misread = state | {f'input_proj.{extra}.0.weight': np.zeros((64, BACKBONE[-1] + 1, 3, 3))}
-  with pytest.raises(ValueError, match=rf'{fn}: input_proj.{extra}.0.weight, the first extra level, must read the '
-                                       rf'last backbone map \({BACKBONE[-1]} channels'):
+  with pytest.raises(ValueError, match=rf"{fn}: 'input_proj.{extra}.0.weight' must have shape "
+                                       rf'\(64, {BACKBONE[-1]}, 3, 3\)'):
     convert.from_deformable_detr_encoder(misread, **kw)
   with pytest.raises(ValueError, match='activation_function must be one of'):
     convert.from_deformable_detr_encoder(state, activation_function='tanh', **kw)
@@ -226,10 +233,10 @@ def test_value_proj_ratio_needs_value_features():
   if 'value_features' not in inspect.signature(MSDeformAttn.__init__).parameters:
     with pytest.raises(ValueError, match=r"maps d_model=8 to 4 value channels \(mmcv's value_proj_ratio=0.5\); "
                                          'MSDeformAttn here has no value_features argument'):
-      convert.from_deformable_detr(state, num_heads=m, num_levels=lv, num_points=p)
+      convert.from_deformable_detr_attention(state, num_heads=m, num_levels=lv, num_points=p)
     return
   state['sampling_offsets.weight'][...] = 0  # every head samples at its reference point
-  layer = convert.from_deformable_detr(state, num_heads=m, num_levels=lv, num_points=p)
+  layer = convert.from_deformable_detr_attention(state, num_heads=m, num_levels=lv, num_points=p)
   assert layer.value_proj.kernel.shape == (d, d // 2) and layer.output_proj.kernel.shape == (d // 2, d)
   x = rng.normal(size=(1, 4, d)).astype(np.float32)
   ref = np.full((1, 4, 1, 2), 0.5, np.float32)  # the centre of a 2x2 map: the mean of its four pixels
@@ -271,7 +278,7 @@ def test_policy_keywords_reach_every_layers_attention_and_modes_leave_them_alone
   """The encoder's `chunk_size`, `memory_budget` and `deterministic_gradients` become every layer's
   `MSDeformAttn` policy; `.train()` / `.eval()` switch dropout's `deterministic` only."""
   policy = dict(chunk_size=5, memory_budget=4096, deterministic_gradients=True)
-  want = _common.SamplingPolicy(chunk_size=5, memory_budget=4096, deterministic=True)
+  want = _common.SamplingPolicy(chunk_size=5, memory_budget=4096, deterministic_gradients=True)
   enc = nnx.eval_shape(lambda: policy_encoder(num_layers=2, **policy))
   assert [layer.self_attn.policy for layer in enc.layers] == [want, want]
   for mode, dropout_off in ((enc.train, False), (enc.eval, True), (enc.train, False)):
