@@ -2,45 +2,45 @@
 
 One process, the same weights on both sides: the reference model is built at its T configuration,
 its parameters moved off their initialisation (the offset heads start at zero, which would sample
-the regular grid only), converted with `deformjax.models.from_internimage` /
+the regular grid only), converted with `deformjax.convert.from_internimage` /
 `from_flash_internimage`, and both run the same batch (NCHW for PyTorch, NHWC for ours). Median
 of interleaved runs after warm-up, `jax.block_until_ready` / `torch.no_grad`.
 
 The reference sides (need torch + timm and a checkout of each repository):
 
-- InternImage (`DEFORMJAX_INTERNIMAGE_SRC` = its `classification/` folder): the model's own
+- InternImage (`internimage_src`, by default `$DEFORMJAX_INTERNIMAGE_SRC`: its `classification/` folder): the model's own
   pure-PyTorch core, `core_op='DCNv3_pytorch'` (`dcnv3_core_pytorch`, grid_sample), with the
   compiled extension's import stubbed.
-- FlashInternImage (`DEFORMJAX_DCNV4_SRC` = the root of a DCNv4 checkout): DCNv4 has no
+- FlashInternImage (`dcnv4_src`, by default `$DEFORMJAX_DCNV4_SRC`: the root of a DCNv4 checkout): DCNv4 has no
   pure-PyTorch path upstream. The reference `DCNv4` module runs with its CUDA op replaced by a
   grid_sample translation of the CUDA forward kernel (the one `tests/test_internimage.py` checks
   against): a PyTorch CPU baseline, not the official kernel's speed.
 
-Without them, only ours is timed.
+A model whose source is not given is skipped. Writes bench_internimage_cpu.json / .md under `--out` (runs/;
+`--out experiments/results` refreshes the committed ones). The config (experiments/configs/bench_internimage.py)
+holds every setting:
 
   DEFORMJAX_INTERNIMAGE_SRC=.../InternImage/classification DEFORMJAX_DCNV4_SRC=.../DCNv4 \\
-    python -m experiments.bench_internimage --out experiments/results --batches 8,1 --torch-max-batch 1
-  python -m experiments.bench_internimage --batches 1 --size 64 --rounds 1      # a quick look
+    python -m experiments.bench_internimage --out experiments/results --config.batches=8,1 --config.torch_max_batch=1
+  python -m experiments.bench_internimage --config=experiments/configs/bench_internimage.py:runlocal   # a quick look
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import pathlib
 import sys
 import types
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deformjax.models import convert
-from experiments.bench_ops import device_name, interleaved_ms, jax_call
-from experiments.common import OUT_HELP, RUNS, run_metadata, write_results
+from experiments.common import bench_main, benchmark_metadata, interleaved_ms, jax_call
+
+DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'bench_internimage.py'
 
 T_KWARGS = dict(channels=64, depths=[4, 4, 18, 4], groups=[4, 8, 16, 32], num_classes=1000, mlp_ratio=4.0,
                 offset_scale=1.0, layer_scale=None, post_norm=False, drop_path_rate=0.0)
@@ -86,10 +86,9 @@ def perturbed(model, seed=0, scale=0.02):
   return model.eval()
 
 
-def case(name: str, env: str, reference, load, batches: list[int], size: int) -> dict:
+def case(name: str, src: pathlib.Path, reference, load, batches: list[int], size: int):
   """Build both sides of one model; per batch size, the timing callables and the logits agreement."""
   import torch
-  src = pathlib.Path(os.environ[env])
   extra = {'core_op': 'DCNv3_pytorch'} if name == 'InternImage-T' else {}
   torch.manual_seed(0)
   model_t = perturbed(reference(src)(**T_KWARGS, **extra))
@@ -114,79 +113,94 @@ def agreement(fn, state, torch_call, xj) -> float:
   return float(np.abs(np.asarray(fn(state, xj)) - ref).max() / np.abs(ref).max())
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--batches', default='8', help='comma-separated batch sizes (ours is timed at each)')
-  parser.add_argument('--torch-max-batch', type=int, default=8,
-                      help='time the PyTorch side only at batches up to this (its CPU DCN cores are slow)')
-  parser.add_argument('--size', type=int, default=224)
-  parser.add_argument('--rounds', type=int, default=3, help='interleaved rounds (one run of each side per round)')
-  parser.add_argument('--out', type=pathlib.Path, default=RUNS, help=OUT_HELP)
-  args = parser.parse_args(argv)
+def time_model(cfg, name: str, src: str, reference, load, batches: list[int]) -> list[dict]:
+  """The rows of one model: ours at every batch, the PyTorch side up to `torch_max_batch`, the logits' agreement."""
+  c, fn, state = case(name, pathlib.Path(src), reference, load, batches, cfg.size)
+  rows = []
+  for batch in batches:
+    timed = {'ours': c[batch]['ours']}
+    if batch <= cfg.torch_max_batch:
+      timed['torch'] = c[batch]['torch']
+    ms = interleaved_ms(timed, rounds=cfg.rounds, per_round=1, warmup=1)
+    rows.append({'model': name, 'batch': batch, 'params': c['params'], 'ours_ms': ms['ours'],
+                 'torch_ms': ms.get('torch'), 'speedup': ms['torch'] / ms['ours'] if 'torch' in ms else None,
+                 'max_rel_diff_logits': (agreement(fn, state, c[batch]['torch'], c[batch]['x'][1])
+                                         if 'torch' in ms else None)})
+    print(rows[-1], flush=True)
+  return rows
+
+
+def run(cfg) -> dict:
+  """Both models where their sources are given (see the module's docstring)."""
   import torch
 
+  from deformjax.convert import from_flash_internimage, from_internimage
+
   load_before = os.getloadavg()
-  cases = {'InternImage-T': ('DEFORMJAX_INTERNIMAGE_SRC', reference_internimage, convert.from_internimage),
-           'FlashInternImage-T': ('DEFORMJAX_DCNV4_SRC', reference_flash_internimage, convert.from_flash_internimage)}
-  batches = [int(b) for b in args.batches.split(',')]
+  cases = {'InternImage-T': ('internimage_src', reference_internimage, from_internimage),
+           'FlashInternImage-T': ('dcnv4_src', reference_flash_internimage, from_flash_internimage)}
+  batches = [int(b) for item in cfg.batches for b in str(item).split(',') if b]
   rows = []
-  for name, (env, reference, load) in cases.items():
-    if not os.environ.get(env):
-      print(f'{name}: {env} unset, skipped')
+  for name, (field, reference, load) in cases.items():
+    if not cfg[field]:
+      print(f'{name}: no source given (config.{field}), skipped')
       continue
-    c, fn, state = case(name, env, reference, load, batches, args.size)
-    for batch in batches:
-      timed = {'ours': c[batch]['ours']}
-      if batch <= args.torch_max_batch:
-        timed['torch'] = c[batch]['torch']
-      ms = interleaved_ms(timed, rounds=args.rounds, per_round=1, warmup=1)
-      row = {'model': name, 'batch': batch, 'params': c['params'], 'ours_ms': ms['ours'],
-             'torch_ms': ms.get('torch'), 'speedup': ms['torch'] / ms['ours'] if 'torch' in ms else None,
-             'max_rel_diff_logits': (agreement(fn, state, c[batch]['torch'], c[batch]['x'][1])
-                                     if 'torch' in ms else None)}
-      rows.append(row)
-      print(row, flush=True)
-  load_after = os.getloadavg()
-  meta = run_metadata()
-  meta['versions'].update(flax=flax.__version__, torch=torch.__version__)
-  result = {
-      **meta, 'device_name': device_name(), 'torch_threads': torch.get_num_threads(),
-      'shape': {'batches': batches, 'input_nchw_torch': ['batch', 3, args.size, args.size],
-                'input_nhwc_ours': ['batch', args.size, args.size, 3]}, 'torch_max_batch': args.torch_max_batch,
-      'dtype': 'float32', 'rounds': args.rounds, 'warmup': 1,
-      'load_average_before': load_before, 'load_average_after': load_after,
+    rows += time_model(cfg, name, cfg[field], reference, load, batches)
+  meta = benchmark_metadata(torch=torch.__version__)
+  return {
+      'benchmark': f'InternImage-T / FlashInternImage-T inference, {cfg.size}x{cfg.size}, float32', **meta,
+      'device_name': meta['device'], 'torch_threads': torch.get_num_threads(),
+      'method': f'median of {cfg.rounds} interleaved runs per side after 1 warm-up; ours jitted '
+                '(jax.block_until_ready), PyTorch eager under torch.no_grad',
+      'shapes': [f'batch {b} x 3 x {cfg.size} x {cfg.size} (NCHW, PyTorch); batch {b} x {cfg.size} x {cfg.size} x 3 '
+                 '(NHWC, ours)' for b in batches],
+      'shape': {'batches': batches, 'input_nchw_torch': ['batch', 3, cfg.size, cfg.size],
+                'input_nhwc_ours': ['batch', cfg.size, cfg.size, 3]}, 'torch_max_batch': cfg.torch_max_batch,
+      'dtype': 'float32', 'rounds': cfg.rounds, 'warmup': 1,
+      'load_average_before': load_before, 'load_average_after': os.getloadavg(),
       'reference_cores': {'InternImage-T': "upstream DCNv3_pytorch (dcnv3_core_pytorch)",
                           'FlashInternImage-T': 'upstream DCNv4 module over a grid_sample translation of its CUDA '
                                                 'forward kernel (no pure-PyTorch path upstream)'},
       'results': rows,
   }
+
+
+def markdown(result: dict) -> str:
+  """The page: the table, with the device, versions, load and method above it."""
+  v = result['versions']
   lines = [
-      f'# InternImage-T / FlashInternImage-T inference, {args.size}x{args.size}, float32',
+      f"# {result['benchmark']}",
       '',
-      f'{result["device_name"]}; jax {jax.__version__}, flax {flax.__version__}, torch {torch.__version__} '
-      f'({result["torch_threads"]} threads); {meta["date"]}.',
-      f'Load average (1, 5, 15 min) before: {", ".join(f"{v:.2f}" for v in load_before)}; after: '
-      f'{", ".join(f"{v:.2f}" for v in load_after)} (a shared machine: the figures move with the load).',
-      f'Median of {args.rounds} interleaved runs per side after 1 warm-up; ours jitted (`jax.block_until_ready`), '
+      f"{result['device']}; jax {v['jax']}, flax {v['flax']}, torch {v['torch']} ({result['torch_threads']} threads); "
+      f"{result['date']}. Shapes: {'; '.join(result['shapes'])}.",
+      f"Load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in result['load_average_before'])}; after: "
+      f"{', '.join(f'{x:.2f}' for x in result['load_average_after'])} (a shared machine: the figures move with the "
+      'load).',
+      f"Median of {result['rounds']} interleaved runs per side after 1 warm-up; ours jitted (`jax.block_until_ready`), "
       'PyTorch eager under `torch.no_grad`.',
       '',
       '| model | params | batch | ours (ms) | PyTorch (ms) | PyTorch / ours | max rel. diff of logits |',
       '|---|---:|---:|---:|---:|---:|---:|',
   ]
-  for r in rows:
-    torch_ms = '-' if r['torch_ms'] is None else f'{r["torch_ms"]:.0f}'
-    ratio = '-' if r['speedup'] is None else f'{r["speedup"]:.1f}x'
-    diff = '-' if r['max_rel_diff_logits'] is None else f'{r["max_rel_diff_logits"]:.1e}'
-    lines.append(f'| {r["model"]} | {r["params"]:,} | {r["batch"]} | {r["ours_ms"]:.0f} | {torch_ms} | {ratio} | '
+  for r in result['results']:
+    torch_ms = '-' if r['torch_ms'] is None else f"{r['torch_ms']:.0f}"
+    ratio = '-' if r['speedup'] is None else f"{r['speedup']:.1f}x"
+    diff = '-' if r['max_rel_diff_logits'] is None else f"{r['max_rel_diff_logits']:.1e}"
+    lines.append(f"| {r['model']} | {r['params']:,} | {r['batch']} | {r['ours_ms']:.0f} | {torch_ms} | {ratio} | "
                  f'{diff} |')
-  if any(r['torch_ms'] is None for r in rows):
-    lines += ['', f'PyTorch timed at batches up to {args.torch_max_batch} only (`--torch-max-batch`): its CPU '
+  if any(r['torch_ms'] is None for r in result['results']):
+    lines += ['', f"PyTorch timed at batches up to {result['torch_max_batch']} only (`torch_max_batch`): its CPU "
               'cores take minutes per forward at the larger batches on this machine.']
   lines += ['', 'PyTorch sides: InternImage-T runs its own pure-PyTorch DCNv3 core (`core_op=\'DCNv3_pytorch\'`); '
             'FlashInternImage-T has no pure-PyTorch path upstream, so its DCNv4 module runs over a grid_sample '
             'translation of the CUDA forward kernel (a CPU baseline, not the official kernel\'s speed).', '']
-  path = write_results('bench_internimage_cpu', result, '\n'.join(lines), args.out)
-  print(f'wrote {path}')
+  return '\n'.join(lines)
+
+
+def main(args=None) -> dict:
+  """`python -m experiments.bench_internimage [--config FILE[:ARG]] [--config.FIELD=VALUE ...] [--out DIR]`."""
+  return bench_main(args, 'experiments.bench_internimage', DEFAULT_CONFIG, run, markdown,
+                    lambda cfg: 'bench_internimage_cpu')
 
 
 if __name__ == '__main__':

@@ -8,41 +8,41 @@ at batch 64 and batch 1, and `deform_conv2d` (3x3, pad
 model is exported once with `deformjax.export.to_onnx` (symbolic batch) and run
 by an onnxruntime CPU session; the JAX side is the same function under
 `jax.jit`. Median of many interleaved runs after warm-up (see
-`bench_ops.interleaved_ms`). Writes experiments/results/bench_onnx_cpu.json/.md.
+`experiments.common.interleaved_ms`). Writes bench_onnx_cpu.json / .md under
+`--out` (runs/; `--out experiments/results` refreshes the committed ones). The
+config (experiments/configs/bench_onnx.py) holds every setting:
 
   python -m experiments.bench_onnx --out experiments/results
-  python -m experiments.bench_onnx --repeats 10 --no-ops     # classifiers only
-  python -m experiments.bench_onnx --profile                 # + onnxruntime's per-op-type time
+  python -m experiments.bench_onnx --config.repeats=10 --config.ops=False   # classifiers only
+  python -m experiments.bench_onnx --config.profile=True                    # + onnxruntime's per-op-type time
+  python -m experiments.bench_onnx --config=experiments/configs/bench_onnx.py:runlocal   # a smoke test
 
 Deformable models are also exported with `onnx_deform_conv=True` (ONNX's own
 DeformConv, opset 19, onnxruntime's native kernel) and timed beside the rest.
-With `--profile` each classifier also runs once more under onnxruntime's
+With `profile=True` each classifier also runs once more under onnxruntime's
 profiler and the result lists the operator types that take the most time.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
-import datetime
 import json
 import os
 import pathlib
-import platform
 import tempfile
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 from flax import nnx
 
-import deformjax
 from deformjax.export import op_types, to_onnx
 from deformjax.models import CifarNet, ConvClassifier
 from deformjax.ops import deform_conv2d
-from experiments.bench_ops import DEFAULT_SHAPES, device_name, interleaved_ms, jax_call
-from experiments.common import OUT_HELP, RUNS
+from deformjax.train.config import ConfigError
+from experiments.common import bench_main, benchmark_header, benchmark_metadata, interleaved_ms, jax_call
+
+DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'bench_onnx.py'
 
 CLASSIFIERS = {
     # name: (builder, input shape without the batch)
@@ -53,9 +53,6 @@ CLASSIFIERS = {
     'conv5-regular': (lambda: ConvClassifier(1, 10, deformable='none', rngs=nnx.Rngs(0)), (28, 28, 1)),
     'cifarnet-regular': (lambda: CifarNet(3, 10, deformable='none', rngs=nnx.Rngs(0)), (32, 32, 3)),
 }
-BATCHES = (64, 1)
-
-
 def randomised(module, seed=0, scale=0.1):
   """Every parameter random: fresh offset predictors are zero, so the offsets would all be 0."""
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
@@ -101,17 +98,18 @@ def profile_by_op_type(model, inputs, runs: int = 5) -> list[dict]:
   return [{'op_type': t, 'ms_per_run': us / runs / 1e3, 'share': us / total} for t, us in per_type.most_common(8)]
 
 
-def bench_classifiers(repeats: int, rounds: int, profile: bool) -> list[dict]:
+def bench_classifiers(names, batches, repeats: int, rounds: int, profile: bool) -> list[dict]:
   rows = []
   rng = np.random.default_rng(0)
-  for name, (build, shape) in CLASSIFIERS.items():
+  for name in names:
+    build, shape = CLASSIFIERS[name]
     net = randomised(build())
     model = to_onnx(net, np.zeros((2,) + shape, np.float32))
     native = to_onnx(net, np.zeros((2,) + shape, np.float32), onnx_deform_conv=True) if 'deformable' in name else None
     jitted = jax.jit(lambda x, net=net: net(x))
     sess, calm = ort_session(model), ort_session(model, spinning=False)
     native_sessions = None if native is None else (ort_session(native), ort_session(native, spinning=False))
-    for batch in BATCHES:
+    for batch in batches:
       x = rng.uniform(size=(batch,) + shape).astype(np.float32)
       xj = jnp.asarray(x)
       got = ort_call(sess, [x])()[0]
@@ -181,20 +179,18 @@ def _dist_version(name: str, module) -> str:
 
 
 def versions() -> dict:
+  """The exporter's and the runtime's versions (benchmark_metadata adds python, jax, flax, deformjax)."""
   import jax2onnx
   import onnx
   import onnxruntime
 
-  v = {'python': platform.python_version(), 'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
-       'deformjax': deformjax.__version__, 'jax2onnx': _dist_version('jax2onnx', jax2onnx),
-       'onnx': onnx.__version__, 'onnxruntime': onnxruntime.__version__}
-  return v
+  return {'jax2onnx': _dist_version('jax2onnx', jax2onnx), 'onnx': onnx.__version__,
+          'onnxruntime': onnxruntime.__version__}
 
 
 def to_markdown(result: dict) -> str:
   lines = [f"# {result['benchmark']}", '',
-           f"Device: {result['device']}. Versions: " + ', '.join(f'{k} {v}' for k, v in result['versions'].items())
-           + f". Method: {result['method']}. Date: {result['date']}.", '',
+           benchmark_header(result), '',
            '## Classifiers', '',
            'onnxruntime runs the default export (standard operators: the gather graph) and, where a layer is '
            'deformable, the opt-in export with ONNX DeformConv (`onnx_deform_conv=True`).', '',
@@ -228,31 +224,30 @@ def to_markdown(result: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--repeats', type=int, default=60, help='timed runs per case (split over the rounds)')
-  parser.add_argument('--rounds', type=int, default=3, help='interleaved timing rounds')
-  parser.add_argument('--no-ops', action='store_true', help='skip the deform_conv2d shapes')
-  parser.add_argument('--profile', action='store_true', help="add onnxruntime's time per operator type")
-  parser.add_argument('--out', type=pathlib.Path, default=RUNS, help=OUT_HELP)
-  args = parser.parse_args(argv)
-  result = {
+def run(cfg) -> dict:
+  """The classifiers and (with `ops`) deform_conv2d, exported and timed (see the module's docstring)."""
+  if unknown := [n for item in cfg.classifiers for n in str(item).split(',') if n and n not in CLASSIFIERS]:
+    raise ConfigError(f"--config.classifiers: unknown {', '.join(unknown)}; choose from {', '.join(CLASSIFIERS)}")
+  names = [n for item in cfg.classifiers for n in str(item).split(',') if n]
+  op_shapes = tuple(tuple(s) for s in cfg.op_shapes) if cfg.ops else ()
+  per_round = max(1, -(-cfg.repeats // cfg.rounds))
+  return {
       'benchmark': 'ONNX export (onnxruntime, CPU execution provider) vs JAX jit on CPU, float32',
-      'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
-      'device': device_name(),
-      'versions': versions(),
-      'method': f'median of {args.rounds} interleaved rounds x {max(1, -(-args.repeats // args.rounds))} runs after '
+      **benchmark_metadata(**versions()),
+      'method': f'median of {cfg.rounds} interleaved rounds x {per_round} runs after '
                 'warm-up; JAX: jax.jit + block_until_ready; onnxruntime: InferenceSession.run with '
                 'ORT_ENABLE_ALL, default threads, with and without intra-op spinning; both on all cores, on a machine '
                 'shared with other work',
-      'classifiers': bench_classifiers(args.repeats, args.rounds, args.profile),
-      'ops': [] if args.no_ops else bench_ops(DEFAULT_SHAPES, max(6, args.repeats // 4), args.rounds),
+      'shapes': [f"{n}: batch {'/'.join(map(str, cfg.batches))} of {'x'.join(map(str, CLASSIFIERS[n][1]))}"
+                 for n in names] + [f'deform_conv2d N={n} {hw}x{hw} {c}->{c} 3x3' for n, hw, c in op_shapes],
+      'classifiers': bench_classifiers(names, tuple(cfg.batches), cfg.repeats, cfg.rounds, cfg.profile),
+      'ops': bench_ops(op_shapes, max(6, cfg.repeats // 4), cfg.rounds) if op_shapes else [],
   }
-  args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / 'bench_onnx_cpu.json').write_text(json.dumps(result, indent=2) + '\n')
-  (args.out / 'bench_onnx_cpu.md').write_text(to_markdown(result))
-  print(f"wrote {args.out / 'bench_onnx_cpu.json'} and .md")
-  return result
+
+
+def main(args=None) -> dict:
+  """`python -m experiments.bench_onnx [--config FILE[:ARG]] [--config.FIELD=VALUE ...] [--out DIR]`."""
+  return bench_main(args, 'experiments.bench_onnx', DEFAULT_CONFIG, run, to_markdown, lambda cfg: 'bench_onnx_cpu')
 
 
 if __name__ == '__main__':

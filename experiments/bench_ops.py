@@ -3,77 +3,51 @@
 Forward and forward+backward of a 3x3, stride 1, pad 1 deformable conv with
 mask, jitted, timed side by side in one process: median of many runs after
 warm-up, with jax.block_until_ready. Ratios are the figures to quote; absolute
-times only with the device named. Writes
-experiments/results/bench_ops_<device>.json and .md.
+times only with the device named. Writes bench_ops_<platform>.json and .md
+under `--out` (runs/; `--out experiments/results` refreshes the committed ones).
+The config (experiments/configs/bench_ops.py) holds every setting:
 
   python -m experiments.bench_ops                     # the platform's default shapes
-  python -m experiments.bench_ops --shapes 64,56,128 --repeats 10
-  python -m experiments.bench_ops --baseline 52fdbf0  # before/after, side by side
-  python -m experiments.bench_ops --dtype bfloat16 --deterministic   # on a GPU
-  python -m experiments.bench_ops --family            # dcnv3 / dcnv4 / ms_deform_attn
-  python -m experiments.bench_ops --family --batch 4 --msda-batch 1   # the same, shrunk for a small CPU
+  python -m experiments.bench_ops --config.shapes='((64, 56, 128),)' --config.repeats=10
+  python -m experiments.bench_ops --config.baseline=52fdbf0  # before/after, side by side
+  python -m experiments.bench_ops --config.dtype=bfloat16 --config.deterministic_gradients=True   # on a GPU
+  python -m experiments.bench_ops --config=experiments/configs/bench_ops.py:family   # dcnv3 / dcnv4 / ms_deform_attn
+  python -m experiments.bench_ops --config=experiments/configs/bench_ops.py:family --config.batch=4 \\
+    --config.msda_batch=1                             # the same, shrunk for a small CPU
+  python -m experiments.bench_ops --config=experiments/configs/bench_ops.py:runlocal  # a smoke test
 
 Default shapes: on CPU the three the CPU work was tuned on; on GPU/TPU DCNv4's
 four operator shapes (64x56x56x128 ... 64x7x7x1024) and the classifier shape
 64x14x14x32. torchvision (where importable) runs the same numbers in float32,
-or in float16 when --dtype is bfloat16/float16 (it has no bf16 kernel).
-`--deterministic` also times forward+backward with `deterministic=True`.
+or in float16 when the dtype is bfloat16/float16 (it has no bf16 kernel).
+`deterministic_gradients=True` also times forward+backward with deterministic gradients.
 
-Timings are interleaved: each of `--rounds` rounds times every function
-(ours, lax.conv, the baseline, torchvision) `repeats / rounds` times in turn,
-so drift in machine load hits all of them alike; the figure is the median of
-all those runs.
+Timings are interleaved (`experiments.common.interleaved_ms`): each of `rounds`
+rounds times every function (ours, lax.conv, the baseline, torchvision)
+`repeats / rounds` times in turn, so drift in machine load hits all of them
+alike; the figure is the median of all those runs.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import importlib.util
-import json
 import pathlib
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 from jax import lax
 
-import deformjax
 from deformjax.ops import deform_conv2d
-from experiments.common import OUT_HELP, RUNS
+from deformjax.train.config import ConfigError
+from experiments.common import bench_main, benchmark_header, benchmark_metadata, interleaved_ms, jax_call
 
+DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'bench_ops.py'
 DEFAULT_SHAPES = ((64, 7, 32), (64, 16, 64), (8, 64, 64))  # (N, H=W, C_in=C_out), CPU
 ACCELERATOR_SHAPES = ((64, 56, 128), (64, 28, 256), (64, 14, 512), (64, 7, 1024), (64, 14, 32))
-
-
-def interleaved_ms(cases: dict, rounds: int, per_round: int, warmup: int = 2) -> dict:
-  """{name: call} -> {name: median ms}, timing the cases in turn, round after round.
-
-  Each `call()` takes no arguments and returns once its work has finished
-  (`jax.block_until_ready`, or a CUDA synchronise for torch).
-  """
-  for call in cases.values():
-    for _ in range(warmup):
-      call()
-  samples = {name: [] for name in cases}
-  for _ in range(rounds):
-    for name, call in cases.items():
-      for _ in range(per_round):
-        t0 = time.perf_counter()
-        call()
-        samples[name].append(time.perf_counter() - t0)
-  return {name: 1e3 * statistics.median(ts) for name, ts in samples.items()}
-
-
-def jax_call(fn, *args):
-  return lambda: jax.block_until_ready(fn(*args))
 
 
 def load_baseline(rev: str):
@@ -101,22 +75,6 @@ def load_baseline(rev: str):
   except ImportError as e:
     raise SystemExit(f'error: --baseline {rev}: its deform_conv.py no longer imports here ({e})') from None
   return module.deform_conv2d
-
-
-def device_name() -> str:
-  dev = jax.devices()[0]
-  if dev.platform == 'cpu':
-    model = platform.processor() or 'cpu'
-    try:
-      for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
-        if line.startswith('model name'):
-          model = line.split(':', 1)[1].strip()
-          break
-    except OSError:
-      pass
-    import os
-    return f'cpu ({model}, {os.cpu_count()} cores)'
-  return f'{dev.platform} ({dev.device_kind})'
 
 
 def make_problem(n, hw, c, dtype, seed=0):
@@ -197,83 +155,100 @@ def temp_bytes(jitted, *args) -> int | None:
     return None
 
 
-def run(shapes, dtype_name: str, repeats: int, chunk_size: int | None, baseline: str | None = None,
-        rounds: int = 3, deterministic: bool = False, precision: str | None = None,
-        torchvision: bool = True) -> dict:
-  dtype = jnp.dtype(dtype_name)
-  shapes = shapes or (DEFAULT_SHAPES if jax.default_backend() == 'cpu' else ACCELERATOR_SHAPES)
-  base_op = load_baseline(baseline) if baseline else None
-  per_round = max(1, -(-repeats // rounds))
+def conv_shapes(cfg) -> tuple[tuple[int, int, int], ...]:
+  """The config's `shapes` as (N, H=W, C) triples; () gives the platform's defaults."""
+  shapes = tuple(cfg.shapes) or (DEFAULT_SHAPES if jax.default_backend() == 'cpu' else ACCELERATOR_SHAPES)
+  if not all(isinstance(s, tuple) and len(s) == 3 and all(isinstance(v, int) and v > 0 for v in s) for s in shapes):
+    raise ConfigError(f"config.shapes: (N, HW, C) triples of positive ints, e.g. '((64, 56, 128),)'; got {cfg.shapes}")
+  return shapes
+
+
+def conv_cases(cfg, problem, base_op) -> tuple[dict, dict]:
+  """({name: timed call}, {name: jitted function, for its temporary memory}) of one shape."""
+  x, off, mask, w, cot = problem
+  o_fwd, o_fb = ours_fns(cfg.chunk_size, precision=cfg.precision)
+  c_fwd, c_fb = conv_fns(cfg.precision)
+  cases = {'conv_fwd': jax_call(c_fwd, x, w), 'ours_fwd': jax_call(o_fwd, x, off, mask, w),
+           'conv_fwd_bwd': jax_call(c_fb, x, w, cot), 'ours_fwd_bwd': jax_call(o_fb, x, off, mask, w, cot)}
+  jitted = {'ours': o_fb, 'conv': c_fb}
+  if base_op is not None:
+    b_fwd, jitted['base'] = ours_fns(cfg.chunk_size, base_op, precision=cfg.precision)
+    cases['base_fwd'] = jax_call(b_fwd, x, off, mask, w)
+    cases['base_fwd_bwd'] = jax_call(jitted['base'], x, off, mask, w, cot)
+  if cfg.deterministic_gradients:
+    det = ours_fns(cfg.chunk_size, precision=cfg.precision, deterministic_gradients=True)[1]
+    cases['det_fwd_bwd'] = jax_call(det, x, off, mask, w, cot)
+  return cases, jitted
+
+
+def conv_row(cfg, shape, base_op) -> dict:
+  """One shape's timings, ratios and temporary memory (the JSON row)."""
+  n, hw, c = shape
+  problem = make_problem(n, hw, c, jnp.dtype(cfg.dtype))
+  x, off, mask, w, cot = problem
+  cases, jitted = conv_cases(cfg, problem, base_op)
+  tv = torchvision_cases(*problem) if cfg.torchvision else None
+  if tv is not None:
+    cases.update(tv[1])
+  times = interleaved_ms(cases, cfg.rounds, per_round(cfg))
+  row = {'N': n, 'H': hw, 'W': hw, 'C_in': c, 'C_out': c, 'kernel': [3, 3], 'dtype': cfg.dtype}
+  row.update({f'{name}_ms': t for name, t in times.items() if not name.startswith('tv_')})
+  row['fwd_ratio_vs_conv'] = row['ours_fwd_ms'] / row['conv_fwd_ms']
+  row['fwd_bwd_ratio_vs_conv'] = row['ours_fwd_bwd_ms'] / row['conv_fwd_bwd_ms']
+  if base_op is not None:
+    row['base_fwd_ratio_vs_conv'] = row['base_fwd_ms'] / row['conv_fwd_ms']
+    row['base_fwd_bwd_ratio_vs_conv'] = row['base_fwd_bwd_ms'] / row['conv_fwd_bwd_ms']
+    row['base_fwd_bwd_temp_bytes'] = temp_bytes(jitted['base'], x, off, mask, w, cot)
+  row['ours_fwd_bwd_temp_bytes'] = temp_bytes(jitted['ours'], x, off, mask, w, cot)
+  row['conv_fwd_bwd_temp_bytes'] = temp_bytes(jitted['conv'], x, w, cot)
+  row['columns_bytes'] = n * hw * hw * 9 * c * 4  # the whole float32 columns buffer
+  if cfg.deterministic_gradients:
+    row['det_fwd_bwd_ratio_vs_default'] = row['det_fwd_bwd_ms'] / row['ours_fwd_bwd_ms']
+  if tv is not None:
+    row['torchvision'] = {**tv[0], 'fwd_ms': times['tv_fwd'], 'fwd_bwd_ms': times['tv_fwd_bwd']}
+    row['fwd_ratio_vs_torchvision'] = row['ours_fwd_ms'] / times['tv_fwd']
+    row['fwd_bwd_ratio_vs_torchvision'] = row['ours_fwd_bwd_ms'] / times['tv_fwd_bwd']
+  return row
+
+
+def conv_line(row: dict, baseline: str | None) -> str:
+  """The progress line of one shape's row."""
+  tv, det = 'torchvision' in row, 'det_fwd_bwd_ms' in row
+  return (f"N={row['N']} {row['H']}x{row['W']} {row['C_in']}->{row['C_out']} {row['dtype']}: fwd "
+          f"{row['ours_fwd_ms']:.2f} ms vs conv {row['conv_fwd_ms']:.2f} ms ({row['fwd_ratio_vs_conv']:.2f}x); fwd+bwd "
+          f"{row['ours_fwd_bwd_ms']:.2f} ms vs {row['conv_fwd_bwd_ms']:.2f} ms ({row['fwd_bwd_ratio_vs_conv']:.2f}x)"
+          + (f"; vs torchvision fwd {row['fwd_ratio_vs_torchvision']:.2f}x, fwd+bwd "
+             f"{row['fwd_bwd_ratio_vs_torchvision']:.2f}x" if tv else '')
+          + (f"; deterministic fwd+bwd {row['det_fwd_bwd_ratio_vs_default']:.2f}x default" if det else '')
+          + (f"; baseline {baseline}: {row['base_fwd_ratio_vs_conv']:.2f}x / {row['base_fwd_bwd_ratio_vs_conv']:.2f}x"
+             if baseline else ''))
+
+
+def per_round(cfg) -> int:
+  return max(1, -(-cfg.repeats // cfg.rounds))
+
+
+def run_conv(cfg) -> dict:
+  """deform_conv2d against lax.conv at every shape of the config (see the module's docstring)."""
+  if cfg.dtype not in ('float32', 'bfloat16', 'float16'):
+    raise ConfigError(f'config.dtype: float32, bfloat16 or float16; got {cfg.dtype!r}')
+  shapes = conv_shapes(cfg)
+  base_op = load_baseline(cfg.baseline) if cfg.baseline else None
   rows = []
-  for n, hw, c in shapes:
-    x, off, mask, w, cot = make_problem(n, hw, c, dtype)
-    o_fwd, o_fb = ours_fns(chunk_size, precision=precision)
-    c_fwd, c_fb = conv_fns(precision)
-    row = {'N': n, 'H': hw, 'W': hw, 'C_in': c, 'C_out': c, 'kernel': [3, 3], 'dtype': dtype_name}
-    cases = {
-        'conv_fwd': jax_call(c_fwd, x, w), 'ours_fwd': jax_call(o_fwd, x, off, mask, w),
-        'conv_fwd_bwd': jax_call(c_fb, x, w, cot), 'ours_fwd_bwd': jax_call(o_fb, x, off, mask, w, cot),
-    }
-    if base_op is not None:
-      b_fwd, b_fb = ours_fns(chunk_size, base_op, precision=precision)
-      cases['base_fwd'] = jax_call(b_fwd, x, off, mask, w)
-      cases['base_fwd_bwd'] = jax_call(b_fb, x, off, mask, w, cot)
-    if deterministic:
-      cases['det_fwd_bwd'] = jax_call(ours_fns(chunk_size, precision=precision, deterministic=True)[1],
-                                      x, off, mask, w, cot)
-    tv = torchvision_cases(x, off, mask, w, cot) if torchvision else None
-    if tv is not None:
-      cases.update(tv[1])
-    times = interleaved_ms(cases, rounds, per_round)
-    for name in cases:
-      if not name.startswith('tv_'):
-        row[f'{name}_ms'] = times[name]
-    row['fwd_ratio_vs_conv'] = row['ours_fwd_ms'] / row['conv_fwd_ms']
-    row['fwd_bwd_ratio_vs_conv'] = row['ours_fwd_bwd_ms'] / row['conv_fwd_bwd_ms']
-    if base_op is not None:
-      row['base_fwd_ratio_vs_conv'] = row['base_fwd_ms'] / row['conv_fwd_ms']
-      row['base_fwd_bwd_ratio_vs_conv'] = row['base_fwd_bwd_ms'] / row['conv_fwd_bwd_ms']
-      row['base_fwd_bwd_temp_bytes'] = temp_bytes(b_fb, x, off, mask, w, cot)
-    row['ours_fwd_bwd_temp_bytes'] = temp_bytes(o_fb, x, off, mask, w, cot)
-    row['conv_fwd_bwd_temp_bytes'] = temp_bytes(c_fb, x, w, cot)
-    row['columns_bytes'] = n * hw * hw * 9 * c * 4  # the whole float32 columns buffer
-    if deterministic:
-      row['det_fwd_bwd_ratio_vs_default'] = row['det_fwd_bwd_ms'] / row['ours_fwd_bwd_ms']
-    if tv is not None:
-      row['torchvision'] = {**tv[0], 'fwd_ms': times['tv_fwd'], 'fwd_bwd_ms': times['tv_fwd_bwd']}
-      row['fwd_ratio_vs_torchvision'] = row['ours_fwd_ms'] / times['tv_fwd']
-      row['fwd_bwd_ratio_vs_torchvision'] = row['ours_fwd_bwd_ms'] / times['tv_fwd_bwd']
-    rows.append(row)
-    print(
-        f"N={n} {hw}x{hw} {c}->{c} {dtype_name}: fwd {row['ours_fwd_ms']:.2f} ms vs conv {row['conv_fwd_ms']:.2f} ms "
-        f"({row['fwd_ratio_vs_conv']:.2f}x); fwd+bwd {row['ours_fwd_bwd_ms']:.2f} ms vs "
-        f"{row['conv_fwd_bwd_ms']:.2f} ms ({row['fwd_bwd_ratio_vs_conv']:.2f}x)"
-        + (f"; vs torchvision fwd {row['fwd_ratio_vs_torchvision']:.2f}x, fwd+bwd "
-           f"{row['fwd_bwd_ratio_vs_torchvision']:.2f}x" if tv else '')
-        + (f"; deterministic fwd+bwd {row['det_fwd_bwd_ratio_vs_default']:.2f}x default" if deterministic else '')
-        + (f"; baseline {baseline}: {row['base_fwd_ratio_vs_conv']:.2f}x / {row['base_fwd_bwd_ratio_vs_conv']:.2f}x"
-           if base_op is not None else ''),
-        flush=True,
-    )
+  for shape in shapes:
+    rows.append(conv_row(cfg, shape, base_op))
+    print(conv_line(rows[-1], cfg.baseline), flush=True)
   return {
       'benchmark': 'deform_conv2d vs lax.conv_general_dilated, 3x3 stride 1 pad 1, with mask',
-      'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
-      'device': device_name(),
-      'versions': {'python': platform.python_version(), 'jax': jax.__version__,
-                   'jaxlib': jaxlib.__version__, 'deformjax': deformjax.__version__},
-      'method': f'median of {rounds} interleaved rounds x {per_round} runs after 2 warm-up runs, jax.jit, '
+      **benchmark_metadata(),
+      'method': f'median of {cfg.rounds} interleaved rounds x {per_round(cfg)} runs after 2 warm-up runs, jax.jit, '
                 'block_until_ready; fwd+bwd = jax.vjp w.r.t. every input',
-      'precision': precision or 'default',
-      'chunk_size': chunk_size,
-      'baseline': baseline,
+      'shapes': [f'N={n} {hw}x{hw} {c}->{c} 3x3' for n, hw, c in shapes],
+      'precision': cfg.precision or 'default',
+      'chunk_size': cfg.chunk_size,
+      'baseline': cfg.baseline,
       'rows': rows,
   }
-
-
-# The deformable family (`--family`): DCNv4's operator shapes (N, H=W, groups, C) and Deformable DETR's encoder
-# (batch 2, a 512x512 image's levels 64x64 ... 8x8, 8 heads of 32, 4 points, every pixel a query).
-FAMILY_DCN_SHAPES = ((64, 56, 4, 128), (64, 28, 8, 256), (64, 14, 16, 512), (64, 7, 32, 1024))
-FAMILY_MSDA_SHAPE = dict(n=2, levels=((64, 64), (32, 32), (16, 16), (8, 8)), heads=8, d=32, points=4)
 
 
 def torch_cases(fn, arrays, cot):
@@ -301,8 +276,11 @@ def torch_cases(fn, arrays, cot):
   return {'torch_fwd': fwd, 'torch_fwd_bwd': fwd_bwd}
 
 
-def family_problems(batch: int | None, msda_batch: int | None):
-  """(name, shape row, ours, torch reference or None, arrays, conv arrays) for every family benchmark case."""
+def family_problems(cfg):
+  """(name, shape row, ours, torch reference or None, arrays, conv arrays) for every family benchmark case: the
+  config's `family_shapes` (N, H=W, groups, C; N replaced by `batch` where set) and its `msda` problem (batch
+  replaced by `msda_batch` where set)."""
+  batch, msda_batch = cfg.batch, cfg.msda_batch
   from deformjax.ops import dcnv3, dcnv4, ms_deform_attn, offset_mask_channels
   try:
     from references.torch_reference import dcnv3_grid_sample, msda_transformers
@@ -311,7 +289,7 @@ def family_problems(batch: int | None, msda_batch: int | None):
   rng = np.random.default_rng(0)
   kw = dict(kernel_size=3, padding=1, offset_scale=1.0)
   torch_kw = dict(kernel=(3, 3), stride=1, pad=1, dilation=1, offset_scale=1.0, remove_center=False)
-  for n, hw, g, c in FAMILY_DCN_SHAPES:
+  for n, hw, g, c in cfg.family_shapes:
     n = batch or n
     x = rng.normal(size=(n, hw, hw, c)).astype(np.float32)
     off = rng.uniform(-2, 2, size=(n, hw, hw, g * 18)).astype(np.float32)
@@ -327,8 +305,9 @@ def family_problems(batch: int | None, msda_batch: int | None):
         lambda x, om, g=g, n=n, hw=hw: dcnv3_grid_sample(
             x, *_split_offset_mask(om, n, hw, g), groups=g, **torch_kw))
     yield 'dcnv4', row, lambda x, om, g=g: dcnv4(x, om, groups=g, **kw), t4, (x, om), conv
-  spec = dict(FAMILY_MSDA_SHAPE, n=msda_batch or FAMILY_MSDA_SHAPE['n'])
-  n, levels, heads, d, points = spec['n'], spec['levels'], spec['heads'], spec['d'], spec['points']
+  spec = dict(cfg.msda.to_dict(), n=msda_batch or cfg.msda.n)
+  n, heads, d, points = spec['n'], spec['heads'], spec['d'], spec['points']
+  levels = tuple(tuple(lv) for lv in spec['levels'])
   rows = sum(h * w for h, w in levels)
   value = rng.normal(size=(n, rows, heads, d)).astype(np.float32)
   loc = rng.uniform(0, 1, size=(n, rows, heads, len(levels), points, 2)).astype(np.float32)
@@ -348,10 +327,12 @@ def _split_offset_mask(om, n, hw, g):
   return per_group[..., :18].reshape(n, hw, hw, -1), per_group[..., 18:].reshape(n, hw, hw, -1)
 
 
-def run_family(repeats: int, rounds: int, batch: int | None, msda_batch: int | None, torch_reference: bool) -> dict:
+def run_family(cfg) -> dict:
+  """dcnv3, dcnv4 and ms_deform_attn against a depthwise lax.conv and the PyTorch references."""
+  repeats, rounds, torch_reference = cfg.repeats, cfg.rounds, cfg.torchvision
   per_round = max(1, -(-repeats // rounds))
   rows = []
-  for name, row, ours, reference, arrays, conv in family_problems(batch, msda_batch):
+  for name, row, ours, reference, arrays, conv in family_problems(cfg):
     o_fwd, o_fb = vjp_fns(ours)
     args = [jnp.asarray(a) for a in arrays]
     out = o_fwd(*args)
@@ -380,8 +361,7 @@ def run_family(repeats: int, rounds: int, batch: int | None, msda_batch: int | N
           + (f"; vs torch {row['fwd_ratio_vs_torch']:.2f}x / {row['fwd_bwd_ratio_vs_torch']:.2f}x" if tc else '')
           + (f"; temp {row['temp_ratio_vs_sampled']:.2f}x sampled" if 'temp_ratio_vs_sampled' in row else ''),
           flush=True)
-  versions = {'python': platform.python_version(), 'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
-              'deformjax': deformjax.__version__}
+  versions = {}
   try:
     import torch
     versions['torch'] = torch.__version__
@@ -392,14 +372,21 @@ def run_family(repeats: int, rounds: int, batch: int | None, msda_batch: int | N
   return {
       'benchmark': 'deformable family (dcnv3, dcnv4, ms_deform_attn) vs a 3x3 depthwise lax.conv and the PyTorch '
                    'references (InternImage grid_sample formulation, transformers multi_scale_deformable_attention)',
-      'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
-      'device': device_name(),
-      'versions': versions,
+      **benchmark_metadata(**versions),
       'method': f'median of {rounds} interleaved rounds x {per_round} runs after 2 warm-up runs, jax.jit, '
                 'block_until_ready; fwd+bwd = vjp w.r.t. every input; float32; 3x3 kernels, pad 1, stride 1',
-      'shrunk': {'batch': batch, 'msda_batch': msda_batch},
+      'shapes': list(dict.fromkeys(family_shape(r) for r in rows)),
+      'shrunk': {'batch': cfg.batch, 'msda_batch': cfg.msda_batch},
       'rows': rows,
   }
+
+
+def family_shape(r: dict) -> str:
+  """A family row's shape in words."""
+  if 'H' in r:
+    return f"N={r['N']} {r['H']}x{r['W']}, {r['groups']} groups of {r['C'] // r['groups']}"
+  return (f"N={r['N']}, levels {'/'.join(str(h) for h, _ in r['levels'])}, {r['heads']}x{r['D']}, "
+          f"{r['points']} points, {r['queries']} queries")
 
 
 def family_markdown(result: dict) -> str:
@@ -407,14 +394,10 @@ def family_markdown(result: dict) -> str:
           'torch fwd / fwd+bwd (ms)', 'vs torch fwd', 'vs torch fwd+bwd', 'fwd+bwd temp / sampled']
   shrunk = {k: v for k, v in result['shrunk'].items() if v}
   lines = [f"# {result['benchmark']}", '',
-           f"Device: {result['device']}. Versions: " + ', '.join(f'{k} {v}' for k, v in result['versions'].items())
-           + f". Method: {result['method']}. Date: {result['date']}."
-           + (f' Shrunk from the reference shapes: {shrunk}.' if shrunk else ''), '',
+           benchmark_header(result) + (f' Shrunk from the reference shapes: {shrunk}.' if shrunk else ''), '',
            '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in result['rows']:
-    shape = (f"N={r['N']} {r['H']}x{r['W']}, {r['groups']} groups of {r['C'] // r['groups']}" if 'H' in r else
-             f"N={r['N']}, levels {'/'.join(str(h) for h, _ in r['levels'])}, {r['heads']}x{r['D']}, "
-             f"{r['points']} points, {r['queries']} queries")
+    shape = family_shape(r)
     tc = 'torch_fwd_ms' in r
     cells = [r['op'], shape, f"{r['conv_fwd_ms']:.2f} / {r['conv_fwd_bwd_ms']:.2f}",
              f"{r['ours_fwd_ms']:.2f} / {r['ours_fwd_bwd_ms']:.2f}", f"{r['fwd_ratio_vs_conv']:.2f}x",
@@ -439,9 +422,7 @@ def to_markdown(result: dict) -> str:
   lines = [
       f"# {result['benchmark']}",
       '',
-      f"Device: {result['device']}. Versions: "
-      + ', '.join(f'{k} {v}' for k, v in result['versions'].items())
-      + f". Method: {result['method']}. Date: {result['date']}."
+      benchmark_header(result)
       + (f' Baseline: deform_conv2d at git revision {base}, timed in the same rounds.' if base else ''),
       '',
       '| ' + ' | '.join(head) + ' |',
@@ -464,53 +445,26 @@ def to_markdown(result: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def parse_shape(text: str) -> tuple[int, int, int]:
-  parts = tuple(int(p) for p in text.split(','))
-  if len(parts) != 3:
-    raise argparse.ArgumentTypeError(f'--shapes takes N,HW,C triples, got {text!r}')
-  return parts  # type: ignore[return-value]
+def run(cfg) -> dict:
+  """The benchmark the config asks for: the family (`family=True`) or deform_conv2d."""
+  return run_family(cfg) if cfg.family else run_conv(cfg)
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--shapes', type=parse_shape, nargs='+', default=None,
-                      help='N,HW,C triples; default: the platform\'s shapes (see above)')
-  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
-  parser.add_argument('--repeats', type=int, default=20)
-  parser.add_argument('--rounds', type=int, default=3, help='interleaved timing rounds')
-  parser.add_argument('--chunk-size', type=int, default=None)
-  parser.add_argument('--baseline', default=None, metavar='REV',
-                      help='also time deform_conv2d from this git revision, side by side')
-  parser.add_argument('--deterministic', action='store_true', help='also time deterministic=True fwd+bwd')
-  parser.add_argument('--precision', default=None, choices=['default', 'high', 'highest'],
-                      help="contraction precision of ours and lax.conv (default: JAX's, TF32 on NVIDIA GPUs)")
-  parser.add_argument('--no-torchvision', action='store_true',
-                      help="skip torchvision even where it imports (on CPU, torch's OpenMP threads keep spinning "
-                           'after each call and slow whatever JAX case runs next)')
-  parser.add_argument('--family', action='store_true',
-                      help='benchmark dcnv3 / dcnv4 / ms_deform_attn instead (DCNv4 operator and Deformable DETR shapes)')
-  parser.add_argument('--batch', type=int, default=None,
-                      help='--family: batch of the DCNv3/DCNv4 shapes instead of 64 (to fit a small CPU)')
-  parser.add_argument('--msda-batch', type=int, default=None, help='--family: batch of the MSDA shape instead of 2')
-  parser.add_argument('--out', type=pathlib.Path, default=RUNS, help=OUT_HELP)
-  parser.add_argument('--tag', default=None, help='file name suffix; default: the platform (cpu/gpu/tpu)')
-  args = parser.parse_args(argv)
-  if args.family:
-    result = run_family(args.repeats, args.rounds, args.batch, args.msda_batch, not args.no_torchvision)
-    tag = 'family_' + (args.tag or jax.devices()[0].platform)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f'bench_ops_{tag}.json').write_text(json.dumps(result, indent=2) + '\n')
-    (args.out / f'bench_ops_{tag}.md').write_text(family_markdown(result))
-    print(f"wrote {args.out / f'bench_ops_{tag}.json'} and .md")
-    return result
-  result = run(args.shapes, args.dtype, args.repeats, args.chunk_size, args.baseline, args.rounds,
-               args.deterministic, args.precision, not args.no_torchvision)
-  tag = args.tag or jax.devices()[0].platform + ('' if args.dtype == 'float32' else f'_{args.dtype}')
-  args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / f'bench_ops_{tag}.json').write_text(json.dumps(result, indent=2) + '\n')
-  (args.out / f'bench_ops_{tag}.md').write_text(to_markdown(result))
-  print(f"wrote {args.out / f'bench_ops_{tag}.json'} and .md")
-  return result
+def markdown(result: dict) -> str:
+  return family_markdown(result) if 'shrunk' in result else to_markdown(result)
+
+
+def file_name(cfg) -> str:
+  """bench_ops_<platform>[_<dtype>], bench_ops_family_<platform>; `tag` replaces what follows bench_ops_[family_]."""
+  platform = jax.devices()[0].platform
+  if cfg.family:
+    return 'bench_ops_family_' + (cfg.tag or platform)
+  return 'bench_ops_' + (cfg.tag or platform + ('' if cfg.dtype == 'float32' else f'_{cfg.dtype}'))
+
+
+def main(args=None) -> dict:
+  """`python -m experiments.bench_ops [--config FILE[:ARG]] [--config.FIELD=VALUE ...] [--out DIR]`."""
+  return bench_main(args, 'experiments.bench_ops', DEFAULT_CONFIG, run, markdown, file_name)
 
 
 if __name__ == '__main__':

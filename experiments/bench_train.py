@@ -14,27 +14,28 @@ are interleaved round by round, so no setting pays another's start-up. Where
 torch + torchvision import, the original study's `Net` and `Deformable_Net` (written from
 the study's description: torchvision `DeformConv2d` with a conv predicting its
 offsets, Adam, batch 64) train on CIFAR-shaped data already on the device, in
-the same rounds. Writes experiments/results/bench_train_<platform>.json / .md.
+the same rounds. Writes bench_train_<platform>.json / .md under `--out` (runs/;
+`--out experiments/results` refreshes the committed ones). The config
+(experiments/configs/bench_train.py) holds every setting:
 
-  python -m experiments.bench_train                          # CPU: a few minutes
-  python -m experiments.bench_train --steps=200 --rounds=5   # on a GPU
+  python -m experiments.bench_train                                        # CPU: a few minutes
+  python -m experiments.bench_train --config.steps=200 --config.rounds=5   # on a GPU
+  python -m experiments.bench_train --config=experiments/configs/bench_train.py:runlocal   # a smoke test
 """
 
 from __future__ import annotations
 
-import collections
 import pathlib
 import statistics
 import time
 
 import jax
 import numpy as np
-from absl import flags
 
-from deformjax.train.cli import command_line, fail
-from experiments.common import parse, run_metadata, study_flags, write_results
+from deformjax.train.config import ConfigError
+from experiments.common import bench_main, benchmark_header, benchmark_metadata
 
-Args = collections.namedtuple('Args', 'models settings steps rounds batch_size examples no_torch out')
+DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'bench_train.py'
 SETTINGS = {'regular': ('none', False), 'deformable': ('all', False), 'modulated': ('all', True)}
 MODELS = {'conv5': 'digits', 'cifarnet': 'cifar10'}
 
@@ -166,78 +167,87 @@ def torch_runners(batch: int, steps: int):
   return {'study Net': runner(Net()), 'study Deformable_Net': runner(DeformableNet())}, versions
 
 
-def main(args=None) -> dict:
-  """`python -m experiments.bench_train [--models=conv5,cifarnet] [--settings=regular,...] [--steps=30] ...`."""
-  argv = command_line(args, 'experiments.bench_train')
-  fv, _, out_flag = study_flags(argv)
-  models = flags.DEFINE_list('models', list(MODELS), f"models to time, of {', '.join(MODELS)}", flag_values=fv)
-  settings = flags.DEFINE_list('settings', list(SETTINGS), f"settings to time, of {', '.join(SETTINGS)}",
-                               flag_values=fv)
-  steps = flags.DEFINE_integer('steps', 30, 'timed steps per repeat', lower_bound=1, flag_values=fv)
-  rounds = flags.DEFINE_integer('rounds', 3, 'interleaved repeats', lower_bound=1, flag_values=fv)
-  batch_size = flags.DEFINE_integer('batch_size', 64, 'global batch size', lower_bound=1, flag_values=fv)
-  examples = flags.DEFINE_integer('examples', 4096, 'CIFAR-shaped training examples', lower_bound=1, flag_values=fv)
-  torch = flags.DEFINE_bool('torch', True, "time the original study's PyTorch nets where torch imports (--notorch: skip)",
-                            flag_values=fv)
-  parse(fv, argv)
-  for name, given, known in (('models', models.value, MODELS), ('settings', settings.value, SETTINGS)):
-    if unknown := [v for v in given if v not in known]:
-      fail(f"--{name}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
-  args = Args(models.value, settings.value, steps.value, rounds.value, batch_size.value, examples.value,
-              not torch.value, pathlib.Path(out_flag.value))
+def listed(cfg, field: str, known) -> list[str]:
+  """The config's tuple `field` (items may be comma-separated lists), each a name of `known`."""
+  names = [n for item in cfg[field] for n in str(item).split(',') if n]
+  if unknown := [n for n in names if n not in known]:
+    raise ConfigError(f"--config.{field}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+  return names
 
-  cases = [(m, s) for m in args.models for s in args.settings]
-  sources = {m: sources_for(MODELS[m], args.examples) for m in args.models}
-  ideal = {c: ideal_runner(config_for(*c, args.steps, args.batch_size), sources[c[0]]) for c in cases}
-  torch_runs, torch_versions = ({}, None) if args.no_torch else torch_runners(args.batch_size, args.steps)
+
+def timed_rounds(cfg, cases, sources, ideal, torch_runs) -> tuple[dict, dict, dict]:
+  """Seconds per step of every case, ideal and loop, and of the PyTorch nets, over interleaved rounds."""
   for run in [*ideal.values(), *torch_runs.values()]:
     run(3)  # compile and warm up every setting before any timing
   for c in cases:  # the loop compiles inside train(): one untimed run per setting first
-    loop_seconds_per_step(config_for(*c, 2, args.batch_size), sources[c[0]])
-  ideal_s = {c: [] for c in cases}
-  loop_s = {c: [] for c in cases}
-  torch_s = {n: [] for n in torch_runs}
-  for r in range(args.rounds):
+    loop_seconds_per_step(config_for(*c, 2, cfg.batch_size), sources[c[0]])
+  ideal_s: dict = {c: [] for c in cases}
+  loop_s: dict = {c: [] for c in cases}
+  torch_s: dict = {n: [] for n in torch_runs}
+  for r in range(cfg.rounds):
     for c in cases:
       t0 = time.perf_counter()
-      ideal[c](args.steps)
-      ideal_s[c].append((time.perf_counter() - t0) / args.steps)
-      loop_s[c].append(loop_seconds_per_step(config_for(*c, args.steps, args.batch_size), sources[c[0]]))
+      ideal[c](cfg.steps)
+      ideal_s[c].append((time.perf_counter() - t0) / cfg.steps)
+      loop_s[c].append(loop_seconds_per_step(config_for(*c, cfg.steps, cfg.batch_size), sources[c[0]]))
     for name, run in torch_runs.items():
       t0 = time.perf_counter()
-      run(args.steps)
-      torch_s[name].append((time.perf_counter() - t0) / args.steps)
-    print(f'round {r + 1}/{args.rounds} done', flush=True)
+      run(cfg.steps)
+      torch_s[name].append((time.perf_counter() - t0) / cfg.steps)
+    print(f'round {r + 1}/{cfg.rounds} done', flush=True)
+  return ideal_s, loop_s, torch_s
 
+
+def run(cfg) -> dict:
+  """Times every (model, setting) of the config, loop and ideal step, and the PyTorch nets (see the docstring)."""
+  cases = [(m, s) for m in listed(cfg, 'models', MODELS) for s in listed(cfg, 'settings', SETTINGS)]
+  sources = {m: sources_for(MODELS[m], cfg.examples) for m, _ in cases}
+  ideal = {c: ideal_runner(config_for(*c, cfg.steps, cfg.batch_size), sources[c[0]]) for c in cases}
+  torch_runs, torch_versions = torch_runners(cfg.batch_size, cfg.steps) if cfg.torch else ({}, None)
+  ideal_s, loop_s, torch_s = timed_rounds(cfg, cases, sources, ideal, torch_runs)
   ms = lambda xs: 1e3 * statistics.median(xs)
   rows = []
   for (model, setting) in cases:
     loop_ms, ideal_ms = ms(loop_s[(model, setting)]), ms(ideal_s[(model, setting)])
     rows.append({'model': model, 'setting': setting, 'loop_ms_per_step': loop_ms, 'ideal_ms_per_step': ideal_ms,
-                 'loop_over_ideal': loop_ms / ideal_ms, 'loop_images_per_s': 1e3 * args.batch_size / loop_ms,
-                 'ideal_images_per_s': 1e3 * args.batch_size / ideal_ms})
-  torch_rows = [{'model': name, 'ms_per_step': ms(t), 'images_per_s': 1e3 * args.batch_size / ms(t)}
+                 'loop_over_ideal': loop_ms / ideal_ms, 'loop_images_per_s': 1e3 * cfg.batch_size / loop_ms,
+                 'ideal_images_per_s': 1e3 * cfg.batch_size / ideal_ms})
+  torch_rows = [{'model': name, 'ms_per_step': ms(t), 'images_per_s': 1e3 * cfg.batch_size / ms(t)}
                 for name, t in torch_s.items()]
-  result = {'name': 'bench_train', **run_metadata(), 'batch_size': args.batch_size, 'steps': args.steps,
-            'rounds': args.rounds, 'torch': torch_versions, 'rows': rows, 'torch_rows': torch_rows,
-            'method': f'median over {args.rounds} interleaved rounds of {args.steps} steps, every setting compiled '
-                      'and warmed up first; loop = deformjax.train.train seconds_per_step, ideal = the jitted step '
-                      'called back to back on device-resident data'}
+  shapes = {'conv5': '28x28x1 digits', 'cifarnet': '32x32x3 CIFAR-shaped'}
+  return {'name': 'bench_train', 'benchmark': 'Training step: loop vs ideal', **benchmark_metadata(),
+          'shapes': [f'{m}: batch {cfg.batch_size} of {shapes[m]}' for m in dict.fromkeys(m for m, _ in cases)],
+          'batch_size': cfg.batch_size, 'steps': cfg.steps, 'rounds': cfg.rounds, 'torch': torch_versions,
+          'rows': rows, 'torch_rows': torch_rows,
+          'method': f'median over {cfg.rounds} interleaved rounds of {cfg.steps} steps, every setting compiled '
+                    'and warmed up first; loop = deformjax.train.train seconds_per_step, ideal = the jitted step '
+                    'called back to back on device-resident data'}
+
+
+def table(result: dict) -> str:
+  """The loop-vs-ideal table, and the PyTorch nets' where they ran."""
   lines = ['| model | setting | loop ms/step | ideal ms/step | loop / ideal | loop img/s | ideal img/s |',
            '|---|---|---|---|---|---|---|']
   lines += [f"| {r['model']} | {r['setting']} | {r['loop_ms_per_step']:.2f} | {r['ideal_ms_per_step']:.2f} | "
             f"{r['loop_over_ideal']:.2f}x | {r['loop_images_per_s']:.0f} | {r['ideal_images_per_s']:.0f} |"
-            for r in rows]
-  if torch_rows:
-    lines += ['', f"PyTorch ({torch_versions['device']}, torch {torch_versions['torch']}, torchvision "
-                  f"{torch_versions['torchvision']}), same rounds, data on the device:", '',
-              '| model | ms/step | img/s |', '|---|---|---|']
-    lines += [f"| {r['model']} | {r['ms_per_step']:.2f} | {r['images_per_s']:.0f} |" for r in torch_rows]
-  table = '\n'.join(lines)
-  md = (f"# Training step: loop vs ideal\n\nDevice: {result['device']}; {result['versions']}; {result['date']}. "
-        f"Batch {args.batch_size}. {result['method']}.\n\n{table}\n")
-  write_results(f'bench_train_{jax.devices()[0].platform}', result, md, args.out)
-  print('\n' + table)
+            for r in result['rows']]
+  if result['torch_rows']:
+    tv = result['torch']
+    lines += ['', f"PyTorch ({tv['device']}, torch {tv['torch']}, torchvision {tv['torchvision']}), same rounds, "
+              'data on the device:', '', '| model | ms/step | img/s |', '|---|---|---|']
+    lines += [f"| {r['model']} | {r['ms_per_step']:.2f} | {r['images_per_s']:.0f} |" for r in result['torch_rows']]
+  return '\n'.join(lines)
+
+
+def markdown(result: dict) -> str:
+  return f"# {result['benchmark']}\n\n{benchmark_header(result)}\n\n{table(result)}\n"
+
+
+def main(args=None) -> dict:
+  """`python -m experiments.bench_train [--config FILE[:ARG]] [--config.FIELD=VALUE ...] [--out DIR]`."""
+  result = bench_main(args, 'experiments.bench_train', DEFAULT_CONFIG, run, markdown,
+                      lambda cfg: f'bench_train_{jax.devices()[0].platform}')
+  print('\n' + table(result))
   return result
 
 

@@ -1,5 +1,5 @@
 """Shared helpers of the experiments: run metadata, mean ± std, result files, the transform studies' runner,
-entry point and plot."""
+entry point and plot, and the benchmarks' timing, metadata, results writer and entry point."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import time
 from collections.abc import Callable
 
@@ -70,6 +71,104 @@ def write_results(name: str, result: dict, markdown: str, out_dir: pathlib.Path 
   (out_dir / f'{name}.json').write_text(json.dumps(result, indent=2, default=float) + '\n')
   (out_dir / f'{name}.md').write_text(markdown)
   return out_dir / f'{name}.md'
+
+
+def device_name() -> str:
+  """The device a benchmark ran on: `cpu (<CPU model>, <cores> cores)`, or `gpu (<device kind>)`."""
+  dev = jax.devices()[0]
+  if dev.platform != 'cpu':
+    return f'{dev.platform} ({dev.device_kind})'
+  model = platform.processor() or 'cpu'
+  try:
+    model = next(line.split(':', 1)[1].strip() for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines()
+                 if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  return f'cpu ({model}, {os.cpu_count()} cores)'
+
+
+def benchmark_metadata(**versions: str) -> dict:
+  """`date`, `device` (`device_name()`) and `versions` (python, jax, jaxlib, flax, deformjax and `versions`)."""
+  import flax
+  import jaxlib
+
+  return {'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'), 'device': device_name(),
+          'versions': {'python': platform.python_version(), 'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
+                       'flax': flax.__version__, 'deformjax': deformjax.__version__, **versions}}
+
+
+def benchmark_header(result: dict) -> str:
+  """The line under a benchmark table's title: device, versions, method, shapes and date of `result`."""
+  versions = ', '.join(f'{k} {v}' for k, v in result['versions'].items())
+  return (f"Device: {result['device']}. Versions: {versions}. Method: {result['method']}. "
+          f"Shapes: {'; '.join(map(str, result['shapes']))}. Date: {result['date']}.")
+
+
+def interleaved_ms(cases: dict, rounds: int, per_round: int, warmup: int = 2) -> dict:
+  """{name: call} -> {name: median ms}, timing the cases in turn, round after round.
+
+  Each `call()` takes no arguments and returns once its work has finished (`jax.block_until_ready`, or a CUDA
+  synchronise for torch), so drift in the machine's load hits every case alike.
+  """
+  for call in cases.values():
+    for _ in range(warmup):
+      call()
+  samples: dict[str, list[float]] = {name: [] for name in cases}
+  for _ in range(rounds):
+    for name, call in cases.items():
+      for _ in range(per_round):
+        t0 = time.perf_counter()
+        call()
+        samples[name].append(time.perf_counter() - t0)
+  return {name: 1e3 * statistics.median(ts) for name, ts in samples.items()}
+
+
+def jax_call(fn, *args):
+  """A call of `fn(*args)` that returns once its result is computed, for `interleaved_ms`."""
+  return lambda: jax.block_until_ready(fn(*args))
+
+
+BENCHMARK_KEYS = ('benchmark', 'date', 'device', 'versions', 'method', 'shapes')
+
+
+def write_benchmark(name: str, result: dict, markdown: str, out_dir: pathlib.Path = RUNS) -> pathlib.Path:
+  """Writes a benchmark's `<name>.json` and `<name>.md` under `out_dir`; returns the markdown's path.
+
+  Every benchmark's JSON states what it measured and where: `result` must hold `BENCHMARK_KEYS` (what was
+  timed, when, on which device, with which versions, how, at which shapes).
+  """
+  missing = [k for k in BENCHMARK_KEYS if k not in result]
+  if missing:
+    raise ValueError(f'write_benchmark({name!r}): the result has no {", ".join(missing)}; every benchmark result '
+                     f'holds {", ".join(BENCHMARK_KEYS)}')
+  return write_results(name, result, markdown, out_dir)
+
+
+def bench_main(args, prog: str, default_config: pathlib.Path, run: Callable, markdown: Callable[[dict], str],
+               file_name: Callable[[object], str]) -> dict:
+  """A benchmark's command line, the studies' own: parses `args` (None: `sys.argv`), runs, writes the results.
+
+  Args:
+    args: the arguments after the program's name (`--config FILE[:ARG]`, `--config.FIELD=VALUE`, `--out DIR`),
+      or None.
+    prog: the program's name in messages (`experiments.bench_ops`).
+    default_config: the config file used when `--config` is not given.
+    run: config -> result (a dict with `BENCHMARK_KEYS`).
+    markdown: result -> its markdown page.
+    file_name: config -> the results' file name, without suffix.
+
+  Returns:
+    The result; `<file_name>.json` and `.md` are written under `--out`.
+  """
+  from deformjax.train.cli import command_line, run_or_exit
+
+  argv = command_line(args, prog)
+  fv, config, out_flag = study_flags(argv, default_config)
+  cfg = parse(fv, argv, config)
+  result = run_or_exit(run, cfg)
+  path = write_benchmark(file_name(cfg), result, markdown(result), pathlib.Path(out_flag.value))
+  print(f"wrote {path.with_suffix('.json')} and .md")
+  return result
 
 
 def seed_groups(seeds) -> list[tuple[int, int]]:

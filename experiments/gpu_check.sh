@@ -3,14 +3,15 @@
 # torchvision installed, it runs the project from the source tree (PYTHONPATH=.) in order of what
 # matters most, each part under its own timeout (~6 minutes in all, ~11 with the family):
 # torchvision parity (float64 to 1e-12, float32 at precision='highest' to 1e-5, forward and every
-# gradient), bench_ops at DCNv4's shapes in float32 (deterministic=True timed too) and bfloat16
+# gradient), bench_ops at DCNv4's shapes in float32 (deterministic gradients timed too) and bfloat16
 # (torchvision in float16), bench_train (loop vs ideal step, and its PyTorch Net / Deformable_Net), the
 # whole main job (42 s on an H100), then the deterministic gradients' bit-identity test on the
 # device, then the deformable family (dcnv3 / dcnv4 / ms_deform_attn: parity, bit-identity,
 # bench_ops --family; limits of 150 s each). Timings of the parts on an H100 (2026-11-27): 52 s,
-# 82 s, 59 s, ~90 s, 42 s, 9 s. The training parts also need ml_collections (with absl-py and
-# PyYAML): where it is not importable and .whl/ holds the wheels `experiments/gpu_wheels.sh`
-# downloads, they are installed from there into /tmp/site first; otherwise those parts are skipped.
+# 82 s, 59 s, ~90 s, 42 s, 9 s. The benchmarks and the main job take their settings from config
+# files, so they need ml_collections (with absl-py and PyYAML): where it is not importable and .whl/
+# holds the wheels `experiments/gpu_wheels.sh` downloads, they are installed from there into
+# /tmp/site first; otherwise those parts are skipped.
 #
 #   bash experiments/gpu_check.sh               # from the source tree; results under experiments/results/
 #   OUT=/some/dir bash experiments/gpu_check.sh
@@ -30,24 +31,30 @@ log="$out/gpu_check.log"
 if ! $py -c 'import ml_collections' 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site
 fi
+configs=0  # 1: the config files' ml_collections imports, so the benchmarks and the main job can run
+$py -c 'import ml_collections' 2>/dev/null && configs=1
 status=0
 part() { local t=$1; shift; echo "== $* ($(date -u +%T), limit ${t}s)" | tee -a "$log"; timeout "$t" "$@" 2>&1 | tee -a "$log" || { echo "== FAILED or timed out: $*" | tee -a "$log"; status=1; }; }
 if [ "${ONLY:-all}" != family ]; then
 part 70 $py -m pytest -q -p no:cacheprovider -o addopts= tests/test_torchvision_parity.py
-part 110 $py -m experiments.bench_ops --repeats 20 --rounds 4 --deterministic --out "$res"
-part 60 $py -m experiments.bench_ops --repeats 20 --rounds 3 --dtype bfloat16 --out "$res"
-if $py -c 'import ml_collections' 2>/dev/null; then
-  part 100 $py -m experiments.bench_train --steps 50 --rounds 2 --examples 4096 --out "$res"
+if [ $configs = 1 ]; then
+  part 110 $py -m experiments.bench_ops --config.repeats=20 --config.rounds=4 --config.deterministic_gradients=True --out "$res"
+  part 60 $py -m experiments.bench_ops --config.repeats=20 --config.rounds=3 --config.dtype=bfloat16 --out "$res"
+  part 100 $py -m experiments.bench_train --config.steps=50 --config.rounds=2 --config.examples=4096 --out "$res"
   part 70 $py -m experiments.robustness --out "$res"
 else
-  echo 'skipped bench_train and the main job: ml_collections not importable (its wheels in .whl/: see gpu_wheels.sh)' | tee -a "$log"
+  echo 'skipped the benchmarks and the main job: ml_collections not importable (its wheels in .whl/: see gpu_wheels.sh)' | tee -a "$log"
 fi
 part 30 $py -m pytest -q -p no:cacheprovider -o addopts= tests/test_policy.py -k bit_identical
 fi
 # The deformable family: parity with the PyTorch references (torch on the device), its device-only
 # bit-identity test, then its benchmark at the full reference shapes.
 part 150 $py -m pytest -q -p no:cacheprovider -o addopts= tests/test_family_parity.py tests/test_family.py -k 'parity or matches or bit_identical'
-part 150 $py -m experiments.bench_ops --family --repeats 20 --rounds 4 --out "$res"
+if [ $configs = 1 ]; then
+  part 150 $py -m experiments.bench_ops --config=experiments/configs/bench_ops.py:family --config.repeats=20 --config.rounds=4 --out "$res"
+else
+  echo 'skipped the family benchmark: ml_collections not importable' | tee -a "$log"
+fi
 # The main job names its files after its config; on the device they are the _gpu twins.
 for f in "$res"/robustness_digits.*; do [ -e "$f" ] && mv "$f" "${f/robustness_digits./robustness_digits_gpu.}"; done
 cp "$res"/*.md "$out"/ 2>/dev/null
