@@ -182,3 +182,10 @@ def test_from_mmcv_deform_roi_pool_reads_a_square_output_size():
   assert (pool.output_size, pool.in_features) == ((2, 2), 4)
   with pytest.raises(ValueError, match=r'predicts offsets for 3 bins, not a square: pass output_size='):
     convert.from_mmcv_deform_roi_pool(state | {'offset_fc.4.weight': np.zeros((6, f)), 'offset_fc.4.bias': np.zeros(6)})
+
+
+def test_from_torchvision_reads_the_offset_groups_off_the_offsets_as_torchvision_does():
+  layer = convert.from_torchvision(np.ones((6, 4, 3, 3), np.float32))
+  x = np.ones((1, 5, 5, 4), np.float32)
+  for groups in (1, 2):
+    assert layer(x, np.zeros((1, 3, 3, groups * 18), np.float32)).shape == (1, 3, 3, 6)

@@ -300,7 +300,7 @@ def test_converters_name_missing_and_misshapen_entries():
   state = numpy_state(TorchDCNv4(32))
   with pytest.raises(ValueError, match='from_dcnv4: .*offset_mask.weight'):
     convert.from_dcnv4(state, groups=2)
-  with pytest.raises(ValueError, match="from_deformable_detr_attention: state has no 'x.value_proj.weight'"):
+  with pytest.raises(ValueError, match="from_deformable_detr_attention: .*'x.value_proj.weight'"):
     convert.from_deformable_detr_attention({}, num_heads=4, num_levels=2, num_points=3, prefix='x.')
 
 

@@ -16,7 +16,7 @@ from deformjax.nn.deform_conv import DeformConv
 def from_torchvision(weight: np.ndarray, bias: np.ndarray | None = None, *,
                      strides: int | Sequence[int] | None = None, padding: int | Sequence[int] = 0,
                      kernel_dilation: int | Sequence[int] | None = None, feature_group_count: int | None = None,
-                     offset_groups: int = 1, param_dtype: DTypeLike = np.float32,
+                     offset_groups: int | None = None, param_dtype: DTypeLike = np.float32,
                      stride: int | Sequence[int] | None = None, dilation: int | Sequence[int] | None = None,
                      groups: int | None = None, **module_kwargs: Any) -> DeformConv:
   """A `DeformConv` holding a torchvision `DeformConv2d`'s weights, called with the offsets (and mask) as torchvision is.
@@ -30,8 +30,8 @@ def from_torchvision(weight: np.ndarray, bias: np.ndarray | None = None, *,
     padding: the zero padding, an int or a pair (torchvision's `padding`).
     kernel_dilation: the tap spacing, an int or a pair (torchvision: `dilation`; default 1).
     feature_group_count: the channel groups (torchvision: `groups`; default 1).
-    offset_groups: the offset groups the offsets carry (`offset.shape[1] // (2*kh*kw)`); torchvision reads it
-      off the offsets at call time.
+    offset_groups: the offset groups the offsets carry; None reads them off the offsets at each call, as
+      torchvision does (`offsets.shape[-1] // (2*kh*kw)`).
     param_dtype: the parameters' dtype.
     stride: torchvision's name for `strides`.
     dilation: torchvision's name for `kernel_dilation`.
