@@ -19,7 +19,7 @@ import pytest
 from deformjax.ops import dcnv3, dcnv4, ms_deform_attn, offset_mask_channels
 
 torch = pytest.importorskip('torch', exc_type=ImportError)
-from tests.torch_reference import dcnv3_grid_sample, msda_transformers  # noqa: E402
+from references.torch_reference import dcnv3_grid_sample, msda_transformers  # noqa: E402
 
 
 def assert_close(got, want, rtol=1e-5):

@@ -261,7 +261,8 @@ def test_train_and_eval_modes_leave_the_policy_alone(case):
 
 def _converter_cases() -> dict[str, tuple[Callable, Callable[[], tuple]]]:
   """Each single-layer converter with a small state (the layout its docstring shows) and a call's inputs."""
-  from deformjax.nn import convert
+  from deformjax import convert
+  from deformjax.convert.deformable_detr import from_deformable_detr_attention
 
   rng = np.random.default_rng(0)
   normal = lambda *shape: rng.normal(size=shape) * 0.3
@@ -289,10 +290,10 @@ def _converter_cases() -> dict[str, tuple[Callable, Callable[[], tuple]]]:
       'from_torchvision': (lambda **kw: convert.from_torchvision(weight, bias, padding=1, **kw),
                            torchvision_inputs),
       'from_mmcv': (lambda **kw: convert.from_mmcv(mmcv, padding=1, **kw), image),
-      'from_internimage_dcnv3': (lambda **kw: convert.from_internimage_dcnv3(dcnv3, groups=g, **kw), image),
+      'from_dcnv3': (lambda **kw: convert.from_dcnv3(dcnv3, groups=g, **kw), image),
       'from_dcnv4': (lambda **kw: convert.from_dcnv4(dcnv4, groups=2, **kw), image),
-      'from_deformable_detr': (lambda **kw: convert.from_deformable_detr(detr, num_heads=m, num_levels=lv,
-                                                                         num_points=p, **kw), attention),
+      'from_deformable_detr_attention': (lambda **kw: from_deformable_detr_attention(
+          detr, num_heads=m, num_levels=lv, num_points=p, **kw), attention),
   }
 
 

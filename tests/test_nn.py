@@ -240,3 +240,14 @@ def test_deform_roi_pool_linen_twin_matches(modulated):
   want = pool(feats, ROIS)
   assert float(jnp.abs(want - roi_align(feats, ROIS, output_size=(3, 2))).max()) > 1e-3  # offsets do act
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-12)
+
+
+def test_offset_groups_are_inferred_from_the_offsets_passed_in():
+  """torchvision's DeformConv2d reads the offset groups off the offsets; so does a DeformConv without a predictor."""
+  layer = dnn.DeformConv(4, 6, 3, predict_offsets=False, offset_groups=None, param_dtype=jnp.float64,
+                         rngs=nnx.Rngs(0))
+  x, off = normal((1, 5, 5, 4)), normal((1, 5, 5, 2 * 9 * 2))
+  want = deform_conv2d(x, off, layer.kernel[...], None, layer.bias[...], padding='SAME', offset_groups=2)
+  np.testing.assert_allclose(np.asarray(layer(x, off)), np.asarray(want), atol=1e-12)
+  with pytest.raises(ValueError, match=r'offset_groups=None .* needs predict_offsets=False'):
+    dnn.DeformConv(4, 6, 3, offset_groups=None, rngs=nnx.Rngs(0))

@@ -110,7 +110,7 @@ def test_the_budget_context_applies_to_what_is_traced_inside():
     pass
 
 
-# --- each op one compiled program (`_policy.compiled`) ---------------------------------------------
+# --- each op one compiled program (`_policy.jit_core`) ---------------------------------------------
 
 
 def pjit_calls(fn, *args) -> list[str]:

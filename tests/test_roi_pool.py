@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
-from deformjax.nn import DeformRoIPool, convert
+from deformjax import convert
+from deformjax.nn import DeformRoIPool
 from deformjax.nn import linen as dlinen
 from deformjax.ops import deform_roi_pool, roi_align
 from tests.reference import deform_roi_pool_ref, roi_bilinear_point

@@ -4,7 +4,7 @@ A channel-preserving token mixer `[N, H, W, C] -> [N, H, W, C]`: a pointwise
 projection of the values, a deformable aggregation over `groups` channel
 groups each with its own learned sampling points and softmaxed weights, and a
 pointwise output projection. Parameter names mirror the PyTorch module's
-(`input_proj`, `dw_conv`, `offset`, `mask`, ...) so that `deformjax.nn.convert`
+(`input_proj`, `dw_conv`, `offset`, `mask`, ...) so that `deformjax.convert`
 maps a checkpoint one tensor to one parameter. `deformjax.nn.dcnv4` is its
 DCNv4 sibling; what the two share lives in `deformjax.nn._common`.
 """
@@ -57,9 +57,12 @@ class DCNv3(nnx.Module):
     center_feature_scale: the learned gate described above.
     remove_center: drop the centre tap (odd kernels).
     layer_norm_epsilon: the offset branch's LayerNorm epsilon.
-    dtype, param_dtype, precision: as `nnx.Linear`.
-    chunk_size, memory_budget, deterministic_gradients: the execution policy, passed to
-      `deformjax.ops.dcnv3`, as `DeformConv`'s to `deform_conv2d`.
+    dtype: the computation dtype, as `nnx.Linear`'s.
+    param_dtype: the parameters' dtype, as `nnx.Linear`'s.
+    precision: of the projections, as `nnx.Linear`'s.
+    chunk_size: most output pixels per pass of `dcnv3` (None: the execution policy).
+    memory_budget: most bytes of sampled values per pass of `dcnv3`.
+    deterministic_gradients: bit-identical gradients run to run on GPU/TPU (reverse mode only).
     rngs: random number generators (keyword-only).
 
   Example:

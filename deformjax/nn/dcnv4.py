@@ -4,7 +4,7 @@ A channel-preserving token mixer `[N, H, W, C] -> [N, H, W, C]` like
 `deformjax.nn.DCNv3`, with one linear head predicting DCNv4's packed
 offsets and (unnormalised) mask. Parameter names mirror the PyTorch module's
 (`value_proj`, `offset_mask`, `offset_mask_dw`, ...) so that
-`deformjax.nn.convert` maps a checkpoint one tensor to one parameter.
+`deformjax.convert` maps a checkpoint one tensor to one parameter.
 """
 
 from __future__ import annotations
@@ -49,14 +49,20 @@ class DCNv4(nnx.Module):
     kernel_size: the sampling window (square).
     groups: channel groups, each with its own offsets and mask (DCNv4's `group`;
       `DeformConv`'s `offset_groups`).
-    padding, kernel_dilation, offset_scale, remove_center: as `DCNv3`.
+    padding: of the sampling window; default and only value: the one that keeps H, W.
+    kernel_dilation: dilation of the sampling window.
+    offset_scale: scales the offsets and the dilation grid, as the reference.
+    remove_center: drop the centre tap (odd kernels).
     dw_kernel_size: if set, a depthwise conv before `offset_mask` (`offset_mask_dw`).
     center_feature_scale: the learned gate described above.
     output_bias: `output_proj` has a bias.
     without_pointwise: no `value_proj` / `output_proj`.
-    dtype, param_dtype, precision: as `nnx.Linear`.
-    chunk_size, memory_budget, deterministic_gradients: the execution policy, passed to
-      `deformjax.ops.dcnv4`, as `DeformConv`'s to `deform_conv2d`.
+    dtype: the computation dtype, as `nnx.Linear`'s.
+    param_dtype: the parameters' dtype, as `nnx.Linear`'s.
+    precision: of the projections, as `nnx.Linear`'s.
+    chunk_size: most output pixels per pass of `dcnv4` (None: the execution policy).
+    memory_budget: most bytes of sampled values per pass of `dcnv4`.
+    deterministic_gradients: bit-identical gradients run to run on GPU/TPU (reverse mode only).
     rngs: random number generators (keyword-only).
 
   Example:

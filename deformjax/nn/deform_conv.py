@@ -28,7 +28,7 @@ class DeformConv(nnx.Module):
   zero weights and zero bias, and the mask is `2*sigmoid(logits)`, so a fresh
   DeformConv computes exactly what `nnx.Conv` with the same kernel computes.
   (DCNv2's paper and mmcv use `sigmoid`, 0.5 at init; the factor 2 keeps the
-  fresh layer equal to a conv. `deformjax.nn.convert` halves a loaded mmcv
+  fresh layer equal to a conv. `deformjax.convert` halves a loaded mmcv
   kernel to compensate.)
 
   Arguments are `nnx.Conv`'s, in the same positions and with the same meaning,
@@ -66,13 +66,22 @@ class DeformConv(nnx.Module):
     in_features: input channels C.
     out_features: output channels.
     kernel_size: int (square) or (kh, kw).
-    strides, padding, input_dilation, kernel_dilation, feature_group_count,
-      use_bias, dtype, param_dtype, precision, kernel_init, bias_init,
-      conv_general_dilated, promote_dtype, preferred_element_type,
-      kernel_metadata, bias_metadata: as `nnx.Conv` (padding: int, (ph, pw),
-      ((t, b), (l, r)), 'SAME', 'VALID', 'CIRCULAR', 'REFLECT'; the metadata,
-      e.g. `sharding_names`, annotate the kernel and bias Params as
-      `nnx.with_partitioning` does).
+    strides: int or (sh, sw), as `nnx.Conv`'s.
+    padding: int, (ph, pw), ((t, b), (l, r)), 'SAME', 'VALID', 'CIRCULAR' or 'REFLECT'.
+    input_dilation: must be 1 (kept for `nnx.Conv`'s positions).
+    kernel_dilation: int or (dh, dw), as `nnx.Conv`'s.
+    feature_group_count: feature groups, as `nnx.Conv`'s.
+    use_bias: add a bias, as `nnx.Conv`'s.
+    dtype: the computation dtype, as `nnx.Conv`'s.
+    param_dtype: the parameters' dtype, as `nnx.Conv`'s.
+    precision: of the contraction with the kernel, as `nnx.Conv`'s.
+    kernel_init: the kernel's initializer, as `nnx.Conv`'s.
+    bias_init: the bias's initializer, as `nnx.Conv`'s.
+    conv_general_dilated: the offset predictor's convolution, as `nnx.Conv`'s.
+    promote_dtype: the dtype promotion of inputs and parameters, as `nnx.Conv`'s.
+    preferred_element_type: the output dtype of the contraction, as `nnx.Conv`'s.
+    kernel_metadata: metadata of the kernel Param (e.g. `sharding_names`).
+    bias_metadata: metadata of the bias Param.
     mask: the kernel mask, as `nnx.Conv`'s: None or an array of the kernel's
       shape `[kh, kw, in_features // feature_group_count, out_features]`
       multiplying the kernel. Not the DCNv2 modulation (see `__call__`).
@@ -88,12 +97,9 @@ class DeformConv(nnx.Module):
     sow_offsets: also `sow` offsets and mask as `nnx.Intermediate` (`offsets`,
       `mask`: the fields of `Sampling`) on every call, for visualisation of a whole model:
       `y, sown = nnx.capture(model, nnx.Intermediate)(x)`.
-    chunk_size, memory_budget: passed to `deform_conv2d` (pixels per pass, and
-      bytes of sampled columns one pass may hold on GPU/TPU; None: the
-      execution policy of the platform the model is lowered for).
-    deterministic_gradients: bit-identical gradients run to run on GPU/TPU (a sorted
-      segment sum instead of atomics; reverse-mode autodiff only), see
-      `deform_conv2d`.
+    chunk_size: most output pixels per pass of `deform_conv2d` (None: the execution policy).
+    memory_budget: most bytes of sampled values per pass of `deform_conv2d`.
+    deterministic_gradients: bit-identical gradients run to run on GPU/TPU (reverse mode only).
     rngs: random number generators (keyword-only).
 
   Example:

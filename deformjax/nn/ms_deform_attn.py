@@ -47,10 +47,12 @@ class MSDeformAttn(nnx.Module):
       `d_model -> value_features`, `output_proj` maps it back; a multiple of
       `num_heads`); default `d_model`. mmcv's `value_proj_ratio` is
       `value_features = int(d_model * value_proj_ratio)`.
-    dtype, param_dtype, precision: as `nnx.Linear`.
-    chunk_size, memory_budget, deterministic_gradients: the execution policy, passed to
-      `deformjax.ops.ms_deform_attn` (chunks over the `N * Lq` queries), as
-      `DeformConv`'s to `deform_conv2d`.
+    dtype: the computation dtype, as `nnx.Linear`'s.
+    param_dtype: the parameters' dtype, as `nnx.Linear`'s.
+    precision: of the projections, as `nnx.Linear`'s.
+    chunk_size: most queries per pass of `ms_deform_attn` (None: the execution policy).
+    memory_budget: most bytes of sampled values per pass of `ms_deform_attn`.
+    deterministic_gradients: bit-identical gradients run to run on GPU/TPU (reverse mode only).
     rngs: random number generators (keyword-only).
 
   Example:

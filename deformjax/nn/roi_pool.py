@@ -27,23 +27,27 @@ class DeformRoIPool(nnx.Module):
   per-bin mask logits, and the mask scales each bin: `2*sigmoid(logits)` by
   default (1 at init, so a fresh layer equals RoIAlign) or `sigmoid(logits)`
   with `modulation='sigmoid'` (mmcv's `ModulatedDeformRoIPoolPack`; a fresh
-  layer is then half of RoIAlign). `convert.from_mmcv_deform_roi_pool` loads
+  layer is then half of RoIAlign). `deformjax.convert.from_mmcv_deform_roi_pool` loads
   mmcv's `DeformRoIPoolPack` and `ModulatedDeformRoIPoolPack` into this layer.
 
   Args:
     in_features: feature channels C.
     output_size: int or (out_h, out_w).
-    spatial_scale, sampling_ratio, gamma, aligned, max_sampling_grid: as
-      `deformjax.ops.deform_roi_pool` (`aligned=True` by default, as mmcv's
-      DeformRoIPool; torchvision's roi_align defaults to False).
+    spatial_scale: feature pixels per input pixel (e.g. 1/16).
+    sampling_ratio: samples per bin along each axis; 0: adaptive, as torchvision.
+    gamma: offset magnitude scale (0.1 in the DCN paper).
+    aligned: torchvision's `aligned`; True by default, as mmcv's DeformRoIPool.
+    max_sampling_grid: static bound on the adaptive grid, as `deform_roi_pool`'s.
     hidden_features: widths of the hidden FC layers (mmcv uses (1024, 1024)).
     modulated: predict a per-bin mask (DCNv2).
     modulation: the mask's activation when `modulated`: `'2sigmoid'`
       (default) or `'sigmoid'` (mmcv's; the mask ranges over (0, 1)).
-    dtype, param_dtype, precision: as `nnx.Linear`.
-    chunk_size, memory_budget, deterministic_gradients: the execution policy, passed to
-      `deformjax.ops.roi_align` and `deform_roi_pool` (chunks over the
-      `R * out_h * out_w` bins), as `DeformConv`'s to `deform_conv2d`.
+    dtype: the computation dtype, as `nnx.Linear`'s.
+    param_dtype: the parameters' dtype, as `nnx.Linear`'s.
+    precision: of the projections, as `nnx.Linear`'s.
+    chunk_size: most bins per pass of `deform_roi_pool` (None: the execution policy).
+    memory_budget: most bytes of sampled values per pass of `deform_roi_pool`.
+    deterministic_gradients: bit-identical gradients run to run on GPU/TPU (reverse mode only).
     rngs: random number generators (keyword-only).
 
   Example:

@@ -102,6 +102,17 @@ def padding_pairs(
   return result  # type: ignore[return-value]
 
 
+def frozen(value: Any) -> Any:
+  """A checked static argument as `jax.jit` can key it: lists and tuples as nested tuples, NumPy ints as ints.
+
+  >>> frozen([1, (2, np.int64(3))])
+  (1, (2, 3))
+  """
+  if isinstance(value, (list, tuple)):
+    return tuple(frozen(v) for v in value)
+  return int(value) if isinstance(value, np.integer) else value
+
+
 def _dim(v):
   """int for a concrete size; a `jax.export` symbolic size (SAME padding of a symbolic H) stays symbolic."""
   return v if jax.export.is_symbolic_dim(v) else int(v)
@@ -297,7 +308,7 @@ def index_dtype(size: int, fn: str) -> np.dtype:
   return np.dtype(np.int64)
 
 
-__all__ = ['TORCH_LAYOUTS', 'ConvWindow', 'PaddingLike', 'as_array', 'channels_last_hint', 'check_bool', 'check_floating',
-           'check_policy', 'check_rank', 'check_shape', 'checked', 'conv_window', 'coordinate_dtype', 'index_dtype',
-           'is_int', 'is_real', 'is_symbolic', 'known_le', 'layout_hint', 'pair', 'padding_pairs', 'positive_int',
-           'positive_pair', 'promote', 'static_shape']
+__all__ = ['TORCH_LAYOUTS', 'ConvWindow', 'PaddingLike', 'as_array', 'channels_last_hint', 'check_bool',
+           'check_floating', 'check_policy', 'check_rank', 'check_shape', 'checked', 'conv_window', 'coordinate_dtype',
+           'frozen', 'index_dtype', 'is_int', 'is_real', 'is_symbolic', 'known_le', 'layout_hint', 'pair',
+           'padding_pairs', 'positive_int', 'positive_pair', 'promote', 'static_shape']

@@ -18,13 +18,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from deformjax.ops import _args
@@ -203,94 +200,33 @@ def by_platform(cpu: Callable[..., Any], accelerator: Callable[..., Any], *args:
 _F = TypeVar('_F', bound=Callable[..., Any])
 
 
-class _NotJittable(Exception):
-  """An argument that jit cannot take as it is: the op runs unjitted, and its own checks name the argument."""
+def jit_core(*static_argnames: str) -> Callable[[_F], _F]:
+  """`jax.jit(core, static_argnames=...)` for an op's private core, the scoped settings it reads part of its key.
 
-
-def _static(value: Any) -> tuple[Any, Any]:
-  """A static argument as (what the op gets, its cache key).
-
-  The key carries the type at every level, because jit compares static
-  arguments by `==` and `True == 1`. Lists become tuples and a concrete integer
-  array (`spatial_shapes`, say) nested tuples, so that they are hashable.
+  An op's public function checks and normalises its arguments, then calls its core with arrays and hashable
+  static arguments: one compiled program per shapes and settings, as `jax.scipy.ndimage.map_coordinates` is (an
+  unjitted op would compile each primitive for every new shape: about ten times one compile of the whole op).
+  Inside `jit`, `vmap`, `grad` or `jax.export` the core is a nested call that XLA inlines. The accelerator memory
+  budget the core reads when traced is passed as a static argument, so a `with accelerator_memory_budget(...)`
+  scope compiles anew; inside `single_pass()` / `native_ops(...)` (an exporter tracing the graph it translates)
+  the core is traced inline.
   """
-  if isinstance(value, (np.ndarray, jax.Array)) and not isinstance(value, jax.core.Tracer):
-    array = np.asarray(value)
-    if not np.issubdtype(array.dtype, np.integer):
-      raise _NotJittable
-    nested = _static(array.tolist())[0]
-    return nested, (np.ndarray, array.dtype.str, nested)
-  if isinstance(value, (list, tuple)):
-    pairs = [_static(v) for v in value]
-    return tuple(v for v, _ in pairs), (type(value), tuple(k for _, k in pairs))
-  try:
-    hash(value)
-  except TypeError:
-    raise _NotJittable from None
-  return value, (type(value), value)
-
-
-def _dynamic(value: Any) -> Any:
-  """An array argument as jit takes it: arrays as they are, what `jnp.asarray` accepts (lists) converted."""
-  if value is None or isinstance(value, (jax.Array, np.ndarray, np.generic)):
-    return value
-  if isinstance(value, (list, tuple, int, float, complex)):
-    try:
-      return jnp.asarray(value)
-    except (TypeError, ValueError):
-      pass
-  raise _NotJittable
-
-
-def compiled(*arrays: str) -> Callable[[_F], _F]:
-  """Makes an op one compiled program per shapes and settings, as `jax.jit` makes jax's own functions.
-
-  Called outside `jit`, an op would otherwise run primitive by primitive,
-  compiling each one for every new shape: about ten times the cost of one
-  compile of the whole op (1.9 s against 0.2 s of CPU for a small
-  `deform_conv2d`), paid by every eager call at a new shape. Inside `jit`,
-  `vmap`, `grad` or `jax.export` the op is a nested jitted call, which XLA
-  inlines. `arrays` names the parameters that are arrays (traced; lists are
-  converted as the op would); every other argument is static, compared with
-  its type (so `groups=True` still reaches the op's own check instead of
-  reusing the compile for `groups=1`).
-
-  The scoped settings the op reads while it is traced are part of what the
-  compiled program is cached under: the accelerator memory budget as a key, so
-  a `with accelerator_memory_budget(...)` scope traces anew; and inside
-  `single_pass()` / `native_ops(...)` (an exporter tracing the graph it
-  translates) the op is traced inline, as without this decorator. So is a call
-  with an argument jit cannot take (a dict for an array, a float array where
-  ints belong): the op's own checks then name it.
-  """
-  def decorate(fn: _F) -> _F:
-    signature = inspect.signature(fn)
-
-    def run(dynamic: dict[str, Any], static: tuple[Any, ...]) -> Any:
-      budget, settings = static
+  def decorate(core: _F) -> _F:
+    def traced(*args: Any, budget: int, **kwargs: Any) -> Any:
       token = _accelerator_budget.set(budget)
       try:
-        return fn(**dynamic, **{name: value for name, value, _ in settings})
+        return core(*args, **kwargs)
       finally:
         _accelerator_budget.reset(token)
 
-    run.__name__ = run.__qualname__ = fn.__name__  # the op's name in jaxprs, HLO and profiles
-    run = jax.jit(run, static_argnums=(1,))
+    traced.__name__ = traced.__qualname__ = core.__name__.lstrip('_')  # the op's name in jaxprs, HLO and profiles
+    jitted = jax.jit(traced, static_argnames=(*static_argnames, 'budget'))
 
-    @functools.wraps(fn)
+    @functools.wraps(core)
     def call(*args: Any, **kwargs: Any) -> Any:
       if _SINGLE_PASS.get() or _NATIVE_OPS.get():
-        return fn(*args, **kwargs)
-      try:
-        bound = signature.bind(*args, **kwargs)
-      except TypeError:  # a call Python refuses: the op itself says so, in Python's words
-        return fn(*args, **kwargs)
-      try:
-        dynamic = {k: _dynamic(v) for k, v in bound.arguments.items() if k in arrays}
-        settings = tuple((k, *_static(v)) for k, v in bound.arguments.items() if k not in arrays)
-      except _NotJittable:
-        return fn(*args, **kwargs)
-      return run(dynamic, (_accelerator_budget.get(), settings))
+        return core(*args, **kwargs)
+      return jitted(*args, budget=_accelerator_budget.get(), **kwargs)
 
     return call  # type: ignore[return-value]
 
@@ -298,5 +234,5 @@ def compiled(*arrays: str) -> Callable[[_F], _F]:
 
 
 __all__ = ['CPU_CHUNK_BYTES', 'DEFAULT_ACCELERATOR_MEMORY_BUDGET', 'ROI_EXACT_GRID_BYTES', 'SINGLE_PASS_PIXELS',
-           'accelerator_memory_budget', 'by_platform', 'compiled', 'current_accelerator_memory_budget', 'native_op',
+           'accelerator_memory_budget', 'by_platform', 'current_accelerator_memory_budget', 'jit_core', 'native_op',
            'native_ops', 'pixels_per_pass', 'single_pass']

@@ -50,7 +50,6 @@ def _split(groups: int, points: int, offsets, mask):
   return offsets.reshape(-1, groups, points, 2), mask.reshape(-1, groups, points)
 
 
-@_policy.compiled('inputs', 'offsets', 'mask')
 def dcnv3(
     inputs: jax.Array,
     offsets: jax.Array,
@@ -98,10 +97,9 @@ def dcnv3(
     offset_scale: scales the offsets and the dilation grid around the centre.
     remove_center: drop the centre tap `(i, j) = (kw//2, kh//2)` (the CUDA
       kernels' rule; InternImage allows it for odd square kernels only).
-    chunk_size, memory_budget: the execution policy, as in `deform_conv2d`
-      (a pass holds `pixels * P * C` float32 sampled values).
-    deterministic_gradients: bit-identical gradients on GPU/TPU (sorted segment sum
-      instead of scatter-add atomics; reverse mode only), as in `deform_conv2d`.
+    chunk_size: most output pixels per pass, as in `deform_conv2d`.
+    memory_budget: most bytes of sampled values per pass, as in `deform_conv2d`.
+    deterministic_gradients: bit-identical gradients on GPU/TPU (reverse mode only), as in `deform_conv2d`.
 
   Returns:
     `[N, Ho, Wo, C]` in `inputs.dtype`, accumulated in float32 (float64 for
@@ -121,10 +119,16 @@ def dcnv3(
       groups=groups, offset_scale=offset_scale, remove_center=remove_center, chunk_size=chunk_size,
       memory_budget=memory_budget, deterministic_gradients=deterministic_gradients), _core.LAYOUTS, _FN,
       dict(inputs=inputs, offsets=offsets, mask=mask))
+  return _dcnv3(inputs, offsets, mask, grid=grid, chunk_size=chunk_size, memory_budget=memory_budget,
+                deterministic_gradients=bool(deterministic_gradients))
+
+
+@_policy.jit_core('grid', 'chunk_size', 'memory_budget', 'deterministic_gradients')
+def _dcnv3(inputs, offsets, mask, *, grid: _core.Grid, chunk_size, memory_budget, deterministic_gradients):
+  """`dcnv3` on checked arguments, one compiled program per shapes and settings."""
   geom = _core.Geometry(_FN, inputs.shape, grid, _args.coordinate_dtype(inputs.dtype, offsets.dtype, mask.dtype))
-  return _core.plan(geom, inputs, (offsets, mask), _split,
-                    deterministic_gradients=deterministic_gradients, chunk_size=chunk_size,
-                    memory_budget=memory_budget)
+  return _core.plan(geom, inputs, (offsets, mask), _split, deterministic_gradients=deterministic_gradients,
+                    chunk_size=chunk_size, memory_budget=memory_budget)
 
 
 __all__ = ['dcnv3', 'dcnv3_taps']

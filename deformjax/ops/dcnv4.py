@@ -42,7 +42,6 @@ def _split(groups: int, points: int, offset_mask):
   return om[..., :points * 2].reshape(-1, groups, points, 2), om[..., points * 2:]
 
 
-@_policy.compiled('inputs', 'offset_mask')
 def dcnv4(
     inputs: jax.Array,
     offset_mask: jax.Array,
@@ -70,8 +69,16 @@ def dcnv4(
     inputs: `[N, H, W, C]`.
     offset_mask: `[N, Ho, Wo, offset_mask_channels(groups, P)]`,
       `P = kh*kw` (`kh*kw - 1` with `remove_center`).
-    kernel_size, strides, padding, dilation, groups, offset_scale,
-      remove_center, chunk_size, memory_budget, deterministic_gradients: as in `dcnv3`.
+    kernel_size: int or (kh, kw).
+    strides: int or (sh, sw).
+    padding: int, (ph, pw), ((top, bottom), (left, right)), 'SAME' or 'VALID'.
+    dilation: int or (dh, dw).
+    groups: channel groups, each with its own offsets and mask (DCNv4's `group`).
+    offset_scale: scales the offsets and the dilation grid around the centre.
+    remove_center: drop the centre tap, as in `dcnv3`.
+    chunk_size: most output pixels per pass, as in `deform_conv2d`.
+    memory_budget: most bytes of sampled values per pass, as in `deform_conv2d`.
+    deterministic_gradients: bit-identical gradients on GPU/TPU (reverse mode only), as in `deform_conv2d`.
 
   Returns:
     `[N, Ho, Wo, C]` in `inputs.dtype`, accumulated in float32.
@@ -90,10 +97,16 @@ def dcnv4(
       groups=groups, offset_scale=offset_scale, remove_center=remove_center, chunk_size=chunk_size,
       memory_budget=memory_budget, deterministic_gradients=deterministic_gradients), _core.LAYOUTS, _FN,
       dict(inputs=inputs, offset_mask=offset_mask))
+  return _dcnv4(inputs, offset_mask, grid=grid, chunk_size=chunk_size, memory_budget=memory_budget,
+                deterministic_gradients=bool(deterministic_gradients))
+
+
+@_policy.jit_core('grid', 'chunk_size', 'memory_budget', 'deterministic_gradients')
+def _dcnv4(inputs, offset_mask, *, grid: _core.Grid, chunk_size, memory_budget, deterministic_gradients):
+  """`dcnv4` on checked arguments, one compiled program per shapes and settings."""
   geom = _core.Geometry(_FN, inputs.shape, grid, _args.coordinate_dtype(inputs.dtype, offset_mask.dtype))
-  return _core.plan(geom, inputs, (offset_mask,), _split,
-                    deterministic_gradients=deterministic_gradients, chunk_size=chunk_size,
-                    memory_budget=memory_budget)
+  return _core.plan(geom, inputs, (offset_mask,), _split, deterministic_gradients=deterministic_gradients,
+                    chunk_size=chunk_size, memory_budget=memory_budget)
 
 
 __all__ = ['dcnv4', 'offset_mask_channels']

@@ -227,7 +227,6 @@ def _plan(geom: _Geometry, args: _Checked, dtypes: _Dtypes, precision: _Precisio
   return out.reshape(n, ho, wo, cout)
 
 
-@_policy.compiled('inputs', 'offsets', 'kernel', 'mask', 'bias')
 def deform_conv2d(
     inputs: jax.Array,
     offsets: jax.Array,
@@ -254,59 +253,32 @@ def deform_conv2d(
   `x = wo*stride_w - pad_left + j*dilation_w + dx`,
   with `dy = offsets[n, ho, wo, (g*kh*kw + k)*2]`, `dx = ...*2 + 1]`, bilinearly
   (out-of-image corners read 0), multiplies by `mask[n, ho, wo, g*kh*kw + k]`
-  and contracts with `kernel[i, j]`.
+  and contracts with `kernel[i, j]`. How the work is split into passes, and
+  what each pass holds in memory: the documentation's execution-policy page.
 
   Args:
-    inputs: `[N, H, W, C]`.
+    inputs: `[N, H, W, C]`. A PyTorch `[N, C, H, W]` tensor: `transpose(0, 2, 3, 1)`.
     offsets: `[N, Ho, Wo, offset_groups*kh*kw*2]`, (dy, dx) pairs in
-      torchvision's channel order; an NCHW torchvision offset tensor becomes
-      this by `transpose(0, 2, 3, 1)`.
-    kernel: `[kh, kw, C // groups, C_out]` (HWIO).
-    mask: optional `[N, Ho, Wo, offset_groups*kh*kw]` modulation (DCNv2); any
-      real values, None means 1.
+      torchvision's channel order. torchvision's NCHW offsets: `transpose(0, 2, 3, 1)`.
+    kernel: `[kh, kw, C // groups, C_out]` (HWIO). PyTorch's OIHW: `transpose(2, 3, 1, 0)`.
+    mask: optional `[N, Ho, Wo, offset_groups*kh*kw]` modulation (DCNv2); None means 1.
     bias: optional `[C_out]`.
     strides: int or (sh, sw).
-    padding: int, (ph, pw), ((top, bottom), (left, right)), 'SAME' or 'VALID'.
-      Padding is never materialised: padded positions read 0 like any point
-      outside the image.
+    padding: int, (ph, pw), ((top, bottom), (left, right)), 'SAME' or 'VALID';
+      never materialised: padded positions read 0.
     dilation: int or (dh, dw).
     groups: feature groups (C and C_out divisible by it).
-    offset_groups: groups of input channels sharing one offset field. None
-      infers it from the offsets' channels, `offset_groups*kh*kw*2`
-      (torchvision's rule).
-    precision: passed to the contraction with the kernel. float32 follows
-      JAX's default matmul precision, which on recent NVIDIA GPUs (A100, H100)
-      and TPUs is TF32 / bf16-pass arithmetic (~3e-4 relative); pass
-      `precision='highest'` (or set `jax_default_matmul_precision='highest'`)
-      for float32-exact results. The sampling itself is always exact.
-    preferred_element_type: output dtype; by default the promoted dtype of
-      inputs and kernel. Sampling and accumulation happen in float32 for
-      bfloat16/float16 inputs (float64 for float64).
-    chunk_size: output pixels (over N*Ho*Wo) per pass: on CPU it replaces the
-      cache-sized default chunk, on GPU/TPU it caps the pass. One pass holds a
-      sampled-columns buffer of `chunk_size*kh*kw*C*4` bytes (8 for float64),
-      which bounds the temporary memory of the forward and backward passes.
-      None leaves it to the execution policy below.
-    memory_budget: most bytes of sampled columns one pass may hold. The policy
-      is chosen for the platform the function is lowered for (also by
-      `jax.export(..., platforms=[...])` on another host): on GPU/TPU the op
-      runs in one pass while the whole columns buffer fits the budget (None:
-      `current_accelerator_memory_budget()`, 1 GiB unless a
-      `with accelerator_memory_budget(nbytes):` scope sets it) and in equal
-      blocks beyond it; on CPU
-      it walks cache-sized chunks (`CPU_CHUNK_BYTES`, 0.5 MiB, or the budget if
-      smaller), which is fastest there. Besides the columns, both passes keep
-      the corner rows and weights of the sample points: 32 bytes per point and
-      offset group (48 for float64), `8*offset_groups/C` of the whole float32
-      columns buffer, made per block of chunks once they pass 64 MiB.
-      With a symbolic batch (`jax.export`) the choice between one pass and
-      chunks is made when the exported function is called with real shapes.
-    deterministic_gradients: make every gradient bit-identical run to run. XLA's GPU
-      scatter-add uses atomics in no fixed order; with this flag the input
-      gradient is a sorted segment sum instead (no atomics) when lowered for
-      GPU/TPU, at a cost in speed. CPU is deterministic
-      either way. It trades forward-mode autodiff (`jax.jvp`, `jacfwd`) away:
-      reverse mode (`grad`, `vjp`, grad of grad), `vmap` and `checkpoint` work.
+    offset_groups: groups of input channels sharing one offset field; None
+      infers it from the offsets' channels (torchvision's rule).
+    precision: of the contraction with the kernel; `'highest'` for float32-exact
+      results on GPUs and TPUs, whose default is TF32 / bf16 passes.
+    preferred_element_type: output dtype; default the promoted dtype of inputs
+      and kernel (sampled and accumulated in at least float32).
+    chunk_size: most output pixels per pass; None leaves it to the execution policy.
+    memory_budget: most bytes of sampled columns per pass; None: cache-sized
+      chunks on CPU, `current_accelerator_memory_budget()` on GPU/TPU.
+    deterministic_gradients: bit-identical gradients run to run on GPU/TPU (a
+      sorted segment sum instead of scatter-add atomics); reverse mode only.
 
   Returns:
     `[N, Ho, Wo, C_out]`.
@@ -325,24 +297,39 @@ def deform_conv2d(
       preferred_element_type=preferred_element_type, chunk_size=chunk_size, memory_budget=memory_budget,
       deterministic_gradients=deterministic_gradients)
   args = _args.checked(check, _LAYOUTS, _FN, dict(inputs=inputs, offsets=offsets, kernel=kernel, mask=mask, bias=bias))
-  dtypes = _resolve_dtypes(args.inputs, args.offsets, args.kernel, preferred_element_type)
-  args = args._replace(inputs=args.inputs.astype(dtypes.compute), kernel=args.kernel.astype(dtypes.compute))
-  n, h, w, c = args.inputs.shape
-  (ho, wo), cout = args.window.out_hw, args.kernel.shape[-1]
+  return _deform_conv2d(
+      args.inputs, args.offsets, args.kernel, args.mask, args.bias, padding=_args.frozen(padding),
+      strides=args.window.strides, dilation=args.window.dilation, groups=args.groups, offset_groups=args.offset_groups,
+      precision=_args.frozen(precision), chunk_size=chunk_size, memory_budget=memory_budget,
+      preferred_element_type=None if preferred_element_type is None else np.dtype(preferred_element_type),
+      deterministic_gradients=bool(deterministic_gradients))
+
+
+@_policy.jit_core('padding', 'strides', 'dilation', 'groups', 'offset_groups', 'precision', 'preferred_element_type',
+                  'chunk_size', 'memory_budget', 'deterministic_gradients')
+def _deform_conv2d(inputs, offsets, kernel, mask, bias, *, padding, strides, dilation, groups, offset_groups, precision,
+                   preferred_element_type, chunk_size, memory_budget, deterministic_gradients) -> jax.Array:
+  """`deform_conv2d` on checked arguments, one compiled program per shapes and settings: the dtype policy, the
+  window over the traced shapes, then the plan (or the bias alone when there is nothing to sample)."""
+  dtypes = _resolve_dtypes(inputs, offsets, kernel, preferred_element_type)
+  inputs, kernel = inputs.astype(dtypes.compute), kernel.astype(dtypes.compute)
+  window = _args.conv_window(inputs.shape[1:3], kernel.shape[:2], strides, padding, dilation, _FN)
+  args = _Checked(inputs, offsets, kernel, mask, bias, groups, offset_groups, window)
+  n, h, w, c = inputs.shape
+  (ho, wo), cout = window.out_hw, kernel.shape[-1]
   if _args.known_le(n * ho * wo, 0) or _args.known_le(h * w * c, 0):
     # Nothing to sample: every tap reads zero, the result is the bias alone.
     out = jnp.zeros((n, ho, wo, cout), dtypes.acc)
   else:
     native = _policy.native_op(_FN)  # an exporter's own operator (deformjax.export: ONNX DeformConv)
-    out = None if native is None else native(args.inputs, args.offsets, args.kernel, args.mask, args.bias,
-                                             strides=strides, padding=padding, dilation=dilation, groups=args.groups,
-                                             offset_groups=args.offset_groups)
+    out = None if native is None else native(inputs, offsets, kernel, mask, bias, strides=strides, padding=padding,
+                                             dilation=dilation, groups=groups, offset_groups=offset_groups)
     if out is not None:
       return out.astype(dtypes.out)
     out = _plan(_geometry(args, dtypes.coord), args, dtypes, precision, chunk_size, memory_budget,
                 deterministic_gradients)
-  if args.bias is not None:
-    out = out + args.bias.astype(dtypes.acc).reshape(1, 1, 1, cout)
+  if bias is not None:
+    out = out + bias.astype(dtypes.acc).reshape(1, 1, 1, cout)
   return out.astype(dtypes.out)
 
 

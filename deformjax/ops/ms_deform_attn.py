@@ -127,7 +127,6 @@ def _plan(levels: _Levels, value: jax.Array, locations: jax.Array, weights: jax.
   return out.reshape(n, lq, heads * d).astype(value.dtype)
 
 
-@_policy.compiled('value', 'sampling_locations', 'attention_weights')
 def ms_deform_attn(
     value: jax.Array,
     spatial_shapes: Sequence[tuple[int, int]],
@@ -155,9 +154,9 @@ def ms_deform_attn(
       (`align_corners=False`).
     attention_weights: `[N, Lq, M, L, P]`, used as given (the layer applies the
       softmax over `L*P`).
-    chunk_size, memory_budget: the execution policy, as in `deform_conv2d`
-      (a pass holds `queries * L*P * M*D` float32 sampled values).
-    deterministic_gradients: bit-identical gradients on GPU/TPU (reverse mode only).
+    chunk_size: most queries (over `N*Lq`) per pass, as in `deform_conv2d`.
+    memory_budget: most bytes of sampled values per pass, as in `deform_conv2d`.
+    deterministic_gradients: bit-identical gradients on GPU/TPU (reverse mode only), as in `deform_conv2d`.
 
   Returns:
     `[N, Lq, M*D]` in `value.dtype`, accumulated in float32 (float64 for
@@ -176,6 +175,14 @@ def ms_deform_attn(
   value, sampling_locations, attention_weights, shapes = _check_args(value, spatial_shapes, sampling_locations,
                                                                      attention_weights, chunk_size, memory_budget,
                                                                      deterministic_gradients)
+  return _ms_deform_attn(value, sampling_locations, attention_weights, shapes=shapes, chunk_size=chunk_size,
+                         memory_budget=memory_budget, deterministic_gradients=bool(deterministic_gradients))
+
+
+@_policy.jit_core('shapes', 'chunk_size', 'memory_budget', 'deterministic_gradients')
+def _ms_deform_attn(value, sampling_locations, attention_weights, *, shapes, chunk_size, memory_budget,
+                    deterministic_gradients):
+  """`ms_deform_attn` on checked arguments, one compiled program per shapes and settings."""
   cdtype = _args.coordinate_dtype(sampling_locations.dtype, attention_weights.dtype, value.dtype)
   levels = _Levels(shapes, value.shape, sampling_locations.shape[1], sampling_locations.shape[4], cdtype)
   return _plan(levels, value, sampling_locations, attention_weights, deterministic_gradients=deterministic_gradients,

@@ -240,20 +240,12 @@ def deform_roi_pool(
     gamma: offset magnitude scale (0.1 in the DCN paper).
     aligned: torchvision's `aligned` (shift boxes by -0.5 pixel; if False, RoI
       sizes are at least 1 pixel). Default True, as mmcv.
-    max_sampling_grid: static bound on the adaptive grid (int or (gh, gw)). By
-      default it is `ceil(H / out_h) x ceil(W / out_w)` under jit, which covers
-      every RoI inside the feature map (a larger RoI then samples that capped
-      grid); outside jit (`rois` concrete) it is exact, as torchvision, while
-      its corner samples total at most `ROI_EXACT_GRID_BYTES` (256 MiB, in
-      `deformjax.ops._policy`), and capped as under jit beyond it, so no box,
-      however large, asks for unbounded work.
-    chunk_size, memory_budget: the execution policy, as in `deform_conv2d`,
-      over the `R * out_h * out_w` bins (a pass holds `bins * gh*gw * C`
-      sampled values; CPU walks cache-sized chunks, GPU/TPU one pass within
-      the memory budget). The result does not depend on them.
-    deterministic_gradients: bit-identical gradients run to run on GPU/TPU (a sorted
-      segment sum instead of atomics; reverse-mode autodiff only), as in
-      `deform_conv2d`.
+    max_sampling_grid: static bound on the adaptive grid (int or (gh, gw)).
+      None: exact (torchvision's) outside jit, `ceil(H / out_h) x ceil(W / out_w)`
+      (every RoI inside the map) under jit.
+    chunk_size: most bins (over `R*out_h*out_w`) per pass, as in `deform_conv2d`.
+    memory_budget: most bytes of sampled values per pass, as in `deform_conv2d`.
+    deterministic_gradients: bit-identical gradients on GPU/TPU (reverse mode only), as in `deform_conv2d`.
 
   Returns:
     `[R, out_h, out_w, C]` in `features.dtype`. An empty RoI (non-positive
@@ -282,9 +274,11 @@ def _roi_pool(fn: str, features, rois, offsets, *, output_size, spatial_scale, s
   _args.check_policy(chunk_size, memory_budget, deterministic_gradients, fn)
   if sampling_ratio == 0 and max_sampling_grid is None:
     max_sampling_grid = _concrete_grid(checked, spatial_scale, aligned)
-  return _pool(*checked[:3], output_size=checked[3], spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
-               gamma=gamma, aligned=aligned, max_sampling_grid=max_sampling_grid, chunk_size=chunk_size,
-               memory_budget=memory_budget, deterministic_gradients=deterministic_gradients, fn=fn)
+  return _pool(*checked[:3], output_size=checked[3], spatial_scale=float(spatial_scale),
+               sampling_ratio=int(sampling_ratio), gamma=float(gamma), aligned=bool(aligned),
+               max_sampling_grid=max_sampling_grid and _args.pair(max_sampling_grid, 'max_sampling_grid', fn),
+               chunk_size=chunk_size, memory_budget=memory_budget,
+               deterministic_gradients=bool(deterministic_gradients), fn=fn)
 
 
 def _concrete_grid(checked, spatial_scale: float, aligned: bool) -> tuple[int, int] | None:
@@ -300,7 +294,8 @@ def _concrete_grid(checked, spatial_scale: float, aligned: bool) -> tuple[int, i
   return _grid_bound(roi_h, roi_w, (oh, ow), (h, w), 4 * known.shape[0] * oh * ow * c * np.dtype(cdtype).itemsize)
 
 
-@_policy.compiled('features', 'rois', 'offsets')
+@_policy.jit_core('output_size', 'spatial_scale', 'sampling_ratio', 'gamma', 'aligned', 'max_sampling_grid',
+                  'chunk_size', 'memory_budget', 'deterministic_gradients', 'fn')
 def _pool(features: jax.Array, rois: jax.Array, offsets: jax.Array | None, *, output_size: tuple[int, int],
           spatial_scale: float, sampling_ratio: int, gamma: float, aligned: bool,
           max_sampling_grid: tuple[int, int] | None, chunk_size: int | None, memory_budget: int | None,
@@ -360,8 +355,14 @@ def roi_align(
   Args:
     features: `[N, H, W, C]`.
     rois: `[R, 5]` rows `(batch_index, x1, y1, x2, y2)` in input-image pixels.
-    output_size, spatial_scale, sampling_ratio, aligned, max_sampling_grid,
-      chunk_size, memory_budget, deterministic_gradients: as `deform_roi_pool`.
+    output_size: int or (out_h, out_w).
+    spatial_scale: feature pixels per input pixel (e.g. 1/16).
+    sampling_ratio: samples per bin along each axis; 0: adaptive, as torchvision.
+    aligned: torchvision's `aligned`; default True, as mmcv.
+    max_sampling_grid: static bound on the adaptive grid, as in `deform_roi_pool`.
+    chunk_size: most bins (over `R*out_h*out_w`) per pass, as in `deform_conv2d`.
+    memory_budget: most bytes of sampled values per pass, as in `deform_conv2d`.
+    deterministic_gradients: bit-identical gradients on GPU/TPU (reverse mode only), as in `deform_conv2d`.
 
   Returns:
     `[R, out_h, out_w, C]` in `features.dtype`.

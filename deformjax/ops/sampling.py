@@ -36,7 +36,6 @@ def _check_args(images: jax.Array, coords: jax.Array) -> tuple[jax.Array, jax.Ar
   return images, coords
 
 
-@_policy.compiled('images', 'coords')
 def bilinear_sample(images: jax.Array, coords: jax.Array) -> jax.Array:
   """Samples `images` bilinearly at `coords`.
 
@@ -59,7 +58,12 @@ def bilinear_sample(images: jax.Array, coords: jax.Array) -> jax.Array:
     >>> bilinear_sample(img, jnp.array([[[1.0, 1.5], [-5.0, 0.0]]]))[0, :, 0].tolist()
     [5.5, 0.0]
   """
-  images, coords = _check_args(images, coords)
+  return _bilinear_sample(*_check_args(images, coords))
+
+
+@_policy.jit_core()
+def _bilinear_sample(images: jax.Array, coords: jax.Array) -> jax.Array:
+  """`bilinear_sample` on checked arrays, one compiled program per shapes."""
   batch = images.shape[:-3]
   h, w, c = images.shape[-3:]
   p = coords.shape[-2]
