@@ -44,7 +44,8 @@ def test_read_split_keeps_uint8_and_the_placement_follows_the_size():
   spec = get_spec('cifar10')
   src = ArraySource(np.zeros((6, 32, 32, 3), np.uint8), np.arange(6))
   images, labels = feeding.read_split(src, spec)
-  assert images.dtype == np.uint8 and labels.dtype == np.int32 and images.shape == (6, 32, 32, 3)
+  assert images.dtype == np.uint8 and images.shape == (6, 32, 32, 3)
+  assert list(labels) == ['label'] and labels['label'].dtype == np.int32
   assert feeding.fits_on_device(spec, 50_000)  # CIFAR-10's train split
   assert not feeding.fits_on_device(get_spec('coco9'), 118_287)
 

@@ -167,8 +167,11 @@ def test_the_command_line_trains_writes_its_files_and_exits_143_on_sigterm(tmp_p
     (['--config.num_devices=-1'], 'error: config.num_devices must be 0 (all devices) or a positive int'),
     (['--config.workdir=README.md'], "error: config.workdir='README.md' is an existing file"),
     (['--config.steps=abc'], "error: flag --config.steps=abc: invalid literal for int()"),
-    (['--config.nosuchfield=1'], "error: --config.nosuchfield: the config has no field 'nosuchfield'"),
-    (['--config.train_augment.nosuch=2'], "error: --config.train_augment.nosuch: the config has no field 'nosuch'"),
+    (['--config.nosuchfield=1'], "error: --config.nosuchfield: unknown config field 'nosuchfield' (the fields are"),
+    (['--config.train_augment.nosuch=2'], "error: --config.train_augment.nosuch: unknown config field 'nosuch'"),
+    (['--config.epoch=3'], "error: --config.epoch: unknown config field 'epoch': did you mean 'epochs'?\n"),
+    (['--config.train_augment.max_shfit=3'],
+     "error: --config.train_augment.max_shfit: unknown config field 'max_shfit': did you mean 'max_shift'?\n"),
     (['--nosuchflag'], "error: Unknown command line flag 'nosuchflag'"),
 ])
 def test_bad_config_is_one_clear_line(args, message, capsys, monkeypatch):

@@ -9,6 +9,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 if TYPE_CHECKING:  # grain is imported only when a data position is saved or restored
@@ -16,7 +17,7 @@ if TYPE_CHECKING:  # grain is imported only when a data position is saved or res
 
   from deformjax.train.feeding import Prefetcher
 
-__all__ = ['Checkpointer']
+__all__ = ['Checkpointer', 'save_params']
 
 
 class Checkpointer:
@@ -97,3 +98,19 @@ class Checkpointer:
   def close(self) -> None:
     """Waits for the saves and releases the manager."""
     self.manager.close()
+
+
+def save_params(path: str, params: Any) -> None:
+  """Writes a parameter tree as `.npz`: one array per leaf, keyed by its path (`jax.tree_util.keystr`).
+
+  What `--params_out` writes: `save_params(path, summary['params'])` after `train`. In a multi-process run
+  every process holds the replicated parameters; call it on process 0.
+
+  Args:
+    path: the file to write (numpy adds `.npz` when missing).
+    params: the tree, e.g. the summary's 'params' (an `nnx.State`).
+  """
+  # Replicated arrays of a multi-process run are not fully addressable: write the local copy.
+  local = lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  np.savez(path, **{jax.tree_util.keystr(p): local(leaf) for p, leaf in leaves})

@@ -17,6 +17,7 @@ number of times.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
@@ -59,10 +60,11 @@ def _config_spec(argv: Sequence[str]) -> str | None:
   return None
 
 
-def parse_flags(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+def parse_flags(fv: flags.FlagValues, argv: Sequence[str], *, epilog: str | None = None) -> list[str]:
   """Parses `argv` (program name first) into `fv`; returns the positional arguments.
 
-  absl's and config_flags' exceptions become one `error:` line (exit 2); `--help` prints the flags and exits 0.
+  absl's and config_flags' exceptions become one `error:` line (exit 2); `--help` prints the flags, then
+  `epilog` (e.g. `deformjax.train.config.fields_help()`, every config field), and exits 0.
   """
   argv = list(argv)
   wants_help = any(a in _HELP for a in argv[1:])
@@ -75,19 +77,52 @@ def parse_flags(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
   except flags.Error as e:  # absl's messages name the flag (and, for a config field, its bad value)
     fail(str(e))
   except (AttributeError, KeyError) as e:
-    # config_flags names a field the config does not have by the field alone: name the override it came from.
-    field = str(e).strip('"\'')
-    named = next((a.split('=', 1)[0] for a in argv if a.startswith('--config.')
-                  and a.split('=', 1)[0].split('.')[-1] == field), None)
-    if named is None:  # the config file itself failed (e.g. it has no get_config)
-      fail(f'--config: {_config_spec(argv)}: {type(e).__name__}: {e}')
-    fail(f'{named}: the config has no field {field!r} (its fields are those its get_config() sets)')
+    fail(_unknown_field(e, argv))
   except Exception as e:  # the config file failed to run: a syntax error, get_config() raising
     fail(f'--config: {_config_spec(argv)}: {type(e).__name__}: {e}')
   if wants_help:
     print(fv.get_help())
+    if epilog:
+      print('\n' + epilog)
     sys.exit(0)
   return rest
+
+
+def _unknown_field(e: AttributeError | KeyError, argv: Sequence[str]) -> str:
+  """The one line for an override of a field the config lacks, with ml_collections' suggestion when it has one.
+
+  config_flags raises the field's name quoted, sometimes followed by a line 'Did you mean "x" instead of "y"?'.
+  """
+  inner = e.args[0] if e.args else e
+  while isinstance(inner, BaseException) and inner.args:  # an AttributeError wrapping a KeyError
+    inner = inner.args[0]
+  text = str(inner)
+  field = text.splitlines()[0].strip().strip('"\'') if text.strip() else ''
+  named = next((a.split('=', 1)[0] for a in argv if a.startswith('--config.')
+                and a.split('=', 1)[0].split('.')[-1] == field), None)
+  if named is None:  # the config file itself failed (e.g. it has no get_config)
+    return f'--config: {_config_spec(argv)}: {type(e).__name__}: {text}'
+  hint = re.search(r'Did you mean "([^"]+)"', text)
+  suggestion = hint.group(1) if hint else _closest_field(named.removeprefix('--config.'))
+  return (f'{named}: unknown config field {field!r}'
+          + (f': did you mean {suggestion!r}?' if suggestion else ' (the fields are those its get_config() sets)'))
+
+
+def _closest_field(path: str) -> str | None:
+  """The nearest field of `base_config()` to a dotted override path, by name (difflib), or None."""
+  import difflib
+
+  from deformjax.train.config import base_config
+
+  node, *parents, leaf = [base_config()] + path.split('.')
+  for p in parents:
+    if p not in node:
+      return None
+    node = node[p]
+  if not hasattr(node, 'keys'):
+    return None
+  close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
+  return close[0] if close else None
 
 
 def config_value(holder: flags.FlagHolder) -> ml_collections.ConfigDict:
@@ -130,7 +165,8 @@ def _init_distributed(coordinator: str | None, num_processes: int | None, proces
 
 def _write_outputs(summary: dict, summary_json: str | None, params_out: str | None) -> None:
   import jax
-  import numpy as np
+
+  from deformjax.train.checkpoint import save_params
 
   if jax.process_index() != 0:
     return
@@ -138,10 +174,7 @@ def _write_outputs(summary: dict, summary_json: str | None, params_out: str | No
     with open(summary_json, 'w') as f:
       json.dump({k: v for k, v in summary.items() if k not in ('params', 'model_state')}, f, indent=2, default=str)
   if params_out:
-    # Replicated arrays of a multi-process run are not fully addressable: write the local copy.
-    leaves = jax.tree_util.tree_flatten_with_path(summary['params'])[0]
-    np.savez(params_out, **{jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
-                            for path, leaf in leaves})
+    save_params(params_out, summary['params'])
 
 
 def command_line(args: Sequence[str] | None, prog: str) -> list[str]:
@@ -168,7 +201,9 @@ def main(args: Sequence[str] | None = None, *, on_step: Callable[[], None] | Non
                                    'keyed by its path in the parameter tree)', flag_values=fv)
   verbose = flags.DEFINE_bool('verbose', False, 'also print INFO logs (orbax checkpointing, JAX backend probing); '
                               'by default a run shows its progress bar, summary and warnings', flag_values=fv)
-  parse_flags(fv, argv)
+  from deformjax.train.config import fields_help
+
+  parse_flags(fv, argv, epilog=fields_help())
   cfg = config_value(config)
   if verbose.value:
     logging.set_verbosity(logging.INFO)

@@ -3,8 +3,10 @@ validation that turns a bad value into one clear line."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from typing import Any
 
 import ml_collections
 
@@ -12,7 +14,8 @@ from deformjax.data.sources import DATASETS
 from deformjax.models.classifiers import MODELS, PRESET_MODELS, check_preset_model, resolve_conv, resolve_deformable
 from deformjax.ops._args import is_int, is_real
 
-__all__ = ['ConfigError', 'augment_config', 'base_config', 'validate']
+__all__ = ['FIELDS', 'ConfigError', 'Field', 'augment_config', 'base_config', 'field_table', 'fields_help', 'model_label',
+           'validate']
 
 
 class ConfigError(ValueError):
@@ -36,53 +39,123 @@ def augment_config(max_rotation_deg: float = 0.0, max_shift: float = 0.0,
            scale_range=tuple(float(s) for s in scale_range)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One config field: its name, default and meaning (the source of `base_config`, `--help` and the docs' table).
+
+  Attributes:
+    name: the field (`--config.NAME=VALUE`).
+    default: its value in `base_config()`; a ConfigDict for a group of fields (`train_augment`, `eval_sets`).
+    meaning: one sentence on what it sets and the values it takes.
+    type: the value type of a field whose default is None (an `ml_collections.FieldReference`'s `field_type`).
+  """
+
+  name: str
+  default: Any
+  meaning: str
+  type: type | None = None
+
+
+# Every field of `base_config()`, in the order `--help` and docs/training.md list them.
+FIELDS: tuple[Field, ...] = (
+    Field('dataset', 'digits', "a built-in dataset: 'digits' (embedded, 28x28), or TFDS 'mnist', 'fashion_mnist', "
+          "'cifar10', 'coco9' (multi-label); ignored when train() is given sources"),
+    Field('data_dir', None, 'where a TFDS dataset is prepared; None: TFDS_DATA_DIR or ~/tensorflow_datasets', str),
+    Field('num_classes', 0, "classes of data given as sources; 0: read from the labels (the built-in datasets know "
+          'theirs)'),
+    Field('model', 'conv5', "a built-in model: 'conv5', 'cifarnet', 'internimage', 'flash_internimage'; ignored "
+          'when train() is given model='),
+    Field('preset', 'micro', "the size of 'internimage' / 'flash_internimage': 'micro', 't', 's', 'b'"),
+    Field('deformable', '2', "'none', 'all' or how many of the last convs of 'conv5' / 'cifarnet' are deformable"),
+    Field('modulated', False, 'DCNv2 modulation of the deformable convs (conv unset)'),
+    Field('conv', None, "the deformable conv: 'dcnv1', 'dcnv2', 'dcnv3', 'dcnv4'; None: 'dcnv2' if modulated "
+          "else 'dcnv1'", str),
+    Field('dropout', 0.0, "dropout rate before the classifier head of 'conv5'"),
+    Field('dtype', 'float32', "compute dtype of the built-in models: 'float32', 'bfloat16', 'float16' "
+          '(parameters stay float32)'),
+    Field('optimizer', 'adam', "'adam', 'adamw' (with weight_decay) or 'sgd' (momentum 0.9)"),
+    Field('learning_rate', 1e-3, 'the initial learning rate'),
+    Field('weight_decay', 0.0, "decoupled weight decay of 'adamw'"),
+    Field('schedule', 'step', "'constant', 'step' (times step_gamma every step_epochs) or 'cosine' (to 0)"),
+    Field('step_epochs', 5, "epochs between decays of the 'step' schedule"),
+    Field('step_gamma', 0.7, "decay factor of the 'step' schedule"),
+    Field('epochs', 14, 'epochs to train (steps > 0 overrides)'),
+    Field('steps', 0, 'steps to train when > 0, instead of epochs'),
+    Field('batch_size', 64, 'global batch, across every device and process'),
+    Field('seed', 0, 'the seed of initialisation, data order, augmentation and dropout'),
+    Field('num_seeds', 1, 'seeds seed .. seed+num_seeds-1 trained together in one run, each as if alone'),
+    Field('seed_batching', 'auto', "'auto', 'vmap' (one batched step) or 'loop' (one program per seed in turn)"),
+    Field('data_placement', 'auto', "'auto' (the devices when the train split fits in 1 GiB), 'device' or 'host'"),
+    Field('train_augment', None, 'random affine augmentation of training: .max_rotation_deg, .max_shift (pixels), '
+          '.scale_range (low, high)'),
+    Field('eval_sets', None, 'named test sets, each a fixed random affine of the test split (fields as '
+          'train_augment\'s): --config.eval_sets.baseline.max_shift=2'),
+    Field('eval_batch_size', 256, 'global batch of evaluation'),
+    Field('eval_every_epochs', 0, 'evaluate every this many epochs; 0: at the end only'),
+    Field('log_every', 50, 'steps between train-metric log lines (metrics.jsonl, progress bar)'),
+    Field('workdir', None, 'checkpoints, metrics.jsonl and run.json; a run with a workdir resumes', str),
+    Field('checkpoint_every', 0, 'steps between checkpoints; 0: every epoch (and always the last step)'),
+    Field('keep_checkpoints', 2, 'how many of the latest checkpoints are kept'),
+    Field('num_devices', 0, 'devices of the data mesh; 0: all'),
+    Field('progress', True, 'show the progress bar on stderr'),
+)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults: the MNIST study's settings (Adam 1e-3, StepLR(5 epochs, 0.7), batch 64)
-  on the embedded digits, with the last two of five convs deformable."""
+  on the embedded digits, with the last two of five convs deformable. Every field is in `FIELDS`."""
   c = ml_collections.ConfigDict()
-  c.dataset = 'digits'
-  c.data_dir = ml_collections.FieldReference(None, field_type=str)
-  c.model = 'conv5'  # a key of deformjax.models.MODELS
-  # The size of 'internimage' / 'flash_internimage' ('micro', 't', 's', 'b'); the other models ignore it.
-  c.preset = 'micro'
-  # 'none' | 'all' | how many of the last convs are deformable (deformable, modulated and conv
-  # do not apply to the InternImage models, whose blocks are all deformable)
-  c.deformable = '2'
-  c.modulated = False
-  # 'dcnv1' | 'dcnv2' | 'dcnv3' | 'dcnv4' (deformjax.models.CONVS); None: 'dcnv2' if modulated else 'dcnv1'
-  c.conv = ml_collections.FieldReference(None, field_type=str)
-  c.dropout = 0.0
-  c.dtype = 'float32'
-  c.optimizer = 'adam'
-  c.learning_rate = 1e-3
-  c.weight_decay = 0.0
-  c.schedule = 'step'  # 'constant' | 'step' | 'cosine'
-  c.step_epochs = 5
-  c.step_gamma = 0.7
-  c.epochs = 14
-  c.steps = 0  # > 0 overrides epochs
-  c.batch_size = 64  # global, across all devices and processes
-  c.seed = 0
-  # Seeds cfg.seed .. cfg.seed + num_seeds - 1 trained together, each as if alone
-  # (its own init, data order, augmentation, dropout): an ensemble, or the seeds
-  # of a study, in one compiled step. Needs the train split on the devices.
-  c.num_seeds = 1
-  c.seed_batching = 'auto'  # 'auto' | 'vmap' | 'loop': see deformjax.train.steps.seed_batching_for
-  # 'auto': the train split lives on the devices when it fits (feeding.DEVICE_DATA_MAX_BYTES),
-  # else grain feeds it from the host; 'device' / 'host' force one.
-  c.data_placement = 'auto'
-  c.train_augment = augment_config()
-  # Named test sets: each is a random affine (fixed seed) applied to the test split.
-  c.eval_sets = ml_collections.ConfigDict({'baseline': augment_config()})
-  c.eval_batch_size = 256
-  c.eval_every_epochs = 0  # 0: evaluate at the end only
-  c.log_every = 50
-  c.workdir = ml_collections.FieldReference(None, field_type=str)
-  c.checkpoint_every = 0  # steps; 0: at the end of every epoch
-  c.keep_checkpoints = 2
-  c.num_devices = 0  # 0: all local devices
-  c.progress = True
+  for f in FIELDS:
+    if f.name == 'train_augment':
+      c.train_augment = augment_config()
+    elif f.name == 'eval_sets':
+      c.eval_sets = ml_collections.ConfigDict({'baseline': augment_config()})
+    elif f.default is None:
+      c[f.name] = ml_collections.FieldReference(None, field_type=f.type)
+    else:
+      c[f.name] = f.default
   return c
+
+
+def _default_text(f: Field) -> str:
+  return {'train_augment': 'identity', 'eval_sets': "{'baseline': identity}"}.get(f.name, repr(f.default))
+
+
+def field_table() -> str:
+  """The Markdown table of every config field (name, default, meaning) that docs/training.md shows."""
+  rows = ['| field | default | meaning |', '|---|---|---|']
+  rows += [f'| `{f.name}` | `{_default_text(f)}` | {f.meaning} |' for f in FIELDS]
+  return '\n'.join(rows)
+
+
+def fields_help() -> str:
+  """Every config field with its default and meaning, as `python -m deformjax.train --help` prints them."""
+  width = max(len(f.name) for f in FIELDS)
+  lines = ['config fields (override as --config.FIELD=VALUE):']
+  lines += [f'  {f.name:<{width}}  {f.meaning} (default: {_default_text(f)})' for f in FIELDS]
+  return '\n'.join(lines)
+
+
+def model_label(cfg: ml_collections.ConfigDict) -> str:
+  """What a built-in model config trains, as the progress bar names it: 'conv5 dcnv3 last 2', 'conv5 regular',
+  'cifarnet dcnv2 all', 'internimage micro'.
+
+  Example:
+    >>> from deformjax.train import base_config
+    >>> from deformjax.train.config import model_label
+    >>> cfg = base_config()
+    >>> cfg.conv = 'dcnv3'
+    >>> model_label(cfg)
+    'conv5 dcnv3 last 2'
+  """
+  if cfg.model in PRESET_MODELS:
+    return f"{cfg.model} {cfg.get('preset', 'micro')}"
+  num_convs = MODELS[cfg.model].num_convs
+  n = resolve_deformable(cfg.deformable, num_convs)
+  if n == 0:
+    return f'{cfg.model} regular'
+  conv = resolve_conv(cfg.get('conv'), cfg.modulated)
+  return f"{cfg.model} {conv} {'all' if n == num_convs else f'last {n}'}"
 
 
 def _check_augment(aug, name: str) -> None:
@@ -97,19 +170,30 @@ def _check_augment(aug, name: str) -> None:
                       f'got {tuple(aug.scale_range)}')
 
 
-def validate(cfg: ml_collections.ConfigDict, device_count: int) -> None:
-  """Raises ConfigError (one line) for a value the trainer cannot run with."""
-  if cfg.dataset not in DATASETS:
+def validate(cfg: ml_collections.ConfigDict, device_count: int, *, dataset: bool = True, model: bool = True) -> None:
+  """Raises ConfigError (one line) for a value the trainer cannot run with.
+
+  Args:
+    cfg: the config.
+    device_count: the devices of the data mesh (batches must divide among them).
+    dataset: check the built-in dataset fields (False when the data is given as sources).
+    model: check the built-in model fields (False when a model of your own is given).
+  """
+  if dataset and cfg.dataset not in DATASETS:
     raise ConfigError(f"config.dataset: unknown dataset {cfg.dataset!r}; choose one of {', '.join(sorted(DATASETS))}")
-  if cfg.model not in MODELS:
+  num_classes = cfg.get('num_classes', 0)
+  if not is_int(num_classes) or num_classes < 0:
+    raise ConfigError(f'config.num_classes must be 0 (read from the labels) or a positive int, got '
+                      f'{num_classes!r}')
+  if model and cfg.model not in MODELS:
     raise ConfigError(f"config.model: unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
   if cfg.workdir is not None and os.path.exists(os.path.expanduser(cfg.workdir)) \
       and not os.path.isdir(os.path.expanduser(cfg.workdir)):
     raise ConfigError(f'config.workdir={cfg.workdir!r} is an existing file, not a directory')
-  if cfg.dataset == 'digits' and cfg.data_dir is not None:
+  if dataset and cfg.dataset == 'digits' and cfg.data_dir is not None:
     raise ConfigError(f'config.data_dir={cfg.data_dir!r} is not read by the digits dataset (it ships inside '
                       'scikit-learn); unset it, or choose a TFDS dataset')
-  if cfg.dataset != 'digits' and cfg.data_dir is not None and not os.path.isdir(os.path.expanduser(cfg.data_dir)):
+  if dataset and cfg.dataset != 'digits' and cfg.data_dir is not None and not os.path.isdir(os.path.expanduser(cfg.data_dir)):
     raise ConfigError(f'config.data_dir: directory {cfg.data_dir!r} does not exist')
   for name in ('batch_size', 'eval_batch_size'):
     value = cfg[name]
@@ -142,6 +226,12 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int) -> None:
                       "data_placement='host' feeds one order only: use 'auto' or 'device', or num_seeds=1")
   if cfg.dtype not in ('float32', 'bfloat16', 'float16'):
     raise ConfigError(f"config.dtype must be 'float32', 'bfloat16' or 'float16', got {cfg.dtype!r}")
+  if model:
+    _check_model_fields(cfg)
+
+
+def _check_model_fields(cfg: ml_collections.ConfigDict) -> None:
+  """The fields of the built-in models: a preset for the InternImage ones, else conv and deformable."""
   if cfg.model in PRESET_MODELS:
     try:
       check_preset_model(cfg.model, cfg.get('preset', 'micro'), cfg.get('conv'), cfg.dropout)

@@ -21,8 +21,8 @@ import collections
 import dataclasses
 import functools
 import json
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -56,26 +56,70 @@ def fits_on_device(spec: DatasetSpec, num_examples: int) -> bool:
   return num_examples * int(np.prod(spec.image_shape)) * 4 <= DEVICE_DATA_MAX_BYTES
 
 
-def read_split(source: RandomAccessSource, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+def _label_dtype(layout: Mapping[str, jax.ShapeDtypeStruct], key: str) -> np.dtype:
+  return np.dtype(layout[key].dtype)
+
+
+def stack_records(records: Sequence[Mapping[str, Any]], spec: DatasetSpec,
+                  layout: Mapping[str, jax.ShapeDtypeStruct]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """Records -> `(images [n, H, W, C], {key: [n, ...]})` in their stored image dtype and the layout's label dtypes.
+
+  Args:
+    records: dicts with `'image'` and every key of `layout`.
+    spec: the data's spec (`image_shape`).
+    layout: the task's label layout (`Task.label_layout`): key -> one example's shape and dtype.
+
+  Returns:
+    The stacked images (uint8 kept, anything else float32) and labels.
+  """
+  images = np.stack([np.asarray(r['image']) for r in records])
+  if images.dtype != np.uint8:
+    images = images.astype(np.float32)
+  images = images.reshape((len(records),) + tuple(spec.image_shape))
+  labels = {k: np.stack([np.asarray(r[k]) for r in records]).astype(_label_dtype(layout, k))
+            .reshape((len(records),) + tuple(layout[k].shape)) for k in layout}
+  return images, labels
+
+
+def read_split(source: RandomAccessSource, spec: DatasetSpec,
+               layout: Mapping[str, jax.ShapeDtypeStruct] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """All records of `source` as `(images, labels)` numpy arrays, images in their stored dtype.
 
   uint8 images stay uint8 (a quarter of the float32 bytes on the device); the
   train step scales them to [0, 1] exactly as `to_model_inputs` does.
+
+  Args:
+    source: the split.
+    spec: its spec (`image_shape`).
+    layout: the task's label layout; None: classification's (`'label'`, int32 or float32 multi-hot by
+      `spec.multilabel`).
+
+  Returns:
+    `(images [N, H, W, C], {key: [N, ...]})`.
   """
-  if hasattr(source, 'images') and hasattr(source, 'labels'):
-    images, labels = np.asarray(source.images), np.asarray(source.labels)
-  else:
-    images, labels = [], []
-    for start in range(0, len(source), _LOAD_CHUNK):
-      records = [source[i] for i in range(start, min(len(source), start + _LOAD_CHUNK))]
-      images.append(np.stack([np.asarray(r['image']) for r in records]))
-      labels.append(np.stack([np.asarray(r['label']) for r in records]))
-    images, labels = np.concatenate(images), np.concatenate(labels)
+  if layout is None:
+    from deformjax.train.task import default_task
+
+    layout = default_task(spec).label_layout(spec)
+  if hasattr(source, 'images') and hasattr(source, 'labels') and tuple(layout) == ('label',):
+    return _array_split(source, spec, layout)
+  images, labels = [], []
+  for start in range(0, len(source), _LOAD_CHUNK):
+    chunk = stack_records([source[i] for i in range(start, min(len(source), start + _LOAD_CHUNK))], spec, layout)
+    images.append(chunk[0])
+    labels.append(chunk[1])
+  return np.concatenate(images), {k: np.concatenate([c[k] for c in labels]) for k in layout}
+
+
+def _array_split(source: RandomAccessSource, spec: DatasetSpec,
+                 layout: Mapping[str, jax.ShapeDtypeStruct]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """`read_split` of an `ArraySource`: its arrays, without reading record by record."""
+  images = np.asarray(source.images)
   if images.dtype != np.uint8:
     images = images.astype(np.float32)
-  images = images.reshape((len(images),) + spec.image_shape)
-  labels = labels.astype(np.float32 if spec.multilabel else np.int32)
-  return images, labels
+  n = len(images)
+  label = np.asarray(source.labels).astype(_label_dtype(layout, 'label')).reshape((n,) + tuple(layout['label'].shape))
+  return images.reshape((n,) + tuple(spec.image_shape)), {'label': label}
 
 
 # uint8 -> [0, 1] as numpy computes it in `to_model_inputs` (a correctly rounded
@@ -93,18 +137,19 @@ def model_images(images: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceSplit:
-  """A whole split on the mesh: `images [N_pad, H, W, C]`, `labels [N_pad, ...]`, sharded over 'data'.
+  """A whole split on the mesh: `images [N_pad, H, W, C]`, `labels` (a dict of `[N_pad, ...]` arrays, the task's
+  label layout, or one array), sharded over 'data'.
 
   `size` is the real example count N; rows past it are padding that no
   permutation ever indexes.
   """
 
   images: jax.Array
-  labels: jax.Array
+  labels: Any
   size: int
 
   @classmethod
-  def place(cls, images: np.ndarray, labels: np.ndarray, mesh: Mesh) -> DeviceSplit:
+  def place(cls, images: np.ndarray, labels: Any, mesh: Mesh) -> DeviceSplit:
     """Every process passes the whole split; each device keeps its shard only."""
     n = len(images)
     pad = -n % mesh.size
@@ -114,7 +159,7 @@ class DeviceSplit:
       a = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) if pad else a
       return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
-    return cls(put(images), put(labels), n)
+    return cls(put(images), jax.tree.map(put, labels), n)
 
 
 def epoch_permutation(mesh: Mesh, seed: int, epoch: int, size: int) -> jax.Array:
@@ -130,13 +175,21 @@ def _permutation(size: int, sharding: NamedSharding):
   return jax.jit(permutation, out_shardings=sharding)
 
 
-def gather_batch(mesh: Mesh, images: jax.Array, labels: jax.Array,
-                 indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+def gather_batch(mesh: Mesh, images: jax.Array, labels: Any, indices: jax.Array) -> tuple[jax.Array, Any]:
   """Rows `indices` (a replicated `[B]` of global example numbers) of a sharded split, sharded over 'data'.
 
   Each device gathers the requested rows it holds (zeros elsewhere) and a
   `psum_scatter` sums and splits them: one device holds each row, so the sum is
   exact. Images come back as float32 in [0, 1].
+
+  Args:
+    mesh: the data mesh.
+    images: `[N_pad, H, W, C]`, sharded over 'data'.
+    labels: an array or a dict of arrays (the task's label layout), each `[N_pad, ...]`, sharded like `images`.
+    indices: `[B]` int32, replicated.
+
+  Returns:
+    `(images [B, H, W, C] float32, labels [B, ...] as given)`, sharded over 'data'.
   """
 
   def local(img, lab, idx):
@@ -144,14 +197,85 @@ def gather_batch(mesh: Mesh, images: jax.Array, labels: jax.Array,
     offset = idx - lax.axis_index(mesh_lib.DATA) * rows
     here = (offset >= 0) & (offset < rows)
     safe = jnp.clip(offset, 0, rows - 1)
+    # Booleans cannot be summed: a bool label crosses the scatter as int8.
     mask = lambda x: jnp.where(here.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
-    img_rows = mask(model_images(img[safe]))
-    lab_rows = mask(lab[safe])
     scatter = lambda x: lax.psum_scatter(x, mesh_lib.DATA, scatter_dimension=0, tiled=True)
-    return scatter(img_rows), scatter(lab_rows)
+    rows_of = lambda x: (scatter(mask(x[safe]).astype(jnp.int8)).astype(bool) if x.dtype == jnp.bool_
+                         else scatter(mask(x[safe])))
+    return scatter(mask(model_images(img[safe]))), jax.tree.map(rows_of, lab)
 
   spec = P(mesh_lib.DATA)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P()), out_specs=(spec, spec))(images, labels, indices)
+
+
+def host_batches(source: RandomAccessSource, spec: DatasetSpec, layout: Mapping[str, jax.ShapeDtypeStruct], *,
+                 global_batch: int, seed: int, process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+  """Endless grain iterator of this process's share of shuffled global batches, as the train step takes them.
+
+  Each epoch is reshuffled (grain combines the seed with the epoch); the last partial batch of an epoch is
+  dropped. The global batch of step t is the same whatever the number of processes.
+
+  Args:
+    source: the split.
+    spec: its spec (`image_shape`).
+    layout: the task's label layout.
+    global_batch: examples per step across all processes; a multiple of `process_count`.
+    seed: the shuffle seed.
+    process_index: this process.
+    process_count: how many share the batch.
+
+  Returns:
+    A grain iterator (with `get_state()` / `set_state()` for checkpoints) of numpy dicts: `'image'` float32
+    `[b, H, W, C]` in [0, 1] and the layout's labels `[b, ...]`, `b = global_batch // process_count`.
+  """
+  import grain
+
+  if global_batch % process_count:
+    raise ValueError(f'global batch {global_batch} is not divisible by the process count {process_count}')
+  if len(source) < global_batch:
+    raise ValueError(f'the dataset has {len(source)} examples, fewer than one global batch of {global_batch}')
+  local = global_batch // process_count
+  lo, hi = process_index * local, (process_index + 1) * local
+
+  def load(indices):
+    return model_batch([source[int(i)] for i in np.asarray(indices)[lo:hi]], spec, layout)
+
+  ds = (grain.MapDataset.range(len(source)).shuffle(seed=seed).batch(global_batch, drop_remainder=True)
+        .repeat(None).map(load))
+  return iter(ds.to_iter_dataset())
+
+
+def model_batch(records: Sequence[Mapping[str, Any]], spec: DatasetSpec,
+                layout: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, np.ndarray]:
+  """Records -> `{'image': float32 [n, H, W, C] in [0, 1], **labels}` (uint8 images divided by 255 in numpy)."""
+  images, labels = stack_records(records, spec, layout)
+  images = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images
+  return {'image': images, **labels}
+
+
+def eval_batches(source: RandomAccessSource, spec: DatasetSpec, layout: Mapping[str, jax.ShapeDtypeStruct], *,
+                 global_batch: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+  """One ordered pass over `source` in global batches; the last is padded.
+
+  Args:
+    source: the split.
+    spec: its spec.
+    layout: the task's label layout.
+    global_batch: examples per step across all processes.
+    process_index: this process.
+    process_count: how many share the batch.
+
+  Yields:
+    `(batch, valid)`: this process's `global_batch // process_count` examples as `model_batch` makes them, and
+    a bool `[local_batch]` marking the real examples (padding repeats example 0).
+  """
+  local = global_batch // process_count
+  n = len(source)
+  for start in range(0, n, global_batch):
+    idx = np.arange(start + process_index * local, start + (process_index + 1) * local)
+    valid = idx < n
+    yield model_batch([source[int(i)] for i in np.where(valid, idx, 0)], spec, layout), valid
 
 
 class Prefetcher:
@@ -203,5 +327,6 @@ class Prefetcher:
     """Does nothing: grain's checkpoint handler calls it after a restore, and `next()` refills the queue."""
 
 
-__all__ = ['DEVICE_DATA_MAX_BYTES', 'DeviceSplit', 'Prefetcher', 'epoch_permutation', 'fits_on_device',
-           'gather_batch', 'model_images', 'read_split']
+__all__ = ['DEVICE_DATA_MAX_BYTES', 'DeviceSplit', 'Prefetcher', 'epoch_permutation', 'eval_batches',
+           'fits_on_device', 'gather_batch', 'host_batches', 'model_batch', 'model_images', 'read_split',
+           'stack_records']

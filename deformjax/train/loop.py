@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -19,7 +20,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from deformjax.data.loader import eval_batches, train_iterator
 from deformjax.data.sources import DataError, DatasetSpec, RandomAccessSource, get_spec, load_source
 from deformjax.models.classifiers import build_model
 from deformjax.ops._args import is_int
@@ -27,9 +27,10 @@ from deformjax.train import feeding
 from deformjax.train import mesh as mesh_lib
 from deformjax.train._progress import progress_bar
 from deformjax.train.checkpoint import Checkpointer
-from deformjax.train.config import ConfigError, validate
+from deformjax.train.config import ConfigError, model_label, validate
 from deformjax.train.metrics import Accumulator
 from deformjax.train.steps import Trainer, augment_arrays, host_array, make_trainer, seed_slice
+from deformjax.train.task import Task, default_task, infer_task
 
 # Added to a run's seed for the keys of its test transforms, so they are not the train augmentation's draws.
 _EVAL_SEED_OFFSET = 1_000_003
@@ -58,12 +59,12 @@ def _stop_on_signals(flag: threading.Event):
 def evaluate(trainer: Trainer, params: nnx.State, source: RandomAccessSource, spec: DatasetSpec,
              cfg: ml_collections.ConfigDict, mesh: Mesh, seed: int | None = None,
              model_state: nnx.State | None = None) -> dict[str, dict[str, Any]]:
-  """Metrics of `params` (one seed's) on every named test set of `cfg.eval_sets`.
+  """Metrics of `params` (one seed's) on every named test set of `cfg.eval_sets`, as the trainer's task sums them.
 
   The test transforms are drawn from `seed` (default `cfg.seed`), as in a run of that seed alone.
 
   Args:
-    trainer: the steps of the run (`deformjax.train.steps.make_trainer`); its `eval_step` is used.
+    trainer: the steps of the run (`deformjax.train.steps.make_trainer`); its `eval_step` and `task` are used.
     params: one seed's model parameters, replicated on `mesh`.
     source: the test split.
     spec: its dataset spec.
@@ -74,27 +75,35 @@ def evaluate(trainer: Trainer, params: nnx.State, source: RandomAccessSource, sp
       uses), for a model that has one; None for a model with parameters only.
 
   Returns:
-    Test set name -> its metrics (as `deformjax.train.metrics.Accumulator.result` gives them).
+    Test set name -> its metrics (the task's `Evaluator.result`).
   """
   results = {}
   seed = cfg.seed if seed is None else seed
+  task = default_task(spec) if trainer.task is None else trainer.task
+  layout = task.label_layout(spec)
   for name, aug in sorted(cfg.eval_sets.items()):
-    acc = Accumulator()
+    evaluator = task.evaluator(spec)
     arrays = augment_arrays(aug)
     base = jax.random.PRNGKey(seed + _EVAL_SEED_OFFSET)
-    for i, (local, valid) in enumerate(eval_batches(source, spec, global_batch=cfg.eval_batch_size,
-                                                    process_index=jax.process_index(),
-                                                    process_count=jax.process_count())):
+    for i, (local, valid) in enumerate(feeding.eval_batches(source, spec, layout, global_batch=cfg.eval_batch_size,
+                                                            process_index=jax.process_index(),
+                                                            process_count=jax.process_count())):
       batch = mesh_lib.global_batch(mesh, {**local, 'valid': valid})
-      sums, logits = trainer.eval_step(params, {'image': batch['image'], 'label': batch['label']}, batch['valid'],
-                                       jax.random.fold_in(base, i), arrays, model_state)
-      if spec.multilabel:
-        keep = host_array(batch['valid'])
-        acc.add(sums, keep.sum(), host_array(logits)[keep], host_array(batch['label'])[keep])
+      valid = batch.pop('valid')
+      sums, outputs = trainer.eval_step(params, batch, valid, jax.random.fold_in(base, i), arrays, model_state)
+      keep = host_array(valid)
+      if task.eval_outputs:
+        real = functools.partial(_real_rows, keep)
+        evaluator.add(jax.device_get(sums), int(keep.sum()), jax.tree.map(real, outputs), jax.tree.map(real, batch))
       else:
-        acc.add(sums, int(host_array(batch['valid']).sum()))
-    results[name] = acc.result(spec.class_names if spec.multilabel else ())
+        evaluator.add(jax.device_get(sums), int(keep.sum()), None, None)
+    results[name] = evaluator.result()
   return results
+
+
+def _real_rows(keep: np.ndarray, x: jax.Array) -> np.ndarray:
+  """The rows of a global batch array that are real examples, as numpy on every process."""
+  return host_array(x)[keep]
 
 
 def _truncate_log(path: str | None, step: int) -> None:
@@ -113,11 +122,16 @@ def _log_line(path: str | None, record: dict) -> None:
       f.write(json.dumps(record) + '\n')
 
 
-def format_summary(results: dict[str, dict[str, Any]]) -> str:
-  """A Markdown table of final results: one row per test set with its loss, accuracy and (multi-label) mAP.
+_CLASSIFICATION_COLUMNS = {'loss': '{:.4f}', 'accuracy': '{:.2%}', 'mAP': '{:.2%}'}
+
+
+def format_summary(results: dict[str, dict[str, Any]], columns: dict[str, str] | None = None) -> str:
+  """A Markdown table of final results: one row per test set, one column per metric.
 
   Args:
     results: test set name -> metrics, as `evaluate` returns them.
+    columns: metric name -> its format (`str.format`), in column order (a task's `summary_columns`); None:
+      loss, accuracy and, where a result has it, mAP. A metric no result has is left out.
 
   Returns:
     The table, one line per row.
@@ -129,22 +143,58 @@ def format_summary(results: dict[str, dict[str, Any]]) -> str:
     |---|---|---|
     | baseline | 0.2500 | 90.00% |
   """
-  rows = ['| test set | loss | accuracy |' + (' mAP |' if any('mAP' in r for r in results.values()) else ''),
-          '|---|---|---|' + ('---|' if any('mAP' in r for r in results.values()) else '')]
+  columns = _CLASSIFICATION_COLUMNS if columns is None else columns
+  names = [c for c in columns if any(c in r for r in results.values())]
+  rows = ['| test set | ' + ' | '.join(names) + ' |', '|---|' + '---|' * len(names)]
   for name, r in results.items():
-    rows.append(f"| {name} | {r['loss']:.4f} | {100 * r['accuracy']:.2f}% |"
-                + (f" {100 * r['mAP']:.2f}% |" if 'mAP' in r else ''))
+    cells = [columns[c].format(r[c]) if c in r else '' for c in names]
+    rows.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(rows)
 
 
 def model_factory(cfg: ml_collections.ConfigDict, spec: DatasetSpec) -> Callable[[int], nnx.Module]:
-  """`seed -> model` for the model `cfg` describes on data of `spec`, its parameters drawn from `seed`."""
+  """`seed -> model` for the built-in model `cfg` describes on data of `spec`, its parameters drawn from `seed`."""
 
   def build(seed: int) -> nnx.Module:
     return build_model(cfg.model, in_features=spec.image_shape[-1], num_classes=spec.num_classes,
                        image_size=spec.image_shape[0], deformable=cfg.deformable, modulated=cfg.modulated,
                        conv=cfg.get('conv'), preset=cfg.get('preset', 'micro'),
                        dropout=cfg.dropout, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(seed))
+
+  return build
+
+
+def user_model_factory(model: Callable[[nnx.Rngs], nnx.Module] | nnx.Module,
+                       num_seeds: int = 1) -> Callable[[int], nnx.Module]:
+  """`seed -> model` for a model of your own.
+
+  Args:
+    model: a callable `nnx.Rngs -> nnx.Module` (called with `nnx.Rngs(seed)` once per seed; e.g. the class, or
+      `lambda rngs: MyNet(7, rngs=rngs)`), or a built `nnx.Module` (its own parameters are the start; one seed
+      only).
+    num_seeds: the seeds the run trains.
+
+  Returns:
+    The factory `make_trainer` takes.
+
+  Raises:
+    ConfigError: a built module with `num_seeds > 1`, a callable that does not build an `nnx.Module`, or
+      neither.
+  """
+  if isinstance(model, nnx.Module):
+    if num_seeds > 1:
+      raise ConfigError(f'config.num_seeds={num_seeds} needs a model per seed: pass model= a callable '
+                        'rngs -> nnx.Module (e.g. lambda rngs: MyNet(rngs=rngs)), not a built module')
+    return lambda seed: model
+  if not callable(model):
+    raise ConfigError(f'model= must be an nnx.Module or a callable nnx.Rngs -> nnx.Module, got '
+                      f'{type(model).__name__}')
+
+  def build(seed: int) -> nnx.Module:
+    built = model(nnx.Rngs(seed))
+    if not isinstance(built, nnx.Module):
+      raise ConfigError(f'model(rngs) must return an nnx.Module, got {type(built).__name__}')
+    return built
 
   return build
 
@@ -179,6 +229,8 @@ class _Run:
   train_aug: dict
   split: feeding.DeviceSplit | None  # the train split on the devices, or
   iterator: feeding.Prefetcher | None  # the host-fed batches
+  label: str = ''  # what is trained, as the progress bar names it
+  user_model: bool = False  # a model of your own (run.json records its class name), not cfg.model
 
   @property
   def multi(self) -> bool:
@@ -195,21 +247,49 @@ class _Run:
             for i, s in enumerate(self.seeds)]
 
 
-def _set_up(cfg: ml_collections.ConfigDict, sources: tuple[RandomAccessSource, RandomAccessSource] | None) -> _Run:
-  """Phase 1: validates `cfg`, builds the mesh, loads the data, compiles the steps, draws the initial state."""
+def _data(cfg: ml_collections.ConfigDict, sources: tuple[RandomAccessSource, RandomAccessSource] | None,
+          task: Task | None) -> tuple[DatasetSpec, Task, RandomAccessSource, RandomAccessSource]:
+  """`(spec, task, train, test)`: the built-in dataset `cfg.dataset`, or `sources` described from their own data."""
+  if sources is None:
+    spec = get_spec(cfg.dataset)
+    train_src = load_source(cfg.dataset, spec.splits[0], cfg.data_dir)
+    test_src = load_source(cfg.dataset, spec.splits[1], cfg.data_dir)
+    return spec, default_task(spec) if task is None else task, train_src, test_src
+  if not (isinstance(sources, (tuple, list)) and len(sources) == 2):
+    raise ConfigError(f'sources= must be (train, test), two sources (deformjax.data.ArraySource), got '
+                      f'{type(sources).__name__}')
+  train_src, test_src = (_as_source(s, what) for s, what in zip(sources, ('train', 'test')))
+  task = infer_task(train_src) if task is None else task
+  try:
+    spec = task.describe(train_src, test_src, cfg.get('num_classes', 0))
+  except ValueError as e:
+    raise DataError(f'sources: {e}') from None
+  return spec, task, train_src, test_src
+
+
+def _as_source(source: Any, what: str) -> RandomAccessSource:
+  """A source as given, or `(images, labels)` arrays wrapped in an `ArraySource`."""
+  if isinstance(source, (tuple, list)) and len(source) == 2:
+    from deformjax.data.sources import ArraySource
+
+    return ArraySource(np.asarray(source[0]), np.asarray(source[1]))
+  if not (hasattr(source, '__len__') and hasattr(source, '__getitem__')):
+    raise ConfigError(f'sources: the {what} split must be a random-access source (len and [i]) or an (images, '
+                      f'labels) pair, got {type(source).__name__}')
+  return source
+
+
+def _set_up(cfg: ml_collections.ConfigDict, sources: tuple[RandomAccessSource, RandomAccessSource] | None,
+            model: Callable[[nnx.Rngs], nnx.Module] | nnx.Module | None = None, task: Task | None = None) -> _Run:
+  """Phase 1: validates `cfg`, builds the mesh, loads the data, checks and compiles the steps, draws the state."""
   if not is_int(cfg.num_devices) or cfg.num_devices < 0:
     raise ConfigError(f'config.num_devices must be 0 (all devices) or a positive int, got {cfg.num_devices!r}')
   try:
     mesh = mesh_lib.data_mesh(cfg.num_devices)
   except ValueError as e:
     raise ConfigError(f'config.num_devices: {e}') from None
-  validate(cfg, mesh.size)
-  spec = get_spec(cfg.dataset)
-  if sources is None:
-    train_src = load_source(cfg.dataset, spec.splits[0], cfg.data_dir)
-    test_src = load_source(cfg.dataset, spec.splits[1], cfg.data_dir)
-  else:
-    train_src, test_src = sources
+  validate(cfg, mesh.size, dataset=sources is None, model=model is None)
+  spec, task, train_src, test_src = _data(cfg, sources, task)
   steps_per_epoch = len(train_src) // cfg.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f'config.batch_size={cfg.batch_size} exceeds the {len(train_src)} training examples')
@@ -221,18 +301,21 @@ def _set_up(cfg: ml_collections.ConfigDict, sources: tuple[RandomAccessSource, R
     raise ConfigError(f'config.num_seeds={cfg.num_seeds} needs the train split on the devices, and '
                       f'{len(train_src)} examples exceed feeding.DEVICE_DATA_MAX_BYTES: use '
                       "data_placement='device' if it fits, or num_seeds=1")
-  trainer = make_trainer(model_factory(cfg, spec), cfg, spec, mesh, steps_per_epoch, total_steps, num_seeds=len(seeds),
-                         seed_batching=cfg.seed_batching)
+  model_fn = model_factory(cfg, spec) if model is None else user_model_factory(model, len(seeds))
+  trainer = make_trainer(model_fn, cfg, spec, mesh, steps_per_epoch, total_steps, num_seeds=len(seeds),
+                         seed_batching=cfg.seed_batching, task=task)
+  label = model_label(cfg) if model is None else trainer.model_name
+  layout = task.label_layout(spec)
   split = iterator = None
   if resident:
-    split = feeding.DeviceSplit.place(*feeding.read_split(train_src, spec), mesh)
+    split = feeding.DeviceSplit.place(*feeding.read_split(train_src, spec, layout), mesh)
   else:
     iterator = feeding.Prefetcher(
-        train_iterator(train_src, spec, global_batch=cfg.batch_size, seed=cfg.seed,
-                       process_index=jax.process_index(), process_count=jax.process_count()),
+        feeding.host_batches(train_src, spec, layout, global_batch=cfg.batch_size, seed=cfg.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count()),
         put=lambda local: mesh_lib.global_batch(mesh, local))
   return _Run(cfg, mesh, spec, test_src, steps_per_epoch, total_steps, seeds, trainer, trainer.init_state(seeds),
-              augment_arrays(cfg.train_augment), split, iterator)
+              augment_arrays(cfg.train_augment), split, iterator, label, model is not None)
 
 
 def _restore(run: _Run, echo: Callable[[str], object]) -> tuple[Checkpointer | None, str | None, int]:
@@ -248,7 +331,8 @@ def _restore(run: _Run, echo: Callable[[str], object]) -> tuple[Checkpointer | N
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=cfg.keep_checkpoints)
   run_file = os.path.join(workdir, 'run.json')
-  identity = {k: cfg.get(k) for k in _RUN_FIELDS}
+  identity = {**{k: cfg.get(k) for k in _RUN_FIELDS}, 'task': run.trainer.task.name,
+              **({'user_model': run.label} if run.user_model else {})}
   start = 0
   if ckpt.latest_step() is not None:
     _check_same_run(workdir, run_file, identity)
@@ -382,8 +466,9 @@ def _log_train(run: _Run, history: _History, metrics_path: str | None, done: int
   history.train.append({'step': done, **({'seeds': per_seed} if run.multi else history.last_train)})
   for seed, metrics in zip(run.seeds, per_seed):
     _log_line(metrics_path, {'step': done, 'split': 'train', **({'seed': seed} if run.multi else {}), **metrics})
-  return (f"loss {np.mean([m['loss'] for m in per_seed]):.4f} "
-          f"acc {np.mean([m['accuracy'] for m in per_seed]):.3f}")
+  shown = [k for k in ('loss', 'accuracy') if all(k in m for m in per_seed)]
+  return ' '.join(f"{k.replace('accuracy', 'acc')} {np.mean([m[k] for m in per_seed]):.{4 if k == 'loss' else 3}f}"
+                  for k in shown)
 
 
 def _summary(run: _Run, history: _History, final: dict | list[dict]) -> dict:
@@ -394,6 +479,8 @@ def _summary(run: _Run, history: _History, final: dict | list[dict]) -> dict:
       'seeds': run.seeds,
       'steps': run.total_steps,
       'steps_per_epoch': run.steps_per_epoch,
+      'trained': run.label,
+      'task': run.trainer.task.name,
       'data_placement': 'device' if run.split is not None else 'host',
       'devices': run.mesh.size,
       'processes': jax.process_count(),
@@ -410,23 +497,42 @@ def _summary(run: _Run, history: _History, final: dict | list[dict]) -> dict:
   }
 
 
-def train(cfg: ml_collections.ConfigDict, *, echo: Callable[[str], object] = print,
-          sources: tuple[RandomAccessSource, RandomAccessSource] | None = None,
-          on_step: Callable[[], object] | None = None) -> dict[str, Any]:
+def train(cfg: ml_collections.ConfigDict, *, model: Callable[[nnx.Rngs], nnx.Module] | nnx.Module | None = None,
+          sources: tuple[RandomAccessSource, RandomAccessSource] | None = None, task: Task | None = None,
+          echo: Callable[[str], object] = print, on_step: Callable[[], object] | None = None) -> dict[str, Any]:
   """Trains per `cfg` (see `deformjax.train.config.base_config`); returns a summary dict.
 
   Resumes from the latest checkpoint in `cfg.workdir` when there is one. On
   SIGTERM/SIGINT it saves a checkpoint and raises `Interrupted`.
 
-  `sources`: optional `(train, test)` random-access sources (e.g.
-  `deformjax.data.ArraySource` over your own arrays) used instead of loading
-  `cfg.dataset`, whose spec (image shape, classes) they must match.
-  `on_step`: optional callable, called with no arguments after every step
-  (e.g. a progress bar over several runs).
+  Args:
+    cfg: the run's config; `model`, `sources` and `task` replace the parts of it they stand for.
+    model: a model of your own instead of `cfg.model`: a callable `nnx.Rngs -> nnx.Module` (the class itself,
+      or e.g. `lambda rngs: MyNet(7, rngs=rngs)`), called with `nnx.Rngs(seed)` for each seed, or a built
+      `nnx.Module` (one seed). It is called on images `[B, H, W, C]` and returns what the task's loss takes
+      (classification: logits `[B, K]`); a `__call__` without a `train` keyword is switched with
+      `model.train()` / `model.eval()`.
+    sources: `(train, test)` instead of loading `cfg.dataset`: random-access sources (e.g.
+      `deformjax.data.ArraySource`) or `(images, labels)` array pairs. Image shape, channels and classes are
+      read from the data itself (`config.num_classes` > 0 fixes the count), single-label (int labels `[N]`)
+      or multi-label (multi-hot `[N, K]`).
+    task: what is trained (`deformjax.train.task.Task`: loss, metrics, evaluation, label layout); None:
+      classification, single- or multi-label as the labels are.
+    echo: where the run's lines go (resume notice, the final table).
+    on_step: called with no arguments after every step (e.g. a progress bar over several runs).
 
-  The summary's 'params' are the trained parameters and 'model_state' the
-  model's other variables (the running BatchNorm statistics of the InternImage
-  models; None for a model with parameters only).
+  Returns:
+    The summary: 'params' the trained parameters and 'model_state' the model's other variables (the running
+    BatchNorm statistics, a model's RNG counts; None for a model with parameters only), so
+    `nnx.update(model, summary['params'])` puts them in a model built the same way; 'train' and 'eval' the
+    last train window's and the final test metrics; 'train_history', 'eval_history', timings and
+    'param_checksum'.
+
+  Raises:
+    ConfigError: a config value, a model or data that cannot train, one line naming it (a model output that
+      does not fit the labels: before the first step).
+    DataError: data that cannot be read or described.
+    Interrupted: SIGTERM / SIGINT, after saving a checkpoint.
 
   With `cfg.num_seeds > 1` the seeds `cfg.seed, cfg.seed + 1, ...` train
   together and the summary's 'train', 'eval', 'eval_history' entries and
@@ -437,14 +543,15 @@ def train(cfg: ml_collections.ConfigDict, *, echo: Callable[[str], object] = pri
   The phases: set-up (`_set_up`), restore (`_restore`), the step loop
   (`_step_loop`), the final evaluation, the summary (`_summary`).
   """
-  run = _set_up(cfg, sources)
+  run = _set_up(cfg, sources, model, task)
   ckpt, metrics_path, start = _restore(run, echo)
   main = jax.process_index() == 0
   bar = None
+  columns = dict(run.trainer.task.summary_columns)
   try:
     if cfg.progress and main:
-      bar = _Progress(f'{cfg.dataset}/{cfg.model}/deformable={cfg.deformable}'
-                      + (f'/{len(run.seeds)} seeds' if run.multi else ''), run.total_steps, start)
+      bar = _Progress(f'{run.spec.name} {run.label}' + (f' ({len(run.seeds)} seeds)' if run.multi else ''),
+                      run.total_steps, start)
     history = _step_loop(run, ckpt, metrics_path, start, on_step, bar)
     if bar is not None:
       bar.close()
@@ -460,9 +567,9 @@ def train(cfg: ml_collections.ConfigDict, *, echo: Callable[[str], object] = pri
   if main:
     if run.multi:
       for seed, res in zip(run.seeds, final):
-        echo(f'seed {seed}:\n' + format_summary(res))
+        echo(f'seed {seed}:\n' + format_summary(res, columns))
     else:
-      echo(format_summary(final))
+      echo(format_summary(final, columns))
   return _summary(run, history, final)
 
 
@@ -477,7 +584,7 @@ def _check_same_run(workdir: str, run_file: str, identity: dict) -> None:
     return  # a checkpoint from before run.json existed: the restore itself checks the tree
   with open(run_file) as f:
     saved = json.load(f)
-  differ = [k for k in _RUN_FIELDS if k in saved and saved[k] != identity[k]]
+  differ = [k for k in identity if k in saved and saved[k] != identity[k]]
   if differ:
     held = ', '.join(f'{k}={saved[k]!r}' for k in differ)
     wanted = ', '.join(f'{k}={identity[k]!r}' for k in differ)
@@ -507,4 +614,4 @@ def param_checksum(params: Any) -> float:
 
 
 __all__ = ['ConfigError', 'DataError', 'Interrupted', 'evaluate', 'format_summary', 'model_factory',
-           'param_checksum', 'train']
+           'param_checksum', 'train', 'user_model_factory']

@@ -37,9 +37,11 @@ from deformjax.data.augment import random_affine
 from deformjax.data.sources import DatasetSpec
 from deformjax.train import feeding
 from deformjax.train import mesh as mesh_lib
+from deformjax.train.config import ConfigError
+from deformjax.train.task import Task, default_task, shape_text
 
-__all__ = ['NORMALISATION', 'SEED_BATCHING', 'Trainer', 'augment', 'augment_arrays', 'host_array',
-           'loss_and_metrics', 'make_optimizer', 'make_trainer', 'normalise', 'seed_batching_for', 'seed_slice']
+__all__ = ['NORMALISATION', 'SEED_BATCHING', 'Trainer', 'augment', 'augment_arrays', 'check_model', 'host_array',
+           'make_optimizer', 'make_trainer', 'normalise', 'seed_batching_for', 'seed_slice']
 
 _Tree = TypeVar('_Tree')
 
@@ -54,11 +56,14 @@ def normalise(images: jax.Array) -> jax.Array:
   """Standardises images in [0, 1] with the `NORMALISATION` statistics of their channel count.
 
   Args:
-    images: `[..., C]` with C 1 or 3.
+    images: `[..., C]`.
 
   Returns:
-    `(images - mean) / std` per channel, the shape and dtype of `images`.
+    `(images - mean) / std` per channel for C 1 or 3, `images` as given for any other channel count; the shape
+    and dtype of `images`.
   """
+  if images.shape[-1] not in NORMALISATION:
+    return images
   mean, std = NORMALISATION[images.shape[-1]]
   shape = (1,) * (images.ndim - 1) + (-1,)
   return (images - jnp.asarray(mean, images.dtype).reshape(shape)) / jnp.asarray(std, images.dtype).reshape(shape)
@@ -90,34 +95,6 @@ def augment(key: jax.Array, images: jax.Array, aug: Mapping[str, jax.Array | np.
                          scale_range=(aug['scale_lo'], aug['scale_hi']))
 
   return jax.lax.cond(identity, lambda x: x, warp, images)
-
-
-def loss_and_metrics(logits: jax.Array, labels: jax.Array, multilabel: bool,
-                     weights: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean loss and per-example metric sums (weighted by `weights`, 1 = real example).
-
-  Args:
-    logits: `[B, K]`.
-    labels: int `[B]` class indices, or float32 `[B, K]` multi-hot when `multilabel`.
-    multilabel: sigmoid cross-entropy per class (else softmax cross-entropy over the classes).
-    weights: `[B]` float32 example weights (0 for padding); None: all 1.
-
-  Returns:
-    `(loss, sums)`: the weighted mean loss (a scalar) and the weighted sums 'loss', 'accuracy' (scalars) and,
-    for multi-label, 'per_class_accuracy' `[K]`.
-  """
-  if weights is None:
-    weights = jnp.ones(logits.shape[:1], jnp.float32)
-  if multilabel:
-    per_example = optax.sigmoid_binary_cross_entropy(logits, labels).mean(-1)
-    correct = ((logits > 0) == (labels > 0.5)).astype(jnp.float32)
-    sums = {'loss': jnp.sum(per_example * weights), 'accuracy': jnp.sum(correct.mean(-1) * weights),
-            'per_class_accuracy': jnp.sum(correct * weights[:, None], axis=0)}
-  else:
-    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = (jnp.argmax(logits, -1).astype(labels.dtype) == labels).astype(jnp.float32)
-    sums = {'loss': jnp.sum(per_example * weights), 'accuracy': jnp.sum(correct * weights)}
-  return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0), sums
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
@@ -155,16 +132,21 @@ class Trainer:
   `num_seeds > 1` every leaf of the state has a leading seed axis, the
   resident step takes one permutation per seed (`[num_seeds, examples]`), and
   `eval_step` evaluates one seed's parameters (slice them with `seed_slice`).
+  A batch is a dict: `'image'` `[B, H, W, C]` and the task's label arrays (`Task.label_layout`).
   """
 
   train_step: Callable  # (state, batch, aug) -> (state, metric sums): a batch from the host (one seed only)
-  resident_step: Callable  # (state, images, labels, permutation, aug) -> same: the batch gathered on device
-  # (params, batch, valid, key, aug, model_state=None) -> (metric sums, logits); model_state: the state's
+  # (state, images, labels, permutation, aug) -> same: the batch gathered on device; labels: the task's dict
+  resident_step: Callable
+  # (params, batch, valid, key, aug, model_state=None) -> (metric sums, outputs); model_state: the state's
   # 'model_state' (one seed's), needed exactly when the model has one
   eval_step: Callable
   init_state: Callable  # (seeds: sequence of ints, one per seed) -> state
   num_seeds: int = 1
   compiled: tuple = ()  # the jitted functions behind the steps (for their compile caches)
+  task: Task | None = None  # what is trained (loss, metrics, evaluation, label layout)
+  graphdef: nnx.GraphDef | None = None  # the model's structure: nnx.merge(graphdef, params[, model_state])
+  model_name: str = ''  # the model's class name
 
 
 # The config fields the compiled steps depend on, besides the model (its graphdef),
@@ -202,28 +184,37 @@ def seed_slice(tree: _Tree, i: int) -> _Tree:
 
 def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.ConfigDict, spec: DatasetSpec,
                  mesh: Mesh, steps_per_epoch: int, total_steps: int, *, num_seeds: int = 1,
-                 seed_batching: str = 'auto') -> Trainer:
+                 seed_batching: str = 'auto', task: Task | None = None) -> Trainer:
   """The jitted steps for the model `model_fn(seed)` builds and `cfg` (reused across calls that share them).
 
   `num_seeds > 1` trains that many independent copies (parameters, optimiser
   state, RNG and data order each from their own seed) in one step; each seed's
   numbers equal those of training it alone, to float32 rounding.
-  `seed_batching`: see `seed_batching_for`.
+  `seed_batching`: see `seed_batching_for`. `task`: what is trained (see
+  `deformjax.train.task.Task`); None: classification as `spec` says
+  (single-label or multi-label).
+
+  Raises:
+    ConfigError: the model cannot take the images of `spec`, or its output does not fit the labels (one line,
+      from `check_model`).
   """
-  graphdef, _, rest = nnx.split(model_fn(0), nnx.Param, ...)
+  task = default_task(spec) if task is None else task
+  model = model_fn(0)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   has_model_state = bool(jax.tree.leaves(rest))
+  sums_like = check_model(graphdef, params, rest if has_model_state else None, task, spec, type(model).__name__)
   step_config = tuple(sorted((f, cfg[f]) for f in _STEP_FIELDS))
   batching = seed_batching_for(mesh, seed_batching) if num_seeds > 1 else 'single'
   tx, jit_train, jit_resident, jit_eval, compiled = _compiled_steps(graphdef, spec, mesh, steps_per_epoch,
                                                                     total_steps, step_config, num_seeds, batching,
-                                                                    has_model_state)
+                                                                    has_model_state, task)
 
   def one_state(seed: int) -> dict:
     _, params, rest = nnx.split(model_fn(seed), nnx.Param, ...)
     with jax.numpy_dtype_promotion('standard'):  # see train_step
       opt_state = tx.init(params)
     state = {'params': params, 'opt_state': opt_state, 'step': jnp.zeros((), jnp.int32),
-             'rng': jax.random.PRNGKey(seed), 'metrics': _zero_metrics(spec)}
+             'rng': jax.random.PRNGKey(seed), 'metrics': _zero_metrics(sums_like)}
     return {**state, 'model_state': rest} if has_model_state else state
 
   def init_state(seeds: int | Sequence[int]) -> dict:
@@ -234,7 +225,49 @@ def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.Conf
     state = states[0] if num_seeds == 1 else jax.tree.map(lambda *x: jnp.stack(x), *states)
     return jax.device_put(state, mesh_lib.replicated(mesh))
 
-  return Trainer(jit_train, jit_resident, jit_eval, init_state, num_seeds, compiled)
+  return Trainer(jit_train, jit_resident, jit_eval, init_state, num_seeds, compiled, task, graphdef,
+                 type(model).__name__)
+
+
+def check_model(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State | None, task: Task,
+                spec: DatasetSpec, name: str = 'model') -> dict[str, jax.ShapeDtypeStruct]:
+  """Runs the model and the task's loss on a batch of 2 abstractly (`jax.eval_shape`: nothing is computed).
+
+  Args:
+    graphdef: the model's structure.
+    params: its parameters.
+    model_state: its other variables, or None when it has none.
+    task: what is trained.
+    spec: the data (image shape, classes).
+    name: the model's name in the error.
+
+  Returns:
+    The shapes of the task's metric sums (what the train state accumulates).
+
+  Raises:
+    ConfigError: one line naming the model and the images when the model cannot take them, or the model's
+      output and the labels when they do not fit (`Task.check_outputs`).
+  """
+  layout = task.label_layout(spec)
+  batch = {'image': jax.ShapeDtypeStruct((2,) + tuple(spec.image_shape), jnp.float32),
+           **{k: jax.ShapeDtypeStruct((2,) + tuple(v.shape), v.dtype) for k, v in layout.items()}}
+
+  def forward(params, model_state, batch):
+    model = nnx.merge(graphdef, params, *(() if model_state is None else (model_state,)), copy=True)
+    return task.forward(model, batch, train=False, rngs=nnx.Rngs(dropout=jax.random.key(0)))
+
+  try:
+    outputs = jax.eval_shape(forward, params, model_state, batch)
+  except Exception as e:  # whatever the model raises on images it cannot take
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f'model {name} cannot take images {shape_text(batch["image"].shape)} of the data: '
+                      f'{type(e).__name__}: {first}') from None
+  try:
+    task.check_outputs(outputs, spec)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _, sums = jax.eval_shape(task.loss, outputs, batch, jax.ShapeDtypeStruct((2,), jnp.float32))
+  return sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +281,7 @@ class _StepPlan:
   batch_size: int
   num_seeds: int
   has_model_state: bool  # the model has variables besides its parameters (BatchNorm statistics)
+  task: Task
 
   def merge(self, params: nnx.State, model_state: nnx.State | None, copy: bool = False) -> nnx.Module:
     """The model with `params` (and `model_state`, exactly when the model has one)."""
@@ -255,16 +289,18 @@ class _StepPlan:
 
 
 def _train_step(plan: _StepPlan, state: dict, batch: dict, aug: Mapping) -> tuple[dict, dict]:
-  """One optimiser step on `batch` (`'image'` `[B, H, W, C]`, `'label'`); returns the new state and metric sums."""
+  """One optimiser step on `batch` (`'image'` `[B, H, W, C]` and the task's labels); returns the new state and
+  metric sums."""
   k_aug, k_drop = jax.random.split(jax.random.fold_in(state['rng'], state['step']))
-  images = normalise(augment(k_aug, batch['image'], aug))
+  batch = {**batch, 'image': normalise(augment(k_aug, batch['image'], aug))}
+  weights = jnp.ones(batch['image'].shape[:1], jnp.float32)
 
   def loss_fn(params):
     # copy: fresh variables of this trace, which the train-mode forward may update (the BatchNorm
     # statistics); merging the state's own variables would mutate them across trace levels.
     model = plan.merge(params, state.get('model_state'), copy=True)
-    logits = model(images, train=True, rngs=nnx.Rngs(dropout=k_drop))
-    loss, sums = loss_and_metrics(logits, batch['label'], plan.spec.multilabel)
+    outputs = plan.task.forward(model, batch, train=True, rngs=nnx.Rngs(dropout=k_drop))
+    loss, sums = plan.task.loss(outputs, batch, weights)
     # The train-mode forward updated the running statistics in the merged model.
     return loss, (sums, nnx.split(model, nnx.Param, ...)[2] if plan.has_model_state else None)
 
@@ -275,35 +311,40 @@ def _train_step(plan: _StepPlan, state: dict, batch: dict, aug: Mapping) -> tupl
     updates, opt_state = plan.tx.update(grads, state['opt_state'], state['params'])
   # Metric sums since the last log line ride in the state: nothing is read per
   # step, and a checkpoint taken between log lines resumes the window it is in.
-  metrics = {**sums, 'count': jnp.asarray(batch['label'].shape[0], jnp.float32)}
+  metrics = {**sums, 'count': jnp.asarray(batch['image'].shape[0], jnp.float32)}
   new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
                'step': state['step'] + 1, 'rng': state['rng'],
                'metrics': jax.tree.map(jnp.add, state['metrics'], metrics)}
   return ({**new_state, 'model_state': model_state} if plan.has_model_state else new_state), sums
 
 
-def _resident_step(plan: _StepPlan, state: dict, images: jax.Array, labels: jax.Array, permutation: jax.Array,
+def _label_dict(labels) -> dict:
+  """The device split's labels as the batch's label entries (one bare array is classification's `'label'`)."""
+  return labels if isinstance(labels, Mapping) else {'label': labels}
+
+
+def _resident_step(plan: _StepPlan, state: dict, images: jax.Array, labels, permutation: jax.Array,
                    aug: Mapping) -> tuple[dict, dict]:
   """`_train_step` on the batch the step counter selects from the device-resident split, in `permutation` order."""
   # Position within the epoch from the step counter on the device: the host
   # only hands over the epoch's permutation, once per epoch.
   start = (state['step'] % plan.steps_per_epoch) * plan.batch_size
   indices = jax.lax.dynamic_slice(permutation, (start,), (plan.batch_size,))
-  image, label = feeding.gather_batch(plan.mesh, images, labels, indices)
-  return _train_step(plan, state, {'image': image, 'label': label}, aug)
+  image, label = feeding.gather_batch(plan.mesh, images, _label_dict(labels), indices)
+  return _train_step(plan, state, {'image': image, **label}, aug)
 
 
-def _seeds_resident_step(plan: _StepPlan, state: dict, images: jax.Array, labels: jax.Array,
-                         permutations: jax.Array, aug: Mapping) -> tuple[dict, dict]:
+def _seeds_resident_step(plan: _StepPlan, state: dict, images: jax.Array, labels, permutations: jax.Array,
+                         aug: Mapping) -> tuple[dict, dict]:
   """Every seed's `_resident_step` as one batched program (`permutations`: `[num_seeds, examples]`)."""
   # Every seed is at the same step; each reads its own order. One gather for all
   # seeds, example-major so each device's share of the batch stays whole.
   start = (state['step'][0] % plan.steps_per_epoch) * plan.batch_size
   indices = jax.lax.dynamic_slice_in_dim(permutations, start, plan.batch_size, axis=1)  # [S, B]
-  image, label = feeding.gather_batch(plan.mesh, images, labels, indices.T.reshape(-1))
+  image, label = feeding.gather_batch(plan.mesh, images, _label_dict(labels), indices.T.reshape(-1))
   per_seed = lambda x: jnp.swapaxes(x.reshape((plan.batch_size, plan.num_seeds) + x.shape[1:]), 0, 1)
-  one = lambda st, im, lb: _train_step(plan, st, {'image': im, 'label': lb}, aug)
-  return jax.vmap(one)(state, per_seed(image), per_seed(label))
+  one = lambda st, im, lb: _train_step(plan, st, {'image': im, **lb}, aug)
+  return jax.vmap(one)(state, per_seed(image), jax.tree.map(per_seed, label))
 
 
 def _one_seed_resident_step(plan: _StepPlan, state: dict, images: jax.Array, labels: jax.Array,
@@ -316,11 +357,13 @@ def _one_seed_resident_step(plan: _StepPlan, state: dict, images: jax.Array, lab
 
 
 def _eval_step(plan: _StepPlan, params: nnx.State, batch: dict, valid: jax.Array, key: jax.Array, aug: Mapping,
-               model_state: nnx.State | None) -> tuple[dict, jax.Array]:
-  """Metric sums over the `valid` examples of `batch` (transformed by `aug`, keyed by `key`) and the logits."""
-  logits = plan.merge(params, model_state)(normalise(augment(key, batch['image'], aug)))
-  _, sums = loss_and_metrics(logits, batch['label'], plan.spec.multilabel, valid.astype(jnp.float32))
-  return sums, logits
+               model_state: nnx.State | None) -> tuple[dict, object]:
+  """Metric sums over the `valid` examples of `batch` (transformed by `aug`, keyed by `key`) and the outputs."""
+  batch = {**batch, 'image': normalise(augment(key, batch['image'], aug))}
+  outputs = plan.task.forward(plan.merge(params, model_state, copy=True), batch, train=False,
+                              rngs=nnx.Rngs(dropout=key))
+  _, sums = plan.task.loss(outputs, batch, valid.astype(jnp.float32))
+  return sums, outputs
 
 
 def _checked_eval(jit_eval_step: Callable, has_model_state: bool, params, batch, valid, key, aug,
@@ -347,14 +390,14 @@ def _loop_over_seeds(jit_one_seed: Callable, num_seeds: int, state, images, labe
 @functools.lru_cache(maxsize=16)
 def _compiled_steps(graphdef: nnx.GraphDef, spec: DatasetSpec, mesh: Mesh, steps_per_epoch: int,
                     total_steps: int, step_config: tuple, num_seeds: int, batching: str,
-                    has_model_state: bool) -> tuple:
+                    has_model_state: bool, task: Task) -> tuple:
   """`(tx, train_step, resident_step, eval_step, compiled)` for `make_trainer`, cached on what they depend on.
 
   `step_config`: the `_STEP_FIELDS` of the config as sorted `(field, value)` pairs.
   """
   cfg = ml_collections.ConfigDict(dict(step_config))
   plan = _StepPlan(graphdef, spec, mesh, make_optimizer(cfg, steps_per_epoch, total_steps), steps_per_epoch,
-                   cfg.batch_size, num_seeds, has_model_state)
+                   cfg.batch_size, num_seeds, has_model_state, task)
   repl, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
   jit_train = jax.jit(functools.partial(_train_step, plan), in_shardings=(repl, data, repl),
                       out_shardings=(repl, repl), donate_argnums=0)
@@ -372,13 +415,10 @@ def _compiled_steps(graphdef: nnx.GraphDef, spec: DatasetSpec, mesh: Mesh, steps
   return plan.tx, jit_train, resident_step, eval_step, (jit_train, resident_step, jit_eval)
 
 
-def _zero_metrics(spec: DatasetSpec) -> dict[str, jax.Array]:
-  """The train metric sums `train_step` accumulates (as `loss_and_metrics` returns them) plus the example count."""
-  zeros = {'loss': jnp.zeros((), jnp.float32), 'accuracy': jnp.zeros((), jnp.float32),
-           'count': jnp.zeros((), jnp.float32)}
-  if spec.multilabel:
-    zeros['per_class_accuracy'] = jnp.zeros((spec.num_classes,), jnp.float32)
-  return zeros
+def _zero_metrics(sums_like: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+  """The train metric sums `train_step` accumulates (zeros shaped as the task's sums) plus the example count."""
+  zeros = {k: jnp.zeros(v.shape, jnp.float32) for k, v in sums_like.items()}
+  return {**zeros, 'count': jnp.zeros((), jnp.float32)}
 
 
 def host_array(x: jax.Array) -> np.ndarray:
