@@ -161,6 +161,19 @@ class StateReader:
     self.used.add(full)
     return value.astype(self.dtype)
 
+  def shape(self, key: str) -> tuple[int, ...]:
+    """The shape of entry `key`, refused by name (with the `prefix=` to pass) when it is missing."""
+    if not self.has(key):
+      raise missing_key(self.state, self.prefix, key, self.fn)
+    return tuple(np.shape(self.state[self.prefix + key]))
+
+  def linear_shape(self, key: str) -> tuple[int, int]:
+    """`(out, in)` of the `nn.Linear` weight `key`, refused by name when missing or not 2-d."""
+    shape = self.shape(key)
+    if len(shape) != 2:
+      raise ValueError(f'{self.fn}: {self.prefix + key!r} must be an nn.Linear weight [out, in], got shape {shape}')
+    return int(shape[0]), int(shape[1])
+
   def load(self, entries: Iterator[Entry] | list[Entry]) -> None:
     """Sets each entry's variable from `key` (PyTorch's layout, checked against the variable's shape)."""
     for key, variable, layout in entries:

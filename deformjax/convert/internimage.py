@@ -240,25 +240,30 @@ def from_flash_internimage(state_dict: Mapping[str, Any], preset: str | InternIm
   return _load(FlashInternImage, 'from_flash_internimage', state_dict, preset, prefix, dict(kwargs))
 
 
-def _linear_shape(s: _state.StateReader, key: str, fn: str) -> tuple[int, int]:
-  """`(out, in)` of the `nn.Linear` weight `key`, refused by name when missing or not 2-d."""
-  if not s.has(key):
-    raise _state.missing_key(s.state, s.prefix, key, fn)
-  shape = np.shape(s.state[s.prefix + key])
-  if len(shape) != 2:
-    raise ValueError(f'{fn}: {s.prefix + key!r} must be an nn.Linear weight [out, in], got shape {shape}')
-  return int(shape[0]), int(shape[1])
-
-
 def _taps(kernel_size: int, remove_center: bool) -> int:
   return kernel_size * kernel_size - bool(remove_center)
+
+
+def _spellings(groups, group, padding, pad, kernel_dilation, dilation, fn: str) -> tuple[Any, Any, Any]:
+  """`(groups, padding, kernel_dilation)`, each given under the module's name or the reference's."""
+  return (_state.one_of(groups, group, ('groups', 'group'), None, fn),
+          _state.one_of(padding, pad, ('padding', 'pad'), None, fn),
+          _state.one_of(kernel_dilation, dilation, ('kernel_dilation', 'dilation'), 1, fn))
+
+
+def _loaded(layer: DCNv3 | DCNv4, s: _state.StateReader, entries: Iterator[Entry]) -> Any:
+  """`layer`, built abstract, with every entry loaded and nothing under the prefix left over."""
+  s.load(entries)
+  s.check_all_used(hint='check groups, kernel_size, remove_center and the prefix')
+  _state.check_concrete(layer, s.fn)
+  return layer
 
 
 def _dcnv3_groups(s: _state.StateReader, groups: int | None, taps: int, fn: str) -> int:
   """`groups` as given, or read from `mask.weight [groups*taps, C]`."""
   if groups is not None:
     return groups
-  rows, _ = _linear_shape(s, 'mask.weight', fn)
+  rows, _ = s.linear_shape('mask.weight')
   if rows % taps:
     raise ValueError(f'{fn}: {s.prefix}mask.weight predicts {rows} mask values, not a multiple of {taps} taps: '
                      'check kernel_size and remove_center, or pass groups=')
@@ -282,7 +287,7 @@ def from_dcnv3(state: Mapping[str, np.ndarray], *, groups: int | None = None, ke
       `center_feature_scale`, `center_feature_scale_proj_{weight, bias}`; under `prefix`.
     groups: the channel groups (InternImage: `group`; read from `mask.weight` when None).
     kernel_size: the sampling grid's side.
-    padding: the padding (InternImage: `pad`; default `(kernel_size - 1) // 2`-style centring as `DCNv3`'s).
+    padding: the padding (InternImage: `pad`; None: `DCNv3`'s default).
     kernel_dilation: the tap spacing (InternImage: `dilation`; default 1).
     offset_scale: the offsets' scale.
     remove_center: whether the centre tap is dropped.
@@ -314,28 +319,23 @@ def from_dcnv3(state: Mapping[str, np.ndarray], *, groups: int | None = None, ke
     (4, (1, 6, 6, 16))
   """
   fn = 'from_dcnv3'
-  groups = _state.one_of(groups, group, ('groups', 'group'), None, fn)
-  padding = _state.one_of(padding, pad, ('padding', 'pad'), None, fn)
-  kernel_dilation = _state.one_of(kernel_dilation, dilation, ('kernel_dilation', 'dilation'), 1, fn)
+  groups, padding, kernel_dilation = _spellings(groups, group, padding, pad, kernel_dilation, dilation, fn)
   s = _state.StateReader(state, prefix, fn, param_dtype)
-  _, channels = _linear_shape(s, 'input_proj.weight', fn)
+  _, channels = s.linear_shape('input_proj.weight')
   groups = _dcnv3_groups(s, groups, _taps(kernel_size, remove_center), fn)
   dw = np.shape(s.state.get(prefix + 'dw_conv.0.weight', np.zeros((0, 0, kernel_size, kernel_size))))[-1]
   layer = nnx.eval_shape(lambda: DCNv3(
       channels, kernel_size, groups=groups, dw_kernel_size=int(dw), padding=padding, kernel_dilation=kernel_dilation,
       offset_scale=offset_scale, center_feature_scale=s.has('center_feature_scale_proj_weight'),
       remove_center=remove_center, param_dtype=param_dtype, rngs=nnx.Rngs(0), **module_kwargs))
-  s.load(dcnv3_entries('', layer))
-  s.check_all_used(hint='check groups, kernel_size, remove_center and the prefix')
-  _state.check_concrete(layer, fn)
-  return layer
+  return _loaded(layer, s, dcnv3_entries('', layer))
 
 
 def _dcnv4_groups(s: _state.StateReader, groups: int | None, taps: int, channels: int, fn: str) -> int:
   """`groups` as given, or the one count whose packed `offset_mask` width, `ceil8(groups*taps*3)`, is the weight's."""
   if groups is not None:
     return groups
-  rows, _ = _linear_shape(s, 'offset_mask.weight', fn)
+  rows, _ = s.linear_shape('offset_mask.weight')
   found = [g for g in range(1, channels + 1) if channels % g == 0 and offset_mask_channels(g, taps) == rows]
   if len(found) != 1:
     raise ValueError(f'{fn}: {s.prefix}offset_mask.weight has {rows} rows, which groups={found or "none"} packs '
@@ -390,11 +390,9 @@ def from_dcnv4(state: Mapping[str, np.ndarray], *, groups: int | None = None, ke
     (2, (1, 6, 6, 32))
   """
   fn = 'from_dcnv4'
-  groups = _state.one_of(groups, group, ('groups', 'group'), None, fn)
-  padding = _state.one_of(padding, pad, ('padding', 'pad'), None, fn)
-  kernel_dilation = _state.one_of(kernel_dilation, dilation, ('kernel_dilation', 'dilation'), 1, fn)
+  groups, padding, kernel_dilation = _spellings(groups, group, padding, pad, kernel_dilation, dilation, fn)
   s = _state.StateReader(state, prefix, fn, param_dtype)
-  _, channels = _linear_shape(s, 'offset_mask.weight', fn)
+  _, channels = s.linear_shape('offset_mask.weight')
   groups = _dcnv4_groups(s, groups, _taps(kernel_size, remove_center), channels, fn)
   dw = int(np.shape(s.state[prefix + 'offset_mask_dw.weight'])[-1]) if s.has('offset_mask_dw.weight') else None
   layer = nnx.eval_shape(lambda: DCNv4(
@@ -402,10 +400,7 @@ def from_dcnv4(state: Mapping[str, np.ndarray], *, groups: int | None = None, ke
       offset_scale=offset_scale, dw_kernel_size=dw, center_feature_scale=s.has('center_feature_scale_proj_weight'),
       remove_center=remove_center, output_bias=s.has('output_proj.bias'),
       without_pointwise=not s.has('value_proj.weight'), param_dtype=param_dtype, rngs=nnx.Rngs(0), **module_kwargs))
-  s.load(dcnv4_entries('', layer))
-  s.check_all_used(hint='check groups, kernel_size, remove_center and the prefix')
-  _state.check_concrete(layer, fn)
-  return layer
+  return _loaded(layer, s, dcnv4_entries('', layer))
 
 
 __all__ = ['from_dcnv3', 'from_dcnv4', 'from_flash_internimage', 'from_internimage', 'state_entries',

@@ -145,25 +145,12 @@ def _roi_output_size(s: _state.StateReader, output_size: int | Sequence[int] | N
   """`output_size` as a pair; when None, read from `offset_fc.4` (`2*out_h*out_w` rows) as a square."""
   if output_size is not None:
     return _args.positive_pair(output_size, 'output_size', fn)
-  if not s.has('offset_fc.4.weight'):
-    raise _state.missing_key(s.state, s.prefix, 'offset_fc.4.weight', fn)
-  bins = np.shape(s.state[s.prefix + 'offset_fc.4.weight'])[0] // 2
+  bins = s.shape('offset_fc.4.weight')[0] // 2
   side = math.isqrt(bins)
   if side * side != bins:
     raise ValueError(f'{fn}: {s.prefix}offset_fc.4.weight predicts offsets for {bins} bins, not a square: pass '
                      'output_size=(out_h, out_w)')
   return side, side
-
-
-def _roi_first_layer(s: _state.StateReader, fn: str) -> tuple[int, int]:
-  """`(hidden, flat)`: the width of the offset head and the pooled features its first layer reads."""
-  key = 'offset_fc.0.weight'
-  if not s.has(key):
-    raise _state.missing_key(s.state, s.prefix, key, fn)
-  shape = np.shape(s.state[s.prefix + key])
-  if len(shape) != 2:
-    raise ValueError(f'{fn}: {s.prefix + key!r} must be an nn.Linear weight [out, in], got shape {shape}')
-  return int(shape[0]), int(shape[1])
 
 
 def _load_roi_heads(layer: DeformRoIPool, s: _state.StateReader, hidden: int, channels: int,
@@ -232,7 +219,7 @@ def from_mmcv_deform_roi_pool(state: Mapping[str, np.ndarray], *, output_size: i
   """
   fn = 'from_mmcv_deform_roi_pool'
   s = _state.StateReader(state, prefix, fn, param_dtype)
-  hidden, flat = _roi_first_layer(s, fn)
+  hidden, flat = s.linear_shape('offset_fc.0.weight')
   oh, ow = _roi_output_size(s, output_size, fn)
   if flat % (oh * ow):
     raise ValueError(f'{fn}: {prefix + "offset_fc.0.weight"!r} reads {flat} features, which is not output_size '
