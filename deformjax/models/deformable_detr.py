@@ -721,7 +721,7 @@ def proposal_position_embedding(proposals: jax.Array, num_features: int, *, temp
   """
   dtype = np.promote_types(proposals.dtype, np.float32)
   dim_t = jnp.asarray(temperature ** (2 * (np.arange(num_features) // 2) / num_features), dtype)
-  pos = (jax.nn.sigmoid(proposals).astype(dtype) * scale)[..., None] / dim_t
+  pos = (jax.nn.sigmoid(proposals).astype(dtype) * scale)[..., None] / dim_t.reshape((1,) * proposals.ndim + (-1,))
   pos = jnp.stack([jnp.sin(pos[..., 0::2]), jnp.cos(pos[..., 1::2])], axis=-1)
   return pos.reshape(*proposals.shape[:-1], 4 * num_features).astype(proposals.dtype)
 

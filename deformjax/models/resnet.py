@@ -71,7 +71,8 @@ class FrozenBatchNorm(nnx.Module):
       raise ValueError(f'FrozenBatchNorm: x must have {self.num_features} channels last, got shape {tuple(x.shape)}')
     scale = self.weight[...] * jax.lax.rsqrt(self.running_var[...] + self.epsilon)
     bias = self.bias[...] - self.running_mean[...] * scale
-    return x * scale.astype(x.dtype) + bias.astype(x.dtype)
+    shape = (1,) * (x.ndim - 1) + (-1,)  # rank-explicit: [C] over [..., C]
+    return x * scale.astype(x.dtype).reshape(shape) + bias.astype(x.dtype).reshape(shape)
 
 
 class ResNetBlock(nnx.Module):
