@@ -210,3 +210,8 @@ def seed_rng_streams(module: nnx.Module, seed: int = 0) -> None:
       node.set_value(jax.random.fold_in(base, i))
     elif isinstance(node, nnx.RngCount):
       node.set_value(jnp.zeros((), jnp.uint32))
+
+
+__all__ = ['Entry', 'StateReader', 'assign', 'check_concrete', 'check_state', 'conv_entries', 'from_torch', 'join',
+           'linear_entries', 'missing_key', 'norm_entries', 'oihw', 'one_of', 'prefix_hint', 'seed_rng_streams',
+           'to_torch']

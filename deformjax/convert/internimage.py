@@ -50,7 +50,7 @@ def _center_feature_scale(key: str, m: DCNv3 | DCNv4) -> Iterator[Entry]:
     yield join(key, 'center_feature_scale_proj_bias'), m.center_feature_scale_proj.bias, 'same'
 
 
-def dcnv3_entries(key: str, m: DCNv3) -> Iterator[Entry]:
+def _dcnv3_entries(key: str, m: DCNv3) -> Iterator[Entry]:
   """InternImage's `DCNv3` (`ops_dcnv3/modules/dcnv3.py`): `dw_conv = Sequential(Conv2d, Sequential(to_last, LN),
   GELU)`, four `nn.Linear`s and the optional centre feature scale."""
   for name in ('input_proj', 'output_proj', 'offset', 'mask'):
@@ -60,7 +60,7 @@ def dcnv3_entries(key: str, m: DCNv3) -> Iterator[Entry]:
   yield from _center_feature_scale(key, m)
 
 
-def dcnv4_entries(key: str, m: DCNv4) -> Iterator[Entry]:
+def _dcnv4_entries(key: str, m: DCNv4) -> Iterator[Entry]:
   """OpenGVLab's `DCNv4` (`DCNv4_op/DCNv4/modules/dcnv4.py`)."""
   yield from linear_entries(join(key, 'offset_mask'), m.offset_mask)
   if m.value_proj is not None:
@@ -75,7 +75,7 @@ def _level_entries(i: int, level: Any, core: str) -> Iterator[Entry]:
   for j, block in enumerate(level.blocks):
     key = f'levels.{i}.blocks.{j}'
     yield from norm_entries(f'{key}.norm1.0', block.norm1)
-    yield from (dcnv3_entries if core == 'dcnv3' else dcnv4_entries)(f'{key}.dcn', block.dcn)
+    yield from (_dcnv3_entries if core == 'dcnv3' else _dcnv4_entries)(f'{key}.dcn', block.dcn)
     yield from norm_entries(f'{key}.norm2.0', block.norm2)
     yield from linear_entries(f'{key}.mlp.fc1', block.mlp.fc1)
     yield from linear_entries(f'{key}.mlp.fc2', block.mlp.fc2)
@@ -328,7 +328,7 @@ def from_dcnv3(state: Mapping[str, np.ndarray], *, groups: int | None = None, ke
       channels, kernel_size, groups=groups, dw_kernel_size=int(dw), padding=padding, kernel_dilation=kernel_dilation,
       offset_scale=offset_scale, center_feature_scale=s.has('center_feature_scale_proj_weight'),
       remove_center=remove_center, param_dtype=param_dtype, rngs=nnx.Rngs(0), **module_kwargs))
-  return _loaded(layer, s, dcnv3_entries('', layer))
+  return _loaded(layer, s, _dcnv3_entries('', layer))
 
 
 def _dcnv4_groups(s: _state.StateReader, groups: int | None, taps: int, channels: int, fn: str) -> int:
@@ -400,7 +400,7 @@ def from_dcnv4(state: Mapping[str, np.ndarray], *, groups: int | None = None, ke
       offset_scale=offset_scale, dw_kernel_size=dw, center_feature_scale=s.has('center_feature_scale_proj_weight'),
       remove_center=remove_center, output_bias=s.has('output_proj.bias'),
       without_pointwise=not s.has('value_proj.weight'), param_dtype=param_dtype, rngs=nnx.Rngs(0), **module_kwargs))
-  return _loaded(layer, s, dcnv4_entries('', layer))
+  return _loaded(layer, s, _dcnv4_entries('', layer))
 
 
 __all__ = ['from_dcnv3', 'from_dcnv4', 'from_flash_internimage', 'from_internimage', 'state_entries',
