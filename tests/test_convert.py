@@ -189,3 +189,13 @@ def test_from_torchvision_reads_the_offset_groups_off_the_offsets_as_torchvision
   x = np.ones((1, 5, 5, 4), np.float32)
   for groups in (1, 2):
     assert layer(x, np.zeros((1, 3, 3, groups * 18), np.float32)).shape == (1, 3, 3, 6)
+
+
+def test_an_entry_in_flax_s_layout_is_named_with_the_transpose():
+  state = dcnv3_state()
+  with pytest.raises(ValueError, match=r"'dw_conv.0.weight' must have shape \(16, 1, 3, 3\), got \(3, 3, 1, 16\) "
+                                       r"\(Flax's layout: pass dw_conv.0.weight.transpose\(3, 2, 0, 1\)\)"):
+    convert.from_dcnv3(state | {'dw_conv.0.weight': state['dw_conv.0.weight'].transpose(2, 3, 1, 0)})
+  with pytest.raises(ValueError, match=r"'mask.weight' must have shape \(36, 16\), got \(16, 36\) \(Flax's layout: "
+                                       r"pass mask.weight.T\)"):
+    convert.from_dcnv3(state | {'mask.weight': state['mask.weight'].T}, groups=4)

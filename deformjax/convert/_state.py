@@ -151,13 +151,18 @@ class StateReader:
   def has(self, key: str) -> bool:
     return self.prefix + key in self.state
 
-  def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+  def get(self, key: str, shape: tuple[int, ...], layout: str = 'same') -> np.ndarray:
+    """Entry `key`, of `shape` (PyTorch's layout), cast to the parameters' dtype; named when missing or misshapen,
+    with the transpose when it is in Flax's layout instead."""
     full = self.prefix + key
     if full not in self.state:
       raise missing_key(self.state, self.prefix, key, self.fn, shape)
     value = np.asarray(self.state[full])
     if value.shape != shape:
-      raise ValueError(f'{self.fn}: {full!r} must have shape {shape}, got {value.shape}')
+      flax_layout = layout != 'same' and value.shape == from_torch(np.empty(shape, np.bool_), layout).shape
+      hint = (f" (Flax's layout: pass {key}.{'T' if layout == 'linear' else 'transpose(3, 2, 0, 1)'})"
+              if flax_layout else '')
+      raise ValueError(f'{self.fn}: {full!r} must have shape {shape}, got {value.shape}{hint}')
     self.used.add(full)
     return value.astype(self.dtype)
 
@@ -177,7 +182,7 @@ class StateReader:
   def load(self, entries: Iterator[Entry] | list[Entry]) -> None:
     """Sets each entry's variable from `key` (PyTorch's layout, checked against the variable's shape)."""
     for key, variable, layout in entries:
-      assign(variable, from_torch(self.get(key, to_torch(tuple(variable.shape), layout)), layout))
+      assign(variable, from_torch(self.get(key, to_torch(tuple(variable.shape), layout), layout), layout))
 
   def linear(self, module: nnx.Linear, key: str) -> None:
     """`nn.Linear` `key.weight [out, in]`, `key.bias [out]` -> `module.kernel [in, out]`, `module.bias`."""

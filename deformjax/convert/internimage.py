@@ -244,6 +244,13 @@ def _taps(kernel_size: int, remove_center: bool) -> int:
   return kernel_size * kernel_size - bool(remove_center)
 
 
+def _dw_kernel_size(s: _state.StateReader, key: str) -> int | None:
+  """The side of the depthwise `Conv2d` weight `key [C, 1, k, k]`, or None when absent or not so shaped (the load
+  then names it)."""
+  shape = np.shape(s.state[s.prefix + key]) if s.has(key) else ()
+  return int(shape[3]) if len(shape) == 4 and shape[2] == shape[3] else None
+
+
 def _spellings(groups, group, padding, pad, kernel_dilation, dilation, fn: str) -> tuple[Any, Any, Any]:
   """`(groups, padding, kernel_dilation)`, each given under the module's name or the reference's."""
   return (_state.one_of(groups, group, ('groups', 'group'), None, fn),
@@ -323,9 +330,9 @@ def from_dcnv3(state: Mapping[str, np.ndarray], *, groups: int | None = None, ke
   s = _state.StateReader(state, prefix, fn, param_dtype)
   _, channels = s.linear_shape('input_proj.weight')
   groups = _dcnv3_groups(s, groups, _taps(kernel_size, remove_center), fn)
-  dw = np.shape(s.state.get(prefix + 'dw_conv.0.weight', np.zeros((0, 0, kernel_size, kernel_size))))[-1]
+  dw = _dw_kernel_size(s, 'dw_conv.0.weight') or kernel_size
   layer = nnx.eval_shape(lambda: DCNv3(
-      channels, kernel_size, groups=groups, dw_kernel_size=int(dw), padding=padding, kernel_dilation=kernel_dilation,
+      channels, kernel_size, groups=groups, dw_kernel_size=dw, padding=padding, kernel_dilation=kernel_dilation,
       offset_scale=offset_scale, center_feature_scale=s.has('center_feature_scale_proj_weight'),
       remove_center=remove_center, param_dtype=param_dtype, rngs=nnx.Rngs(0), **module_kwargs))
   return _loaded(layer, s, _dcnv3_entries('', layer))
@@ -394,7 +401,7 @@ def from_dcnv4(state: Mapping[str, np.ndarray], *, groups: int | None = None, ke
   s = _state.StateReader(state, prefix, fn, param_dtype)
   _, channels = s.linear_shape('offset_mask.weight')
   groups = _dcnv4_groups(s, groups, _taps(kernel_size, remove_center), channels, fn)
-  dw = int(np.shape(s.state[prefix + 'offset_mask_dw.weight'])[-1]) if s.has('offset_mask_dw.weight') else None
+  dw = _dw_kernel_size(s, 'offset_mask_dw.weight') or (kernel_size if s.has('offset_mask_dw.weight') else None)
   layer = nnx.eval_shape(lambda: DCNv4(
       channels, kernel_size, groups=groups, padding=padding, kernel_dilation=kernel_dilation,
       offset_scale=offset_scale, dw_kernel_size=dw, center_feature_scale=s.has('center_feature_scale_proj_weight'),
