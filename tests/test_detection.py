@@ -281,3 +281,41 @@ def test_coco_evaluation_with_one_box_missing_is_the_101_point_value():
   assert metrics['AP50'] == metrics['AP75'] == metrics['AP']
   none = detection.coco_evaluate([{'scores': [], 'labels': [], 'boxes': np.zeros((0, 4))}] * 2, targets, sizes)
   assert none['AP'] == 0.0
+
+
+# --- the study ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_detection_study_runlocal_trains_evaluates_and_writes(tmp_path):
+  """The study end to end at its runlocal config: two steps, COCO evaluation, the result files and the plot."""
+  pytest.importorskip('scipy')
+  pytest.importorskip('pycocotools')
+  pytest.importorskip('sklearn')
+  pytest.importorskip('optax')
+  from experiments import detection as study
+
+  result = study.main(['--config', f'{study.DEFAULT_CONFIG}:runlocal', '--out', str(tmp_path)])
+  assert result['train']['steps'] == 2 and len(result['train']['history']) == 2
+  assert np.isfinite(result['train']['history'][-1]['loss'])
+  assert 0.0 <= result['test']['AP50'] <= 1.0
+  assert {p.name for p in tmp_path.iterdir()} >= {'detection_canvas.json', 'detection_canvas.md',
+                                                  'detection_canvas.png'}
+
+
+def test_detection_study_config_and_table():
+  """The fast sibling of the runlocal run: both configs build a detector config the model accepts, and the table
+  renders a result."""
+  from experiments import detection as study
+  from experiments.configs import detection as configs
+
+  for arg in (None, 'runlocal'):
+    cfg = configs.get_config(arg)
+    assert cfg.detector['with_box_refine'] and cfg.detector['num_labels'] == 10
+    assert cfg.data.digit_size[1] <= cfg.data.size
+  with pytest.raises(ValueError, match="'' or 'runlocal'"):
+    configs.get_config('mnist')
+  result = {'parameters': 10, 'config': configs.get_config('runlocal').to_dict(),
+            'train': {'steps': 2, 'train_seconds': 1.0, 'seconds_per_step': 0.5},
+            'test': {'AP': 0.25, 'AP50': 0.5, 'eval_seconds': 1.0}}
+  assert '| 0.250 | 0.500 |' in study.table(result)
