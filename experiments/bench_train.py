@@ -96,17 +96,12 @@ def loop_seconds_per_step(cfg, sources) -> float:
   return train(cfg, echo=lambda *_: None, sources=sources)['seconds_per_step']
 
 
-def torch_runners(batch: int, steps: int):
-  """{name: run(k)} for the original study's two nets on CIFAR-shaped data on the device; {} without torch."""
-  try:
-    import torch
-    import torchvision
-  except ImportError:
-    return {}, None
+def study_nets() -> tuple[type, type]:
+  """The original study's `Net` and `Deformable_Net` as PyTorch classes (torch and torchvision imported here)."""
+  import torch
+  import torchvision
   from torch import nn
   from torch.nn import functional as F
-
-  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
   class Net(nn.Module):  # the original study's net: conv 3->40 (3x3), max pool, conv 40->25 (2x2), avg pool, FC 300, 100, 10
     def __init__(self):
@@ -139,6 +134,19 @@ def torch_runners(batch: int, steps: int):
       x = F.max_pool2d(F.leaky_relu(self.conv2(x)), 2)
       return self.lin3(F.leaky_relu(self.lin2(F.leaky_relu(self.lin1(torch.flatten(x, 1))))))
 
+  return Net, DeformableNet
+
+
+def torch_runners(batch: int, steps: int):
+  """{name: run(k)} for the original study's two nets on CIFAR-shaped data on the device; {} without torch."""
+  try:
+    import torch
+    import torchvision
+    from torch import nn
+  except ImportError:
+    return {}, None
+  Net, DeformableNet = study_nets()
+  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   gen = torch.Generator(device='cpu').manual_seed(0)
   images = torch.rand((batch * 8, 3, 32, 32), generator=gen).to(device)
   labels = torch.randint(0, 10, (batch * 8,), generator=gen).to(device)
