@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from deformjax.data.canvas import digit_canvases
+from deformjax.data import digit_canvases
 from deformjax.detection import coco_evaluate, detection_loss, post_process_object_detection
 from deformjax.models import DeformableDetr
 from experiments.common import parse, run_metadata, study_flags, write_results

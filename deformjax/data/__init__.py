@@ -6,6 +6,7 @@ that need them, so `import deformjax.data` needs only jax and numpy.
 """
 
 from deformjax.data.augment import affine_matrices, random_affine, transform, warp_affine
+from deformjax.data.canvas import DetectionCanvases, digit_canvases
 from deformjax.data.loader import eval_batches, train_iterator
 from deformjax.data.sources import (
                                     COCO9_CLASSES,
@@ -28,4 +29,5 @@ __all__ = [
     'coco_multilabel', 'digits_source', 'eval_batches', 'get_spec', 'load_source', 'mnist5k_source', 'random_affine',
     'tfds_source',
     'to_model_inputs', 'train_iterator', 'transform', 'warp_affine',
+    'DetectionCanvases', 'digit_canvases',
 ]
