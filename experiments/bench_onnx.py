@@ -39,8 +39,7 @@ from flax import nnx
 from deformjax.export import op_types, to_onnx
 from deformjax.models import CifarNet, ConvClassifier
 from deformjax.ops import deform_conv2d
-from deformjax.train.config import ConfigError
-from experiments.common import bench_main, benchmark_header, benchmark_metadata, interleaved_ms, jax_call
+from experiments.common import bench_main, benchmark_header, benchmark_metadata, config_names, interleaved_ms, jax_call
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'bench_onnx.py'
 
@@ -226,9 +225,7 @@ def to_markdown(result: dict) -> str:
 
 def run(cfg) -> dict:
   """The classifiers and (with `ops`) deform_conv2d, exported and timed (see the module's docstring)."""
-  if unknown := [n for item in cfg.classifiers for n in str(item).split(',') if n and n not in CLASSIFIERS]:
-    raise ConfigError(f"--config.classifiers: unknown {', '.join(unknown)}; choose from {', '.join(CLASSIFIERS)}")
-  names = [n for item in cfg.classifiers for n in str(item).split(',') if n]
+  names = config_names(cfg, 'classifiers', CLASSIFIERS)
   op_shapes = tuple(tuple(s) for s in cfg.op_shapes) if cfg.ops else ()
   per_round = max(1, -(-cfg.repeats // cfg.rounds))
   return {

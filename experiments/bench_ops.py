@@ -159,7 +159,7 @@ def conv_shapes(cfg) -> tuple[tuple[int, int, int], ...]:
   """The config's `shapes` as (N, H=W, C) triples; () gives the platform's defaults."""
   shapes = tuple(cfg.shapes) or (DEFAULT_SHAPES if jax.default_backend() == 'cpu' else ACCELERATOR_SHAPES)
   if not all(isinstance(s, tuple) and len(s) == 3 and all(isinstance(v, int) and v > 0 for v in s) for s in shapes):
-    raise ConfigError(f"config.shapes: (N, HW, C) triples of positive ints, e.g. '((64, 56, 128),)'; got {cfg.shapes}")
+    raise ConfigError(f"--config.shapes: (N, HW, C) triples of positive ints, e.g. '((64, 56, 128),)'; got {cfg.shapes}")
   return shapes
 
 
@@ -231,7 +231,7 @@ def per_round(cfg) -> int:
 def run_conv(cfg) -> dict:
   """deform_conv2d against lax.conv at every shape of the config (see the module's docstring)."""
   if cfg.dtype not in ('float32', 'bfloat16', 'float16'):
-    raise ConfigError(f'config.dtype: float32, bfloat16 or float16; got {cfg.dtype!r}')
+    raise ConfigError(f'--config.dtype: float32, bfloat16 or float16; got {cfg.dtype!r}')
   shapes = conv_shapes(cfg)
   base_op = load_baseline(cfg.baseline) if cfg.baseline else None
   rows = []

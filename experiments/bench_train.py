@@ -32,8 +32,7 @@ import time
 import jax
 import numpy as np
 
-from deformjax.train.config import ConfigError
-from experiments.common import bench_main, benchmark_header, benchmark_metadata
+from experiments.common import bench_main, benchmark_header, benchmark_metadata, config_names
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / 'configs' / 'bench_train.py'
 SETTINGS = {'regular': ('none', False), 'deformable': ('all', False), 'modulated': ('all', True)}
@@ -175,14 +174,6 @@ def torch_runners(batch: int, steps: int):
   return {'study Net': runner(Net()), 'study Deformable_Net': runner(DeformableNet())}, versions
 
 
-def listed(cfg, field: str, known) -> list[str]:
-  """The config's tuple `field` (items may be comma-separated lists), each a name of `known`."""
-  names = [n for item in cfg[field] for n in str(item).split(',') if n]
-  if unknown := [n for n in names if n not in known]:
-    raise ConfigError(f"--config.{field}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
-  return names
-
-
 def timed_rounds(cfg, cases, sources, ideal, torch_runs) -> tuple[dict, dict, dict]:
   """Seconds per step of every case, ideal and loop, and of the PyTorch nets, over interleaved rounds."""
   for run in [*ideal.values(), *torch_runs.values()]:
@@ -208,7 +199,7 @@ def timed_rounds(cfg, cases, sources, ideal, torch_runs) -> tuple[dict, dict, di
 
 def run(cfg) -> dict:
   """Times every (model, setting) of the config, loop and ideal step, and the PyTorch nets (see the docstring)."""
-  cases = [(m, s) for m in listed(cfg, 'models', MODELS) for s in listed(cfg, 'settings', SETTINGS)]
+  cases = [(m, s) for m in config_names(cfg, 'models', MODELS) for s in config_names(cfg, 'settings', SETTINGS)]
   sources = {m: sources_for(MODELS[m], cfg.examples) for m, _ in cases}
   ideal = {c: ideal_runner(config_for(*c, cfg.steps, cfg.batch_size), sources[c[0]]) for c in cases}
   torch_runs, torch_versions = torch_runners(cfg.batch_size, cfg.steps) if cfg.torch else ({}, None)

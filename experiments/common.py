@@ -128,6 +128,17 @@ def jax_call(fn, *args):
   return lambda: jax.block_until_ready(fn(*args))
 
 
+def config_names(cfg, field: str, known) -> list[str]:
+  """The names in the config's tuple `field`, each of `known`; an item may be a comma-separated list, as
+  `--config.FIELD=a,b` gives. An unknown name raises `ConfigError` naming the field and the choices."""
+  from deformjax.train.config import ConfigError
+
+  names = [n for item in cfg[field] for n in str(item).split(',') if n]
+  if unknown := [n for n in names if n not in known]:
+    raise ConfigError(f"--config.{field}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+  return names
+
+
 BENCHMARK_KEYS = ('benchmark', 'date', 'device', 'versions', 'method', 'shapes')
 
 

@@ -57,7 +57,7 @@ def test_bench_ops_names_a_bad_shape_and_a_bad_config_argument(capsys):
   with pytest.raises(SystemExit) as exit_:
     bench_ops.main(runlocal(bench_ops, '--config.shapes=2,6,4'))
   assert exit_.value.code == 2
-  assert capsys.readouterr().err.startswith('error: config.shapes: (N, HW, C) triples of positive ints')
+  assert capsys.readouterr().err.startswith('error: --config.shapes: (N, HW, C) triples of positive ints')
   with pytest.raises(SystemExit) as exit_:
     bench_ops.main([f'--config={bench_ops.DEFAULT_CONFIG}:runlocal,wobbly'])
   assert exit_.value.code == 2
