@@ -74,13 +74,21 @@ def test_the_results_writer_refuses_a_result_that_does_not_say_where_it_ran(tmp_
   assert json.loads((tmp_path / 'b.json').read_text())['device'] == 'cpu' and (tmp_path / 'b.md').read_text() == '# b\n'
 
 
-@pytest.mark.parametrize('name', ['bench_ops', 'bench_train', 'bench_onnx', 'bench_internimage'])
+BENCHMARKS = sorted(p.stem for p in (pathlib.Path(common.__file__).parent).glob('bench_*.py'))
+
+
+def test_the_benchmarks_are_found():
+  assert {'bench_ops', 'bench_train', 'bench_onnx', 'bench_internimage'} <= set(BENCHMARKS)
+
+
+@pytest.mark.parametrize('name', BENCHMARKS)
 def test_every_benchmark_has_a_config_with_a_runlocal_form(name):
-  """Each benchmark's config file (experiments/configs/<name>.py) loads, with and without `runlocal`, and the
-  runlocal form changes something (it is what the smoke tests run)."""
+  """Each benchmark (experiments/bench_*.py) has a config file, experiments/configs/<name>.py, that loads with and
+  without `runlocal`, and the runlocal form changes something (it is what the smoke tests run)."""
   import importlib.util
 
   path = pathlib.Path(common.__file__).parent / 'configs' / f'{name}.py'
+  assert path.is_file(), f'experiments/{name}.py has no config file experiments/configs/{name}.py'
   spec = importlib.util.spec_from_file_location(f'_{name}_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
