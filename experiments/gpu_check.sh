@@ -7,7 +7,7 @@
 # (torchvision in float16), bench_train (loop vs ideal step, and its PyTorch Net / Deformable_Net), the
 # whole main job (42 s on an H100), then the deterministic gradients' bit-identity test on the
 # device, then the deformable family (dcnv3 / dcnv4 / ms_deform_attn: parity, bit-identity,
-# bench_ops --family; limits of 150 s each). Timings of the parts on an H100 (2026-11-27): 52 s,
+# the family benchmark, bench_ops.py:family; limits of 150 s each). Timings of the parts on an H100 (2026-11-27): 52 s,
 # 82 s, 59 s, ~90 s, 42 s, 9 s. The benchmarks and the main job take their settings from config
 # files, so they need ml_collections (with absl-py and PyYAML): where it is not importable and .whl/
 # holds the wheels `experiments/gpu_wheels.sh` downloads, they are installed from there into
