@@ -64,7 +64,7 @@ def load_baseline(rev: str):
         capture_output=True, text=True,
     ).stdout
   except (OSError, subprocess.CalledProcessError) as e:
-    raise SystemExit(f'error: --baseline {rev}: cannot read deform_conv.py at that revision ({e})') from None
+    raise SystemExit(f'error: --config.baseline={rev}: cannot read deform_conv.py at that revision ({e})') from None
   path = pathlib.Path(tempfile.mkdtemp()) / f'deform_conv_{rev}.py'
   path.write_text(source)
   spec = importlib.util.spec_from_file_location(f'deform_conv_{rev}', path)
@@ -73,7 +73,7 @@ def load_baseline(rev: str):
   try:
     spec.loader.exec_module(module)
   except ImportError as e:
-    raise SystemExit(f'error: --baseline {rev}: its deform_conv.py no longer imports here ({e})') from None
+    raise SystemExit(f'error: --config.baseline={rev}: its deform_conv.py no longer imports here ({e})') from None
   return module.deform_conv2d
 
 

@@ -134,7 +134,7 @@ def test_bench_ops_times_a_git_baseline_side_by_side(tmp_path):
   assert row['base_fwd_ratio_vs_conv'] == pytest.approx(row['base_fwd_ms'] / row['conv_fwd_ms'])
   assert row['base_fwd_bwd_ratio_vs_conv'] == pytest.approx(row['base_fwd_bwd_ms'] / row['conv_fwd_bwd_ms'])
   assert 'fwd ratio at HEAD' in (tmp_path / 'bench_ops_t.md').read_text()
-  with pytest.raises(SystemExit, match='--baseline no-such-rev'):
+  with pytest.raises(SystemExit, match='--config.baseline=no-such-rev: cannot read deform_conv.py'):
     bench_ops.main(runlocal(bench_ops, '--config.baseline=no-such-rev', f'--out={tmp_path}'))
 
 
