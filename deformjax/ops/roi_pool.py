@@ -283,7 +283,7 @@ def _roi_pool(fn: str, features, rois, offsets, *, output_size, spatial_scale, s
 
 def _concrete_grid(checked, spatial_scale: float, aligned: bool) -> tuple[int, int] | None:
   """The adaptive grid's static bound where the boxes are concrete (outside jit), else None: `_sampling_grid`'s
-  choice, made here so that the pooling itself compiles once per shapes and bound (`_policy.compiled`)."""
+  choice, made here so that the pooling itself compiles once per shapes and bound (`_policy.jit_core`)."""
   features, rois, _, (oh, ow) = checked
   n, h, w, c = features.shape
   known = _concrete(rois)
