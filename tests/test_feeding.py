@@ -51,9 +51,17 @@ def test_read_split_keeps_uint8_and_the_placement_follows_the_size():
 
 
 def test_prefetcher_state_is_the_next_batch_not_handed_out():
+  """Over `host_batches`, the grain pipeline a host-fed run trains from, checked against the data loader's own
+  `train_iterator` (the same batches)."""
+  from deformjax.train.task import default_task
+
   src = load_source('digits', 'train')
   spec = get_spec('digits')
-  make = lambda: train_iterator(src, spec, global_batch=16, seed=1)
+  layout = default_task(spec).label_layout(spec)
+  loader = train_iterator(src, spec, global_batch=16, seed=1)
+  make = lambda: feeding.host_batches(src, spec, layout, global_batch=16, seed=1)
+  first = next(make())
+  np.testing.assert_array_equal(first['image'], next(loader)['image'])
   plain = make()
   want = [next(plain)['label'] for _ in range(6)]
   fetch = feeding.Prefetcher(make(), put=lambda b: b, depth=3)
@@ -127,6 +135,8 @@ def nnx_leaves(state) -> dict:
   return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
 
 
+# The fast tier's multi-label run is test_train_user's (a small model of the test's own, resumed from a checkpoint).
+@pytest.mark.slow
 def test_a_multilabel_dataset_trains_and_reports_map(monkeypatch):
   """The COCO path (BCE, per-class accuracy, mAP) on in-memory data: each digit image labelled with its digit
   and the next one, so every class has positives."""

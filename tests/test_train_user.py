@@ -46,7 +46,7 @@ def arrays(n: int, seed: int, multilabel: bool = False):
 
 def config(workdir=None, **overrides):
   cfg = base_config()
-  cfg.steps, cfg.batch_size, cfg.eval_batch_size, cfg.log_every, cfg.progress = 6, 16, 32, 2, False
+  cfg.steps, cfg.batch_size, cfg.eval_batch_size, cfg.log_every, cfg.progress = 4, 16, 32, 2, False
   cfg.num_devices, cfg.checkpoint_every = 2, 2
   cfg.train_augment.max_shift = 2.0  # augmentation of 2-channel images
   cfg.workdir = None if workdir is None else str(workdir)
@@ -81,16 +81,15 @@ def key_data(tree):
 
 
 def straight_and_resumed(tmp_path, sources, **overrides):
-  """A 6-step run straight through, and the same run crashed after step 3 (checkpoint 2) and resumed (its
+  """A 4-step run straight through, and the same run crashed after step 3 (checkpoint 2) and resumed (its
   sources as `ArraySource`s, the straight run's as the plain `(images, labels)` pairs)."""
-  straight = train(config(tmp_path / 'straight', **overrides), model=model_fn, sources=sources, echo=quiet)
+  straight = train(config(**overrides), model=model_fn, sources=sources, echo=quiet)
   wrapped = tuple(ArraySource(*s) for s in sources)
   with pytest.raises(Crash):
-    train(config(tmp_path / 'resumed', **overrides), model=model_fn, sources=wrapped, echo=quiet,
-          on_step=crash_after(3))
+    train(config(tmp_path, **overrides), model=model_fn, sources=wrapped, echo=quiet, on_step=crash_after(3))
   lines = []
-  resumed = train(config(tmp_path / 'resumed', **overrides), model=model_fn, sources=wrapped, echo=lines.append)
-  assert lines[0] == f"resumed from {tmp_path / 'resumed' / 'checkpoints'} at step 2"
+  resumed = train(config(tmp_path, **overrides), model=model_fn, sources=wrapped, echo=lines.append)
+  assert lines[0] == f"resumed from {tmp_path / 'checkpoints'} at step 2"
   return straight, resumed
 
 
@@ -115,12 +114,14 @@ def test_a_user_model_trains_on_30x18x2_arrays_with_7_classes_and_resumes(tmp_pa
   assert set(ev) == {'loss', 'accuracy'} and 0 <= ev['accuracy'] <= 1 and np.isfinite(ev['loss'])
 
 
-def test_a_user_model_trains_on_multilabel_targets_fed_from_the_host_and_resumes(tmp_path):
-  """Multi-hot [N, 7] labels (read as multi-label), host-fed through grain: the checkpoint holds the data position
-  and the resumed run ends on the same parameters; evaluation reports per-class accuracy and mAP."""
+# Host feeding of a user's data: test_feeding's prefetcher test reads it through feeding.host_batches; its
+# checkpointed position is test_train's (host-fed resume, slow tier).
+def test_a_user_model_trains_on_multilabel_targets_and_resumes(tmp_path):
+  """Multi-hot [N, 7] labels, read as multi-label: the resumed run ends on the same parameters; evaluation reports
+  per-class accuracy and mAP."""
   sources = arrays(96, 2, multilabel=True), arrays(40, 3, multilabel=True)
-  straight, resumed = straight_and_resumed(tmp_path, sources, data_placement='host')
-  assert straight['task'] == 'multilabel' and straight['data_placement'] == 'host'
+  straight, resumed = straight_and_resumed(tmp_path, sources, num_devices=1)
+  assert straight['task'] == 'multilabel' and straight['data_placement'] == 'device'
   assert_same_params(leaves(resumed['params']), leaves(straight['params']))
   ev = straight['eval']['baseline']
   assert set(ev['per_class_accuracy']) == {str(k) for k in range(CLASSES)} == set(ev['average_precision'])
@@ -192,7 +193,7 @@ def test_a_task_of_its_own_plugs_into_the_loop():
       return {'image': self.images[i], 'centre': np.array(divmod(flat, SHAPE[1]), np.float32) / SHAPE[:2],
               'present': self.present[i]}
 
-  cfg = config(train_augment=base_config().train_augment)
+  cfg = config(train_augment=base_config().train_augment, steps=2, num_devices=1)
   summary = train(cfg, model=lambda rngs: TinyNet(SHAPE[-1], 2, rngs=rngs), sources=(Source(64), Source(37)),
                   task=CentreTask(), echo=quiet)
   assert summary['task'] == 'centre' and summary['data_placement'] == 'device'

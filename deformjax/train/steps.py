@@ -199,7 +199,7 @@ def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.Conf
       from `check_model`).
   """
   task = default_task(spec) if task is None else task
-  model = model_fn(0)
+  model = nnx.eval_shape(lambda: model_fn(0))  # the structure only: each seed's state is drawn in init_state
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   has_model_state = bool(jax.tree.leaves(rest))
   sums_like = check_model(graphdef, params, rest if has_model_state else None, task, spec, type(model).__name__)
@@ -248,6 +248,26 @@ def check_model(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.Stat
     ConfigError: one line naming the model and the images when the model cannot take them, or the model's
       output and the labels when they do not fit (`Task.check_outputs`).
   """
+  key = (graphdef, _shapes(params), _shapes(model_state), task, spec)
+  if key not in _CHECKED:
+    if len(_CHECKED) >= 64:
+      _CHECKED.clear()
+    _CHECKED[key] = _check_model(graphdef, params, model_state, task, spec, name)
+  return _CHECKED[key]
+
+
+# check_model's answers by (graphdef, parameter and state shapes, task, spec): a study's runs trace the model once.
+_CHECKED: dict = {}
+
+
+def _shapes(tree) -> tuple:
+  return tuple((jax.tree_util.keystr(p), tuple(x.shape), str(x.dtype))
+               for p, x in jax.tree_util.tree_flatten_with_path(tree)[0])
+
+
+def _check_model(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State | None, task: Task,
+                 spec: DatasetSpec, name: str) -> dict[str, jax.ShapeDtypeStruct]:
+  """`check_model` without its cache."""
   layout = task.label_layout(spec)
   batch = {'image': jax.ShapeDtypeStruct((2,) + tuple(spec.image_shape), jnp.float32),
            **{k: jax.ShapeDtypeStruct((2,) + tuple(v.shape), v.dtype) for k, v in layout.items()}}
