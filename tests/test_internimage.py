@@ -30,12 +30,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from deformjax.convert import internimage as convert
 from deformjax.models import (
   FLASH_INTERNIMAGE_PRESETS,
   INTERNIMAGE_PRESETS,
   FlashInternImage,
   InternImage,
-  convert,
 )
 from deformjax.nn import DCNv4
 
@@ -123,6 +123,20 @@ def test_forward_shapes_under_jit(kind):
   assert jax.eval_shape(f, state, image(3, 64)).shape == (3, 192)
 
 
+def test_pyramid_returns_each_levels_map_before_its_downsampling():
+  """`pyramid` (the detection backbones' output): level i at stride 2**(i + 2) and width C * 2**i; the last level's
+  map is what the classifier pools (its conv_head and mean give `features`)."""
+  model = build('internimage', 'micro', num_classes=0)
+  x = image(1, 64)
+  maps, pooled = nnx.jit(lambda m, x: (m.pyramid(x), m.features(x)))(model, x)
+  assert [m.shape for m in maps] == [(1, 16 // 2**i, 16 // 2**i, 16 * 2**i) for i in range(4)]
+  assert model.pyramid_channels((1, 2, 3)) == (32, 64, 128)
+  head = nnx.jit(lambda m, y: jnp.mean(m.conv_head(y, False), axis=(1, 2)))(model, maps[-1])
+  np.testing.assert_allclose(np.asarray(head), np.asarray(pooled), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=r'out_indices must be increasing levels among 0..3, got \(2, 1\)'):
+    model.pyramid(x, (2, 1))
+
+
 @pytest.mark.slow
 def test_bfloat16_forward():
   """bfloat16 compute, float32 logits near the float32 model's (InternImage: its LayerNorms and softmax are the
@@ -193,9 +207,9 @@ def test_remat_computes_the_same_gradients():
 
 
 def test_sampling_policy_reaches_every_dcn_layer():
-  model = nnx.eval_shape(lambda: FlashInternImage('micro', chunk_size=64, deterministic=True, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: FlashInternImage('micro', chunk_size=64, deterministic_gradients=True, rngs=nnx.Rngs(0)))
   policies = {block.dcn.policy for level in model.levels for block in level.blocks}
-  reference = DCNv4(16, groups=1, chunk_size=64, deterministic=True, rngs=nnx.Rngs(0)).policy
+  reference = DCNv4(16, groups=1, chunk_size=64, deterministic_gradients=True, rngs=nnx.Rngs(0)).policy
   assert policies == {reference}
   with pytest.raises(ValueError, match='chunk_size'):
     nnx.eval_shape(lambda: InternImage('micro', chunk_size=-1, rngs=nnx.Rngs(0)))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -284,9 +284,9 @@ class _InternImageBase(nnx.Module):
   def __init__(self, preset: str | InternImageConfig = 't', *, num_classes: int = 1000, in_features: int = 3,
                drop_path_rate: float | None = None, remat: bool = False, dtype: DTypeLike | None = None,
                param_dtype: DTypeLike = jnp.float32, precision: jax.lax.PrecisionLike = None,
-               chunk_size: int | None = None, memory_budget: int | None = None, deterministic: bool = False,
+               chunk_size: int | None = None, memory_budget: int | None = None, deterministic_gradients: bool = False,
                rngs: nnx.Rngs):
-    policy = dict(chunk_size=chunk_size, memory_budget=memory_budget, deterministic=deterministic)
+    policy = dict(chunk_size=chunk_size, memory_budget=memory_budget, deterministic_gradients=deterministic_gradients)
     cfg = resolve_config(preset, self.presets)
     if drop_path_rate is not None:
       cfg = dataclasses.replace(cfg, drop_path_rate=float(drop_path_rate))
@@ -303,8 +303,9 @@ class _InternImageBase(nnx.Module):
     self.conv_head = _ConvHead(cfg.num_features, head_features, mk)
     self.head = mk.linear(head_features, num_classes) if num_classes > 0 else None
 
-  def features(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """`x [N, H, W, in_features]` -> pooled features `[N, cls_scale * num_features]` (before `head`)."""
+  def _levels(self, x: jax.Array, train: bool, rngs: nnx.Rngs | None, last: int) -> list[jax.Array]:
+    """Runs the stem and levels `0..last`; returns each level's map after its blocks and norm, before its
+    downsampling, and the last one downsampled when that level has a downsampling layer."""
     if x.ndim != 4 or x.shape[-1] != self.patch_embed.conv1.in_features:
       raise ValueError(f'{type(self).__name__}: x must have shape [N, H, W, '
                        f'{self.patch_embed.conv1.in_features}], got {tuple(x.shape)}')
@@ -316,17 +317,62 @@ class _InternImageBase(nnx.Module):
     keys = jax.random.split(rngs.dropout(), (num_blocks, 2)) if drop else None
     call = _remat_block if self.remat else _call_block
     x = self.patch_embed(x)
-    i = 0
-    for level in self.levels:
+    i, maps = 0, []
+    for level in self.levels[:last + 1]:
       for block in level.blocks:
         x = call(block, x, None if keys is None else keys[i])
         i += 1
       if level.norm is not None:
         x = level.norm(x)
+      maps.append(x)
       if level.downsample is not None:
         x = level.downsample(x)
+    return maps + [x]
+
+  def features(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """`x [N, H, W, in_features]` -> pooled features `[N, cls_scale * num_features]` (before `head`)."""
+    x = self._levels(x, train, rngs, len(self.levels) - 1)[-1]
     x = self.conv_head(x, train)
     return jnp.mean(x, axis=(1, 2))
+
+  def pyramid_channels(self, out_indices: Sequence[int] = (0, 1, 2, 3)) -> tuple[int, ...]:
+    """The widths of `pyramid`'s maps: level `i` has `channels * 2**i`."""
+    return tuple(self.config.channels * 2**i for i in self._check_indices(out_indices))
+
+  def _check_indices(self, out_indices: Sequence[int]) -> tuple[int, ...]:
+    out_indices = tuple(out_indices)
+    n = len(self.levels)
+    if not out_indices or list(out_indices) != sorted(set(out_indices)) or not all(
+        isinstance(i, int) and 0 <= i < n for i in out_indices):
+      raise ValueError(f'{type(self).__name__}: out_indices must be increasing levels among 0..{n - 1}, got '
+                       f'{out_indices}')
+    return out_indices
+
+  def pyramid(self, x: jax.Array, out_indices: Sequence[int] = (0, 1, 2, 3), *, train: bool = False,
+              rngs: nnx.Rngs | None = None) -> list[jax.Array]:
+    """The maps of levels `out_indices`, as the upstream detection backbones return them (each level's output
+    after its blocks and its norm, before its downsampling; the classifier's `conv_head` and `head` unused).
+
+    Args:
+      x: `[N, H, W, in_features]` NHWC.
+      out_indices: increasing levels among 0..3 (level `i` has stride `2 ** (i + 2)`).
+      train, rngs: as `__call__` (drop path).
+
+    Returns:
+      `[N, H / 2 ** (i + 2), W / 2 ** (i + 2), channels * 2 ** i]` for each `i` in `out_indices`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from deformjax.models import InternImage
+      >>> model = nnx.eval_shape(lambda: InternImage('micro', num_classes=0, rngs=nnx.Rngs(0)))
+      >>> maps = nnx.eval_shape(lambda m, x: m.pyramid(x, (1, 2, 3)), model, jnp.ones((1, 64, 64, 3), jnp.float32))
+      >>> [m.shape for m in maps], model.pyramid_channels((1, 2, 3))
+      ([(1, 8, 8, 32), (1, 4, 4, 64), (1, 2, 2, 128)], (32, 64, 128))
+    """
+    out_indices = self._check_indices(out_indices)
+    maps = self._levels(x, train, rngs, out_indices[-1])
+    return [maps[i] for i in out_indices]
 
   def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
     """`x [N, H, W, in_features]` (NHWC, H and W multiples of 32 for the official sizes) -> logits
@@ -354,7 +400,7 @@ class InternImage(_InternImageBase):
     remat: recompute each block's activations in the backward pass (`nnx.remat`): less memory, more compute.
     dtype: computation dtype (e.g. bfloat16); parameters stay `param_dtype`; logits are float32.
     param_dtype, precision: as `nnx.Linear`.
-    chunk_size, memory_budget, deterministic: the sampling execution policy of every DCN layer (as
+    chunk_size, memory_budget, deterministic_gradients: the sampling execution policy of every DCN layer (as
       `deformjax.nn.DCNv3`: pixels per pass, or a byte budget for one pass; bit-identical gradients on
       GPU/TPU).
     rngs: random number generators for the parameters (keyword-only).
@@ -383,7 +429,7 @@ class FlashInternImage(_InternImageBase):
     preset: 't', 's', 'b' (the official ImageNet-1k configurations, 29,815,528 / 50,067,496 /
       97,448,960 parameters at 1000 classes), 'micro' (a small test model) or an `InternImageConfig`.
     num_classes, in_features, drop_path_rate, remat, dtype, param_dtype, precision, chunk_size,
-      memory_budget, deterministic, rngs: as `InternImage`.
+      memory_budget, deterministic_gradients, rngs: as `InternImage`.
 
   Example:
     >>> from flax import nnx
