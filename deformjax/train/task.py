@@ -88,7 +88,8 @@ class Task(Protocol):
     ...
 
   def forward(self, model: nnx.Module, batch: Mapping[str, jax.Array], *, train: bool, rngs: nnx.Rngs) -> Any:
-    """The model's outputs (any pytree of `[B, ...]` arrays) on `batch`, normalised images in `batch['image']`.
+    """The model's outputs on `batch`, normalised images in `batch['image']`: any pytree whose every leaf has the
+    batch as its leading axis (`[B, ...]`; evaluation shards them over the mesh like the batch).
 
     `train`: a train step (dropout on, BatchNorm statistics updated) or evaluation. `rngs`: a `dropout`
     stream for this step.

@@ -7,6 +7,7 @@ network and TensorFlow); reading it afterwards needs neither.
 
   python -m experiments.coco --data_dir DIR
   python -m deformjax.train --config experiments/configs/coco9.py --config.data_dir=DIR
+  python -m deformjax.train --config experiments/configs/coco9.py:runlocal --config.data_dir=DIR   # 4 steps of 8
 """
 
 from deformjax.train.config import base_config

@@ -2,7 +2,7 @@
 
   python -m deformjax.train --config experiments/configs/digits.py
   python -m deformjax.train --config experiments/configs/digits.py --config.deformable=none --config.epochs=5
-  python -m deformjax.train --config experiments/configs/digits.py:runlocal   # a few steps, for a smoke test
+  python -m deformjax.train --config experiments/configs/digits.py:runlocal   # 20 steps, a smoke test
 """
 
 from deformjax.train.config import base_config
