@@ -13,9 +13,9 @@ from jax import export
 
 from deformjax.convert._state import to_torch
 from deformjax.convert.deformable_detr import (
-  detector_entries,
+  _detector_entries,
+  _tied_keys,
   from_deformable_detr,
-  tied_keys,
   to_deformable_detr_state_dict,
 )
 from deformjax.models import DeformableDetr, ResNet
@@ -48,12 +48,12 @@ def random_state(config, seed=0):
   abstract = nnx.eval_shape(lambda: DeformableDetr(config, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(seed)
   state = {}
-  for key, variable, layout in detector_entries(abstract):
+  for key, variable, layout in _detector_entries(abstract):
     value = 0.2 * rng.normal(size=to_torch(tuple(variable.shape), layout))
     if key.endswith(('running_var', 'norm.weight', 'normalization.weight', '.1.weight', 'bn1.weight')):
       value = np.abs(value) + 0.5
     state[key] = value.astype(np.float32)
-  return state | {copy: state[key] for copy, key in tied_keys(abstract).items()}
+  return state | {copy: state[key] for copy, key in _tied_keys(abstract).items()}
 
 
 @pytest.fixture(scope='module')
@@ -183,7 +183,7 @@ def test_state_dict_round_trip(config, plain, two_stage):
   ported = from_deformable_detr(state, cfg)
   _assert_same_parameters(ported, detector)
   # Shared heads listed once (a file saved with shared tensors removed) load the same.
-  once = {k: v for k, v in state.items() if k not in tied_keys(detector)}
+  once = {k: v for k, v in state.items() if k not in _tied_keys(detector)}
   assert len(once) < len(state)
   _assert_same_parameters(from_deformable_detr(once, cfg), detector)
 

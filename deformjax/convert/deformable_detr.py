@@ -2,7 +2,7 @@
 
 `from_deformable_detr(state_dict, config)` builds a `deformjax.models.DeformableDetr` from a
 `DeformableDetrForObjectDetection` state dict and its config dict; `to_deformable_detr_state_dict` is its inverse.
-Both walk one key table (`detector_entries`), written in transformers' v5 names; state dicts written by older
+Both walk one key table (`_detector_entries`), written in transformers' v5 names; state dicts written by older
 versions (`model.backbone.conv_encoder.*`, `self_attn.out_proj`, `layers.N.fc1`) are renamed to those on reading,
 as transformers' own loader does. Heads that the references share between decoder layers (all of them without box
 refinement; the decoder's copies with it) appear under every name in a state dict, or only under the first when
@@ -60,21 +60,21 @@ def _frozen_bn(key: str, m: FrozenBatchNorm) -> Iterator[Entry]:
     yield f'{key}.{name}', getattr(m, name), 'same'
 
 
-def attention_entries(key: str, m: MSDeformAttn) -> Iterator[Entry]:
+def _attention_entries(key: str, m: MSDeformAttn) -> Iterator[Entry]:
   """An `MSDeformAttn`'s rows under `key` (`''` for the layer's own state dict)."""
   for name in ('sampling_offsets', 'attention_weights', 'value_proj', 'output_proj'):
     yield from linear_entries(f'{key}.{name}' if key else name, getattr(m, name))
 
 
 def _encoder_layer(key: str, m: DeformableDetrEncoderLayer) -> Iterator[Entry]:
-  yield from attention_entries(f'{key}.self_attn', m.self_attn)
+  yield from _attention_entries(f'{key}.self_attn', m.self_attn)
   yield from _norm(f'{key}.self_attn_layer_norm', m.self_attn_layer_norm)
   yield from linear_entries(f'{key}.mlp.fc1', m.fc1)
   yield from linear_entries(f'{key}.mlp.fc2', m.fc2)
   yield from _norm(f'{key}.final_layer_norm', m.final_layer_norm)
 
 
-def encoder_entries(encoder: DeformableDetrEncoder, prefix: str = '') -> list[Entry]:
+def _encoder_entries(encoder: DeformableDetrEncoder, prefix: str = '') -> list[Entry]:
   """The encoder's rows in transformers' `DeformableDetrModel` names (`input_proj.*`, `level_embed`,
   `encoder.layers.*`) under `prefix`."""
   rows: list[Entry] = []
@@ -90,7 +90,7 @@ def _decoder_layer(key: str, m: DeformableDetrDecoderLayer) -> Iterator[Entry]:
   for name in ('k_proj', 'v_proj', 'q_proj', 'o_proj'):
     yield from linear_entries(f'{key}.self_attn.{name}', getattr(m.self_attn, name))
   yield from _norm(f'{key}.self_attn_layer_norm', m.self_attn_layer_norm)
-  yield from attention_entries(f'{key}.encoder_attn', m.encoder_attn)
+  yield from _attention_entries(f'{key}.encoder_attn', m.encoder_attn)
   yield from _norm(f'{key}.encoder_attn_layer_norm', m.encoder_attn_layer_norm)
   yield from linear_entries(f'{key}.mlp.fc1', m.fc1)
   yield from linear_entries(f'{key}.mlp.fc2', m.fc2)
@@ -107,7 +107,7 @@ def _transformers_names(s: int, j: int, k: int, shortcut: bool) -> tuple[str, st
   return head + '.convolution', head + '.normalization'
 
 
-def backbone_entries(backbone: ResNet, layout: str, prefix: str = 'model.backbone.model.') -> list[Entry]:
+def _backbone_entries(backbone: ResNet, layout: str, prefix: str = 'model.backbone.model.') -> list[Entry]:
   """A `ResNet`'s rows in timm's (`conv1`, `bn1`, `layer{s}.{j}.conv{k}`, `downsample`) or transformers'
   (`embedder.embedder`, `encoder.stages.{s}.layers.{j}.layer.{k}`, `shortcut`) names."""
   names = _timm_names if layout == 'timm' else _transformers_names
@@ -131,7 +131,7 @@ def _head_entries(key: str, m: nnx.Linear | DeformableDetrMLPHead) -> list[Entry
   return list(linear_entries(key, m))
 
 
-def detector_entries(detector: DeformableDetr) -> list[Entry]:
+def _detector_entries(detector: DeformableDetr) -> list[Entry]:
   """Every parameter of a `DeformableDetr` once, under its `DeformableDetrForObjectDetection` (v5) name.
 
   Returns:
@@ -140,8 +140,8 @@ def detector_entries(detector: DeformableDetr) -> list[Entry]:
   if detector.backbone_layout is None:
     raise ValueError('to_deformable_detr_state_dict: the detector has its own backbone (DeformableDetr(backbone=...)), '
                      "which has no place in transformers' state dict")
-  rows = backbone_entries(detector.backbone, detector.backbone_layout)
-  rows += encoder_entries(detector.encoder, 'model.')
+  rows = _backbone_entries(detector.backbone, detector.backbone_layout)
+  rows += _encoder_entries(detector.encoder, 'model.')
   for j, layer in enumerate(detector.decoder.layers):
     rows += list(_decoder_layer(f'model.decoder.layers.{j}', layer))
   if detector.two_stage:
@@ -157,7 +157,7 @@ def detector_entries(detector: DeformableDetr) -> list[Entry]:
   return rows
 
 
-def tied_keys(detector: DeformableDetr) -> dict[str, str]:
+def _tied_keys(detector: DeformableDetr) -> dict[str, str]:
   """The names under which transformers repeats a shared head: `{copy: the name in detector_entries}`.
 
   Without box refinement every decoder layer shares `class_embed.0` / `bbox_embed.0`; with it the decoder's
@@ -248,8 +248,8 @@ def from_deformable_detr(state_dict: Mapping[str, Any], config: Mapping[str, Any
   if detector.backbone_layout is None:
     raise ValueError(f'{fn}: the config describes no ResNet backbone')
   reader = StateReader(state, '', fn, param_dtype)
-  reader.load(detector_entries(detector))
-  _check_tied(state, tied_keys(detector), reader, fn)
+  reader.load(_detector_entries(detector))
+  _check_tied(state, _tied_keys(detector), reader, fn)
   reader.used.update(k for k in state if k.endswith(_IGNORED_SUFFIXES))
   reader.check_all_used('check the config: layers, levels, two_stage, with_box_refine, the backbone', 'detector')
   seed_rng_streams(detector)
@@ -273,8 +273,8 @@ def to_deformable_detr_state_dict(detector: DeformableDetr) -> dict[str, np.ndar
   """
   if not isinstance(detector, DeformableDetr):
     raise TypeError(f'to_deformable_detr_state_dict: detector must be a DeformableDetr, got {type(detector).__name__}')
-  out = {key: to_torch(np.asarray(variable[...]), layout) for key, variable, layout in detector_entries(detector)}
-  out.update({copy: out[key] for copy, key in tied_keys(detector).items()})
+  out = {key: to_torch(np.asarray(variable[...]), layout) for key, variable, layout in _detector_entries(detector)}
+  out.update({copy: out[key] for copy, key in _tied_keys(detector).items()})
   return out
 
 
@@ -331,7 +331,7 @@ def from_deformable_detr_attention(state: Mapping[str, np.ndarray], *, num_heads
   layer = nnx.eval_shape(lambda: MSDeformAttn(d_model, num_heads, num_levels, num_points, value_features=value_features,
                                               param_dtype=param_dtype, rngs=nnx.Rngs(0), **module_kwargs))
   reader = StateReader(state, prefix, fn, param_dtype)
-  reader.load(attention_entries('', layer))
+  reader.load(_attention_entries('', layer))
   reader.check_all_used()
   check_concrete(layer, fn)
   return layer
@@ -441,7 +441,7 @@ def from_deformable_detr_encoder(state: Mapping[str, np.ndarray], *, num_heads: 
       deterministic_gradients=deterministic_gradients, chunk_size=chunk_size, memory_budget=memory_budget,
       param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   reader = StateReader(state, prefix, fn, param_dtype)
-  reader.load(encoder_entries(encoder, ''))
+  reader.load(_encoder_entries(encoder, ''))
   reader.used.update(k for k in state if k.startswith(prefix) and k[len(prefix):].startswith(_NOT_ENCODER))
   reader.check_all_used('a different configuration or model? check the prefix', 'encoder')
   seed_rng_streams(encoder)
@@ -469,7 +469,7 @@ def to_deformable_detr_encoder_state_dict(encoder: DeformableDetrEncoder, prefix
   if not isinstance(encoder, DeformableDetrEncoder):
     raise TypeError(f'to_deformable_detr_encoder_state_dict: encoder must be a DeformableDetrEncoder, got '
                     f'{type(encoder).__name__}')
-  return {key: to_torch(np.asarray(v[...]), layout) for key, v, layout in encoder_entries(encoder, prefix)}
+  return {key: to_torch(np.asarray(v[...]), layout) for key, v, layout in _encoder_entries(encoder, prefix)}
 
 
 __all__ = ['from_deformable_detr', 'from_deformable_detr_attention', 'from_deformable_detr_encoder',

@@ -800,7 +800,7 @@ _ACTIVATIONS: Mapping[str, Callable[[jax.Array], jax.Array]] = MappingProxyType(
 })
 
 # transformers' `DeformableDetrConfig` defaults for the fields the detector reads.
-DEFAULT_CONFIG: Mapping[str, Any] = MappingProxyType({
+DEFORMABLE_DETR_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     'd_model': 256, 'encoder_layers': 6, 'decoder_layers': 6, 'encoder_attention_heads': 8,
     'decoder_attention_heads': 8, 'encoder_ffn_dim': 1024, 'decoder_ffn_dim': 1024, 'encoder_n_points': 4,
     'decoder_n_points': 4, 'num_feature_levels': 4, 'num_queries': 300, 'two_stage': False,
@@ -879,7 +879,7 @@ def backbone_spec(config: Mapping[str, Any]) -> BackboneSpec:
     >>> backbone_spec({'backbone': 'resnet18'}).widths
     (64, 128, 256, 512)
   """
-  config = {**DEFAULT_CONFIG, **config}
+  config = {**DEFORMABLE_DETR_DEFAULTS, **config}
   levels = int(config['num_feature_levels'])
   default_indices = (2, 3, 4) if levels > 1 else (4,)
   bc = config['backbone_config']
@@ -941,7 +941,7 @@ class DeformableDetr(nnx.Module):
   """Deformable DETR, as transformers' `DeformableDetrForObjectDetection` computes it (NHWC).
 
   Built from the dict of a transformers `DeformableDetrConfig` (`config.to_dict()`, of v5 or older; nothing
-  here imports transformers); missing fields take transformers' defaults (`DEFAULT_CONFIG`). Read: the widths,
+  here imports transformers); missing fields take transformers' defaults (`DEFORMABLE_DETR_DEFAULTS`). Read: the widths,
   layers, heads and points (`d_model`, `encoder_layers`, `decoder_layers`, `*_attention_heads`, `*_ffn_dim`,
   `*_n_points`), `num_feature_levels`, `num_queries`, `with_box_refine`, `two_stage`, `two_stage_num_proposals`,
   the labels (`num_labels`, else `len(id2label)`), the activation and dropout rates, and the backbone
@@ -983,7 +983,7 @@ class DeformableDetr(nnx.Module):
                precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     if config is not None and not isinstance(config, Mapping):
       raise TypeError(f'{_FN}: config must be a dict (DeformableDetrConfig.to_dict()), got {type(config).__name__}')
-    config = {**DEFAULT_CONFIG, **(config or {})}
+    config = {**DEFORMABLE_DETR_DEFAULTS, **(config or {})}
     _check_config(config)
     c = config
     self.d_model, self.num_labels = int(c['d_model']), _num_labels(c)
@@ -1137,7 +1137,7 @@ class PyramidBackbone(nnx.Module):
     return self.model.pyramid(x, self.out_indices)
 
 
-__all__ = ['DEFAULT_CONFIG', 'BackboneSpec', 'DeformableDetr', 'DeformableDetrDecoder', 'DeformableDetrDecoderLayer',
+__all__ = ['DEFORMABLE_DETR_DEFAULTS', 'BackboneSpec', 'DeformableDetr', 'DeformableDetrDecoder', 'DeformableDetrDecoderLayer',
            'DeformableDetrEncoder', 'DeformableDetrEncoderLayer', 'DeformableDetrEncoderOutput',
            'DeformableDetrMLPHead', 'DeformableDetrOutput', 'DeformableDetrSelfAttention', 'PyramidBackbone',
            'backbone_spec', 'downsample_mask', 'encoder_proposals', 'inverse_sigmoid', 'proposal_position_embedding',

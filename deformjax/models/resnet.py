@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import MappingProxyType
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +120,20 @@ class ResNetBlock(nnx.Module):
     return jax.nn.relu(h + shortcut)
 
 
+def _max_pool_3x3(x: jax.Array) -> jax.Array:
+  """PyTorch's `MaxPool2d(3, stride=2, padding=1)` on `x [N, H, W, C]`: the maximum of nine strided slices of `x`
+  padded with -inf (standard ONNX operators where a reduce-window would export as a `MaxPool` over NHWC)."""
+  h, w = x.shape[1:3]
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  out = None
+  for i in range(3):
+    for j in range(3):
+      tap = padded[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2]
+      out = tap if out is None else jnp.maximum(out, tap)
+  return out
+
+
 class ResNet(nnx.Module):
   """A ResNet returning the maps of the stages Deformable DETR reads (timm's or transformers' ResNet backbone).
 
@@ -184,7 +199,7 @@ class ResNet(nnx.Module):
       raise ValueError(f'{type(self).__name__}: x must have shape [N, H, W, {self.stem_conv.in_features}] (NHWC), '
                        f'got {tuple(x.shape)}')
     h = jax.nn.relu(self.stem_norm(self.stem_conv(x)))
-    h = nnx.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    h = _max_pool_3x3(h)
     out = []
     for i, stage in enumerate(self.stages, start=1):
       if i > self.out_indices[-1]:
@@ -196,7 +211,7 @@ class ResNet(nnx.Module):
     return out
 
 
-def resnet_preset(name: str, *, out_indices: Sequence[int] = (2, 3, 4), **kwargs) -> ResNet:
+def resnet_preset(name: str, *, out_indices: Sequence[int] = (2, 3, 4), **kwargs: Any) -> ResNet:
   """timm's ResNet `name` (a key of `RESNET_PRESETS`) as a `ResNet` with frozen batch norm.
 
   Args:
