@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,7 @@ def run(cfg, out_dir: pathlib.Path, echo=print) -> dict:
   from deformjax.train.steps import normalise
   from deformjax.viz import draw_sampling_locations
 
+  start = time.time()
   runs, dilations = [], []
   test = load_source(cfg.train.dataset, 'test' if cfg.train.dataset != 'coco9' else 'validation')
   probe = np.stack([test[i]['image'] for i in range(cfg.dilation_images)]).astype(np.float32)
@@ -89,7 +91,8 @@ def run(cfg, out_dir: pathlib.Path, echo=print) -> dict:
             draw_sampling_locations(model, np.asarray(img), out_dir / f'{cfg.name}_sampling_scale{s:.1f}.png',
                                     title=f'learned sampling locations, digit scaled by {s:.1f}')
   result = {'name': cfg.name, 'config': cfg.to_dict(), **run_metadata(), 'runs': runs,
-            'effective_dilation': {'scales': list(cfg.scales), 'per_seed': dilations}}
+            'effective_dilation': {'scales': list(cfg.scales), 'per_seed': dilations},
+            'wall_seconds': time.time() - start}
   return result
 
 
@@ -140,7 +143,8 @@ def main(args=None) -> dict:
     line_plot(scales, {k: np.mean([d[k] for d in dil], 0) for k in dil[0]} | {'regular conv': np.ones(len(scales))},
               out / f'{cfg.name}_dilation.png', xlabel='digit scale', ylabel='effective dilation',
               title='mean distance between adjacent taps')
-  md = f"# {cfg.name}\n\nDevice: {result['device']}; {result['versions']}; {result['date']}.\n\n{tables(result)}\n"
+  md = (f"# {cfg.name}\n\nDevice: {result['device']}; {result['versions']}; {result['date']}. "
+        f"Wall time of the whole study: {result['wall_seconds']:.0f} s.\n\n{tables(result)}\n")
   write_results(cfg.name, result, md, out)
   print('\n' + tables(result))
   return result

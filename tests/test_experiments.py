@@ -114,6 +114,8 @@ def test_scale_study_on_mnist5k_runlocal(runs_dir):
   assert result['config']['train']['dataset'] == 'mnist5k'
   assert [(r['variant'], r['seed']) for r in result['runs']] == [('regular', 0), ('deformable', 0)]
   assert set(result['effective_dilation']['per_seed'][0]) == {'conv3', 'conv4', 'conv5'}
+  md = (runs_dir / 'scale_mnist5k_runlocal.md').read_text()
+  assert f"Wall time of the whole study: {result['wall_seconds']:.0f} s." in md and result['wall_seconds'] > 0
   for png in ('accuracy', 'dilation', 'sampling_scale1.0'):
     assert (runs_dir / f'scale_mnist5k_runlocal_{png}.png').read_bytes()[:4] == b'\x89PNG'
 
