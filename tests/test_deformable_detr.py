@@ -225,3 +225,24 @@ def test_export_lowers_for_gpu_and_tpu_with_a_symbolic_batch(plain):
       state, jax.ShapeDtypeStruct((b,) + IMAGE + (3,), jnp.float32), jax.ShapeDtypeStruct((b,) + IMAGE, jnp.bool_))
   assert exp.platforms == ('cuda', 'tpu')
   assert [str(a.shape) for a in exp.out_avals] == ['(b, 5, 3)', '(b, 5, 4)']
+
+
+def test_stem_max_pool_is_pytorchs():
+  """MaxPool2d(3, stride=2, padding=1) as nine strided slices: the reduce-window max pool's values, odd and even."""
+  from deformjax.models.resnet import _max_pool_3x3
+  for shape in ((2, 7, 8, 3), (1, 6, 5, 2)):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+    want = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    np.testing.assert_array_equal(np.asarray(_max_pool_3x3(x)), np.asarray(want))
+
+
+def test_internimage_pyramid_as_the_backbone():
+  from deformjax.models import InternImage, PyramidBackbone
+  net = nnx.eval_shape(lambda: InternImage('micro', num_classes=0, rngs=nnx.Rngs(0)))
+  backbone = PyramidBackbone(net, (1, 2, 3))
+  detector = nnx.eval_shape(lambda: DeformableDetr(TINY, backbone=backbone, deterministic=True, rngs=nnx.Rngs(0)))
+  assert detector.encoder.in_features == (32, 64, 128) and detector.backbone_layout is None
+  out = nnx.eval_shape(lambda m, x, p: m(x, p), detector, *images())
+  assert out.logits.shape == (2, 5, 3) and out.pred_boxes.shape == (2, 5, 4)
+  with pytest.raises(TypeError, match='PyramidBackbone: model must have pyramid'):
+    PyramidBackbone(object())
