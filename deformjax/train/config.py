@@ -10,7 +10,7 @@ from typing import Any
 
 import ml_collections
 
-from deformjax.data.sources import DATASETS
+from deformjax.data.sources import DATASETS, get_spec
 from deformjax.models.classifiers import MODELS, PRESET_MODELS, check_preset_model, resolve_conv, resolve_deformable
 from deformjax.ops._args import is_int, is_real
 
@@ -58,8 +58,8 @@ class Field:
 
 # Every field of `base_config()`, in the order `--help` and docs/training.md list them.
 FIELDS: tuple[Field, ...] = (
-    Field('dataset', 'digits', "a built-in dataset: 'digits' (embedded, 28x28), or TFDS 'mnist', 'fashion_mnist', "
-          "'cifar10', 'coco9' (multi-label); ignored when train() is given sources"),
+    Field('dataset', 'digits', "a built-in dataset: 'digits' or 'mnist5k' (embedded, 28x28), or TFDS 'mnist', "
+          "'fashion_mnist', 'cifar10', 'coco9' (multi-label); ignored when train() is given sources"),
     Field('data_dir', None, 'where a TFDS dataset is prepared; None: TFDS_DATA_DIR or ~/tensorflow_datasets', str),
     Field('num_classes', 0, "classes of data given as sources; 0: read from the labels (the built-in datasets know "
           'theirs)'),
@@ -190,10 +190,11 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int, *, dataset: bool
   if cfg.workdir is not None and os.path.exists(os.path.expanduser(cfg.workdir)) \
       and not os.path.isdir(os.path.expanduser(cfg.workdir)):
     raise ConfigError(f'config.workdir={cfg.workdir!r} is an existing file, not a directory')
-  if dataset and cfg.dataset == 'digits' and cfg.data_dir is not None:
-    raise ConfigError(f'config.data_dir={cfg.data_dir!r} is not read by the digits dataset (it ships inside '
-                      'scikit-learn); unset it, or choose a TFDS dataset')
-  if dataset and cfg.dataset != 'digits' and cfg.data_dir is not None and not os.path.isdir(os.path.expanduser(cfg.data_dir)):
+  embedded = dataset and get_spec(cfg.dataset).tfds_name is None
+  if embedded and cfg.data_dir is not None:
+    raise ConfigError(f'config.data_dir={cfg.data_dir!r} is not read by the {cfg.dataset} dataset (it ships inside '
+                      'a package); unset it, or choose a TFDS dataset')
+  if dataset and not embedded and cfg.data_dir is not None and not os.path.isdir(os.path.expanduser(cfg.data_dir)):
     raise ConfigError(f'config.data_dir: directory {cfg.data_dir!r} does not exist')
   for name in ('batch_size', 'eval_batch_size'):
     value = cfg[name]
