@@ -74,7 +74,7 @@ def train(cfg, train_set, echo: Callable[[str], object] = print) -> tuple[nnx.Mo
   step = make_step(graphdef, tx, cfg.detector.to_dict(), cfg.encoder_loss)
   rng = np.random.default_rng(cfg.seed)
   order, pos, n = rng.permutation(len(train_set)), 0, 0
-  start, history, first_step_s = time.time(), [], None
+  start, cpu_start, history, first_step_s = time.time(), time.process_time(), [], None
   while n < t.max_steps and time.time() - start < t.time_budget_s:
     if pos + t.batch_size > len(order):
       order, pos = rng.permutation(len(train_set)), 0
@@ -89,15 +89,17 @@ def train(cfg, train_set, echo: Callable[[str], object] = print) -> tuple[nnx.Mo
     if first_step_s is None:  # compilation and the first step
       first_step_s = float(jax.block_until_ready(loss) * 0) + time.time() - start
     if n % t.log_every == 0 or n == 1:
-      row = {'step': n, 'seconds': round(time.time() - start, 1), 'lr_scale': scale, 'loss': float(loss),
+      row = {'step': n, 'seconds': round(time.time() - start, 1),
+             'cpu_seconds': round(time.process_time() - cpu_start, 1), 'lr_scale': scale, 'loss': float(loss),
              **{k: float(parts[k]) for k in ('loss_ce', 'loss_bbox', 'loss_giou', 'cardinality_error')}}
       history.append(row)
-      echo(f"step {n:5d}  {row['seconds']:6.0f} s  loss {row['loss']:.3f}  ce {row['loss_ce']:.3f}  "
-           f"l1 {row['loss_bbox']:.3f}  giou {row['loss_giou']:.3f}  card {row['cardinality_error']:.2f}")
+      echo(f"step {n:5d}  {row['seconds']:6.0f} s ({row['cpu_seconds']:6.0f} s CPU)  loss {row['loss']:.3f}  "
+           f"ce {row['loss_ce']:.3f}  l1 {row['loss_bbox']:.3f}  giou {row['loss_giou']:.3f}  card {row['cardinality_error']:.2f}")
   jax.block_until_ready(params)
   wall = time.time() - start
   nnx.update(model, params)
-  return model, {'steps': n, 'train_seconds': wall, 'first_step_seconds': first_step_s,
+  return model, {'steps': n, 'train_seconds': wall, 'train_cpu_seconds': time.process_time() - cpu_start,
+                 'first_step_seconds': first_step_s,
                  'seconds_per_step': (wall - first_step_s) / max(n - 1, 1), 'history': history}
 
 
@@ -138,7 +140,8 @@ def table(result: dict) -> str:
   m, log = result['test'], result['train']
   d = result['config']['data']
   lines = [f"Deformable DETR ({result['parameters']:,} parameters) trained from scratch for {log['steps']} steps "
-           f"({log['train_seconds']:.0f} s, {1e3 * log['seconds_per_step']:.0f} ms a step of "
+           f"({log['train_seconds']:.0f} s of wall time, {log['train_cpu_seconds']:.0f} s of CPU time, "
+           f"{1e3 * log['seconds_per_step']:.0f} ms a step of "
            f"{result['config']['train']['batch_size']} canvases) on {d['train_images']} {d['size']}x{d['size']} "
            f"canvases of {d['source']} digits; COCO metrics (pycocotools) on {d['test_images']} held-out canvases.",
            '', '| ' + ' | '.join(k for k in m if k != 'eval_seconds') + ' |',

@@ -295,7 +295,8 @@ def test_detection_study_runlocal_trains_evaluates_and_writes(tmp_path):
   pytest.importorskip('optax')
   from experiments import detection as study
 
-  result = study.main(['--config', f'{study.DEFAULT_CONFIG}:runlocal', '--out', str(tmp_path)])
+  with jax.numpy_dtype_promotion('standard'):  # optax's updates mix weak floats and int32 step counts
+    result = study.main(['--config', f'{study.DEFAULT_CONFIG}:runlocal', '--out', str(tmp_path)])
   assert result['train']['steps'] == 2 and len(result['train']['history']) == 2
   assert np.isfinite(result['train']['history'][-1]['loss'])
   assert 0.0 <= result['test']['AP50'] <= 1.0
@@ -316,6 +317,48 @@ def test_detection_study_config_and_table():
   with pytest.raises(ValueError, match="'' or 'runlocal'"):
     configs.get_config('mnist')
   result = {'parameters': 10, 'config': configs.get_config('runlocal').to_dict(),
-            'train': {'steps': 2, 'train_seconds': 1.0, 'seconds_per_step': 0.5},
+            'train': {'steps': 2, 'train_seconds': 1.0, 'train_cpu_seconds': 1.5, 'seconds_per_step': 0.5},
             'test': {'AP': 0.25, 'AP50': 0.5, 'eval_seconds': 1.0}}
   assert '| 0.250 | 0.500 |' in study.table(result)
+
+
+# --- the train system's task ---------------------------------------------------------------------------------------
+
+
+def test_detection_task_layout_description_checks_loss_sums_and_coco_evaluator():
+  pytest.importorskip('scipy')
+  pytest.importorskip('pycocotools')
+  from deformjax.data.sources import DatasetSpec
+
+  task = detection.Detection(max_targets=3, loss_config=(('auxiliary_loss', False),))
+  assert hash(task) == hash(detection.Detection(max_targets=3, loss_config=(('auxiliary_loss', False),)))
+  assert {k: (v.shape, str(v.dtype)) for k, v in task.label_layout(None).items()} == {
+      'class_labels': ((3,), 'int32'), 'boxes': ((3, 4), 'float32'), 'label_mask': ((3,), 'bool')}
+  records = [{'image': np.zeros((16, 16, 3), np.float32), 'class_labels': np.array([4, 0, 0], np.int32),
+              'boxes': np.zeros((3, 4), np.float32), 'label_mask': np.array([True, False, False])}]
+  spec = task.describe(records, records)
+  assert spec.image_shape == (16, 16, 3) and spec.num_classes == 5
+  with pytest.raises(ValueError, match='missing .*label_mask'):
+    task.describe([{'image': np.zeros((4, 4, 1)), 'class_labels': 0, 'boxes': 0}], records)
+  spec = DatasetSpec('arrays', (16, 16, 3), 3)
+  good = {'logits': jax.ShapeDtypeStruct((2, 5, 3), np.float32), 'pred_boxes': jax.ShapeDtypeStruct((2, 5, 4),
+                                                                                                    np.float32)}
+  task.check_outputs(good, spec)
+  with pytest.raises(ValueError, match=r'logits \[2, 5, 4\] .* do not fit \[B, Q, 3\]'):
+    task.check_outputs(dict(good, logits=jax.ShapeDtypeStruct((2, 5, 4), np.float32)), spec)
+
+  logits, pred, labels, padded = _case(11, counts=(2, 1), t=3)
+  batch = {'image': np.zeros((2, 16, 16, 3), np.float32), **padded}
+  outputs = {'logits': logits, 'pred_boxes': pred}
+  loss, sums = task.loss(outputs, batch, np.array([1.0, 0.0], np.float32))  # the second example is padding
+  alone, parts = detection.detection_loss({'logits': logits[:1], 'pred_boxes': pred[:1]}, labels[:1], {})
+  assert float(loss) == pytest.approx(float(alone), rel=1e-6)  # padding's targets leave the loss
+  assert float(sums['loss']) == pytest.approx(float(alone), rel=1e-6)  # summed over one real example
+  assert sorted(sums) == ['cardinality_error', 'loss', 'loss_bbox', 'loss_ce', 'loss_giou']
+
+  evaluator = task.evaluator(spec)
+  hit = (np.arange(3) == padded['class_labels'][..., None]) & padded['label_mask'][..., None]
+  perfect = {'logits': np.where(hit, 9.0, -9.0), 'pred_boxes': padded['boxes']}  # a query per target, exact
+  evaluator.add({'loss': np.float32(2.0)}, 2, perfect, batch)
+  result = evaluator.result()
+  assert result['loss'] == 1.0 and result['AP'] == pytest.approx(1.0)

@@ -157,3 +157,35 @@ def test_detector_loss_and_parameter_gradients_equal_transformers_in_float64(var
     checked += 1
   assert checked > 50
 
+
+
+def test_train_system_trains_and_evaluates_a_detector_through_the_detection_task():
+  """`deformjax.train.train` with `Detection`: two sharded steps of a tiny detector on canvases, COCO evaluation."""
+  pytest.importorskip('scipy')
+  pytest.importorskip('pycocotools')
+  pytest.importorskip('sklearn')
+  pytest.importorskip('optax')
+  from deformjax.data import digit_canvases
+  from deformjax.models import DeformableDetr
+  from deformjax.train import base_config, train
+
+  config = dict(backbone_config={'model_type': 'resnet', 'embedding_size': 8, 'hidden_sizes': [8, 16, 16, 16],
+                                 'depths': [1, 1, 1, 1], 'layer_type': 'basic',
+                                 'out_features': ['stage1', 'stage2', 'stage3']},
+                use_timm_backbone=False, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+                decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, encoder_n_points=2,
+                decoder_n_points=2, num_feature_levels=3, num_queries=5, num_labels=10, dropout=0.0,
+                with_box_refine=True, auxiliary_loss=True)
+  kw = dict(size=32, num_digits=(1, 2), digit_size=(10, 16), source='digits')
+  sources = (digit_canvases('train', 8, **kw), digit_canvases('test', 4, **kw))
+  cfg = base_config()
+  cfg.steps, cfg.batch_size, cfg.eval_batch_size, cfg.log_every, cfg.progress = 2, 4, 4, 1, False
+  cfg.num_devices, cfg.optimizer, cfg.num_classes = 2, 'adamw', 10
+  task = detection.Detection(max_targets=2, loss_config=(('auxiliary_loss', True),))
+  summary = train(cfg, model=lambda rngs: DeformableDetr(config, rngs=rngs), sources=sources, task=task)
+  assert summary['task'] == 'detection' and summary['steps'] == 2 and summary['devices'] == 2
+  history = summary['train_history']
+  assert len(history) == 2 and all(np.isfinite(h['loss']) for h in history)
+  assert {'loss_ce', 'loss_bbox', 'loss_giou', 'cardinality_error'} <= set(history[-1])
+  evaluation = summary['eval']['baseline']
+  assert set(detection.COCO_METRICS) <= set(evaluation) and 0.0 <= evaluation['AP50'] <= 1.0

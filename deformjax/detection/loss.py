@@ -110,7 +110,7 @@ def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, *, alpha: float = 
 
 
 @jax.jit(static_argnames=('costs', 'focal_alpha'))
-def _set_losses(logits, pred_boxes, labels, num_boxes, costs, focal_alpha) -> dict[str, jax.Array]:
+def _set_losses(logits, pred_boxes, labels, num_boxes, image_weights, costs, focal_alpha) -> dict[str, jax.Array]:
   """loss_ce, loss_bbox, loss_giou and cardinality_error of one output set against padded labels."""
   cls, tgt, mask = labels['class_labels'], labels['boxes'].astype(pred_boxes.dtype), labels['label_mask']
   class_cost, bbox_cost, giou_cost = costs
@@ -121,14 +121,15 @@ def _set_losses(logits, pred_boxes, labels, num_boxes, costs, focal_alpha) -> di
   hit = (query[:, None, :] == queries[None, :, None]) & matched[:, None, :]  # [N, Q, T]
   onehot = jnp.einsum('nqt,ntc->nqc', hit.astype(logits.dtype), jax.nn.one_hot(cls, logits.shape[2],
                                                                                  dtype=logits.dtype))
-  focal = sigmoid_focal_loss(logits, onehot, alpha=focal_alpha, gamma=2.0)
+  focal = sigmoid_focal_loss(logits, onehot, alpha=focal_alpha, gamma=2.0) * image_weights[:, None, None]
   src = jnp.take_along_axis(pred_boxes, jnp.maximum(query, 0)[..., None], axis=1)  # [N, T, 4]
   safe = jnp.asarray(_SAFE_BOX, pred_boxes.dtype)
   src, tgt = jnp.where(matched[..., None], src, safe), jnp.where(matched[..., None], tgt, safe)
   l1 = jnp.where(matched[..., None], jnp.abs(src - tgt), 0).sum()
   giou = jnp.where(matched, 1 - _giou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)), 0).sum()
   card_pred = (jax.nn.sigmoid(jax.lax.stop_gradient(logits)).max(-1) > 0.5).sum(1)
-  card = jnp.abs(card_pred.astype(logits.dtype) - mask.sum(1).astype(logits.dtype)).mean()
+  card_err = jnp.abs(card_pred.astype(logits.dtype) - mask.sum(1).astype(logits.dtype))
+  card = (card_err * image_weights).sum() / jnp.maximum(image_weights.sum(), 1)
   return {'loss_ce': focal.sum() / num_boxes, 'loss_bbox': l1 / num_boxes, 'loss_giou': giou / num_boxes,
           'cardinality_error': card}
 
@@ -158,8 +159,8 @@ def _output_sets(outputs: Any, config: Mapping[str, Any], encoder_loss: bool) ->
   return sets
 
 
-def detection_loss(outputs: Any, labels: Any, config: Mapping[str, Any], *,
-                   encoder_loss: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+def detection_loss(outputs: Any, labels: Any, config: Mapping[str, Any], *, encoder_loss: bool = False,
+                   image_weights: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Deformable DETR's loss and its parts, as transformers' `DeformableDetrForObjectDetection` returns them.
 
   Works under `jax.jit` (with padded labels), `jax.grad` and sharded batches; see the module docstring for the
@@ -176,6 +177,8 @@ def detection_loss(outputs: Any, labels: Any, config: Mapping[str, Any], *,
       `class_cost` (1), `bbox_cost` (5), `giou_cost` (2), `focal_alpha` (0.25), `bbox_loss_coefficient` (5),
       `giou_loss_coefficient` (2), `auxiliary_loss` (False); missing keys take these defaults.
     encoder_loss: add the two-stage encoder proposals' terms (`_enc`), as the original Deformable DETR does.
+    image_weights: optional `[N]`, 1 for a real image and 0 for a padding one (a batch filled up to its size):
+      a padding image's targets, queries and cardinality leave every term. None: every image is real.
 
   Returns:
     `(loss, loss_dict)`: the weighted scalar loss and every term by transformers' name (`loss_ce`, `loss_bbox`,
@@ -189,18 +192,24 @@ def detection_loss(outputs: Any, labels: Any, config: Mapping[str, Any], *,
     ['cardinality_error', 'loss_bbox', 'loss_ce', 'loss_giou']
   """
   padded = _as_padded(labels)
+  n = padded['label_mask'].shape[0]
+  dtype = jnp.asarray(_get(outputs, 'logits')).dtype
+  weights = jnp.ones((n,), dtype) if image_weights is None else jnp.asarray(image_weights).astype(dtype)
+  if weights.shape != (n,):
+    raise ValueError(f'detection_loss: image_weights must have shape [N] = ({n},), got {tuple(weights.shape)}')
+  padded['label_mask'] = padded['label_mask'] & (weights > 0)[:, None]
   num_boxes = jnp.maximum(padded['label_mask'].sum(), 1).astype(jnp.asarray(_get(outputs, 'logits')).dtype)
-  weights = {'loss_ce': 1.0, 'loss_bbox': config.get('bbox_loss_coefficient', 5),
-             'loss_giou': config.get('giou_loss_coefficient', 2)}
+  coefficients = {'loss_ce': 1.0, 'loss_bbox': config.get('bbox_loss_coefficient', 5),
+                  'loss_giou': config.get('giou_loss_coefficient', 2)}
   costs = tuple(float(config.get(k, v)) for k, v in (('class_cost', 1), ('bbox_cost', 5), ('giou_cost', 2)))
   loss_dict: dict[str, jax.Array] = {}
   loss = jnp.zeros((), num_boxes.dtype)
   for suffix, logits, pred_boxes, agnostic in _output_sets(outputs, config, encoder_loss):
     set_labels = dict(padded, class_labels=jnp.zeros_like(padded['class_labels'])) if agnostic else padded
-    parts = _set_losses(jnp.asarray(logits), jnp.asarray(pred_boxes), set_labels, num_boxes, costs,
+    parts = _set_losses(jnp.asarray(logits), jnp.asarray(pred_boxes), set_labels, num_boxes, weights, costs,
                         float(config.get('focal_alpha', 0.25)))
     for name, value in parts.items():
       loss_dict[name + suffix] = value
-      if name in weights:
-        loss = loss + weights[name] * value
+      if name in coefficients:
+        loss = loss + coefficients[name] * value
   return loss, loss_dict
