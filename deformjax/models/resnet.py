@@ -122,10 +122,13 @@ class ResNetBlock(nnx.Module):
 
 def _max_pool_3x3(x: jax.Array) -> jax.Array:
   """PyTorch's `MaxPool2d(3, stride=2, padding=1)` on `x [N, H, W, C]`: the maximum of nine strided slices of `x`
-  padded with -inf (standard ONNX operators where a reduce-window would export as a `MaxPool` over NHWC)."""
+  (standard ONNX operators, where a reduce-window would export as a `MaxPool` over NHWC)."""
   h, w = x.shape[1:3]
   ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  # Edge rows and columns repeated in place of -inf padding: a window's maximum is the same (the repeated value
+  # is already in the window), and the graph needs no Pad over a symbolic batch.
+  padded = jnp.concatenate([x[:, :1], x, x[:, -1:]], axis=1)
+  padded = jnp.concatenate([padded[:, :, :1], padded, padded[:, :, -1:]], axis=2)
   out = None
   for i in range(3):
     for j in range(3):
