@@ -12,7 +12,7 @@ module's execution policy (`chunk_size`, `memory_budget`, `deterministic_gradien
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import jax
 import jax.numpy as jnp
@@ -23,15 +23,22 @@ from deformjax.nn._common import Layer
 from deformjax.ops import _args, level_shapes
 
 
-def explicit_padding(padding: _args.PaddingLike) -> _args.PaddingLike:
-  """deformjax padding forms -> a form `nnx.Conv` / `nn.Conv` reads identically (for the offset predictor)."""
+def _all_ints(values: Sequence[Any]) -> TypeGuard[Sequence[int]]:
+  """Every entry a Python int."""
+  return all(isinstance(v, int) for v in values)
+
+
+def explicit_padding(padding: _args.PaddingLike) -> str | tuple[tuple[int, int], ...]:
+  """deformjax padding forms, already checked (`_common.check_padding`) -> a form `nnx.Conv` / `nn.Conv` reads
+  identically (for the offset predictor): the mode's name, or one (low, high) pair per spatial axis."""
   if isinstance(padding, str):
     return padding.upper()
   if isinstance(padding, int):
     return ((padding, padding), (padding, padding))
-  if all(isinstance(p, int) for p in padding):
+  if _all_ints(padding):
     return tuple((int(p), int(p)) for p in padding)
-  return tuple(tuple(int(v) for v in p) for p in padding)
+  # Checked: not all ints, so ((top, bottom), (left, right)).
+  return tuple((int(lo), int(hi)) for lo, hi in cast(Sequence[Sequence[int]], padding))
 
 
 def check_deform_conv_args(name: str, in_features: int, out_features: int, feature_group_count: int,
@@ -58,7 +65,7 @@ def deform_conv_block(inputs: jax.Array, offsets: jax.Array | None, mask: jax.Ar
                       bias: jax.Array | None, offset_conv: Layer | None,
                       promote: Callable[[jax.Array, jax.Array, jax.Array | None], tuple], *,
                       kernel_size: tuple[int, int], strides: tuple[int, int], padding: _args.PaddingLike,
-                      dilation: tuple[int, int], groups: int, offset_groups: int, modulated: bool,
+                      dilation: tuple[int, int], groups: int, offset_groups: int | None, modulated: bool,
                       offset_scale: float, max_offset: float | None, name: str, precision: Any = None,
                       preferred_element_type: Any = None, chunk_size: int | None = None,
                       memory_budget: int | None = None,
@@ -83,6 +90,7 @@ def deform_conv_block(inputs: jax.Array, offsets: jax.Array | None, mask: jax.Ar
   if offsets is None:
     if offset_conv is None:
       raise ValueError(f'{name}: offsets are required when the layer has no predictor (predict_offsets=False)')
+    assert offset_groups is not None, 'check_deform_conv_args: a predictor needs offset_groups'
     taps = offset_groups * kernel_size[0] * kernel_size[1]
     offsets, predicted_mask = _common.split_prediction(offset_conv(inputs), taps * 2, modulated, offset_scale,
                                                        max_offset)
@@ -262,7 +270,8 @@ def sampling_locations(reference_points: jax.Array, offsets: jax.Array,
 
 
 def ms_deform_attn_block(query: jax.Array, reference_points: jax.Array, inputs: jax.Array,
-                         spatial_shapes: Sequence[tuple[int, int]], padding_mask: jax.Array | None,
+                         spatial_shapes: Sequence[tuple[int, int]] | np.ndarray | jax.Array,
+                         padding_mask: jax.Array | None,
                          value_proj: Callable[[jax.Array], jax.Array],
                          sampling_offsets: Callable[[jax.Array], jax.Array],
                          attention_weights: Callable[[jax.Array], jax.Array],

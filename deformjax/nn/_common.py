@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,12 @@ def split_prediction(pred: jax.Array, num_offsets: int, modulated: bool, offset_
   return offsets, mask
 
 
+@overload
+def flatten_batch(x: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array: ...
+@overload
+def flatten_batch(x: None, batch_shape: tuple[int, ...]) -> None: ...
+@overload
+def flatten_batch(x: jax.Array | None, batch_shape: tuple[int, ...]) -> jax.Array | None: ...
 def flatten_batch(x: jax.Array | None, batch_shape: tuple[int, ...]) -> jax.Array | None:
   """[*batch, H, W, F] -> [prod(batch), H, W, F] (unbatched [H, W, F] -> [1, ...])."""
   if x is None:
@@ -183,7 +189,8 @@ def check_geometry(inputs: jax.Array, kernel_hw: Sequence[int], strides: tuple[i
   from deformjax.ops.deform_conv import output_size
 
   try:
-    output_size(tuple(inputs.shape[-3:-1]), tuple(kernel_hw), strides, padding, dilation)
+    (h, w), (kh, kw) = inputs.shape[-3:-1], kernel_hw
+    output_size((h, w), (kh, kw), strides, padding, dilation)
   except ValueError as e:  # the op's message, under the layer's name
     raise ValueError(f'{name}: {str(e).split(": ", 1)[-1]}') from None
 

@@ -11,10 +11,13 @@ DCNv4 sibling; what the two share lives in `deformjax.nn._common`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
+from jax.typing import DTypeLike
 
 from deformjax.nn import _common
 from deformjax.nn._blocks import dcnv3_block
@@ -77,7 +80,7 @@ class DCNv3(nnx.Module):
   def __init__(self, channels: int, kernel_size: int = 3, *, groups: int = 4, padding: int | None = None,
                kernel_dilation: int = 1, offset_scale: float = 1.0, dw_kernel_size: int | None = None,
                center_feature_scale: bool = False, remove_center: bool = False, layer_norm_epsilon: float = 1e-6,
-               dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+               dtype: DTypeLike | None = None, param_dtype: DTypeLike = jnp.float32,
                precision: jax.lax.PrecisionLike = None, chunk_size: int | None = None,
                memory_budget: int | None = None, deterministic_gradients: bool = False, rngs: nnx.Rngs):
     name = type(self).__name__
@@ -90,7 +93,7 @@ class DCNv3(nnx.Module):
     self.remove_center, self.center_feature_scale = bool(remove_center), bool(center_feature_scale)
     self.dtype = dtype
     taps = groups * _common.num_taps(kernel_size, remove_center)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     self.input_proj = _common.linear(channels, channels, **kw)
     self.dw_conv = _common.depthwise_conv(channels, self.dw_kernel_size, **kw)
     self.norm = nnx.LayerNorm(channels, epsilon=layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

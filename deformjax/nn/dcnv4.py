@@ -9,10 +9,13 @@ offsets and (unnormalised) mask. Parameter names mirror the PyTorch module's
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
+from jax.typing import DTypeLike
 
 from deformjax.nn import _common
 from deformjax.nn._blocks import dcnv4_block, split_offset_mask
@@ -79,7 +82,7 @@ class DCNv4(nnx.Module):
   def __init__(self, channels: int, kernel_size: int = 3, *, groups: int = 4, padding: int | None = None,
                kernel_dilation: int = 1, offset_scale: float = 1.0, dw_kernel_size: int | None = None,
                center_feature_scale: bool = False, remove_center: bool = False, output_bias: bool = True,
-               without_pointwise: bool = False, dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+               without_pointwise: bool = False, dtype: DTypeLike | None = None, param_dtype: DTypeLike = jnp.float32,
                precision: jax.lax.PrecisionLike = None, chunk_size: int | None = None,
                memory_budget: int | None = None, deterministic_gradients: bool = False, rngs: nnx.Rngs):
     name = type(self).__name__
@@ -92,7 +95,7 @@ class DCNv4(nnx.Module):
     self.remove_center, self.center_feature_scale = bool(remove_center), bool(center_feature_scale)
     self.without_pointwise = bool(without_pointwise)
     self.dtype = dtype
-    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     self.value_proj = None if without_pointwise else _common.linear(channels, channels, **kw)
     self.offset_mask_dw = None if dw_kernel_size is None else _common.depthwise_conv(channels, dw_kernel_size, **kw)
     packed = offset_mask_channels(groups, _common.num_taps(kernel_size, remove_center))

@@ -182,9 +182,10 @@ class DeformConv(nnx.Module):
     self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata)
                  if use_bias else None)
     if predict_offsets:
+      assert offset_groups is not None, 'check_deform_conv_args: predict_offsets needs offset_groups'
       # Zero-initialised: it needs no random numbers, and takes none from `rngs`, so
       # the layers built after this one initialise as they would after an nnx.Conv.
-      self.offset_conv = nnx.Conv(
+      self.offset_conv: nnx.Conv | None = nnx.Conv(
           in_features, kh * kw * offset_groups * (3 if modulated else 2), (kh, kw), strides=strides,
           padding=_blocks.explicit_padding(padding), kernel_dilation=kernel_dilation,
           kernel_init=initializers.zeros_init(), bias_init=initializers.zeros_init(),

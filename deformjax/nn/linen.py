@@ -99,6 +99,7 @@ class DeformConv(nn.Module):
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     offset_conv = None
     if self.predict_offsets:
+      assert self.offset_groups is not None, 'check_deform_conv_args: predict_offsets needs offset_groups'
       extra = {} if self.conv_general_dilated is None else {'conv_general_dilated': self.conv_general_dilated}
       offset_conv = nn.Conv(
           self.offset_groups * kh * kw * (3 if self.modulated else 2), (kh, kw), strides=strides,
@@ -160,9 +161,11 @@ class DeformRoIPool(nn.Module):
     oh, ow = _args.positive_pair(self.output_size, 'output_size', 'DeformRoIPool')
     _blocks.check_roi_pool_options(self.aligned, self.modulated, self.modulation, 'DeformRoIPool')
     _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic_gradients, 'DeformRoIPool')
-    dense = lambda n, name, zero=False: nn.Dense(
-        n, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name=name,
-        **(dict(kernel_init=nn.initializers.zeros_init()) if zero else {}))
+
+    def dense(n: int, name: str, zero: bool = False) -> nn.Dense:
+      init: dict[str, Any] = {'kernel_init': nn.initializers.zeros_init()} if zero else {}
+      return nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name=name, **init)
+
     mask_hidden = dense(self.hidden_features[0], 'mask_hidden') if self.modulated and self.hidden_features else None
     out, offsets, mask = _blocks.deform_roi_pool_block(
         features, rois, [dense(width, f'offset_hidden_{i}') for i, width in enumerate(self.hidden_features)],

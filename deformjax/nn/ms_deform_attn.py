@@ -11,11 +11,13 @@ boxes), and the flattened multi-level inputs `[N, sum(H_l * W_l), C]`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
+from jax.typing import DTypeLike
 
 from deformjax.nn import _common
 from deformjax.nn._blocks import check_layer_args, directional_bias_init, ms_deform_attn_block
@@ -68,7 +70,7 @@ class MSDeformAttn(nnx.Module):
   """
 
   def __init__(self, d_model: int, num_heads: int = 8, num_levels: int = 4, num_points: int = 4, *,
-               value_features: int | None = None, dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+               value_features: int | None = None, dtype: DTypeLike | None = None, param_dtype: DTypeLike = jnp.float32,
                precision: jax.lax.PrecisionLike = None, chunk_size: int | None = None,
                memory_budget: int | None = None, deterministic_gradients: bool = False, rngs: nnx.Rngs):
     name = type(self).__name__
@@ -78,7 +80,7 @@ class MSDeformAttn(nnx.Module):
     self.value_features = value_features
     self.dtype = dtype
     samples = num_heads * num_levels * num_points
-    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     zeros, xavier = initializers.zeros_init(), initializers.xavier_uniform()
     self.sampling_offsets = nnx.Linear(d_model, samples * 2, kernel_init=zeros,
                                        bias_init=directional_bias_init(num_heads, num_levels, num_points), **kw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -95,10 +96,11 @@ class DeformRoIPool(nnx.Module):
     self.modulated = modulated
     self.modulation = modulation
     flat = oh * ow * in_features
-    linear = lambda i, o, zero=False: nnx.Linear(
-        i, o, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs,
-        **(dict(kernel_init=initializers.zeros_init()) if zero else {}),
-    )
+
+    def linear(i: int, o: int, zero: bool = False) -> nnx.Linear:
+      init: dict[str, Any] = {'kernel_init': initializers.zeros_init()} if zero else {}
+      return nnx.Linear(i, o, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs, **init)
+
     widths = [flat, *hidden_features]
     self.offset_hidden = nnx.List([linear(a, b) for a, b in zip(widths[:-1], widths[1:])])
     self.offset_out = linear(widths[-1], oh * ow * 2, zero=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ from jax import lax
 PaddingLike = str | int | Sequence[int] | Sequence[Sequence[int]]
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int | np.integer]:
   """A Python or NumPy integer, bools excluded: Python counts `True` as 1, and as a size or a count it is a slip.
 
   >>> is_int(3), is_int(np.int64(3)), is_int(True), is_int(3.0)
@@ -62,6 +62,12 @@ def positive_pair(value, name: str, fn: str) -> tuple[int, int]:
   return p
 
 
+def _is_int_pair(value: Any) -> TypeGuard[Sequence[int | np.integer]]:
+  """A length-2 sequence of ints (`is_int`), strings excluded."""
+  return (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+          and all(is_int(v) for v in value))
+
+
 def padding_pairs(
     padding: PaddingLike,
     in_hw: tuple[int, int],
@@ -80,18 +86,19 @@ def padding_pairs(
       raise ValueError(f"{fn}: padding must be 'SAME', 'VALID', an int, a pair or a pair of pairs, got {padding!r}")
     pads = lax.padtype_to_pads(in_hw, window_hw, strides, padding.upper())
     return (_dim(pads[0][0]), _dim(pads[0][1])), (_dim(pads[1][0]), _dim(pads[1][1]))
+  result: tuple[tuple[int, int], tuple[int, int]]
   if is_int(padding):
     p = int(padding)
     result = ((p, p), (p, p))
-  elif isinstance(padding, Sequence) and len(padding) == 2 and all(is_int(p) for p in padding):
+  elif isinstance(padding, Sequence) and len(padding) == 2 and is_int(padding[0]) and is_int(padding[1]):
     result = ((int(padding[0]),) * 2, (int(padding[1]),) * 2)
   elif (
       isinstance(padding, Sequence)
       and len(padding) == 2
-      and all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 and all(is_int(v) for v in p)
-              for p in padding)
+      and _is_int_pair(padding[0])
+      and _is_int_pair(padding[1])
   ):
-    result = tuple((int(p[0]), int(p[1])) for p in padding)
+    result = ((int(padding[0][0]), int(padding[0][1])), (int(padding[1][0]), int(padding[1][1])))
   else:
     raise ValueError(
         f"{fn}: padding must be 'SAME', 'VALID', an int, (ph, pw) or ((top, bottom), (left, right)) of ints, "
@@ -99,7 +106,7 @@ def padding_pairs(
     )
   if min(result[0] + result[1]) < 0:
     raise ValueError(f'{fn}: padding must be non-negative, got {padding!r}')
-  return result  # type: ignore[return-value]
+  return result
 
 
 def frozen(value: Any) -> Any:
@@ -223,12 +230,11 @@ def layout_hint(check: Callable[..., Any], layouts: dict[str, str], fn: str, arr
   >>> layout_hint(check, {'x': 'NCHW'}, 'doc', {'x': np.zeros((1, 3, 8, 8))})
   'doc: x (shape (1, 3, 8, 8)) looks NCHW (PyTorch): deformjax is NHWC: pass x.transpose(0, 2, 3, 1)'
   """
-  shapes = {k: None if v is None else jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v))
-            for k, v in arrays.items()}
-  names = [k for k in layouts if shapes.get(k) is not None and len(shapes[k].shape) == 4]
+  shapes = {k: jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)) for k, v in arrays.items() if v is not None}
+  names = [k for k in layouts if k in shapes and len(shapes[k].shape) == 4]
   for count in range(1, len(names) + 1):
     for chosen in itertools.combinations(names, count):
-      trial = dict(shapes)
+      trial: dict[str, jax.ShapeDtypeStruct | None] = {k: shapes.get(k) for k in arrays}
       for k in chosen:
         trial[k] = jax.ShapeDtypeStruct(tuple(np.take(shapes[k].shape, TORCH_LAYOUTS[layouts[k]][2])),
                                         shapes[k].dtype)

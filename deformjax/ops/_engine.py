@@ -9,6 +9,7 @@ agrees on it to the last bit.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -59,15 +60,21 @@ def bilinear_corners(y: jax.Array, x: jax.Array, height: int | np.ndarray, width
     fuses each into its gather rather than materialising a stacked index buffer.
   """
   finite = jnp.isfinite(y) & jnp.isfinite(x)
+  # The sizes and the largest in-range coordinates: traced (symbolic sizes), numpy (per-level sizes) or Python.
+  h: int | np.ndarray | jax.Array
+  w: int | np.ndarray | jax.Array
+  y_max: float | np.ndarray | jax.Array
+  x_max: float | np.ndarray | jax.Array
   if _args.is_symbolic(height, width):
     # Sizes exported as symbolic dimensions: turned into traced scalars.
-    height, width = (jnp.asarray(d, idx_dtype) for d in (height, width))
-    y_max, x_max = ((d + 1).astype(y.dtype) for d in (height, width))
+    h, w = jnp.asarray(height, idx_dtype), jnp.asarray(width, idx_dtype)
+    y_max, x_max = (h + 1).astype(y.dtype), (w + 1).astype(y.dtype)
   elif np.ndim(height) or np.ndim(width):
     # Per-point sizes broadcasting against y, x (the levels of a feature pyramid).
-    height, width = np.asarray(height, idx_dtype), np.asarray(width, idx_dtype)
-    y_max, x_max = (np.asarray(d + 1, y.dtype) for d in (height, width))
+    h, w = np.asarray(height, idx_dtype), np.asarray(width, idx_dtype)
+    y_max, x_max = np.asarray(h + 1, y.dtype), np.asarray(w + 1, y.dtype)
   else:
+    h, w = height, width
     y_max, x_max = height + 1.0, width + 1.0
   # Points at or beyond -1 / H read zero anyway; clipping to just past that keeps
   # floor() and the integer cast in range for 1e30 and inf, without changing any value.
@@ -78,20 +85,17 @@ def bilinear_corners(y: jax.Array, x: jax.Array, height: int | np.ndarray, width
   for dy, dx, wt in ((0, 0, hy * hx), (0, 1, hy * lx), (1, 0, ly * hx), (1, 1, ly * lx)):
     yy = y0i + dy
     xx = x0i + dx
-    valid = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
-    indices.append(jnp.where(valid, yy * width + xx, 0))
+    valid = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+    indices.append(jnp.where(valid, yy * w + xx, 0))
     weights.append(jnp.where(valid, wt, jnp.zeros_like(wt)))
   return tuple(indices), tuple(weights)
 
 
 def _gather_sum(table: jax.Array, indices, weights) -> jax.Array:
   """sum_c weights[c] * table[indices[c]] as `[M, F]`, indices/weights flat `[M]`."""
-  out = None
-  for idx, w in zip(indices, weights):
-    vals = table.at[idx].get(mode='promise_in_bounds')
-    term = vals * w[:, None].astype(table.dtype)
-    out = term if out is None else out + term
-  return out
+  terms = [table.at[idx].get(mode='promise_in_bounds') * w[:, None].astype(table.dtype)
+           for idx, w in zip(indices, weights)]
+  return functools.reduce(operator.add, terms)
 
 
 def sorted_segment_sum(values: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
@@ -308,8 +312,8 @@ def _passes(corners, sample, pixels, point_bytes: int, idx_dtype, cap: int, arra
   if fits is None:
     # Symbolic batch: decided by the real shapes once the export is called
     # (shape refinement makes the predicate a constant that XLA folds).
-    fits = jnp.asarray(pixels, np.int64 if idx_dtype == np.int64 else np.int32) <= cap
-    return lax.cond(fits, functools.partial(_one_pass, corners, sample, pixels),
+    fits_at_run = jnp.asarray(pixels, np.int64 if idx_dtype == np.int64 else np.int32) <= cap
+    return lax.cond(fits_at_run, functools.partial(_one_pass, corners, sample, pixels),
                     functools.partial(_chunked, corners, sample, pixels, cap, point_bytes, idx_dtype), arrays)
   if fits:
     return _one_pass(corners, sample, pixels, arrays)

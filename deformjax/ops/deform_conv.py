@@ -163,8 +163,9 @@ def _geometry(args: _Checked, cdtype: np.dtype) -> _Geometry:
   n, h, w, _ = args.inputs.shape
   (pt, _), (pl, _) = args.window.pads
   idx_dtype = _args.index_dtype(n * h * w * args.offset_groups, _FN)
+  kh, kw = args.kernel.shape[:2]
   return _Geometry(n, (h, w), args.window.out_hw, args.window.strides, (pt, pl), args.window.dilation,
-                   tuple(args.kernel.shape[:2]), args.offset_groups, cdtype, idx_dtype)
+                   (kh, kw), args.offset_groups, cdtype, idx_dtype)
 
 
 def _corners(geom: _Geometry, start, count, off, m):
@@ -322,10 +323,11 @@ def _deform_conv2d(inputs, offsets, kernel, mask, bias, *, padding, strides, dil
     out = jnp.zeros((n, ho, wo, cout), dtypes.acc)
   else:
     native = _policy.native_op(_FN)  # an exporter's own operator (deformjax.export: ONNX DeformConv)
-    out = None if native is None else native(inputs, offsets, kernel, mask, bias, strides=strides, padding=padding,
-                                             dilation=dilation, groups=groups, offset_groups=offset_groups)
-    if out is not None:
-      return out.astype(dtypes.out)
+    native_out = None if native is None else native(inputs, offsets, kernel, mask, bias, strides=strides,
+                                                    padding=padding, dilation=dilation, groups=groups,
+                                                    offset_groups=offset_groups)
+    if native_out is not None:
+      return native_out.astype(dtypes.out)
     out = _plan(_geometry(args, dtypes.coord), args, dtypes, precision, chunk_size, memory_budget,
                 deterministic_gradients)
   if bias is not None:

@@ -16,18 +16,22 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from deformjax.ops import _args, _engine, _policy
 from deformjax.ops._engine import floor_and_fractions
 
 _FN = 'deform_roi_pool'
+# jax arrays under the op, numpy arrays where the boxes are concrete (`_concrete_grid`).
+_ArrayT = TypeVar('_ArrayT', jax.Array, np.ndarray)
 
 
-def _roi_align_corners(y: jax.Array, x: jax.Array, height: int, width: int, idx_dtype: np.dtype = np.int32
+def _roi_align_corners(y: jax.Array, x: jax.Array, height: int, width: int, idx_dtype: DTypeLike = np.int32
                        ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
   """torchvision roi_align's bilinear rule, as 4 (index, weight) corner arrays.
 
@@ -98,7 +102,8 @@ def _check_args(fn: str, features: jax.Array, rois: jax.Array, offsets: jax.Arra
   return features, rois, offsets, (oh, ow)
 
 
-def _boxes(rois: jax.Array, spatial_scale: float, aligned: bool, xp=jnp) -> tuple[jax.Array, ...]:
+def _boxes(rois: _ArrayT, spatial_scale: float, aligned: bool,
+           xp: Any = jnp) -> tuple[_ArrayT, _ArrayT, _ArrayT, _ArrayT]:
   """`(y1, x1, roi_h, roi_w)` in feature pixels, torchvision's arithmetic: `aligned` shifts the
   box by -0.5 pixel, otherwise sizes are at least 1 pixel. `xp=np` for concrete boxes."""
   shift = 0.5 if aligned else 0.0
@@ -170,7 +175,8 @@ def _sample_points(y1: jax.Array, x1: jax.Array, roi_h: jax.Array, roi_w: jax.Ar
     off = offsets.astype(dtype)
     y = y + (gamma * roi_h[:, None, None] * off[..., 0])[..., None, None]
     x = x + (gamma * roi_w[:, None, None] * off[..., 1])[..., None, None]
-  return jnp.broadcast_arrays(y, x)
+  y_full, x_full = jnp.broadcast_arrays(y, x)
+  return y_full, x_full
 
 
 def _sample_scale(batch: jax.Array, grid_h: jax.Array, grid_w: jax.Array, grid_max: tuple[int, int],
