@@ -90,7 +90,8 @@ def _canvas(rng: np.random.Generator, digits: np.ndarray, classes: np.ndarray, s
             digit_size: tuple[int, int], max_overlap: float) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
   """One `[size, size]` canvas with up to `count` digits, their classes and ink boxes in pixels."""
   canvas = np.zeros((size, size), np.float32)
-  labels, boxes = [], []
+  labels: list[int] = []
+  boxes: list[np.ndarray] = []
   for _ in range(count):
     i = int(rng.integers(len(digits)))
     patch = _resize(digits[i], int(rng.integers(digit_size[0], digit_size[1] + 1)))
@@ -149,7 +150,9 @@ def digit_canvases(split: str, num_images: int, *, size: int = 64, num_digits: t
   _check_ranges(size, num_digits, digit_size)
   if split not in ('train', 'test'):
     raise DataError(f"digit_canvases: split must be 'train' or 'test', got {split!r}")
-  src = load_source(source, split)
+  if source not in ('mnist5k', 'digits'):
+    raise DataError(f"digit_canvases: source must be 'mnist5k' or 'digits', got {source!r}")
+  src: Any = load_source(source, split)  # an ArraySource: images and labels as arrays
   digits = np.asarray(src.images)[..., 0].astype(np.float32)
   digits = digits / 255.0 if np.issubdtype(np.asarray(src.images).dtype, np.integer) else digits
   rng = np.random.default_rng([seed, 0 if split == 'train' else 1])

@@ -19,7 +19,8 @@ COCO_METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100
 
 def _ground_truth(targets: Sequence[Mapping[str, Any]], image_sizes: np.ndarray) -> tuple[list, set]:
   """COCO annotations ([x, y, w, h] in pixels, area w*h) from normalised (cx, cy, w, h) targets."""
-  anns, cats = [], set()
+  anns: list[dict[str, Any]] = []
+  cats: set[int] = set()
   for i, (target, (h, w)) in enumerate(zip(targets, image_sizes)):
     boxes = np.asarray(target['boxes'], np.float64).reshape(-1, 4) * np.array([w, h, w, h])
     labels = np.asarray(target['class_labels']).reshape(-1)
@@ -35,7 +36,7 @@ def _ground_truth(targets: Sequence[Mapping[str, Any]], image_sizes: np.ndarray)
 
 def _detections(predictions: Sequence[Mapping[str, Any]]) -> list:
   """COCO results ([x, y, w, h] in pixels, score) from corner boxes in pixels."""
-  dets = []
+  dets: list[dict[str, Any]] = []
   for i, pred in enumerate(predictions):
     boxes = np.asarray(pred['boxes'], np.float64).reshape(-1, 4)
     for (x0, y0, x1, y1), label, score in zip(boxes, np.asarray(pred['labels']).reshape(-1),

@@ -30,8 +30,11 @@ class _DetectionEvaluator:
   """Collects the mean loss terms and every image's detections and targets; COCO scores them at the end."""
 
   def __init__(self, task: Detection):
-    self.task, self.sums, self.count = task, {}, 0
-    self.predictions, self.targets, self.sizes = [], [], []
+    self.task, self.count = task, 0
+    self.sums: dict[str, float] = {}
+    self.predictions: list[dict[str, np.ndarray]] = []
+    self.targets: list[dict[str, np.ndarray]] = []
+    self.sizes: list[tuple[int, ...]] = []
 
   def add(self, sums: Mapping[str, np.ndarray], count: int, outputs: Any | None,
           batch: Mapping[str, np.ndarray] | None) -> None:
