@@ -374,7 +374,8 @@ def test_opt_in_onnx_deform_conv_needs_opset_19():
 def test_internimage_micro_converted_from_a_state_dict(kind):
   """The whole classifier as a user ports it (a reference state dict through the converter), exported with a
   symbolic batch to standard operators: onnxruntime reproduces the jitted model at two batch sizes."""
-  from deformjax.models import FlashInternImage, InternImage, convert
+  from deformjax.convert import internimage as convert
+  from deformjax.models import FlashInternImage, InternImage
 
   cls, load = ((InternImage, convert.from_internimage) if kind == 'internimage'
                else (FlashInternImage, convert.from_flash_internimage))
@@ -429,3 +430,27 @@ def test_the_private_jax2onnx_names_export_reads_are_there(monkeypatch):
   monkeypatch.delattr(plugin_system, '_import_tree')
   with export._lean_plugin_registry():  # another layout: jax2onnx is left to import what it wants
     assert plugin_system._already_imported_plugins is False
+
+
+@pytest.mark.slow
+def test_deformable_detr_tiny_with_a_symbolic_batch():
+  """A tiny Deformable DETR ported from a transformers-named state dict, exported with a symbolic batch (images and
+  their padding masks): onnxruntime reproduces the jitted detector's logits and boxes at two batch sizes."""
+  from deformjax.convert.deformable_detr import from_deformable_detr
+  from tests.test_deformable_detr import TINY, random_state
+
+  detector = from_deformable_detr(random_state(TINY), TINY)
+
+  def detect(x, mask):
+    out = detector(x, mask)
+    return out.logits, out.pred_boxes
+
+  def inputs(b):
+    rng = np.random.default_rng(b)
+    mask = np.ones((b, 40, 36), bool)
+    mask[-1, 29:] = False
+    return f32(rng, b, 40, 36, 3), mask
+
+  onnx_model = to_onnx(detect, inputs(2))
+  assert_standard(onnx_model)
+  assert_matches(onnx_model, detect, (2, 3), inputs, atol=1e-4)
