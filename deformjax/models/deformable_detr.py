@@ -972,7 +972,8 @@ class DeformableDetr(nnx.Module):
     ...               encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
     ...               decoder_attention_heads=2, num_labels=3)
     >>> model = nnx.eval_shape(lambda: DeformableDetr(config, deterministic=True, rngs=nnx.Rngs(0)))
-    >>> out = nnx.eval_shape(lambda m, x, p: m(x, p), model, jnp.ones((2, 64, 64, 3)), jnp.ones((2, 64, 64)))
+    >>> out = nnx.eval_shape(lambda m, x, p: m(x, p), model, jnp.ones((2, 64, 64, 3), jnp.float32),
+    ...                      jnp.ones((2, 64, 64), jnp.float32))
     >>> out.logits.shape, out.pred_boxes.shape, len(out.auxiliary_outputs)
     ((2, 5, 3), (2, 5, 4), 1)
   """

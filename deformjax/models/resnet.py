@@ -55,7 +55,7 @@ class FrozenBatchNorm(nnx.Module):
   Example:
     >>> import jax.numpy as jnp
     >>> from deformjax.models.resnet import FrozenBatchNorm
-    >>> FrozenBatchNorm(4)(jnp.ones((1, 2, 2, 4))).shape
+    >>> FrozenBatchNorm(4)(jnp.ones((1, 2, 2, 4), jnp.float32)).shape
     (1, 2, 2, 4)
   """
 
@@ -158,7 +158,7 @@ class ResNet(nnx.Module):
     >>> from flax import nnx
     >>> from deformjax.models import ResNet
     >>> net = ResNet((1, 1, 1, 1), (8, 16, 32, 64), stem_features=8, rngs=nnx.Rngs(0))
-    >>> [m.shape for m in net(jnp.ones((1, 64, 64, 3)))], net.channels
+    >>> [m.shape for m in net(jnp.ones((1, 64, 64, 3), jnp.float32))], net.channels
     ([(1, 8, 8, 16), (1, 4, 4, 32), (1, 2, 2, 64)], (16, 32, 64))
   """
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple, TypeGuard
 
 import jax
@@ -215,7 +216,7 @@ def as_array(x, name: str, fn: str):
 
 # PyTorch's layout of an array deformjax takes channels-last: (its name, deformjax's, the transpose from one to the
 # other). Kernels: OIHW [C_out, C_in/groups, kh, kw] -> HWIO [kh, kw, C_in/groups, C_out].
-TORCH_LAYOUTS = {'NCHW': ('NCHW', 'NHWC', (0, 2, 3, 1)), 'OIHW': ('OIHW', 'HWIO', (2, 3, 1, 0))}
+TORCH_LAYOUTS = MappingProxyType({'NCHW': ('NCHW', 'NHWC', (0, 2, 3, 1)), 'OIHW': ('OIHW', 'HWIO', (2, 3, 1, 0))})
 
 
 def layout_hint(check: Callable[..., Any], layouts: dict[str, str], fn: str, arrays: dict[str, Any]) -> str | None:

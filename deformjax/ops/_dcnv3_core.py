@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from types import MappingProxyType
 from typing import NamedTuple
 
 import jax
@@ -23,7 +24,7 @@ from deformjax.ops import _args, _engine
 # mask [count, G, P]).
 Split = Callable[..., tuple[jax.Array, jax.Array]]
 # The per-pixel arrays a PyTorch user might pass channels-first (the references themselves are NHWC).
-LAYOUTS = {'inputs': 'NCHW', 'offsets': 'NCHW', 'mask': 'NCHW', 'offset_mask': 'NCHW'}
+LAYOUTS = MappingProxyType({'inputs': 'NCHW', 'offsets': 'NCHW', 'mask': 'NCHW', 'offset_mask': 'NCHW'})
 
 
 def dcnv3_taps(kernel_hw: tuple[int, int], dilation_hw: tuple[int, int] = (1, 1),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from types import MappingProxyType
 from typing import NamedTuple
 
 import jax
@@ -26,7 +27,7 @@ from deformjax.ops import _args, _engine, _policy
 _PrecisionLike = str | jax.lax.Precision | tuple | None
 _FN = 'deform_conv2d'
 # The arrays a PyTorch user passes in PyTorch's layout (torchvision.ops.deform_conv2d's), and which layout.
-_LAYOUTS = {'inputs': 'NCHW', 'kernel': 'OIHW', 'offsets': 'NCHW', 'mask': 'NCHW'}
+_LAYOUTS = MappingProxyType({'inputs': 'NCHW', 'kernel': 'OIHW', 'offsets': 'NCHW', 'mask': 'NCHW'})
 
 
 def output_size(
