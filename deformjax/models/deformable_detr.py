@@ -31,13 +31,15 @@ import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 from flax.nnx.nn import initializers
+from flax.typing import PrecisionLike
+from jax.typing import DTypeLike
 
 from deformjax.models.resnet import ResNet
 from deformjax.nn import _common
@@ -255,16 +257,16 @@ class DeformableDetrEncoderLayer(nnx.Module):
                ffn_features: int = 1024, *, dropout: float = 0.1, activation_dropout: float = 0.0,
                activation: Callable[[jax.Array], jax.Array] = jax.nn.relu, layer_norm_epsilon: float = 1e-5,
                deterministic: bool = False, deterministic_gradients: bool = False, chunk_size: int | None = None,
-               memory_budget: int | None = None, dtype: jnp.dtype | None = None,
-               param_dtype: jnp.dtype = jnp.float32, precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
+               memory_budget: int | None = None, dtype: DTypeLike | None = None,
+               param_dtype: DTypeLike = jnp.float32, precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     name = type(self).__name__
     _args.positive_int(ffn_features, 'ffn_features', name)
     policy = _attention_policy(chunk_size, memory_budget, deterministic_gradients, name)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.self_attn = MSDeformAttn(d_model, num_heads, num_levels, num_points, precision=precision, **policy, **kw)
-    norm = dict(epsilon=layer_norm_epsilon, use_fast_variance=False, **kw)
+    norm: dict[str, Any] = dict(epsilon=layer_norm_epsilon, use_fast_variance=False, **kw)
     self.self_attn_layer_norm = nnx.LayerNorm(d_model, **norm)
-    linear = dict(kernel_init=_normal_init, bias_init=_zeros, precision=precision, **kw)
+    linear: dict[str, Any] = dict(kernel_init=_normal_init, bias_init=_zeros, precision=precision, **kw)
     self.fc1 = nnx.Linear(d_model, ffn_features, **linear)
     self.fc2 = nnx.Linear(ffn_features, d_model, **linear)
     self.final_layer_norm = nnx.LayerNorm(d_model, **norm)
@@ -362,8 +364,8 @@ class DeformableDetrEncoder(nnx.Module):
                activation: Callable[[jax.Array], jax.Array] = jax.nn.relu, layer_norm_epsilon: float = 1e-5,
                group_norm_epsilon: float = 1e-5, temperature: float = 10000.0, deterministic: bool = False,
                deterministic_gradients: bool = False, chunk_size: int | None = None,
-               memory_budget: int | None = None, dtype: jnp.dtype | None = None,
-               param_dtype: jnp.dtype = jnp.float32, precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
+               memory_budget: int | None = None, dtype: DTypeLike | None = None,
+               param_dtype: DTypeLike = jnp.float32, precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     name = type(self).__name__
     in_features = tuple(_args.positive_int(c, 'in_features', name) for c in in_features)
     _attention_policy(chunk_size, memory_budget, deterministic_gradients, name)  # refused under this name
@@ -378,8 +380,8 @@ class DeformableDetrEncoder(nnx.Module):
                        '(sin / cos pairs of two coordinates)')
     self.in_features, self.d_model, self.num_levels = in_features, d_model, num_levels
     self.temperature = temperature
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    conv = dict(kernel_init=_normal_init, bias_init=_zeros, precision=precision, **kw)
+    kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    conv: dict[str, Any] = dict(kernel_init=_normal_init, bias_init=_zeros, precision=precision, **kw)
     convs = [nnx.Conv(c, d_model, (1, 1), **conv) for c in in_features]
     # Extra levels: the first from the last backbone map, the next ones from the previous extra level.
     widths = [in_features[-1]] + [d_model] * (num_levels - len(in_features) - 1)
@@ -400,7 +402,7 @@ class DeformableDetrEncoder(nnx.Module):
 
   def spatial_shapes(self, feature_shapes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     """The `(H_l, W_l)` of all `num_levels` levels given those of the backbone maps."""
-    shapes = [tuple(s) for s in feature_shapes]
+    shapes = [(h, w) for h, w in feature_shapes]
     while len(shapes) < self.num_levels:
       shapes.append(_extra_level_shape(*shapes[-1]))
     return tuple(shapes)
@@ -420,6 +422,7 @@ class DeformableDetrEncoder(nnx.Module):
     if pixel_mask is not None and (pixel_mask.ndim != 3 or pixel_mask.shape[0] != n):
       raise ValueError(f'{name}: pixel_mask must have shape [N={n}, H, W] (the image\'s), got '
                        f'{tuple(pixel_mask.shape)}')
+    assert n is not None  # features[0] passed the rank check above
     return n
 
   def __call__(self, features: Sequence[jax.Array], pixel_mask: jax.Array | None = None, *,
@@ -516,15 +519,15 @@ class DeformableDetrSelfAttention(nnx.Module):
   """
 
   def __init__(self, d_model: int, num_heads: int = 8, *, dropout: float = 0.0, deterministic: bool = False,
-               dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+               dtype: DTypeLike | None = None, param_dtype: DTypeLike = jnp.float32,
                precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     name = type(self).__name__
     _args.positive_int(num_heads, 'num_heads', name)
     if d_model % num_heads:
       raise ValueError(f'{name}: d_model={d_model} must be divisible by num_heads={num_heads}')
     self.num_heads, self.precision = num_heads, precision
-    linear = dict(kernel_init=_normal_init, bias_init=_zeros, precision=precision, dtype=dtype,
-                  param_dtype=param_dtype, rngs=rngs)
+    linear: dict[str, Any] = dict(kernel_init=_normal_init, bias_init=_zeros, precision=precision, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
     self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nnx.Linear(d_model, d_model, **linear) for _ in range(4))
     self.dropout = nnx.Dropout(dropout, deterministic=deterministic, rngs=rngs)
 
@@ -566,19 +569,19 @@ class DeformableDetrDecoderLayer(nnx.Module):
                ffn_features: int = 1024, *, dropout: float = 0.1, attention_dropout: float = 0.0,
                activation_dropout: float = 0.0, activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
                layer_norm_epsilon: float = 1e-5, deterministic: bool = False, deterministic_gradients: bool = False,
-               chunk_size: int | None = None, memory_budget: int | None = None, dtype: jnp.dtype | None = None,
-               param_dtype: jnp.dtype = jnp.float32, precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
+               chunk_size: int | None = None, memory_budget: int | None = None, dtype: DTypeLike | None = None,
+               param_dtype: DTypeLike = jnp.float32, precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     name = type(self).__name__
     _args.positive_int(ffn_features, 'ffn_features', name)
     policy = _attention_policy(chunk_size, memory_budget, deterministic_gradients, name)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.self_attn = DeformableDetrSelfAttention(d_model, num_heads, dropout=attention_dropout,
                                                  deterministic=deterministic, precision=precision, **kw)
-    norm = dict(epsilon=layer_norm_epsilon, use_fast_variance=False, **kw)
+    norm: dict[str, Any] = dict(epsilon=layer_norm_epsilon, use_fast_variance=False, **kw)
     self.self_attn_layer_norm = nnx.LayerNorm(d_model, **norm)
     self.encoder_attn = MSDeformAttn(d_model, num_heads, num_levels, num_points, precision=precision, **policy, **kw)
     self.encoder_attn_layer_norm = nnx.LayerNorm(d_model, **norm)
-    linear = dict(kernel_init=_normal_init, bias_init=_zeros, precision=precision, **kw)
+    linear: dict[str, Any] = dict(kernel_init=_normal_init, bias_init=_zeros, precision=precision, **kw)
     self.fc1 = nnx.Linear(d_model, ffn_features, **linear)
     self.fc2 = nnx.Linear(ffn_features, d_model, **linear)
     self.final_layer_norm = nnx.LayerNorm(d_model, **norm)
@@ -625,8 +628,8 @@ class DeformableDetrMLPHead(nnx.Module):
   """
 
   def __init__(self, in_features: int, hidden_features: int, out_features: int, num_layers: int = 3, *,
-               dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-               precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
+               dtype: DTypeLike | None = None, param_dtype: DTypeLike = jnp.float32,
+               precision: PrecisionLike = None, rngs: nnx.Rngs):
     widths = [in_features] + [hidden_features] * (num_layers - 1) + [out_features]
     self.layers = nnx.List([
         nnx.Linear(a, b, kernel_init=_normal_init, bias_init=_zeros, precision=precision, dtype=dtype,
@@ -743,7 +746,7 @@ def encoder_proposals(mask_flatten: jax.Array, spatial_shapes: Sequence[tuple[in
     the validity (bool).
   """
   n = mask_flatten.shape[0]
-  boxes, start = [], 0
+  level_boxes, start = [], 0
   for level, (h, w) in enumerate(spatial_shapes):
     mask = mask_flatten[:, start:start + h * w].reshape(n, h, w)
     valid_h = jnp.sum(mask[:, :, 0], axis=1).astype(dtype)
@@ -752,9 +755,9 @@ def encoder_proposals(mask_flatten: jax.Array, spatial_shapes: Sequence[tuple[in
     grid = jnp.asarray(np.stack([xs, ys], axis=-1), dtype)[None] + 0.5
     grid = grid / jnp.stack([valid_w, valid_h], axis=-1).reshape(n, 1, 1, 2)
     size = jnp.full(grid.shape, 0.05 * 2.0**level, dtype)
-    boxes.append(jnp.concatenate([grid, size], axis=-1).reshape(n, h * w, 4))
+    level_boxes.append(jnp.concatenate([grid, size], axis=-1).reshape(n, h * w, 4))
     start += h * w
-  boxes = jnp.concatenate(boxes, axis=1)
+  boxes = jnp.concatenate(level_boxes, axis=1)
   valid = jnp.all((boxes > 0.01) & (boxes < 0.99), axis=-1, keepdims=True) & mask_flatten[..., None]
   logits = jnp.log(boxes / (1 - boxes))
   return jnp.where(valid, logits, jnp.inf), valid
@@ -932,9 +935,17 @@ def _heads(d_model: int, num_labels: int, count: int, kw: dict) -> tuple[nnx.Lis
   boxes = [DeformableDetrMLPHead(d_model, d_model, 4, 3, **kw) for _ in range(count)]
   for head in boxes:
     last = head.layers[-1]
+    assert last.bias is not None  # nnx.Linear's default use_bias=True
     last.kernel.set_value(jnp.zeros_like(last.kernel[...]))
     last.bias.set_value(jnp.asarray([0.0, 0.0, -2.0, -2.0], last.bias[...].dtype))
   return nnx.List(classes), nnx.List(boxes)
+
+
+class _Pyramid(Protocol):
+  """What the detector reads of its backbone besides calling it (`DeformableDetr`'s `backbone`): its maps' widths."""
+
+  @property
+  def channels(self) -> Sequence[int]: ...
 
 
 class DeformableDetr(nnx.Module):
@@ -958,7 +969,7 @@ class DeformableDetr(nnx.Module):
     backbone: optional pyramid module used instead of the config's ResNet: `backbone(pixel_values)` returns
       NHWC maps, highest resolution first, and `backbone.channels` their widths (e.g. `PyramidBackbone` around
       an InternImage). Its maps must not outnumber `num_feature_levels`.
-    deterministic: dropout off unless a call says otherwise (`nnx.Module.eval()` / `.train()` set it).
+    deterministic: dropout off unless a call says otherwise (``nnx.Module.eval()`` / ``.train()`` set it).
     deterministic_gradients, chunk_size, memory_budget: every deformable attention's execution policy
       (`MSDeformAttn`'s); they change how it runs, not what it computes.
     dtype, param_dtype, precision: as `nnx.Conv`.
@@ -980,7 +991,7 @@ class DeformableDetr(nnx.Module):
 
   def __init__(self, config: Mapping[str, Any] | None = None, *, backbone: nnx.Module | None = None,
                deterministic: bool = False, deterministic_gradients: bool = False, chunk_size: int | None = None,
-               memory_budget: int | None = None, dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+               memory_budget: int | None = None, dtype: DTypeLike | None = None, param_dtype: DTypeLike = jnp.float32,
                precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     if config is not None and not isinstance(config, Mapping):
       raise TypeError(f'{_FN}: config must be a dict (DeformableDetrConfig.to_dict()), got {type(config).__name__}')
@@ -990,10 +1001,10 @@ class DeformableDetr(nnx.Module):
     self.d_model, self.num_labels = int(c['d_model']), _num_labels(c)
     self.two_stage, self.with_box_refine = bool(c['two_stage']), bool(c['with_box_refine'])
     self.num_queries = int(c['two_stage_num_proposals'] if self.two_stage else c['num_queries'])
-    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     if backbone is None:
       spec = backbone_spec(c)
-      self.backbone_layout = spec.layout
+      self.backbone_layout: str | None = spec.layout
       backbone = ResNet(spec.depths, spec.widths, block=spec.block, stem_features=spec.stem_features,
                         in_features=int(c['num_channels']), out_indices=spec.out_indices,
                         stride_in_1x1=spec.stride_in_1x1, downsample_in_first_stage=spec.downsample_in_first_stage, **kw)
@@ -1001,9 +1012,10 @@ class DeformableDetr(nnx.Module):
       self.backbone_layout = None
     self.backbone = backbone
     activation = _ACTIVATIONS[c['activation_function']]
-    policy = dict(deterministic_gradients=deterministic_gradients, chunk_size=chunk_size, memory_budget=memory_budget)
+    policy: dict[str, Any] = dict(deterministic_gradients=deterministic_gradients, chunk_size=chunk_size,
+                                  memory_budget=memory_budget)
     self.encoder = DeformableDetrEncoder(
-        tuple(backbone.channels), self.d_model, num_heads=c['encoder_attention_heads'],
+        tuple(cast(_Pyramid, backbone).channels), self.d_model, num_heads=c['encoder_attention_heads'],
         num_levels=c['num_feature_levels'], num_points=c['encoder_n_points'], num_layers=c['encoder_layers'],
         ffn_features=c['encoder_ffn_dim'], dropout=c['dropout'], activation_dropout=c['activation_dropout'],
         activation=activation, deterministic=deterministic, **policy, **kw)
@@ -1020,14 +1032,15 @@ class DeformableDetr(nnx.Module):
   def _init_queries(self, c: Mapping[str, Any], kw: dict) -> None:
     d = self.d_model
     if self.two_stage:
-      norm = dict(epsilon=1e-5, use_fast_variance=False, dtype=kw['dtype'], param_dtype=kw['param_dtype'],
-                  rngs=kw['rngs'])
-      linear = dict(kernel_init=_normal_init, bias_init=_zeros, **kw)
-      self.enc_output = nnx.Linear(d, d, **linear)
-      self.enc_output_norm = nnx.LayerNorm(d, **norm)
-      self.pos_trans = nnx.Linear(2 * d, 2 * d, **linear)
-      self.pos_trans_norm = nnx.LayerNorm(2 * d, **norm)
-      self.query_position_embeddings = self.reference_points = None
+      norm: dict[str, Any] = dict(epsilon=1e-5, use_fast_variance=False, dtype=kw['dtype'],
+                                  param_dtype=kw['param_dtype'], rngs=kw['rngs'])
+      linear: dict[str, Any] = dict(kernel_init=_normal_init, bias_init=_zeros, **kw)
+      self.enc_output: nnx.Linear | None = nnx.Linear(d, d, **linear)
+      self.enc_output_norm: nnx.LayerNorm | None = nnx.LayerNorm(d, **norm)
+      self.pos_trans: nnx.Linear | None = nnx.Linear(2 * d, 2 * d, **linear)
+      self.pos_trans_norm: nnx.LayerNorm | None = nnx.LayerNorm(2 * d, **norm)
+      self.query_position_embeddings: nnx.Param | None = None
+      self.reference_points: nnx.Linear | None = None
     else:
       embed = _normal_init(kw['rngs'].params(), (self.num_queries, 2 * d), kw['param_dtype'])
       self.query_position_embeddings = nnx.Param(embed)
@@ -1056,6 +1069,8 @@ class DeformableDetr(nnx.Module):
       raise ValueError(f"{_FN}: config['two_stage_num_proposals']={self.num_queries} exceeds the encoder's "
                        f'{memory.shape[1]} tokens (levels {enc.spatial_shapes}): use fewer proposals or larger images')
     proposals, valid = encoder_proposals(enc.mask_flatten, enc.spatial_shapes, memory.dtype)
+    assert self.enc_output is not None and self.enc_output_norm is not None  # two-stage
+    assert self.pos_trans is not None and self.pos_trans_norm is not None
     query = self.enc_output_norm(self.enc_output(jnp.where(valid, memory, 0)))
     enc_class = self.class_embed[-1](query)
     enc_coord = self.bbox_embed[-1](query) + proposals
@@ -1097,6 +1112,7 @@ class DeformableDetr(nnx.Module):
     if self.two_stage:
       pos, target, ref, enc_class, enc_coord = self._two_stage_queries(enc)
     else:
+      assert self.query_position_embeddings is not None and self.reference_points is not None  # one-stage
       embed = self.query_position_embeddings[...].astype(memory.dtype)
       pos = jnp.broadcast_to(embed[None, :, :self.d_model], (n, self.num_queries, self.d_model))
       target = jnp.broadcast_to(embed[None, :, self.d_model:], (n, self.num_queries, self.d_model))
