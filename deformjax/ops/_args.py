@@ -7,7 +7,7 @@ message that names the argument before XLA ever sees it.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypeGuard
 
@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-PaddingLike = str | int | Sequence[int] | Sequence[Sequence[int]]
+# What a padding argument may be: a mode's name, an int, (ph, pw), ((top, bottom), (left, right)); flax's own
+# `PaddingLike` (pairs or ints per axis) is among them, and the checks refuse the mixed forms by name.
+PaddingLike = str | int | Sequence[int] | Sequence[Sequence[int]] | Sequence[int | tuple[int, int]]
 
 
 def is_int(value: Any) -> TypeGuard[int | np.integer]:
@@ -219,7 +221,7 @@ def as_array(x, name: str, fn: str):
 TORCH_LAYOUTS = MappingProxyType({'NCHW': ('NCHW', 'NHWC', (0, 2, 3, 1)), 'OIHW': ('OIHW', 'HWIO', (2, 3, 1, 0))})
 
 
-def layout_hint(check: Callable[..., Any], layouts: dict[str, str], fn: str, arrays: dict[str, Any]) -> str | None:
+def layout_hint(check: Callable[..., Any], layouts: Mapping[str, str], fn: str, arrays: dict[str, Any]) -> str | None:
   """Why `check(**arrays)` failed, when the reason is PyTorch's layout: the message, else None.
 
   Tries the arrays named in `layouts` (name -> 'NCHW' or 'OIHW') transposed to deformjax's layout, fewest first,
@@ -249,7 +251,7 @@ def layout_hint(check: Callable[..., Any], layouts: dict[str, str], fn: str, arr
   return None
 
 
-def checked(check: Callable[..., Any], layouts: dict[str, str], fn: str, arrays: dict[str, Any]) -> Any:
+def checked(check: Callable[..., Any], layouts: Mapping[str, str], fn: str, arrays: dict[str, Any]) -> Any:
   """`check(**arrays)`; when it refuses them and `layout_hint` finds PyTorch's layout the cause, that hint instead."""
   try:
     return check(**arrays)
