@@ -9,12 +9,14 @@ checks that a module built abstract (`nnx.eval_shape`) got every parameter.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from deformjax.nn.deform_conv import DeformConv
 
 # One row of a parameter table: (PyTorch state-dict key, our variable, layout). Layouts: 'linear' (`[out, in]`
 # there, `[in, out]` here), 'conv' (OIHW there, HWIO here), 'same'.
@@ -22,6 +24,17 @@ Entry = tuple[str, nnx.Variable, str]
 # The keys under which checkpoints commonly nest their state dict.
 _CHECKPOINT_KEYS = ('model', 'state_dict', 'module', 'model_state', 'params')
 _WRAPPERS = {'module.': ' (a DataParallel / DistributedDataParallel state dict)'}
+
+
+_V = TypeVar('_V', bound=nnx.Variable)
+
+
+def present(variable: _V | None, key: str) -> _V:
+  """`variable`, a parameter flax declares optional (`use_bias`, `use_scale`), as the entry `key`'s; a ValueError
+  naming the entry for a module built without it."""
+  if variable is None:
+    raise ValueError(f'{key}: the module has no such parameter (built with use_bias=False or use_scale=False?)')
+  return variable
 
 
 def assign(variable: nnx.Variable, value: np.ndarray) -> None:
@@ -122,7 +135,7 @@ def linear_entries(key: str, m: nnx.Linear) -> Iterator[Entry]:
     yield join(key, 'bias'), m.bias, 'same'
 
 
-def conv_entries(key: str, m: nnx.Conv) -> Iterator[Entry]:
+def conv_entries(key: str, m: nnx.Conv | DeformConv) -> Iterator[Entry]:
   """A `Conv2d`'s rows: `key.weight` OIHW, `key.bias`."""
   yield join(key, 'weight'), m.kernel, 'conv'
   if m.bias is not None:
@@ -131,8 +144,8 @@ def conv_entries(key: str, m: nnx.Conv) -> Iterator[Entry]:
 
 def norm_entries(key: str, m: nnx.LayerNorm | nnx.GroupNorm | nnx.BatchNorm) -> Iterator[Entry]:
   """A norm's rows: `key.weight` (our scale), `key.bias`, and a BatchNorm's running statistics."""
-  yield f'{key}.weight', m.scale, 'same'
-  yield f'{key}.bias', m.bias, 'same'
+  yield f'{key}.weight', present(m.scale, f'{key}.weight'), 'same'
+  yield f'{key}.bias', present(m.bias, f'{key}.bias'), 'same'
   if isinstance(m, nnx.BatchNorm):
     yield f'{key}.running_mean', m.mean, 'same'
     yield f'{key}.running_var', m.var, 'same'
@@ -218,5 +231,5 @@ def seed_rng_streams(module: nnx.Module, seed: int = 0) -> None:
 
 
 __all__ = ['Entry', 'StateReader', 'assign', 'check_concrete', 'check_state', 'conv_entries', 'from_torch', 'join',
-           'linear_entries', 'missing_key', 'norm_entries', 'oihw', 'one_of', 'prefix_hint', 'seed_rng_streams',
-           'to_torch']
+           'linear_entries', 'missing_key', 'norm_entries', 'oihw', 'one_of', 'prefix_hint', 'present',
+           'seed_rng_streams', 'to_torch']

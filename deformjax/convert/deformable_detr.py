@@ -26,6 +26,7 @@ from deformjax.convert._state import (
   check_state,
   conv_entries,
   linear_entries,
+  present,
   seed_rng_streams,
   to_torch,
 )
@@ -51,8 +52,8 @@ _IGNORED_SUFFIXES = ('.num_batches_tracked',)
 
 
 def _norm(key: str, m: nnx.LayerNorm | nnx.GroupNorm) -> Iterator[Entry]:
-  yield f'{key}.weight', m.scale, 'same'
-  yield f'{key}.bias', m.bias, 'same'
+  yield f'{key}.weight', present(m.scale, f'{key}.weight'), 'same'
+  yield f'{key}.bias', present(m.bias, f'{key}.bias'), 'same'
 
 
 def _frozen_bn(key: str, m: FrozenBatchNorm) -> Iterator[Entry]:
@@ -119,6 +120,7 @@ def _backbone_entries(backbone: ResNet, layout: str, prefix: str = 'model.backbo
         conv_key, norm_key = names(s, j, k, False)
         rows += [*conv_entries(prefix + conv_key, conv), *_frozen_bn(prefix + norm_key, norm)]
       if block.shortcut_conv is not None:
+        assert block.shortcut_norm is not None  # built with shortcut_conv
         conv_key, norm_key = names(s, j, 0, True)
         rows += [*conv_entries(prefix + conv_key, block.shortcut_conv),
                  *_frozen_bn(prefix + norm_key, block.shortcut_norm)]
@@ -140,16 +142,20 @@ def _detector_entries(detector: DeformableDetr) -> list[Entry]:
   if detector.backbone_layout is None:
     raise ValueError('to_deformable_detr_state_dict: the detector has its own backbone (DeformableDetr(backbone=...)), '
                      "which has no place in transformers' state dict")
+  assert isinstance(detector.backbone, ResNet)  # the config's backbone: backbone_layout is set
   rows = _backbone_entries(detector.backbone, detector.backbone_layout)
   rows += _encoder_entries(detector.encoder, 'model.')
   for j, layer in enumerate(detector.decoder.layers):
     rows += list(_decoder_layer(f'model.decoder.layers.{j}', layer))
   if detector.two_stage:
+    assert detector.enc_output is not None and detector.enc_output_norm is not None  # built for two stages
+    assert detector.pos_trans is not None and detector.pos_trans_norm is not None
     rows += [*linear_entries('model.enc_output', detector.enc_output),
              *_norm('model.enc_output_norm', detector.enc_output_norm),
              *linear_entries('model.pos_trans', detector.pos_trans), *_norm('model.pos_trans_norm',
                                                                             detector.pos_trans_norm)]
   else:
+    assert detector.query_position_embeddings is not None and detector.reference_points is not None  # one stage
     rows += [('model.query_position_embeddings.weight', detector.query_position_embeddings, 'same'),
              *linear_entries('model.reference_points', detector.reference_points)]
   for i, (cls, box) in enumerate(zip(detector.class_embed, detector.bbox_embed)):
@@ -353,7 +359,7 @@ def _encoder_architecture(state: Mapping[str, Any], prefix: str, fn: str) -> dic
   if np.ndim(state[key]) != 2:
     raise ValueError(f'{fn}: {key!r} must have shape [num_feature_levels, d_model], got {np.shape(state[key])}')
   num_levels, d_model = (int(v) for v in np.shape(state[key]))
-  in_features = []
+  in_features: list[int] = []
   for level in range(num_levels):
     conv = f'{prefix}input_proj.{level}.0.weight'
     shape = np.shape(state[conv]) if conv in state else None

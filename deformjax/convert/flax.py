@@ -50,6 +50,7 @@ def from_conv(conv: nnx.Conv, **deform_kwargs: Any) -> DeformConv:
   )
   layer.kernel[...] = conv.kernel[...]
   if conv.bias is not None:
+    assert layer.bias is not None  # built with conv.use_bias
     layer.bias[...] = conv.bias[...]
   return layer
 

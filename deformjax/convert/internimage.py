@@ -18,7 +18,7 @@ their references' (x, y) offset order, tap order and packed channels, so no weig
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,8 @@ from deformjax.nn.dcnv3 import DCNv3
 from deformjax.nn.dcnv4 import DCNv4
 from deformjax.ops.dcnv4 import offset_mask_channels
 
+# The model a loader builds: its class given, its instance returned.
+_Model = TypeVar('_Model', InternImage, FlashInternImage)
 # Entries every reference BatchNorm carries that have no parameter here.
 _IGNORED_SUFFIXES = ('.num_batches_tracked',)
 
@@ -47,7 +49,8 @@ def _center_feature_scale(key: str, m: DCNv3 | DCNv4) -> Iterator[Entry]:
   """`center_feature_scale_proj_{weight, bias}`: bare parameters `[groups, C]`, `[groups]`, not an `nn.Linear`."""
   if m.center_feature_scale_proj is not None:
     yield join(key, 'center_feature_scale_proj_weight'), m.center_feature_scale_proj.kernel, 'linear'
-    yield join(key, 'center_feature_scale_proj_bias'), m.center_feature_scale_proj.bias, 'same'
+    yield (join(key, 'center_feature_scale_proj_bias'),
+           _state.present(m.center_feature_scale_proj.bias, join(key, 'center_feature_scale_proj_bias')), 'same')
 
 
 def _dcnv3_entries(key: str, m: DCNv3) -> Iterator[Entry]:
@@ -64,6 +67,7 @@ def _dcnv4_entries(key: str, m: DCNv4) -> Iterator[Entry]:
   """OpenGVLab's `DCNv4` (`DCNv4_op/DCNv4/modules/dcnv4.py`)."""
   yield from linear_entries(join(key, 'offset_mask'), m.offset_mask)
   if m.value_proj is not None:
+    assert m.output_proj is not None  # built with value_proj
     yield from linear_entries(join(key, 'value_proj'), m.value_proj)
     yield from linear_entries(join(key, 'output_proj'), m.output_proj)
   if m.offset_mask_dw is not None:
@@ -168,8 +172,8 @@ def _check_keys(state: Mapping[str, Any], prefix: str, entries: list[Entry], fn:
                      f'{unknown}')
 
 
-def _load(cls: type[_InternImageBase], fn: str, state: Mapping[str, Any], preset: str | InternImageConfig,
-          prefix: str, kw: dict[str, Any]) -> _InternImageBase:
+def _load(cls: type[_Model], fn: str, state: Mapping[str, Any], preset: str | InternImageConfig,
+          prefix: str, kw: dict[str, Any]) -> _Model:
   state = _state.check_state(state, fn)
   cfg = resolve_config(preset, cls.presets, f'{fn}: preset')
   if 'num_classes' not in kw:  # read from the checkpoint: 1000, 21841, ... or 0 (no head)
@@ -247,7 +251,7 @@ def _taps(kernel_size: int, remove_center: bool) -> int:
 def _dw_kernel_size(s: _state.StateReader, key: str) -> int | None:
   """The side of the depthwise `Conv2d` weight `key [C, 1, k, k]`, or None when absent or not so shaped (the load
   then names it)."""
-  shape = np.shape(s.state[s.prefix + key]) if s.has(key) else ()
+  shape: tuple[int, ...] = np.shape(s.state[s.prefix + key]) if s.has(key) else ()
   return int(shape[3]) if len(shape) == 4 and shape[2] == shape[3] else None
 
 

@@ -135,6 +135,7 @@ def from_mmcv(state: Mapping[str, np.ndarray], *, strides: int | Sequence[int] |
   s.load(_state.conv_entries('', layer))  # `weight`, `bias` under the prefix
   if modulated:
     layer.kernel.set_value(layer.kernel[...] / 2)
+  assert layer.offset_conv is not None  # built with its offset predictor
   s.load(_state.conv_entries('conv_offset', layer.offset_conv))
   s.check_all_used(hint='check the prefix')
   _state.check_concrete(layer, fn)
@@ -161,7 +162,7 @@ def _load_roi_heads(layer: DeformRoIPool, s: _state.StateReader, hidden: int, ch
   def reads_pooled(module: nnx.Linear, key: str) -> None:
     weight = s.get(f'{key}.weight', (hidden, flat)).reshape(hidden, channels, oh, ow)
     _state.assign(module.kernel, weight.transpose(0, 2, 3, 1).reshape(hidden, flat).T)
-    _state.assign(module.bias, s.get(f'{key}.bias', (hidden,)))
+    _state.assign(_state.present(module.bias, f'{key}.bias'), s.get(f'{key}.bias', (hidden,)))
 
   reads_pooled(layer.offset_hidden[0], 'offset_fc.0')
   s.linear(layer.offset_hidden[1], 'offset_fc.2')
@@ -169,8 +170,10 @@ def _load_roi_heads(layer: DeformRoIPool, s: _state.StateReader, hidden: int, ch
   weight = s.get('offset_fc.4.weight', (2 * oh * ow, hidden)).reshape(2, oh, ow, hidden)[::-1]
   _state.assign(layer.offset_out.kernel, weight.transpose(1, 2, 0, 3).reshape(2 * oh * ow, hidden).T)
   bias = s.get('offset_fc.4.bias', (2 * oh * ow,)).reshape(2, oh, ow)[::-1]
-  _state.assign(layer.offset_out.bias, bias.transpose(1, 2, 0).reshape(2 * oh * ow))
+  _state.assign(_state.present(layer.offset_out.bias, 'offset_fc.4.bias'),
+                bias.transpose(1, 2, 0).reshape(2 * oh * ow))
   if layer.modulated:
+    assert layer.mask_hidden is not None  # modulated, with hidden layers
     reads_pooled(layer.mask_hidden, 'mask_fc.0')
     s.linear(layer.mask_out, 'mask_fc.2')  # its rows (out_h, out_w) are already the mask's order
 

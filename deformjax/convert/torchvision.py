@@ -69,6 +69,7 @@ def from_torchvision(weight: np.ndarray, bias: np.ndarray | None = None, *,
       param_dtype=param_dtype, rngs=nnx.Rngs(0), **module_kwargs))
   _state.assign(layer.kernel, np.transpose(weight, (2, 3, 1, 0)).astype(param_dtype))
   if bias is not None:
+    assert layer.bias is not None  # built with use_bias
     _state.assign(layer.bias, np.asarray(bias, param_dtype))
   _state.check_concrete(layer, fn)
   return layer
