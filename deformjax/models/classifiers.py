@@ -25,6 +25,7 @@ apply either).
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +106,7 @@ def _conv(cin, cout, kernel, padding, deformable, conv, dtype, rngs):
                      f'{cin}->{cout} conv only when in == out, the kernel is odd and the padding keeps the size '
                      f'(got kernel {kernel}, padding {padding!r}); make fewer convs deformable')
   block = DCNv3 if conv == 'dcnv3' else DCNv4
-  extra = {} if conv == 'dcnv3' else {'dw_kernel_size': 3}  # FlashInternImage's DCNv4 offset branch
+  extra: dict[str, Any] = {} if conv == 'dcnv3' else {'dw_kernel_size': 3}  # FlashInternImage's DCNv4 offset branch
   return Residual(block(cout, kernel, groups=_FAMILY_GROUPS, dtype=dtype, rngs=rngs, **extra))
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import types
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -211,17 +212,17 @@ class _Block(nnx.Module):
                policy: dict, mk: _Common):
     self.post_norm, self.drop_rate = cfg.post_norm, float(drop_rate)
     self.norm1 = mk.norm(channels)
-    dcn_kw = dict(groups=groups, offset_scale=cfg.offset_scale, dw_kernel_size=cfg.dw_kernel_size,
-                  precision=mk.precision, **mk.kw, **policy)
+    dcn_kw: dict[str, Any] = dict(groups=groups, offset_scale=cfg.offset_scale, dw_kernel_size=cfg.dw_kernel_size,
+                                  precision=mk.precision, **mk.kw, **policy)
     if core == 'dcnv3':
-      self.dcn = DCNv3(channels, 3, **dcn_kw)
+      self.dcn: DCNv3 | DCNv4 = DCNv3(channels, 3, **dcn_kw)
     else:
       self.dcn = DCNv4(channels, 3, output_bias=cfg.dcn_output_bias, **dcn_kw)
     self.norm2 = mk.norm(channels)
     self.mlp = _MLP(channels, int(channels * cfg.mlp_ratio), cfg.mlp_fc2_bias, mk)
     if cfg.layer_scale is not None:
-      self.gamma1 = nnx.Param(jnp.full((channels,), cfg.layer_scale, mk.kw['param_dtype']))
-      self.gamma2 = nnx.Param(jnp.full((channels,), cfg.layer_scale, mk.kw['param_dtype']))
+      self.gamma1: nnx.Param | None = nnx.Param(jnp.full((channels,), cfg.layer_scale, mk.kw['param_dtype']))
+      self.gamma2: nnx.Param | None = nnx.Param(jnp.full((channels,), cfg.layer_scale, mk.kw['param_dtype']))
     else:
       self.gamma1 = self.gamma2 = None
 
@@ -314,7 +315,7 @@ class _InternImageBase(nnx.Module):
       raise ValueError(f'{type(self).__name__}: train=True with drop_path_rate={self.config.drop_path_rate} '
                        "needs rngs with a 'dropout' (or 'default') stream")
     num_blocks = sum(self.config.depths)
-    keys = jax.random.split(rngs.dropout(), (num_blocks, 2)) if drop else None
+    keys = jax.random.split(rngs.dropout(), (num_blocks, 2)) if drop and rngs is not None else None
     call = _remat_block if self.remat else _call_block
     x = self.patch_embed(x)
     i, maps = 0, []
@@ -428,8 +429,17 @@ class FlashInternImage(_InternImageBase):
   Args:
     preset: 't', 's', 'b' (the official ImageNet-1k configurations, 29,815,528 / 50,067,496 /
       97,448,960 parameters at 1000 classes), 'micro' (a small test model) or an `InternImageConfig`.
-    num_classes, in_features, drop_path_rate, remat, dtype, param_dtype, precision, chunk_size,
-      memory_budget, deterministic_gradients, rngs: as `InternImage`.
+    num_classes: as `InternImage`.
+    in_features: as `InternImage`.
+    drop_path_rate: as `InternImage`.
+    remat: as `InternImage`.
+    dtype: as `InternImage`.
+    param_dtype: as `InternImage`.
+    precision: as `InternImage`.
+    chunk_size: as `InternImage`.
+    memory_budget: as `InternImage`.
+    deterministic_gradients: as `InternImage`.
+    rngs: as `InternImage`.
 
   Example:
     >>> from flax import nnx

@@ -17,6 +17,7 @@ so that an optimiser over `nnx.Param` leaves them alone, as the references do.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
+from jax.typing import DTypeLike
 
 from deformjax.ops import _args
 
@@ -59,7 +61,7 @@ class FrozenBatchNorm(nnx.Module):
     (1, 2, 2, 4)
   """
 
-  def __init__(self, num_features: int, *, epsilon: float = 1e-5, param_dtype: jnp.dtype = jnp.float32):
+  def __init__(self, num_features: int, *, epsilon: float = 1e-5, param_dtype: DTypeLike = jnp.float32):
     self.num_features, self.epsilon = num_features, epsilon
     self.weight = nnx.BatchStat(jnp.ones((num_features,), param_dtype))
     self.bias = nnx.BatchStat(jnp.zeros((num_features,), param_dtype))
@@ -90,10 +92,10 @@ class ResNetBlock(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, *, block: str = 'basic', stride: int = 1,
-               stride_in_1x1: bool = False, dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+               stride_in_1x1: bool = False, dtype: DTypeLike | None = None, param_dtype: DTypeLike = jnp.float32,
                precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
-    conv = dict(use_bias=False, kernel_init=_torch_conv_init, dtype=dtype, param_dtype=param_dtype,
-                precision=precision, rngs=rngs)
+    conv: dict[str, Any] = dict(use_bias=False, kernel_init=_torch_conv_init, dtype=dtype, param_dtype=param_dtype,
+                                precision=precision, rngs=rngs)
     if block == 'basic':
       specs = [(in_features, out_features, 3, stride), (out_features, out_features, 3, 1)]
     else:
@@ -104,8 +106,9 @@ class ResNetBlock(nnx.Module):
                            for cin, cout, k, s in specs])
     self.norms = nnx.List([FrozenBatchNorm(cout, param_dtype=param_dtype) for _, cout, _, _ in specs])
     if in_features != out_features or stride != 1:
-      self.shortcut_conv = nnx.Conv(in_features, out_features, (1, 1), strides=stride, padding='VALID', **conv)
-      self.shortcut_norm = FrozenBatchNorm(out_features, param_dtype=param_dtype)
+      self.shortcut_conv: nnx.Conv | None = nnx.Conv(in_features, out_features, (1, 1), strides=stride,
+                                                     padding='VALID', **conv)
+      self.shortcut_norm: FrozenBatchNorm | None = FrozenBatchNorm(out_features, param_dtype=param_dtype)
     else:
       self.shortcut_conv = self.shortcut_norm = None
 
@@ -116,7 +119,10 @@ class ResNetBlock(nnx.Module):
       h = norm(conv(h))
       if i < len(self.convs) - 1:
         h = jax.nn.relu(h)
-    shortcut = x if self.shortcut_conv is None else self.shortcut_norm(self.shortcut_conv(x))
+    shortcut = x
+    if self.shortcut_conv is not None:
+      assert self.shortcut_norm is not None  # built with shortcut_conv
+      shortcut = self.shortcut_norm(self.shortcut_conv(x))
     return jax.nn.relu(h + shortcut)
 
 
@@ -129,12 +135,8 @@ def _max_pool_3x3(x: jax.Array) -> jax.Array:
   # is already in the window), and the graph needs no Pad over a symbolic batch.
   padded = jnp.concatenate([x[:, :1], x, x[:, -1:]], axis=1)
   padded = jnp.concatenate([padded[:, :, :1], padded, padded[:, :, -1:]], axis=2)
-  out = None
-  for i in range(3):
-    for j in range(3):
-      tap = padded[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2]
-      out = tap if out is None else jnp.maximum(out, tap)
-  return out
+  taps = [padded[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2] for i in range(3) for j in range(3)]
+  return functools.reduce(jnp.maximum, taps)
 
 
 class ResNet(nnx.Module):
@@ -165,7 +167,7 @@ class ResNet(nnx.Module):
   def __init__(self, depths: Sequence[int], widths: Sequence[int], *, block: str = 'basic',
                stem_features: int = 64, in_features: int = 3, out_indices: Sequence[int] = (2, 3, 4),
                stride_in_1x1: bool = False, downsample_in_first_stage: bool = False,
-               dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+               dtype: DTypeLike | None = None, param_dtype: DTypeLike = jnp.float32,
                precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
     name = type(self).__name__
     depths = tuple(_args.positive_int(d, 'depths', name) for d in depths)
@@ -179,7 +181,7 @@ class ResNet(nnx.Module):
         set(out_indices)):
       raise ValueError(f'{name}: out_indices must be increasing stages among 1..4, got {out_indices}')
     self.out_indices, self.widths = out_indices, widths
-    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     self.stem_conv = nnx.Conv(_args.positive_int(in_features, 'in_features', name), stem_features, (7, 7),
                               strides=2, padding=((3, 3), (3, 3)), use_bias=False, kernel_init=_torch_conv_init, **kw)
     self.stem_norm = FrozenBatchNorm(stem_features, param_dtype=param_dtype)

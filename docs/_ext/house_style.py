@@ -1,15 +1,5 @@
 """Reads deformjax's docstring conventions the way a reader does.
 
-The house style groups arguments that share one description under one entry whose
-names wrap over several lines::
-
-    Args:
-      strides, padding, input_dilation,
-        kernel_dilation: as `nnx.Conv`.
-
-napoleon reads an entry's names from its first line only, so the wrapped names would
-become a broken definition. This hook joins them onto one line before napoleon runs.
-
 A class whose metaclass defines ``__call__`` (every ``flax.nnx.Module``) would show that
 generic ``(*args, **kwargs)`` as its signature; the hook shows its ``__init__``'s instead. A
 dataclass (every ``flax.linen.Module``) shows its fields, defaults as written in the class
@@ -31,48 +21,8 @@ from typing import Any
 
 from sphinx.util.inspect import stringify_signature
 
-_SECTION = re.compile(r'^(\s*)(Args|Arguments|Parameters|Attributes|Keyword Args|Other Parameters):\s*$')
 # `name` directly followed by a letter or digit (single backticks only, not ``literal``).
 _GLUED = re.compile(r'(?<![`\\])`([^`\s][^`]*)`(?=[A-Za-z0-9])')
-_NAMES = re.compile(r'^[\w*]+(\s*,\s*[\w*]+)*\s*,\s*$')   # `a, b, c,` with nothing after the last comma
-
-
-def join_wrapped_names(lines: list[str]) -> list[str]:
-  """Joins an argument entry's names wrapped over several lines into its first line.
-
-  Example:
-    >>> doc = ['Args:', '  x: one.', '  a, b,', '    c: as `f`.', '  y: two,', '    wrapped.']
-    >>> join_wrapped_names(doc)
-    ['Args:', '  x: one.', '  a, b, c: as `f`.', '  y: two,', '    wrapped.']
-  """
-  out: list[str] = []
-  i, entry_indent = 0, None
-  while i < len(lines):
-    line = lines[i]
-    section = _SECTION.match(line)
-    if section:
-      entry_indent, out = None, out + [line]
-      i += 1
-      continue
-    stripped = line.strip()
-    indent = len(line) - len(line.lstrip())
-    if entry_indent is None and stripped and out and _SECTION.match(out[-1]):
-      entry_indent = indent
-    if entry_indent is not None and stripped and indent < entry_indent:
-      entry_indent = None
-    if entry_indent is not None and indent == entry_indent and _NAMES.match(stripped):
-      joined = line.rstrip()
-      while i + 1 < len(lines) and lines[i + 1].strip() and len(lines[i + 1]) - len(lines[i + 1].lstrip()) > indent:
-        i += 1
-        nxt = lines[i].strip()
-        joined += ' ' + nxt
-        if ':' in nxt:
-          break
-      out.append(joined)
-    else:
-      out.append(line)
-    i += 1
-  return out
 
 
 def unglue(line: str) -> str:
@@ -86,7 +36,7 @@ def unglue(line: str) -> str:
 
 
 def _process(app, what, name, obj, options, lines: list[str]) -> None:
-  lines[:] = [unglue(line) for line in join_wrapped_names(lines)]
+  lines[:] = [unglue(line) for line in lines]
 
 
 class _Source:
