@@ -113,4 +113,5 @@ def save_params(path: str, params: Any) -> None:
   # Replicated arrays of a multi-process run are not fully addressable: write the local copy.
   local = lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  np.savez(path, **{jax.tree_util.keystr(p): local(leaf) for p, leaf in leaves})
+  arrays: dict[str, Any] = {jax.tree_util.keystr(p): local(leaf) for p, leaf in leaves}
+  np.savez(path, **arrays)

@@ -157,7 +157,7 @@ def _init_distributed(coordinator: str | None, num_processes: int | None, proces
   if coordinator or auto:
     # CPU processes need gloo for cross-process collectives; GPU/TPU ignore this setting.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    kw = {}
+    kw: dict[str, Any] = {}
     if coordinator:
       kw = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     jax.distributed.initialize(**kw)

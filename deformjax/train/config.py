@@ -11,7 +11,15 @@ from typing import Any
 import ml_collections
 
 from deformjax.data.sources import DATASETS, get_spec
-from deformjax.models.classifiers import MODELS, PRESET_MODELS, check_preset_model, resolve_conv, resolve_deformable
+from deformjax.models.classifiers import (
+  MODELS,
+  PRESET_MODELS,
+  CifarNet,
+  ConvClassifier,
+  check_preset_model,
+  resolve_conv,
+  resolve_deformable,
+)
 from deformjax.ops._args import is_int, is_real
 
 __all__ = ['FIELDS', 'ConfigError', 'Field', 'augment_config', 'base_config', 'field_table', 'fields_help', 'model_label',
@@ -136,6 +144,13 @@ def fields_help() -> str:
   return '\n'.join(lines)
 
 
+def _num_convs(model: str) -> int:
+  """The convs of `MODELS[model]`, a conv stack (the models of `PRESET_MODELS` are returned from before this)."""
+  cls = MODELS[model]
+  assert issubclass(cls, (ConvClassifier, CifarNet)), model
+  return cls.num_convs
+
+
 def model_label(cfg: ml_collections.ConfigDict) -> str:
   """What a built-in model config trains, as the progress bar names it: 'conv5 dcnv3 last 2', 'conv5 regular',
   'cifarnet dcnv2 all', 'internimage micro'.
@@ -150,7 +165,7 @@ def model_label(cfg: ml_collections.ConfigDict) -> str:
   """
   if cfg.model in PRESET_MODELS:
     return f"{cfg.model} {cfg.get('preset', 'micro')}"
-  num_convs = MODELS[cfg.model].num_convs
+  num_convs = _num_convs(cfg.model)
   n = resolve_deformable(cfg.deformable, num_convs)
   if n == 0:
     return f'{cfg.model} regular'
@@ -243,7 +258,7 @@ def _check_model_fields(cfg: ml_collections.ConfigDict) -> None:
     resolve_conv(cfg.get('conv'), cfg.modulated)
   except ValueError as e:
     raise ConfigError(f'config.{e}') from None
-  num_convs = MODELS[cfg.model].num_convs
+  num_convs = _num_convs(cfg.model)
   try:
     resolve_deformable(cfg.deformable, num_convs)
   except ValueError:

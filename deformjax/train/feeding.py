@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +101,7 @@ def read_split(source: RandomAccessSource, spec: DatasetSpec,
     from deformjax.train.task import default_task
 
     layout = default_task(spec).label_layout(spec)
-  if hasattr(source, 'images') and hasattr(source, 'labels') and tuple(layout) == ('label',):
+  if _holds_arrays(source) and tuple(layout) == ('label',):
     return _array_split(source, spec, layout)
   images, labels = [], []
   for start in range(0, len(source), _LOAD_CHUNK):
@@ -111,7 +111,22 @@ def read_split(source: RandomAccessSource, spec: DatasetSpec,
   return np.concatenate(images), {k: np.concatenate([c[k] for c in labels]) for k in layout}
 
 
-def _array_split(source: RandomAccessSource, spec: DatasetSpec,
+class _ArraysSource(RandomAccessSource, Protocol):
+  """A source that also holds its whole split as arrays (`ArraySource`)."""
+
+  @property
+  def images(self) -> Any: ...
+
+  @property
+  def labels(self) -> Any: ...
+
+
+def _holds_arrays(source: RandomAccessSource) -> TypeGuard[_ArraysSource]:
+  """Whether `source` holds its split as arrays (`images`, `labels`), as `ArraySource` does."""
+  return hasattr(source, 'images') and hasattr(source, 'labels')
+
+
+def _array_split(source: _ArraysSource, spec: DatasetSpec,
                  layout: Mapping[str, jax.ShapeDtypeStruct]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """`read_split` of an `ArraySource`: its arrays, without reading record by record."""
   images = np.asarray(source.images)

@@ -89,9 +89,9 @@ def evaluate(trainer: Trainer, params: nnx.State, source: RandomAccessSource, sp
                                                             process_index=jax.process_index(),
                                                             process_count=jax.process_count())):
       batch = mesh_lib.global_batch(mesh, {**local, 'valid': valid})
-      valid = batch.pop('valid')
-      sums, outputs = trainer.eval_step(params, batch, valid, jax.random.fold_in(base, i), arrays, model_state)
-      keep = host_array(valid)
+      valid_rows = batch.pop('valid')
+      sums, outputs = trainer.eval_step(params, batch, valid_rows, jax.random.fold_in(base, i), arrays, model_state)
+      keep = host_array(valid_rows)
       if task.eval_outputs:
         real = functools.partial(_real_rows, keep)
         evaluator.add(jax.device_get(sums), int(keep.sum()), jax.tree.map(real, outputs), jax.tree.map(real, batch))
@@ -208,7 +208,8 @@ class _Progress:
     self.progress.start()
 
   def advance(self, metrics: str | None = None) -> None:
-    self.progress.update(self.task, advance=1, **({} if metrics is None else {'metrics': metrics}))
+    fields: dict[str, Any] = {} if metrics is None else {'metrics': metrics}
+    self.progress.update(self.task, advance=1, **fields)
 
   def close(self) -> None:
     self.progress.stop()
@@ -235,6 +236,12 @@ class _Run:
   @property
   def multi(self) -> bool:
     return len(self.seeds) > 1
+
+  @property
+  def task(self) -> Task:
+    """What is trained (`make_trainer` always gives the trainer its task)."""
+    assert self.trainer.task is not None
+    return self.trainer.task
 
   def evaluate(self, state: dict) -> dict | list[dict]:
     """Metrics of the model in `state` on every test set (a list, one per seed, when seeds train together)."""
@@ -285,7 +292,7 @@ def _set_up(cfg: ml_collections.ConfigDict, sources: tuple[RandomAccessSource, R
   if not is_int(cfg.num_devices) or cfg.num_devices < 0:
     raise ConfigError(f'config.num_devices must be 0 (all devices) or a positive int, got {cfg.num_devices!r}')
   try:
-    mesh = mesh_lib.data_mesh(cfg.num_devices)
+    mesh = mesh_lib.data_mesh(int(cfg.num_devices))
   except ValueError as e:
     raise ConfigError(f'config.num_devices: {e}') from None
   validate(cfg, mesh.size, dataset=sources is None, model=model is None)
@@ -331,7 +338,7 @@ def _restore(run: _Run, echo: Callable[[str], object]) -> tuple[Checkpointer | N
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=cfg.keep_checkpoints)
   run_file = os.path.join(workdir, 'run.json')
-  identity = {**{k: cfg.get(k) for k in _RUN_FIELDS}, 'task': run.trainer.task.name,
+  identity = {**{k: cfg.get(k) for k in _RUN_FIELDS}, 'task': run.task.name,
               **({'user_model': run.label} if run.user_model else {})}
   start = 0
   if ckpt.latest_step() is not None:
@@ -366,12 +373,15 @@ class _EpochOrder:
   """The order the device-resident train split is read in: drawn once per epoch, one permutation per seed."""
 
   def __init__(self, run: _Run):
-    self.run, self.epoch, self.order = run, None, None
+    self.run = run
+    self.epoch: int | None = None
+    self.order: jax.Array | None = None
 
   def at(self, step: int) -> jax.Array:
     """`[examples]` (or `[num_seeds, examples]` when seeds train together): the order of `step`'s epoch."""
     epoch = step // self.run.steps_per_epoch
-    if epoch != self.epoch:
+    if self.order is None or epoch != self.epoch:
+      assert self.run.split is not None  # the split is on the devices
       orders = [feeding.epoch_permutation(self.run.mesh, s, epoch, self.run.split.size) for s in self.run.seeds]
       self.epoch, self.order = epoch, jnp.stack(orders) if self.run.multi else orders[0]
     return self.order
@@ -383,6 +393,7 @@ def _advance(run: _Run, order: _EpochOrder, step: int) -> None:
     run.state, _ = run.trainer.resident_step(run.state, run.split.images, run.split.labels, order.at(step),
                                              run.train_aug)
   else:
+    assert run.iterator is not None  # host-fed
     run.state, _ = run.trainer.train_step(run.state, next(run.iterator), run.train_aug)
 
 
@@ -405,7 +416,8 @@ def _evaluate_in_loop(run: _Run, history: _History, metrics_path: str | None, do
   t0 = time.perf_counter()
   res = run.evaluate(run.state)
   seconds = time.perf_counter() - t0
-  history.eval.append({'step': done, 'epoch': done // run.steps_per_epoch, **({'seeds': res} if run.multi else res)})
+  history.eval.append({'step': done, 'epoch': done // run.steps_per_epoch,
+                       **({'seeds': res} if isinstance(res, list) else res)})
   _log_eval(metrics_path, done, run.seeds, res)
   return seconds
 
@@ -463,7 +475,7 @@ def _log_train(run: _Run, history: _History, metrics_path: str | None, done: int
   history.last_train = per_seed if run.multi else per_seed[0]
   run.state = {**run.state, 'metrics': jax.device_put(jax.tree.map(jnp.zeros_like, run.state['metrics']),
                                                       mesh_lib.replicated(run.mesh))}
-  history.train.append({'step': done, **({'seeds': per_seed} if run.multi else history.last_train)})
+  history.train.append({'step': done, **({'seeds': per_seed} if run.multi else per_seed[0])})
   for seed, metrics in zip(run.seeds, per_seed):
     _log_line(metrics_path, {'step': done, 'split': 'train', **({'seed': seed} if run.multi else {}), **metrics})
   shown = [k for k in ('loss', 'accuracy') if all(k in m for m in per_seed)]
@@ -480,7 +492,7 @@ def _summary(run: _Run, history: _History, final: dict | list[dict]) -> dict:
       'steps': run.total_steps,
       'steps_per_epoch': run.steps_per_epoch,
       'trained': run.label,
-      'task': run.trainer.task.name,
+      'task': run.task.name,
       'data_placement': 'device' if run.split is not None else 'host',
       'devices': run.mesh.size,
       'processes': jax.process_count(),
@@ -547,7 +559,7 @@ def train(cfg: ml_collections.ConfigDict, *, model: Callable[[nnx.Rngs], nnx.Mod
   ckpt, metrics_path, start = _restore(run, echo)
   main = jax.process_index() == 0
   bar = None
-  columns = dict(run.trainer.task.summary_columns)
+  columns = dict(run.task.summary_columns)
   try:
     if cfg.progress and main:
       bar = _Progress(f'{run.spec.name} {run.label}' + (f' ({len(run.seeds)} seeds)' if run.multi else ''),
@@ -565,7 +577,7 @@ def train(cfg: ml_collections.ConfigDict, *, model: Callable[[nnx.Rngs], nnx.Mod
       ckpt.wait()
       ckpt.close()
   if main:
-    if run.multi:
+    if isinstance(final, list):  # one result per seed
       for seed, res in zip(run.seeds, final):
         echo(f'seed {seed}:\n' + format_summary(res, columns))
     else:
@@ -594,12 +606,12 @@ def _check_same_run(workdir: str, run_file: str, identity: dict) -> None:
 
 def _train_metrics(sums: dict[str, np.ndarray]) -> dict:
   acc = Accumulator()
-  acc.add({k: v for k, v in sums.items() if k != 'count'}, sums['count'])
+  acc.add({k: v for k, v in sums.items() if k != 'count'}, float(sums['count']))
   return acc.result()
 
 
 def _log_eval(path: str | None, step: int, seeds: list[int], results: dict | list[dict]) -> None:
-  if len(seeds) == 1:
+  if isinstance(results, dict):  # one seed
     _log_line(path, {'step': step, 'split': 'eval', **results})
   else:
     for seed, res in zip(seeds, results):

@@ -74,7 +74,7 @@ class Accumulator:
       The means, plus 'mean_accuracy' (over classes) with per-class accuracy, and per-class
       'average_precision' and their mean 'mAP' (NaN classes without positives left out) when scores were added.
     """
-    out = {}
+    out: dict[str, float | dict[str, float]] = {}
     for k, v in self.sums.items():
       mean = v / max(self.count, 1.0)
       if np.ndim(mean) == 0:
@@ -83,7 +83,9 @@ class Accumulator:
         names = class_names or [str(i) for i in range(len(mean))]
         out[k] = {n: float(x) for n, x in zip(names, mean)}
     if 'per_class_accuracy' in out:
-      out['mean_accuracy'] = float(np.mean(list(out['per_class_accuracy'].values())))
+      per_class = out['per_class_accuracy']
+      assert isinstance(per_class, dict)  # a per-class sum is an array
+      out['mean_accuracy'] = float(np.mean(list(per_class.values())))
     if self.scores:
       ap = average_precision(np.concatenate(self.scores), np.concatenate(self.targets))
       names = class_names or [str(i) for i in range(len(ap))]

@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -200,7 +200,8 @@ def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.Conf
   """
   task = default_task(spec) if task is None else task
   model = nnx.eval_shape(lambda: model_fn(0))  # the structure only: each seed's state is drawn in init_state
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # flax types the parts of a split by filters as a tuple of any length; two filters give three.
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
   has_model_state = bool(jax.tree.leaves(rest))
   sums_like = check_model(graphdef, params, rest if has_model_state else None, task, spec, type(model).__name__)
   step_config = tuple(sorted((f, cfg[f]) for f in _STEP_FIELDS))
@@ -210,7 +211,7 @@ def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.Conf
                                                                     has_model_state, task)
 
   def one_state(seed: int) -> dict:
-    _, params, rest = nnx.split(model_fn(seed), nnx.Param, ...)
+    _, params, rest = nnx.split(model_fn(seed), nnx.Param, ...)  # type: ignore[misc]  # as above
     with jax.numpy_dtype_promotion('standard'):  # see train_step
       opt_state = tx.init(params)
     state = {'params': params, 'opt_state': opt_state, 'step': jnp.zeros((), jnp.int32),
@@ -322,7 +323,8 @@ def _train_step(plan: _StepPlan, state: dict, batch: dict, aug: Mapping) -> tupl
     outputs = plan.task.forward(model, batch, train=True, rngs=nnx.Rngs(dropout=k_drop))
     loss, sums = plan.task.loss(outputs, batch, weights)
     # The train-mode forward updated the running statistics in the merged model.
-    return loss, (sums, nnx.split(model, nnx.Param, ...)[2] if plan.has_model_state else None)
+    # flax types the parts of a split by filters as a tuple of any length; two filters give three.
+    return loss, (sums, nnx.split(model, nnx.Param, ...)[2] if plan.has_model_state else None)  # type: ignore[misc]
 
   (_, (sums, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
   # optax's schedules mix Python floats with the int32 step count, which a user's
@@ -338,7 +340,7 @@ def _train_step(plan: _StepPlan, state: dict, batch: dict, aug: Mapping) -> tupl
   return ({**new_state, 'model_state': model_state} if plan.has_model_state else new_state), sums
 
 
-def _label_dict(labels) -> dict:
+def _label_dict(labels) -> Mapping[str, Any]:
   """The device split's labels as the batch's label entries (one bare array is classification's `'label'`)."""
   return labels if isinstance(labels, Mapping) else {'label': labels}
 
@@ -424,11 +426,12 @@ def _compiled_steps(graphdef: nnx.GraphDef, spec: DatasetSpec, mesh: Mesh, steps
   jit_eval = jax.jit(functools.partial(_eval_step, plan), in_shardings=(repl, data, data, repl, repl, repl),
                      out_shardings=(repl, data))
   eval_step = functools.partial(_checked_eval, jit_eval, has_model_state)
-  resident = dict(in_shardings=(repl, data, data, repl, repl), out_shardings=(repl, repl), donate_argnums=0)
+  resident: dict[str, Any] = dict(in_shardings=(repl, data, data, repl, repl), out_shardings=(repl, repl),
+                                  donate_argnums=0)
   if batching == 'loop':
     jit_one_seed = jax.jit(functools.partial(_one_seed_resident_step, plan),
                            **{**resident, 'in_shardings': resident['in_shardings'] + (repl,)})
-    resident_step = functools.partial(_loop_over_seeds, jit_one_seed, num_seeds)
+    resident_step: Callable[..., Any] = functools.partial(_loop_over_seeds, jit_one_seed, num_seeds)
     return plan.tx, jit_train, resident_step, eval_step, (jit_train, jit_one_seed, jit_eval)
   resident_step = jax.jit(functools.partial(_resident_step if num_seeds == 1 else _seeds_resident_step, plan),
                           **resident)

@@ -63,9 +63,18 @@ class Task(Protocol):
     summary_columns: metric name -> format (`str.format` spec) of the columns in the final summary table.
   """
 
-  name: str
-  eval_outputs: bool
-  summary_columns: Mapping[str, str]
+  @property
+  def name(self) -> str: ...
+
+  @property
+  def eval_outputs(self) -> bool: ...
+
+  @property
+  def summary_columns(self) -> Mapping[str, str]: ...
+
+  def __hash__(self) -> int:
+    """Tasks key the cache of compiled steps."""
+    ...
 
   def describe(self, train: RandomAccessSource, test: RandomAccessSource, num_classes: int = 0) -> DatasetSpec:
     """The spec of data given as sources, read from the data itself (image shape, classes, label kind).
