@@ -130,7 +130,7 @@ def eval_for_inference(jaxpr: jex_core.Jaxpr, consts: Sequence[Any], *args: Any)
   `x - div(x, y) * y`, equal for lax's truncating `div`. Everything else is
   bound unchanged. Called inside a trace (jax2onnx's), it re-emits the program.
   """
-  env = {}
+  env: dict[jex_core.Var, Any] = {}
 
   def read(v):
     return v.val if isinstance(v, jex_core.Literal) else env[v]
@@ -148,7 +148,8 @@ def eval_for_inference(jaxpr: jex_core.Jaxpr, consts: Sequence[Any], *args: Any)
         outs = eval_for_inference(body.jaxpr, body.consts, *invals)
       else:
         outs = eval_for_inference(body, (), *invals)
-    elif name == 'rem' and np.issubdtype(eqn.invars[0].aval.dtype, np.integer):
+    # jax types `Var.aval` as the base AbstractValue; rem's operands are ShapedArrays, which have a dtype.
+    elif name == 'rem' and np.issubdtype(eqn.invars[0].aval.dtype, np.integer):  # type: ignore[attr-defined]
       x, y = invals
       outs = [lax.sub(x, lax.mul(lax.div(x, y), y))]
     else:

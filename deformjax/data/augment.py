@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from deformjax.ops.sampling import bilinear_sample
@@ -76,9 +77,9 @@ def random_affine(
     key: jax.Array,
     images: jax.Array,
     *,
-    max_rotation_deg: float = 0.0,
-    max_shift: float = 0.0,
-    scale_range: tuple[float, float] = (1.0, 1.0),
+    max_rotation_deg: float | np.floating | jax.Array = 0.0,
+    max_shift: float | np.floating | jax.Array = 0.0,
+    scale_range: tuple[float | np.floating | jax.Array, float | np.floating | jax.Array] = (1.0, 1.0),
 ) -> jax.Array:
   """Random per-image rotation, translation and scaling of `images [B, H, W, C]`.
 

@@ -244,7 +244,7 @@ class _CocoMultilabel:
     from PIL import Image
 
     ex = self.source[index]
-    image = np.asarray(Image.fromarray(np.asarray(ex['image'])).resize(self.size[::-1], Image.BILINEAR))
+    image = np.asarray(Image.fromarray(np.asarray(ex['image'])).resize(self.size[::-1], Image.Resampling.BILINEAR))
     return {'image': image, 'label': coco_multilabel(ex['objects']['label'], self.label_names)}
 
 
@@ -302,7 +302,7 @@ def load_source(name: str, split: str, data_dir: str | None = None) -> RandomAcc
   return tfds_source(spec, split, data_dir)
 
 
-def to_model_inputs(records: list[dict], spec: DatasetSpec) -> dict[str, np.ndarray]:
+def to_model_inputs(records: Sequence[Mapping[str, Any]], spec: DatasetSpec) -> dict[str, np.ndarray]:
   """Stacks records into `{'image': float32 [B, H, W, C] in [0, 1], 'label': ...}`."""
   images = np.stack([np.asarray(r['image']) for r in records])
   if images.dtype == np.uint8:

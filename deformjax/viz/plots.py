@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from deformjax.viz.sampling import LayerField, layer_fields, trace_sampling_points
+from deformjax.nn import DeformConv
+from deformjax.viz.sampling import LayerField, _default_convs, layer_fields, trace_sampling_points
 
 _PathLike = str | os.PathLike
 
@@ -30,8 +31,8 @@ def feature_to_image(points: np.ndarray, stride: float) -> np.ndarray:
 
 
 def draw_sampling_locations(model: nnx.Module, image: np.ndarray, path: _PathLike, *,
-                            convs: Sequence[nnx.Module] | None = None, start_yx: tuple[float, float] | None = None,
-                            depth: int = 3, stride: float = 4.0, title: str | None = None
+                            convs: Sequence[nnx.Conv | DeformConv] | None = None,
+                            start_yx: tuple[float, float] | None = None, depth: int = 3, stride: float = 4.0, title: str | None = None
                             ) -> dict[str, list[np.ndarray]]:
   """Draws the 9 / 81 / 729 points one output activation samples through `depth`
   stacked layers, learned (red) against the regular grid (blue), over `image`.
@@ -51,7 +52,7 @@ def draw_sampling_locations(model: nnx.Module, image: np.ndarray, path: _PathLik
   import jax.numpy as jnp
 
   plt = _plt()
-  convs = list(model.convs)[-depth:] if convs is None else list(convs)
+  convs = list(_default_convs(model))[-depth:] if convs is None else list(convs)
   fields = layer_fields(model, jnp.asarray(image[None]), convs=convs)
   if start_yx is None:
     ref = next((f.offsets for f in fields if f.offsets is not None), None)
@@ -88,6 +89,7 @@ def draw_offset_fields(fields: Sequence[LayerField], path: _PathLike, image_inde
   rows = 2 if any(f.mask is not None for f in shown) else 1
   fig, axes = plt.subplots(rows, len(shown), figsize=(3.0 * len(shown), 2.8 * rows), squeeze=False)
   for i, f in enumerate(shown):
+    assert f.offsets is not None  # shown: the layers with offsets
     off = f.offsets[image_index]
     mag = np.linalg.norm(off.reshape(*off.shape[:2], -1, 2), axis=-1).mean(-1)
     im = axes[0][i].imshow(mag, cmap='magma')

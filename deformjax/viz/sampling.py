@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,27 +33,37 @@ class LayerField:
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-  return (v, v) if isinstance(v, int) else tuple(v)
+  if isinstance(v, int):
+    return v, v
+  a, b = v
+  return a, b
 
 
-def _pads(layer: nnx.Module) -> tuple[int, int]:
+def _pads(layer: nnx.Conv | DeformConv) -> tuple[int, int]:
   """(top, left) padding of a conv layer. Explicit padding and stride-1 'SAME' do not
   depend on the input size, so any size large enough for the kernel serves."""
   from deformjax.ops.deform_conv import output_size
 
-  _, ((pt, _), (pl, _)) = output_size((1000, 1000), tuple(layer.kernel_size), getattr(layer, 'strides', 1) or 1,
+  kh, kw = layer.kernel_size
+  _, ((pt, _), (pl, _)) = output_size((1000, 1000), (kh, kw), getattr(layer, 'strides', 1) or 1,
                                       layer.padding, _pair(getattr(layer, 'kernel_dilation', 1) or 1))
   return pt, pl
 
 
-def _sown_value(v: object) -> np.ndarray | None:
+def _sown_value(v: Any) -> np.ndarray | None:
   """The first sown value of an `nnx.Intermediate` entry (None when absent), as numpy."""
   if v is None:
     return None
   return np.asarray((v.get_value() if hasattr(v, 'get_value') else v.value)[0])
 
 
-def layer_fields(model: nnx.Module, images: jax.Array, convs: Sequence[nnx.Module] | None = None) -> list[LayerField]:
+def _default_convs(model: Any) -> Sequence[nnx.Conv | DeformConv]:
+  """`model.convs`: the conv stack of a deformjax classifier (`deformjax.models.ConvClassifier`, `CifarNet`)."""
+  return model.convs
+
+
+def layer_fields(model: nnx.Module, images: jax.Array,
+                 convs: Sequence[nnx.Conv | DeformConv] | None = None) -> list[LayerField]:
   """Runs `model(images)` once and returns the offset field of every conv in `convs`.
 
   Args:
@@ -60,7 +71,7 @@ def layer_fields(model: nnx.Module, images: jax.Array, convs: Sequence[nnx.Modul
     images: `[N, H, W, C]` model input.
     convs: the conv modules to report, in forward order (default: `model.convs`).
   """
-  convs = list(model.convs if convs is None else convs)
+  convs = list(_default_convs(model) if convs is None else convs)
   deform = [m for m in convs if isinstance(m, DeformConv)]
   saved = [m.sow_offsets for m in deform]
   for m in deform:
