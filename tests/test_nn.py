@@ -251,3 +251,10 @@ def test_offset_groups_are_inferred_from_the_offsets_passed_in():
   np.testing.assert_allclose(np.asarray(layer(x, off)), np.asarray(want), atol=1e-12)
   with pytest.raises(ValueError, match=r'offset_groups=None .* needs predict_offsets=False'):
     dnn.DeformConv(4, 6, 3, offset_groups=None, rngs=nnx.Rngs(0))
+
+
+def test_deform_conv_takes_a_numpy_integer_padding_as_an_int():
+  x = np.ones((1, 6, 6, 4), np.float32)
+  by_numpy = dnn.DeformConv(4, 4, 3, padding=np.int64(1), rngs=nnx.Rngs(0))
+  by_int = dnn.DeformConv(4, 4, 3, padding=1, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(by_numpy(x), by_int(x))

@@ -33,8 +33,9 @@ def explicit_padding(padding: _args.PaddingLike) -> str | tuple[tuple[int, int],
   identically (for the offset predictor): the mode's name, or one (low, high) pair per spatial axis."""
   if isinstance(padding, str):
     return padding.upper()
-  if isinstance(padding, int):
-    return ((padding, padding), (padding, padding))
+  if not isinstance(padding, Sequence):  # an int, or a numpy integer, which the padding check also accepts
+    p = int(padding)
+    return ((p, p), (p, p))
   if _all_ints(padding):
     return tuple((int(p), int(p)) for p in padding)
   # Checked: not all ints, so ((top, bottom), (left, right)).
