@@ -10,8 +10,8 @@ checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,7 +24,8 @@ __all__ = ['eval_batches', 'train_iterator']
 
 
 def train_iterator(source: RandomAccessSource, spec: DatasetSpec, *, global_batch: int, seed: int,
-                   process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+                   process_index: int = 0, process_count: int = 1,
+                   make_batch: Callable[[list[Any]], dict[str, np.ndarray]] | None = None) -> grain.DatasetIterator:
   """Endless iterator of this process's share of shuffled global batches.
 
   Each epoch is reshuffled (grain combines the seed with the epoch); the last
@@ -36,11 +37,11 @@ def train_iterator(source: RandomAccessSource, spec: DatasetSpec, *, global_batc
     global_batch: examples per step across all processes; a multiple of `process_count`.
     seed: the shuffle seed.
     process_index, process_count: this process and how many share the batch.
+    make_batch: this process's records of a step -> the batch dict; None: `to_model_inputs(records, spec)`.
 
   Returns:
-    A grain iterator (with `get_state()` / `set_state()` for checkpoints) of
-    `{'image': float32 [b, H, W, C], 'label': [b] or [b, num_classes]}` numpy dicts,
-    `b = global_batch // process_count`.
+    A grain iterator (with `get_state()` / `set_state()` for checkpoints) of `make_batch`'s dicts, by default
+    `{'image': float32 [b, H, W, C], 'label': [b] or [b, num_classes]}`, `b = global_batch // process_count`.
   """
   import grain
 
@@ -51,8 +52,10 @@ def train_iterator(source: RandomAccessSource, spec: DatasetSpec, *, global_batc
   local = global_batch // process_count
   lo, hi = process_index * local, (process_index + 1) * local
 
+  batch_of = make_batch or (lambda records: to_model_inputs(records, spec))
+
   def load(indices):
-    return to_model_inputs([source[int(i)] for i in np.asarray(indices)[lo:hi]], spec)
+    return batch_of([source[int(i)] for i in np.asarray(indices)[lo:hi]])
 
   ds = (grain.MapDataset.range(len(source)).shuffle(seed=seed).batch(global_batch, drop_remainder=True)
         .repeat(None).map(load))

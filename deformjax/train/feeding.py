@@ -31,6 +31,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deformjax.data.loader import train_iterator
 from deformjax.data.sources import DatasetSpec, RandomAccessSource
 from deformjax.train import mesh as mesh_lib
 
@@ -243,21 +244,8 @@ def host_batches(source: RandomAccessSource, spec: DatasetSpec, layout: Mapping[
     A grain iterator (with `get_state()` / `set_state()` for checkpoints) of numpy dicts: `'image'` float32
     `[b, H, W, C]` in [0, 1] and the layout's labels `[b, ...]`, `b = global_batch // process_count`.
   """
-  import grain
-
-  if global_batch % process_count:
-    raise ValueError(f'global batch {global_batch} is not divisible by the process count {process_count}')
-  if len(source) < global_batch:
-    raise ValueError(f'the dataset has {len(source)} examples, fewer than one global batch of {global_batch}')
-  local = global_batch // process_count
-  lo, hi = process_index * local, (process_index + 1) * local
-
-  def load(indices):
-    return model_batch([source[int(i)] for i in np.asarray(indices)[lo:hi]], spec, layout)
-
-  ds = (grain.MapDataset.range(len(source)).shuffle(seed=seed).batch(global_batch, drop_remainder=True)
-        .repeat(None).map(load))
-  return iter(ds.to_iter_dataset())
+  return train_iterator(source, spec, global_batch=global_batch, seed=seed, process_index=process_index,
+                        process_count=process_count, make_batch=lambda records: model_batch(records, spec, layout))
 
 
 def model_batch(records: Sequence[Mapping[str, Any]], spec: DatasetSpec,
