@@ -134,7 +134,7 @@ def test_deform_conv2d(case):
 def test_deform_conv2d_deterministic_inference_is_the_same_graph_of_standard_ops():
   rng = np.random.default_rng(2)
   kernel = f32(rng, 3, 3, 4, 4)
-  fn = functools.partial(deform_conv2d, kernel=kernel, padding=1, deterministic=True)
+  fn = functools.partial(deform_conv2d, kernel=kernel, padding=1, deterministic_gradients=True)
 
   def make(b):
     return f32(rng, b, 5, 5, 4), f32(rng, b, 5, 5, 18, low=-3, high=3)
