@@ -9,7 +9,7 @@ or where torch is absent. Both model files import compiled CUDA extensions at mo
   the model runs its own pure-PyTorch core (`core_op='DCNv3_pytorch'`, `dcnv3_core_pytorch`).
 - FlashInternImage: DCNv4 has no pure-PyTorch path upstream. The reference `DCNv4` module file
   (`DCNv4_op/DCNv4/modules/dcnv4.py`: its parameters, initialisation and forward) is loaded as is,
-  with its `DCNv4Function` replaced by `tests.torch_reference.dcnv4_core_torch`, a translation of the CUDA forward
+  with its `DCNv4Function` replaced by `references.torch_reference.dcnv4_core_torch`, a translation of the CUDA forward
   kernel (`forward_kernel_dcn` in `dcnv4_im2col_cuda.cuh`) to `grid_sample`.
 """
 
@@ -312,7 +312,7 @@ def upstream_flash_internimage(monkeypatch):
   pytest.importorskip('torch', exc_type=ImportError)
   pytest.importorskip('timm')
   src = _source('DEFORMJAX_DCNV4_SRC')
-  from tests.torch_reference import dcnv4_package
+  from references.torch_reference import dcnv4_package
 
   stubs = dcnv4_package()
   for name, module in stubs.items():

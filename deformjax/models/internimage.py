@@ -20,7 +20,7 @@ depthwise conv before it, no output-projection bias, and no bias on the MLP's se
 Every LayerNorm has epsilon 1e-6; the head's BatchNorm PyTorch's defaults (epsilon 1e-5,
 momentum 0.1, i.e. flax momentum 0.9). Parameter names follow the reference modules
 (`patch_embed`, `levels[i].blocks[j].dcn`, `conv_head`, `head`), so that
-`deformjax.models.convert` maps an official checkpoint one tensor to one parameter.
+`deformjax.convert` maps an official checkpoint one tensor to one parameter.
 """
 
 from __future__ import annotations

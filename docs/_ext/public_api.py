@@ -3,7 +3,7 @@
 A module is public when no component of its dotted path starts with ``_`` and it is
 ``deformjax`` itself, a package under it, a module directly under ``deformjax``
 (``deformjax.export``), or a module a public package lists in its own ``__all__``
-(``deformjax.nn.linen``, ``deformjax.nn.convert``); so a new subpackage or top-level module is
+(``deformjax.nn.linen``, ``deformjax.convert``); so a new subpackage or top-level module is
 covered the day it lands. Its public names are its ``__all__`` (a public module without one
 contributes the classes and functions it defines whose names do not start with ``_``).
 Every other module (``deformjax.nn.dcnv3``, ``deformjax.ops.sampling``) is an implementation
@@ -38,7 +38,7 @@ def _is_public(dotted: str) -> bool:
   """No component of the dotted path is private.
 
   Example:
-    >>> _is_public('deformjax.nn.convert'), _is_public('deformjax.ops._policy')
+    >>> _is_public('deformjax.convert'), _is_public('deformjax.ops._policy')
     (True, False)
   """
   return not any(part.startswith('_') for part in dotted.split('.'))
