@@ -218,6 +218,26 @@ class DeformableDetrEncoderOutput:
   level_start_index: tuple[int, ...] = struct.field(pytree_node=False)
 
 
+def _add_feed_forward(layer: Any, d_model: int, ffn_features: int, *, dropout: float, activation_dropout: float,
+                      activation: Callable[[jax.Array], jax.Array], deterministic: bool,
+                      precision: jax.lax.PrecisionLike, norm: dict[str, Any], **kw: Any) -> None:
+  """Gives an encoder or decoder layer the feed-forward tail both have, under transformers' names: `fc1`, `fc2`,
+  `final_layer_norm`, `dropout` (also the layer's other residual dropout) and `activation_dropout`."""
+  linear: dict[str, Any] = dict(kernel_init=_normal_init, bias_init=_zeros, precision=precision, **kw)
+  layer.fc1 = nnx.Linear(d_model, ffn_features, **linear)
+  layer.fc2 = nnx.Linear(ffn_features, d_model, **linear)
+  layer.final_layer_norm = nnx.LayerNorm(d_model, **norm)
+  layer.dropout = nnx.Dropout(dropout, deterministic=deterministic, rngs=kw['rngs'])
+  layer.activation_dropout = nnx.Dropout(activation_dropout, deterministic=deterministic, rngs=kw['rngs'])
+  layer.activation = activation
+
+
+def _feed_forward(layer: Any, h: jax.Array, deterministic: bool | None) -> jax.Array:
+  """`LN(h + drop(fc2(drop_act(activation(fc1(h))))))`, the tail `_add_feed_forward` built."""
+  ffn = layer.activation_dropout(layer.activation(layer.fc1(h)), deterministic=deterministic)
+  return layer.final_layer_norm(h + layer.dropout(layer.fc2(ffn), deterministic=deterministic))
+
+
 class DeformableDetrEncoderLayer(nnx.Module):
   """One Deformable DETR encoder layer (transformers' `DeformableDetrEncoderLayer`), post-norm.
 
@@ -253,6 +273,8 @@ class DeformableDetrEncoderLayer(nnx.Module):
     (1, 20, 32)
   """
 
+  dropout: nnx.Dropout  # set by _add_feed_forward, with the rest of the feed-forward tail
+
   def __init__(self, d_model: int, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
                ffn_features: int = 1024, *, dropout: float = 0.1, activation_dropout: float = 0.0,
                activation: Callable[[jax.Array], jax.Array] = jax.nn.relu, layer_norm_epsilon: float = 1e-5,
@@ -266,13 +288,8 @@ class DeformableDetrEncoderLayer(nnx.Module):
     self.self_attn = MSDeformAttn(d_model, num_heads, num_levels, num_points, precision=precision, **policy, **kw)
     norm: dict[str, Any] = dict(epsilon=layer_norm_epsilon, use_fast_variance=False, **kw)
     self.self_attn_layer_norm = nnx.LayerNorm(d_model, **norm)
-    linear: dict[str, Any] = dict(kernel_init=_normal_init, bias_init=_zeros, precision=precision, **kw)
-    self.fc1 = nnx.Linear(d_model, ffn_features, **linear)
-    self.fc2 = nnx.Linear(ffn_features, d_model, **linear)
-    self.final_layer_norm = nnx.LayerNorm(d_model, **norm)
-    self.dropout = nnx.Dropout(dropout, deterministic=deterministic, rngs=rngs)
-    self.activation_dropout = nnx.Dropout(activation_dropout, deterministic=deterministic, rngs=rngs)
-    self.activation = activation
+    _add_feed_forward(self, d_model, ffn_features, dropout=dropout, activation_dropout=activation_dropout,
+                      activation=activation, deterministic=deterministic, precision=precision, norm=norm, **kw)
 
   def __call__(self, hidden_states: jax.Array, position_embeddings: jax.Array, reference_points: jax.Array,
                spatial_shapes: Sequence[tuple[int, int]], padding_mask: jax.Array | None = None, *,
@@ -296,9 +313,7 @@ class DeformableDetrEncoderLayer(nnx.Module):
     attn = self.self_attn(hidden_states + position_embeddings, reference_points, hidden_states, spatial_shapes,
                           padding_mask)
     h = self.self_attn_layer_norm(hidden_states + self.dropout(attn, deterministic=deterministic))
-    ffn = self.activation_dropout(self.activation(self.fc1(h)), deterministic=deterministic)
-    ffn = self.dropout(self.fc2(ffn), deterministic=deterministic)
-    return self.final_layer_norm(h + ffn)
+    return _feed_forward(self, h, deterministic)
 
 
 def _attention_policy(chunk_size: int | None, memory_budget: int | None, deterministic_gradients: bool,
@@ -565,6 +580,8 @@ class DeformableDetrDecoderLayer(nnx.Module):
     rngs: random number generators.
   """
 
+  dropout: nnx.Dropout  # set by _add_feed_forward, with the rest of the feed-forward tail
+
   def __init__(self, d_model: int, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
                ffn_features: int = 1024, *, dropout: float = 0.1, attention_dropout: float = 0.0,
                activation_dropout: float = 0.0, activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
@@ -581,13 +598,8 @@ class DeformableDetrDecoderLayer(nnx.Module):
     self.self_attn_layer_norm = nnx.LayerNorm(d_model, **norm)
     self.encoder_attn = MSDeformAttn(d_model, num_heads, num_levels, num_points, precision=precision, **policy, **kw)
     self.encoder_attn_layer_norm = nnx.LayerNorm(d_model, **norm)
-    linear: dict[str, Any] = dict(kernel_init=_normal_init, bias_init=_zeros, precision=precision, **kw)
-    self.fc1 = nnx.Linear(d_model, ffn_features, **linear)
-    self.fc2 = nnx.Linear(ffn_features, d_model, **linear)
-    self.final_layer_norm = nnx.LayerNorm(d_model, **norm)
-    self.dropout = nnx.Dropout(dropout, deterministic=deterministic, rngs=rngs)
-    self.activation_dropout = nnx.Dropout(activation_dropout, deterministic=deterministic, rngs=rngs)
-    self.activation = activation
+    _add_feed_forward(self, d_model, ffn_features, dropout=dropout, activation_dropout=activation_dropout,
+                      activation=activation, deterministic=deterministic, precision=precision, norm=norm, **kw)
 
   def __call__(self, hidden_states: jax.Array, position_embeddings: jax.Array, reference_points: jax.Array,
                encoder_hidden_states: jax.Array, spatial_shapes: Sequence[tuple[int, int]],
@@ -613,8 +625,7 @@ class DeformableDetrDecoderLayer(nnx.Module):
     attn = self.encoder_attn(h + position_embeddings, reference_points, encoder_hidden_states, spatial_shapes,
                              padding_mask)
     h = self.encoder_attn_layer_norm(h + drop(attn))
-    ffn = self.activation_dropout(self.activation(self.fc1(h)), deterministic=deterministic)
-    return self.final_layer_norm(h + drop(self.fc2(ffn)))
+    return _feed_forward(self, h, deterministic)
 
 
 class DeformableDetrMLPHead(nnx.Module):
