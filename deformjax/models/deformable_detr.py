@@ -218,22 +218,19 @@ class DeformableDetrEncoderOutput:
   level_start_index: tuple[int, ...] = struct.field(pytree_node=False)
 
 
-def _add_feed_forward(layer: Any, d_model: int, ffn_features: int, *, dropout: float, activation_dropout: float,
-                      activation: Callable[[jax.Array], jax.Array], deterministic: bool,
-                      precision: jax.lax.PrecisionLike, norm: dict[str, Any], **kw: Any) -> None:
-  """Gives an encoder or decoder layer the feed-forward tail both have, under transformers' names: `fc1`, `fc2`,
-  `final_layer_norm`, `dropout` (also the layer's other residual dropout) and `activation_dropout`."""
+def _feed_forward_layers(d_model: int, ffn_features: int, *, dropout: float, activation_dropout: float,
+                         deterministic: bool, precision: jax.lax.PrecisionLike, norm: dict[str, Any],
+                         **kw: Any) -> tuple[nnx.Linear, nnx.Linear, nnx.LayerNorm, nnx.Dropout, nnx.Dropout]:
+  """The feed-forward tail an encoder and a decoder layer both have, in transformers' order and under its names:
+  `(fc1, fc2, final_layer_norm, dropout, activation_dropout)`; `dropout` also serves the layer's other residuals."""
   linear: dict[str, Any] = dict(kernel_init=_normal_init, bias_init=_zeros, precision=precision, **kw)
-  layer.fc1 = nnx.Linear(d_model, ffn_features, **linear)
-  layer.fc2 = nnx.Linear(ffn_features, d_model, **linear)
-  layer.final_layer_norm = nnx.LayerNorm(d_model, **norm)
-  layer.dropout = nnx.Dropout(dropout, deterministic=deterministic, rngs=kw['rngs'])
-  layer.activation_dropout = nnx.Dropout(activation_dropout, deterministic=deterministic, rngs=kw['rngs'])
-  layer.activation = activation
+  return (nnx.Linear(d_model, ffn_features, **linear), nnx.Linear(ffn_features, d_model, **linear),
+          nnx.LayerNorm(d_model, **norm), nnx.Dropout(dropout, deterministic=deterministic, rngs=kw['rngs']),
+          nnx.Dropout(activation_dropout, deterministic=deterministic, rngs=kw['rngs']))
 
 
 def _feed_forward(layer: Any, h: jax.Array, deterministic: bool | None) -> jax.Array:
-  """`LN(h + drop(fc2(drop_act(activation(fc1(h))))))`, the tail `_add_feed_forward` built."""
+  """`LN(h + drop(fc2(drop_act(activation(fc1(h))))))`, the tail `_feed_forward_layers` built."""
   ffn = layer.activation_dropout(layer.activation(layer.fc1(h)), deterministic=deterministic)
   return layer.final_layer_norm(h + layer.dropout(layer.fc2(ffn), deterministic=deterministic))
 
@@ -273,8 +270,6 @@ class DeformableDetrEncoderLayer(nnx.Module):
     (1, 20, 32)
   """
 
-  dropout: nnx.Dropout  # set by _add_feed_forward, with the rest of the feed-forward tail
-
   def __init__(self, d_model: int, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
                ffn_features: int = 1024, *, dropout: float = 0.1, activation_dropout: float = 0.0,
                activation: Callable[[jax.Array], jax.Array] = jax.nn.relu, layer_norm_epsilon: float = 1e-5,
@@ -288,8 +283,10 @@ class DeformableDetrEncoderLayer(nnx.Module):
     self.self_attn = MSDeformAttn(d_model, num_heads, num_levels, num_points, precision=precision, **policy, **kw)
     norm: dict[str, Any] = dict(epsilon=layer_norm_epsilon, use_fast_variance=False, **kw)
     self.self_attn_layer_norm = nnx.LayerNorm(d_model, **norm)
-    _add_feed_forward(self, d_model, ffn_features, dropout=dropout, activation_dropout=activation_dropout,
-                      activation=activation, deterministic=deterministic, precision=precision, norm=norm, **kw)
+    self.fc1, self.fc2, self.final_layer_norm, self.dropout, self.activation_dropout = _feed_forward_layers(
+        d_model, ffn_features, dropout=dropout, activation_dropout=activation_dropout, deterministic=deterministic,
+        precision=precision, norm=norm, **kw)
+    self.activation = activation
 
   def __call__(self, hidden_states: jax.Array, position_embeddings: jax.Array, reference_points: jax.Array,
                spatial_shapes: Sequence[tuple[int, int]], padding_mask: jax.Array | None = None, *,
@@ -580,8 +577,6 @@ class DeformableDetrDecoderLayer(nnx.Module):
     rngs: random number generators.
   """
 
-  dropout: nnx.Dropout  # set by _add_feed_forward, with the rest of the feed-forward tail
-
   def __init__(self, d_model: int, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
                ffn_features: int = 1024, *, dropout: float = 0.1, attention_dropout: float = 0.0,
                activation_dropout: float = 0.0, activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
@@ -598,8 +593,10 @@ class DeformableDetrDecoderLayer(nnx.Module):
     self.self_attn_layer_norm = nnx.LayerNorm(d_model, **norm)
     self.encoder_attn = MSDeformAttn(d_model, num_heads, num_levels, num_points, precision=precision, **policy, **kw)
     self.encoder_attn_layer_norm = nnx.LayerNorm(d_model, **norm)
-    _add_feed_forward(self, d_model, ffn_features, dropout=dropout, activation_dropout=activation_dropout,
-                      activation=activation, deterministic=deterministic, precision=precision, norm=norm, **kw)
+    self.fc1, self.fc2, self.final_layer_norm, self.dropout, self.activation_dropout = _feed_forward_layers(
+        d_model, ffn_features, dropout=dropout, activation_dropout=activation_dropout, deterministic=deterministic,
+        precision=precision, norm=norm, **kw)
+    self.activation = activation
 
   def __call__(self, hidden_states: jax.Array, position_embeddings: jax.Array, reference_points: jax.Array,
                encoder_hidden_states: jax.Array, spatial_shapes: Sequence[tuple[int, int]],
