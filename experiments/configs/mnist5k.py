@@ -6,15 +6,11 @@ at the MNIST study's settings (14 epochs of Adam 1e-3, StepLR(5 epochs, 0.7), ba
   python -m deformjax.train --config experiments/configs/mnist5k.py:runlocal   # a few steps, for a smoke test
 """
 
-from deformjax.train.config import base_config
+from experiments.configs import digits
 
 
 def get_config(arg: str | None = None):
-  c = base_config()
+  # The digits config's settings (14 epochs, batch 64, the same runlocal switch) on the real digits.
+  c = digits.get_config(arg)
   c.dataset = 'mnist5k'
-  c.epochs = 14
-  c.batch_size = 64
-  if arg == 'runlocal':
-    c.steps = 20
-    c.log_every = 5
   return c
