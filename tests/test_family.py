@@ -19,7 +19,18 @@ import pytest
 from jax import export
 from jax.test_util import check_grads
 
-from deformjax.ops import _engine, _policy, dcnv3, dcnv4, deform_conv2d, ms_deform_attn, offset_mask_channels
+from deformjax.ops import (
+  _engine,
+  _policy,
+  bilinear_sample,
+  dcnv3,
+  dcnv4,
+  deform_conv2d,
+  deform_roi_pool,
+  ms_deform_attn,
+  offset_mask_channels,
+  roi_align,
+)
 from tests.reference import dcnv3_ref, dcnv4_split, deform_conv2d_ref, ms_deform_attn_ref
 
 DCN_KW = dict(kernel_size=3, padding=1, groups=2, offset_scale=1.0)
@@ -171,6 +182,59 @@ def test_batch_zero(op):
   g = grads(op, args)
   assert all(gi.shape == a.shape for gi, a in zip(g, args))
   assert all(not np.any(np.asarray(g[i])) for i in op.unbatched)  # no example, no gradient for a kernel
+
+
+def _z(*shape, dtype=jnp.float32):
+  return jnp.zeros(shape, dtype)
+
+
+# Every public op on an input with nothing to sample: (call, arrays, result shape, result dtype, the bias the result
+# holds, or None for zeros).
+EMPTY = {
+    'bilinear_sample-no-batch': (bilinear_sample, (_z(0, 4, 4, 2, dtype=jnp.bfloat16), _z(0, 5, 2)), (0, 5, 2),
+                                 jnp.bfloat16, None),
+    'bilinear_sample-no-point': (bilinear_sample, (_z(2, 4, 4, 2), _z(2, 0, 2)), (2, 0, 2), jnp.float32, None),
+    'deform_conv2d-no-batch': (lambda x, o, w: deform_conv2d(x, o, w, padding=1),
+                               (_z(0, 6, 6, 4), _z(0, 6, 6, 18), _z(3, 3, 4, 6)), (0, 6, 6, 6), jnp.float32, None),
+    'deform_conv2d-no-pixel-read': (lambda x, o, w, b: deform_conv2d(x, o, w, bias=b, padding=1),
+                                    (_z(1, 0, 0, 4, dtype=jnp.bfloat16), _z(1, 2, 2, 2), _z(1, 1, 4, 3),
+                                     jnp.arange(1.0, 4.0)), (1, 2, 2, 3), jnp.float32, jnp.arange(1.0, 4.0)),
+    'deform_conv2d-no-channel': (lambda x, o, w, b: deform_conv2d(x, o, w, bias=b, padding=1,
+                                                                  preferred_element_type=jnp.bfloat16),
+                                 (_z(2, 5, 5, 0), _z(2, 5, 5, 18), _z(3, 3, 0, 2), jnp.array([2.0, -1.0])),
+                                 (2, 5, 5, 2), jnp.bfloat16, jnp.array([2.0, -1.0])),
+    'dcnv3-no-batch': (lambda x, o, m: dcnv3(x, o, m, kernel_size=3, padding=1),
+                       (_z(0, 5, 5, 4, dtype=jnp.float16), _z(0, 5, 5, 18), _z(0, 5, 5, 9)), (0, 5, 5, 4),
+                       jnp.float16, None),
+    'dcnv3-no-channel': (lambda x, o, m: dcnv3(x, o, m, kernel_size=3, padding=1),
+                         (_z(1, 5, 5, 0), _z(1, 5, 5, 18), _z(1, 5, 5, 9)), (1, 5, 5, 0), jnp.float32, None),
+    'dcnv4-no-batch': (lambda x, om: dcnv4(x, om, kernel_size=3, padding=1, groups=2),
+                       (_z(0, 5, 5, 8), _z(0, 5, 5, offset_mask_channels(2, 9))), (0, 5, 5, 8), jnp.float32, None),
+    'ms_deform_attn-no-query': (lambda v, loc, a: ms_deform_attn(v, LEVELS, loc, a),
+                                (_z(2, 16, 2, 3), _z(2, 0, 2, 2, 2, 2), _z(2, 0, 2, 2, 2)), (2, 0, 6), jnp.float32,
+                                None),
+    'ms_deform_attn-no-point': (lambda v, loc, a: ms_deform_attn(v, LEVELS, loc, a),
+                                (_z(2, 16, 2, 3, dtype=jnp.bfloat16), _z(2, 5, 2, 2, 0, 2), _z(2, 5, 2, 2, 0)),
+                                (2, 5, 6), jnp.bfloat16, None),
+    'deform_roi_pool-no-roi': (lambda f, r, o: deform_roi_pool(f, r, o, output_size=2),
+                               (_z(1, 8, 8, 3), _z(0, 5), _z(0, 2, 2, 2)), (0, 2, 2, 3), jnp.float32, None),
+    'roi_align-no-image': (lambda f, r: roi_align(f, r, output_size=(2, 3)),
+                           (_z(0, 8, 8, 3, dtype=jnp.bfloat16), jnp.array([[0, 1.0, 1.0, 5.0, 5.0]])), (1, 2, 3, 3),
+                           jnp.bfloat16, None),
+}
+
+
+@pytest.mark.parametrize('case', EMPTY)
+def test_nothing_to_sample_gives_zeros_or_the_bias_without_compiling_a_pass(case):
+  """Zero batch, points, queries, RoIs, channels or input pixels: the result's shape and dtype, zeros (plus the
+  bias), under jit as eagerly, and no sampling core in the traced program."""
+  call, arrays, shape, dtype, bias = EMPTY[case]
+  want = np.zeros(shape, np.float32) + (0.0 if bias is None else np.asarray(bias, np.float32))
+  for out in (jax.jit(call)(*arrays), call(*arrays)):
+    assert out.shape == shape and out.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), want)
+  jaxpr = jax.make_jaxpr(call)(*arrays)
+  assert not [e for e in jaxpr.eqns if e.primitive.name in ('pjit', 'jit')], jaxpr
 
 
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)

@@ -9,6 +9,7 @@ stated in `deformjax.ops.dcnv3`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from types import MappingProxyType
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deformjax.ops import _args, _engine
+from deformjax.ops import _args, _engine, _geometry
 
 # `split(groups, points, *arrays)`: an op's per-pixel arrays `[count, ...]` -> (offsets [count, G, P, 2] as (x, y),
 # mask [count, G, P]).
@@ -86,39 +87,64 @@ def check_sampled(fn: str, inputs: jax.Array, grid: Grid, arrays: Sequence[jax.A
     _args.check_shape(a, (n, ho, wo, ch), name, layout, fn)
 
 
-class Geometry:
-  """Static description of a call: what the corner computation needs besides the arrays.
+@dataclasses.dataclass(frozen=True)
+class Geometry(_geometry.Geometry):
+  """A `dcnv3` / `dcnv4` call's geometry: the input and output sizes, the window and its x-major taps, the groups
+  and their `points` sample points each."""
 
-  `empty` when there is nothing to sample (no output pixel, or an empty
-  input); only then is the index dtype not checked against the input's size.
-  """
+  n: int
+  hw: tuple[int, int]
+  out_hw: tuple[int, int]
+  strides: tuple[int, int]
+  pads: tuple[int, int]  # top, left
+  dilation: tuple[int, int]
+  kernel_hw: tuple[int, int]
+  groups: int
+  points: int
+  offset_scale: float
+  remove_center: bool
 
-  def __init__(self, fn: str, inputs_shape: tuple[int, ...], grid: Grid, cdtype: np.dtype):
-    self.n, self.h, self.w, self.c = inputs_shape
-    (self.ho, self.wo), self.strides = grid.window.out_hw, grid.window.strides
-    self.groups, self.points, self.offset_scale, self.cdtype = grid.groups, grid.points, grid.offset_scale, cdtype
-    self.empty = bool(_args.known_le(self.n * self.ho * self.wo, 0) or _args.known_le(self.h * self.w * self.c, 0))
-    self.idx_dtype = np.dtype(np.int32) if self.empty else _args.index_dtype(
-        self.n * self.h * self.w * self.groups, fn)
-    (kh, kw), (dh, dw), ((pt, _), (pl, _)) = grid.kernel_hw, grid.window.dilation, grid.window.pads
-    cy, cx = (dh * (kh - 1)) // 2, (dw * (kw - 1)) // 2
-    # Window origin (int) and the scaled centring term of the CUDA kernels' p0_.
-    self.origin = (cy - pt, cx - pl)
-    self.centre = (cy, cx)
-    self.taps = dcnv3_taps(grid.kernel_hw, grid.window.dilation, grid.remove_center)
+  @property
+  def centre(self) -> tuple[int, int]:
+    """The window's centre from its origin, `((dh*(kh-1))//2, (dw*(kw-1))//2)`: the CUDA kernels' centring term."""
+    (kh, kw), (dh, dw) = self.kernel_hw, self.dilation
+    return (dh * (kh - 1)) // 2, (dw * (kw - 1)) // 2
+
+  @property
+  def origin(self) -> tuple[int, int]:
+    """The window's centre at output pixel (0, 0), in input pixels: `centre - (pad_top, pad_left)`."""
+    return self.centre[0] - self.pads[0], self.centre[1] - self.pads[1]
+
+  @property
+  def taps(self) -> tuple[np.ndarray, np.ndarray]:
+    """`dcnv3_taps` of the window: `(tx, ty)`, `[P]` each."""
+    return dcnv3_taps(self.kernel_hw, self.dilation, self.remove_center)
+
+
+def geometry(fn: str, inputs: jax.Array, grid: Grid, cdtype: np.dtype) -> Geometry:
+  """The call's `Geometry` from its checked `inputs` and `grid`: the result `[N, Ho, Wo, C]` in `inputs.dtype`,
+  summed in at least float32, positions in `cdtype`; int64 table rows (or the error that asks for them) past 2**31."""
+  n, h, w, c = inputs.shape
+  (ho, wo), ((pt, _), (pl, _)) = grid.window.out_hw, grid.window.pads
+  return Geometry(
+      out_shape=(n, ho, wo, c), out_dtype=np.dtype(inputs.dtype), acc_dtype=_args.promote(inputs.dtype, jnp.float32),
+      cdtype=cdtype, **_geometry.extent(n * ho * wo, h * w * c, n * h * w * grid.groups, fn),
+      n=n, hw=(h, w), out_hw=(ho, wo), strides=grid.window.strides, pads=(pt, pl), dilation=grid.window.dilation,
+      kernel_hw=grid.kernel_hw, groups=grid.groups, points=grid.points, offset_scale=grid.offset_scale,
+      remove_center=grid.remove_center)
 
 
 def _corners(geom: Geometry, split: Split, start, count, *arrays):
   """Corner rows and weights `[count*G*P]` of output pixels `start..start+count` (order pixel, group, tap)."""
   off, mask = split(geom.groups, geom.points, *arrays)  # [count, G, P, 2] as (x, y), [count, G, P]
   cdtype, s = geom.cdtype, geom.offset_scale
-  img, oy, ox = _engine.output_pixels(start, count, geom.n, (geom.ho, geom.wo), geom.idx_dtype)
+  img, oy, ox = _engine.output_pixels(start, count, geom.n, geom.out_hw, geom.idx_dtype)
   y, x = (
       ((pos * stride + origin).astype(cdtype) - centre * s)[:, None, None]
       + (jnp.asarray(tap, cdtype)[None, None, :] + d.astype(cdtype)) * s
       for pos, stride, origin, centre, tap, d in zip((oy, ox), geom.strides, geom.origin, geom.centre,
                                                      geom.taps[::-1], (off[..., 1], off[..., 0])))
-  return _engine.image_corners(y, x, mask.astype(cdtype), img, (geom.h, geom.w), geom.groups,
+  return _engine.image_corners(y, x, mask.astype(cdtype), img, geom.hw, geom.groups,
                                jnp.arange(geom.groups, dtype=geom.idx_dtype)[None, :, None], geom.idx_dtype)
 
 
@@ -126,20 +152,16 @@ def plan(geom: Geometry, inputs: jax.Array, arrays: Sequence[jax.Array], split: 
          chunk_size: int | None, memory_budget: int | None) -> jax.Array:
   """Each group's `P` samples, weighted by the mask and summed, in passes: `[N, Ho, Wo, C]` in `inputs.dtype`."""
   n, h, w, c = inputs.shape
-  if geom.empty:
-    return jnp.zeros((n, geom.ho, geom.wo, c), inputs.dtype)
   # Sampled in the accumulation dtype: for bf16/f16 inputs the sum over taps and
   # the backward's scatter-add accumulate in float32.
-  acc_dtype = _args.promote(inputs.dtype, jnp.float32)
-  table = inputs.reshape(n * h * w * geom.groups, c // geom.groups).astype(acc_dtype)
-  pixels = n * geom.ho * geom.wo
+  table = inputs.reshape(n * h * w * geom.groups, c // geom.groups).astype(geom.acc_dtype)
+  pixels = n * geom.out_hw[0] * geom.out_hw[1]
   flat = tuple(a.reshape(pixels, a.shape[-1]) for a in arrays)
   out = _engine.summed_passes(
       functools.partial(_corners, geom, split), flat, table, groups=geom.groups, points=geom.points, pixels=pixels,
       idx_dtype=geom.idx_dtype, coord_dtype=geom.cdtype, deterministic_gradients=deterministic_gradients,
-      chunk_size=chunk_size,
-      memory_budget=memory_budget)
-  return out.reshape(n, geom.ho, geom.wo, c).astype(inputs.dtype)
+      chunk_size=chunk_size, memory_budget=memory_budget)
+  return out.reshape(geom.out_shape).astype(geom.out_dtype)
 
 
-__all__ = ['LAYOUTS', 'Geometry', 'Grid', 'Split', 'check_args', 'check_sampled', 'dcnv3_taps', 'plan']
+__all__ = ['LAYOUTS', 'Geometry', 'Grid', 'Split', 'check_args', 'check_sampled', 'dcnv3_taps', 'geometry', 'plan']

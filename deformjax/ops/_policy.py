@@ -204,8 +204,9 @@ def jit_core(*static_argnames: str) -> Callable[[_F], _F]:
   """`jax.jit(core, static_argnames=...)` for an op's private core, the scoped settings it reads part of its key.
 
   An op's public function checks and normalises its arguments, then calls its core with arrays and hashable
-  static arguments: one compiled program per shapes and settings, as `jax.scipy.ndimage.map_coordinates` is (an
-  unjitted op would compile each primitive for every new shape: about ten times one compile of the whole op).
+  static arguments (the call's `_geometry.Geometry`, the settings): one compiled program per shapes and settings,
+  as `jax.scipy.ndimage.map_coordinates` is (an unjitted op would compile each primitive for every new shape:
+  about ten times one compile of the whole op).
   Inside `jit`, `vmap`, `grad` or `jax.export` the core is a nested call that XLA inlines. The accelerator memory
   budget the core reads when traced is passed as a static argument, so a `with accelerator_memory_budget(...)`
   scope compiles anew; inside `single_pass()` / `native_ops(...)` (an exporter tracing the graph it translates)

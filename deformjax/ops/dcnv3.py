@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import jax
 
-from deformjax.ops import _args, _policy
+from deformjax.ops import _args, _geometry, _policy
 from deformjax.ops import _dcnv3_core as _core
 from deformjax.ops._dcnv3_core import dcnv3_taps
 
@@ -119,14 +119,16 @@ def dcnv3(
       groups=groups, offset_scale=offset_scale, remove_center=remove_center, chunk_size=chunk_size,
       memory_budget=memory_budget, deterministic_gradients=deterministic_gradients), _core.LAYOUTS, _FN,
       dict(inputs=inputs, offsets=offsets, mask=mask))
-  return _dcnv3(inputs, offsets, mask, grid=grid, chunk_size=chunk_size, memory_budget=memory_budget,
+  geom = _core.geometry(_FN, inputs, grid, _args.coordinate_dtype(inputs.dtype, offsets.dtype, mask.dtype))
+  if geom.empty:
+    return _geometry.empty_result(geom)
+  return _dcnv3(inputs, offsets, mask, geom=geom, chunk_size=chunk_size, memory_budget=memory_budget,
                 deterministic_gradients=bool(deterministic_gradients))
 
 
-@_policy.jit_core('grid', 'chunk_size', 'memory_budget', 'deterministic_gradients')
-def _dcnv3(inputs, offsets, mask, *, grid: _core.Grid, chunk_size, memory_budget, deterministic_gradients):
-  """`dcnv3` on checked arguments, one compiled program per shapes and settings."""
-  geom = _core.Geometry(_FN, inputs.shape, grid, _args.coordinate_dtype(inputs.dtype, offsets.dtype, mask.dtype))
+@_policy.jit_core('geom', 'chunk_size', 'memory_budget', 'deterministic_gradients')
+def _dcnv3(inputs, offsets, mask, *, geom: _core.Geometry, chunk_size, memory_budget, deterministic_gradients):
+  """`dcnv3` on checked arguments, one compiled program per geometry and settings."""
   return _core.plan(geom, inputs, (offsets, mask), _split, deterministic_gradients=deterministic_gradients,
                     chunk_size=chunk_size, memory_budget=memory_budget)
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import jax
 
-from deformjax.ops import _args, _policy
+from deformjax.ops import _args, _geometry, _policy
 from deformjax.ops import _dcnv3_core as _core
 
 _FN = 'dcnv4'
@@ -97,14 +97,16 @@ def dcnv4(
       groups=groups, offset_scale=offset_scale, remove_center=remove_center, chunk_size=chunk_size,
       memory_budget=memory_budget, deterministic_gradients=deterministic_gradients), _core.LAYOUTS, _FN,
       dict(inputs=inputs, offset_mask=offset_mask))
-  return _dcnv4(inputs, offset_mask, grid=grid, chunk_size=chunk_size, memory_budget=memory_budget,
+  geom = _core.geometry(_FN, inputs, grid, _args.coordinate_dtype(inputs.dtype, offset_mask.dtype))
+  if geom.empty:
+    return _geometry.empty_result(geom)
+  return _dcnv4(inputs, offset_mask, geom=geom, chunk_size=chunk_size, memory_budget=memory_budget,
                 deterministic_gradients=bool(deterministic_gradients))
 
 
-@_policy.jit_core('grid', 'chunk_size', 'memory_budget', 'deterministic_gradients')
-def _dcnv4(inputs, offset_mask, *, grid: _core.Grid, chunk_size, memory_budget, deterministic_gradients):
-  """`dcnv4` on checked arguments, one compiled program per shapes and settings."""
-  geom = _core.Geometry(_FN, inputs.shape, grid, _args.coordinate_dtype(inputs.dtype, offset_mask.dtype))
+@_policy.jit_core('geom', 'chunk_size', 'memory_budget', 'deterministic_gradients')
+def _dcnv4(inputs, offset_mask, *, geom: _core.Geometry, chunk_size, memory_budget, deterministic_gradients):
+  """`dcnv4` on checked arguments, one compiled program per geometry and settings."""
   return _core.plan(geom, inputs, (offset_mask,), _split, deterministic_gradients=deterministic_gradients,
                     chunk_size=chunk_size, memory_budget=memory_budget)
 

@@ -12,6 +12,7 @@ one pass of columns either.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from types import MappingProxyType
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from deformjax.ops import _args, _engine, _policy
+from deformjax.ops import _args, _engine, _geometry, _policy
 
 _PrecisionLike = str | jax.lax.Precision | tuple | None
 _FN = 'deform_conv2d'
@@ -129,24 +130,11 @@ def _check_args(inputs, offsets, kernel, mask, bias, *, strides, padding, dilati
   return _Checked(inputs, offsets, kernel, mask, bias, groups, og, window)
 
 
-class _Dtypes(NamedTuple):
-  """compute: the contraction's operands; acc: sampling and accumulation; coord: sampling positions; out: result."""
-  compute: np.dtype
-  acc: np.dtype
-  coord: np.dtype
-  out: np.dtype
+@dataclasses.dataclass(frozen=True)
+class _ConvGeometry(_geometry.Geometry):
+  """A `deform_conv2d` call's geometry: the conv window and kernel, the groups, and the dtype of the contraction
+  (`compute_dtype`, the promoted dtype of inputs and kernel; samples are read and summed in `acc_dtype`)."""
 
-
-def _resolve_dtypes(inputs: jax.Array, offsets: jax.Array, kernel: jax.Array,
-                    preferred_element_type: DTypeLike | None) -> _Dtypes:
-  """The op's dtype policy: the promoted dtype of inputs and kernel, sampled and accumulated in at least float32."""
-  compute = _args.promote(inputs.dtype, kernel.dtype)
-  out = np.dtype(preferred_element_type) if preferred_element_type is not None else compute
-  return _Dtypes(compute, _args.promote(compute, jnp.float32), _args.coordinate_dtype(offsets.dtype, compute), out)
-
-
-class _Geometry(NamedTuple):
-  """Static description of a deform_conv2d call: what the corner computation needs besides the arrays."""
   n: int
   hw: tuple[int, int]
   out_hw: tuple[int, int]
@@ -154,22 +142,28 @@ class _Geometry(NamedTuple):
   pads: tuple[int, int]  # top, left
   dilation: tuple[int, int]
   kernel_hw: tuple[int, int]
+  groups: int
   offset_groups: int
-  cdtype: np.dtype
-  idx_dtype: np.dtype
+  compute_dtype: np.dtype
 
 
-def _geometry(args: _Checked, cdtype: np.dtype) -> _Geometry:
-  """The call's `_Geometry`; int64 table rows (or the error that asks for them) past 2**31 rows."""
-  n, h, w, _ = args.inputs.shape
-  (pt, _), (pl, _) = args.window.pads
-  idx_dtype = _args.index_dtype(n * h * w * args.offset_groups, _FN)
-  kh, kw = args.kernel.shape[:2]
-  return _Geometry(n, (h, w), args.window.out_hw, args.window.strides, (pt, pl), args.window.dilation,
-                   (kh, kw), args.offset_groups, cdtype, idx_dtype)
+def _conv_geometry(args: _Checked, preferred_element_type: DTypeLike | None) -> _ConvGeometry:
+  """The call's `_ConvGeometry`: the op's dtype policy (the promoted dtype of inputs and kernel, sampled and accumulated
+  in at least float32), int64 table rows (or the error that asks for them) past 2**31 rows."""
+  n, h, w, c = args.inputs.shape
+  kh, kw, _, cout = args.kernel.shape
+  (ho, wo), ((pt, _), (pl, _)) = args.window.out_hw, args.window.pads
+  compute = _args.promote(args.inputs.dtype, args.kernel.dtype)
+  out = np.dtype(preferred_element_type) if preferred_element_type is not None else compute
+  return _ConvGeometry(
+      out_shape=(n, ho, wo, cout), out_dtype=out, acc_dtype=_args.promote(compute, jnp.float32),
+      cdtype=_args.coordinate_dtype(args.offsets.dtype, compute),
+      **_geometry.extent(n * ho * wo, h * w * c, n * h * w * args.offset_groups, _FN),
+      n=n, hw=(h, w), out_hw=(ho, wo), strides=args.window.strides, pads=(pt, pl), dilation=args.window.dilation,
+      kernel_hw=(kh, kw), groups=args.groups, offset_groups=args.offset_groups, compute_dtype=compute)
 
 
-def _corners(geom: _Geometry, start, count, off, m):
+def _corners(geom: _ConvGeometry, start, count, off, m):
   """Flat table rows and weights of the four corners of `count` pixels from `start`, 2 x 4 x [count*K*G].
 
   Computed in one vectorised pass and handed to the columns pass as arrays:
@@ -201,29 +195,30 @@ def _contract(taps: int, groups: int, precision, acc_dtype, cols, kernel):
   return out.reshape(-1, groups * cout_g)
 
 
-def _plan(geom: _Geometry, args: _Checked, dtypes: _Dtypes, precision: _PrecisionLike, chunk_size: int | None,
-          memory_budget: int | None, deterministic_gradients: bool) -> jax.Array:
-  """The sampled columns contracted with the kernel, in passes: `[N, Ho, Wo, C_out]` in the accumulation dtype."""
-  n, h, w, c = args.inputs.shape
-  kh, kw, cin_g, cout = args.kernel.shape
-  (ho, wo), og, groups, taps = geom.out_hw, geom.offset_groups, args.groups, kh * kw
+def _plan(geom: _ConvGeometry, inputs: jax.Array, offsets: jax.Array, kernel: jax.Array, mask: jax.Array | None,
+          precision: _PrecisionLike, chunk_size: int | None, memory_budget: int | None,
+          deterministic_gradients: bool) -> jax.Array:
+  """The sampled columns contracted with the kernel (inputs and kernel in the compute dtype), in passes:
+  `[N, Ho, Wo, C_out]` in the accumulation dtype."""
+  n, h, w, c = inputs.shape
+  kh, kw, cin_g, cout = kernel.shape
+  (ho, wo), og, groups, taps = geom.out_hw, geom.offset_groups, geom.groups, kh * kw
   pixels = n * ho * wo
   # Sampled in the accumulation dtype: for bf16/f16 inputs the backward's
   # scatter-add then accumulates in float32 (exact to f32, and 3x faster on CPU
   # than XLA's bf16 scatter), at the price of one f32 copy of the input.
-  table = args.inputs.reshape(n * h * w * og, c // og).astype(dtypes.acc)
+  table = inputs.reshape(n * h * w * og, c // og).astype(geom.acc_dtype)
   # Offsets and mask are re-laid out tap-major ([.., K, G, ..]) before sampling,
   # so the sampled columns come out as [chunk, K, C] without transposing them.
-  off = args.offsets.reshape(pixels, og, taps, 2).transpose(0, 2, 1, 3)
-  m = None if args.mask is None else args.mask.reshape(pixels, og, taps).transpose(0, 2, 1)
-  kernel = (args.kernel.reshape(taps * c, cout) if groups == 1 else
-            args.kernel.reshape(taps, cin_g, groups, cout // groups))
-  contract = functools.partial(_contract, taps, groups, precision, dtypes.acc)
-  sample = functools.partial(_engine.sampled_pass, contract, dtypes.compute, bool(deterministic_gradients), table,
+  off = offsets.reshape(pixels, og, taps, 2).transpose(0, 2, 1, 3)
+  m = None if mask is None else mask.reshape(pixels, og, taps).transpose(0, 2, 1)
+  kernel = kernel.reshape(taps * c, cout) if groups == 1 else kernel.reshape(taps, cin_g, groups, cout // groups)
+  contract = functools.partial(_contract, taps, groups, precision, geom.acc_dtype)
+  sample = functools.partial(_engine.sampled_pass, contract, geom.compute_dtype, bool(deterministic_gradients), table,
                              kernel)
   out = _engine.run_passes(
       functools.partial(_corners, geom), sample, (off, m), pixels=pixels,
-      bytes_per_pixel=taps * c * dtypes.acc.itemsize,
+      bytes_per_pixel=taps * c * geom.acc_dtype.itemsize,
       point_bytes=_engine.corner_bytes(taps * og, geom.idx_dtype, geom.cdtype), idx_dtype=geom.idx_dtype,
       chunk_size=chunk_size, memory_budget=memory_budget)
   return out.reshape(n, ho, wo, cout)
@@ -299,41 +294,30 @@ def deform_conv2d(
       preferred_element_type=preferred_element_type, chunk_size=chunk_size, memory_budget=memory_budget,
       deterministic_gradients=deterministic_gradients)
   args = _args.checked(check, _LAYOUTS, _FN, dict(inputs=inputs, offsets=offsets, kernel=kernel, mask=mask, bias=bias))
-  return _deform_conv2d(
-      args.inputs, args.offsets, args.kernel, args.mask, args.bias, padding=_args.frozen(padding),
-      strides=args.window.strides, dilation=args.window.dilation, groups=args.groups, offset_groups=args.offset_groups,
-      precision=_args.frozen(precision), chunk_size=chunk_size, memory_budget=memory_budget,
-      preferred_element_type=None if preferred_element_type is None else np.dtype(preferred_element_type),
-      deterministic_gradients=bool(deterministic_gradients))
+  geom = _conv_geometry(args, preferred_element_type)
+  if geom.empty:  # every tap reads zero: the result is the bias alone
+    return _geometry.empty_result(geom, args.bias)
+  return _deform_conv2d(args.inputs, args.offsets, args.kernel, args.mask, args.bias, geom=geom,
+                        padding=_args.frozen(padding), precision=_args.frozen(precision), chunk_size=chunk_size,
+                        memory_budget=memory_budget, deterministic_gradients=bool(deterministic_gradients))
 
 
-@_policy.jit_core('padding', 'strides', 'dilation', 'groups', 'offset_groups', 'precision', 'preferred_element_type',
-                  'chunk_size', 'memory_budget', 'deterministic_gradients')
-def _deform_conv2d(inputs, offsets, kernel, mask, bias, *, padding, strides, dilation, groups, offset_groups, precision,
-                   preferred_element_type, chunk_size, memory_budget, deterministic_gradients) -> jax.Array:
-  """`deform_conv2d` on checked arguments, one compiled program per shapes and settings: the dtype policy, the
-  window over the traced shapes, then the plan (or the bias alone when there is nothing to sample)."""
-  dtypes = _resolve_dtypes(inputs, offsets, kernel, preferred_element_type)
-  inputs, kernel = inputs.astype(dtypes.compute), kernel.astype(dtypes.compute)
-  window = _args.conv_window(inputs.shape[1:3], kernel.shape[:2], strides, padding, dilation, _FN)
-  args = _Checked(inputs, offsets, kernel, mask, bias, groups, offset_groups, window)
-  n, h, w, c = inputs.shape
-  (ho, wo), cout = window.out_hw, kernel.shape[-1]
-  if _args.known_le(n * ho * wo, 0) or _args.known_le(h * w * c, 0):
-    # Nothing to sample: every tap reads zero, the result is the bias alone.
-    out = jnp.zeros((n, ho, wo, cout), dtypes.acc)
-  else:
-    native = _policy.native_op(_FN)  # an exporter's own operator (deformjax.export: ONNX DeformConv)
-    native_out = None if native is None else native(inputs, offsets, kernel, mask, bias, strides=strides,
-                                                    padding=padding, dilation=dilation, groups=groups,
-                                                    offset_groups=offset_groups)
-    if native_out is not None:
-      return native_out.astype(dtypes.out)
-    out = _plan(_geometry(args, dtypes.coord), args, dtypes, precision, chunk_size, memory_budget,
-                deterministic_gradients)
+@_policy.jit_core('geom', 'padding', 'precision', 'chunk_size', 'memory_budget', 'deterministic_gradients')
+def _deform_conv2d(inputs, offsets, kernel, mask, bias, *, geom: _ConvGeometry, padding, precision, chunk_size,
+                   memory_budget, deterministic_gradients) -> jax.Array:
+  """`deform_conv2d` on checked arguments, one compiled program per shapes and settings: an exporter's own operator
+  where one is set (`padding` as the caller gave it is for it), else the plan, then the bias."""
+  inputs, kernel = inputs.astype(geom.compute_dtype), kernel.astype(geom.compute_dtype)
+  native = _policy.native_op(_FN)  # an exporter's own operator (deformjax.export: ONNX DeformConv)
+  native_out = None if native is None else native(inputs, offsets, kernel, mask, bias, strides=geom.strides,
+                                                  padding=padding, dilation=geom.dilation, groups=geom.groups,
+                                                  offset_groups=geom.offset_groups)
+  if native_out is not None:
+    return native_out.astype(geom.out_dtype)
+  out = _plan(geom, inputs, offsets, kernel, mask, precision, chunk_size, memory_budget, deterministic_gradients)
   if bias is not None:
-    out = out + bias.astype(dtypes.acc).reshape(1, 1, 1, cout)
-  return out.astype(dtypes.out)
+    out = out + bias.astype(geom.acc_dtype).reshape(1, 1, 1, geom.out_shape[-1])
+  return out.astype(geom.out_dtype)
 
 
 def columns_bytes(

@@ -12,6 +12,7 @@ which is `grid_sample`'s `padding_mode='zeros'`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deformjax.ops import _args, _engine, _policy
+from deformjax.ops import _args, _engine, _geometry, _policy
 
 _FN = 'ms_deform_attn'
 
@@ -74,57 +75,82 @@ def _check_args(value, spatial_shapes, sampling_locations, attention_weights, ch
   return value, sampling_locations, attention_weights, shapes
 
 
-class _Levels:
-  """Static per-level arrays broadcasting against points `[count, M, L, P]`.
+@dataclasses.dataclass(frozen=True)
+class _LevelsGeometry(_geometry.Geometry):
+  """An `ms_deform_attn` call's geometry: the images, queries, heads and points, and the levels' `(H_l, W_l)`, read
+  by the corners as per-level arrays broadcasting against points `[count, M, L, P]`."""
 
-  `empty` when there is nothing to sample (no query, or no sampled value); only
-  then is the index dtype not checked against the value's size.
-  """
+  n: int
+  lq: int
+  heads: int
+  points: int
+  shapes: tuple[tuple[int, int], ...]
 
-  def __init__(self, shapes, value_shape, lq, points, cdtype):
-    hw = np.asarray(shapes, np.int64)
-    n, s, heads, d = value_shape
-    self.n, self.lq, self.heads, self.levels, self.points, self.cdtype = n, lq, heads, len(shapes), points, cdtype
-    self.empty = bool(_args.known_le(n * lq, 0) or _args.known_le(points * heads * d, 0))
-    idx_dtype = np.dtype(np.int32) if self.empty else _args.index_dtype(n * s * heads, _FN)
-    self.idx_dtype = idx_dtype
-    self.rows_per_image = int(hw.prod(axis=1).sum())
-    # [1, 1, L, 1]: full rank, so they broadcast without rank promotion.
-    self.height = hw[None, None, :, 0, None].astype(idx_dtype)
-    self.width = hw[None, None, :, 1, None].astype(idx_dtype)
-    self.start = np.concatenate([[0], np.cumsum(hw.prod(axis=1))[:-1]]).astype(idx_dtype)[None, None, :, None]
+  def _per_level(self, values: np.ndarray) -> np.ndarray:
+    """`[L]` values as `[1, 1, L, 1]` in the index dtype: full rank, so they broadcast without rank promotion."""
+    return values.astype(self.idx_dtype)[None, None, :, None]
+
+  @property
+  def height(self) -> np.ndarray:
+    return self._per_level(np.asarray(self.shapes, np.int64)[:, 0])
+
+  @property
+  def width(self) -> np.ndarray:
+    return self._per_level(np.asarray(self.shapes, np.int64)[:, 1])
+
+  @property
+  def start(self) -> np.ndarray:
+    """Each level's first row in an image's `sum(H_l*W_l)` rows."""
+    sizes = np.asarray(self.shapes, np.int64).prod(axis=1)
+    return self._per_level(np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+
+  @property
+  def rows_per_image(self) -> int:
+    return sum(h * w for h, w in self.shapes)
 
 
-def _corners(levels: _Levels, start, count, locations, weights):
+def _levels_geometry(value: jax.Array, shapes: tuple[tuple[int, int], ...], sampling_locations: jax.Array,
+                     attention_weights: jax.Array) -> _LevelsGeometry:
+  """The call's `_LevelsGeometry`: the result `[N, Lq, M*D]` in `value.dtype`, summed in at least float32; empty
+  when there is no query or nothing to sample; int64 table rows (or the error that asks for them) past 2**31."""
+  n, s, heads, d = value.shape
+  lq, points = sampling_locations.shape[1], sampling_locations.shape[4]
+  cdtype = _args.coordinate_dtype(sampling_locations.dtype, attention_weights.dtype, value.dtype)
+  return _LevelsGeometry(out_shape=(n, lq, heads * d), out_dtype=np.dtype(value.dtype),
+                 acc_dtype=_args.promote(value.dtype, jnp.float32), cdtype=cdtype,
+                 **_geometry.extent(n * lq, points * heads * d, n * s * heads, _FN),
+                 n=n, lq=lq, heads=heads, points=points, shapes=shapes)
+
+
+def _corners(levels: _LevelsGeometry, start, count, locations, weights):
   """Corner rows and weights `[count*M*L*P]` of queries `start..start+count` (over N*Lq)."""
   cdtype, idx_dtype = levels.cdtype, levels.idx_dtype
   q = start + jnp.arange(count, dtype=idx_dtype)
   # Padding queries past the end reuse the last image; their outputs are sliced off.
   img = jnp.minimum(q // levels.lq, levels.n - 1)
   loc = locations.astype(cdtype)
-  x = loc[..., 0] * levels.width.astype(cdtype) - 0.5
-  y = loc[..., 1] * levels.height.astype(cdtype) - 0.5
-  idx, wts = _engine.bilinear_corners(y, x, levels.height, levels.width, idx_dtype)
+  height, width = levels.height, levels.width
+  x = loc[..., 0] * width.astype(cdtype) - 0.5
+  y = loc[..., 1] * height.astype(cdtype) - 0.5
+  idx, wts = _engine.bilinear_corners(y, x, height, width, idx_dtype)
   base = (img * levels.rows_per_image)[:, None, None, None] + levels.start
   rows = _engine.corner_rows(idx, base, levels.heads, jnp.arange(levels.heads, dtype=idx_dtype)[None, :, None, None])
   return rows, tuple((wt * weights.astype(cdtype)).reshape(-1) for wt in wts)
 
 
-def _plan(levels: _Levels, value: jax.Array, locations: jax.Array, weights: jax.Array, *, deterministic_gradients: bool,
-          chunk_size: int | None, memory_budget: int | None) -> jax.Array:
+def _plan(levels: _LevelsGeometry, value: jax.Array, locations: jax.Array, weights: jax.Array, *,
+          deterministic_gradients: bool, chunk_size: int | None, memory_budget: int | None) -> jax.Array:
   """The weighted samples of each head summed, in passes over the `N*Lq` queries: `[N, Lq, M*D]` in `value.dtype`."""
   n, s, heads, d = value.shape
-  lq, per_head = levels.lq, levels.levels * levels.points
-  if levels.empty:
-    return jnp.zeros((n, lq, heads * d), value.dtype)
-  acc_dtype = _args.promote(value.dtype, jnp.float32)
-  table = value.reshape(n * s * heads, d).astype(acc_dtype)
+  lq, num_levels = levels.lq, len(levels.shapes)
+  table = value.reshape(n * s * heads, d).astype(levels.acc_dtype)
   out = _engine.summed_passes(
-      functools.partial(_corners, levels), (locations.reshape(n * lq, heads, levels.levels, levels.points, 2),
-                                            weights.reshape(n * lq, heads, levels.levels, levels.points)),
-      table, groups=heads, points=per_head, pixels=n * lq, idx_dtype=levels.idx_dtype, coord_dtype=levels.cdtype,
-      deterministic_gradients=deterministic_gradients, chunk_size=chunk_size, memory_budget=memory_budget)
-  return out.reshape(n, lq, heads * d).astype(value.dtype)
+      functools.partial(_corners, levels), (locations.reshape(n * lq, heads, num_levels, levels.points, 2),
+                                            weights.reshape(n * lq, heads, num_levels, levels.points)),
+      table, groups=heads, points=num_levels * levels.points, pixels=n * lq, idx_dtype=levels.idx_dtype,
+      coord_dtype=levels.cdtype, deterministic_gradients=deterministic_gradients, chunk_size=chunk_size,
+      memory_budget=memory_budget)
+  return out.reshape(levels.out_shape).astype(levels.out_dtype)
 
 
 def ms_deform_attn(
@@ -175,16 +201,17 @@ def ms_deform_attn(
   value, sampling_locations, attention_weights, shapes = _check_args(value, spatial_shapes, sampling_locations,
                                                                      attention_weights, chunk_size, memory_budget,
                                                                      deterministic_gradients)
-  return _ms_deform_attn(value, sampling_locations, attention_weights, shapes=shapes, chunk_size=chunk_size,
+  levels = _levels_geometry(value, shapes, sampling_locations, attention_weights)
+  if levels.empty:
+    return _geometry.empty_result(levels)
+  return _ms_deform_attn(value, sampling_locations, attention_weights, levels=levels, chunk_size=chunk_size,
                          memory_budget=memory_budget, deterministic_gradients=bool(deterministic_gradients))
 
 
-@_policy.jit_core('shapes', 'chunk_size', 'memory_budget', 'deterministic_gradients')
-def _ms_deform_attn(value, sampling_locations, attention_weights, *, shapes, chunk_size, memory_budget,
-                    deterministic_gradients):
-  """`ms_deform_attn` on checked arguments, one compiled program per shapes and settings."""
-  cdtype = _args.coordinate_dtype(sampling_locations.dtype, attention_weights.dtype, value.dtype)
-  levels = _Levels(shapes, value.shape, sampling_locations.shape[1], sampling_locations.shape[4], cdtype)
+@_policy.jit_core('levels', 'chunk_size', 'memory_budget', 'deterministic_gradients')
+def _ms_deform_attn(value, sampling_locations, attention_weights, *, levels: _LevelsGeometry, chunk_size,
+                    memory_budget, deterministic_gradients):
+  """`ms_deform_attn` on checked arguments, one compiled program per geometry and settings."""
   return _plan(levels, value, sampling_locations, attention_weights, deterministic_gradients=deterministic_gradients,
                chunk_size=chunk_size, memory_budget=memory_budget)
 

@@ -13,6 +13,7 @@ that leaves it unset.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from deformjax.ops import _args, _engine, _policy
+from deformjax.ops import _args, _engine, _geometry, _policy
 from deformjax.ops._engine import floor_and_fractions
 
 _FN = 'deform_roi_pool'
@@ -274,60 +275,84 @@ def deform_roi_pool(
 
 def _roi_pool(fn: str, features, rois, offsets, *, output_size, spatial_scale, sampling_ratio, gamma, aligned,
               max_sampling_grid, chunk_size, memory_budget, deterministic_gradients) -> jax.Array:
-  """`deform_roi_pool` and `roi_align`, their errors named `fn`: checks, then the pooling (compiled once per shapes)."""
+  """`deform_roi_pool` and `roi_align`, their errors named `fn`: checks, the call's geometry, then the pooling
+  (compiled once per geometry)."""
   checked = _check_args(fn, features, rois, offsets, output_size, spatial_scale, sampling_ratio, aligned,
                         max_sampling_grid)
   _args.check_policy(chunk_size, memory_budget, deterministic_gradients, fn)
-  if sampling_ratio == 0 and max_sampling_grid is None:
-    max_sampling_grid = _concrete_grid(checked, spatial_scale, aligned)
-  return _pool(*checked[:3], output_size=checked[3], spatial_scale=float(spatial_scale),
-               sampling_ratio=int(sampling_ratio), gamma=float(gamma), aligned=bool(aligned),
-               max_sampling_grid=max_sampling_grid and _args.pair(max_sampling_grid, 'max_sampling_grid', fn),
-               chunk_size=chunk_size, memory_budget=memory_budget,
-               deterministic_gradients=bool(deterministic_gradients), fn=fn)
+  geom = _roi_geometry(fn, checked, float(spatial_scale), int(sampling_ratio), float(gamma), bool(aligned),
+                       max_sampling_grid)
+  if geom.empty:  # no RoI, or nothing to pool
+    return _geometry.empty_result(geom)
+  return _pool(*checked[:3], geom=geom, chunk_size=chunk_size, memory_budget=memory_budget,
+               deterministic_gradients=bool(deterministic_gradients))
 
 
-def _concrete_grid(checked, spatial_scale: float, aligned: bool) -> tuple[int, int] | None:
-  """The adaptive grid's static bound where the boxes are concrete (outside jit), else None: `_sampling_grid`'s
-  choice, made here so that the pooling itself compiles once per shapes and bound (`_policy.jit_core`)."""
+@dataclasses.dataclass(frozen=True)
+class _RoiGeometry(_geometry.Geometry):
+  """A `deform_roi_pool` / `roi_align` call's geometry: the feature map, the bins and how each is sampled. `grid` is
+  the adaptive grid's static bound (`_sampling_grid`), None where it covers the feature map."""
+
+  n: int
+  hw: tuple[int, int]
+  out_hw: tuple[int, int]
+  spatial_scale: float
+  sampling_ratio: int
+  gamma: float
+  aligned: bool
+  grid: tuple[int, int] | None
+
+
+def _roi_geometry(fn: str, checked, spatial_scale: float, sampling_ratio: int, gamma: float, aligned: bool,
+                  max_sampling_grid: int | tuple[int, int] | None) -> _RoiGeometry:
+  """The call's `_RoiGeometry`: `[R, out_h, out_w, C]` in `features.dtype`, sampled and summed in the coordinate
+  dtype; empty when there is no RoI or no feature; the adaptive grid's bound from the boxes where they are concrete
+  (outside jit), so that the pooling compiles once per shapes and bound."""
   features, rois, _, (oh, ow) = checked
   n, h, w, c = features.shape
-  known = _concrete(rois)
-  if known is None or known.shape[0] == 0 or n * h * w * c == 0:
-    return None
   cdtype = _args.coordinate_dtype(features.dtype, rois.dtype)
+  extent = _geometry.extent(rois.shape[0], n * h * w * c, n * h * w, fn)
+  grid = None if max_sampling_grid is None else _args.pair(max_sampling_grid, 'max_sampling_grid', fn)
+  if sampling_ratio == 0 and grid is None and not extent['empty']:
+    grid = _concrete_grid(features, rois, (oh, ow), spatial_scale, aligned, cdtype)
+  return _RoiGeometry(out_shape=(rois.shape[0], oh, ow, c), out_dtype=np.dtype(features.dtype), acc_dtype=cdtype,
+                      cdtype=cdtype, **extent, n=n, hw=(h, w), out_hw=(oh, ow), spatial_scale=spatial_scale,
+                      sampling_ratio=sampling_ratio, gamma=gamma, aligned=aligned, grid=grid)
+
+
+def _concrete_grid(features: jax.Array, rois: jax.Array, output_hw: tuple[int, int], spatial_scale: float,
+                   aligned: bool, cdtype: np.dtype) -> tuple[int, int] | None:
+  """The adaptive grid's static bound where the boxes are concrete (outside jit), else None: `_sampling_grid`'s
+  choice, made before the pooling is traced."""
+  (oh, ow), (_, h, w, c) = output_hw, features.shape
+  known = _concrete(rois)
+  if known is None:
+    return None
   _, _, roi_h, roi_w = _boxes(known.astype(cdtype), spatial_scale, aligned, xp=np)
   return _grid_bound(roi_h, roi_w, (oh, ow), (h, w), 4 * known.shape[0] * oh * ow * c * np.dtype(cdtype).itemsize)
 
 
-@_policy.jit_core('output_size', 'spatial_scale', 'sampling_ratio', 'gamma', 'aligned', 'max_sampling_grid',
-                  'chunk_size', 'memory_budget', 'deterministic_gradients', 'fn')
-def _pool(features: jax.Array, rois: jax.Array, offsets: jax.Array | None, *, output_size: tuple[int, int],
-          spatial_scale: float, sampling_ratio: int, gamma: float, aligned: bool,
-          max_sampling_grid: tuple[int, int] | None, chunk_size: int | None, memory_budget: int | None,
-          deterministic_gradients: bool, fn: str) -> jax.Array:
+@_policy.jit_core('geom', 'chunk_size', 'memory_budget', 'deterministic_gradients')
+def _pool(features: jax.Array, rois: jax.Array, offsets: jax.Array | None, *, geom: _RoiGeometry,
+          chunk_size: int | None, memory_budget: int | None, deterministic_gradients: bool) -> jax.Array:
   """`deform_roi_pool` on checked arguments: `[R, out_h, out_w, C]`."""
-  (oh, ow), (n, h, w, c), r = output_size, features.shape, rois.shape[0]
-  if r == 0 or n * h * w * c == 0:
-    return jnp.zeros((r, oh, ow, c), features.dtype)
-
-  cdtype = _args.coordinate_dtype(features.dtype, rois.dtype)
+  (oh, ow), (n, h, w, c), r = geom.out_hw, features.shape, rois.shape[0]
+  cdtype, idx_dtype = geom.cdtype, geom.idx_dtype
   rois = rois.astype(cdtype)
-  y1, x1, roi_h, roi_w = _boxes(rois, spatial_scale, aligned)
-  grid_h, grid_w, grid_max = _sampling_grid(roi_h, roi_w, (oh, ow), (h, w), sampling_ratio, max_sampling_grid,
+  y1, x1, roi_h, roi_w = _boxes(rois, geom.spatial_scale, geom.aligned)
+  grid_h, grid_w, grid_max = _sampling_grid(roi_h, roi_w, (oh, ow), (h, w), geom.sampling_ratio, geom.grid,
                                             bytes_per_grid_cell=4 * r * oh * ow * c * np.dtype(cdtype).itemsize)
-  y, x = _sample_points(y1, x1, roi_h, roi_w, grid_h, grid_w, grid_max, (oh, ow), offsets, gamma)
+  y, x = _sample_points(y1, x1, roi_h, roi_w, grid_h, grid_w, grid_max, (oh, ow), offsets, geom.gamma)
   batch, scale = _sample_scale(rois[:, 0], grid_h, grid_w, grid_max, n)
 
   # Every bin is an output "pixel" of the shared plan, its gh_max x gw_max grid its sample points.
-  idx_dtype = _args.index_dtype(n * h * w, fn)
   points = grid_max[0] * grid_max[1]
   bins = r * oh * ow
   first_row = jnp.broadcast_to((batch.astype(idx_dtype) * (h * w))[:, None, None], (r, oh, ow))
   per_bin = (y.reshape(bins, points), x.reshape(bins, points),
              jnp.broadcast_to(scale, y.shape).reshape(bins, points), first_row.reshape(bins))
   # Read in the coordinate dtype, so the features' gradient accumulates in it (float32 for bf16 features).
-  table = features.reshape(n * h * w, c).astype(cdtype)
+  table = features.reshape(n * h * w, c).astype(geom.acc_dtype)
   sample = functools.partial(_engine.sampled_pass, functools.partial(_engine.sum_points, 1, points), cdtype,
                              bool(deterministic_gradients), table, None)
   itemsize = np.dtype(cdtype).itemsize
@@ -335,7 +360,7 @@ def _pool(features: jax.Array, rois: jax.Array, offsets: jax.Array | None, *, ou
       functools.partial(_bin_corners, (h, w), idx_dtype), sample, per_bin, pixels=bins,
       bytes_per_pixel=points * c * itemsize, point_bytes=points * (np.dtype(idx_dtype).itemsize + itemsize) * 4,
       idx_dtype=idx_dtype, chunk_size=chunk_size, memory_budget=memory_budget)
-  return out.reshape(r, oh, ow, c).astype(features.dtype)
+  return out.reshape(geom.out_shape).astype(geom.out_dtype)
 
 
 def roi_align(

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deformjax.ops import _args, _engine, _policy
+from deformjax.ops import _args, _engine, _geometry, _policy
 
 _FN = 'bilinear_sample'
 
@@ -58,29 +58,36 @@ def bilinear_sample(images: jax.Array, coords: jax.Array) -> jax.Array:
     >>> bilinear_sample(img, jnp.array([[[1.0, 1.5], [-5.0, 0.0]]]))[0, :, 0].tolist()
     [5.5, 0.0]
   """
-  return _bilinear_sample(*_check_args(images, coords))
+  images, coords = _check_args(images, coords)
+  geom = _sample_geometry(images, coords)
+  if geom.empty:
+    return _geometry.empty_result(geom)
+  return _bilinear_sample(images, coords, geom=geom)
 
 
-@_policy.jit_core()
-def _bilinear_sample(images: jax.Array, coords: jax.Array) -> jax.Array:
-  """`bilinear_sample` on checked arrays, one compiled program per shapes."""
-  batch = images.shape[:-3]
-  h, w, c = images.shape[-3:]
-  p = coords.shape[-2]
+def _sample_geometry(images: jax.Array, coords: jax.Array) -> _geometry.Geometry:
+  """The call's geometry: `[..., P, C]` in `images.dtype`, read and summed in the coordinate dtype; empty when
+  there is no point, no channel or no pixel."""
+  batch, (h, w, c), p = images.shape[:-3], images.shape[-3:], coords.shape[-2]
   b = math.prod(batch)  # an int, or a jax.export symbolic dimension
-  if _args.known_le(b * p * c, 0) or _args.known_le(h * w, 0):
-    return jnp.zeros(batch + (p, c), images.dtype)
-  idx_dtype = _args.index_dtype(b * h * w, _FN)
   cdtype = _args.coordinate_dtype(images.dtype, coords.dtype)
-  acc_dtype = cdtype
-  coords = coords.reshape(b, p, 2).astype(cdtype)
-  indices, weights = _engine.bilinear_corners(coords[..., 0], coords[..., 1], h, w, idx_dtype)
+  return _geometry.Geometry(out_shape=batch + (p, c), out_dtype=np.dtype(images.dtype), acc_dtype=cdtype,
+                            cdtype=cdtype, **_geometry.extent(b * p * c, h * w, b * h * w, _FN))
+
+
+@_policy.jit_core('geom')
+def _bilinear_sample(images: jax.Array, coords: jax.Array, *, geom: _geometry.Geometry) -> jax.Array:
+  """`bilinear_sample` on checked arrays, one compiled program per geometry."""
+  batch, (h, w, c), p = images.shape[:-3], images.shape[-3:], coords.shape[-2]
+  b = math.prod(batch)
+  coords = coords.reshape(b, p, 2).astype(geom.cdtype)
+  indices, weights = _engine.bilinear_corners(coords[..., 0], coords[..., 1], h, w, geom.idx_dtype)
   # One flat table over the batch turns a batched gather into a plain row gather.
-  image_start = (jnp.arange(b, dtype=idx_dtype) * (h * w))[:, None]
+  image_start = (jnp.arange(b, dtype=geom.idx_dtype) * (h * w))[:, None]
   indices = tuple(i + image_start for i in indices)
   table = images.reshape(b * h * w, c)
-  out = _engine.gather_corners(table, indices, weights, acc_dtype)
-  return out.astype(images.dtype).reshape(batch + (p, c))
+  out = _engine.gather_corners(table, indices, weights, geom.acc_dtype)
+  return out.astype(geom.out_dtype).reshape(geom.out_shape)
 
 
 __all__ = ['bilinear_sample']
