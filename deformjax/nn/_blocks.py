@@ -92,6 +92,7 @@ def deform_conv_block(inputs: jax.Array, offsets: jax.Array | None, mask: jax.Ar
     if offset_conv is None:
       raise ValueError(f'{name}: offsets are required when the layer has no predictor (predict_offsets=False)')
     assert offset_groups is not None, 'check_deform_conv_args: a predictor needs offset_groups'
+    _common.check_geometry(inputs, kernel_size, strides, padding, dilation, name)
     taps = offset_groups * kernel_size[0] * kernel_size[1]
     offsets, predicted_mask = _common.split_prediction(offset_conv(inputs), taps * 2, modulated, offset_scale,
                                                        max_offset)

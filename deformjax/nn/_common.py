@@ -183,17 +183,12 @@ def check_padding(padding: _args.PaddingLike, name: str) -> None:
 
 def check_geometry(inputs: jax.Array, kernel_hw: Sequence[int], strides: tuple[int, int],
                    padding: _args.PaddingLike, dilation: tuple[int, int], name: str) -> None:
-  """An input too small for the (dilated) kernel is named here, before the offset predictor runs."""
+  """An input too small for the (dilated) kernel, refused under the layer's name before its offset predictor (a
+  plain conv, which would fail on it without naming the cause) runs: the op's own window check."""
   if isinstance(padding, str) and padding.upper() in _PADDING_MODES:
     return  # padded by the kernel's own extent: every input size has outputs
-  from deformjax.ops.deform_conv import output_size
-
-  try:
-    (h, w), (kh, kw) = inputs.shape[-3:-1], kernel_hw
-    output_size((h, w), (kh, kw), strides, padding, dilation)
-  except ValueError as e:  # the op's message, under the layer's name
-    raise ValueError(f'{name}: {str(e).split(": ", 1)[-1]}') from None
-
+  (h, w), (kh, kw) = inputs.shape[-3:-1], kernel_hw
+  _args.conv_window((h, w), (kh, kw), strides, padding, dilation, name)
 
 
 def num_taps(kernel_size: int, remove_center: bool) -> int:

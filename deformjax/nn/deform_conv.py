@@ -225,7 +225,6 @@ class DeformConv(nnx.Module):
     if self.offset_groups is not None:  # else the op infers it from the offsets, and checks the mask
       taps = self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
       _common.check_modulation(mask, taps, self.kernel_shape, name)
-    _common.check_geometry(inputs, self.kernel_size, self.strides, self.padding, self.kernel_dilation, name)
     kernel = self.kernel[...] if self.mask is None else self.kernel[...] * self.mask
     y, offsets, mask = _blocks.deform_conv_block(
         inputs, offsets, mask, kernel, None if self.bias is None else self.bias[...], self.offset_conv,

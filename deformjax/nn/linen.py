@@ -85,7 +85,6 @@ class DeformConv(nn.Module):
     strides, dilation = _common.conv_geometry(self.strides, self.input_dilation, self.kernel_dilation, name)
     _common.check_padding(self.padding, name)
     _common.check_policy(self.chunk_size, self.memory_budget, self.deterministic_gradients, name)
-    _common.check_geometry(inputs, (kh, kw), strides, self.padding, dilation, name)
     in_features, groups = inputs.shape[-1], self.feature_group_count
     _blocks.check_deform_conv_args(name, in_features, self.features, groups, self.offset_groups, self.max_offset,
                                    self.predict_offsets)
