@@ -258,3 +258,16 @@ def test_deform_conv_takes_a_numpy_integer_padding_as_an_int():
   by_numpy = dnn.DeformConv(4, 4, 3, padding=np.int64(1), rngs=nnx.Rngs(0))
   by_int = dnn.DeformConv(4, 4, 3, padding=1, rngs=nnx.Rngs(0))
   np.testing.assert_array_equal(by_numpy(x), by_int(x))
+
+
+def test_an_input_smaller_than_the_kernel_is_named_once_by_the_layer_or_its_op():
+  """The layer names it where its offset predictor would run first; given the offsets, the op checks the window."""
+  x, off = jnp.ones((1, 5, 5, 4), jnp.float32), jnp.zeros((1, 1, 1, 98), jnp.float32)
+  message = r'padded input H = 5\+0\+0 is smaller than the dilated kernel \(7\)'
+  with pytest.raises(ValueError, match='^DeformConv: ' + message):
+    dnn.DeformConv(4, 6, 7, padding='VALID', rngs=nnx.Rngs(0))(x)
+  layer = dnn.DeformConv(4, 6, 7, padding='VALID', predict_offsets=False, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='^deform_conv2d: ' + message):
+    layer(x, off)
+  with pytest.raises(ValueError, match='^deform_conv2d: ' + message):
+    dlinen.DeformConv(6, 7, padding='VALID', predict_offsets=False).init(jax.random.key(0), x, off)
