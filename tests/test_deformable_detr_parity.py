@@ -57,7 +57,7 @@ def _perturbed_model(torch, config):
   return model
 
 
-def _proposal_embedding_in_model_dtype(self, proposals):
+def proposal_embedding_in_model_dtype(self, proposals):
   """transformers' `get_proposal_pos_embed` computes in float32 whatever the model's dtype; the float64 comparison
   computes it in float64 (as DeformableDetr does for float64 inputs)."""
   torch = pytest.importorskip('torch')
@@ -101,7 +101,7 @@ def case(request):
                                       pixel_mask=torch.tensor(mask)), fields)
     model = model.double()
     with pytest.MonkeyPatch.context() as patch:
-      patch.setattr(type(model.model), 'get_proposal_pos_embed', _proposal_embedding_in_model_dtype)
+      patch.setattr(type(model.model), 'get_proposal_pos_embed', proposal_embedding_in_model_dtype)
       result['want64'] = _outputs(model(pixel_values=torch.tensor(x, dtype=torch.float64),
                                         pixel_mask=torch.tensor(mask)), fields)
     result['state64'] = {k: v.numpy() for k, v in model.state_dict().items()}
