@@ -290,9 +290,9 @@ def _chunked(corners, sample, pixels, cap: int, point_bytes: int, idx_dtype, arr
   chunk, per_block, num_blocks = _chunk_layout(pixels, cap, point_bytes)
   block = per_block * chunk
   padded = num_blocks * block
-  blocks = jax.tree.map(
-      lambda a: jnp.pad(a, ((0, padded - pixels),) + ((0, 0),) * (a.ndim - 1)).reshape((num_blocks, block) + a.shape[1:]),
-      arrays)
+  pad_and_block = lambda a: jnp.pad(a, ((0, padded - pixels),) + ((0, 0),) * (a.ndim - 1)).reshape(
+      (num_blocks, block) + a.shape[1:])
+  blocks = jax.tree.map(pad_and_block, arrays)
   per_chunk = lambda corner_arrays: jax.tree.map(lambda a: a.reshape(per_block, -1), corner_arrays)
   # prevent_cse=False is safe inside lax.map (scan already keeps the
   # rematerialised body from being merged with the forward one).
@@ -382,6 +382,6 @@ def summed_passes(
       memory_budget=memory_budget)
 
 
-__all__ = ['INDEX_BLOCK_BYTES', 'bilinear_corners', 'corner_bytes', 'corner_rows', 'floor_and_fractions', 'gather_corners',
-           'image_corners', 'output_pixels', 'run_passes', 'sample_and_contract', 'sampled_pass',
+__all__ = ['INDEX_BLOCK_BYTES', 'bilinear_corners', 'corner_bytes', 'corner_rows', 'floor_and_fractions',
+           'gather_corners', 'image_corners', 'output_pixels', 'run_passes', 'sample_and_contract', 'sampled_pass',
            'sorted_segment_sum', 'sum_points', 'summed_passes']
