@@ -288,38 +288,46 @@ def test_coco_evaluation_with_one_box_missing_is_the_101_point_value():
 
 @pytest.mark.slow
 def test_detection_study_runlocal_trains_evaluates_and_writes(tmp_path):
-  """The study end to end at its runlocal config: two steps, COCO evaluation, the result files and the plot."""
+  """The study end to end at its runlocal config, through the train system: two steps, COCO evaluation, the
+  result files and the picture of the top detections."""
   pytest.importorskip('scipy')
   pytest.importorskip('pycocotools')
   pytest.importorskip('sklearn')
-  pytest.importorskip('optax')
   from experiments import detection as study
 
-  with jax.numpy_dtype_promotion('standard'):  # optax's updates mix weak floats and int32 step counts
-    result = study.main(['--config', f'{study.DEFAULT_CONFIG}:runlocal', '--out', str(tmp_path)])
-  assert result['train']['steps'] == 2 and len(result['train']['history']) == 2
-  assert np.isfinite(result['train']['history'][-1]['loss'])
-  assert 0.0 <= result['test']['AP50'] <= 1.0
+  result = study.main(['--config', f'{study.DEFAULT_CONFIG}:runlocal', '--config.progress=false', '--out',
+                       str(tmp_path), '--plot_images=2'])
+  assert result['steps'] == 2 and len(result['train_history']) == 2
+  assert np.isfinite(result['train_history'][-1]['loss'])
+  assert 0.0 <= result['eval']['baseline']['AP50'] <= 1.0
   assert {p.name for p in tmp_path.iterdir()} >= {'detection_canvas.json', 'detection_canvas.md',
                                                   'detection_canvas.png'}
+  assert '| 0.5 | 2 |' in (tmp_path / 'detection_canvas.md').read_text()  # the final evaluation's row
 
 
 def test_detection_study_config_and_table():
-  """The fast sibling of the runlocal run: both configs build a detector config the model accepts, and the table
-  renders a result."""
+  """The fast sibling of the runlocal run: both configs are valid train configs whose detector the model accepts,
+  and the table renders every evaluation of a result."""
+  from deformjax.train import validate
   from experiments import detection as study
   from experiments.configs import detection as configs
 
   for arg in (None, 'runlocal'):
     cfg = configs.get_config(arg)
-    assert cfg.detector['with_box_refine'] and cfg.detector['num_labels'] == 10
-    assert cfg.data.digit_size[1] <= cfg.data.size
+    validate(cfg, 1)
+    assert cfg.task == 'detection' and cfg.detector.with_box_refine
+    assert cfg.canvas.digit_size[1] <= cfg.canvas.size
   with pytest.raises(ValueError, match="'' or 'runlocal'"):
     configs.get_config('mnist')
-  result = {'parameters': 10, 'config': configs.get_config('runlocal').to_dict(),
-            'train': {'steps': 2, 'train_seconds': 1.0, 'train_cpu_seconds': 1.5, 'seconds_per_step': 0.5},
-            'test': {'AP': 0.25, 'AP50': 0.5, 'eval_seconds': 1.0}}
-  assert '| 0.250 | 0.500 |' in study.table(result)
+  metrics = {'AP': 0.25, 'AP50': 0.5, 'AP75': 0.125, 'AR100': 0.75, 'loss': 2.0}
+  result = {'parameters': 10, 'config': configs.get_config().to_dict(), 'steps': 750, 'steps_per_epoch': 375,
+            'seconds_per_step': 0.1, 'first_step_seconds': 20.0,
+            'eval_history': [{'step': 375, 'epoch': 1, 'seconds': 60.0, 'baseline': dict(metrics, AP50=0.25)}],
+            'eval': {'baseline': metrics}}
+  text = study.table(result)
+  assert '| 1 | 375 | 60 | 0.250 | 0.250 | 0.125 | 0.750 | 2.000 |' in text
+  assert '| 2 | 750 |  | 0.250 | 0.500 | 0.125 | 0.750 | 2.000 |' in text
+  assert 'every 2 epochs and at the end' in text
 
 
 # --- the train system's task ---------------------------------------------------------------------------------------

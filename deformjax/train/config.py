@@ -22,8 +22,13 @@ from deformjax.models.classifiers import (
 )
 from deformjax.ops._args import is_int, is_real
 
-__all__ = ['FIELDS', 'ConfigError', 'Field', 'augment_config', 'base_config', 'field_table', 'fields_help', 'model_label',
-           'validate']
+__all__ = ['DETECTOR_MODEL', 'FIELDS', 'TASKS', 'ConfigError', 'Field', 'augment_config', 'base_config', 'canvas_config', 'detector_config',
+           'field_table', 'fields_help', 'model_label', 'validate']
+
+#: The values of `config.task`.
+TASKS = ('classification', 'detection')
+#: The built-in detector: `config.model` of `config.task='detection'`.
+DETECTOR_MODEL = 'deformable_detr'
 
 
 class ConfigError(ValueError):
@@ -47,13 +52,70 @@ def augment_config(max_rotation_deg: float = 0.0, max_shift: float = 0.0,
            scale_range=tuple(float(s) for s in scale_range)))
 
 
+def detector_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """The built-in detector, `config.model='deformable_detr'`: transformers' `DeformableDetrConfig` fields.
+
+  The default is a small Deformable DETR for 48x48 digit canvases: a four-stage ResNet of basic blocks (widths
+  16-128, one block each) whose last three stages feed one encoder and two decoder layers of width 64, 12 queries
+  and iterative box refinement. `num_labels` is set from the data. The matching costs and loss weights are
+  transformers' (`class_cost`, `bbox_cost`, `giou_cost`, `focal_alpha`, `bbox_loss_coefficient`,
+  `giou_loss_coefficient`); `two_stage` adds the encoder's loss terms.
+
+  Args:
+    **overrides: fields replacing the defaults (any `DeformableDetrConfig` field).
+
+  Returns:
+    A ConfigDict (`.to_dict()` is what `deformjax.models.DeformableDetr` takes).
+  """
+  width = 16
+  config = {
+      'backbone_config': {'model_type': 'resnet', 'embedding_size': width,
+                          'hidden_sizes': [width, 2 * width, 4 * width, 8 * width], 'depths': [1, 1, 1, 1],
+                          'layer_type': 'basic', 'out_features': ['stage1', 'stage2', 'stage3']},
+      'use_timm_backbone': False, 'd_model': 64, 'encoder_layers': 1, 'decoder_layers': 2,
+      'encoder_attention_heads': 4, 'decoder_attention_heads': 4, 'encoder_ffn_dim': 128, 'decoder_ffn_dim': 128,
+      'encoder_n_points': 4, 'decoder_n_points': 4, 'num_feature_levels': 3, 'num_queries': 12,
+      'with_box_refine': True, 'two_stage': False, 'dropout': 0.0, 'auxiliary_loss': True,
+      'class_cost': 1, 'bbox_cost': 5, 'giou_cost': 2, 'focal_alpha': 0.25, 'bbox_loss_coefficient': 5,
+      'giou_loss_coefficient': 2,
+  }
+  return ml_collections.ConfigDict({**config, **overrides})
+
+
+def canvas_config(size: int = 48, num_digits: tuple[int, int] = (1, 3), digit_size: tuple[int, int] = (12, 20),
+                  max_overlap: float = 0.1, train_images: int = 6000, test_images: int = 500,
+                  seed: int = 0) -> ml_collections.ConfigDict:
+  """The detection data of `config.task='detection'`: `config.dataset`'s digits on blank canvases.
+
+  Args:
+    size: the canvases' side in pixels.
+    num_digits: (min, max) digits per canvas (max is the padded number of targets).
+    digit_size: (min, max) side of a digit in pixels.
+    max_overlap: the largest IoU between two digits' boxes.
+    train_images: canvases made from the train digits.
+    test_images: canvases made from the test digits (no digit image in both).
+    seed: fixes the canvases (the same for every training seed).
+
+  Returns:
+    A ConfigDict of these fields (`deformjax.data.digit_canvases`' arguments).
+  """
+  return ml_collections.ConfigDict(dict(size=size, num_digits=tuple(num_digits), digit_size=tuple(digit_size),
+                                        max_overlap=float(max_overlap), train_images=train_images,
+                                        test_images=test_images, seed=seed))
+
+
+def _identity_eval_sets() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({'baseline': augment_config()})
+
+
 @dataclasses.dataclass(frozen=True)
 class Field:
   """One config field: its name, default and meaning (the source of `base_config`, `--help` and the docs' table).
 
   Attributes:
     name: the field (`--config.NAME=VALUE`).
-    default: its value in `base_config()`; a ConfigDict for a group of fields (`train_augment`, `eval_sets`).
+    default: its value in `base_config()`; for a group of fields (`train_augment`, `detector`, ...) the function
+      that makes the group's ConfigDict.
     meaning: one sentence on what it sets and the values it takes.
     type: the value type of a field whose default is None (an `ml_collections.FieldReference`'s `field_type`).
   """
@@ -66,19 +128,26 @@ class Field:
 
 # Every field of `base_config()`, in the order `--help` and docs/training.md list them.
 FIELDS: tuple[Field, ...] = (
+    Field('task', 'classification', "'classification' (single- or multi-label, as the labels are) or 'detection' "
+          "(boxes: Deformable DETR's loss, COCO's AP)"),
     Field('dataset', 'digits', "a built-in dataset: 'digits' or 'mnist5k' (embedded, 28x28), or TFDS 'mnist', "
           "'fashion_mnist', 'cifar10', 'coco9' (multi-label); ignored when train() is given sources"),
     Field('data_dir', None, 'where a TFDS dataset is prepared; None: TFDS_DATA_DIR or ~/tensorflow_datasets', str),
     Field('num_classes', 0, "classes of data given as sources; 0: read from the labels (the built-in datasets know "
           'theirs)'),
-    Field('model', 'conv5', "a built-in model: 'conv5', 'cifarnet', 'internimage', 'flash_internimage'; ignored "
-          'when train() is given model='),
+    Field('model', 'conv5', "a built-in model: 'conv5', 'cifarnet', 'internimage', 'flash_internimage', or "
+          "'deformable_detr' (task 'detection'); ignored when train() is given model="),
     Field('preset', 'micro', "the size of 'internimage' / 'flash_internimage': 'micro', 't', 's', 'b'"),
     Field('deformable', '2', "'none', 'all' or how many of the last convs of 'conv5' / 'cifarnet' are deformable"),
     Field('modulated', False, 'DCNv2 modulation of the deformable convs (conv unset)'),
     Field('conv', None, "the deformable conv: 'dcnv1', 'dcnv2', 'dcnv3', 'dcnv4'; None: 'dcnv2' if modulated "
           "else 'dcnv1'", str),
     Field('dropout', 0.0, "dropout rate before the classifier head of 'conv5'"),
+    Field('detector', detector_config, "the 'deformable_detr' model: transformers' DeformableDetrConfig fields "
+          '(.d_model, .num_queries, .decoder_layers, .backbone_config, the loss weights ...); num_labels comes from '
+          'the data'),
+    Field('canvas', canvas_config, "task 'detection' without sources: the dataset's digits on canvases (.size, "
+          '.num_digits, .digit_size, .max_overlap, .train_images, .test_images, .seed)'),
     Field('dtype', 'float32', "compute dtype of the built-in models: 'float32', 'bfloat16', 'float16' "
           '(parameters stay float32)'),
     Field('optimizer', 'adam', "'adam', 'adamw' (with weight_decay) or 'sgd' (momentum 0.9)"),
@@ -87,6 +156,8 @@ FIELDS: tuple[Field, ...] = (
     Field('schedule', 'step', "'constant', 'step' (times step_gamma every step_epochs) or 'cosine' (to 0)"),
     Field('step_epochs', 5, "epochs between decays of the 'step' schedule"),
     Field('step_gamma', 0.7, "decay factor of the 'step' schedule"),
+    Field('warmup_steps', 0, 'steps over which the learning rate rises linearly to the schedule'),
+    Field('grad_clip', 0.0, 'clip the gradient to this global norm; 0: no clipping'),
     Field('epochs', 14, 'epochs to train (steps > 0 overrides)'),
     Field('steps', 0, 'steps to train when > 0, instead of epochs'),
     Field('batch_size', 64, 'global batch, across every device and process'),
@@ -94,10 +165,10 @@ FIELDS: tuple[Field, ...] = (
     Field('num_seeds', 1, 'seeds seed .. seed+num_seeds-1 trained together in one run, each as if alone'),
     Field('seed_batching', 'auto', "'auto', 'vmap' (one batched step) or 'loop' (one program per seed in turn)"),
     Field('data_placement', 'auto', "'auto' (the devices when the train split fits in 1 GiB), 'device' or 'host'"),
-    Field('train_augment', None, 'random affine augmentation of training: .max_rotation_deg, .max_shift (pixels), '
-          '.scale_range (low, high)'),
-    Field('eval_sets', None, 'named test sets, each a fixed random affine of the test split (fields as '
-          'train_augment\'s): --config.eval_sets.baseline.max_shift=2'),
+    Field('train_augment', augment_config, 'random affine augmentation of training: .max_rotation_deg, '
+          '.max_shift (pixels), .scale_range (low, high)'),
+    Field('eval_sets', _identity_eval_sets, 'named test sets, each a fixed random affine of the test split (fields '
+          "as train_augment's): --config.eval_sets.baseline.max_shift=2"),
     Field('eval_batch_size', 256, 'global batch of evaluation'),
     Field('eval_every_epochs', 0, 'evaluate every this many epochs; 0: at the end only'),
     Field('log_every', 50, 'steps between train-metric log lines (metrics.jsonl, progress bar)'),
@@ -114,10 +185,8 @@ def base_config() -> ml_collections.ConfigDict:
   on the embedded digits, with the last two of five convs deformable. Every field is in `FIELDS`."""
   c = ml_collections.ConfigDict()
   for f in FIELDS:
-    if f.name == 'train_augment':
-      c.train_augment = augment_config()
-    elif f.name == 'eval_sets':
-      c.eval_sets = ml_collections.ConfigDict({'baseline': augment_config()})
+    if callable(f.default):
+      c[f.name] = f.default()
     elif f.default is None:
       c[f.name] = ml_collections.FieldReference(None, field_type=f.type)
     else:
@@ -126,7 +195,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _default_text(f: Field) -> str:
-  return {'train_augment': 'identity', 'eval_sets': "{'baseline': identity}"}.get(f.name, repr(f.default))
+  groups = {'train_augment': 'identity', 'eval_sets': "{'baseline': identity}", 'detector': 'detector_config()',
+            'canvas': 'canvas_config()'}
+  return groups.get(f.name, repr(f.default))
 
 
 def field_table() -> str:
@@ -165,6 +236,9 @@ def model_label(cfg: ml_collections.ConfigDict) -> str:
   """
   if cfg.model in PRESET_MODELS:
     return f"{cfg.model} {cfg.get('preset', 'micro')}"
+  if cfg.model == DETECTOR_MODEL:
+    d = cfg.detector
+    return f'{DETECTOR_MODEL} d{d.d_model} q{d.num_queries}' + (' two-stage' if d.get('two_stage') else '')
   num_convs = _num_convs(cfg.model)
   n = resolve_deformable(cfg.deformable, num_convs)
   if n == 0:
@@ -194,13 +268,14 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int, *, dataset: bool
     dataset: check the built-in dataset fields (False when the data is given as sources).
     model: check the built-in model fields (False when a model of your own is given).
   """
+  _check_task(cfg, dataset=dataset, model=model)
   if dataset and cfg.dataset not in DATASETS:
     raise ConfigError(f"config.dataset: unknown dataset {cfg.dataset!r}; choose one of {', '.join(sorted(DATASETS))}")
   num_classes = cfg.get('num_classes', 0)
   if not is_int(num_classes) or num_classes < 0:
     raise ConfigError(f'config.num_classes must be 0 (read from the labels) or a positive int, got '
                       f'{num_classes!r}')
-  if model and cfg.model not in MODELS:
+  if model and cfg.model not in MODELS and cfg.model != DETECTOR_MODEL:
     raise ConfigError(f"config.model: unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
   if cfg.workdir is not None and os.path.exists(os.path.expanduser(cfg.workdir)) \
       and not os.path.isdir(os.path.expanduser(cfg.workdir)):
@@ -226,6 +301,10 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int, *, dataset: bool
     raise ConfigError(f"config.schedule must be 'constant', 'step' or 'cosine', got {cfg.schedule!r}")
   if not cfg.learning_rate > 0:
     raise ConfigError(f'config.learning_rate must be positive, got {cfg.learning_rate!r}')
+  if not (is_real(cfg.grad_clip) and math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0):
+    raise ConfigError(f'config.grad_clip must be a finite number >= 0 (0: no clipping), got {cfg.grad_clip!r}')
+  if not is_int(cfg.warmup_steps) or cfg.warmup_steps < 0:
+    raise ConfigError(f'config.warmup_steps must be an int >= 0, got {cfg.warmup_steps!r}')
   if not is_int(cfg.log_every) or cfg.log_every < 1:
     raise ConfigError(f'config.log_every must be a positive int, got {cfg.log_every!r}')
   augments = {'train_augment': cfg.train_augment, **{f'eval_sets.{k}': v for k, v in cfg.eval_sets.items()}}
@@ -242,8 +321,34 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int, *, dataset: bool
                       "data_placement='host' feeds one order only: use 'auto' or 'device', or num_seeds=1")
   if cfg.dtype not in ('float32', 'bfloat16', 'float16'):
     raise ConfigError(f"config.dtype must be 'float32', 'bfloat16' or 'float16', got {cfg.dtype!r}")
-  if model:
+  if model and cfg.model != DETECTOR_MODEL:
     _check_model_fields(cfg)
+
+
+def _is_identity(aug: ml_collections.ConfigDict) -> bool:
+  return aug.max_rotation_deg == 0 and aug.max_shift == 0 and tuple(aug.scale_range) == (1.0, 1.0)
+
+
+def _check_task(cfg: ml_collections.ConfigDict, *, dataset: bool, model: bool) -> None:
+  """`config.task` and what it needs: a detector and canvases of digits for 'detection', no warp of the images
+  (their boxes would not follow)."""
+  if cfg.task not in TASKS:
+    raise ConfigError(f"config.task must be one of {', '.join(map(repr, TASKS))}, got {cfg.task!r}")
+  if cfg.task != 'detection':
+    if model and cfg.model == DETECTOR_MODEL:
+      raise ConfigError(f"config.model={DETECTOR_MODEL!r} is a detector: set config.task='detection'")
+    return
+  if model and cfg.model != DETECTOR_MODEL:
+    raise ConfigError(f"config.task='detection' trains a detector: set config.model={DETECTOR_MODEL!r} (configured by "
+                      f'config.detector), or pass model= a detector of your own; got config.model={cfg.model!r}')
+  if dataset and cfg.dataset not in ('digits', 'mnist5k'):
+    raise ConfigError(f"config.task='detection' places the digits of config.dataset on canvases: 'digits' or "
+                      f"'mnist5k', got {cfg.dataset!r} (or pass sources= detection data of your own)")
+  augments = {'train_augment': cfg.train_augment, **{f'eval_sets.{k}': v for k, v in cfg.eval_sets.items()}}
+  for name, aug in augments.items():
+    if not _is_identity(aug):
+      raise ConfigError(f"config.{name} warps the images, and detection boxes would not follow: keep it the "
+                        "identity with config.task='detection'")
 
 
 def _check_model_fields(cfg: ml_collections.ConfigDict) -> None:

@@ -20,14 +20,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from deformjax.data.canvas import DetectionCanvases, digit_canvases
 from deformjax.data.sources import DataError, DatasetSpec, RandomAccessSource, get_spec, load_source
+from deformjax.detection.task import Detection
 from deformjax.models.classifiers import build_model
+from deformjax.models.deformable_detr import DeformableDetr
 from deformjax.ops._args import is_int
 from deformjax.train import feeding
 from deformjax.train import mesh as mesh_lib
 from deformjax.train._progress import progress_bar
 from deformjax.train.checkpoint import Checkpointer
-from deformjax.train.config import ConfigError, model_label, validate
+from deformjax.train.config import DETECTOR_MODEL, ConfigError, model_label, validate
 from deformjax.train.metrics import Accumulator
 from deformjax.train.steps import Trainer, augment_arrays, host_array, make_trainer, seed_slice
 from deformjax.train.task import Task, default_task, infer_task
@@ -155,11 +158,29 @@ def format_summary(results: dict[str, dict[str, Any]], columns: dict[str, str] |
 def model_factory(cfg: ml_collections.ConfigDict, spec: DatasetSpec) -> Callable[[int], nnx.Module]:
   """`seed -> model` for the built-in model `cfg` describes on data of `spec`, its parameters drawn from `seed`."""
 
+  if cfg.model == DETECTOR_MODEL:
+    return _detector_factory(cfg, spec)
+
   def build(seed: int) -> nnx.Module:
     return build_model(cfg.model, in_features=spec.image_shape[-1], num_classes=spec.num_classes,
                        image_size=spec.image_shape[0], deformable=cfg.deformable, modulated=cfg.modulated,
                        conv=cfg.get('conv'), preset=cfg.get('preset', 'micro'),
                        dropout=cfg.dropout, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(seed))
+
+  return build
+
+
+def _detector_factory(cfg: ml_collections.ConfigDict, spec: DatasetSpec) -> Callable[[int], nnx.Module]:
+  """`seed -> DeformableDetr` of `cfg.detector`, with `num_labels` the classes of `spec`."""
+  config = {**cfg.detector.to_dict(), 'num_labels': spec.num_classes}
+  if spec.image_shape[-1] != 3:
+    raise ConfigError(f'config.detector: its backbone reads 3 channels, and the images have {spec.image_shape[-1]}')
+
+  def build(seed: int) -> nnx.Module:
+    try:
+      return DeformableDetr(config, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(seed))
+    except ValueError as e:
+      raise ConfigError(f'config.detector: {e}') from None
 
   return build
 
@@ -257,6 +278,8 @@ class _Run:
 def _data(cfg: ml_collections.ConfigDict, sources: tuple[RandomAccessSource, RandomAccessSource] | None,
           task: Task | None) -> tuple[DatasetSpec, Task, RandomAccessSource, RandomAccessSource]:
   """`(spec, task, train, test)`: the built-in dataset `cfg.dataset`, or `sources` described from their own data."""
+  if sources is None and cfg.task == 'detection':
+    return _canvases(cfg, task)
   if sources is None:
     spec = get_spec(cfg.dataset)
     train_src = load_source(cfg.dataset, spec.splits[0], cfg.data_dir)
@@ -266,12 +289,49 @@ def _data(cfg: ml_collections.ConfigDict, sources: tuple[RandomAccessSource, Ran
     raise ConfigError(f'sources= must be (train, test), two sources (deformjax.data.ArraySource), got '
                       f'{type(sources).__name__}')
   train_src, test_src = (_as_source(s, what) for s, what in zip(sources, ('train', 'test')))
-  task = infer_task(train_src) if task is None else task
+  if task is None:
+    task = _detection_task(cfg, train_src) if cfg.get('task') == 'detection' else infer_task(train_src)
   try:
     spec = task.describe(train_src, test_src, cfg.get('num_classes', 0))
   except ValueError as e:
     raise DataError(f'sources: {e}') from None
   return spec, task, train_src, test_src
+
+
+def _detection_task(cfg: ml_collections.ConfigDict, train_src: RandomAccessSource) -> Detection:
+  """The detection task of `cfg.detector`, its targets padded as the records' are."""
+  try:
+    max_targets = len(train_src[0]['class_labels'])
+  except (KeyError, TypeError, IndexError):
+    raise DataError("sources: config.task='detection' needs records with image, class_labels, boxes and "
+                    'label_mask (as deformjax.data.digit_canvases makes them)') from None
+  return Detection.from_config(cfg.detector.to_dict(), max_targets)
+
+
+def canvas_sources(cfg: ml_collections.ConfigDict) -> tuple[DetectionCanvases, DetectionCanvases]:
+  """`(train, test)`: the detection data of `config.task='detection'`, `cfg.dataset`'s digits on canvases.
+
+  Args:
+    cfg: a config with `dataset` ('digits' or 'mnist5k') and `canvas` (see `deformjax.train.config.canvas_config`).
+
+  Returns:
+    The train and test canvases (`deformjax.data.digit_canvases`), made from disjoint digits.
+  """
+  c = cfg.canvas
+  kw = dict(size=c.size, num_digits=tuple(c.num_digits), digit_size=tuple(c.digit_size), source=cfg.dataset,
+            max_overlap=c.max_overlap, seed=c.seed)
+  return digit_canvases('train', c.train_images, **kw), digit_canvases('test', c.test_images, **kw)
+
+
+def _canvases(cfg: ml_collections.ConfigDict,
+              task: Task | None) -> tuple[DatasetSpec, Task, RandomAccessSource, RandomAccessSource]:
+  """The built-in detection data as `_data` returns it: spec, task, train and test canvases."""
+  train_src, test_src = canvas_sources(cfg)
+  task = _detection_task(cfg, train_src) if task is None else task
+  digits = get_spec(cfg.dataset)
+  spec = task.describe(train_src, test_src, digits.num_classes)
+  return dataclasses.replace(spec, name=f'{cfg.dataset} canvases', class_names=digits.class_names), task, \
+      train_src, test_src
 
 
 def _as_source(source: Any, what: str) -> RandomAccessSource:
@@ -338,8 +398,7 @@ def _restore(run: _Run, echo: Callable[[str], object]) -> tuple[Checkpointer | N
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=cfg.keep_checkpoints)
   run_file = os.path.join(workdir, 'run.json')
-  identity = {**{k: cfg.get(k) for k in _RUN_FIELDS}, 'task': run.task.name,
-              **({'user_model': run.label} if run.user_model else {})}
+  identity = _run_identity(run)
   start = 0
   if ckpt.latest_step() is not None:
     _check_same_run(workdir, run_file, identity)
@@ -367,6 +426,7 @@ class _History:
   eval: list = dataclasses.field(default_factory=list)
   first_step_seconds: float | None = None
   seconds_per_step: float | None = None
+  started: float = dataclasses.field(default_factory=time.perf_counter)  # when this process began its steps
 
 
 class _EpochOrder:
@@ -417,6 +477,8 @@ def _evaluate_in_loop(run: _Run, history: _History, metrics_path: str | None, do
   res = run.evaluate(run.state)
   seconds = time.perf_counter() - t0
   history.eval.append({'step': done, 'epoch': done // run.steps_per_epoch,
+                       # wall time since this process's first step, earlier evaluations included
+                       'seconds': round(t0 - history.started, 1),
                        **({'seeds': res} if isinstance(res, list) else res)})
   _log_eval(metrics_path, done, run.seeds, res)
   return seconds
@@ -587,8 +649,20 @@ def train(cfg: ml_collections.ConfigDict, *, model: Callable[[nnx.Rngs], nnx.Mod
 
 # The config fields that decide what a checkpoint holds and whose run it is; a
 # workdir's run.json records them, and a resume with other values is refused.
-_RUN_FIELDS = ('dataset', 'model', 'preset', 'deformable', 'modulated', 'conv', 'dtype', 'optimizer', 'seed',
-               'num_seeds')
+_RUN_FIELDS = ('dataset', 'model', 'preset', 'deformable', 'modulated', 'conv', 'dtype', 'optimizer', 'grad_clip',
+               'seed', 'num_seeds')
+# ... and those of a detection run.
+_DETECTION_RUN_FIELDS = ('detector', 'canvas')
+
+
+def _run_identity(run: _Run) -> dict[str, Any]:
+  """What run.json records of `run`, as JSON reads it back (tuples as lists, groups as dicts)."""
+  cfg = run.cfg
+  fields = _RUN_FIELDS + (_DETECTION_RUN_FIELDS if cfg.get('task') == 'detection' else ())
+  identity = {k: cfg.get(k) for k in fields}
+  identity = {k: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v for k, v in identity.items()}
+  identity.update({'task': run.task.name, **({'user_model': run.label} if run.user_model else {})})
+  return json.loads(json.dumps(identity))
 
 
 def _check_same_run(workdir: str, run_file: str, identity: dict) -> None:
@@ -625,5 +699,5 @@ def param_checksum(params: Any) -> float:
   return float(sum(np.sum(local(x) * (i + 1)) for i, x in enumerate(jax.tree.leaves(params))))
 
 
-__all__ = ['ConfigError', 'DataError', 'Interrupted', 'evaluate', 'format_summary', 'model_factory',
+__all__ = ['ConfigError', 'DataError', 'Interrupted', 'canvas_sources', 'evaluate', 'format_summary', 'model_factory',
            'param_checksum', 'train', 'user_model_factory']

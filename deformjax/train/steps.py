@@ -103,7 +103,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
 
   Args:
     cfg: a config with `optimizer` ('adam' | 'adamw' | 'sgd', momentum 0.9), `learning_rate`, `weight_decay`
-      (adamw), `schedule` ('constant' | 'step' | 'cosine'), `step_epochs` and `step_gamma` (step).
+      (adamw), `schedule` ('constant' | 'step' | 'cosine'), `step_epochs` and `step_gamma` (step), and
+      optionally `warmup_steps` (a linear ramp multiplying the schedule) and `grad_clip` (a global norm).
     steps_per_epoch: train steps per epoch (the step schedule decays every `step_epochs` epochs).
     total_steps: the run's length (the cosine schedule decays to 0 over it).
 
@@ -117,11 +118,24 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
                                  decay_rate=cfg.step_gamma, staircase=True)
   else:
     lr = optax.cosine_decay_schedule(cfg.learning_rate, total_steps)
+  lr = _warmed_up(lr, cfg.get('warmup_steps', 0))
   if cfg.optimizer == 'adam':
-    return optax.adam(lr)
-  if cfg.optimizer == 'adamw':
-    return optax.adamw(lr, weight_decay=cfg.weight_decay)
-  return optax.sgd(lr, momentum=0.9)
+    tx = optax.adam(lr)
+  elif cfg.optimizer == 'adamw':
+    tx = optax.adamw(lr, weight_decay=cfg.weight_decay)
+  else:
+    tx = optax.sgd(lr, momentum=0.9)
+  clip = cfg.get('grad_clip', 0.0)
+  # Without clipping the optimiser state is the optimiser's alone, as in checkpoints written before clipping existed.
+  return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+
+
+def _warmed_up(lr: float | optax.Schedule, warmup_steps: int) -> float | optax.Schedule:
+  """`lr` times `min(1, (step + 1) / warmup_steps)`: the first step takes `1 / warmup_steps` of the rate."""
+  if not warmup_steps:
+    return lr
+  schedule = lr if callable(lr) else optax.constant_schedule(lr)
+  return lambda count: schedule(count) * jnp.minimum(1.0, (count + 1) / warmup_steps)
 
 
 @dataclasses.dataclass
@@ -154,7 +168,8 @@ class Trainer:
 # augmentation ranges, logging, checkpointing and evaluation settings are not
 # among them, so runs that differ only there (the seeds and conditions of a
 # study) share one compiled train step.
-_STEP_FIELDS = ('optimizer', 'learning_rate', 'weight_decay', 'schedule', 'step_epochs', 'step_gamma', 'batch_size')
+_STEP_FIELDS = ('optimizer', 'learning_rate', 'weight_decay', 'schedule', 'step_epochs', 'step_gamma', 'warmup_steps',
+                'grad_clip', 'batch_size')
 
 # The values `seed_batching_for` (and `config.seed_batching`) accept.
 SEED_BATCHING = ('auto', 'vmap', 'loop')
@@ -204,7 +219,7 @@ def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.Conf
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
   has_model_state = bool(jax.tree.leaves(rest))
   sums_like = check_model(graphdef, params, rest if has_model_state else None, task, spec, type(model).__name__)
-  step_config = tuple(sorted((f, cfg[f]) for f in _STEP_FIELDS))
+  step_config = tuple(sorted((f, cfg.get(f, 0)) for f in _STEP_FIELDS))
   batching = seed_batching_for(mesh, seed_batching) if num_seeds > 1 else 'single'
   tx, jit_train, jit_resident, jit_eval, compiled = _compiled_steps(graphdef, spec, mesh, steps_per_epoch,
                                                                     total_steps, step_config, num_seeds, batching,

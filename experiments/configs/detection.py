@@ -1,56 +1,39 @@
-"""Detection study: a small Deformable DETR trained from scratch on digit canvases, evaluated with COCO's AP.
+"""Detection: a small Deformable DETR trained from scratch on canvases of real MNIST digits, scored by COCO's AP.
 
-  python -m experiments.detection                                               # the study (about 20 minutes)
-  python -m experiments.detection --out experiments/results                     # refresh the committed results
-  python -m experiments.detection --config experiments/configs/detection.py:runlocal   # smoke test (seconds)
-  python -m experiments.detection --config.train.time_budget_s=600 --config.data.source=digits
+  python -m deformjax.train --config experiments/configs/detection.py                  # train and evaluate
+  python -m deformjax.train --config experiments/configs/detection.py:runlocal         # a smoke test (seconds)
+  python -m deformjax.train --config experiments/configs/detection.py --config.workdir=/tmp/det   # resumable
+  python -m experiments.detection                         # the same run, plus the study's results and picture
 
-The detector is transformers' `DeformableDetrConfig` as a dict (`detector`), with a four-stage ResNet of basic
-blocks in transformers' layout, far narrower than ResNet-18, whose last three stages feed the encoder.
+The detector is `config.detector` (transformers' `DeformableDetrConfig` fields; see
+`deformjax.train.config.detector_config`): a four-stage ResNet of basic blocks in transformers' layout, far
+narrower than ResNet-18, whose last three stages feed the encoder; one encoder and two decoder layers, 12 queries,
+iterative box refinement. Training follows Deformable DETR's recipe at a small scale: AdamW (weight decay 1e-4),
+gradient clipping at a global norm of 0.1, a tenfold learning-rate drop for the last fifth of training.
 """
 
-import ml_collections
+from deformjax.train.config import base_config, canvas_config, detector_config
 
 
-def detector_config(runlocal: bool = False) -> dict:
-  """The Deformable DETR config (transformers' field names) the study trains."""
-  width = 8 if runlocal else 16
-  return {
-      'backbone_config': {'model_type': 'resnet', 'embedding_size': width, 'hidden_sizes': [width, 2 * width,
-                                                                                            4 * width, 8 * width],
-                          'depths': [1, 1, 1, 1], 'layer_type': 'basic',
-                          'out_features': ['stage1', 'stage2', 'stage3']},
-      'use_timm_backbone': False, 'num_labels': 10, 'd_model': 32 if runlocal else 64,
-      'encoder_layers': 1, 'decoder_layers': 2,
-      'encoder_attention_heads': 4, 'decoder_attention_heads': 4, 'encoder_ffn_dim': 64 if runlocal else 128,
-      'decoder_ffn_dim': 64 if runlocal else 128, 'encoder_n_points': 4, 'decoder_n_points': 4,
-      'num_feature_levels': 3, 'num_queries': 8 if runlocal else 12, 'with_box_refine': True, 'two_stage': False,
-      'dropout': 0.0, 'auxiliary_loss': True,
-      # transformers' matcher and loss weights
-      'class_cost': 1, 'bbox_cost': 5, 'giou_cost': 2, 'focal_alpha': 0.25, 'bbox_loss_coefficient': 5,
-      'giou_loss_coefficient': 2,
-  }
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The study's config; `arg == 'runlocal'` shrinks everything to a smoke test of a few steps."""
-  runlocal = arg == 'runlocal'
+def get_config(arg: str | None = None):
+  """The run; `arg == 'runlocal'` shrinks data, detector and run to a smoke test of two steps."""
   if arg not in (None, '', 'runlocal'):
     raise ValueError(f"detection config: the argument is '' or 'runlocal', got {arg!r}")
-  c = ml_collections.ConfigDict()
-  c.name = 'detection_canvas'
-  c.seed = 0
-  c.data = ml_collections.ConfigDict({
-      'source': 'digits' if runlocal else 'mnist5k', 'size': 48, 'num_digits': (1, 3), 'digit_size': (12, 20),
-      'max_overlap': 0.1, 'train_images': 16 if runlocal else 6000, 'test_images': 8 if runlocal else 500})
-  c.detector = detector_config(runlocal)
-  c.encoder_loss = False  # the two-stage encoder terms (only with detector.two_stage)
-  c.train = ml_collections.ConfigDict({
-      'batch_size': 4 if runlocal else 16, 'learning_rate': 1e-3, 'weight_decay': 1e-4, 'grad_clip': 0.1,
-      'warmup_steps': 1 if runlocal else 50, 'max_steps': 2 if runlocal else 1_000_000,
-      # Training stops after this many seconds of wall time (compilation included); the learning rate drops
-      # tenfold for the last `decay_fraction` of it.
-      'time_budget_s': 3600.0 if runlocal else 1020.0, 'decay_fraction': 0.2, 'log_every': 1 if runlocal else 50})
-  c.eval = ml_collections.ConfigDict({'batch_size': 4 if runlocal else 50, 'threshold': 0.0, 'top_k': 100,
-                                      'plot_images': 2 if runlocal else 8, 'plot_threshold': 0.5})
+  c = base_config()
+  c.task, c.model, c.dataset = 'detection', 'deformable_detr', 'mnist5k'
+  c.detector = detector_config()
+  c.canvas = canvas_config(size=48, num_digits=(1, 3), digit_size=(12, 20), train_images=6000, test_images=500)
+  c.optimizer, c.learning_rate, c.weight_decay, c.grad_clip, c.warmup_steps = 'adamw', 1e-3, 1e-4, 0.1, 50
+  c.batch_size, c.epochs = 16, 20
+  c.schedule, c.step_epochs, c.step_gamma = 'step', 16, 0.1
+  c.eval_batch_size, c.eval_every_epochs, c.log_every = 100, 2, 50
+  if arg == 'runlocal':
+    width = 8
+    c.dataset = 'digits'
+    c.detector = detector_config(
+        backbone_config=dict(c.detector.backbone_config.to_dict(), embedding_size=width,
+                             hidden_sizes=[width, 2 * width, 4 * width, 8 * width]),
+        d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=8)
+    c.canvas = canvas_config(train_images=16, test_images=8)
+    c.batch_size, c.eval_batch_size, c.steps, c.warmup_steps, c.log_every, c.eval_every_epochs = 4, 4, 2, 1, 1, 0
   return c

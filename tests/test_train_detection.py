@@ -1,0 +1,160 @@
+"""The train system training a detector: `config.task='detection'`, the built-in canvases and Deformable DETR, the
+config fields they add (detector, canvas, warmup, gradient clipping), the command line and resume.
+
+The runs (a detector compiles for about 20 s) are in the slow tier; the fast tier checks the configuration, the
+optimiser's new fields and the data the task is given, without compiling a detector.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from deformjax.train import ConfigError, base_config, canvas_sources, cli, train, validate
+from deformjax.train.steps import make_optimizer
+from tests.helpers import ROOT, assert_same_params, leaves, params_of, quiet, records
+
+DETECTION_CONFIG = str(ROOT / 'experiments' / 'configs' / 'detection.py')
+
+
+def detection_config(**overrides):
+  """The detection config file's smoke-test run (`:runlocal`), with `overrides`."""
+  from experiments.configs.detection import get_config
+
+  cfg = get_config('runlocal')
+  cfg.progress = False
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+def _set(cfg, **fields):
+  for path, value in fields.items():
+    *groups, name = path.split('__')
+    holder = cfg
+    for g in groups:
+      holder = holder[g]
+    holder[name] = value
+  return cfg
+
+
+@pytest.mark.parametrize('fields,message', [
+    (dict(task='segmentation'), r"config.task must be one of 'classification', 'detection', got 'segmentation'"),
+    (dict(model='conv5'), r"config.task='detection' trains a detector: set config.model='deformable_detr'"),
+    (dict(dataset='cifar10'), r"places the digits of config.dataset on canvases: 'digits' or 'mnist5k', got "
+                              "'cifar10'"),
+    (dict(train_augment__max_shift=2.0), r'config.train_augment warps the images, and detection boxes would not'),
+    (dict(eval_sets__baseline__max_rotation_deg=10.0), r'config.eval_sets.baseline warps the images'),
+    (dict(grad_clip=-1.0), r'config.grad_clip must be a finite number >= 0 \(0: no clipping\), got -1.0'),
+    (dict(warmup_steps=-2), r'config.warmup_steps must be an int >= 0, got -2'),
+])
+def test_a_detection_config_that_cannot_train_is_refused_in_one_line(fields, message):
+  with pytest.raises(ConfigError, match=message):
+    validate(_set(detection_config(), **fields), 1)
+
+
+def test_the_detector_model_needs_the_detection_task():
+  cfg = base_config()
+  cfg.model = 'deformable_detr'
+  with pytest.raises(ConfigError, match=r"config.model='deformable_detr' is a detector: set config.task='detection'"):
+    validate(cfg, 1)
+  validate(detection_config(), 1)  # and the smoke-test config is valid as it is
+
+
+def test_warmup_ramps_the_learning_rate_and_clipping_bounds_the_update():
+  """SGD without momentum shows the rate: the first update is -lr / warmup_steps times the (clipped) gradient."""
+  cfg = base_config()
+  cfg.optimizer, cfg.schedule, cfg.learning_rate = 'sgd', 'constant', 0.5
+  params = {'w': jnp.zeros(2)}
+  grad = {'w': jnp.asarray([3.0, 4.0])}  # norm 5
+
+  def first_updates(**fields):
+    c = _set(cfg.copy_and_resolve_references(), **fields)
+    tx = make_optimizer(c, steps_per_epoch=10, total_steps=100)
+    state = tx.init(params)
+    out = []
+    for _ in range(3):
+      update, state = tx.update(grad, state, params)
+      out.append(np.asarray(update['w']))
+    return out
+
+  plain, warm, clipped = first_updates(), first_updates(warmup_steps=4), first_updates(grad_clip=1.0)
+  np.testing.assert_allclose(plain[0], [-1.5, -2.0], rtol=1e-6)  # momentum starts from zero: -lr * grad
+  np.testing.assert_allclose(warm[0], plain[0] / 4, rtol=1e-6)
+  np.testing.assert_allclose(warm[1] / plain[1], 2 / 4, rtol=1e-6)  # the same trace, at half the rate
+  np.testing.assert_allclose(warm[2] / plain[2], 3 / 4, rtol=1e-6)
+  np.testing.assert_allclose(clipped[0], plain[0] / 5, rtol=1e-6)  # the gradient's norm 5 clipped to 1
+  # Without clipping the state is the optimiser's own, as checkpoints written before clipping hold it.
+  tree = lambda tx: jax.tree.structure(tx.init(params))
+  assert tree(make_optimizer(cfg, 10, 100)) == tree(optax.sgd(0.5, momentum=0.9))
+
+
+def test_the_built_in_canvases_are_the_detection_tasks_data():
+  """`canvas_sources` makes what a detection run trains on: the config's canvases of the config's digits,
+  train and test from disjoint digits, targets padded to the most digits a canvas holds."""
+  cfg = detection_config()
+  train_set, test_set = canvas_sources(cfg)
+  assert len(train_set) == cfg.canvas.train_images and len(test_set) == cfg.canvas.test_images
+  record = train_set[0]
+  assert record['image'].shape == (cfg.canvas.size, cfg.canvas.size, 3)
+  assert record['class_labels'].shape == (cfg.canvas.num_digits[1],) and record['boxes'].shape[-1] == 4
+  again, _ = canvas_sources(cfg)
+  np.testing.assert_array_equal(again.images, train_set.images)  # fixed by canvas.seed, not by the run's seed
+
+
+def _at_step(n: int, action):
+  count = [0]
+
+  def hook():
+    count[0] += 1
+    if count[0] == n:
+      action()
+
+  return hook
+
+
+@pytest.mark.slow
+def test_the_command_line_trains_a_detector_on_two_seeds_and_resumes_after_sigterm(tmp_path, capsys):
+  """`python -m deformjax.train --config experiments/configs/detection.py:runlocal` with two seeds trained
+  together on two devices: stopped by SIGTERM after step 3 (a checkpoint is saved there), resumed to step 4, it
+  ends on the parameters and COCO metrics of a run never stopped."""
+  pytest.importorskip('scipy')
+  pytest.importorskip('pycocotools')
+  pytest.importorskip('sklearn')
+  work = tmp_path / 'run'
+  overrides = ['--config.steps=4', '--config.num_seeds=2', '--config.num_devices=2', '--config.checkpoint_every=2',
+               '--config.progress=false']
+  args = [f'--config={DETECTION_CONFIG}:runlocal', *overrides, f'--config.workdir={work}']
+  with pytest.raises(SystemExit) as stopped:
+    cli.main(args, on_step=_at_step(3, lambda: signal.raise_signal(signal.SIGTERM)))
+  assert stopped.value.code == 143
+  assert 'stopped by signal at step 3; checkpoint saved in' in capsys.readouterr().err
+  summary = cli.main([*args, f'--summary_json={tmp_path / "s.json"}', f'--params_out={tmp_path / "p.npz"}'])
+  out = capsys.readouterr().out
+  assert f'resumed from {work / "checkpoints"} at step 3' in out and 'seed 1:' in out and '| AP50 |' in out
+  written = json.loads((tmp_path / 's.json').read_text())
+  assert written['task'] == 'detection' and written['seeds'] == [0, 1] and written['steps'] == 4
+  assert written['trained'] == 'deformable_detr d32 q8'
+  assert json.loads((work / 'run.json').read_text())['detector']['num_queries'] == 8
+  assert [r['step'] for r in records(work / 'metrics.jsonl') if r['split'] == 'train'] == [1, 1, 2, 2, 3, 3, 4, 4]
+
+  straight = train(detection_config(steps=4, num_seeds=2, num_devices=2), echo=quiet)
+  for i in range(2):
+    assert_same_params(leaves(summary['params'], i), leaves(straight['params'], i))
+  assert not np.array_equal(*(leaves(straight['params'], i)["['class_embed'][0]['bias'].value"] for i in range(2)))
+  assert summary['eval'] == straight['eval']
+  assert sorted(params_of(tmp_path / 'p.npz')) == sorted(leaves(summary['params']))
+  for evaluation in straight['eval']:
+    assert {'loss', 'AP', 'AP50', 'AP75', 'loss_ce', 'loss_bbox', 'loss_giou'} <= set(evaluation['baseline'])
+
+  # run.json records the detector and the canvases: the workdir of this detector does not resume another
+  other = detection_config(steps=4, num_seeds=2, num_devices=2, workdir=str(work))
+  other.detector.num_queries = 6
+  with pytest.raises(ConfigError, match=r"holds a checkpoint of another run \(detector=.*'num_queries': 8"):
+    train(other, echo=quiet)
