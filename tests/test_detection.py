@@ -302,7 +302,7 @@ def test_detection_study_runlocal_trains_evaluates_and_writes(tmp_path):
   assert 0.0 <= result['eval']['baseline']['AP50'] <= 1.0
   assert {p.name for p in tmp_path.iterdir()} >= {'detection_canvas.json', 'detection_canvas.md',
                                                   'detection_canvas.png'}
-  assert '| 0.5 | 2 |' in (tmp_path / 'detection_canvas.md').read_text()  # the final evaluation's row
+  assert '| 1 | 2 |' in (tmp_path / 'detection_canvas.md').read_text()  # the final evaluation's row
 
 
 def test_detection_study_config_and_table():

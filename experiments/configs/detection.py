@@ -35,5 +35,5 @@ def get_config(arg: str | None = None):
                              hidden_sizes=[width, 2 * width, 4 * width, 8 * width]),
         d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=8)
     c.canvas = canvas_config(train_images=16, test_images=8)
-    c.batch_size, c.eval_batch_size, c.steps, c.warmup_steps, c.log_every, c.eval_every_epochs = 4, 4, 2, 1, 1, 0
+    c.batch_size, c.eval_batch_size, c.steps, c.warmup_steps, c.log_every, c.eval_every_epochs = 8, 8, 2, 1, 1, 0
   return c
