@@ -134,7 +134,8 @@ def test_config_values_refused_by_name():
       (dict(activation_function='tanh'), "config\\['activation_function'\\] must be one of"),
       (dict(backbone_config=dict(BACKBONE, model_type='swin')), "model_type'\\] must be 'timm_backbone' or 'resnet'"),
       (dict(backbone_config=None, backbone='resnet7'), "config\\['backbone'\\] must be one of timm's"),
-      (dict(d_model=0), "config\\['d_model'\\] must be a positive int")):
+      (dict(d_model=0), "config\\['d_model'\\] must be a positive int"),
+      (dict(with_box_refine=True, tie_word_embeddings=False), "tie_word_embeddings'\\]=False with config\\['with_box_r")):
     with pytest.raises(ValueError, match=f'DeformableDetr: .*{message}'):
       nnx.eval_shape(lambda bad=bad: DeformableDetr(dict(TINY, **bad), rngs=nnx.Rngs(0)))
   with pytest.raises(TypeError, match='config must be a dict'):
@@ -142,6 +143,51 @@ def test_config_values_refused_by_name():
   too_many = nnx.eval_shape(lambda: DeformableDetr(dict(TWO_STAGE, two_stage_num_proposals=40), rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="two_stage_num_proposals'\\]=40 exceeds the encoder's 39 tokens"):
     nnx.eval_shape(lambda m, x, p: m(x, p), too_many, *images())
+
+
+# transformers' own count of the distinct parameters of `DeformableDetrForObjectDetection` at these configs (5.25,
+# `sum(p.numel() for p in model.parameters())`, tied heads counted once; checked against transformers in
+# test_detection_slow.py); the heads are 99 (class) and 2244 (box) each.
+PARAMETER_COUNTS = {'plain': 125321, 'box_refine': 127565, 'two_stage': 135029, 'untied': 127664}
+HEAD_CONFIGS = {'plain': TINY, 'box_refine': dict(TINY, with_box_refine=True), 'two_stage': TWO_STAGE,
+                'untied': dict(TINY, tie_word_embeddings=False)}
+
+
+def _count(detector):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(detector, nnx.Param)))
+
+
+@pytest.mark.parametrize('name', list(HEAD_CONFIGS))
+def test_heads_are_shared_where_transformers_ties_them(name):
+  """One module where transformers ties heads (so one parameter and one gradient): without box refinement both heads,
+  with it the class head alone, with two stages none; `tie_word_embeddings=False` none."""
+  detector = nnx.eval_shape(lambda: DeformableDetr(HEAD_CONFIGS[name], rngs=nnx.Rngs(0)))
+  layers = 3 if name == 'two_stage' else 2
+  assert len(detector.class_embed) == len(detector.bbox_embed) == layers
+  shared_class = name in ('plain', 'box_refine')
+  assert (detector.class_embed[0] is detector.class_embed[1]) == shared_class
+  assert (detector.bbox_embed[0] is detector.bbox_embed[1]) == (name == 'plain')
+  assert _count(detector) == PARAMETER_COUNTS[name]
+  detector.untie_heads()
+  assert len({id(h) for h in [*detector.class_embed, *detector.bbox_embed]}) == 2 * layers
+  assert _count(detector) == PARAMETER_COUNTS[name] + 99 * shared_class + 2244 * (name == 'plain')
+  with pytest.raises(ValueError, match="untie_heads: names must be 'class_embed' or 'bbox_embed', got 'heads'"):
+    detector.untie_heads('heads')
+
+
+def test_per_layer_heads_that_differ_load_apart_and_round_trip():
+  """A box-refinement state dict with a class head per layer (the official checkpoints'): the detector keeps them
+  apart, as transformers' loader does, and writes them back."""
+  refine = dict(TINY, with_box_refine=True)
+  state = random_state(refine)
+  state['class_embed.1.weight'] = state['class_embed.1.weight'] + 1
+  detector = from_deformable_detr(state, refine)
+  assert detector.class_embed[0] is not detector.class_embed[1]
+  assert _count(detector) == PARAMETER_COUNTS['box_refine'] + 99
+  back = to_deformable_detr_state_dict(detector)
+  assert sorted(back) == sorted(state)
+  for key, value in state.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
 
 
 def test_backbone_specs_of_old_and_new_configs():
@@ -205,8 +251,12 @@ def test_older_transformers_names_and_refusals(plain):
     from_deformable_detr(state | {'model.extra': np.zeros(1)}, TINY)
   with pytest.raises(ValueError, match=rf"{fn}: 'model.level_embed' must have shape \(4, 32\), got \(3, 32\)"):
     from_deformable_detr(state | {'model.level_embed': np.zeros((3, 32))}, TINY)
-  with pytest.raises(ValueError, match=f"{fn}: 'class_embed.1.bias' must equal 'class_embed.0.bias'"):
-    from_deformable_detr(state | {'class_embed.1.bias': state['class_embed.0.bias'] + 1}, TINY)
+  refine = dict(TINY, with_box_refine=True)
+  refine_state = random_state(refine)
+  with pytest.raises(ValueError, match=f"{fn}: 'model.decoder.bbox_embed.1.layers.2.bias' must equal "
+                                       "'bbox_embed.1.layers.2.bias'"):
+    copy = refine_state['model.decoder.bbox_embed.1.layers.2.bias'] + 1
+    from_deformable_detr(refine_state | {'model.decoder.bbox_embed.1.layers.2.bias': copy}, refine)
   with pytest.raises(ValueError, match=f'{fn}: state holds .* under two names'):
     from_deformable_detr(state | {'model.encoder.layers.0.fc1.weight': np.zeros(1)}, TINY)
   with pytest.raises(ValueError, match=f'{fn}: state entries the detector has no parameter for'):

@@ -157,23 +157,40 @@ def test_detector_loss_and_parameter_gradients_equal_transformers_in_float64(var
   for k, v in out.loss_dict.items():
     tol = dict(rtol=1e-7) if 'cardinality' in k else dict(rtol=1e-8, atol=1e-12)  # transformers' is float32
     np.testing.assert_allclose(float(parts[k]), float(v), **tol, err_msg=k)
-  # transformers ties heads (its `_tied_weights_keys`): one tensor under several names, whose gradient is the sum
-  # of the gradients of the distinct parameters the detector holds under those names (a head the detector itself
-  # shares is one array under several names in `to_deformable_detr_state_dict`, and counts once).
-  aliases: dict[int, list[str]] = {}
-  for name, tensor in model.state_dict(keep_vars=True).items():
-    aliases.setdefault(tensor.data_ptr(), []).append(name)
+  # The detector shares the heads transformers ties (`_tied_weights_keys`), so the two hold the same parameters and
+  # a shared head's gradient, the sum over the layers that use it, is compared under its name as it is.
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == sum(p.numel() for p in model.parameters())
   checked = 0
   for name, p in model.named_parameters():
     if p.grad is None:
       continue
     want = p.grad.numpy()
-    distinct = {id(grad_state[alias]): grad_state[alias] for alias in aliases[p.data_ptr()]}
-    got = sum(distinct.values())
-    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9 * max(1.0, np.abs(want).max()),
+    np.testing.assert_allclose(grad_state[name], want, rtol=1e-7, atol=1e-9 * max(1.0, np.abs(want).max()),
                                err_msg=name)
     checked += 1
   assert checked > 50
+
+
+def test_parameter_counts_and_shared_heads_equal_transformers():
+  """The fast tier's fixed parameter counts are transformers' own, and the detector shares a head (one module under
+  several indices) exactly where transformers ties one (one tensor under several names)."""
+  torch = pytest.importorskip('torch', exc_type=ImportError)
+  transformers = pytest.importorskip('transformers', exc_type=ImportError)
+  from deformjax.models import DeformableDetr
+  from tests.test_deformable_detr import HEAD_CONFIGS, PARAMETER_COUNTS
+
+  for name, config in HEAD_CONFIGS.items():
+    torch.manual_seed(0)
+    model = transformers.DeformableDetrForObjectDetection(transformers.DeformableDetrConfig(
+        **config, use_timm_backbone=False, use_pretrained_backbone=False))
+    assert sum(p.numel() for p in model.parameters()) == PARAMETER_COUNTS[name], name
+    detector = nnx.eval_shape(lambda config=config: DeformableDetr(config, rngs=nnx.Rngs(0)))
+    for head in ('class_embed', 'bbox_embed'):
+      modules = getattr(model, head)
+      for i in range(1, len(modules)):
+        tied = modules[i].weight is modules[0].weight if head == 'class_embed' else (
+            modules[i].layers[0].weight is modules[0].layers[0].weight)
+        assert (getattr(detector, head)[i] is getattr(detector, head)[0]) == tied, (name, head, i)
 
 
 

@@ -4,9 +4,11 @@
 `DeformableDetrForObjectDetection` state dict and its config dict; `to_deformable_detr_state_dict` is its inverse.
 Both walk one key table (`_detector_entries`), written in transformers' v5 names; state dicts written by older
 versions (`model.backbone.conv_encoder.*`, `self_attn.out_proj`, `layers.N.fc1`) are renamed to those on reading,
-as transformers' own loader does. Heads that the references share between decoder layers (all of them without box
-refinement; the decoder's copies with it) appear under every name in a state dict, or only under the first when
-a file was saved with shared tensors removed: both are accepted, and copies that differ are refused by name.
+as transformers' own loader does. A head that the detector shares between decoder layers (`DeformableDetr`'s
+module docstring says which), and the decoder's copies of the heads with box refinement, appear under every name in
+a state dict, or only under the first when a file was saved with shared tensors removed: both are accepted. Per-layer
+heads whose values differ (`class_embed.{i}` of the official box-refinement checkpoints) give a detector with one
+head per layer, as transformers' loader leaves them apart; decoder copies that differ are refused by name.
 """
 
 from __future__ import annotations
@@ -158,32 +160,54 @@ def _detector_entries(detector: DeformableDetr) -> list[Entry]:
     assert detector.query_position_embeddings is not None and detector.reference_points is not None  # one stage
     rows += [('model.query_position_embeddings.weight', detector.query_position_embeddings, 'same'),
              *linear_entries('model.reference_points', detector.reference_points)]
-  for i, (cls, box) in enumerate(zip(detector.class_embed, detector.bbox_embed)):
-    rows += _head_entries(f'class_embed.{i}', cls) + _head_entries(f'bbox_embed.{i}', box)
+  for name in _HEADS:
+    for i in sorted(set(_first_index(getattr(detector, name)))):
+      rows += _head_entries(f'{name}.{i}', getattr(detector, name)[i])
   return rows
+
+
+_HEADS = ('class_embed', 'bbox_embed')
+
+
+def _first_index(heads: nnx.List) -> list[int]:
+  """Per head, the index of its first occurrence (a shared module is one head under several indices)."""
+  first: dict[int, int] = {}
+  return [first.setdefault(id(head), i) for i, head in enumerate(heads)]
 
 
 def _tied_keys(detector: DeformableDetr) -> dict[str, str]:
   """The names under which transformers repeats a shared head: `{copy: the name in detector_entries}`.
 
-  Without box refinement every decoder layer shares `class_embed.0` / `bbox_embed.0`; with it the decoder's
-  `model.decoder.bbox_embed.{i}` (and with two stages `model.decoder.class_embed.{i}`) are the heads themselves.
+  A head the detector shares between layers is `{name}.{first index}`, repeated as `{name}.{i}`; with box
+  refinement the decoder's `model.decoder.bbox_embed.{i}` (and with two stages `model.decoder.class_embed.{i}`) are
+  the heads themselves.
   """
-  layers = len(detector.decoder.layers)
-  heads = [(f'class_embed.{i}', cls, f'bbox_embed.{i}', box)
-           for i, (cls, box) in enumerate(zip(detector.class_embed, detector.bbox_embed))]
   tied: dict[str, str] = {}
-  if not detector.with_box_refine:
-    cls_key, cls, box_key, box = heads[0]
-    for i in range(1, layers):
-      tied.update({k.replace(cls_key, f'class_embed.{i}', 1): k for k, _, _ in _head_entries(cls_key, cls)})
-      tied.update({k.replace(box_key, f'bbox_embed.{i}', 1): k for k, _, _ in _head_entries(box_key, box)})
-    return tied
-  for cls_key, cls, box_key, box in heads:
-    tied.update({'model.decoder.' + k: k for k, _, _ in _head_entries(box_key, box)})
-    if detector.two_stage:
-      tied.update({'model.decoder.' + k: k for k, _, _ in _head_entries(cls_key, cls)})
+  for name in _HEADS:
+    heads = getattr(detector, name)
+    decoder_copies = detector.with_box_refine if name == 'bbox_embed' else detector.two_stage
+    for i, first in enumerate(_first_index(heads)):
+      key = f'{name}.{first}'
+      rows = [k for k, _, _ in _head_entries(key, heads[first])]
+      if first != i:
+        tied.update({k.replace(key, f'{name}.{i}', 1): k for k in rows})
+      if decoder_copies:
+        tied.update({'model.decoder.' + k.replace(key, f'{name}.{i}', 1): k for k in rows})
   return tied
+
+
+def _differing_heads(state: Mapping[str, Any]) -> tuple[str, ...]:
+  """The heads whose per-layer entries (`{name}.{i}.*`) in `state` differ from layer 0's."""
+  out = []
+  for name in _HEADS:
+    pattern = re.compile(rf'^{name}\.(\d+)\.')
+    for key in state:
+      match = pattern.match(key)
+      first = pattern.sub(f'{name}.0.', key, count=1)
+      if match and first in state and not np.array_equal(np.asarray(state[key]), np.asarray(state[first])):
+        out.append(name)
+        break
+  return tuple(out)
 
 
 def _renamed(state: Mapping[str, Any], fn: str) -> dict[str, Any]:
@@ -220,7 +244,8 @@ def from_deformable_detr(state_dict: Mapping[str, Any], config: Mapping[str, Any
     state_dict: the model's `state_dict()` as numpy arrays (`{k: v.numpy() for k, v in sd.items()}`), under the
       names of the transformers version that wrote it (v5's `model.backbone.model.*`, `mlp.fc1`, `o_proj` or the
       older `model.backbone.conv_encoder.model.*`, `fc1`, `out_proj`). `num_batches_tracked` entries are ignored;
-      shared heads may appear under every name or once (see the module docstring).
+      shared heads may appear under every name or once; per-layer heads that differ are kept apart (see the
+      module docstring).
     config: the model's `config.to_dict()` (`DeformableDetr`'s argument).
     param_dtype: the parameters' dtype.
     dtype, precision: the computation's (`nnx.Conv`'s).
@@ -231,7 +256,7 @@ def from_deformable_detr(state_dict: Mapping[str, Any], config: Mapping[str, Any
     for `pixel_values` NHWC (the model's NCHW input transposed by `(0, 2, 3, 1)`).
 
   Raises:
-    ValueError: naming a missing, unknown or misshapen entry, shared heads that differ, or an unsupported config
+    ValueError: naming a missing, unknown or misshapen entry, decoder copies of heads that differ, or an unsupported config
       value.
 
   Example:
@@ -248,9 +273,17 @@ def from_deformable_detr(state_dict: Mapping[str, Any], config: Mapping[str, Any
   """
   fn = 'from_deformable_detr'
   state = _renamed(check_state(state_dict, fn), fn)
-  detector = nnx.eval_shape(lambda: DeformableDetr(
-      config, deterministic=True, deterministic_gradients=deterministic_gradients, chunk_size=chunk_size,
-      memory_budget=memory_budget, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=nnx.Rngs(0)))
+  untied = _differing_heads(state)
+
+  def build() -> DeformableDetr:
+    detector = DeformableDetr(
+        config, deterministic=True, deterministic_gradients=deterministic_gradients, chunk_size=chunk_size,
+        memory_budget=memory_budget, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=nnx.Rngs(0))
+    if untied:
+      detector.untie_heads(*untied)
+    return detector
+
+  detector = nnx.eval_shape(build)
   if detector.backbone_layout is None:
     raise ValueError(f'{fn}: the config describes no ResNet backbone')
   reader = StateReader(state, '', fn, param_dtype)

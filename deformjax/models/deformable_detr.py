@@ -17,8 +17,12 @@
    deformable cross-attention on the encoder memory around the reference points and an FFN; with
    `with_box_refine` each layer's box head refines the reference boxes the next layer reads.
 5. **Heads**: per decoder layer a linear class head and a 3-layer box MLP on top of the inverse-sigmoid
-   reference: the last layer's are `logits` / `pred_boxes`, the earlier ones `auxiliary_outputs`. Without
-   box refinement every layer shares one pair of heads, as the references do.
+   reference: the last layer's are `logits` / `pred_boxes`, the earlier ones `auxiliary_outputs`. Layers share
+   heads (one module under several indices of `class_embed` / `bbox_embed`, one parameter) where transformers
+   ties them (`tie_word_embeddings`, its default): without box refinement every layer shares one class head
+   and one box head; with box refinement alone the box heads are per layer and the class head is shared; with
+   two stages every head is per layer, the last one scoring the proposals. `DeformableDetr.untie_heads` gives
+   every layer its own copies, as transformers' loader leaves heads whose checkpoint values differ.
 
 Parameter names follow transformers' (`input_proj` is `encoder.input_convs` / `encoder.input_norms`,
 `mlp.fc1` is `fc1`), so that `deformjax.convert.from_deformable_detr` maps a checkpoint one tensor to one
@@ -818,6 +822,7 @@ DEFORMABLE_DETR_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     'two_stage_num_proposals': 300, 'with_box_refine': False, 'activation_function': 'relu', 'dropout': 0.1,
     'attention_dropout': 0.0, 'activation_dropout': 0.0, 'position_embedding_type': 'sine', 'dilation': False,
     'num_channels': 3, 'backbone_config': None, 'use_timm_backbone': True, 'backbone': 'resnet50',
+    'tie_word_embeddings': True,
 })
 
 
@@ -932,21 +937,26 @@ def _check_config(config: Mapping[str, Any]) -> None:
                      f"{config['activation_function']!r}")
   if config['two_stage'] and not config['with_box_refine']:
     raise ValueError(f"{_FN}: config['two_stage']=True needs config['with_box_refine']=True (as transformers)")
+  if not config['tie_word_embeddings'] and config['with_box_refine']:
+    raise ValueError(f"{_FN}: config['tie_word_embeddings']=False with config['with_box_refine']=True is not "
+                     "supported: transformers then refines the boxes with copies of the box heads "
+                     "(model.decoder.bbox_embed) kept apart from the output heads")
 
 
-def _heads(d_model: int, num_labels: int, count: int, kw: dict) -> tuple[nnx.List, nnx.List]:
+def _heads(d_model: int, num_labels: int, count: int, shared: tuple[bool, bool],
+           kw: dict) -> tuple[nnx.List, nnx.List]:
   """`count` class heads and box heads, initialised as the reference detector's: class biases at the 0.01 prior,
-  box heads' last layer zero with bias (0, 0, -2, -2)."""
+  box heads' last layer zero with bias (0, 0, -2, -2). `shared` (class, box): one module repeated `count` times."""
   prior = -math.log((1 - 0.01) / 0.01)
   classes = [nnx.Linear(d_model, num_labels, kernel_init=_normal_init,
-                        bias_init=initializers.constant(prior), **kw) for _ in range(count)]
-  boxes = [DeformableDetrMLPHead(d_model, d_model, 4, 3, **kw) for _ in range(count)]
+                        bias_init=initializers.constant(prior), **kw) for _ in range(1 if shared[0] else count)]
+  boxes = [DeformableDetrMLPHead(d_model, d_model, 4, 3, **kw) for _ in range(1 if shared[1] else count)]
   for head in boxes:
     last = head.layers[-1]
     assert last.bias is not None  # nnx.Linear's default use_bias=True
     last.kernel.set_value(jnp.zeros_like(last.kernel[...]))
     last.bias.set_value(jnp.asarray([0.0, 0.0, -2.0, -2.0], last.bias[...].dtype))
-  return nnx.List(classes), nnx.List(boxes)
+  return (nnx.List(classes * count if shared[0] else classes), nnx.List(boxes * count if shared[1] else boxes))
 
 
 class _Pyramid(Protocol):
@@ -963,9 +973,11 @@ class DeformableDetr(nnx.Module):
   here imports transformers); missing fields take transformers' defaults (`DEFORMABLE_DETR_DEFAULTS`). Read: the widths,
   layers, heads and points (`d_model`, `encoder_layers`, `decoder_layers`, `*_attention_heads`, `*_ffn_dim`,
   `*_n_points`), `num_feature_levels`, `num_queries`, `with_box_refine`, `two_stage`, `two_stage_num_proposals`,
-  the labels (`num_labels`, else `len(id2label)`), the activation and dropout rates, and the backbone
-  (`backbone_spec`). Refused by name: a learned position embedding, a dilated backbone, a non-ResNet backbone
-  config, `two_stage` without `with_box_refine`, two-stage proposals that exceed the encoder's tokens (at call).
+  the labels (`num_labels`, else `len(id2label)`), the activation and dropout rates, `tie_word_embeddings` (which
+  heads the decoder layers share: see the module docstring) and the backbone (`backbone_spec`). Refused by name:
+  a learned position embedding, a dilated backbone, a non-ResNet backbone config, `two_stage` without
+  `with_box_refine`, untied heads with `with_box_refine`, two-stage proposals that exceed the encoder's tokens
+  (at call).
 
   Parameters are laid out as transformers' (see the module docstring); initialisation is transformers'
   `_init_weights` (normal(0.02) linears and convs, the attention's directional offsets, normal(1) level
@@ -1034,8 +1046,32 @@ class DeformableDetr(nnx.Module):
         dropout=c['dropout'], attention_dropout=c['attention_dropout'], activation_dropout=c['activation_dropout'],
         activation=activation, deterministic=deterministic, **policy, **kw)
     num_pred = int(c['decoder_layers']) + (1 if self.two_stage else 0)
-    self.class_embed, self.bbox_embed = _heads(self.d_model, self.num_labels,
-                                               num_pred if self.with_box_refine else 1, kw)
+    tie = bool(c['tie_word_embeddings'])
+    self.class_embed, self.bbox_embed = _heads(self.d_model, self.num_labels, num_pred,
+                                               (tie and not self.two_stage, tie and not self.with_box_refine), kw)
+
+  def untie_heads(self, *names: str) -> None:
+    """Gives every decoder layer its own class and / or box head: a copy of the head it shares.
+
+    transformers' loader leaves heads apart whose checkpoint values differ under the names it would tie (the
+    official box-refinement checkpoints and files written by transformers 4 hold one class head per layer);
+    `from_deformable_detr` calls this for them. Heads already per layer are left as they are.
+
+    Args:
+      *names: `'class_embed'` and / or `'bbox_embed'`; none means both.
+
+    Raises:
+      ValueError: naming an unknown head.
+    """
+    for name in names or ('class_embed', 'bbox_embed'):
+      if name not in ('class_embed', 'bbox_embed'):
+        raise ValueError(f"{_FN}.untie_heads: names must be 'class_embed' or 'bbox_embed', got {name!r}")
+      seen: set[int] = set()
+      heads = []
+      for head in getattr(self, name):
+        heads.append(nnx.clone(head) if id(head) in seen else head)
+        seen.add(id(head))
+      setattr(self, name, nnx.List(heads))
 
   def _init_queries(self, c: Mapping[str, Any], kw: dict) -> None:
     d = self.d_model
@@ -1092,10 +1128,9 @@ class DeformableDetr(nnx.Module):
     logits, boxes = [], []
     for j in range(hidden.shape[1]):
       ref = inverse_sigmoid(init_ref if j == 0 else refs[:, j - 1])
-      head = j if self.with_box_refine else 0
-      delta = self.bbox_embed[head](hidden[:, j])
+      delta = self.bbox_embed[j](hidden[:, j])
       coord = delta + ref if ref.shape[-1] == 4 else delta.at[..., :2].add(ref)
-      logits.append(self.class_embed[head](hidden[:, j]))
+      logits.append(self.class_embed[j](hidden[:, j]))
       boxes.append(jax.nn.sigmoid(coord))
     return logits, boxes
 
