@@ -26,13 +26,30 @@ def small_config(**overrides):
   cfg = base_config()
   cfg.steps, cfg.batch_size, cfg.log_every, cfg.progress, cfg.eval_batch_size = 6, 32, 1, False, 64
   cfg.train_augment.max_rotation_deg, cfg.train_augment.max_shift = 30.0, 2.0
-  for key, value in overrides.items():
+  return set_fields(cfg, overrides)
+
+
+def set_fields(cfg, fields: dict):
+  """`cfg` with `fields` set, a key naming a field of a group with dots (`'train_augment.max_shift'`)."""
+  for key, value in fields.items():
     node = cfg
     *parents, leaf = key.split('.')
     for p in parents:
       node = node[p]
     node[leaf] = value
   return cfg
+
+
+def at_step(n: int, action):
+  """An `on_step` hook that calls `action()` after the n-th step of this call of `train`."""
+  count = [0]
+
+  def hook():
+    count[0] += 1
+    if count[0] == n:
+      action()
+
+  return hook
 
 
 def tiny_digits(train: int = 160, test: int = 64):

@@ -26,6 +26,7 @@ from tests.helpers import (
   ROOT,
   SMALL_OVERRIDES,
   assert_same_params,
+  at_step,
   last_line,
   leaves,
   losses,
@@ -73,18 +74,6 @@ def initial_state(cfg):
 
 class Crash(Exception):
   """Stands for a run that dies between checkpoints."""
-
-
-def at_step(n: int, action):
-  """An `on_step` hook that calls `action()` after the n-th step of this call of `train`."""
-  count = [0]
-
-  def hook():
-    count[0] += 1
-    if count[0] == n:
-      action()
-
-  return hook
 
 
 def crash():

@@ -18,7 +18,7 @@ import pytest
 
 from deformjax.train import ConfigError, base_config, canvas_sources, cli, train, validate
 from deformjax.train.steps import make_optimizer
-from tests.helpers import ROOT, assert_same_params, leaves, params_of, quiet, records
+from tests.helpers import ROOT, assert_same_params, at_step, leaves, params_of, quiet, records, set_fields
 
 DETECTION_CONFIG = str(ROOT / 'experiments' / 'configs' / 'detection.py')
 
@@ -34,29 +34,19 @@ def detection_config(**overrides):
   return cfg
 
 
-def _set(cfg, **fields):
-  for path, value in fields.items():
-    *groups, name = path.split('__')
-    holder = cfg
-    for g in groups:
-      holder = holder[g]
-    holder[name] = value
-  return cfg
-
-
 @pytest.mark.parametrize('fields,message', [
-    (dict(task='segmentation'), r"config.task must be one of 'classification', 'detection', got 'segmentation'"),
-    (dict(model='conv5'), r"config.task='detection' trains a detector: set config.model='deformable_detr'"),
-    (dict(dataset='cifar10'), r"places the digits of config.dataset on canvases: 'digits' or 'mnist5k', got "
+    ({'task': 'segmentation'}, r"config.task must be one of 'classification', 'detection', got 'segmentation'"),
+    ({'model': 'conv5'}, r"config.task='detection' trains a detector: set config.model='deformable_detr'"),
+    ({'dataset': 'cifar10'}, r"places the digits of config.dataset on canvases: 'digits' or 'mnist5k', got "
                               "'cifar10'"),
-    (dict(train_augment__max_shift=2.0), r'config.train_augment warps the images, and detection boxes would not'),
-    (dict(eval_sets__baseline__max_rotation_deg=10.0), r'config.eval_sets.baseline warps the images'),
-    (dict(grad_clip=-1.0), r'config.grad_clip must be a finite number >= 0 \(0: no clipping\), got -1.0'),
-    (dict(warmup_steps=-2), r'config.warmup_steps must be an int >= 0, got -2'),
+    ({'train_augment.max_shift': 2.0}, r'config.train_augment warps the images, and detection boxes would not'),
+    ({'eval_sets.baseline.max_rotation_deg': 10.0}, r'config.eval_sets.baseline warps the images'),
+    ({'grad_clip': -1.0}, r'config.grad_clip must be a finite number >= 0 \(0: no clipping\), got -1.0'),
+    ({'warmup_steps': -2}, r'config.warmup_steps must be an int >= 0, got -2'),
 ])
 def test_a_detection_config_that_cannot_train_is_refused_in_one_line(fields, message):
   with pytest.raises(ConfigError, match=message):
-    validate(_set(detection_config(), **fields), 1)
+    validate(set_fields(detection_config(), fields), 1)
 
 
 def test_the_detector_model_needs_the_detection_task():
@@ -75,7 +65,7 @@ def test_warmup_ramps_the_learning_rate_and_clipping_bounds_the_update():
   grad = {'w': jnp.asarray([3.0, 4.0])}  # norm 5
 
   def first_updates(**fields):
-    c = _set(cfg.copy_and_resolve_references(), **fields)
+    c = set_fields(cfg.copy_and_resolve_references(), fields)
     tx = make_optimizer(c, steps_per_epoch=10, total_steps=100)
     state = tx.init(params)
     out = []
@@ -108,17 +98,6 @@ def test_the_built_in_canvases_are_the_detection_tasks_data():
   np.testing.assert_array_equal(again.images, train_set.images)  # fixed by canvas.seed, not by the run's seed
 
 
-def _at_step(n: int, action):
-  count = [0]
-
-  def hook():
-    count[0] += 1
-    if count[0] == n:
-      action()
-
-  return hook
-
-
 @pytest.mark.slow
 def test_the_command_line_trains_a_detector_on_two_seeds_and_resumes_after_sigterm(tmp_path, capsys):
   """`python -m deformjax.train --config experiments/configs/detection.py:runlocal` with two seeds trained
@@ -132,7 +111,7 @@ def test_the_command_line_trains_a_detector_on_two_seeds_and_resumes_after_sigte
                '--config.progress=false']
   args = [f'--config={DETECTION_CONFIG}:runlocal', *overrides, f'--config.workdir={work}']
   with pytest.raises(SystemExit) as stopped:
-    cli.main(args, on_step=_at_step(3, lambda: signal.raise_signal(signal.SIGTERM)))
+    cli.main(args, on_step=at_step(3, lambda: signal.raise_signal(signal.SIGTERM)))
   assert stopped.value.code == 143
   assert 'stopped by signal at step 3; checkpoint saved in' in capsys.readouterr().err
   summary = cli.main([*args, f'--summary_json={tmp_path / "s.json"}', f'--params_out={tmp_path / "p.npz"}'])
