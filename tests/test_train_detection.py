@@ -137,3 +137,21 @@ def test_the_command_line_trains_a_detector_on_two_seeds_and_resumes_after_sigte
   other.detector.num_queries = 6
   with pytest.raises(ConfigError, match=r"holds a checkpoint of another run \(detector=.*'num_queries': 8"):
     train(other, echo=quiet)
+
+
+def test_detection_sources_of_your_own_get_the_task_of_config_detector():
+  """`train(cfg, model=..., sources=...)` with `config.task='detection'` and no `task=`: the task is
+  `Detection.from_config(config.detector)` with the records' padded target count, the classes read from them."""
+  from deformjax.data import digit_canvases
+  from deformjax.detection import Detection
+  from deformjax.train.loop import _data
+
+  cfg = detection_config()
+  cfg.detector.bbox_loss_coefficient, cfg.detector.two_stage = 3.0, True
+  kw = dict(size=32, num_digits=(1, 4), digit_size=(8, 12), source='digits')
+  sources = digit_canvases('train', 12, **kw), digit_canvases('test', 4, **kw)
+  spec, task, train_src, _ = _data(cfg, sources, None)
+  assert isinstance(task, Detection) and task.max_targets == 4 and task.encoder_loss
+  assert dict(task.loss_config)['bbox_loss_coefficient'] == 3.0 and dict(task.loss_config)['auxiliary_loss']
+  assert spec.image_shape == (32, 32, 3) and spec.num_classes == int(train_src.class_labels[
+      train_src.label_mask].max()) + 1

@@ -76,8 +76,9 @@ def detector_config(**overrides: Any) -> ml_collections.ConfigDict:
       'encoder_attention_heads': 4, 'decoder_attention_heads': 4, 'encoder_ffn_dim': 128, 'decoder_ffn_dim': 128,
       'encoder_n_points': 4, 'decoder_n_points': 4, 'num_feature_levels': 3, 'num_queries': 12,
       'with_box_refine': True, 'two_stage': False, 'dropout': 0.0, 'auxiliary_loss': True,
-      'class_cost': 1, 'bbox_cost': 5, 'giou_cost': 2, 'focal_alpha': 0.25, 'bbox_loss_coefficient': 5,
-      'giou_loss_coefficient': 2,
+      # floats, so that a command line may set any weight (a ConfigDict keeps each field's type)
+      'class_cost': 1.0, 'bbox_cost': 5.0, 'giou_cost': 2.0, 'focal_alpha': 0.25, 'bbox_loss_coefficient': 5.0,
+      'giou_loss_coefficient': 2.0,
   }
   return ml_collections.ConfigDict({**config, **overrides})
 
