@@ -1,7 +1,8 @@
 """DeformableDetr against transformers' DeformableDetrForObjectDetection itself (slow; skipped without torch,
 transformers or timm): random weights with every parameter and batch-norm statistic perturbed, a padded batch,
 for the plain detector (transformers' own ResNet backbone), box refinement (timm's ResNet, the layout of the
-official checkpoints) and box refinement with two stages. float64 agrees to 1e-9; float32 is no further from
+official checkpoints), box refinement with two stages and untied per-layer heads (`tie_word_embeddings=False`).
+float64 agrees to 1e-9; float32 is no further from
 transformers' float64 run than transformers' own float32 run is, with a small margin."""
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ CASES = {
     'plain': dict(backbone='transformers'),
     'box_refine': dict(backbone='timm', with_box_refine=True),
     'two_stage': dict(backbone='timm', with_box_refine=True, two_stage=True, two_stage_num_proposals=20),
+    # Heads per decoder layer without box refinement (transformers ties none): the converter keeps them apart.
+    'plain_untied': dict(backbone='transformers', tie_word_embeddings=False),
 }
 # Fields compared, and the two-stage ones where the config has them.
 FIELDS = ('logits', 'pred_boxes', 'intermediate_hidden_states', 'intermediate_reference_points',
