@@ -2,8 +2,8 @@
 transformers or timm): random weights with every parameter and batch-norm statistic perturbed, a padded batch,
 for the plain detector (transformers' own ResNet backbone), box refinement (timm's ResNet, the layout of the
 official checkpoints), box refinement with two stages and untied per-layer heads (`tie_word_embeddings=False`).
-float64 agrees to 1e-9; float32 is no further from
-transformers' float64 run than transformers' own float32 run is, with a small margin."""
+float64 agrees to 1e-9; float32 is no further from transformers' float64 run than transformers' own float32 run is,
+with a small margin."""
 
 from __future__ import annotations
 
