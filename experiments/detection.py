@@ -105,19 +105,24 @@ def plot(test_set, preds: list[dict], images: int, top_k: int, path: pathlib.Pat
 
   k = min(images, len(preds))
   size = test_set.images.shape[1]
-  fig, axes = plt.subplots(1, k, figsize=(2.2 * k, 2.5), squeeze=False)
-  for ax, image, label, pred in zip(axes[0], test_set.images, test_set.labels(), preds):
+  rows = 2 if k > 4 else 1
+  cols = -(-k // rows)
+  fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.5 * rows + 0.3), squeeze=False)
+  for ax in axes.flat[k:]:
+    ax.set_axis_off()
+  for ax, image, label, pred in zip(axes.flat, test_set.images, test_set.labels(), preds):
     ax.imshow(image[..., 0], cmap='gray', extent=(0, size, size, 0))
     for cx, cy, w, h in label['boxes'] * size:
       ax.add_patch(Rectangle((cx - w / 2, cy - h / 2), w, h, fill=False, ec='lime', lw=1, ls='--'))
     for (x0, y0, x1, y1), c, s in zip(pred['boxes'][:top_k], pred['labels'][:top_k], pred['scores'][:top_k]):
       ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec='red', lw=1.2, alpha=0.4 + 0.6 * float(s)))
-      ax.text(x0, y0 - 1, f'{c} {s:.2f}', color='red', fontsize=7)
+      if s >= 0.2:  # the faint ones unlabelled, so that labels do not pile up
+        ax.text(x0, y0 - 1, f'{c} {s:.2f}', color='red', fontsize=7)
     ax.set_xlim(0, size)
     ax.set_ylim(size, -6)
     ax.set_axis_off()
-  fig.suptitle(f'held-out canvases: ground truth (green, dashed) and the top {top_k} detections of each (red: '
-               'digit, score)', fontsize=8)
+  fig.suptitle(f'held-out canvases: ground truth (green, dashed) and the top {top_k} detections of each\n(red, '
+               'fainter for lower scores; labelled digit and score from 0.2)', fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
