@@ -88,25 +88,17 @@ def check_sampled(fn: str, inputs: jax.Array, grid: Grid, arrays: Sequence[jax.A
 
 
 @dataclasses.dataclass(frozen=True)
-class Geometry(_geometry.Geometry):
-  """A `dcnv3` / `dcnv4` call's geometry: the input and output sizes, the window and its x-major taps, the groups
-  and their `points` sample points each."""
+class Geometry(_geometry.WindowGeometry):
+  """A `dcnv3` / `dcnv4` call's geometry: the window's (`groups`: DCNv3's channel groups), each group's `points`
+  sample points (the window's x-major taps, less the centre with `remove_center`) and `offset_scale`."""
 
-  n: int
-  hw: tuple[int, int]
-  out_hw: tuple[int, int]
-  strides: tuple[int, int]
-  pads: tuple[int, int]  # top, left
-  dilation: tuple[int, int]
-  kernel_hw: tuple[int, int]
-  groups: int
   points: int
   offset_scale: float
   remove_center: bool
 
   @property
   def centre(self) -> tuple[int, int]:
-    """The window's centre from its origin, `((dh*(kh-1))//2, (dw*(kw-1))//2)`: the CUDA kernels' centring term."""
+    """The window's centre from its top-left tap, `((dh*(kh-1))//2, (dw*(kw-1))//2)`: the CUDA kernels' centring."""
     (kh, kw), (dh, dw) = self.kernel_hw, self.dilation
     return (dh * (kh - 1)) // 2, (dw * (kw - 1)) // 2
 
@@ -124,14 +116,12 @@ class Geometry(_geometry.Geometry):
 def geometry(fn: str, inputs: jax.Array, grid: Grid, cdtype: np.dtype) -> Geometry:
   """The call's `Geometry` from its checked `inputs` and `grid`: the result `[N, Ho, Wo, C]` in `inputs.dtype`,
   summed in at least float32, positions in `cdtype`; int64 table rows (or the error that asks for them) past 2**31."""
-  n, h, w, c = inputs.shape
-  (ho, wo), ((pt, _), (pl, _)) = grid.window.out_hw, grid.window.pads
+  n, _, _, c = inputs.shape
   return Geometry(
-      out_shape=(n, ho, wo, c), out_dtype=np.dtype(inputs.dtype), acc_dtype=_args.promote(inputs.dtype, jnp.float32),
-      cdtype=cdtype, **_geometry.extent(n * ho * wo, h * w * c, n * h * w * grid.groups, fn),
-      n=n, hw=(h, w), out_hw=(ho, wo), strides=grid.window.strides, pads=(pt, pl), dilation=grid.window.dilation,
-      kernel_hw=grid.kernel_hw, groups=grid.groups, points=grid.points, offset_scale=grid.offset_scale,
-      remove_center=grid.remove_center)
+      out_shape=(n, *grid.window.out_hw, c), out_dtype=np.dtype(inputs.dtype),
+      acc_dtype=_args.promote(inputs.dtype, jnp.float32), cdtype=cdtype,
+      **_geometry.window_fields(inputs.shape, grid.kernel_hw, grid.window, grid.groups, fn),
+      points=grid.points, offset_scale=grid.offset_scale, remove_center=grid.remove_center)
 
 
 def _corners(geom: Geometry, split: Split, start, count, *arrays):

@@ -3,7 +3,8 @@
 Every op reads the same way: its public function checks and normalises the arguments, builds the call's
 `Geometry`, answers a call with nothing to sample by `empty_result`, and otherwise hands the arrays and the geometry
 to its private core (`_policy.jit_core`). A geometry is a frozen dataclass, so it is hashable: the core takes it as
-a static argument and compiles once per geometry. Each op's geometry adds its own static fields to the ones here.
+a static argument and compiles once per geometry. Each op's geometry adds its own static fields to the ones here
+(`WindowGeometry`'s for the ops that sample a kernel window).
 """
 
 from __future__ import annotations
@@ -39,6 +40,39 @@ class Geometry:
   empty: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class WindowGeometry(Geometry):
+  """The geometry of an op that samples a kernel window at every output pixel (`deform_conv2d`, `dcnv3`, `dcnv4`).
+
+  Attributes:
+    n, hw: the images and their `(H, W)`.
+    out_hw: the output pixels `(Ho, Wo)` of each image.
+    strides, pads, dilation: the window's, `pads` as `(top, left)`.
+    kernel_hw: the kernel's `(kh, kw)`.
+    groups: the channel groups that have their own offsets (`deform_conv2d`'s offset groups).
+  """
+
+  n: int
+  hw: tuple[int, int]
+  out_hw: tuple[int, int]
+  strides: tuple[int, int]
+  pads: tuple[int, int]
+  dilation: tuple[int, int]
+  kernel_hw: tuple[int, int]
+  groups: int
+
+
+def window_fields(inputs_shape: tuple[Any, ...], kernel_hw: tuple[int, int], window: _args.ConvWindow, groups: int,
+                  fn: str) -> dict[str, Any]:
+  """A `WindowGeometry`'s own fields, `empty` and `idx_dtype` among them, for `inputs` `[N, H, W, C]` read through
+  `window` in `groups` channel groups: empty when there is no output pixel or the input has no element."""
+  n, h, w, c = inputs_shape
+  (pt, _), (pl, _) = window.pads
+  ho, wo = window.out_hw
+  return dict(**extent(n * ho * wo, h * w * c, n * h * w * groups, fn), n=n, hw=(h, w), out_hw=(ho, wo),
+              strides=window.strides, pads=(pt, pl), dilation=window.dilation, kernel_hw=kernel_hw, groups=groups)
+
+
 def extent(outputs: Any, sampled: Any, rows: Any, fn: str) -> dict[str, Any]:
   """A geometry's `empty` and `idx_dtype`, the one rule of every op.
 
@@ -66,4 +100,4 @@ def empty_result(geom: Geometry, bias: jax.Array | None = None) -> jax.Array:
   return out.astype(geom.out_dtype)
 
 
-__all__ = ['Geometry', 'empty_result', 'extent']
+__all__ = ['Geometry', 'WindowGeometry', 'empty_result', 'extent', 'window_fields']

@@ -131,36 +131,26 @@ def _check_args(inputs, offsets, kernel, mask, bias, *, strides, padding, dilati
 
 
 @dataclasses.dataclass(frozen=True)
-class _ConvGeometry(_geometry.Geometry):
-  """A `deform_conv2d` call's geometry: the conv window and kernel, the groups, and the dtype of the contraction
-  (`compute_dtype`, the promoted dtype of inputs and kernel; samples are read and summed in `acc_dtype`)."""
+class _ConvGeometry(_geometry.WindowGeometry):
+  """A `deform_conv2d` call's geometry: the window's (`groups`: the offset groups), the kernel's `feature_groups`,
+  and the dtype of the contraction (`compute_dtype`, the promoted dtype of inputs and kernel; samples are read and
+  summed in `acc_dtype`)."""
 
-  n: int
-  hw: tuple[int, int]
-  out_hw: tuple[int, int]
-  strides: tuple[int, int]
-  pads: tuple[int, int]  # top, left
-  dilation: tuple[int, int]
-  kernel_hw: tuple[int, int]
-  groups: int
-  offset_groups: int
+  feature_groups: int
   compute_dtype: np.dtype
 
 
 def _conv_geometry(args: _Checked, preferred_element_type: DTypeLike | None) -> _ConvGeometry:
-  """The call's `_ConvGeometry`: the op's dtype policy (the promoted dtype of inputs and kernel, sampled and accumulated
-  in at least float32), int64 table rows (or the error that asks for them) past 2**31 rows."""
-  n, h, w, c = args.inputs.shape
-  kh, kw, _, cout = args.kernel.shape
-  (ho, wo), ((pt, _), (pl, _)) = args.window.out_hw, args.window.pads
+  """The call's `_ConvGeometry`: the op's dtype policy (the promoted dtype of inputs and kernel, sampled and
+  accumulated in at least float32), int64 table rows (or the error that asks for them) past 2**31 rows."""
+  n, (kh, kw, _, cout) = args.inputs.shape[0], args.kernel.shape
   compute = _args.promote(args.inputs.dtype, args.kernel.dtype)
   out = np.dtype(preferred_element_type) if preferred_element_type is not None else compute
   return _ConvGeometry(
-      out_shape=(n, ho, wo, cout), out_dtype=out, acc_dtype=_args.promote(compute, jnp.float32),
+      out_shape=(n, *args.window.out_hw, cout), out_dtype=out, acc_dtype=_args.promote(compute, jnp.float32),
       cdtype=_args.coordinate_dtype(args.offsets.dtype, compute),
-      **_geometry.extent(n * ho * wo, h * w * c, n * h * w * args.offset_groups, _FN),
-      n=n, hw=(h, w), out_hw=(ho, wo), strides=args.window.strides, pads=(pt, pl), dilation=args.window.dilation,
-      kernel_hw=(kh, kw), groups=args.groups, offset_groups=args.offset_groups, compute_dtype=compute)
+      **_geometry.window_fields(args.inputs.shape, (kh, kw), args.window, args.offset_groups, _FN),
+      feature_groups=args.groups, compute_dtype=compute)
 
 
 def _corners(geom: _ConvGeometry, start, count, off, m):
@@ -180,8 +170,8 @@ def _corners(geom: _ConvGeometry, start, count, off, m):
       (pos * stride - pad).astype(cdtype)[:, None, None] + jnp.asarray(tap, cdtype)[None, :, None]
       + off[..., axis].astype(cdtype)
       for pos, stride, pad, tap, axis in zip((oy, ox), geom.strides, geom.pads, (tap_i, tap_j), (0, 1)))
-  group_row = jnp.arange(geom.offset_groups, dtype=geom.idx_dtype)[None, None, :]
-  return _engine.image_corners(y, x, None if m is None else m.astype(cdtype), img, geom.hw, geom.offset_groups,
+  group_row = jnp.arange(geom.groups, dtype=geom.idx_dtype)[None, None, :]
+  return _engine.image_corners(y, x, None if m is None else m.astype(cdtype), img, geom.hw, geom.groups,
                                group_row, geom.idx_dtype)
 
 
@@ -202,7 +192,7 @@ def _plan(geom: _ConvGeometry, inputs: jax.Array, offsets: jax.Array, kernel: ja
   `[N, Ho, Wo, C_out]` in the accumulation dtype."""
   n, h, w, c = inputs.shape
   kh, kw, cin_g, cout = kernel.shape
-  (ho, wo), og, groups, taps = geom.out_hw, geom.offset_groups, geom.groups, kh * kw
+  (ho, wo), og, groups, taps = geom.out_hw, geom.groups, geom.feature_groups, kh * kw
   pixels = n * ho * wo
   # Sampled in the accumulation dtype: for bf16/f16 inputs the backward's
   # scatter-add then accumulates in float32 (exact to f32, and 3x faster on CPU
@@ -310,8 +300,8 @@ def _deform_conv2d(inputs, offsets, kernel, mask, bias, *, geom: _ConvGeometry, 
   inputs, kernel = inputs.astype(geom.compute_dtype), kernel.astype(geom.compute_dtype)
   native = _policy.native_op(_FN)  # an exporter's own operator (deformjax.export: ONNX DeformConv)
   native_out = None if native is None else native(inputs, offsets, kernel, mask, bias, strides=geom.strides,
-                                                  padding=padding, dilation=geom.dilation, groups=geom.groups,
-                                                  offset_groups=geom.offset_groups)
+                                                  padding=padding, dilation=geom.dilation, groups=geom.feature_groups,
+                                                  offset_groups=geom.groups)
   if native_out is not None:
     return native_out.astype(geom.out_dtype)
   out = _plan(geom, inputs, offsets, kernel, mask, precision, chunk_size, memory_budget, deterministic_gradients)
