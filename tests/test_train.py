@@ -169,6 +169,12 @@ def test_bad_config_is_one_clear_line(args, message, capsys, monkeypatch):
   assert code == 2 and err.count('\n') == 1 and err.startswith(message), err
 
 
+def test_a_field_override_without_a_config_file_asks_for_one(capsys):
+  code, _, err = run_cli(['--config.task=detection'], capsys)
+  assert code == 2 and err == ('error: --config.task: a field override needs a config file to override: --config '
+                               'FILE (e.g. experiments/configs/digits.py) --config.task=...\n'), err
+
+
 CONFIG_FILES = {
     'missing.py': (None, "error: --config: [Errno 2] No such file or directory: '{path}'"),
     'text.txt': ('hello\n', "error: --config: {path}: NameError: name 'hello' is not defined"),

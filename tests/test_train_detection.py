@@ -43,10 +43,53 @@ def detection_config(**overrides):
     ({'eval_sets.baseline.max_rotation_deg': 10.0}, r'config.eval_sets.baseline warps the images'),
     ({'grad_clip': -1.0}, r'config.grad_clip must be a finite number >= 0 \(0: no clipping\), got -1.0'),
     ({'warmup_steps': -2}, r'config.warmup_steps must be an int >= 0, got -2'),
+    ({'canvas.train_images': 0}, r'config.canvas.train_images must be a positive int, got 0'),
+    ({'canvas.num_digits': (0, 2)}, r'config.canvas.num_digits must be \(min, max\) with 1 <= min <= max, got '
+                                    r'\(0, 2\)'),
+    ({'canvas.size': 16}, r'config.canvas.digit_size must be \(min, max\) with 4 <= min <= max <= '
+                          r'config.canvas.size=16, got \(12, 20\)'),
 ])
 def test_a_detection_config_that_cannot_train_is_refused_in_one_line(fields, message):
   with pytest.raises(ConfigError, match=message):
     validate(set_fields(detection_config(), fields), 1)
+
+
+def test_detection_without_its_solver_or_evaluator_is_refused_before_training(monkeypatch):
+  import importlib.util
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'pycocotools' else real(name, *a))
+  with pytest.raises(ConfigError, match=r"config.task='detection' needs pycocotools \(the Hungarian matcher, "
+                                        r"COCO's evaluation\): pip install 'deformjax\[detection\]'"):
+    validate(detection_config(), 1)
+
+
+def test_run_json_records_what_the_run_trains_and_a_refusal_names_the_differing_leaves(tmp_path):
+  """A detection run records its detector without the loss weights, and its canvases; not the classifier
+  fields; nor the detector or the canvases that `model=` / `sources=` replaced. A workdir of another detector is
+  refused by the leaves that differ."""
+  from types import SimpleNamespace
+
+  from deformjax.detection import Detection
+  from deformjax.train.loop import _check_same_run, _run_identity
+
+  cfg = detection_config()
+  run = SimpleNamespace(cfg=cfg, task=Detection(3), user_data=False, user_model=False, label='')
+  identity = _run_identity(run)
+  assert {'detector', 'canvas', 'dataset', 'model', 'task'} <= set(identity) and 'deformable' not in identity
+  assert identity['canvas']['num_digits'] == [1, 3] and 'bbox_loss_coefficient' not in identity['detector']
+  mine = _run_identity(SimpleNamespace(cfg=cfg, task=Detection(3), user_data=True, user_model=True, label='Net'))
+  assert not {'detector', 'canvas', 'dataset', 'model'} & set(mine) and mine['user_model'] == 'Net'
+
+  run_file = tmp_path / 'run.json'
+  run_file.write_text(json.dumps(identity))
+  _check_same_run(str(tmp_path), str(run_file), identity)  # the same run resumes
+  cfg.detector.bbox_loss_coefficient = 2.5  # loss weights do not change what a checkpoint holds
+  _check_same_run(str(tmp_path), str(run_file), _run_identity(run))
+  cfg.detector.num_queries = 6
+  with pytest.raises(ConfigError, match=r"holds a checkpoint of another run \(detector.num_queries=8; this run: "
+                                        r"detector.num_queries=6\)"):
+    _check_same_run(str(tmp_path), str(run_file), _run_identity(run))
 
 
 def test_the_detector_model_needs_the_detection_task():
@@ -135,8 +178,17 @@ def test_the_command_line_trains_a_detector_on_two_seeds_and_resumes_after_sigte
   # run.json records the detector and the canvases: the workdir of this detector does not resume another
   other = detection_config(steps=4, num_seeds=2, num_devices=2, workdir=str(work))
   other.detector.num_queries = 6
-  with pytest.raises(ConfigError, match=r"holds a checkpoint of another run \(detector=.*'num_queries': 8"):
+  with pytest.raises(ConfigError, match=r'holds a checkpoint of another run \(detector.num_queries=8; this run: '
+                                        r'detector.num_queries=6\)'):
     train(other, echo=quiet)
+  # a finished run resumed evaluates again without logging its final evaluation twice; fewer steps are refused
+  again = cli.main(args)
+  assert again['eval'] == summary['eval']
+  evaluations = [r for r in records(work / 'metrics.jsonl') if r['split'] == 'eval']
+  assert [(r['step'], r['seed']) for r in evaluations] == [(4, 0), (4, 1)]
+  with pytest.raises(SystemExit):
+    cli.main([*args, '--config.steps=2'])
+  assert 'holds a checkpoint at step 4, past the 2 steps of this run' in capsys.readouterr().err
 
 
 def test_detection_sources_of_your_own_get_the_task_of_config_detector():

@@ -19,6 +19,6 @@ from deformjax.detection.matcher import hungarian_match, matching_cost
 from deformjax.detection.postprocess import post_process_object_detection
 from deformjax.detection.task import Detection
 
-__all__ = ['COCO_METRICS', 'Detection', 'box_area', 'box_cxcywh_to_xyxy', 'box_iou', 'box_xyxy_to_cxcywh', 'coco_evaluate',
-           'detection_loss', 'generalized_box_iou', 'hungarian_match', 'matching_cost', 'pad_labels',
+__all__ = ['COCO_METRICS', 'Detection', 'box_area', 'box_cxcywh_to_xyxy', 'box_iou', 'box_xyxy_to_cxcywh',
+           'coco_evaluate', 'detection_loss', 'generalized_box_iou', 'hungarian_match', 'matching_cost', 'pad_labels',
            'post_process_object_detection', 'sigmoid_focal_loss']

@@ -23,9 +23,6 @@ from deformjax.detection.postprocess import post_process_object_detection
 __all__ = ['Detection']
 
 _LABELS = ('class_labels', 'boxes', 'label_mask')
-# The entries of a detector config that the loss reads (transformers' names).
-_LOSS_KEYS = ('auxiliary_loss', 'class_cost', 'bbox_cost', 'giou_cost', 'focal_alpha', 'bbox_loss_coefficient',
-              'giou_loss_coefficient')
 _LOGGED = ('loss_ce', 'loss_bbox', 'loss_giou', 'cardinality_error')  # the last decoder layer's terms
 
 
@@ -94,6 +91,9 @@ class Detection:
   top_k: int = 100
   name: ClassVar[str] = 'detection'
   eval_outputs: ClassVar[bool] = True
+  #: The entries of a detector config the loss reads (transformers' names).
+  LOSS_KEYS: ClassVar[tuple[str, ...]] = ('auxiliary_loss', 'class_cost', 'bbox_cost', 'giou_cost', 'focal_alpha',
+                                          'bbox_loss_coefficient', 'giou_loss_coefficient')
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any], max_targets: int, **kwargs: Any) -> Detection:
@@ -101,14 +101,15 @@ class Detection:
 
     Args:
       config: the detector's config; its loss weights, matching costs and `auxiliary_loss` are kept, and
-        `two_stage` turns on the encoder's loss terms (as transformers does).
+        `two_stage` turns on the encoder's loss terms (as the original Deformable DETR trains; transformers'
+        `loss` leaves them out, see :func:`detection_loss`).
       max_targets: T, the padded number of targets per image.
       **kwargs: the other attributes (`threshold`, `top_k`).
 
     Returns:
       The task.
     """
-    loss_config = tuple((k, config[k]) for k in _LOSS_KEYS if k in config)
+    loss_config = tuple((k, config[k]) for k in cls.LOSS_KEYS if k in config)
     return cls(max_targets, loss_config, encoder_loss=bool(config.get('two_stage', False)), **kwargs)
 
   @property

@@ -35,8 +35,8 @@ from deformjax.train.task import Classification, Evaluator, Task
 
 # `cli`, `feeding`, `mesh`, `steps` and `task` are public modules: the pieces `train` is built from, for a loop or
 # a task of your own.
-__all__ = ['DETECTOR_MODEL', 'FIELDS', 'TASKS', 'Accumulator', 'Checkpointer', 'Classification', 'ConfigError', 'Evaluator', 'Field',
-           'Interrupted', 'Task', 'augment_config', 'average_precision', 'base_config', 'canvas_config',
-           'canvas_sources', 'cli', 'detector_config', 'evaluate', 'feeding',
-           'field_table', 'fields_help', 'format_summary', 'mesh', 'model_factory', 'model_label', 'param_checksum',
-           'save_params', 'steps', 'task', 'train', 'user_model_factory', 'validate']
+__all__ = ['DETECTOR_MODEL', 'FIELDS', 'TASKS', 'Accumulator', 'Checkpointer', 'Classification', 'ConfigError',
+           'Evaluator', 'Field', 'Interrupted', 'Task', 'augment_config', 'average_precision', 'base_config',
+           'canvas_config', 'canvas_sources', 'cli', 'detector_config', 'evaluate', 'feeding', 'field_table',
+           'fields_help', 'format_summary', 'mesh', 'model_factory', 'model_label', 'param_checksum', 'save_params',
+           'steps', 'task', 'train', 'user_model_factory', 'validate']

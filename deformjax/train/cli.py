@@ -75,6 +75,10 @@ def parse_flags(fv: flags.FlagValues, argv: Sequence[str], *, epilog: str | None
   try:
     rest = fv([a for a in argv if a not in _HELP])
   except flags.Error as e:  # absl's messages name the flag (and, for a config field, its bad value)
+    overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    if overrides and _config_spec(argv) is None and fv['config'].default is None:
+      fail(f'{overrides[0]}: a field override needs a config file to override: --config FILE (e.g. '
+           f'experiments/configs/digits.py) {overrides[0]}=...')
     fail(str(e))
   except (AttributeError, KeyError) as e:
     fail(_unknown_field(e, argv))

@@ -4,6 +4,7 @@ validation that turns a bad value into one clear line."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 from typing import Any
@@ -22,8 +23,8 @@ from deformjax.models.classifiers import (
 )
 from deformjax.ops._args import is_int, is_real
 
-__all__ = ['DETECTOR_MODEL', 'FIELDS', 'TASKS', 'ConfigError', 'Field', 'augment_config', 'base_config', 'canvas_config', 'detector_config',
-           'field_table', 'fields_help', 'model_label', 'validate']
+__all__ = ['DETECTOR_MODEL', 'FIELDS', 'TASKS', 'ConfigError', 'Field', 'augment_config', 'base_config',
+           'canvas_config', 'detector_config', 'field_table', 'fields_help', 'model_label', 'validate']
 
 #: The values of `config.task`.
 TASKS = ('classification', 'detection')
@@ -59,13 +60,15 @@ def detector_config(**overrides: Any) -> ml_collections.ConfigDict:
   16-128, one block each) whose last three stages feed one encoder and two decoder layers of width 64, 12 queries
   and iterative box refinement. `num_labels` is set from the data. The matching costs and loss weights are
   transformers' (`class_cost`, `bbox_cost`, `giou_cost`, `focal_alpha`, `bbox_loss_coefficient`,
-  `giou_loss_coefficient`); `two_stage` adds the encoder's loss terms.
+  `giou_loss_coefficient`); `two_stage` (with `two_stage_num_proposals` at most the encoder's tokens) also trains
+  the encoder's proposals, as the original Deformable DETR does. A command line overrides the fields listed here;
+  add any other `DeformableDetrConfig` field with `overrides`.
 
   Args:
-    **overrides: fields replacing the defaults (any `DeformableDetrConfig` field).
+    **overrides: fields replacing or adding to the defaults (any `DeformableDetrConfig` field).
 
   Returns:
-    A ConfigDict (`.to_dict()` is what `deformjax.models.DeformableDetr` takes).
+    A ConfigDict; `{**config.to_dict(), 'num_labels': K}` is what `deformjax.models.DeformableDetr` takes.
   """
   width = 16
   config = {
@@ -75,7 +78,8 @@ def detector_config(**overrides: Any) -> ml_collections.ConfigDict:
       'use_timm_backbone': False, 'd_model': 64, 'encoder_layers': 1, 'decoder_layers': 2,
       'encoder_attention_heads': 4, 'decoder_attention_heads': 4, 'encoder_ffn_dim': 128, 'decoder_ffn_dim': 128,
       'encoder_n_points': 4, 'decoder_n_points': 4, 'num_feature_levels': 3, 'num_queries': 12,
-      'with_box_refine': True, 'two_stage': False, 'dropout': 0.0, 'auxiliary_loss': True,
+      'with_box_refine': True, 'two_stage': False, 'two_stage_num_proposals': 100, 'auxiliary_loss': True,
+      'dropout': 0.0, 'attention_dropout': 0.0, 'activation_dropout': 0.0,
       # floats, so that a command line may set any weight (a ConfigDict keeps each field's type)
       'class_cost': 1.0, 'bbox_cost': 5.0, 'giou_cost': 2.0, 'focal_alpha': 0.25, 'bbox_loss_coefficient': 5.0,
       'giou_loss_coefficient': 2.0,
@@ -130,7 +134,7 @@ class Field:
 # Every field of `base_config()`, in the order `--help` and docs/training.md list them.
 FIELDS: tuple[Field, ...] = (
     Field('task', 'classification', "'classification' (single- or multi-label, as the labels are) or 'detection' "
-          "(boxes: Deformable DETR's loss, COCO's AP)"),
+          "(boxes: Deformable DETR's loss, COCO's AP; with model 'deformable_detr' or a detector of your own)"),
     Field('dataset', 'digits', "a built-in dataset: 'digits' or 'mnist5k' (embedded, 28x28), or TFDS 'mnist', "
           "'fashion_mnist', 'cifar10', 'coco9' (multi-label); ignored when train() is given sources"),
     Field('data_dir', None, 'where a TFDS dataset is prepared; None: TFDS_DATA_DIR or ~/tensorflow_datasets', str),
@@ -269,7 +273,6 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int, *, dataset: bool
     dataset: check the built-in dataset fields (False when the data is given as sources).
     model: check the built-in model fields (False when a model of your own is given).
   """
-  _check_task(cfg, dataset=dataset, model=model)
   if dataset and cfg.dataset not in DATASETS:
     raise ConfigError(f"config.dataset: unknown dataset {cfg.dataset!r}; choose one of {', '.join(sorted(DATASETS))}")
   num_classes = cfg.get('num_classes', 0)
@@ -302,10 +305,7 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int, *, dataset: bool
     raise ConfigError(f"config.schedule must be 'constant', 'step' or 'cosine', got {cfg.schedule!r}")
   if not cfg.learning_rate > 0:
     raise ConfigError(f'config.learning_rate must be positive, got {cfg.learning_rate!r}')
-  if not (is_real(cfg.grad_clip) and math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0):
-    raise ConfigError(f'config.grad_clip must be a finite number >= 0 (0: no clipping), got {cfg.grad_clip!r}')
-  if not is_int(cfg.warmup_steps) or cfg.warmup_steps < 0:
-    raise ConfigError(f'config.warmup_steps must be an int >= 0, got {cfg.warmup_steps!r}')
+  _check_warmup_and_clip(cfg)
   if not is_int(cfg.log_every) or cfg.log_every < 1:
     raise ConfigError(f'config.log_every must be a positive int, got {cfg.log_every!r}')
   augments = {'train_augment': cfg.train_augment, **{f'eval_sets.{k}': v for k, v in cfg.eval_sets.items()}}
@@ -322,8 +322,18 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int, *, dataset: bool
                       "data_placement='host' feeds one order only: use 'auto' or 'device', or num_seeds=1")
   if cfg.dtype not in ('float32', 'bfloat16', 'float16'):
     raise ConfigError(f"config.dtype must be 'float32', 'bfloat16' or 'float16', got {cfg.dtype!r}")
+  _check_task(cfg, dataset=dataset, model=model)
   if model and cfg.model != DETECTOR_MODEL:
     _check_model_fields(cfg)
+
+
+def _check_warmup_and_clip(cfg: ml_collections.ConfigDict) -> None:
+  """`warmup_steps` and `grad_clip` (absent from configs written before they existed: their defaults)."""
+  clip, warmup = cfg.get('grad_clip', 0.0), cfg.get('warmup_steps', 0)
+  if not (is_real(clip) and math.isfinite(clip) and clip >= 0):
+    raise ConfigError(f'config.grad_clip must be a finite number >= 0 (0: no clipping), got {clip!r}')
+  if not is_int(warmup) or warmup < 0:
+    raise ConfigError(f'config.warmup_steps must be an int >= 0, got {warmup!r}')
 
 
 def _is_identity(aug: ml_collections.ConfigDict) -> bool:
@@ -333,9 +343,10 @@ def _is_identity(aug: ml_collections.ConfigDict) -> bool:
 def _check_task(cfg: ml_collections.ConfigDict, *, dataset: bool, model: bool) -> None:
   """`config.task` and what it needs: a detector and canvases of digits for 'detection', no warp of the images
   (their boxes would not follow)."""
-  if cfg.task not in TASKS:
-    raise ConfigError(f"config.task must be one of {', '.join(map(repr, TASKS))}, got {cfg.task!r}")
-  if cfg.task != 'detection':
+  task = cfg.get('task', 'classification')  # configs written before tasks existed classify
+  if task not in TASKS:
+    raise ConfigError(f"config.task must be one of {', '.join(map(repr, TASKS))}, got {task!r}")
+  if task != 'detection':
     if model and cfg.model == DETECTOR_MODEL:
       raise ConfigError(f"config.model={DETECTOR_MODEL!r} is a detector: set config.task='detection'")
     return
@@ -350,6 +361,26 @@ def _check_task(cfg: ml_collections.ConfigDict, *, dataset: bool, model: bool) -
     if not _is_identity(aug):
       raise ConfigError(f"config.{name} warps the images, and detection boxes would not follow: keep it the "
                         "identity with config.task='detection'")
+  missing = [m for m in ('scipy', 'pycocotools') if importlib.util.find_spec(m) is None]
+  if missing:  # else the matcher fails inside the first compiled step, or COCO's evaluation after training
+    raise ConfigError(f"config.task='detection' needs {' and '.join(missing)} (the Hungarian matcher, COCO's "
+                      "evaluation): pip install 'deformjax[detection]'")
+  if dataset:
+    _check_canvas(cfg.canvas)
+
+
+def _check_canvas(c: ml_collections.ConfigDict) -> None:
+  """The canvases `config.canvas` asks for can be made: images in both splits, digits that fit."""
+  for name in ('train_images', 'test_images'):
+    if not is_int(c[name]) or c[name] < 1:
+      raise ConfigError(f'config.canvas.{name} must be a positive int, got {c[name]!r}')
+  lo, hi = c.num_digits
+  if not (is_int(lo) and is_int(hi) and 1 <= lo <= hi):
+    raise ConfigError(f'config.canvas.num_digits must be (min, max) with 1 <= min <= max, got {tuple(c.num_digits)}')
+  small, large = c.digit_size
+  if not (is_int(small) and is_int(large) and is_int(c.size) and 4 <= small <= large <= c.size):
+    raise ConfigError(f'config.canvas.digit_size must be (min, max) with 4 <= min <= max <= config.canvas.size='
+                      f'{c.size}, got {tuple(c.digit_size)}')
 
 
 def _check_model_fields(cfg: ml_collections.ConfigDict) -> None:

@@ -109,12 +109,15 @@ def _real_rows(keep: np.ndarray, x: jax.Array) -> np.ndarray:
   return host_array(x)[keep]
 
 
-def _truncate_log(path: str | None, step: int) -> None:
-  """Drops the records of `path` past `step` (process 0 only)."""
+def _truncate_log(path: str | None, step: int, final: bool = False) -> None:
+  """Drops the records of `path` past `step` (process 0 only); with `final`, also the evaluation at `step`, which a
+  resumed finished run writes again."""
   if path is None or jax.process_index() != 0 or not os.path.exists(path):
     return
   with open(path) as f:
-    keep = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    records = [(line, json.loads(line)) for line in f if line.strip()]
+  again = lambda r: final and r['step'] == step and r['split'] == 'eval'
+  keep = [line for line, r in records if r['step'] <= step and not again(r)]
   with open(path, 'w') as f:
     f.writelines(keep)
 
@@ -253,6 +256,7 @@ class _Run:
   iterator: feeding.Prefetcher | None  # the host-fed batches
   label: str = ''  # what is trained, as the progress bar names it
   user_model: bool = False  # a model of your own (run.json records its class name), not cfg.model
+  user_data: bool = False  # sources of your own, not cfg.dataset
 
   @property
   def multi(self) -> bool:
@@ -382,7 +386,7 @@ def _set_up(cfg: ml_collections.ConfigDict, sources: tuple[RandomAccessSource, R
                              process_index=jax.process_index(), process_count=jax.process_count()),
         put=lambda local: mesh_lib.global_batch(mesh, local))
   return _Run(cfg, mesh, spec, test_src, steps_per_epoch, total_steps, seeds, trainer, trainer.init_state(seeds),
-              augment_arrays(cfg.train_augment), split, iterator, label, model is not None)
+              augment_arrays(cfg.train_augment), split, iterator, label, model is not None, sources is not None)
 
 
 def _restore(run: _Run, echo: Callable[[str], object]) -> tuple[Checkpointer | None, str | None, int]:
@@ -409,7 +413,10 @@ def _restore(run: _Run, echo: Callable[[str], object]) -> tuple[Checkpointer | N
       raise ConfigError(f'config.workdir={workdir!r} holds a checkpoint this run cannot restore ({first}); '
                         'use another workdir, or delete it to start over') from None
     start = int(np.asarray(jax.device_get(run.state['step'])).reshape(-1)[0])
-    _truncate_log(metrics_path, start)
+    if start > run.total_steps:
+      raise ConfigError(f'config.workdir={workdir!r} holds a checkpoint at step {start}, past the {run.total_steps} '
+                        'steps of this run: train for more steps, or use another workdir')
+    _truncate_log(metrics_path, start, final=start == run.total_steps)
     if jax.process_index() == 0:
       echo(f'resumed from {ckpt.directory} at step {start}')
   if jax.process_index() == 0:
@@ -647,34 +654,49 @@ def train(cfg: ml_collections.ConfigDict, *, model: Callable[[nnx.Rngs], nnx.Mod
   return _summary(run, history, final)
 
 
-# The config fields that decide what a checkpoint holds and whose run it is; a
-# workdir's run.json records them, and a resume with other values is refused.
-_RUN_FIELDS = ('dataset', 'model', 'preset', 'deformable', 'modulated', 'conv', 'dtype', 'optimizer', 'grad_clip',
-               'seed', 'num_seeds')
-# ... and those of a detection run.
-_DETECTION_RUN_FIELDS = ('detector', 'canvas')
+# The config fields that decide what a checkpoint holds and whose run it is; a workdir's run.json records them, and
+# a resume with other values is refused: those of every run, of the built-in data, of the built-in models.
+_RUN_FIELDS = ('dtype', 'optimizer', 'grad_clip', 'seed', 'num_seeds')
+_DATA_FIELDS = {'classification': ('dataset',), 'detection': ('dataset', 'canvas')}
+_MODEL_FIELDS = {'classification': ('model', 'preset', 'deformable', 'modulated', 'conv'),
+                 'detection': ('model', 'detector')}
 
 
 def _run_identity(run: _Run) -> dict[str, Any]:
-  """What run.json records of `run`, as JSON reads it back (tuples as lists, groups as dicts)."""
-  cfg = run.cfg
-  fields = _RUN_FIELDS + (_DETECTION_RUN_FIELDS if cfg.get('task') == 'detection' else ())
+  """What run.json records of `run`, as JSON reads it back (tuples as lists, groups as dicts): the fields of the
+  data and model it trains, not those that `sources=` / `model=` replaced; of a detector, not its loss weights."""
+  cfg, task = run.cfg, run.cfg.get('task', 'classification')
+  fields = _RUN_FIELDS + (() if run.user_data else _DATA_FIELDS[task]) + (() if run.user_model else
+                                                                          _MODEL_FIELDS[task])
   identity = {k: cfg.get(k) for k in fields}
   identity = {k: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v for k, v in identity.items()}
+  if 'detector' in identity:
+    identity['detector'] = {k: v for k, v in identity['detector'].items() if k not in Detection.LOSS_KEYS}
   identity.update({'task': run.task.name, **({'user_model': run.label} if run.user_model else {})})
   return json.loads(json.dumps(identity))
 
 
+def _flat(record: dict, prefix: str = '') -> dict[str, Any]:
+  """`{'detector': {'d_model': 64}}` -> `{'detector.d_model': 64}`."""
+  out: dict[str, Any] = {}
+  for k, v in record.items():
+    out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+  return out
+
+
 def _check_same_run(workdir: str, run_file: str, identity: dict) -> None:
+  """Refuses a workdir whose run.json records another run, naming the fields that differ."""
   if not os.path.exists(run_file):
     return  # a checkpoint from before run.json existed: the restore itself checks the tree
   with open(run_file) as f:
     saved = json.load(f)
-  differ = [k for k in identity if k in saved and saved[k] != identity[k]]
+  recorded = set(saved)  # a field run.json lacks (written before it was recorded) is not compared
+  saved, wanted = _flat({k: v for k, v in saved.items() if k in identity}), _flat(identity)
+  differ = sorted(k for k in set(saved) | set(wanted) if k.split('.')[0] in recorded and saved.get(k) != wanted.get(k))
   if differ:
-    held = ', '.join(f'{k}={saved[k]!r}' for k in differ)
-    wanted = ', '.join(f'{k}={identity[k]!r}' for k in differ)
-    raise ConfigError(f'config.workdir={workdir!r} holds a checkpoint of another run ({held}; this run: {wanted}); '
+    held = ', '.join(f'{k}={saved.get(k)!r}' for k in differ)
+    this = ', '.join(f'{k}={wanted.get(k)!r}' for k in differ)
+    raise ConfigError(f'config.workdir={workdir!r} holds a checkpoint of another run ({held}; this run: {this}); '
                       'use another workdir, or delete it to start over')
 
 

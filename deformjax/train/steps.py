@@ -171,6 +171,9 @@ class Trainer:
 _STEP_FIELDS = ('optimizer', 'learning_rate', 'weight_decay', 'schedule', 'step_epochs', 'step_gamma', 'warmup_steps',
                 'grad_clip', 'batch_size')
 
+# Step fields a config written before they existed lacks (their default, 0, is what such a config trained with).
+_OPTIONAL_STEP_FIELDS = ('warmup_steps', 'grad_clip')
+
 # The values `seed_batching_for` (and `config.seed_batching`) accept.
 SEED_BATCHING = ('auto', 'vmap', 'loop')
 
@@ -219,7 +222,7 @@ def make_trainer(model_fn: Callable[[int], nnx.Module], cfg: ml_collections.Conf
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
   has_model_state = bool(jax.tree.leaves(rest))
   sums_like = check_model(graphdef, params, rest if has_model_state else None, task, spec, type(model).__name__)
-  step_config = tuple(sorted((f, cfg.get(f, 0)) for f in _STEP_FIELDS))
+  step_config = tuple(sorted((f, cfg.get(f, 0) if f in _OPTIONAL_STEP_FIELDS else cfg[f]) for f in _STEP_FIELDS))
   batching = seed_batching_for(mesh, seed_batching) if num_seeds > 1 else 'single'
   tx, jit_train, jit_resident, jit_eval, compiled = _compiled_steps(graphdef, spec, mesh, steps_per_epoch,
                                                                     total_steps, step_config, num_seeds, batching,
