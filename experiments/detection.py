@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deformjax.data import DatasetSpec, get_spec
 from deformjax.detection import post_process_object_detection
-from deformjax.models import DeformableDetr
-from deformjax.train import canvas_sources, train
+from deformjax.train import ConfigError, canvas_sources, model_factory, train
 from deformjax.train.steps import normalise
 from experiments.common import parse, run_metadata, study_flags, write_results
 
@@ -36,9 +36,19 @@ NAME = 'detection_canvas'
 _DIGITS = {'mnist5k': 'real MNIST digits', 'digits': "scikit-learn's 8x8 digits"}
 
 
-def trained_detector(cfg, summary: dict, num_labels: int = 10) -> nnx.Module:
-  """The detector of `cfg.detector` holding what a `train(cfg)` run returned (parameters and other state)."""
-  model = DeformableDetr({**cfg.detector.to_dict(), 'num_labels': num_labels}, rngs=nnx.Rngs(cfg.seed))
+def trained_detector(cfg, summary: dict) -> nnx.Module:
+  """The detector `train(cfg)` trained, rebuilt as the train system builds it and holding what it returned.
+
+  Args:
+    cfg: the run's config (one seed).
+    summary: what `train(cfg)` returned (`params`, `model_state`).
+
+  Returns:
+    The `DeformableDetr`, in `cfg.dtype`, with the trained parameters and state.
+  """
+  digits = get_spec(cfg.dataset)
+  spec = DatasetSpec('canvases', (cfg.canvas.size, cfg.canvas.size, 3), digits.num_classes)
+  model = model_factory(cfg, spec)(cfg.seed)
   nnx.update(model, summary['params'])
   if summary.get('model_state') is not None:
     nnx.update(model, summary['model_state'])
@@ -46,7 +56,17 @@ def trained_detector(cfg, summary: dict, num_labels: int = 10) -> nnx.Module:
 
 
 def predict(model: nnx.Module, images: np.ndarray, batch_size: int, top_k: int) -> list[dict]:
-  """The `top_k` detections of every image (transformers' post-processing, no threshold), boxes in pixels."""
+  """Every image's `top_k` detections (transformers' post-processing, no threshold).
+
+  Args:
+    model: the detector.
+    images: `[N, H, W, C]` in [0, 1], as the canvases hold them (standardised here as the train system does).
+    batch_size: images per forward pass.
+    top_k: detections kept per image.
+
+  Returns:
+    Per image, `scores [top_k]`, `labels [top_k]` and `boxes [top_k, 4]` as (x0, y0, x1, y1) in pixels.
+  """
   model.eval()
   forward = nnx.jit(lambda m, x: m(x))
   out: list[dict] = []
@@ -58,8 +78,19 @@ def predict(model: nnx.Module, images: np.ndarray, batch_size: int, top_k: int) 
 
 
 def run(cfg, plot_images: int, echo: Callable[[str], object] = print) -> tuple[dict, Any, list[dict]]:
-  """Trains and evaluates `cfg` with the train system; returns the result, the test canvases and the ranked
-  detections of the first `plot_images` of them."""
+  """Trains and evaluates `cfg` with the train system.
+
+  Args:
+    cfg: a detection config of one seed (experiments/configs/detection.py).
+    plot_images: how many test canvases get their detections for the picture.
+    echo: where the train system's lines go.
+
+  Returns:
+    `(result, test canvases, the ranked detections of the first plot_images of them)`.
+  """
+  if cfg.num_seeds != 1:
+    raise ConfigError(f'config.num_seeds={cfg.num_seeds}: the study tabulates and draws one run; train several '
+                      'seeds with python -m deformjax.train --config experiments/configs/detection.py')
   start = time.time()
   summary = train(cfg, echo=echo)
   model = trained_detector(cfg, summary)
@@ -74,12 +105,21 @@ def run(cfg, plot_images: int, echo: Callable[[str], object] = print) -> tuple[d
 
 
 def table(result: dict) -> str:
-  """The study's Markdown: what was trained, then COCO's metrics on the held-out canvases after each evaluation."""
+  """The study's Markdown: what was trained, then COCO's metrics on the held-out canvases after each evaluation.
+
+  Args:
+    result: what `run` returned (its `config`, `steps`, timings, `eval_history` and final `eval`).
+
+  Returns:
+    A paragraph and a table, one row per evaluation, the final one last.
+  """
   c = result['config']
   d = c['canvas']
+  step_ms = 'n/a' if result['seconds_per_step'] is None else f"{1e3 * result['seconds_per_step']:.0f}"
+  first_s = 'n/a' if result['first_step_seconds'] is None else f"{result['first_step_seconds']:.0f}"
   lines = [f"Deformable DETR ({result['parameters']:,} parameters) trained from scratch by `deformjax.train` for "
-           f"{result['steps']} steps ({c['batch_size']} canvases a step, {1e3 * result['seconds_per_step']:.0f} ms "
-           f"a step after the first, which compiled in {result['first_step_seconds']:.0f} s) on "
+           f"{result['steps']} steps ({c['batch_size']} canvases a step, {step_ms} ms "
+           f"a step after the first, which compiled in {first_s} s) on "
            f"{d['train_images']} {d['size']}x{d['size']} canvases of {_DIGITS[c['dataset']]}; COCO metrics "
            f"(pycocotools) on {d['test_images']} held-out canvases, "
            + (f"every {c['eval_every_epochs']} epochs and " if c['eval_every_epochs'] else '')
@@ -96,7 +136,15 @@ def table(result: dict) -> str:
 
 
 def plot(test_set, preds: list[dict], images: int, top_k: int, path: pathlib.Path) -> None:
-  """Test canvases with their ground truth (green, dashed) and their `top_k` detections (red, with scores)."""
+  """Test canvases with their ground truth (green, dashed) and their `top_k` detections (red, with scores).
+
+  Args:
+    test_set: the test canvases (`DetectionCanvases`).
+    preds: the ranked detections of the first canvases (`predict`).
+    images: how many canvases to draw (two rows beyond four).
+    top_k: detections drawn per canvas.
+    path: the PNG written.
+  """
   import matplotlib
 
   matplotlib.use('Agg')
@@ -132,7 +180,7 @@ def main(args=None) -> dict:
   """`python -m experiments.detection [--config FILE[:runlocal]] [--config.FIELD=VALUE ...] [--out DIR]`."""
   from absl import flags
 
-  from deformjax.train.cli import command_line
+  from deformjax.train.cli import command_line, run_or_exit
 
   argv = command_line(args, 'experiments.detection')
   fv, config, out_flag = study_flags(argv, DEFAULT_CONFIG)
@@ -140,7 +188,7 @@ def main(args=None) -> dict:
   top_k = flags.DEFINE_integer('plot_top_k', 3, 'detections drawn per canvas (the highest scores)', flag_values=fv)
   cfg = parse(fv, argv, config)
   out = pathlib.Path(out_flag.value)
-  result, test_set, preds = run(cfg, images.value)
+  result, test_set, preds = run_or_exit(run, cfg, images.value)
   md = (f"# {NAME}\n\nDevice: {result['device']}; {result['versions']}; {result['date']}. "
         f"Wall time of the whole study: {result['wall_seconds']:.0f} s.\n\n{table(result)}\n")
   write_results(NAME, result, md, out)
