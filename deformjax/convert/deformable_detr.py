@@ -256,17 +256,19 @@ def from_deformable_detr(state_dict: Mapping[str, Any], config: Mapping[str, Any
     for `pixel_values` NHWC (the model's NCHW input transposed by `(0, 2, 3, 1)`).
 
   Raises:
-    ValueError: naming a missing, unknown or misshapen entry, decoder copies of heads that differ, or an unsupported config
-      value.
+    ValueError: naming a missing, unknown or misshapen entry, decoder copies of heads that differ, or an
+      unsupported config value.
 
   Example:
     >>> import numpy as np
     >>> from flax import nnx
     >>> from deformjax.convert.deformable_detr import from_deformable_detr, to_deformable_detr_state_dict
     >>> from deformjax.models import DeformableDetr
-    >>> config = dict(backbone='resnet18', d_model=32, encoder_layers=1, decoder_layers=2, num_queries=5,
-    ...               encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
-    ...               decoder_attention_heads=2, num_labels=3)
+    >>> resnet = dict(model_type='resnet', embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1],
+    ...               layer_type='basic', out_features=['stage2', 'stage3', 'stage4'])  # transformers' ResNet
+    >>> config = dict(backbone_config=resnet, use_timm_backbone=False, d_model=32, encoder_layers=1,
+    ...               decoder_layers=2, num_queries=5, encoder_ffn_dim=64, decoder_ffn_dim=64,
+    ...               encoder_attention_heads=2, decoder_attention_heads=2, num_labels=3)
     >>> state = to_deformable_detr_state_dict(DeformableDetr(config, rngs=nnx.Rngs(0)))
     >>> from_deformable_detr(state, config).num_queries
     5

@@ -159,8 +159,9 @@ class ResNet(nnx.Module):
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from deformjax.models import ResNet
-    >>> net = ResNet((1, 1, 1, 1), (8, 16, 32, 64), stem_features=8, rngs=nnx.Rngs(0))
-    >>> [m.shape for m in net(jnp.ones((1, 64, 64, 3), jnp.float32))], net.channels
+    >>> net = nnx.eval_shape(lambda: ResNet((1, 1, 1, 1), (8, 16, 32, 64), stem_features=8, rngs=nnx.Rngs(0)))
+    >>> maps = nnx.eval_shape(lambda m, x: m(x), net, jnp.ones((1, 64, 64, 3), jnp.float32))  # shapes only
+    >>> [m.shape for m in maps], net.channels
     ([(1, 8, 8, 16), (1, 4, 4, 32), (1, 2, 2, 64)], (16, 32, 64))
   """
 
