@@ -162,12 +162,18 @@ def plot(test_set, preds: list[dict], images: int, top_k: int, path: pathlib.Pat
     ax.imshow(image[..., 0], cmap='gray', extent=(0, size, size, 0))
     for cx, cy, w, h in label['boxes'] * size:
       ax.add_patch(Rectangle((cx - w / 2, cy - h / 2), w, h, fill=False, ec='lime', lw=1, ls='--'))
+    placed: list[tuple[float, float]] = []
     for (x0, y0, x1, y1), c, s in zip(pred['boxes'][:top_k], pred['labels'][:top_k], pred['scores'][:top_k]):
       ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec='red', lw=1.2, alpha=0.4 + 0.6 * float(s)))
-      if s >= 0.2:  # the faint ones unlabelled, so that labels do not pile up
-        ax.text(x0, y0 - 1, f'{c} {s:.2f}', color='red', fontsize=7)
+      if s < 0.2:  # the faint ones unlabelled
+        continue
+      y = y0 - 1
+      while any(abs(x0 - px) < 12 and abs(y - py) < 4 for px, py in placed):  # a label above the one there
+        y -= 4.5
+      placed.append((x0, y))
+      ax.text(x0, y, f'{c} {s:.2f}', color='red', fontsize=7)
     ax.set_xlim(0, size)
-    ax.set_ylim(size, -6)
+    ax.set_ylim(size, -10)
     ax.set_axis_off()
   fig.suptitle(f'held-out canvases: ground truth (green, dashed) and the top {top_k} detections of each\n(red, '
                'fainter for lower scores; labelled digit and score from 0.2)', fontsize=8)
