@@ -106,13 +106,16 @@ def _canvas(rng: np.random.Generator, digits: np.ndarray, classes: np.ndarray, s
   return canvas, labels, boxes
 
 
-def _check_ranges(size: Any, num_digits: Any, digit_size: Any) -> None:
+def _check_ranges(size: Any, num_digits: Any, digit_size: Any, where: str = 'digit_canvases: ',
+                  prefix: str = '') -> None:
+  """Canvases of `size` pixels can hold `num_digits` digits of `digit_size` pixels; the ValueError starts with
+  `where` and names the arguments with `prefix` (`deformjax.train` checks its `config.canvas` with this)."""
   if not isinstance(size, int) or size < 8:
-    raise ValueError(f'digit_canvases: size must be an int >= 8, got {size!r}')
+    raise ValueError(f'{where}{prefix}size must be an int >= 8, got {size!r}')
   if len(num_digits) != 2 or not 1 <= num_digits[0] <= num_digits[1]:
-    raise ValueError(f'digit_canvases: num_digits must be (min, max) with 1 <= min <= max, got {num_digits!r}')
+    raise ValueError(f'{where}{prefix}num_digits must be (min, max) with 1 <= min <= max, got {num_digits!r}')
   if len(digit_size) != 2 or not 4 <= digit_size[0] <= digit_size[1] <= size:
-    raise ValueError(f'digit_canvases: digit_size must be (min, max) pixels with 4 <= min <= max <= size={size}, '
+    raise ValueError(f'{where}{prefix}digit_size must be (min, max) with 4 <= min <= max <= {prefix}size={size}, '
                      f'got {digit_size!r}')
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import ml_collections
 
+from deformjax.data.canvas import _check_ranges
 from deformjax.data.sources import DATASETS, get_spec
 from deformjax.models.classifiers import (
   MODELS,
@@ -308,8 +309,7 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int, *, dataset: bool
   _check_warmup_and_clip(cfg)
   if not is_int(cfg.log_every) or cfg.log_every < 1:
     raise ConfigError(f'config.log_every must be a positive int, got {cfg.log_every!r}')
-  augments = {'train_augment': cfg.train_augment, **{f'eval_sets.{k}': v for k, v in cfg.eval_sets.items()}}
-  for name, aug in augments.items():
+  for name, aug in _augments(cfg).items():
     _check_augment(aug, f'config.{name}')
   if cfg.data_placement not in ('auto', 'device', 'host'):
     raise ConfigError(f"config.data_placement must be 'auto', 'device' or 'host', got {cfg.data_placement!r}")
@@ -336,6 +336,16 @@ def _check_warmup_and_clip(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.warmup_steps must be an int >= 0, got {warmup!r}')
 
 
+def _augments(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  """Every random affine of the config by its field: `train_augment` and each `eval_sets.NAME`."""
+  return {'train_augment': cfg.train_augment, **{f'eval_sets.{k}': v for k, v in cfg.eval_sets.items()}}
+
+
+def _task(cfg: ml_collections.ConfigDict) -> str:
+  """`config.task`; a config written before tasks existed classifies."""
+  return cfg.get('task', 'classification')
+
+
 def _is_identity(aug: ml_collections.ConfigDict) -> bool:
   return aug.max_rotation_deg == 0 and aug.max_shift == 0 and tuple(aug.scale_range) == (1.0, 1.0)
 
@@ -343,7 +353,7 @@ def _is_identity(aug: ml_collections.ConfigDict) -> bool:
 def _check_task(cfg: ml_collections.ConfigDict, *, dataset: bool, model: bool) -> None:
   """`config.task` and what it needs: a detector and canvases of digits for 'detection', no warp of the images
   (their boxes would not follow)."""
-  task = cfg.get('task', 'classification')  # configs written before tasks existed classify
+  task = _task(cfg)
   if task not in TASKS:
     raise ConfigError(f"config.task must be one of {', '.join(map(repr, TASKS))}, got {task!r}")
   if task != 'detection':
@@ -356,8 +366,7 @@ def _check_task(cfg: ml_collections.ConfigDict, *, dataset: bool, model: bool) -
   if dataset and cfg.dataset not in ('digits', 'mnist5k'):
     raise ConfigError(f"config.task='detection' places the digits of config.dataset on canvases: 'digits' or "
                       f"'mnist5k', got {cfg.dataset!r} (or pass sources= detection data of your own)")
-  augments = {'train_augment': cfg.train_augment, **{f'eval_sets.{k}': v for k, v in cfg.eval_sets.items()}}
-  for name, aug in augments.items():
+  for name, aug in _augments(cfg).items():
     if not _is_identity(aug):
       raise ConfigError(f"config.{name} warps the images, and detection boxes would not follow: keep it the "
                         "identity with config.task='detection'")
@@ -370,17 +379,15 @@ def _check_task(cfg: ml_collections.ConfigDict, *, dataset: bool, model: bool) -
 
 
 def _check_canvas(c: ml_collections.ConfigDict) -> None:
-  """The canvases `config.canvas` asks for can be made: images in both splits, digits that fit."""
+  """The canvases `config.canvas` asks for can be made: images in both splits, digits that fit (the canvases' own
+  check, naming the config's fields)."""
   for name in ('train_images', 'test_images'):
     if not is_int(c[name]) or c[name] < 1:
       raise ConfigError(f'config.canvas.{name} must be a positive int, got {c[name]!r}')
-  lo, hi = c.num_digits
-  if not (is_int(lo) and is_int(hi) and 1 <= lo <= hi):
-    raise ConfigError(f'config.canvas.num_digits must be (min, max) with 1 <= min <= max, got {tuple(c.num_digits)}')
-  small, large = c.digit_size
-  if not (is_int(small) and is_int(large) and is_int(c.size) and 4 <= small <= large <= c.size):
-    raise ConfigError(f'config.canvas.digit_size must be (min, max) with 4 <= min <= max <= config.canvas.size='
-                      f'{c.size}, got {tuple(c.digit_size)}')
+  try:
+    _check_ranges(c.size, tuple(c.num_digits), tuple(c.digit_size), where='', prefix='config.canvas.')
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _check_model_fields(cfg: ml_collections.ConfigDict) -> None:

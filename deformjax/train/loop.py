@@ -30,7 +30,7 @@ from deformjax.train import feeding
 from deformjax.train import mesh as mesh_lib
 from deformjax.train._progress import progress_bar
 from deformjax.train.checkpoint import Checkpointer
-from deformjax.train.config import DETECTOR_MODEL, ConfigError, model_label, validate
+from deformjax.train.config import DETECTOR_MODEL, ConfigError, _task, model_label, validate
 from deformjax.train.metrics import Accumulator
 from deformjax.train.steps import Trainer, augment_arrays, host_array, make_trainer, seed_slice
 from deformjax.train.task import Task, default_task, infer_task
@@ -282,7 +282,7 @@ class _Run:
 def _data(cfg: ml_collections.ConfigDict, sources: tuple[RandomAccessSource, RandomAccessSource] | None,
           task: Task | None) -> tuple[DatasetSpec, Task, RandomAccessSource, RandomAccessSource]:
   """`(spec, task, train, test)`: the built-in dataset `cfg.dataset`, or `sources` described from their own data."""
-  if sources is None and cfg.task == 'detection':
+  if sources is None and _task(cfg) == 'detection':
     return _canvases(cfg, task)
   if sources is None:
     spec = get_spec(cfg.dataset)
@@ -294,7 +294,7 @@ def _data(cfg: ml_collections.ConfigDict, sources: tuple[RandomAccessSource, Ran
                       f'{type(sources).__name__}')
   train_src, test_src = (_as_source(s, what) for s, what in zip(sources, ('train', 'test')))
   if task is None:
-    task = _detection_task(cfg, train_src) if cfg.get('task') == 'detection' else infer_task(train_src)
+    task = _detection_task(cfg, train_src) if _task(cfg) == 'detection' else infer_task(train_src)
   try:
     spec = task.describe(train_src, test_src, cfg.get('num_classes', 0))
   except ValueError as e:
@@ -665,7 +665,7 @@ _MODEL_FIELDS = {'classification': ('model', 'preset', 'deformable', 'modulated'
 def _run_identity(run: _Run) -> dict[str, Any]:
   """What run.json records of `run`, as JSON reads it back (tuples as lists, groups as dicts): the fields of the
   data and model it trains, not those that `sources=` / `model=` replaced; of a detector, not its loss weights."""
-  cfg, task = run.cfg, run.cfg.get('task', 'classification')
+  cfg, task = run.cfg, _task(run.cfg)
   fields = _RUN_FIELDS + (() if run.user_data else _DATA_FIELDS[task]) + (() if run.user_model else
                                                                           _MODEL_FIELDS[task])
   identity = {k: cfg.get(k) for k in fields}
